@@ -1,0 +1,234 @@
+"""``edgeinfer`` command line: export, run, info, bench, verify.
+
+Every error a user can cause ends in one sentence on stderr and exit code 2,
+never a traceback (set EDGEINFER_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import __version__
+from .errors import EdgeInferError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except EdgeInferError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug: say so in one line unless debugging
+        if os.environ.get("EDGEINFER_DEBUG"):
+            raise
+        return _fail(f"internal error ({type(e).__name__}: {e}); rerun with EDGEINFER_DEBUG=1 and report it", 1)
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"edgeinfer: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeinfer", description="On-device inference for small language models.")
+    p.add_argument("--version", action="version", version=f"edgeinfer {__version__}")
+    sub = p.add_subparsers(dest="command")
+
+    e = sub.add_parser("export", help="export a model (alias, .gguf, HF folder, hub id) to a package")
+    e.add_argument("source", help="smollm2-135m | gemma3-270m | path/to/model.gguf | HF folder | hub id")
+    e.add_argument("-o", "--output", required=True, help="package folder to create")
+    e.add_argument("--precision", default="int4", choices=["int4", "int8", "fp16", "fp32"])
+    e.add_argument("--max-context", type=int, default=None, help="context the package supports (default: "
+                   "the model's, at most 4096)")
+    e.add_argument("--stages", default="", help="cut the decoder into stages after these layers, e.g. 10,20")
+    e.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=None,
+                   help="quantize the LM head (and tied embedding) to this many bits")
+    e.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128])
+    e.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    e.add_argument("--check", action="store_true", help="compare the package with the source model after export")
+    e.set_defaults(func=_cmd_export)
+
+    r = sub.add_parser("run", help="generate text from a package, streaming")
+    r.add_argument("package")
+    r.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read stdin)")
+    r.add_argument("--chat", action="store_true", help="wrap the prompt in the package's chat template")
+    _generation_args(r)
+    r.add_argument("--json", action="store_true", help="print one JSON object with text and timings at the end")
+    r.set_defaults(func=_cmd_run)
+
+    i = sub.add_parser("info", help="show a package's manifest summary and the execution providers here")
+    i.add_argument("package", nargs="?")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_cmd_info)
+
+    b = sub.add_parser("bench", help="measure TTFT, decode tokens/s and peak RSS")
+    b.add_argument("package")
+    b.add_argument("--prompt", default="What is the capital of France?")
+    b.add_argument("--chat", action="store_true", default=True)
+    b.add_argument("--prompt-tokens", type=int, default=None, help="use a synthetic prompt of this many tokens")
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--provider", default="auto")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_cmd_bench)
+
+    v = sub.add_parser("verify", help="check every file of a package against its sha256")
+    v.add_argument("package")
+    v.set_defaults(func=_cmd_verify)
+    return p
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--provider", default="auto")
+    p.add_argument("--max-context", type=int, default=None, help="KV capacity to reserve")
+
+
+def _cmd_export(args) -> int:
+    from edgeinfer.export import export_model  # heavy: only for this command
+
+    stages = [int(s) for s in args.stages.split(",") if s.strip()] if args.stages else []
+    res = export_model(args.source, args.output, args.precision, max_context=args.max_context, stages=stages,
+                       force=args.force, lm_head_bits=args.lm_head_bits, block_size=args.block_size)
+    print(f"wrote {res.path} ({res.size_bytes / 1e6:.1f} MB, {args.precision}, "
+          f"{len(res.manifest['graphs'])} graph(s), context {res.manifest['kv_cache']['max_context']})")
+    if args.check:
+        from edgeinfer.export.check import check_package
+
+        report = check_package(args.source, res.path)
+        print(report.summary())
+    return 0
+
+
+def _load(args):
+    from . import load
+
+    return load(args.package, provider=args.provider, threads=args.threads,
+                max_context=getattr(args, "max_context", None))
+
+
+def _cmd_run(args) -> int:
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            return _fail("give a prompt: edgeinfer run PACKAGE \"your prompt\" (or pipe it on stdin)")
+        prompt = sys.stdin.read()
+    model = _load(args)
+    params = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
+    if args.max_new_tokens is not None:
+        params["max_new_tokens"] = args.max_new_tokens
+    else:
+        params["max_new_tokens"] = int(model.defaults.get("max_new_tokens", 256))
+    source = [{"role": "user", "content": prompt}] if args.chat else prompt
+    gen = model.generate(source, **params)
+    for ev in gen:
+        if not args.json and ev.text:
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+    res = gen.result
+    if args.json:
+        out = {"text": res.text, "prompt_tokens": res.prompt_tokens, "new_tokens": res.new_tokens,
+               "ttft_s": round(res.ttft_s, 5), "decode_tok_s": round(res.decode_tok_s, 2),
+               "finish_reason": res.finish_reason, "tokens": res.tokens, "provider": model.target.name,
+               "stats": res.stats}
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{res.prompt_tokens} prompt tokens, {res.new_tokens} new, TTFT {res.ttft_s * 1000:.0f} ms, "
+              f"{res.decode_tok_s:.1f} tok/s, {model.target.name}]", file=sys.stderr)
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from edgeinfer.runtimes import available_providers
+
+    import onnxruntime as ort
+
+    info: dict = {"edgeinfer": __version__, "onnxruntime": ort.__version__, "providers": available_providers(),
+                  "onnxruntime_providers": ort.get_available_providers()}
+    if args.package:
+        from .package import open_package
+
+        pkg = open_package(args.package, verify=False)
+        m = pkg.manifest
+        info["package"] = {
+            "path": str(pkg.root), "name": m.get("name"), "kind": pkg.kind, "family": pkg.family,
+            "format_version": m.get("format_version"), "quantization": m.get("quantization"),
+            "architecture": {k: v for k, v in m.get("architecture", {}).items() if k != "sliding_windows"},
+            "max_context": m["kv_cache"].get("max_context"),
+            "graphs": [{"path": g["path"], "role": g["role"], "layers": g.get("layers")} for g in m["graphs"]],
+            "exits": m.get("exits", []), "size_mb": round(sum(f["size"] for f in m["files"].values()) / 1e6, 1),
+            "chat_template": bool(m["tokenizer"].get("chat_template")),
+        }
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    if "package" in info:
+        p = info["package"]
+        print(f"package      {p['path']}")
+        print(f"model        {p['name']} ({p['family']}, {p['kind']})")
+        print(f"format       {p['format_version']}")
+        print(f"weights      {json.dumps(p['quantization'])}")
+        print(f"architecture {json.dumps(p['architecture'])}")
+        print(f"context      {p['max_context']}")
+        print(f"graphs       " + ", ".join(f"{g['path']} layers {g['layers']}" for g in p["graphs"]))
+        print(f"size         {p['size_mb']} MB")
+    print(f"edgeinfer    {info['edgeinfer']} (onnxruntime {info['onnxruntime']})")
+    print(f"providers    {', '.join(info['providers'])}  (onnxruntime lists: "
+          f"{', '.join(info['onnxruntime_providers'])})")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .bench import bench_package
+
+    report = bench_package(args.package, prompt=args.prompt, chat=args.chat, prompt_tokens=args.prompt_tokens,
+                           new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
+                           threads=args.threads, provider=args.provider)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        s = report["summary"]
+        print(f"{report['package']}: prompt {report['prompt_tokens']} tokens, {report['new_tokens']} new, "
+              f"{report['threads']} threads, {report['provider']}")
+        print(f"  decode   {s['decode_tok_s']['median']:.1f} tok/s (min {s['decode_tok_s']['min']:.1f}, "
+              f"max {s['decode_tok_s']['max']:.1f})")
+        print(f"  TTFT     {s['ttft_s']['median'] * 1000:.1f} ms (min {s['ttft_s']['min'] * 1000:.1f}, "
+              f"max {s['ttft_s']['max'] * 1000:.1f})")
+        print(f"  prefill  {s['prefill_tok_s']['median']:.0f} tok/s")
+        print(f"  load     {report['load_s']:.2f} s, peak RSS {report['peak_rss_mb']:.0f} MB")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from .package import open_package
+
+    pkg = open_package(args.package, verify=True)
+    print(f"{args.package}: {len(pkg.manifest['files'])} files match their sha256")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The decode loop: prefill, then ask a strategy for the next token(s) until a
+stop condition; detokenize as tokens stream; hold back text that might be the
+start of a stop string so that a stop string never leaks into the output.
+
+A *strategy* decides the next tokens given the models and caches. Plain
+decoding is the simplest; early exit, speculative and big/little strategies
+implement the same two methods and return several tokens per call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .decoder import StagedDecoder
+from .sampling import GenerationConfig, Sampler
+from .tokenizer import TextTokenizer
+
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class TokenEvent:
+    """One generated token: id, the text it releases (may be empty while a
+    character or a possible stop string is incomplete), its log-probability
+    when asked for, and which model or exit produced it."""
+
+    token_id: int
+    text: str
+    index: int
+    logprob: float | None = None
+    source: str = "model"
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    finish_reason: str  # "stop" (EOS or stop string), "length", "cancelled"
+    ttft_s: float
+    decode_tok_s: float
+    total_s: float
+    reused_prompt_tokens: int = 0
+    stats: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class PlainStrategy:
+    """One full forward per token."""
+
+    name = "plain"
+
+    def __init__(self, decoder: StagedDecoder):
+        self.decoder = decoder
+        self.stats: dict = {}
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        logits = None
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            logits = self.decoder.forward(ids[start:start + PREFILL_CHUNK], logits_to_keep=1)
+        return logits[-1]
+
+    def advance(self, token: int, sampler: Sampler, history: list[int]) -> list[tuple[int, float | None, str]]:
+        tok, lp = sampler(self.decoder.step(token), history)
+        return [(tok, lp, "model")]
+
+
+class Generation:
+    """An iterator of :class:`TokenEvent`; ``.result`` is set once it ends.
+    Stop iterating (or call ``cancel()``) to cancel."""
+
+    def __init__(self, events: Iterator[TokenEvent]):
+        self._events = events
+        self.result: GenerationResult | None = None
+        self._cancelled = False
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> TokenEvent:
+        return next(self._events)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def text(self) -> str:
+        """Run to the end and return the full text."""
+        for _ in self:
+            pass
+        return self.result.text if self.result else ""
+
+
+def run_generation(gen: Generation, strategy, tokenizer: TextTokenizer, prompt_ids: list[int],
+                   config: GenerationConfig, cached_prefix: int, on_token_fed=None) -> Iterator[TokenEvent]:
+    """The loop behind ``Model.generate``. ``cached_prefix`` prompt tokens are
+    already in the cache; ``on_token_fed(token)`` records what enters it."""
+    sampler = Sampler(config)
+    t0 = time.perf_counter()
+    logits = strategy.prefill(prompt_ids[cached_prefix:])
+    token, logprob = sampler(logits, prompt_ids if config.repetition_penalty != 1.0 else None)
+    t_first = time.perf_counter()
+    history = list(prompt_ids)
+    out_ids: list[int] = []
+    detok = tokenizer.stream()
+    stops = StopMatcher(config.stop)
+    finish = "length"
+    stop_hit = False
+    pending = [(token, logprob, "model")]
+    t_last = t_first
+    while True:
+        for token, logprob, source in pending:
+            out_ids.append(token)
+            history.append(token)
+            is_eos = token in tokenizer.eos_token_ids and not config.ignore_eos
+            piece = "" if is_eos else detok.add(token)
+            text, hit = stops.feed(piece)
+            t_last = time.perf_counter()
+            yield TokenEvent(token, text, len(out_ids) - 1, logprob, source)
+            if is_eos or hit:
+                finish, stop_hit = "stop", hit
+                break
+            if len(out_ids) >= config.max_new_tokens:
+                break
+            if gen.cancelled:
+                finish = "cancelled"
+                break
+        else:
+            if len(out_ids) < config.max_new_tokens and not gen.cancelled:
+                pending = strategy.advance(out_ids[-1], sampler, history)
+                pending = pending[: config.max_new_tokens - len(out_ids)]
+                continue
+            finish = "cancelled" if gen.cancelled else "length"
+        break
+    tail = "" if stop_hit else stops.feed("" if finish == "stop" else detok.flush(), final=True)[0]
+    if tail:
+        yield TokenEvent(out_ids[-1], tail, len(out_ids) - 1, None, "flush")
+    n = len(out_ids)
+    decode_s = t_last - t_first
+    gen.result = GenerationResult(
+        text=stops.text, tokens=out_ids, prompt_tokens=len(prompt_ids), new_tokens=n, finish_reason=finish,
+        ttft_s=t_first - t0, decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+        total_s=time.perf_counter() - t0, reused_prompt_tokens=cached_prefix, stats=dict(strategy.stats))
+
+
+class StopMatcher:
+    """Releases text while holding back any tail that could begin a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.text = ""  # released so far
+        self.held = ""
+
+    def feed(self, piece: str, final: bool = False) -> tuple[str, bool]:
+        if not self.stops:
+            self.text += piece
+            return piece, False
+        buf = self.held + piece
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.held = buf[:cut], ""
+            self.text += out
+            return out, True
+        keep = 0 if final else max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])),
+                                   default=0)
+        out, self.held = buf[: len(buf) - keep], buf[len(buf) - keep:]
+        self.text += out
+        return out, False

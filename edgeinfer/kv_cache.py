@@ -1,0 +1,50 @@
+"""Preallocated KV buffers, one pair per layer, shared by past and present.
+
+GroupQueryAttention writes new keys/values in place at positions
+``[length, length + n)``, so the buffers never move or grow. Rolling back (a
+rejected speculative draft, a BiLD rollback, a chat turn that diverges) is just
+``trim(n)``: positions past ``length`` are ignored and later overwritten.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import ContextLengthError
+
+
+class KVCache:
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int,
+                 layers: range | None = None, dtype=np.float32):
+        self.capacity = int(capacity)
+        self.length = 0
+        shape = (1, kv_heads, self.capacity, head_dim)
+        self.layers = layers if layers is not None else range(num_layers)
+        # np.zeros pages in lazily: memory is committed as the context fills.
+        self._arrays = {i: (np.zeros(shape, dtype), np.zeros(shape, dtype)) for i in self.layers}
+        self.keys = {i: ort.OrtValue.ortvalue_from_numpy(k) for i, (k, _) in self._arrays.items()}
+        self.values = {i: ort.OrtValue.ortvalue_from_numpy(v) for i, (_, v) in self._arrays.items()}
+        self.nbytes = sum(k.nbytes + v.nbytes for k, v in self._arrays.values())
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Forget the last N positions; returns how many were dropped."""
+        n = max(0, min(int(n), self.length))
+        self.length -= n
+        return n
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first LENGTH positions."""
+        self.trim(self.length - max(0, int(length)))
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def check_room(self, n: int) -> None:
+        if self.length + n > self.capacity:
+            raise ContextLengthError(
+                f"{self.length + n} tokens do not fit the context of {self.capacity}: shorten the prompt or "
+                f"max_new_tokens, or load with a larger max_context (the package allows up to {self.capacity}).")

@@ -1,0 +1,144 @@
+"""The public runtime object: ``edgeinfer.load(path) -> Model``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from edgeinfer.runtimes import resolve_provider
+
+from .decoder import StagedDecoder
+from .errors import GenerationError, PackageError
+from .generation import Generation, GenerationResult, PlainStrategy, run_generation
+from .package import Package, open_package
+from .sampling import GenerationConfig
+from .tokenizer import TextTokenizer
+
+Messages = list[dict]
+
+
+def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
+         max_context: int | None = None, verify: bool | None = None) -> Model:
+    """Load a model package.
+
+    provider: ``auto`` or an execution provider's short name (``cpu``, ...).
+    threads: intra-op threads (default: the cores this process may use).
+    max_context: KV capacity to reserve (default: the package's maximum).
+    verify: True = sha256 every file, False = sizes only, None = hash files
+    not verified before (cached by size and mtime).
+    """
+    pkg = open_package(path, verify=verify)
+    if pkg.kind != "decoder":
+        raise PackageError(f"package '{path}' is a {pkg.kind} package; this runtime loads decoder packages.")
+    return Model(pkg, provider=provider, threads=threads, max_context=max_context)
+
+
+class Model:
+    def __init__(self, pkg: Package, provider: str = "auto", threads: int | None = None,
+                 max_context: int | None = None):
+        self.package = pkg
+        self.target = resolve_provider(provider, threads)
+        self.tokenizer = TextTokenizer(pkg)
+        self.decoder = StagedDecoder(pkg, self.target, max_context=max_context)
+        self.defaults = pkg.manifest.get("generation", {})
+        self._cached_tokens: list[int] = []  # what the KV cache holds, for prefix reuse
+
+    @property
+    def name(self) -> str:
+        return self.package.manifest.get("name", self.package.root.name)
+
+    @property
+    def max_context(self) -> int:
+        return self.decoder.capacity
+
+    def encode(self, prompt: str | Messages) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return self.tokenizer.encode_chat(list(prompt))
+        raise GenerationError("prompt must be a string or a list of chat messages.")
+
+    def count_tokens(self, prompt: str | Messages) -> int:
+        return len(self.encode(prompt))
+
+    def generate(self, prompt: str | Messages | list[int], config: GenerationConfig | None = None,
+                 **params) -> Generation:
+        """Stream :class:`TokenEvent` s for PROMPT (text, chat messages, or token ids).
+
+        Parameters are those of :class:`GenerationConfig` (max_new_tokens,
+        temperature, top_k, top_p, repetition_penalty, stop, seed, ...).
+        """
+        config = self._config(config, params)
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+            ids = [int(t) for t in prompt]
+            if any(t < 0 or t >= self.decoder.vocab_size for t in ids):
+                raise GenerationError(f"token ids must be in 0..{self.decoder.vocab_size - 1}.")
+        else:
+            ids = self.encode(prompt)
+        if not ids:
+            raise GenerationError("the prompt is empty: give at least one token of text.")
+        config.validate()
+        if len(ids) >= self.max_context:
+            raise GenerationError(f"the prompt has {len(ids)} tokens but the context holds {self.max_context}: "
+                                  "shorten the prompt or load with a larger max_context.")
+        reuse = self._reusable_prefix(ids)
+        gen = Generation(iter(()))
+        strategy = PlainStrategy(self.decoder)
+        gen._events = self._tracked(run_generation(gen, strategy, self.tokenizer, ids, config, reuse), ids)
+        return gen
+
+    def chat(self, messages: Messages, config: GenerationConfig | None = None, **params) -> Generation:
+        """Generate the assistant's reply to MESSAGES with the package's chat template."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return self.generate(list(messages), config, **params)
+
+    def complete(self, prompt: str | Messages | list[int], **params) -> GenerationResult:
+        """Generate to the end and return the result (text, tokens, timings)."""
+        gen = self.generate(prompt, **params)
+        gen.text()
+        return gen.result
+
+    def reset(self) -> None:
+        """Forget the KV cache (the next prompt is computed from scratch)."""
+        self.decoder.reset()
+        self._cached_tokens = []
+
+    # -- internals -------------------------------------------------------------
+    def _config(self, config: GenerationConfig | None, params: dict) -> GenerationConfig:
+        if config is None:
+            allowed = GenerationConfig.__dataclass_fields__
+            unknown = sorted(set(params) - set(allowed))
+            if unknown:
+                raise GenerationError(f"unknown generation parameter(s): {', '.join(unknown)}.")
+            config = GenerationConfig(**params)
+        elif params:
+            raise GenerationError("pass either a GenerationConfig or keyword parameters, not both.")
+        return config
+
+    def _reusable_prefix(self, ids: list[int]) -> int:
+        """Keep the cache's common prefix with IDS (at least one token is always recomputed)."""
+        cached = self._cached_tokens
+        n = 0
+        limit = min(len(cached), len(ids) - 1, self.decoder.cache.length)
+        while n < limit and cached[n] == ids[n]:
+            n += 1
+        self.decoder.cache.truncate(n)
+        self._cached_tokens = cached[:n]
+        return n
+
+    def _tracked(self, events: Iterable, ids: list[int]):
+        """Record which tokens the cache holds as generation proceeds."""
+        self._cached_tokens = []  # unknown while running; set when the loop ends cleanly
+        try:
+            out = []
+            for ev in events:
+                if ev.source != "flush":
+                    out.append(ev.token_id)
+                yield ev
+            # The last sampled token was never fed to the model.
+            fed = ids + out[:-1]
+            self._cached_tokens = fed[: self.decoder.cache.length]
+        except BaseException:
+            self.decoder.cache.reset()
+            raise

@@ -1,0 +1,163 @@
+"""The model package: a folder with an ``edgeinfer.json`` manifest, ONNX graphs,
+and a tokenizer. This module reads and checks it; ``export/package_writer.py``
+writes it. Nothing here trusts the package: every path is confined to the
+package folder and every file is checked against the manifest before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PackageError
+
+MANIFEST = "edgeinfer.json"
+FORMAT_NAME = "edgeinfer-package"
+FORMAT_VERSION = (1, 0)  # (major, minor): a newer major is refused, a newer minor is read
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+_VERIFY_CACHE = Path(os.environ.get("EDGEINFER_CACHE", Path.home() / ".cache" / "edgeinfer")) / "verified.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safe_member(root: Path, rel: str) -> Path:
+    """Resolve a manifest path inside ROOT, refusing anything that could leave it."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise PackageError(f"package manifest has an invalid file path {rel!r}: re-export the package.")
+    p = Path(rel)
+    if p.is_absolute() or rel.startswith(("/", "\\")) or ".." in p.parts or ":" in p.parts[0]:
+        raise PackageError(f"package manifest path '{rel}' points outside the package: refusing to open it.")
+    full = root / p
+    try:
+        resolved = full.resolve(strict=False)
+    except OSError as e:
+        raise PackageError(f"package path '{rel}' cannot be resolved ({e}).") from None
+    if resolved != root.resolve() and root.resolve() not in resolved.parents:
+        raise PackageError(f"package file '{rel}' is a link leading outside the package: refusing to open it.")
+    return full
+
+
+@dataclass
+class Package:
+    """A checked model package on disk."""
+
+    root: Path
+    manifest: dict
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.get("kind", "decoder")
+
+    @property
+    def family(self) -> str:
+        return self.manifest.get("family", "?")
+
+    @property
+    def stages(self) -> list[dict]:
+        return [g for g in self.manifest["graphs"] if g.get("role") == "stage"]
+
+    @property
+    def kv_cache(self) -> dict:
+        return self.manifest["kv_cache"]
+
+    @property
+    def tokenizer(self) -> dict:
+        return self.manifest["tokenizer"]
+
+    def path(self, rel: str) -> Path:
+        return safe_member(self.root, rel)
+
+    def verify(self, full: bool = True) -> None:
+        """Check every listed file: size always; sha256 when ``full``."""
+        files = self.manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            raise PackageError(f"package '{self.root}' lists no files in its manifest: re-export it.")
+        for rel, meta in files.items():
+            p = self.path(rel)
+            if not p.is_file():
+                raise PackageError(f"package file '{rel}' is missing: the package is incomplete, re-export it.")
+            size = p.stat().st_size
+            if size != meta.get("size"):
+                raise PackageError(f"package file '{rel}' has {size} bytes, the manifest says {meta.get('size')}: "
+                                   "it is truncated or altered, re-export the package.")
+            if full and sha256_file(p) != meta.get("sha256"):
+                raise PackageError(f"package file '{rel}' does not match its sha256 in the manifest: "
+                                   "it is corrupt or altered, re-export the package.")
+
+
+def open_package(path: str | os.PathLike, verify: bool | None = None) -> Package:
+    """Read and check a package. ``verify``: True = hash every file, False = sizes
+    only, None = hash files not already verified with the same size and mtime."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise PackageError(f"no model package at '{path}': export one with 'edgeinfer export SOURCE -o {path}'.")
+    if not root.is_dir():
+        raise PackageError(f"'{path}' is a file, not a model package folder.")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise PackageError(f"'{path}' has no {MANIFEST}: it is not an edgeinfer package (or its export did not finish).")
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise PackageError(f"'{mpath}' is larger than {MAX_MANIFEST_BYTES} bytes: not a valid manifest.")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PackageError(f"'{mpath}' is not valid JSON ({e}): the package is corrupt, re-export it.") from None
+    check_manifest(manifest, mpath)
+    pkg = Package(root, manifest)
+    for rel in manifest["files"]:
+        pkg.path(rel)  # refuse escaping paths before anything is opened
+    if verify is None:
+        _verify_cached(pkg)
+    else:
+        pkg.verify(full=verify)
+    return pkg
+
+
+def check_manifest(manifest: dict, where: Path | str = MANIFEST) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise PackageError(f"'{where}' is not an edgeinfer manifest (no 'format': '{FORMAT_NAME}').")
+    version = manifest.get("format_version")
+    if not (isinstance(version, list) and len(version) == 2 and all(isinstance(v, int) for v in version)):
+        raise PackageError(f"'{where}' has an invalid format_version {version!r}: re-export the package.")
+    if version[0] > FORMAT_VERSION[0]:
+        raise PackageError(f"package was exported for format {version[0]}, this runtime reads format "
+                           f"{FORMAT_VERSION[0]}: upgrade edgeinfer.")
+    if version[0] < FORMAT_VERSION[0]:
+        raise PackageError(f"package format {version[0]} is older than this runtime's {FORMAT_VERSION[0]}: "
+                           "re-export it with this edgeinfer.")
+    for key in ("graphs", "files", "tokenizer", "kv_cache"):
+        if key not in manifest:
+            raise PackageError(f"'{where}' lacks '{key}': the package is incomplete, re-export it.")
+    if not isinstance(manifest["files"], dict):
+        raise PackageError(f"'{where}' has a malformed 'files' table: re-export the package.")
+
+
+def _verify_cached(pkg: Package) -> None:
+    pkg.verify(full=False)
+    try:
+        cache = json.loads(_VERIFY_CACHE.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    key = str(pkg.root.resolve())
+    stamp = {rel: [pkg.path(rel).stat().st_size, pkg.path(rel).stat().st_mtime_ns, meta.get("sha256")]
+             for rel, meta in pkg.manifest["files"].items()}
+    if cache.get(key) == stamp:
+        return
+    pkg.verify(full=True)
+    cache[key] = stamp
+    try:
+        _VERIFY_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _VERIFY_CACHE.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, _VERIFY_CACHE)
+    except OSError:
+        pass  # a read-only home only costs a re-hash next time

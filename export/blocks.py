@@ -1,0 +1,213 @@
+"""The shared graph vocabulary of decoder models: norms, quantized linears,
+embedding, grouped-query attention with a shared KV buffer, gated MLPs.
+
+Each function appends nodes to a :class:`GraphBuilder` and returns the name of
+its output. Per-family knowledge (which weights, which quirks) lives in
+``models/``; this module only knows the building blocks and the fused
+onnxruntime contrib ops that make them fast on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .onnx_graph import MS_DOMAIN, GraphBuilder
+from .quantize import quantize_blockwise
+
+PRECISIONS = ("int4", "int8", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How weights are stored: ``int4``/``int8`` block-quantized MatMulNBits, or float."""
+
+    name: str = "int4"
+    block_size: int = 32
+    # 4 = int8 activations inside MatMulNBits: the fastest CPU kernels.
+    accuracy_level: int = 4
+    # Bits of the LM head (and the tied embedding); None = same as the other weights.
+    lm_head_bits: int | None = None
+    # Symmetric blocks (no zero points) take onnxruntime's fastest CPU kernels.
+    symmetric: bool = True
+
+    @property
+    def bits(self) -> int | None:
+        return {"int4": 4, "int8": 8}.get(self.name)
+
+    @property
+    def head_bits(self) -> int | None:
+        return self.lm_head_bits if self.lm_head_bits is not None else self.bits
+
+    def describe(self) -> dict:
+        d = {"weights": self.name}
+        if self.bits:
+            d.update(block_size=self.block_size, accuracy_level=self.accuracy_level,
+                     lm_head_bits=self.head_bits, scheme="symmetric-rtn" if self.symmetric else "asymmetric-rtn")
+        return d
+
+
+def float_weight(g: GraphBuilder, name: str, array: np.ndarray, precision: Precision) -> str:
+    """A float initializer: stored fp16 and cast up when the precision says fp16."""
+    if precision.name == "fp16":
+        stored = g.initializer(name + ".fp16", array.astype(np.float16))
+        return g.op1("Cast", [stored], to=1)
+    return g.initializer(name, array.astype(np.float32))
+
+
+def linear(g: GraphBuilder, x: str, weight: np.ndarray, name: str, precision: Precision,
+           bias: np.ndarray | None = None, bits: int | None = None) -> str:
+    """``x @ weight.T (+ bias)`` for a PyTorch-layout weight (out, in)."""
+    bits = bits if bits is not None else precision.bits
+    n, k = weight.shape
+    if bits:
+        q = quantize_blockwise(weight, bits=bits, block_size=precision.block_size, symmetric=precision.symmetric)
+        inputs = [x, g.initializer(name + ".qweight", q.packed), g.initializer(name + ".scales", q.scales)]
+        inputs.append("" if q.symmetric else g.initializer(name + ".zero_points", q.zero_points))
+        if bias is not None:
+            inputs += ["", g.initializer(name + ".bias", bias.astype(np.float32))]
+        while inputs[-1] == "":
+            inputs.pop()
+        return g.op1("MatMulNBits", inputs, domain=MS_DOMAIN, name=name, K=k, N=n, bits=bits,
+                     block_size=precision.block_size, accuracy_level=precision.accuracy_level)
+    w = float_weight(g, name + ".weight", np.ascontiguousarray(weight.T), precision)
+    y = g.op1("MatMul", [x, w], name=name)
+    if bias is not None:
+        y = g.op1("Add", [y, g.initializer(name + ".bias", bias.astype(np.float32))])
+    return y
+
+
+def rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float, name: str) -> str:
+    w = g.initializer(name + ".weight", weight.astype(np.float32))
+    return g.op1("SimplifiedLayerNormalization", [x, w], name=name, axis=-1, epsilon=eps)
+
+
+def skip_rms_norm(g: GraphBuilder, x: str, skip: str, weight: np.ndarray, eps: float,
+                  name: str) -> tuple[str, str]:
+    """Fused ``s = x + skip; rms_norm(s)``; returns (normed, s)."""
+    w = g.initializer(name + ".weight", weight.astype(np.float32))
+    out = g.op("SkipSimplifiedLayerNormalization", [x, skip, w], 4, domain=MS_DOMAIN, name=name,
+               epsilon=eps)
+    return out[0], out[3]
+
+
+def embedding(g: GraphBuilder, ids: str, table: np.ndarray, name: str, precision: Precision,
+              bits: int | None) -> tuple[str, str | None]:
+    """Token embedding. Returns (hidden, shared_weight_prefix).
+
+    For quantized tables the initializers are named like a MatMulNBits weight so
+    that a tied LM head reuses them (GatherBlockQuantized reads the same layout).
+    """
+    if bits:
+        q = quantize_blockwise(table, bits=bits, block_size=precision.block_size, symmetric=precision.symmetric)
+        vocab = table.shape[0]
+        data = g.initializer(name + ".qweight", q.packed.reshape(vocab, -1))
+        scales = g.initializer(name + ".scales", q.scales)
+        inputs = [data, ids, scales]
+        if not q.symmetric:
+            inputs.append(g.initializer(name + ".zero_points", q.zero_points))
+        h = g.op1("GatherBlockQuantized", inputs, domain=MS_DOMAIN, name=name,
+                  bits=bits, block_size=precision.block_size, gather_axis=0, quantize_axis=1)
+        return h, name
+    w = float_weight(g, name + ".weight", table, precision)
+    return g.op1("Gather", [w, ids], name=name, axis=0), None
+
+
+def tied_lm_head(g: GraphBuilder, x: str, shared: str, vocab: int, hidden: int, bits: int,
+                 precision: Precision, name: str) -> str:
+    """LM head reading the embedding's quantized initializers (tied weights)."""
+    packed = g.op1("Reshape", [shared + ".qweight", g.const_i64([vocab, -1, precision.block_size * bits // 8])])
+    inputs = [x, packed, shared + ".scales"]
+    if not precision.symmetric:
+        inputs.append(shared + ".zero_points")
+    return g.op1("MatMulNBits", inputs, domain=MS_DOMAIN,
+                 name=name, K=hidden, N=vocab, bits=bits, block_size=precision.block_size,
+                 accuracy_level=precision.accuracy_level)
+
+
+@dataclass(frozen=True)
+class AttentionIO:
+    """Graph-level names an attention layer reads and writes."""
+
+    past_key: str
+    past_value: str
+    present_key: str
+    present_value: str
+    seqlens_k: str
+    total_seq_len: str
+    cos_cache: str
+    sin_cache: str
+
+
+def attention(g: GraphBuilder, x: str, w: dict[str, np.ndarray], io: AttentionIO, *, num_heads: int,
+              kv_heads: int, head_dim: int, eps: float, scale: float, window: int, softcap: float,
+              name: str, precision: Precision) -> str:
+    """Self-attention with rotary, GQA and a KV buffer shared by past and present."""
+    gqa_attrs = dict(num_heads=num_heads, kv_num_heads=kv_heads, do_rotary=1, scale=scale,
+                     local_window_size=window, softcap=softcap)
+    if "q_norm" not in w:
+        # One packed QKV matmul: fewer, larger kernels on the decode hot path.
+        wqkv = np.concatenate([w["q"], w["k"], w["v"]], axis=0)
+        bias = np.concatenate([w["q_bias"], w["k_bias"], w["v_bias"]]) if "q_bias" in w else None
+        qkv = linear(g, x, wqkv, f"{name}.qkv_proj", precision, bias=bias)
+        q, k, v = qkv, "", ""
+    else:
+        q = linear(g, x, w["q"], f"{name}.q_proj", precision, bias=w.get("q_bias"))
+        k = linear(g, x, w["k"], f"{name}.k_proj", precision, bias=w.get("k_bias"))
+        v = linear(g, x, w["v"], f"{name}.v_proj", precision, bias=w.get("v_bias"))
+        q = _per_head_rms_norm(g, q, w["q_norm"], head_dim, eps, f"{name}.q_norm")
+        k = _per_head_rms_norm(g, k, w["k_norm"], head_dim, eps, f"{name}.k_norm")
+    out = g.op("GroupQueryAttention",
+               [q, k, v, io.past_key, io.past_value, io.seqlens_k, io.total_seq_len, io.cos_cache, io.sin_cache],
+               3, domain=MS_DOMAIN, name=f"{name}.attn",
+               outputs=[f"{name}.attn/out", io.present_key, io.present_value], **gqa_attrs)
+    return linear(g, out[0], w["o"], f"{name}.o_proj", precision)
+
+
+def _per_head_rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, head_dim: int, eps: float, name: str) -> str:
+    heads = g.op1("Reshape", [x, g.const_i64([0, 0, -1, head_dim], name + ".shape4")])
+    normed = rms_norm(g, heads, weight, eps, name)
+    return g.op1("Reshape", [normed, g.const_i64([0, 0, -1], name + ".shape3")])
+
+
+def gated_mlp(g: GraphBuilder, x: str, w: dict[str, np.ndarray], activation: str, name: str,
+              precision: Precision) -> str:
+    """``down(act(gate(x)) * up(x))`` with gate and up fused into one matmul."""
+    inter = w["gate"].shape[0]
+    gate_up = linear(g, x, np.concatenate([w["gate"], w["up"]], axis=0), f"{name}.gate_up_proj", precision)
+    gate, up = g.op("Split", [gate_up, g.const_i64([inter, inter], name + ".split")], 2, axis=-1)
+    if activation == "silu":
+        act = g.op1("QuickGelu", [gate], domain=MS_DOMAIN, alpha=1.0)  # x * sigmoid(x)
+    elif activation == "gelu_tanh":
+        act = g.op1("Gelu", [gate], approximate="tanh")
+    elif activation == "gelu":
+        act = g.op1("Gelu", [gate])
+    else:
+        raise ValueError(f"unsupported activation {activation}")
+    return linear(g, g.op1("Mul", [act, up]), w["down"], f"{name}.down_proj", precision)
+
+
+def rotary_cache(head_dim: int, max_len: int, theta: float, scaling: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables (max_len, head_dim/2) for non-interleaved rotary embeddings."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    scaling = scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    elif kind not in ("default", None):
+        raise ValueError(f"rotary scaling '{kind}' is not supported yet")
+    freqs = np.outer(np.arange(max_len, dtype=np.float64), inv_freq)
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, s: dict) -> np.ndarray:
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_len = float(s["original_max_position_embeddings"])
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return np.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)

@@ -1,0 +1,186 @@
+"""Build a decoder-only model as one or more *stage* graphs.
+
+Stage ``s`` owns layers ``[cuts[s], cuts[s+1])`` and their KV buffers. The
+first stage also embeds tokens; the last also applies the final norm and the
+LM head to the last ``logits_to_keep`` positions. Between stages flows the
+residual stream (``hidden_states``), so a strategy can stop after any stage.
+
+Every stage takes the same two position inputs (``seqlens_k`` and
+``total_sequence_length``) and, per layer, a KV buffer of shape
+``(batch, kv_heads, max_context, head_dim)`` bound as both past and present:
+GroupQueryAttention writes the new keys in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgeinfer.models.base import DecoderSpec, StateDict, embed_table, final_norm, layer_weights, lm_head
+
+from .blocks import (
+    AttentionIO,
+    Precision,
+    attention,
+    embedding,
+    gated_mlp,
+    linear,
+    rms_norm,
+    rotary_cache,
+    skip_rms_norm,
+    tied_lm_head,
+)
+from .onnx_graph import GraphBuilder
+
+INPUT_IDS = "input_ids"
+HIDDEN_IN = "hidden_states"
+HIDDEN_OUT = "hidden_states_out"
+SEQLENS_K = "seqlens_k"
+TOTAL_SEQ_LEN = "total_sequence_length"
+LOGITS_TO_KEEP = "logits_to_keep"
+LOGITS = "logits"
+
+
+def past_key(i: int) -> str:
+    return f"past_key.{i}"
+
+
+def past_value(i: int) -> str:
+    return f"past_value.{i}"
+
+
+def present_key(i: int) -> str:
+    return f"present_key.{i}"
+
+
+def present_value(i: int) -> str:
+    return f"present_value.{i}"
+
+
+@dataclass
+class StageGraph:
+    name: str
+    layers: tuple[int, int]
+    embed: bool
+    head: bool
+    builder: GraphBuilder
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+
+    def manifest_entry(self, path: str) -> dict:
+        return {"name": self.name, "role": "stage", "path": path, "layers": list(self.layers),
+                "embed": self.embed, "head": self.head, "inputs": self.inputs, "outputs": self.outputs}
+
+
+def stage_cuts(num_layers: int, cuts: Iterable[int]) -> list[int]:
+    """Validated boundaries ``[0, c1, ..., num_layers]`` from user cut points."""
+    inner = sorted(set(int(c) for c in cuts))
+    for c in inner:
+        if not 0 < c < num_layers:
+            raise ValueError(f"stage cut {c} is outside 1..{num_layers - 1}")
+    return [0, *inner, num_layers]
+
+
+def build_stages(spec: DecoderSpec, sd: StateDict, precision: Precision, max_context: int,
+                 cuts: Iterable[int] = (), progress: Callable[[int], None] | None = None) -> list[StageGraph]:
+    bounds = stage_cuts(spec.layers, cuts)
+    stages = []
+    for s in range(len(bounds) - 1):
+        first, last = bounds[s], bounds[s + 1]
+        stage = StageGraph(name=f"stage{s}", layers=(first, last), embed=(s == 0),
+                           head=(s == len(bounds) - 2), builder=GraphBuilder(f"stage{s}"))
+        _build_stage(stage, spec, sd, precision, max_context, progress)
+        stages.append(stage)
+    return stages
+
+
+def _build_stage(stage: StageGraph, spec: DecoderSpec, sd: StateDict, precision: Precision,
+                 max_context: int, progress: Callable[[int], None] | None) -> None:
+    g = stage.builder
+    head_bits = precision.head_bits
+    shared = None
+    if stage.embed:
+        ids = g.input(INPUT_IDS, "int64", ["batch", "seq"])
+        # A tied head shares the quantized table only when both live in this graph.
+        table_bits = head_bits if (spec.tie_embeddings and stage.head) else precision.bits
+        x, shared = embedding(g, ids, embed_table(sd), "model.embed_tokens", precision, table_bits)
+        if spec.embed_scale != 1.0:
+            x = g.op1("Mul", [x, g.initializer("embed_scale", np.array(spec.embed_scale, np.float32))])
+    else:
+        x = g.input(HIDDEN_IN, "float32", ["batch", "seq", spec.hidden])
+    seqlens = g.input(SEQLENS_K, "int32", ["batch"])
+    total = g.input(TOTAL_SEQ_LEN, "int32", [])
+    caches = {}
+    for theta in {spec.rope_theta, spec.rope_local_theta or spec.rope_theta}:
+        scaling = spec.rope_scaling if theta == spec.rope_theta else None
+        cos, sin = rotary_cache(spec.head_dim, max_context, theta, scaling)
+        caches[theta] = (g.initializer(f"cos_cache.{theta:g}", cos), g.initializer(f"sin_cache.{theta:g}", sin))
+
+    delta = None  # the stream value is x + delta; kept apart so norms fuse the add
+    for i in range(*stage.layers):
+        kv_shape = ["batch", spec.kv_heads, "max_context", spec.head_dim]
+        g.input(past_key(i), "float32", kv_shape)
+        g.input(past_value(i), "float32", kv_shape)
+        g.output(present_key(i), "float32", kv_shape)
+        g.output(present_value(i), "float32", kv_shape)
+        w = layer_weights(sd, i, spec)
+        name = f"model.layers.{i}"
+        h, x = _norm_stream(g, x, delta, w["input_norm"], spec.rms_eps, f"{name}.input_layernorm")
+        window = spec.windows[i]
+        theta = spec.rope_local_theta if (window > 0 and spec.rope_local_theta) else spec.rope_theta
+        io = AttentionIO(past_key(i), past_value(i), present_key(i), present_value(i), seqlens, total,
+                         *caches[theta])
+        a = attention(g, h, w, io, num_heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim,
+                      eps=spec.rms_eps, scale=spec.attn_scale, window=window, softcap=spec.attn_softcap,
+                      name=f"{name}.self_attn", precision=precision)
+        if spec.sandwich_norms:
+            a = rms_norm(g, a, w["post_attention_norm"], spec.rms_eps, f"{name}.post_attention_layernorm")
+            ffn_norm = w["pre_feedforward_norm"]
+        else:
+            ffn_norm = w["post_attention_norm"]
+        h, x = _norm_stream(g, x, a, ffn_norm, spec.rms_eps, f"{name}.pre_feedforward_layernorm")
+        delta = gated_mlp(g, h, w, spec.activation, f"{name}.mlp", precision)
+        if spec.sandwich_norms:
+            delta = rms_norm(g, delta, w["post_feedforward_norm"], spec.rms_eps, f"{name}.post_feedforward_layernorm")
+        if progress:
+            progress(1)
+
+    if not stage.head:
+        out = g.op1("Add", [x, delta], outputs=[HIDDEN_OUT]) if delta is not None else x
+        g.output(out, "float32", ["batch", "seq", spec.hidden])
+    else:
+        keep = g.input(LOGITS_TO_KEEP, "int64", [1])
+        start = g.op1("Neg", [keep])
+        end, axis = g.const_i64([2**62], "slice_end"), g.const_i64([1], "slice_axis")
+        x = g.op1("Slice", [x, start, end, axis])
+        if delta is not None:
+            delta = g.op1("Slice", [delta, start, end, axis])
+        h, _ = _norm_stream(g, x, delta, final_norm(sd, spec), spec.rms_eps, "model.norm")
+        if shared is not None and spec.tie_embeddings:
+            logits = tied_lm_head(g, h, shared, spec.vocab, spec.hidden, head_bits, precision, "lm_head")
+        elif spec.tie_embeddings and not head_bits:
+            table = g.initializer("model.embed_tokens.weight", embed_table(sd).astype(np.float32)) \
+                if precision.name == "fp32" else None
+            if table is not None:
+                logits = g.op1("MatMul", [h, g.op1("Transpose", [table])], name="lm_head")
+            else:
+                logits = linear(g, h, lm_head(sd, spec), "lm_head", precision)
+        else:
+            logits = linear(g, h, lm_head(sd, spec), "lm_head", precision, bits=head_bits)
+        if spec.final_softcap:
+            cap = g.initializer("final_softcap", np.array(spec.final_softcap, np.float32))
+            logits = g.op1("Mul", [g.op1("Tanh", [g.op1("Div", [logits, cap])]), cap])
+        g.op1("Identity", [logits], outputs=[LOGITS])
+        g.output(LOGITS, "float32", ["batch", "logits_seq", spec.vocab])
+    stage.inputs = [v.name for v in g.inputs]
+    stage.outputs = [v.name for v in g.outputs]
+
+
+def _norm_stream(g: GraphBuilder, x: str, delta: str | None, weight: np.ndarray, eps: float,
+                 name: str) -> tuple[str, str]:
+    """Normalize the stream ``x + delta``; returns (normed, new stream value)."""
+    if delta is None:
+        return rms_norm(g, x, weight, eps, name), x
+    return skip_rms_norm(g, delta, x, weight, eps, name)

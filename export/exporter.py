@@ -1,0 +1,112 @@
+"""``edgeinfer export``: SOURCE → model package (decoder-only families)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeinfer.errors import ExportError
+from edgeinfer.models import FAMILIES, spec_for_config
+
+from . import decoder_graph as dg
+from .blocks import PRECISIONS, Precision
+from .package_writer import staging_folder, write_manifest
+from .sources import SourceModel, load_source
+
+DEFAULT_MAX_CONTEXT = 4096
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: dict
+    size_bytes: int
+
+
+def export_model(source: str | SourceModel, out: str | Path, precision: str = "int4", *,
+                 max_context: int | None = None, stages: list[int] | None = None, force: bool = False,
+                 lm_head_bits: int | None = None, block_size: int = 32, progress: bool = True) -> ExportResult:
+    """Export SOURCE (alias, .gguf, HF folder, hub id, or a loaded SourceModel) to a package at OUT."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}.")
+    if lm_head_bits not in (None, 4, 8) or (lm_head_bits and precision not in ("int4", "int8")):
+        raise ExportError("--lm-head-bits takes 4 or 8 and applies to int4/int8 packages only.")
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"'{out}' already exists: choose another -o or pass --force to replace it.")
+    src = source if isinstance(source, SourceModel) else load_source(source)
+    model_type = src.config.get("model_type", "")
+    if model_type not in FAMILIES:
+        raise ExportError(f"model family '{model_type}' has no hand-built graph yet (supported: "
+                          f"{', '.join(sorted(FAMILIES))}).")
+    try:
+        spec = spec_for_config(src.config)
+    except (ValueError, KeyError) as e:
+        raise ExportError(f"cannot export this {model_type} model: {e}.") from None
+    ctx = int(max_context or min(spec.max_position, DEFAULT_MAX_CONTEXT))
+    if ctx < 16 or ctx > spec.max_position:
+        raise ExportError(f"--max-context {ctx} is outside 16..{spec.max_position} (the model's limit).")
+    prec = Precision(precision, block_size=block_size, lm_head_bits=lm_head_bits)
+    try:
+        cuts = dg.stage_cuts(spec.layers, stages or [])
+    except ValueError as e:
+        raise ExportError(f"{e}.") from None
+
+    bar = _progress_bar(spec.layers, f"building {precision} graphs", progress)
+    with staging_folder(out, force) as tmp:
+        (tmp / "graphs").mkdir()
+        graphs = []
+        for stage in dg.build_stages(spec, src.state_dict, prec, ctx, cuts[1:-1], progress=bar.update):
+            rel = f"graphs/{stage.name}.onnx"
+            stage.builder.save(tmp / rel)
+            graphs.append(stage.manifest_entry(rel))
+        bar.close()
+        (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
+        manifest = write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs))
+    size = sum(m["size"] for m in manifest["files"].values())
+    return ExportResult(out, manifest, size)
+
+
+def _manifest(src: SourceModel, spec, prec: Precision, ctx: int, graphs: list[dict]) -> dict:
+    from edgeinfer import __version__
+
+    return {
+        "kind": "decoder",
+        "family": spec.family,
+        "name": src.name,
+        "source": {"kind": src.kind, "location": src.location, "model_type": src.config.get("model_type")},
+        "exporter": {"edgeinfer": __version__},
+        "architecture": spec.as_manifest(),
+        "graphs": graphs,
+        "io": {"input_ids": dg.INPUT_IDS, "hidden_in": dg.HIDDEN_IN, "hidden_out": dg.HIDDEN_OUT,
+               "seqlens_k": dg.SEQLENS_K, "total_sequence_length": dg.TOTAL_SEQ_LEN,
+               "logits_to_keep": dg.LOGITS_TO_KEEP, "logits": dg.LOGITS,
+               "past_key": "past_key.{layer}", "past_value": "past_value.{layer}",
+               "present_key": "present_key.{layer}", "present_value": "present_value.{layer}"},
+        "kv_cache": {"layout": "BNSH", "dtype": "float32", "num_layers": spec.layers, "num_kv_heads": spec.kv_heads,
+                     "head_dim": spec.head_dim, "max_context": ctx, "shared_buffer": True,
+                     "sliding_windows": spec.windows},
+        "quantization": prec.describe(),
+        "tokenizer": {"file": "tokenizer.json", "chat_template": src.chat_template, **src.special},
+        "generation": {"max_new_tokens": 256, **src.generation},
+        "exits": [],
+    }
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr)

@@ -1,0 +1,70 @@
+"""Write a model package atomically: everything goes to a temporary sibling
+folder, the manifest (with every file's sha256) is written last, and the folder
+is renamed into place. An interrupted export leaves no half package, and an
+existing package is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from edgeinfer.errors import ExportError
+from edgeinfer.package import FORMAT_NAME, FORMAT_VERSION, MANIFEST, sha256_file
+
+
+@contextmanager
+def staging_folder(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside OUT; on success it becomes OUT."""
+    out = out.expanduser().absolute()
+    if out.exists() and not force:
+        raise ExportError(f"'{out}' already exists: choose another -o or pass --force to replace it.")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"'{out}' exists and is not a folder: remove it or choose another -o.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        _swap_into_place(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"could not write the package to '{out}': {e.strerror or e}.") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    # Replace: move the old package aside first so one of the two always exists whole.
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_manifest(folder: Path, manifest: dict) -> dict:
+    """Hash every file under FOLDER into the manifest and write it (last)."""
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            rel = p.relative_to(folder).as_posix()
+            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    manifest = {"format": FORMAT_NAME, "format_version": list(FORMAT_VERSION), **manifest, "files": files}
+    path = folder / MANIFEST
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    return manifest
