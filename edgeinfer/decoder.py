@@ -71,7 +71,7 @@ class StagedDecoder:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         n = ids.shape[1]
         if n == 1 and logits_to_keep == 1:
-            return self.step(int(ids[0, 0]))
+            return self.step(int(ids[0, 0]))[None]
         self._check_room(n)
         start = self.cache.length
         seqlens = ort.OrtValue.ortvalue_from_numpy(np.array([start + n - 1], np.int32))
@@ -122,7 +122,7 @@ class StagedDecoder:
         self._step_ready = True
 
     def step(self, token: int) -> np.ndarray:
-        """Append one token; returns its logits (1, vocab) — a view, valid until the next step."""
+        """Append one token; returns its logits (vocab,) — a view, valid until the next step."""
         if not self._step_ready:
             self._prepare_step()
         self._check_room(1)
@@ -133,7 +133,7 @@ class StagedDecoder:
         for session, binding in self._bindings:
             session.run_with_iobinding(binding)
         self.cache.length = pos + 1
-        return self._logits[0]
+        return self._logits[0, 0]
 
     def _check_room(self, n: int) -> None:
         if self.cache.length + n > self.cache.capacity:

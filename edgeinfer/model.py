@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from edgeinfer.runtimes import resolve_provider
 
 from .decoder import StagedDecoder
-from .errors import GenerationError, PackageError
+from .errors import ContextLengthError, GenerationError, PackageError
 from .generation import Generation, GenerationResult, PlainStrategy, run_generation
 from .package import Package, open_package
 from .sampling import GenerationConfig
@@ -79,7 +79,7 @@ class Model:
             raise GenerationError("the prompt is empty: give at least one token of text.")
         config.validate()
         if len(ids) >= self.max_context:
-            raise GenerationError(f"the prompt has {len(ids)} tokens but the context holds {self.max_context}: "
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds {self.max_context}: "
                                   "shorten the prompt or load with a larger max_context.")
         reuse = self._reusable_prefix(ids)
         gen = Generation(iter(()))

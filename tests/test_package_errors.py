@@ -1,0 +1,176 @@
+"""Bad input gets one clear sentence, and nothing is half-written."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import edgeinfer
+from edgeinfer.errors import ContextLengthError, ExportError, GenerationError, PackageError
+from edgeinfer.package import MANIFEST
+
+
+@pytest.fixture
+def pkg_copy(tmp_path, tiny_packages):
+    dst = tmp_path / "pkg"
+    shutil.copytree(tiny_packages("llama", "int4"), dst)
+    return dst
+
+
+def _edit_manifest(pkg, fn):
+    m = json.loads((pkg / MANIFEST).read_text())
+    fn(m)
+    (pkg / MANIFEST).write_text(json.dumps(m))
+
+
+def test_missing_package():
+    with pytest.raises(PackageError, match="no model package at"):
+        edgeinfer.load("/nonexistent/pkg")
+
+
+def test_missing_graph(pkg_copy):
+    (pkg_copy / "graphs" / "stage0.onnx").unlink()
+    with pytest.raises(PackageError, match="stage0.onnx' is missing"):
+        edgeinfer.load(pkg_copy)
+
+
+def test_truncated_graph_data(pkg_copy):
+    data = pkg_copy / "graphs" / "stage0.onnx.data"
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    with pytest.raises(PackageError, match="truncated or altered"):
+        edgeinfer.load(pkg_copy)
+
+
+def test_bit_flipped_graph_is_caught_by_sha256(pkg_copy):
+    data = pkg_copy / "graphs" / "stage0.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(PackageError, match="does not match its sha256"):
+        edgeinfer.load(pkg_copy, verify=True)
+
+
+def test_corrupt_graph_with_matching_manifest_is_refused_by_onnxruntime(pkg_copy):
+    """A graph that is garbage but listed with its real hash still fails cleanly."""
+    from edgeinfer.export.package_writer import write_manifest
+
+    (pkg_copy / "graphs" / "stage0.onnx").write_bytes(b"not an onnx graph")
+    m = json.loads((pkg_copy / MANIFEST).read_text())
+    for k in ("format", "format_version", "files"):
+        m.pop(k)
+    write_manifest(pkg_copy, m)
+    with pytest.raises(PackageError, match="could not be loaded by onnxruntime"):
+        edgeinfer.load(pkg_copy, verify=True)
+
+
+def test_newer_major_format_is_refused(pkg_copy):
+    _edit_manifest(pkg_copy, lambda m: m.update(format_version=[99, 0]))
+    with pytest.raises(PackageError, match="exported for format 99.*upgrade edgeinfer"):
+        edgeinfer.load(pkg_copy)
+
+
+def test_not_json_manifest(pkg_copy):
+    (pkg_copy / MANIFEST).write_text("{not json")
+    with pytest.raises(PackageError, match="not valid JSON"):
+        edgeinfer.load(pkg_copy)
+
+
+@pytest.mark.parametrize("evil", ["../outside.onnx", "/etc/passwd", "graphs/../../x.onnx"])
+def test_manifest_path_outside_package_is_refused(pkg_copy, evil):
+    def fn(m):
+        m["graphs"][0]["path"] = evil
+        m["files"][evil] = {"size": 1, "sha256": "0" * 64}
+
+    _edit_manifest(pkg_copy, fn)
+    with pytest.raises(PackageError, match="outside the package"):
+        edgeinfer.load(pkg_copy)
+
+
+def test_symlink_leaving_package_is_refused(pkg_copy, tmp_path):
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    tok = pkg_copy / "tokenizer.json"
+    tok.unlink()
+    os.symlink(outside, tok)
+    with pytest.raises(PackageError, match="leading outside the package"):
+        edgeinfer.load(pkg_copy)
+
+
+def test_unknown_alias():
+    from edgeinfer.export import export_model
+
+    with pytest.raises(ExportError, match="not a file, folder, hub id or known alias"):
+        export_model("no-such-model", "/tmp/never-written")
+    assert not os.path.exists("/tmp/never-written")
+
+
+def test_existing_output_needs_force(tiny_models, tiny_packages):
+    from edgeinfer.export import export_model
+
+    with pytest.raises(ExportError, match="already exists.*--force"):
+        export_model(str(tiny_models("llama")), tiny_packages("llama", "int4"), "int4")
+
+
+def test_failed_export_leaves_nothing_and_keeps_old_package(tmp_path, tiny_models, monkeypatch):
+    from edgeinfer.export import decoder_graph, export_model
+
+    out = tmp_path / "pkg"
+    export_model(str(tiny_models("llama")), out, "int4", max_context=64, progress=False)
+    before = (out / MANIFEST).read_text()
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated crash in the middle of an export")
+
+    monkeypatch.setattr(decoder_graph, "build_stages", boom)
+    with pytest.raises(RuntimeError):
+        export_model(str(tiny_models("llama")), out, "fp32", force=True, progress=False)
+    assert (out / MANIFEST).read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]  # no partial folder left
+
+
+def test_prompt_longer_than_context(tiny_packages):
+    model = edgeinfer.load(tiny_packages("llama", "int4"), max_context=32)
+    with pytest.raises(ContextLengthError, match="the context holds 32"):
+        model.complete("the quick brown fox " * 40, max_new_tokens=4)
+    prompt = model.tokenizer.decode(model.tokenizer.encode("the quick brown fox " * 40)[:20])
+    with pytest.raises(ContextLengthError, match="do not fit the context of 32"):
+        model.complete(prompt, max_new_tokens=30, ignore_eos=True)
+    # the model stays usable after the error
+    assert model.complete("hello", max_new_tokens=3, ignore_eos=True).new_tokens == 3
+
+
+@pytest.mark.parametrize("params,match", [
+    (dict(temperature=-1), "temperature must be >= 0"),
+    (dict(top_p=0), "top_p must be in"),
+    (dict(temperature=float("nan")), "finite number"),
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    (dict(top_k=-3), "top_k must be"),
+    (dict(bogus=1), "unknown generation parameter"),
+])
+def test_bad_generation_parameters(tiny_packages, params, match):
+    model = edgeinfer.load(tiny_packages("llama", "int4"))
+    with pytest.raises(GenerationError, match=match):
+        model.complete("hello", **params)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "edgeinfer.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_errors_are_one_sentence(tmp_path):
+    r = _cli("run", str(tmp_path / "missing"), "hi")
+    assert r.returncode == 2
+    assert r.stderr.startswith("edgeinfer: error: no model package at")
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _cli("export", "not-an-alias", "-o", str(tmp_path / "o"))
+    assert r.returncode == 2 and "known alias" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_prompt_over_context(tiny_packages):
+    r = _cli("run", str(tiny_packages("llama", "int4")), "word " * 400, "--max-context", "64")
+    assert r.returncode == 2 and "context holds 64" in r.stderr and "Traceback" not in r.stderr
