@@ -35,14 +35,19 @@ class ParityReport:
 
 
 def reference_greedy(hf_model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
-    """transformers' greedy continuation of IDS and its logits on the prompt."""
+    """transformers' greedy continuation of IDS (N tokens, EOS not special: it
+    is taken and decoding goes on, as ``ignore_eos`` does) and its prompt logits."""
     import torch
 
     with torch.no_grad():
-        logits = hf_model(torch.tensor([ids])).logits[0].float().numpy()
-        out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(ids):].tolist(), logits
+        out = hf_model(torch.tensor([ids]), use_cache=True)
+        logits = out.logits[0].float().numpy()
+        past, tokens = out.past_key_values, [int(out.logits[0, -1].argmax())]
+        for _ in range(n - 1):
+            out = hf_model(torch.tensor([[tokens[-1]]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens, logits
 
 
 def compare(model, hf_model, prompts: list[str] = CHECK_PROMPTS, n: int = 32) -> ParityReport:

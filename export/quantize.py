@@ -85,8 +85,22 @@ def quantize_blockwise(weight: np.ndarray, bits: int = 4, block_size: int = 32,
     qmax = (1 << bits) - 1
     if symmetric:
         mid = 1 << (bits - 1)
-        scale = np.abs(blocks).max(axis=2) / (mid - 1)
-        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+        absmax = np.abs(blocks).max(axis=2)
+        # Search a few clipping ratios per block and keep the one with the least squared error:
+        # the plain absmax scale wastes levels on rare outliers.
+        best_err = best_scale = None
+        for ratio in np.linspace(1.0, 0.7, 7):
+            sc = absmax * ratio / (mid - 1)
+            sc = np.where(sc == 0, 1.0, sc).astype(np.float32)
+            qq = np.clip(np.round(blocks / sc[:, :, None]), -mid, mid - 1)
+            err = ((qq * sc[:, :, None] - blocks) ** 2).sum(axis=2)
+            if best_err is None:
+                best_err, best_scale = err, sc
+            else:
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                best_scale = np.where(better, sc, best_scale)
+        scale = best_scale.astype(np.float32)
         q = np.clip(np.round(blocks / scale[:, :, None]), -mid, mid - 1) + mid
         packed = pack_bits(q.reshape(n, -1), bits).reshape(n, blocks.shape[1], block_size * bits // 8)
         return BlockQuantized(packed, scale, np.zeros((n, 0), np.uint8), bits, block_size, n, k)

@@ -54,12 +54,10 @@ def prompt_ids(llm: llama_cpp.Llama, args: argparse.Namespace) -> list[int]:
         return read_ids(args.prompt_ids_file)
     text, special = args.prompt, False
     if args.chat:
-        template = llm.metadata["tokenizer.chat_template"]
-        vocab = llm.tokenizer_
         fmt = llama_cpp.llama_chat_format.Jinja2ChatFormatter(
-            template=template,
-            eos_token=vocab.detokenize([llm.token_eos()], special=True).decode(),
-            bos_token=vocab.detokenize([llm.token_bos()], special=True).decode(),
+            template=llm.metadata["tokenizer.chat_template"],
+            eos_token=llm.detokenize([llm.token_eos()], special=True).decode(),
+            bos_token=llm.detokenize([llm.token_bos()], special=True).decode(),
         )
         text, special = fmt(messages=[{"role": "user", "content": args.prompt}]).prompt, True
     return llm.tokenize(text.encode(), add_bos=True, special=special)

@@ -1,0 +1,38 @@
+# Two commands for a newcomer:
+#   make run   — set up .venv, export SmolLM2-135M-Instruct to int4 once, answer a prompt (streaming)
+#   make test  — set up .venv and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PACKAGE ?= packages/smollm2-135m-int4
+PROMPT ?= What is the capital of France?
+
+.PHONY: run test setup lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: it takes the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[export,models,test]'
+	touch $@
+
+$(PACKAGE)/edgeinfer.json: | setup
+	$(VENV)/bin/edgeinfer export smollm2-135m -o $(PACKAGE) --precision int4 --force
+
+run: setup $(PACKAGE)/edgeinfer.json
+	$(VENV)/bin/edgeinfer run $(PACKAGE) "$(PROMPT)" --chat
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check edgeinfer export models runtimes apps tests
+
+bench: setup $(PACKAGE)/edgeinfer.json
+	$(VENV)/bin/edgeinfer bench $(PACKAGE)
+
+clean:
+	rm -rf packages build .pytest_cache
