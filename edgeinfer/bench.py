@@ -19,6 +19,15 @@ from . import __version__
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM on Linux: unlike ru_maxrss it
+    does not inherit a parent's peak across exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 

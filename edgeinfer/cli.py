@@ -162,9 +162,9 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from edgeinfer.runtimes import available_providers
-
     import onnxruntime as ort
+
+    from edgeinfer.runtimes import available_providers
 
     info: dict = {"edgeinfer": __version__, "onnxruntime": ort.__version__, "providers": available_providers(),
                   "onnxruntime_providers": ort.get_available_providers()}
@@ -193,7 +193,7 @@ def _cmd_info(args) -> int:
         print(f"weights      {json.dumps(p['quantization'])}")
         print(f"architecture {json.dumps(p['architecture'])}")
         print(f"context      {p['max_context']}")
-        print(f"graphs       " + ", ".join(f"{g['path']} layers {g['layers']}" for g in p["graphs"]))
+        print("graphs       " + ", ".join(f"{g['path']} layers {g['layers']}" for g in p["graphs"]))
         print(f"size         {p['size_mb']} MB")
     print(f"edgeinfer    {info['edgeinfer']} (onnxruntime {info['onnxruntime']})")
     print(f"providers    {', '.join(info['providers'])}  (onnxruntime lists: "

@@ -104,7 +104,8 @@ def open_package(path: str | os.PathLike, verify: bool | None = None) -> Package
         raise PackageError(f"'{path}' is a file, not a model package folder.")
     mpath = root / MANIFEST
     if not mpath.is_file():
-        raise PackageError(f"'{path}' has no {MANIFEST}: it is not an edgeinfer package (or its export did not finish).")
+        raise PackageError(f"'{path}' has no {MANIFEST}: it is not an edgeinfer package "
+                           "(or its export did not finish).")
     if mpath.stat().st_size > MAX_MANIFEST_BYTES:
         raise PackageError(f"'{mpath}' is larger than {MAX_MANIFEST_BYTES} bytes: not a valid manifest.")
     try:

@@ -25,8 +25,8 @@ class TextTokenizer:
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:
-            raise PackageError(f"tokenizer file '{path.name}' cannot be read ({str(e)[:200]}): re-export the package.") \
-                from None
+            msg = str(e)[:200]
+            raise PackageError(f"tokenizer file '{path.name}' cannot be read ({msg}): re-export the package.") from None
         self.bos_token_id = meta.get("bos_token_id")
         self.eos_token_ids = set(meta.get("eos_token_ids") or [])
         self.bos_token = meta.get("bos_token") or ""

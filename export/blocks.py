@@ -188,7 +188,8 @@ def gated_mlp(g: GraphBuilder, x: str, w: dict[str, np.ndarray], activation: str
     return linear(g, g.op1("Mul", [act, up]), w["down"], f"{name}.down_proj", precision)
 
 
-def rotary_cache(head_dim: int, max_len: int, theta: float, scaling: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+def rotary_cache(head_dim: int, max_len: int, theta: float,
+                 scaling: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin tables (max_len, head_dim/2) for non-interleaved rotary embeddings."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     scaling = scaling or {}

@@ -6,8 +6,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeinfer.errors import ExportError
 from edgeinfer.models import FAMILIES, spec_for_config
+
+from edgeinfer.errors import ExportError
 
 from . import decoder_graph as dg
 from .blocks import PRECISIONS, Precision
@@ -26,7 +27,8 @@ class ExportResult:
 
 def export_model(source: str | SourceModel, out: str | Path, precision: str = "int4", *,
                  max_context: int | None = None, stages: list[int] | None = None, force: bool = False,
-                 lm_head_bits: int | None = None, block_size: int = 32, progress: bool = True) -> ExportResult:
+                 lm_head_bits: int | None = None, block_size: int = 32, accuracy_level: int = 4,
+                 symmetric: bool = True, progress: bool = True) -> ExportResult:
     """Export SOURCE (alias, .gguf, HF folder, hub id, or a loaded SourceModel) to a package at OUT."""
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}.")
@@ -47,7 +49,11 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
     ctx = int(max_context or min(spec.max_position, DEFAULT_MAX_CONTEXT))
     if ctx < 16 or ctx > spec.max_position:
         raise ExportError(f"--max-context {ctx} is outside 16..{spec.max_position} (the model's limit).")
-    prec = Precision(precision, block_size=block_size, lm_head_bits=lm_head_bits)
+    if precision in ("int4", "int8") and spec.hidden % block_size:
+        raise ExportError(f"--block-size {block_size} does not divide the hidden size {spec.hidden}: choose a "
+                          "smaller power of two.")
+    prec = Precision(precision, block_size=block_size, lm_head_bits=lm_head_bits, accuracy_level=accuracy_level,
+                     symmetric=symmetric)
     try:
         cuts = dg.stage_cuts(spec.layers, stages or [])
     except ValueError as e:

@@ -70,7 +70,8 @@ def load_source(source: str) -> SourceModel:
         raise ExportError("exporting needs the export extra: pip install 'edgeinfer[export]'.") from e
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if kind == "hub" and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ExportError(f"'{where}' looks like a hub id, but HF_HUB_OFFLINE=1: download it first or give a local path.")
+        raise ExportError(f"'{where}' looks like a hub id, but HF_HUB_OFFLINE=1: download it first "
+                          "or give a local path.")
     try:
         config = AutoConfig.from_pretrained(str(where), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(where), **kwargs)

@@ -4,10 +4,10 @@ fp32 logits within 1e-4 and 32 identical greedy tokens, with one stage and two."
 import numpy as np
 import pytest
 import torch
+from edgeinfer.export.check import reference_greedy
 from transformers import AutoModelForCausalLM
 
 import edgeinfer
-from edgeinfer.export.check import reference_greedy
 
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma3"]
 PROMPTS = ["Paris is the capital of", "def add(a, b):", "The quick brown fox jumps over the lazy dog. Once upon"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from edgeinfer.export.check import CHECK_PROMPTS, load_reference, reference_greedy
 
 import edgeinfer
-from edgeinfer.export.check import CHECK_PROMPTS, load_reference, reference_greedy
 
 pytestmark = pytest.mark.slow
 

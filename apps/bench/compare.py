@@ -1,0 +1,221 @@
+"""Side-by-side decode benchmark: edgeinfer against onnxruntime-genai and llama.cpp
+on the same model (SmolLM2-135M-Instruct), the same prompt token ids, the same
+threads, interleaved (A, B, C, then B, C, A …) so that machine noise hits all
+engines alike. Prints and writes ratios measured in one run.
+
+    .venv/bin/python apps/bench/compare.py            # installs the peers if missing
+    .venv/bin/python apps/bench/compare.py --quick    # fewer rounds/tokens
+
+Writes build/bench/compare.json and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PEERS = ROOT / "apps" / "bench" / "peers"
+BUILD = ROOT / "build" / "bench"
+VENV_PY = ROOT / ".venv" / "bin" / "python"
+GENAI_PY = ROOT / ".venv-peers" / "genai" / "bin" / "python"
+LLAMA_PY = ROOT / ".venv-peers" / "llamacpp" / "bin" / "python"
+CHAT_PROMPT = "What is the capital of France?"
+
+
+def sh(cmd: list, **kw) -> subprocess.CompletedProcess:
+    print("+", " ".join(map(str, cmd)), file=sys.stderr, flush=True)
+    return subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT, **kw)
+
+
+def gguf_path() -> Path:
+    out = subprocess.run([str(VENV_PY), "-c", "from edgeinfer.export.aliases import resolve_alias;"
+                          "print(resolve_alias('smollm2-135m'))"], capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+def prepare(args) -> dict:
+    """Build what each engine runs; returns engine name -> (python, runner, model)."""
+    BUILD.mkdir(parents=True, exist_ok=True)
+    engines = {}
+    for variant in args.precisions:  # "int4", or "int4@64" for block size 64
+        prec, _, block = variant.partition("@")
+        pkg = BUILD / f"smollm2-{prec}{'-b' + block if block else ''}"
+        if not (pkg / "edgeinfer.json").exists():
+            sh([ROOT / ".venv" / "bin" / "edgeinfer", "export", "smollm2-135m", "-o", pkg, "--precision", prec,
+                "--force", *(["--block-size", block] if block else [])])
+        name = f"edgeinfer-{prec}{'-b' + block if block else ''}"
+        engines[name] = (VENV_PY, ROOT / "apps" / "bench" / "run_edgeinfer.py", pkg)
+    if not args.no_install:
+        sh(["bash", PEERS / "install_peers.sh"])
+    if GENAI_PY.exists():
+        hf = BUILD / "smollm2-hf"
+        genai_model = BUILD / "smollm2-genai-int4"
+        if not (hf / "config.json").exists():
+            sh([VENV_PY, PEERS / "prepare_smollm2.py", hf], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if not (genai_model / "genai_config.json").exists():
+            sh(["bash", PEERS / "build_genai_model.sh", hf, genai_model])
+        engines["onnxruntime-genai-int4"] = (GENAI_PY, PEERS / "run_genai.py", genai_model)
+    if LLAMA_PY.exists():
+        engines["llama.cpp-Q4_1"] = (LLAMA_PY, PEERS / "run_llamacpp.py", gguf_path())
+    return engines
+
+
+def prompt_ids(n: int | None) -> list[int]:
+    code = ("import json, sys, edgeinfer\nfrom edgeinfer.bench import synthetic_prompt\n"
+            f"m = edgeinfer.load({str(BUILD / 'smollm2-int4')!r})\n"
+            f"n = {n!r}\n"
+            f"ids = synthetic_prompt(m, n) if n else m.encode([{{'role': 'user', 'content': {CHAT_PROMPT!r}}}])\n"
+            "print(json.dumps(ids))")
+    out = subprocess.run([str(VENV_PY), "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout)
+
+
+def memory_bandwidth_gbs() -> float:
+    """Best of several large copies (read + write bytes), in a child process so
+    that its buffers do not count in the engines' peak RSS (it survives exec)."""
+    code = ("import numpy as np, time\n"
+            "a = np.ones(64 * 1024 * 1024, dtype=np.float32); b = np.empty_like(a); best = 0.0\n"
+            "for _ in range(5):\n"
+            "    t = time.perf_counter(); np.copyto(b, a); best = max(best, 2 * a.nbytes / (time.perf_counter() - t))\n"
+            "print(best / 1e9)")
+    return float(subprocess.run([str(VENV_PY), "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def weight_bytes(engine: str, model: Path) -> int:
+    if model.is_file():
+        return model.stat().st_size
+    return sum(p.stat().st_size for p in model.rglob("*.data")) or sum(p.stat().st_size for p in model.rglob("*.onnx"))
+
+
+def run_engine(py, runner, model, ids_file, args) -> dict:
+    cmd = [py, runner, "--model", model, "--prompt-ids-file", ids_file, "--new-tokens", args.new_tokens,
+           "--threads", args.threads, "--repeats", args.repeats, "--warmup", 1]
+    load = os.getloadavg()[0]
+    out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"{runner.name} failed: {out.stderr[-800:]}")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res["loadavg_before"] = load
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="2 rounds, 64 new tokens, chat prompt only")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-tokens", default="chat,512", help="comma list: 'chat' and/or token counts")
+    p.add_argument("--precisions", default="int4", help="edgeinfer precisions, comma list")
+    p.add_argument("--no-install", action="store_true", help="use only peers already installed")
+    p.add_argument("--markdown", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.new_tokens, args.prompt_tokens, args.repeats = 2, 64, "chat", 2
+    args.precisions = args.precisions.split(",")
+
+    engines = prepare(args)
+    bandwidth = memory_bandwidth_gbs()
+    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+              "bandwidth_gbs": bandwidth, "threads": args.threads, "new_tokens": args.new_tokens,
+              "rounds": args.rounds, "repeats": args.repeats, "prompts": []}
+    names = list(engines)
+    for spec in args.prompt_tokens.split(","):
+        ids = prompt_ids(None if spec == "chat" else int(spec))
+        ids_file = BUILD / f"prompt-{spec}.json"
+        ids_file.write_text(json.dumps(ids))
+        rounds = []
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            rounds.append({name: run_engine(*engines[name], ids_file, args) for name in order})
+            print(f"[{spec}] round {r + 1}: " + ", ".join(
+                f"{n} {statistics.median(x['decode_tok_s'] for x in rounds[-1][n]['runs']):.1f}" for n in names),
+                file=sys.stderr, flush=True)
+        report["prompts"].append(summarize(spec, len(ids), rounds, engines, bandwidth))
+    BUILD.mkdir(parents=True, exist_ok=True)
+    (BUILD / "compare.json").write_text(json.dumps(report, indent=1))
+    md = markdown(report)
+    Path(args.markdown).write_text(md)
+    print(md)
+    return 0
+
+
+def summarize(spec, n_ids, rounds, engines, bandwidth) -> dict:
+    out = {"prompt": spec, "prompt_tokens": n_ids, "engines": {}, "ratios": {}}
+    for name in engines:
+        dec = [statistics.median(x["decode_tok_s"] for x in rd[name]["runs"]) for rd in rounds]
+        ttft = [statistics.median(x["ttft_s"] for x in rd[name]["runs"]) for rd in rounds]
+        wb = weight_bytes(name, Path(engines[name][2]))
+        out["engines"][name] = {
+            "decode_tok_s": {"median": statistics.median(dec), "min": min(dec), "max": max(dec)},
+            "ttft_ms": {"median": 1000 * statistics.median(ttft), "min": 1000 * min(ttft), "max": 1000 * max(ttft)},
+            "peak_rss_mb": max(rd[name]["peak_rss_mb"] for rd in rounds), "weight_mb": wb / 1e6,
+            "roofline_tok_s": bandwidth * 1e9 / wb, "version": rounds[0][name]["version"],
+            "loadavg_max": max(rd[name]["loadavg_before"] for rd in rounds)}
+    ours = [n for n in engines if n.startswith("edgeinfer")]
+    for a in ours:
+        for b in engines:
+            if b.startswith("edgeinfer"):
+                continue
+            per_round = [statistics.median(x["decode_tok_s"] for x in rd[a]["runs"]) /
+                         statistics.median(x["decode_tok_s"] for x in rd[b]["runs"]) for rd in rounds]
+            ttft = [statistics.median(x["ttft_s"] for x in rd[b]["runs"]) /
+                    statistics.median(x["ttft_s"] for x in rd[a]["runs"]) for rd in rounds]
+            out["ratios"][f"{a} / {b}"] = {"decode": statistics.median(per_round), "decode_rounds": per_round,
+                                           "ttft_speedup": statistics.median(ttft)}
+    return out
+
+
+def machine() -> dict:
+    cpu = "?"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()}
+
+
+def markdown(rep: dict) -> str:
+    m = rep["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `.venv/bin/python apps/bench/compare.py` on {rep['date'][:10]} — {m['cpu']}, "
+        f"{m['cores']} cores, {rep['threads']} threads, greedy, {rep['new_tokens']} new tokens (EOS ignored), "
+        f"{rep['rounds']} interleaved rounds × {rep['repeats']} repeats after a warm-up; medians of round medians, "
+        "(min–max over rounds). Model: SmolLM2-135M-Instruct. Measured memory bandwidth "
+        f"{rep['bandwidth_gbs']:.1f} GB/s (numpy copy); roofline = bandwidth ÷ weight bytes read per token.",
+        "",
+        "These machines are shared and noisy: compare the ratios (measured in the same rounds), "
+        "not absolute figures across runs.",
+        "",
+    ]
+    for pr in rep["prompts"]:
+        lines += [f"## Prompt: {pr['prompt']} ({pr['prompt_tokens']} tokens)", "",
+                  "| engine | decode tok/s | TTFT ms | weights MB | % of roofline | peak RSS MB |",
+                  "|---|---|---|---|---|---|"]
+        for name, e in pr["engines"].items():
+            d, t = e["decode_tok_s"], e["ttft_ms"]
+            lines.append(f"| {name} {e['version']} | {d['median']:.1f} ({d['min']:.0f}–{d['max']:.0f}) | "
+                         f"{t['median']:.0f} ({t['min']:.0f}–{t['max']:.0f}) | {e['weight_mb']:.0f} | "
+                         f"{100 * d['median'] / e['roofline_tok_s']:.0f}% | {e['peak_rss_mb']:.0f} |")
+        lines += ["", "| ratio | decode (median of per-round ratios) | per round | TTFT speed-up |",
+                  "|---|---|---|---|"]
+        for k, r in pr["ratios"].items():
+            lines.append(f"| {k} | **{r['decode']:.2f}×** | {', '.join(f'{x:.2f}' for x in r['decode_rounds'])} | "
+                         f"{r['ttft_speedup']:.2f}× |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
