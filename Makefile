@@ -26,6 +26,7 @@ run: setup $(PACKAGE)/edgeinfer.json
 	$(VENV)/bin/edgeinfer run $(PACKAGE) "$(PROMPT)" --chat
 
 test: setup
+	$(VENV)/bin/ruff check edgeinfer export models runtimes apps tests
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 lint: setup
