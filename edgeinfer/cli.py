@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-context", type=int, default=None, help="context the package supports (default: "
                    "the model's, at most 4096)")
     e.add_argument("--stages", default="", help="cut the decoder into stages after these layers, e.g. 10,20")
+    e.add_argument("--exits", default="", help="early exits after these layers, e.g. 8,16 (adds stage cuts and "
+                   "an exit head)")
     e.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=None,
                    help="quantize the LM head (and tied embedding) to this many bits")
     e.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128])
@@ -103,14 +105,20 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--provider", default="auto")
     p.add_argument("--max-context", type=int, default=None, help="KV capacity to reserve")
+    p.add_argument("--strategy", default="plain",
+                   choices=["plain", "early-exit", "self-speculative", "adaptive", "lookup"])
+    p.add_argument("--threshold", type=float, default=None,
+                   help="early-exit confidence / self-speculative draft-stop probability, in [0, 1]")
+    p.add_argument("--draft-len", type=int, default=None, help="tokens drafted per verification")
+    p.add_argument("--exit-layer", type=int, default=None, help="exit to draft from / exit at")
 
 
 def _cmd_export(args) -> int:
     from edgeinfer.export import export_model  # heavy: only for this command
 
-    stages = [int(s) for s in args.stages.split(",") if s.strip()] if args.stages else []
+    stages, exits = _layer_list(args.stages, "--stages"), _layer_list(args.exits, "--exits")
     res = export_model(args.source, args.output, args.precision, max_context=args.max_context, stages=stages,
-                       force=args.force, lm_head_bits=args.lm_head_bits, block_size=args.block_size)
+                       exits=exits, force=args.force, lm_head_bits=args.lm_head_bits, block_size=args.block_size)
     print(f"wrote {res.path} ({res.size_bytes / 1e6:.1f} MB, {args.precision}, "
           f"{len(res.manifest['graphs'])} graph(s), context {res.manifest['kv_cache']['max_context']})")
     if args.check:
@@ -119,6 +127,13 @@ def _cmd_export(args) -> int:
         report = check_package(args.source, res.path)
         print(report.summary())
     return 0
+
+
+def _layer_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise EdgeInferError(f"{flag} takes comma-separated layer numbers, e.g. 8,16 (got {text!r}).") from None
 
 
 def _load(args):
@@ -136,13 +151,14 @@ def _cmd_run(args) -> int:
         prompt = sys.stdin.read()
     model = _load(args)
     params = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
+                  repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
+                  threshold=args.threshold, draft_len=args.draft_len, exit_layer=args.exit_layer)
     if args.max_new_tokens is not None:
         params["max_new_tokens"] = args.max_new_tokens
     else:
         params["max_new_tokens"] = int(model.defaults.get("max_new_tokens", 256))
     source = [{"role": "user", "content": prompt}] if args.chat else prompt
-    gen = model.generate(source, **params)
+    gen = model.generate(source, strategy=args.strategy, **params)
     for ev in gen:
         if not args.json and ev.text:
             sys.stdout.write(ev.text)

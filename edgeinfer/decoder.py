@@ -1,8 +1,15 @@
-"""Run a decoder package's stage graphs over a KV cache, with IO binding.
+"""Run a decoder package's stage graphs over per-stage KV caches, with IO binding.
 
-``forward(ids)`` appends tokens to the cache and returns logits. The one-token
-decode path reuses its bindings and preallocated buffers: a step costs one
-``run_with_iobinding`` per stage, a few scalar writes, and no allocation.
+Each stage owns the KV buffers of its layers and its own length, so a strategy
+can run only the first stages for some tokens (a draft, an early exit) and the
+rest later. Positions a stage has not processed yet wait as *pending* hidden
+states (the previous stage's outputs); the next run of that stage takes them
+first, so the skipped layers' KV is filled exactly before any later token needs
+it.
+
+The one-token paths (full depth, and up to an exit) reuse bindings and
+preallocated buffers: a step costs one ``run_with_iobinding`` per stage, a few
+scalar writes, and no allocation.
 """
 
 from __future__ import annotations
@@ -16,132 +23,225 @@ from .errors import ContextLengthError, PackageError
 from .kv_cache import KVCache
 from .package import Package
 
+_ov = ort.OrtValue.ortvalue_from_numpy
+
 
 class Stage:
-    """One stage graph: its session, the layers it owns, and its IO names."""
+    """One stage graph: its session, its layers' KV cache, and its pending inputs."""
 
-    def __init__(self, pkg: Package, entry: dict, target: ExecutionTarget):
+    def __init__(self, pkg: Package, entry: dict, target: ExecutionTarget, capacity: int):
         self.name = entry["name"]
         self.first, self.last = (int(v) for v in entry["layers"])
         self.embed = bool(entry.get("embed"))
         self.head = bool(entry.get("head"))
         self.session = create_session(pkg.path(entry["path"]), target)
-        io = pkg.manifest["io"]
-        self.io = io
         got = {i.name for i in self.session.get_inputs()}
         expected = set(entry.get("inputs", []))
         if expected and got != expected:
             raise PackageError(f"graph '{entry['path']}' does not have the inputs its manifest lists: "
                                "the package is inconsistent, re-export it.")
-        self.layer_names = [(io["past_key"].format(layer=i), io["past_value"].format(layer=i),
+        kv, io = pkg.kv_cache, pkg.manifest["io"]
+        self.cache = KVCache(int(kv["num_layers"]), int(kv["num_kv_heads"]), int(kv["head_dim"]), capacity,
+                             layers=range(self.first, self.last))
+        self.layer_names = [(i, io["past_key"].format(layer=i), io["past_value"].format(layer=i),
                              io["present_key"].format(layer=i), io["present_value"].format(layer=i))
                             for i in range(self.first, self.last)]
+        self.pending: np.ndarray | None = None  # (P, hidden): inputs for positions [length, length + P)
+        # Position inputs of the one-token plans, written in place before each step.
+        self.step_seqlens = np.zeros((1,), np.int32)
+        self.step_total = np.zeros((), np.int32)
 
-    def bind_cache(self, binding: ort.IOBinding, cache: KVCache) -> None:
-        for i, (pk, pv, ok, ov) in zip(range(self.first, self.last), self.layer_names):
-            binding.bind_ortvalue_input(pk, cache.keys[i])
-            binding.bind_ortvalue_input(pv, cache.values[i])
-            binding.bind_ortvalue_output(ok, cache.keys[i])
-            binding.bind_ortvalue_output(ov, cache.values[i])
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def bind_cache(self, binding: ort.IOBinding) -> None:
+        for i, pk, pv, ok, ov in self.layer_names:
+            binding.bind_ortvalue_input(pk, self.cache.keys[i])
+            binding.bind_ortvalue_input(pv, self.cache.values[i])
+            binding.bind_ortvalue_output(ok, self.cache.keys[i])
+            binding.bind_ortvalue_output(ov, self.cache.values[i])
+
+    def add_pending(self, hidden: np.ndarray) -> None:
+        self.pending = hidden if self.pending is None else np.concatenate([self.pending, hidden])
+
+    def truncate(self, n: int) -> None:
+        """Keep positions [0, n): processed ones in the cache, the rest as pending."""
+        n_pending = 0 if self.pending is None else len(self.pending)
+        keep_pending = max(0, min(n_pending, n - self.length))
+        self.pending = self.pending[:keep_pending] if keep_pending else None
+        self.cache.truncate(min(self.length, n))
 
 
 class StagedDecoder:
-    """A decoder package loaded for inference: stages + one KV cache."""
+    """A decoder package loaded for inference: stage sessions, caches, exit head."""
 
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None):
         kv = pkg.kv_cache
         self.package_context = int(kv["max_context"])
-        capacity = min(int(max_context or self.package_context), self.package_context)
-        self.stages = [Stage(pkg, e, target) for e in pkg.stages]
+        self.capacity = min(int(max_context or self.package_context), self.package_context)
+        self.stages = [Stage(pkg, e, target, self.capacity) for e in pkg.stages]
         if not self.stages or not self.stages[0].embed or not self.stages[-1].head:
             raise PackageError(f"package '{pkg.root}' has no complete chain of stage graphs: re-export it.")
         self.io = pkg.manifest["io"]
         self.vocab_size = int(pkg.manifest["architecture"]["vocab_size"])
         self.hidden_size = int(pkg.manifest["architecture"]["hidden_size"])
-        self.cache = KVCache(int(kv["num_layers"]), int(kv["num_kv_heads"]), int(kv["head_dim"]), capacity)
-        self._step_ready = False
+        heads = [g for g in pkg.manifest["graphs"] if g.get("role") == "exit_head"]
+        self.exit_head = create_session(pkg.path(heads[0]["path"]), target) if heads else None
+        # exit layer -> number of stages to run before applying the exit head
+        self.exits = {int(e["layer"]): int(e["after_stage"]) + 1 for e in pkg.manifest.get("exits", [])}
+        self._plans: dict = {}
 
+    # -- state -----------------------------------------------------------------
     @property
-    def capacity(self) -> int:
-        return self.cache.capacity
+    def length(self) -> int:
+        """Tokens fed so far (processed by the first stage; later stages may lag)."""
+        return self.stages[0].length
 
-    # -- general path: any number of new tokens --------------------------------
-    def forward(self, ids: np.ndarray | list[int], logits_to_keep: int = 1) -> np.ndarray:
-        """Append IDS (1-D) at the cache's end; returns logits (logits_to_keep, vocab)."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        n = ids.shape[1]
-        if n == 1 and logits_to_keep == 1:
-            return self.step(int(ids[0, 0]))[None]
-        self._check_room(n)
-        start = self.cache.length
-        seqlens = ort.OrtValue.ortvalue_from_numpy(np.array([start + n - 1], np.int32))
-        total = ort.OrtValue.ortvalue_from_numpy(np.array(start + n, np.int32))
-        keep = ort.OrtValue.ortvalue_from_numpy(np.array([min(logits_to_keep, n)], np.int64))
-        hidden = ort.OrtValue.ortvalue_from_numpy(ids)
+    def truncate(self, n: int) -> None:
         for stage in self.stages:
-            b = stage.session.io_binding()
-            b.bind_ortvalue_input(self.io["input_ids"] if stage.embed else self.io["hidden_in"], hidden)
-            b.bind_ortvalue_input(self.io["seqlens_k"], seqlens)
-            b.bind_ortvalue_input(self.io["total_sequence_length"], total)
-            # The main output is bound first: get_outputs() lists outputs in binding order.
-            if stage.head:
-                b.bind_ortvalue_input(self.io["logits_to_keep"], keep)
-                b.bind_output(self.io["logits"], "cpu")
-            else:
-                b.bind_output(self.io["hidden_out"], "cpu")
-            stage.bind_cache(b, self.cache)
-            stage.session.run_with_iobinding(b)
-            hidden = b.get_outputs()[0]
-        self.cache.length = start + n
-        return hidden.numpy()[0]
+            stage.truncate(n)
 
-    # -- decode hot path: one token, everything preallocated ------------------
-    def _prepare_step(self) -> None:
-        self._ids = np.zeros((1, 1), np.int64)
-        self._seqlens = np.zeros((1,), np.int32)
-        self._total = np.zeros((), np.int32)
-        self._logits = np.zeros((1, 1, self.vocab_size), np.float32)
-        ov = ort.OrtValue.ortvalue_from_numpy
-        ids, seqlens, total = ov(self._ids), ov(self._seqlens), ov(self._total)
-        keep, logits = ov(np.ones((1,), np.int64)), ov(self._logits)
-        self._bindings = []
-        hidden = ids
-        for stage in self.stages:
-            b = stage.session.io_binding()
-            b.bind_ortvalue_input(self.io["input_ids"] if stage.embed else self.io["hidden_in"], hidden)
-            b.bind_ortvalue_input(self.io["seqlens_k"], seqlens)
-            b.bind_ortvalue_input(self.io["total_sequence_length"], total)
-            stage.bind_cache(b, self.cache)
-            if stage.head:
-                b.bind_ortvalue_input(self.io["logits_to_keep"], keep)
-                b.bind_ortvalue_output(self.io["logits"], logits)
-            else:
-                hidden = ov(np.zeros((1, 1, self.hidden_size), np.float32))
-                b.bind_ortvalue_output(self.io["hidden_out"], hidden)
-            self._bindings.append((stage.session, b))
-        self._step_ready = True
+    def trim(self, n: int) -> None:
+        self.truncate(self.length - n)
 
-    def step(self, token: int) -> np.ndarray:
-        """Append one token; returns its logits (vocab,) — a view, valid until the next step."""
-        if not self._step_ready:
-            self._prepare_step()
-        self._check_room(1)
-        pos = self.cache.length
-        self._ids[0, 0] = token
-        self._seqlens[0] = pos
-        self._total[...] = pos + 1
-        for session, binding in self._bindings:
-            session.run_with_iobinding(binding)
-        self.cache.length = pos + 1
-        return self._logits[0, 0]
+    def reset(self) -> None:
+        self.truncate(0)
 
     def _check_room(self, n: int) -> None:
-        if self.cache.length + n > self.cache.capacity:
+        if self.length + n > self.capacity:
             limit = (f"the package allows up to {self.package_context}" if self.capacity < self.package_context
                      else "the package's maximum")
             raise ContextLengthError(
-                f"{self.cache.length + n} tokens do not fit the context of {self.capacity} ({limit}): "
+                f"{self.length + n} tokens do not fit the context of {self.capacity} ({limit}): "
                 "shorten the prompt or max_new_tokens.")
 
-    def reset(self) -> None:
-        self.cache.reset()
+    # -- general path ----------------------------------------------------------
+    def forward(self, ids, logits_to_keep: int = 1, stages: int | None = None) -> np.ndarray:
+        """Feed IDS (1-D) through the first STAGES stages (all by default).
+
+        Full depth returns LM-head logits (logits_to_keep, vocab) of the last
+        positions; fewer stages return the exit head's logits on the last
+        stage's output (the package must have an exit there).
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        n = ids.shape[1]
+        stop = len(self.stages) if stages is None else stages
+        if n == 1 and logits_to_keep == 1 and stop == len(self.stages) and not self._lagging():
+            return self.step(int(ids[0, 0]))[None]
+        self._check_room(n)
+        x = ids
+        for s in range(stop):
+            x = self._run_stage(s, x, logits_to_keep if s == len(self.stages) - 1 else None)
+        if stop == len(self.stages):
+            return x[0]
+        self.stages[stop].add_pending(x[0])
+        return self.exit_logits(x[0][-logits_to_keep:])
+
+    def catch_up(self, stages: int | None = None, logits_to_keep: int = 1) -> np.ndarray | None:
+        """Run the pending positions of stages [1, STAGES) (all by default).
+
+        At full depth returns the LM-head logits of the last LOGITS_TO_KEEP
+        positions; otherwise the output rows of stage STAGES-1, which stay
+        pending for stage STAGES. None if nothing was pending.
+        """
+        stop = len(self.stages) if stages is None else stages
+        out = None
+        for s in range(1, stop):
+            st = self.stages[s]
+            if st.pending is None:
+                continue
+            x, st.pending = st.pending[None], None
+            out = self._run_stage(s, x, logits_to_keep if s == len(self.stages) - 1 else None)[0]
+            if s + 1 < len(self.stages):
+                self.stages[s + 1].add_pending(out)
+        return out
+
+    def exit_logits(self, hidden: np.ndarray) -> np.ndarray:
+        """Exit head on residual-stream states (P, hidden) → logits (P, vocab)."""
+        if self.exit_head is None:
+            raise PackageError("this package has no early exits: export it with --exits.")
+        out = self.exit_head.run([self.io["logits"]], {self.io["hidden_in"]: hidden[None].astype(np.float32),
+                                                        self.io["logits_to_keep"]: np.array([len(hidden)], np.int64)})
+        return out[0][0]
+
+    def _lagging(self) -> bool:
+        return any(st.pending is not None for st in self.stages)
+
+    def _run_stage(self, s: int, x: np.ndarray, logits_to_keep: int | None) -> np.ndarray:
+        """Run stage S on its pending positions followed by X; returns its main output (numpy)."""
+        st = self.stages[s]
+        if s > 0 and st.pending is not None:
+            x = np.concatenate([st.pending[None], x], axis=1)
+            st.pending = None
+        n = x.shape[1]
+        start = st.length
+        b = st.session.io_binding()
+        b.bind_ortvalue_input(self.io["input_ids"] if st.embed else self.io["hidden_in"], _ov(np.ascontiguousarray(x)))
+        b.bind_ortvalue_input(self.io["seqlens_k"], _ov(np.array([start + n - 1], np.int32)))
+        b.bind_ortvalue_input(self.io["total_sequence_length"], _ov(np.array(start + n, np.int32)))
+        # The main output is bound first: get_outputs() lists outputs in binding order.
+        if st.head:
+            b.bind_ortvalue_input(self.io["logits_to_keep"], _ov(np.array([min(logits_to_keep or 1, n)], np.int64)))
+            b.bind_output(self.io["logits"], "cpu")
+        else:
+            b.bind_output(self.io["hidden_out"], "cpu")
+        st.bind_cache(b)
+        st.session.run_with_iobinding(b)
+        st.cache.length = start + n
+        return b.get_outputs()[0].numpy()
+
+    # -- one-token hot paths -----------------------------------------------------
+    def _plan(self, stop: int):
+        """Bindings that run the first STOP stages on one token held in a buffer."""
+        if stop in self._plans:
+            return self._plans[stop]
+        ids = np.zeros((1, 1), np.int64)
+        keep = _ov(np.ones((1,), np.int64))
+        bindings, hidden, out = [], _ov(ids), None
+        for s in range(stop):
+            st = self.stages[s]
+            b = st.session.io_binding()
+            b.bind_ortvalue_input(self.io["input_ids"] if st.embed else self.io["hidden_in"], hidden)
+            b.bind_ortvalue_input(self.io["seqlens_k"], _ov(st.step_seqlens))
+            b.bind_ortvalue_input(self.io["total_sequence_length"], _ov(st.step_total))
+            if st.head:
+                out = np.zeros((1, 1, self.vocab_size), np.float32)
+                b.bind_ortvalue_input(self.io["logits_to_keep"], keep)
+                b.bind_ortvalue_output(self.io["logits"], _ov(out))
+            else:
+                out = np.zeros((1, 1, self.hidden_size), np.float32)
+                hidden = _ov(out)
+                b.bind_ortvalue_output(self.io["hidden_out"], hidden)
+            st.bind_cache(b)
+            bindings.append((st, b))
+        plan = (ids, bindings, out)
+        self._plans[stop] = plan
+        return plan
+
+    def _run_plan(self, stop: int, token: int) -> np.ndarray:
+        self._check_room(1)
+        ids, bindings, out = self._plan(stop)
+        ids[0, 0] = token
+        for st, b in bindings:
+            pos = st.cache.length
+            st.step_seqlens[0] = pos
+            st.step_total[...] = pos + 1
+            st.session.run_with_iobinding(b)
+            st.cache.length = pos + 1
+        return out[0, 0]
+
+    def step(self, token: int) -> np.ndarray:
+        """Append one token at full depth; returns its logits (vocab,) — a view, valid until the next step."""
+        if self._lagging():
+            return self.forward([token])[-1]
+        return self._run_plan(len(self.stages), token)
+
+    def step_partial(self, token: int, stages: int) -> np.ndarray:
+        """Run one token through the first STAGES stages only; returns that stage's output
+        (hidden,) and leaves it pending for the next stage."""
+        if any(self.stages[s].pending is not None for s in range(1, stages)):
+            raise RuntimeError("step_partial needs the first stages caught up")
+        hidden = self._run_plan(stages, token).copy()
+        self.stages[stages].add_pending(hidden[None])
+        return hidden

@@ -2,9 +2,8 @@
 stop condition; detokenize as tokens stream; hold back text that might be the
 start of a stop string so that a stop string never leaks into the output.
 
-A *strategy* decides the next tokens given the models and caches. Plain
-decoding is the simplest; early exit, speculative and big/little strategies
-implement the same two methods and return several tokens per call.
+A *strategy* (``edgeinfer.strategies``) decides the next tokens given the
+models and caches; speculative ones return several tokens per call.
 """
 
 from __future__ import annotations
@@ -13,13 +12,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from .decoder import StagedDecoder
 from .sampling import GenerationConfig, Sampler
 from .tokenizer import TextTokenizer
-
-PREFILL_CHUNK = 512
 
 
 @dataclass
@@ -50,26 +44,6 @@ class GenerationResult:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-class PlainStrategy:
-    """One full forward per token."""
-
-    name = "plain"
-
-    def __init__(self, decoder: StagedDecoder):
-        self.decoder = decoder
-        self.stats: dict = {}
-
-    def prefill(self, ids: list[int]) -> np.ndarray:
-        logits = None
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            logits = self.decoder.forward(ids[start:start + PREFILL_CHUNK], logits_to_keep=1)
-        return logits[-1]
-
-    def advance(self, token: int, sampler: Sampler, history: list[int]) -> list[tuple[int, float | None, str]]:
-        tok, lp = sampler(self.decoder.step(token), history)
-        return [(tok, lp, "model")]
 
 
 class Generation:

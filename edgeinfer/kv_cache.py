@@ -11,8 +11,6 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from .errors import ContextLengthError
-
 
 class KVCache:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int,
@@ -42,9 +40,3 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
-
-    def check_room(self, n: int) -> None:
-        if self.length + n > self.capacity:
-            raise ContextLengthError(
-                f"{self.length + n} tokens do not fit the context of {self.capacity}: shorten the prompt or "
-                f"max_new_tokens, or load with a larger max_context (the package allows up to {self.capacity}).")

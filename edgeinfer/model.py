@@ -9,12 +9,26 @@ from edgeinfer.runtimes import resolve_provider
 
 from .decoder import StagedDecoder
 from .errors import ContextLengthError, GenerationError, PackageError
-from .generation import Generation, GenerationResult, PlainStrategy, run_generation
+from .generation import Generation, GenerationResult, run_generation
 from .package import Package, open_package
 from .sampling import GenerationConfig
 from .tokenizer import TextTokenizer
 
 Messages = list[dict]
+STRATEGY_OPTIONS = ("threshold", "draft_len", "exit_layer", "confidence")
+
+
+def make_strategy(name: str, decoder: StagedDecoder, options: dict):
+    from .strategies import STRATEGIES
+
+    cls = STRATEGIES.get(name)
+    if cls is None:
+        raise GenerationError(f"unknown strategy '{name}': choose one of {', '.join(STRATEGIES)}.")
+    opts = {k: v for k, v in options.items() if v is not None}
+    try:
+        return cls(decoder, **opts)
+    except TypeError:
+        raise GenerationError(f"strategy '{name}' does not take {', '.join(sorted(opts))}.") from None
 
 
 def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
@@ -62,12 +76,16 @@ class Model:
         return len(self.encode(prompt))
 
     def generate(self, prompt: str | Messages | list[int], config: GenerationConfig | None = None,
-                 **params) -> Generation:
+                 strategy: str = "plain", **params) -> Generation:
         """Stream :class:`TokenEvent` s for PROMPT (text, chat messages, or token ids).
 
         Parameters are those of :class:`GenerationConfig` (max_new_tokens,
-        temperature, top_k, top_p, repetition_penalty, stop, seed, ...).
+        temperature, top_k, top_p, repetition_penalty, stop, seed, ...) and
+        the strategy's: ``strategy`` is one of plain, early-exit,
+        self-speculative, adaptive, lookup; their options are ``threshold``,
+        ``draft_len``, ``exit_layer``, ``confidence`` (see edgeinfer.strategies).
         """
+        strat_opts = {k: params.pop(k) for k in list(params) if k in STRATEGY_OPTIONS}
         config = self._config(config, params)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
             ids = [int(t) for t in prompt]
@@ -81,10 +99,10 @@ class Model:
         if len(ids) >= self.max_context:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds {self.max_context}: "
                                   "shorten the prompt or load with a larger max_context.")
+        runner = make_strategy(strategy, self.decoder, strat_opts)  # validates before the cache is touched
         reuse = self._reusable_prefix(ids)
         gen = Generation(iter(()))
-        strategy = PlainStrategy(self.decoder)
-        gen._events = self._tracked(run_generation(gen, strategy, self.tokenizer, ids, config, reuse), ids)
+        gen._events = self._tracked(run_generation(gen, runner, self.tokenizer, ids, config, reuse), ids)
         return gen
 
     def chat(self, messages: Messages, config: GenerationConfig | None = None, **params) -> Generation:
@@ -120,10 +138,10 @@ class Model:
         """Keep the cache's common prefix with IDS (at least one token is always recomputed)."""
         cached = self._cached_tokens
         n = 0
-        limit = min(len(cached), len(ids) - 1, self.decoder.cache.length)
+        limit = min(len(cached), len(ids) - 1, self.decoder.length)
         while n < limit and cached[n] == ids[n]:
             n += 1
-        self.decoder.cache.truncate(n)
+        self.decoder.truncate(n)
         self._cached_tokens = cached[:n]
         return n
 
@@ -138,7 +156,7 @@ class Model:
                 yield ev
             # The last sampled token was never fed to the model.
             fed = ids + out[:-1]
-            self._cached_tokens = fed[: self.decoder.cache.length]
+            self._cached_tokens = fed[: self.decoder.length]
         except BaseException:
-            self.decoder.cache.reset()
+            self.decoder.reset()
             raise

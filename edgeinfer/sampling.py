@@ -91,6 +91,10 @@ class Sampler:
         logprob = float(_log_softmax(logits)[token]) if self.config.logprobs else None
         return token, logprob
 
+    def logprob(self, logits: np.ndarray, token: int) -> float | None:
+        """log p(token) under the model (before sampling transforms), when asked for."""
+        return float(_log_softmax(logits)[token]) if self.config.logprobs else None
+
     def _penalized(self, logits: np.ndarray, history: list[int] | None) -> np.ndarray:
         pen = self.config.repetition_penalty
         if pen == 1.0 or not history:

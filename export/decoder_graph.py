@@ -150,31 +150,50 @@ def _build_stage(stage: StageGraph, spec: DecoderSpec, sd: StateDict, precision:
         out = g.op1("Add", [x, delta], outputs=[HIDDEN_OUT]) if delta is not None else x
         g.output(out, "float32", ["batch", "seq", spec.hidden])
     else:
-        keep = g.input(LOGITS_TO_KEEP, "int64", [1])
-        start = g.op1("Neg", [keep])
-        end, axis = g.const_i64([2**62], "slice_end"), g.const_i64([1], "slice_axis")
-        x = g.op1("Slice", [x, start, end, axis])
-        if delta is not None:
-            delta = g.op1("Slice", [delta, start, end, axis])
-        h, _ = _norm_stream(g, x, delta, final_norm(sd, spec), spec.rms_eps, "model.norm")
-        if shared is not None and spec.tie_embeddings:
-            logits = tied_lm_head(g, h, shared, spec.vocab, spec.hidden, head_bits, precision, "lm_head")
-        elif spec.tie_embeddings and not head_bits:
-            table = g.initializer("model.embed_tokens.weight", embed_table(sd).astype(np.float32)) \
-                if precision.name == "fp32" else None
-            if table is not None:
-                logits = g.op1("MatMul", [h, g.op1("Transpose", [table])], name="lm_head")
-            else:
-                logits = linear(g, h, lm_head(sd, spec), "lm_head", precision)
-        else:
-            logits = linear(g, h, lm_head(sd, spec), "lm_head", precision, bits=head_bits)
-        if spec.final_softcap:
-            cap = g.initializer("final_softcap", np.array(spec.final_softcap, np.float32))
-            logits = g.op1("Mul", [g.op1("Tanh", [g.op1("Div", [logits, cap])]), cap])
-        g.op1("Identity", [logits], outputs=[LOGITS])
-        g.output(LOGITS, "float32", ["batch", "logits_seq", spec.vocab])
+        _append_head(g, x, delta, spec, sd, precision, shared)
     stage.inputs = [v.name for v in g.inputs]
     stage.outputs = [v.name for v in g.outputs]
+
+
+def _append_head(g: GraphBuilder, x: str, delta: str | None, spec: DecoderSpec, sd: StateDict,
+                 precision: Precision, shared: str | None) -> None:
+    """Final norm + LM head on the last ``logits_to_keep`` positions of the stream ``x + delta``."""
+    head_bits = precision.head_bits
+    keep = g.input(LOGITS_TO_KEEP, "int64", [1])
+    start = g.op1("Neg", [keep])
+    end, axis = g.const_i64([2**62], "slice_end"), g.const_i64([1], "slice_axis")
+    x = g.op1("Slice", [x, start, end, axis])
+    if delta is not None:
+        delta = g.op1("Slice", [delta, start, end, axis])
+    h, _ = _norm_stream(g, x, delta, final_norm(sd, spec), spec.rms_eps, "model.norm")
+    if shared is not None and spec.tie_embeddings:
+        logits = tied_lm_head(g, h, shared, spec.vocab, spec.hidden, head_bits, precision, "lm_head")
+    elif spec.tie_embeddings and precision.name == "fp32":
+        # One fp32 table serves the embedding Gather and, transposed once at load, the head.
+        table = g.initializer("model.embed_tokens.weight", embed_table(sd).astype(np.float32))
+        logits = g.op1("MatMul", [h, g.op1("Transpose", [table])], name="lm_head")
+    else:
+        logits = linear(g, h, lm_head(sd, spec), "lm_head", precision, bits=head_bits)
+    if spec.final_softcap:
+        cap = g.initializer("final_softcap", np.array(spec.final_softcap, np.float32))
+        logits = g.op1("Mul", [g.op1("Tanh", [g.op1("Div", [logits, cap])]), cap])
+    g.op1("Identity", [logits], outputs=[LOGITS])
+    g.output(LOGITS, "float32", ["batch", "logits_seq", spec.vocab])
+
+
+def build_exit_head(spec: DecoderSpec, sd: StateDict, precision: Precision) -> GraphBuilder:
+    """The shared early-exit head: final norm + LM head on any stage's residual stream."""
+    g = GraphBuilder("exit_head")
+    x = g.input(HIDDEN_IN, "float32", ["batch", "seq", spec.hidden])
+    shared = None
+    if spec.tie_embeddings and precision.head_bits:
+        # Store the tied table once, in the layout the LM head reads.
+        _, shared = embedding(g, g.input(INPUT_IDS, "int64", ["batch", "seq"]), embed_table(sd),
+                              "model.embed_tokens", precision, precision.head_bits)
+        g.nodes.pop()  # keep the initializers, drop the gather
+        g.inputs.pop()
+    _append_head(g, x, None, spec, sd, precision, shared)
+    return g
 
 
 def _norm_stream(g: GraphBuilder, x: str, delta: str | None, weight: np.ndarray, eps: float,

@@ -26,7 +26,8 @@ class ExportResult:
 
 
 def export_model(source: str | SourceModel, out: str | Path, precision: str = "int4", *,
-                 max_context: int | None = None, stages: list[int] | None = None, force: bool = False,
+                 max_context: int | None = None, stages: list[int] | None = None, exits: list[int] | None = None,
+                 force: bool = False,
                  lm_head_bits: int | None = None, block_size: int = 32, accuracy_level: int = 4,
                  symmetric: bool = True, progress: bool = True) -> ExportResult:
     """Export SOURCE (alias, .gguf, HF folder, hub id, or a loaded SourceModel) to a package at OUT."""
@@ -54,10 +55,11 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
                           "smaller power of two.")
     prec = Precision(precision, block_size=block_size, lm_head_bits=lm_head_bits, accuracy_level=accuracy_level,
                      symmetric=symmetric)
+    exits = sorted(set(int(e) for e in exits or []))
     try:
-        cuts = dg.stage_cuts(spec.layers, stages or [])
+        cuts = dg.stage_cuts(spec.layers, [*(stages or []), *exits])
     except ValueError as e:
-        raise ExportError(f"{e}.") from None
+        raise ExportError(f"{e} (exits and stage cuts are layer counts between 1 and {spec.layers - 1}).") from None
 
     bar = _progress_bar(spec.layers, f"building {precision} graphs", progress)
     with staging_folder(out, force) as tmp:
@@ -68,13 +70,20 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
             stage.builder.save(tmp / rel)
             graphs.append(stage.manifest_entry(rel))
         bar.close()
+        exit_entries = []
+        if exits:
+            dg.build_exit_head(spec, src.state_dict, prec).save(tmp / "graphs" / "exit_head.onnx")
+            graphs.append({"name": "exit_head", "role": "exit_head", "path": "graphs/exit_head.onnx",
+                           "inputs": [dg.HIDDEN_IN, dg.LOGITS_TO_KEEP], "outputs": [dg.LOGITS]})
+            exit_entries = [{"layer": e, "after_stage": cuts.index(e) - 1, "head": "exit_head", "adapter": None}
+                            for e in exits]
         (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
-        manifest = write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs))
+        manifest = write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs, exit_entries))
     size = sum(m["size"] for m in manifest["files"].values())
     return ExportResult(out, manifest, size)
 
 
-def _manifest(src: SourceModel, spec, prec: Precision, ctx: int, graphs: list[dict]) -> dict:
+def _manifest(src: SourceModel, spec, prec: Precision, ctx: int, graphs: list[dict], exits: list[dict]) -> dict:
     from edgeinfer import __version__
 
     return {
@@ -96,7 +105,7 @@ def _manifest(src: SourceModel, spec, prec: Precision, ctx: int, graphs: list[di
         "quantization": prec.describe(),
         "tokenizer": {"file": "tokenizer.json", "chat_template": src.chat_template, **src.special},
         "generation": {"max_new_tokens": 256, **src.generation},
-        "exits": [],
+        "exits": exits,
     }
 
 
