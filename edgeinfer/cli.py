@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=None,
                    help="quantize the LM head (and tied embedding) to this many bits")
     e.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128])
+    e.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 4],
+                   help="MatMulNBits compute: 4 = int8 activations (fastest), 0 = float activations (slower; "
+                        "batched and one-token passes then agree bit for bit)")
     e.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     e.add_argument("--check", action="store_true", help="compare the package with the source model after export")
     e.set_defaults(func=_cmd_export)
@@ -118,7 +121,8 @@ def _cmd_export(args) -> int:
 
     stages, exits = _layer_list(args.stages, "--stages"), _layer_list(args.exits, "--exits")
     res = export_model(args.source, args.output, args.precision, max_context=args.max_context, stages=stages,
-                       exits=exits, force=args.force, lm_head_bits=args.lm_head_bits, block_size=args.block_size)
+                       exits=exits, force=args.force, lm_head_bits=args.lm_head_bits, block_size=args.block_size,
+                       accuracy_level=args.accuracy_level)
     print(f"wrote {res.path} ({res.size_bytes / 1e6:.1f} MB, {args.precision}, "
           f"{len(res.manifest['graphs'])} graph(s), context {res.manifest['kv_cache']['max_context']})")
     if args.check:

@@ -92,3 +92,11 @@ def test_cli_info_and_bench(tiny_packages):
     assert len(rep["summary"]["ttft_s"]["runs"]) == 2
     r = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "verify", pkg], capture_output=True, text=True)
     assert r.returncode == 0 and "match their sha256" in r.stdout
+
+
+def test_cli_export_with_check_reports_parity(tiny_models, tmp_path):
+    out = tmp_path / "pkg"
+    r = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "export", str(tiny_models("qwen2")), "-o", str(out),
+                        "--precision", "fp32", "--max-context", "128", "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and "parity: greedy tokens agree 128/128 (100.0%)" in r.stdout

@@ -174,3 +174,25 @@ def test_cli_errors_are_one_sentence(tmp_path):
 def test_cli_prompt_over_context(tiny_packages):
     r = _cli("run", str(tiny_packages("llama", "int4")), "word " * 400, "--max-context", "64")
     assert r.returncode == 2 and "context holds 64" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    from edgeinfer.export import export_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ExportError, match="looks like a hub id, but HF_HUB_OFFLINE=1"):
+        export_model("HuggingFaceTB/SmolLM2-135M-Instruct", "/tmp/never-written-hub")
+    assert not os.path.exists("/tmp/never-written-hub")
+
+
+def test_bad_layer_list_on_cli(tmp_path):
+    r = _cli("export", "smollm2-135m", "-o", str(tmp_path / "o"), "--exits", "8,x")
+    assert r.returncode == 2 and "--exits takes comma-separated layer numbers" in r.stderr
+
+
+def test_exit_outside_model_is_refused(tiny_models, tmp_path):
+    from edgeinfer.export import export_model
+
+    with pytest.raises(ExportError, match="stage cut 9 is outside 1..3"):
+        export_model(str(tiny_models("llama")), tmp_path / "o", "fp32", exits=[9])
+    assert not (tmp_path / "o").exists()

@@ -46,11 +46,12 @@ class NgramIndex:
 class PromptLookup:
     name = "lookup"
 
-    def __init__(self, decoder: StagedDecoder, draft_len: int = 8, ngram_max: int = 3, ngram_min: int = 1):
+    def __init__(self, decoder: StagedDecoder, draft_len: int = 8, ngram_max: int = 4, ngram_min: int = 2):
         if draft_len < 1:
             raise GenerationError(f"draft length must be >= 1, got {draft_len}.")
         self.decoder = decoder
         self.draft_len = draft_len
+        self.k = draft_len  # current proposal length: shrinks after rejections, grows after full accepts
         self.index = NgramIndex(ngram_min, ngram_max)
         self.stats = {"strategy": self.name, "rounds": 0, "drafted": 0, "accepted": 0, "verify_calls": 0}
 
@@ -62,7 +63,7 @@ class PromptLookup:
         if len(self.index.tokens) < len(history):
             self.index.extend(history[len(self.index.tokens):])
         room = self.decoder.capacity - self.decoder.length - 1
-        draft = self.index.propose(min(self.draft_len, room))
+        draft = self.index.propose(min(self.k, room))
         self.stats["rounds"] += 1
         if not draft:
             tok, lp = sampler(self.decoder.step(token), history)
@@ -72,6 +73,7 @@ class PromptLookup:
         accepted = len(out) - 1
         # Fed: token + draft. Keep token + the accepted drafts; the last emitted token is fed next round.
         self.decoder.trim(len(draft) - accepted)
+        self.k = min(self.draft_len, self.k + 2) if accepted == len(draft) else max(2, accepted + 1)
         self.stats["drafted"] += len(draft)
         self.stats["accepted"] += accepted
         self.stats["verify_calls"] += 1

@@ -1,5 +1,5 @@
 """Self-speculative decoding (lossless; LayerSkip / Kangaroo style) and its
-adaptive variant (DEL style).
+adaptive variant (DEL style), which also takes prompt-lookup drafts whenever the context offers one.
 
 Draft: run each token through the stages before an exit and read the exit
 head. Verify: run the remaining stages once over all drafted positions (their
@@ -25,6 +25,7 @@ from edgeinfer.errors import GenerationError
 from edgeinfer.sampling import Sampler, _softmax
 
 from .base import accept_draft, prefill_full
+from .lookup import PromptLookup
 
 
 def exit_stages(decoder: StagedDecoder, exit_layer: int | None) -> tuple[int, int]:
@@ -123,7 +124,12 @@ class AdaptiveSelfSpeculative(SelfSpeculative):
         self.draft_cost: dict[int, float] = {}
         self.full_cost: float | None = None
         self.since_probe = 0
-        self.stats.update(strategy=self.name, exit_layer=None, plain_steps=0, choices={})
+        # n-gram drafts from the context cost nothing to propose: try them first.
+        self.lookup = PromptLookup(decoder, draft_len=8)
+        self.stats.update(strategy=self.name, exit_layer=None, plain_steps=0, lookup_rounds=0, choices={})
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        return self.lookup.prefill(ids)
 
     def _expected(self, alpha: float, k: int) -> float:
         return sum(alpha ** j for j in range(1, k + 1)) + 1 - alpha ** k
@@ -143,6 +149,15 @@ class AdaptiveSelfSpeculative(SelfSpeculative):
         return best
 
     def advance(self, token: int, sampler: Sampler, history: list[int]):
+        lk = self.lookup
+        if len(lk.index.tokens) < len(history):
+            lk.index.extend(history[len(lk.index.tokens):])
+        if lk.index.propose(1):
+            out = lk.advance(token, sampler, history)
+            self.stats["lookup_rounds"] += 1
+            self.stats["emitted"] += len(out)
+            self._refresh()
+            return out
         choice = self._choose() if self.full_cost else None
         self.since_probe += 1
         if choice is None and self.full_cost and self.since_probe >= self.PROBE_EVERY:
@@ -155,6 +170,7 @@ class AdaptiveSelfSpeculative(SelfSpeculative):
             self.full_cost = dt if self.full_cost is None else 0.9 * self.full_cost + 0.1 * dt
             self.stats["plain_steps"] += 1
             self.stats["emitted"] += 1
+            self._refresh()
             return [(tok, lp, "model")]
         layer, stages, k = choice
         t0 = time.perf_counter()
@@ -169,4 +185,13 @@ class AdaptiveSelfSpeculative(SelfSpeculative):
         key = f"exit{layer}/k{k}"
         self.stats["choices"][key] = self.stats["choices"].get(key, 0) + 1
         self.stats["alpha"] = {str(k_): round(v, 3) for k_, v in self.alpha.items()}
+        self._refresh()
         return out
+
+    def _refresh(self) -> None:
+        """Acceptance and tokens per verification over exit and lookup rounds together."""
+        st, lk = self.stats, self.lookup.stats
+        drafted, accepted = st["drafted"] + lk["drafted"], st["accepted"] + lk["accepted"]
+        verifies = st["rounds"] + lk["verify_calls"]
+        st["acceptance_rate"] = accepted / drafted if drafted else None
+        st["tokens_per_verify"] = (accepted + verifies) / verifies if verifies else None
