@@ -116,11 +116,28 @@ def open_package(path: str | os.PathLike, verify: bool | None = None) -> Package
     pkg = Package(root, manifest)
     for rel in manifest["files"]:
         pkg.path(rel)  # refuse escaping paths before anything is opened
+    _refuse_escaping_links(root)
     if verify is None:
         _verify_cached(pkg)
     else:
         pkg.verify(full=verify)
     return pkg
+
+
+def _refuse_escaping_links(root: Path) -> None:
+    """No link anywhere in the package may lead outside it (a graph's external data
+    could otherwise name an unlisted link; onnxruntime itself refuses '..' and
+    absolute external-data paths)."""
+    base = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                target = p.resolve()
+                if target != base and base not in target.parents:
+                    rel = p.relative_to(root).as_posix()
+                    raise PackageError(f"package file '{rel}' is a link leading outside the package: "
+                                       "refusing to open it.")
 
 
 def check_manifest(manifest: dict, where: Path | str = MANIFEST) -> None:

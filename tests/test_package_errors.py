@@ -196,3 +196,37 @@ def test_exit_outside_model_is_refused(tiny_models, tmp_path):
     with pytest.raises(ExportError, match="stage cut 9 is outside 1..3"):
         export_model(str(tiny_models("llama")), tmp_path / "o", "fp32", exits=[9])
     assert not (tmp_path / "o").exists()
+
+
+def _retarget_external_data(graph: str, location: str) -> None:
+    import onnx
+
+    model = onnx.load(graph, load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(model, graph)
+
+
+def _rehash(pkg):
+    """What an attacker controlling the whole package would do: make the manifest agree."""
+    from edgeinfer.export.package_writer import write_manifest
+
+    m = json.loads((pkg / MANIFEST).read_text())
+    for k in ("format", "format_version", "files"):
+        m.pop(k)
+    write_manifest(pkg, m)
+
+
+@pytest.mark.parametrize("location", ["../../secret.bin", "/etc/hostname", "unlisted-link.data"])
+def test_external_data_outside_package_is_refused(pkg_copy, tmp_path, location):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 64)
+    if location == "unlisted-link.data":
+        os.symlink(secret, pkg_copy / "graphs" / location)
+    _retarget_external_data(str(pkg_copy / "graphs" / "stage0.onnx"), location)
+    if location != "unlisted-link.data":
+        _rehash(pkg_copy)
+    with pytest.raises(PackageError, match="outside the package|escapes model directory|Absolute path not allowed"):
+        edgeinfer.load(pkg_copy, verify=True)
