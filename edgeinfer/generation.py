@@ -74,6 +74,41 @@ class Generation:
             pass
         return self.result.text if self.result else ""
 
+    def stream_to(self, callback) -> GenerationResult | None:
+        """Call ``callback(event)`` for every event; returns the result. A callback
+        that returns False cancels."""
+        for ev in self:
+            if callback(ev) is False:
+                self.cancel()
+        return self.result
+
+    def close(self) -> None:
+        """Stop now and release the model (also what abandoning the iterator does)."""
+        close = getattr(self._events, "close", None)
+        if close:
+            close()
+
+    def __aiter__(self):
+        return self._async_events()
+
+    async def _async_events(self):
+        """``async for event in generation``: each step runs on one worker thread of its own,
+        so the event loop never blocks on the model."""
+        import asyncio
+        from concurrent.futures import ThreadPoolExecutor
+
+        loop = asyncio.get_running_loop()
+        done = object()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeinfer-gen") as pool:
+            try:
+                while True:
+                    ev = await loop.run_in_executor(pool, next, self, done)
+                    if ev is done:
+                        return
+                    yield ev
+            finally:
+                await loop.run_in_executor(pool, self.close)
+
 
 def run_generation(gen: Generation, strategy, tokenizer: TextTokenizer, prompt_ids: list[int],
                    config: GenerationConfig, cached_prefix: int, on_token_fed=None) -> Iterator[TokenEvent]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import threading
 
 from edgeinfer.runtimes import resolve_provider
 
@@ -56,6 +56,9 @@ class Model:
         self.decoder = StagedDecoder(pkg, self.target, max_context=max_context)
         self.defaults = pkg.manifest.get("generation", {})
         self._cached_tokens: list[int] = []  # what the KV cache holds, for prefix reuse
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # thread running a generation
+        self._open: Generation | None = None
 
     @property
     def name(self) -> str:
@@ -100,9 +103,8 @@ class Model:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds {self.max_context}: "
                                   "shorten the prompt or load with a larger max_context.")
         runner = make_strategy(strategy, self.decoder, strat_opts)  # validates before the cache is touched
-        reuse = self._reusable_prefix(ids)
         gen = Generation(iter(()))
-        gen._events = self._tracked(run_generation(gen, runner, self.tokenizer, ids, config, reuse), ids)
+        gen._events = self._locked_run(gen, runner, ids, config)
         return gen
 
     def chat(self, messages: Messages, config: GenerationConfig | None = None, **params) -> Generation:
@@ -119,8 +121,10 @@ class Model:
 
     def reset(self) -> None:
         """Forget the KV cache (the next prompt is computed from scratch)."""
-        self.decoder.reset()
-        self._cached_tokens = []
+        self._end_open_generation()
+        with self._lock:
+            self.decoder.reset()
+            self._cached_tokens = []
 
     # -- internals -------------------------------------------------------------
     def _config(self, config: GenerationConfig | None, params: dict) -> GenerationConfig:
@@ -145,18 +149,29 @@ class Model:
         self._cached_tokens = cached[:n]
         return n
 
-    def _tracked(self, events: Iterable, ids: list[int]):
-        """Record which tokens the cache holds as generation proceeds."""
-        self._cached_tokens = []  # unknown while running; set when the loop ends cleanly
-        try:
-            out = []
-            for ev in events:
-                if ev.source != "flush":
-                    out.append(ev.token_id)
-                yield ev
-            # The last sampled token was never fed to the model.
-            fed = ids + out[:-1]
-            self._cached_tokens = fed[: self.decoder.length]
-        except BaseException:
-            self.decoder.reset()
-            raise
+    def _locked_run(self, gen: Generation, strategy, ids: list[int], config: GenerationConfig):
+        """One generation at a time per model: the KV cache is the model's. Other threads
+        wait their turn; in the thread that holds the model, a new generation ends the
+        open one (abandoned by a ``break``, say). Records which tokens the cache holds."""
+        self._end_open_generation()
+        with self._lock:
+            self._owner, self._open = threading.get_ident(), gen
+            try:
+                reuse = self._reusable_prefix(ids)
+                self._cached_tokens = []  # unknown while running; set when the loop ends cleanly
+                out = []
+                for ev in run_generation(gen, strategy, self.tokenizer, ids, config, reuse):
+                    if ev.source != "flush":
+                        out.append(ev.token_id)
+                    yield ev
+                fed = ids + out[:-1]  # the last sampled token was never fed to the model
+                self._cached_tokens = fed[: self.decoder.length]
+            except BaseException:
+                self.decoder.reset()  # an error or an abandoned generation: start clean next time
+                raise
+            finally:
+                self._owner, self._open = None, None
+
+    def _end_open_generation(self) -> None:
+        if self._owner == threading.get_ident() and self._open is not None:
+            self._open.close()

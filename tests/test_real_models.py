@@ -95,3 +95,19 @@ def test_int4_agrees_with_fp32_on_most_tokens(alias, real_packages, record_prope
     # Measured 2026-11-21: SmolLM2 0.67 (its GGUF is already Q4_1: re-quantizing to symmetric int4
     # loses what the asymmetric original kept; int8 packages track fp32 closely). See docs/quality.md.
     assert rate >= 0.6
+
+
+def test_second_chat_turn_reuses_the_first_turns_cache(real_packages, record_property):
+    model = edgeinfer.load(real_packages("smollm2-135m", "int4"))
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    first = model.complete(msgs, max_new_tokens=24)
+    msgs += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And of Germany?"}]
+    second = model.complete(msgs, max_new_tokens=24)
+    model.reset()
+    cold = model.complete(msgs, max_new_tokens=24)
+    assert second.tokens == cold.tokens
+    assert second.reused_prompt_tokens >= first.prompt_tokens  # the whole first turn was kept
+    record_property("ttft_second_turn_warm_s", second.ttft_s)
+    record_property("ttft_second_turn_cold_s", cold.ttft_s)
+    print(f"\nsecond turn: {second.prompt_tokens} prompt tokens, {second.reused_prompt_tokens} reused; "
+          f"TTFT {second.ttft_s * 1000:.1f} ms warm vs {cold.ttft_s * 1000:.1f} ms cold")
