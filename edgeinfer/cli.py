@@ -91,6 +91,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_cmd_bench)
 
+    s = sub.add_parser("serve", help="serve a package with an OpenAI-compatible HTTP API")
+    s.add_argument("package")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--max-queue", type=int, default=8, help="requests queued or running before 429")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--provider", default="auto")
+    s.add_argument("--max-context", type=int, default=None)
+    s.set_defaults(func=_cmd_serve)
+
     v = sub.add_parser("verify", help="check every file of a package against its sha256")
     v.add_argument("package")
     v.set_defaults(func=_cmd_verify)
@@ -239,6 +250,14 @@ def _cmd_bench(args) -> int:
               f"max {s['ttft_s']['max'] * 1000:.1f})")
         print(f"  prefill  {s['prefill_tok_s']['median']:.0f} tok/s")
         print(f"  load     {report['load_s']:.2f} s, peak RSS {report['peak_rss_mb']:.0f} MB")
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from .server import serve
+
+    serve(args.package, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
+          provider=args.provider, threads=args.threads, max_context=args.max_context)
     return 0
 
 

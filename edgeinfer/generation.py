@@ -99,15 +99,19 @@ class Generation:
 
         loop = asyncio.get_running_loop()
         done = object()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeinfer-gen") as pool:
-            try:
-                while True:
-                    ev = await loop.run_in_executor(pool, next, self, done)
-                    if ev is done:
-                        return
-                    yield ev
-            finally:
-                await loop.run_in_executor(pool, self.close)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeinfer-gen")
+        try:
+            while True:
+                ev = await loop.run_in_executor(pool, next, self, done)
+                if ev is done:
+                    return
+                yield ev
+        finally:
+            # Also on cancellation (a client gone): let the step in flight finish (one token),
+            # then close, which releases the model. No await here: it must run even when cancelled.
+            self.cancel()
+            pool.shutdown(wait=True)
+            self.close()
 
 
 def run_generation(gen: Generation, strategy, tokenizer: TextTokenizer, prompt_ids: list[int],

@@ -1,0 +1,245 @@
+"""``edgeinfer serve``: a local OpenAI-compatible HTTP server (Starlette + uvicorn,
+the ``serve`` extra).
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streaming SSE
+or not), ``GET /v1/models``, ``GET /health``. One model, one generation at a
+time (the model's lock); at most ``max_queue`` requests wait, the next gets 429.
+A client that disconnects cancels its generation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import uuid
+
+from .errors import ContextLengthError, EdgeInferError
+
+try:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise EdgeInferError("the server needs the serve extra: pip install 'edgeinfer[serve]'.") from e
+
+MAX_BODY_BYTES = 1 << 20
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind}}, status_code=self.status)
+
+
+class ServerState:
+    def __init__(self, model, api_key: str | None, max_queue: int, max_tokens_limit: int):
+        self.model = model
+        self.api_key = api_key
+        self.max_queue = max_queue
+        self.max_tokens_limit = max_tokens_limit
+        self.in_flight = 0  # running + waiting
+        self.cancelled = 0
+        self.served = 0
+
+
+def create_app(model, api_key: str | None = None, max_queue: int = 8, max_tokens_limit: int | None = None) -> Starlette:
+    """The ASGI app serving MODEL (an ``edgeinfer.Model``)."""
+    state = ServerState(model, api_key, max_queue, max_tokens_limit or model.max_context)
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok", "model": model.name, "in_flight": state.in_flight,
+                             "served": state.served, "cancelled": state.cancelled})
+
+    async def models(request: Request):
+        _auth(request, state)
+        return JSONResponse({"object": "list", "data": [
+            {"id": model.name, "object": "model", "created": 0, "owned_by": "edgeinfer"}]})
+
+    async def chat(request: Request):
+        return await _complete(request, state, chat=True)
+
+    async def completions(request: Request):
+        return await _complete(request, state, chat=False)
+
+    app = Starlette(routes=[
+        Route("/health", health), Route("/v1/models", models),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ])
+    app.state.edgeinfer = state
+    return app
+
+
+def _auth(request: Request, state: ServerState) -> None:
+    if state.api_key and request.headers.get("authorization") != f"Bearer {state.api_key}":
+        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'.", "authentication_error")
+
+
+async def _read_json(request: Request) -> dict:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes.")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes.")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object.")
+    return data
+
+
+def _number(data: dict, key: str, default, lo: float, hi: float, integer: bool = False):
+    v = data.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+        raise ApiError(400, f"'{key}' must be a number in [{lo}, {hi}].")
+    if integer and int(v) != v:
+        raise ApiError(400, f"'{key}' must be an integer.")
+    return int(v) if integer else float(v)
+
+
+def _params(data: dict, state: ServerState) -> dict:
+    if data.get("n", 1) != 1:
+        raise ApiError(400, "only n = 1 is supported.")
+    stop = data.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 8:
+        raise ApiError(400, "'stop' must be a string or a list of up to 8 non-empty strings.")
+    seed = data.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ApiError(400, "'seed' must be an integer.")
+    max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
+    return {
+        "max_new_tokens": _number({"max_tokens": max_tokens}, "max_tokens", 256, 1, state.max_tokens_limit, True),
+        "temperature": _number(data, "temperature", 1.0, 0.0, 2.0),
+        "top_p": _number(data, "top_p", 1.0, 1e-6, 1.0),
+        "stop": stop, "seed": seed,
+    }
+
+
+def _prompt(data: dict, chat: bool):
+    if chat:
+        msgs = data.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise ApiError(400, "'messages' must be a non-empty list.")
+        out = []
+        for m in msgs:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ApiError(400, "each message needs a string 'role' and 'content'.")
+            content = m.get("content")
+            if isinstance(content, list):  # [{"type": "text", "text": ...}]
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if not isinstance(content, str):
+                raise ApiError(400, "each message needs a string 'role' and 'content'.")
+            out.append({"role": m["role"], "content": content})
+        return out
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "'prompt' must be a non-empty string.")
+    return prompt
+
+
+async def _complete(request: Request, state: ServerState, chat: bool):
+    try:
+        _auth(request, state)
+        data = await _read_json(request)
+        params = _params(data, state)
+        prompt = _prompt(data, chat)
+        if state.in_flight >= state.max_queue:
+            raise ApiError(429, f"the server is busy ({state.in_flight} requests queued or running): retry later.",
+                           "rate_limit_error")
+        try:
+            gen = state.model.generate(prompt, **params)
+        except ContextLengthError as e:
+            raise ApiError(400, str(e)) from None
+        except EdgeInferError as e:
+            raise ApiError(400, str(e)) from None
+    except ApiError as e:
+        return e.response()
+    state.in_flight += 1
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    if data.get("stream"):
+        return StreamingResponse(_stream(gen, state, rid, created, chat, request), media_type="text/event-stream")
+    try:
+        async for _ in gen:
+            if await request.is_disconnected():
+                gen.cancel()
+        res = gen.result
+    except EdgeInferError as e:
+        return ApiError(400, str(e)).response()
+    finally:
+        _finish(state, gen)
+    text = res.text
+    usage = {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.new_tokens,
+             "total_tokens": res.prompt_tokens + res.new_tokens}
+    finish = "length" if res.finish_reason == "length" else "stop"
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                         "model": state.model.name, "choices": [choice], "usage": usage})
+
+
+def _finish(state: ServerState, gen) -> None:
+    state.in_flight -= 1
+    if gen.result is None or gen.result.finish_reason == "cancelled":
+        state.cancelled += 1
+    else:
+        state.served += 1
+
+
+async def _stream(gen, state: ServerState, rid: str, created: int, chat: bool, request: Request):
+    def chunk(delta: str | None, finish: str | None) -> str:
+        if chat:
+            choice = {"index": 0, "delta": {} if delta is None else {"content": delta}, "finish_reason": finish}
+            if delta is not None and first[0]:
+                choice["delta"]["role"] = "assistant"
+                first[0] = False
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            obj = "text_completion"
+        return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": state.model.name,
+                                      "choices": [choice]}) + "\n\n"
+
+    first = [True]
+    try:
+        async for ev in gen:
+            if ev.text:
+                yield chunk(ev.text, None)
+        res = gen.result
+        yield chunk(None, "length" if res.finish_reason == "length" else "stop")
+        yield "data: [DONE]\n\n"
+    finally:  # also when the client went away (cancelled): the generation is closed with the iterator
+        _finish(state, gen)
+
+
+def serve(package: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None, max_queue: int = 8,
+          provider: str = "auto", threads: int | None = None, max_context: int | None = None) -> None:
+    import uvicorn
+
+    from . import load
+
+    if host not in LOOPBACK and not api_key:
+        print(f"WARNING: serving on {host} without --api-key: anyone who can reach this address can use the "
+              "model. Bind to 127.0.0.1 or set --api-key.", file=sys.stderr)
+    model = load(package, provider=provider, threads=threads, max_context=max_context)
+    app = create_app(model, api_key=api_key, max_queue=max_queue)
+    print(f"edgeinfer: serving {model.name} on http://{host}:{port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
