@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PACKAGE ?= packages/smollm2-135m-int4
 PROMPT ?= What is the capital of France?
 
-.PHONY: run test setup lint bench clean
+.PHONY: run test setup lint bench desktop serve clean
 
 setup: $(VENV)/.installed
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: it takes the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[export,models,serve,test]'
+	$(PY) -m pip install -q -e '.[export,models,serve,desktop,test]'
 	touch $@
 
 $(PACKAGE)/edgeinfer.json: | setup
@@ -34,6 +34,12 @@ lint: setup
 
 bench: setup $(PACKAGE)/edgeinfer.json
 	$(VENV)/bin/edgeinfer bench $(PACKAGE)
+
+desktop: setup $(PACKAGE)/edgeinfer.json
+	$(PY) apps/desktop/chat_app.py $(PACKAGE)
+
+serve: setup $(PACKAGE)/edgeinfer.json
+	$(VENV)/bin/edgeinfer serve $(PACKAGE)
 
 clean:
 	rm -rf packages build .pytest_cache
