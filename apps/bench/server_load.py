@@ -93,6 +93,10 @@ def main(argv=None) -> int:
         threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
         for t in threads:
             t.start()
+        samples = []  # (seconds, server RSS MB) while the load runs
+        while any(t.is_alive() for t in threads):
+            samples.append((time.perf_counter() - t0, rss_mb(proc.pid)))
+            time.sleep(1.0)
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
@@ -108,7 +112,10 @@ def main(argv=None) -> int:
         "max_queue": args.max_queue, "status_codes": dict(codes), "client_errors": errors[:5],
         "client_error_count": len(errors), "wall_s": wall, "ok_per_s": codes[200] / wall,
         "latency_ok_s": {"p50": lat[len(lat) // 2], "p95": lat[int(len(lat) * 0.95)], "max": lat[-1]} if lat else {},
-        "server_rss_mb": {"start": rss_start, "end": rss_end}, "server_alive": alive, "server_health": health,
+        "server_rss_mb": {"start": rss_start, "end": rss_end, "max": max(r for _, r in samples),
+                          "first_half_max": max(r for s, r in samples if s <= wall / 2),
+                          "second_half_max": max(r for s, r in samples if s > wall / 2)},
+        "server_alive": alive, "server_health": health,
     }
     print(json.dumps(report, indent=1))
     ok = alive and not errors and set(codes) <= {200, 429}
