@@ -35,7 +35,7 @@ class GenerationResult:
     tokens: list[int]
     prompt_tokens: int
     new_tokens: int
-    finish_reason: str  # "stop" (EOS or stop string), "length", "cancelled"
+    finish_reason: str  # "stop" (EOS or stop string), "length", "cancelled", "time" (max_time_s)
     ttft_s: float
     decode_tok_s: float
     total_s: float
@@ -148,7 +148,14 @@ def run_generation(gen: Generation, strategy, tokenizer: TextTokenizer, prompt_i
             if gen.cancelled:
                 finish = "cancelled"
                 break
+            if config.max_time_s is not None and time.perf_counter() - t0 > config.max_time_s:
+                finish = "time"
+                break
         else:
+            dec = strategy.decoder
+            if dec.length >= dec.capacity:  # the context is full: end cleanly, as at max_new_tokens
+                finish = "length"
+                break
             if len(out_ids) < config.max_new_tokens and not gen.cancelled:
                 pending = strategy.advance(out_ids[-1], sampler, history)
                 pending = pending[: config.max_new_tokens - len(out_ids)]

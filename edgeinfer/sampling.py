@@ -24,6 +24,7 @@ class GenerationConfig:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: bool = False
+    max_time_s: float | None = None  # wall-time bound on the whole generation
 
     def validate(self, limit: int | None = None) -> GenerationConfig:
         def bad(msg):
@@ -43,6 +44,9 @@ class GenerationConfig:
             bad(f"top_p must be in (0, 1], got {self.top_p}.")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             bad(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}.")
+        if self.max_time_s is not None and (not isinstance(self.max_time_s, (int, float))
+                                            or not math.isfinite(self.max_time_s) or self.max_time_s <= 0):
+            bad(f"max_time_s must be a positive number of seconds, got {self.max_time_s!r}.")
         if self.repetition_penalty <= 0:
             bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}.")
         if isinstance(self.stop, str):

@@ -35,7 +35,13 @@ class TextTokenizer:
         self.vocab_size = self.tokenizer.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        if not isinstance(text, str):
+            raise GenerationError("the prompt must be text (a str).")
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        except (TypeError, ValueError, Exception) as e:  # tokenizers rejects e.g. unpaired surrogates
+            raise GenerationError(f"the prompt is not valid Unicode text ({str(e)[:80]}): remove unpaired "
+                                  "surrogates or binary data.") from None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,164 @@
+"""Hostile and absurd input: sandboxed chat templates, bad text, huge limits, faults
+inside a generation, and fuzzing of the manifest reader, the stop-string matcher and
+the streaming detokenizer (hypothesis, bounded time)."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import edgeinfer
+import edgeinfer.package
+from edgeinfer.errors import EdgeInferError, GenerationError, PackageError
+from edgeinfer.generation import StopMatcher
+from edgeinfer.package import MANIFEST, check_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture
+def pkg(tmp_path, tiny_packages):
+    dst = tmp_path / "pkg"
+    shutil.copytree(tiny_packages("llama", "int4"), dst)
+    return dst
+
+
+@pytest.mark.parametrize("template", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ messages.__class__.__init__.__globals__ }}",
+    "{% for m in messages %}{{ m.update({'role': 'x'}) }}{% endfor %}",
+    "{{ raise_exception('nope') }}",
+])
+def test_chat_template_runs_in_a_sandbox(pkg, template):
+    m = json.loads((pkg / MANIFEST).read_text())
+    m["tokenizer"]["chat_template"] = template
+    (pkg / MANIFEST).write_text(json.dumps(m))
+    model = edgeinfer.load(pkg)
+    with pytest.raises(GenerationError, match="chat template failed"):
+        model.chat([{"role": "user", "content": "hi"}])
+
+
+def test_no_pickle_anywhere_in_the_runtime_or_exporter():
+    for folder in ("edgeinfer", "export", "models", "runtimes"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill|joblib)\b", text, re.M), path
+            assert "allow_pickle=True" not in text and "torch.load(" not in text, path
+
+
+@pytest.mark.parametrize("prompt", ["\udcff broken surrogate", "\x00\x01\x02 control bytes", "🙂" * 50])
+def test_odd_text_is_handled_or_refused_clearly(tiny_packages, prompt):
+    model = edgeinfer.load(tiny_packages("llama", "int4"))
+    try:
+        res = model.complete(prompt, max_new_tokens=4, ignore_eos=True)
+        assert res.new_tokens == 4
+    except GenerationError as e:
+        assert "not valid Unicode text" in str(e)
+    assert model.complete("hello", max_new_tokens=3, ignore_eos=True).new_tokens == 3
+
+
+def test_huge_max_new_tokens_stops_at_the_context(tiny_packages):
+    model = edgeinfer.load(tiny_packages("llama", "int4"), max_context=64)
+    res = model.complete("hello", max_new_tokens=10**9, ignore_eos=True)
+    assert res.finish_reason == "length" and res.prompt_tokens + res.new_tokens <= 65
+
+
+def test_wall_time_bound(tiny_packages, monkeypatch):
+    import time
+
+    model = edgeinfer.load(tiny_packages("llama", "int4"))
+    step = model.decoder.step
+    monkeypatch.setattr(model.decoder, "step", lambda t: (time.sleep(0.02), step(t))[1])
+    res = model.complete("hello", max_new_tokens=200, ignore_eos=True, max_time_s=0.2)
+    assert res.finish_reason == "time" and res.new_tokens < 30
+    with pytest.raises(GenerationError, match="max_time_s"):
+        model.complete("hello", max_time_s=-1)
+
+
+def test_fault_inside_a_generation_leaves_the_model_usable(tiny_packages, monkeypatch):
+    model = edgeinfer.load(tiny_packages("llama", "int4"))
+    ref = model.complete("Paris is", max_new_tokens=8, ignore_eos=True).tokens
+    step = model.decoder.step
+    calls = {"n": 0}
+
+    def flaky(t):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated kernel failure")
+        return step(t)
+
+    monkeypatch.setattr(model.decoder, "step", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        model.complete("Paris is", max_new_tokens=8, ignore_eos=True)
+    monkeypatch.undo()
+    assert model.complete("Paris is", max_new_tokens=8, ignore_eos=True).tokens == ref
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
+                           max_leaves=20)
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["format", "format_version", "graphs", "files", "tokenizer", "kv_cache",
+                                        "io", "exits", "architecture"]) | st.text(max_size=8), json_values,
+                       max_size=10))
+def test_fuzz_manifest_check_only_raises_package_errors(manifest):
+    try:
+        check_manifest(manifest)
+    except PackageError:
+        pass
+
+
+@FUZZ
+@given(files=st.dictionaries(st.text(min_size=1, max_size=30), st.fixed_dictionaries(
+    {"size": st.integers(-5, 10**6), "sha256": st.text(max_size=64)}), min_size=1, max_size=5))
+def test_fuzz_manifest_files_never_escape(tmp_path_factory, files):
+    root = tmp_path_factory.mktemp("fuzzpkg")
+    manifest = {"format": "edgeinfer-package", "format_version": [1, 0], "graphs": [], "files": files,
+                "tokenizer": {}, "kv_cache": {}}
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(EdgeInferError):
+        edgeinfer.package.open_package(root, verify=True)
+
+
+@FUZZ
+@given(pieces=st.lists(st.text(alphabet="abST\nOP", max_size=5), max_size=12),
+       stops=st.lists(st.text(alphabet="abSTOP\n", min_size=1, max_size=4), min_size=1, max_size=3))
+def test_fuzz_stop_matcher(pieces, stops):
+    m = StopMatcher(stops)
+    out, hit = "", False
+    for p in pieces:
+        text, hit = m.feed(p)
+        out += text
+        if hit:
+            break
+    if not hit:
+        out += m.feed("", final=True)[0]
+    full = "".join(pieces)
+    first = min((i for i in (full.find(s) for s in stops) if i >= 0), default=-1)
+    assert out == (full if first < 0 else full[:first])  # exactly the text before the first stop
+    assert m.text == out
+
+
+@FUZZ
+@given(ids=st.lists(st.integers(0, 319), max_size=30))
+def test_fuzz_streaming_detokenizer(tiny_packages, ids):
+    model = _tiny_model(tiny_packages)
+    stream = model.tokenizer.stream()
+    text = "".join(stream.add(t) for t in ids) + stream.flush()
+    assert text == model.tokenizer.decode(ids)
+
+
+_MODEL = {}
+
+
+def _tiny_model(tiny_packages):
+    if "m" not in _MODEL:
+        _MODEL["m"] = edgeinfer.load(tiny_packages("llama", "int4"))
+    return _MODEL["m"]
