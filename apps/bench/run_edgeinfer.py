@@ -7,7 +7,6 @@ greedy, exactly N new tokens, one JSON line on stdout.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -15,24 +14,16 @@ from pathlib import Path
 import edgeinfer
 from edgeinfer.bench import peak_rss_mb
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+from runner_cli import parse_args, read_ids  # noqa: E402
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="edgeinfer package folder")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt-ids-file", type=Path)
-    src.add_argument("--prompt")
-    p.add_argument("--chat", action="store_true")
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--strategy", default="plain")
-    args = p.parse_args(argv)
+    args = parse_args(__doc__.splitlines()[0], "edgeinfer package folder", argv)
 
     model = edgeinfer.load(args.model, threads=args.threads)
     if args.prompt_ids_file:
-        ids = [int(t) for t in json.loads(args.prompt_ids_file.read_text())]
+        ids = read_ids(args.prompt_ids_file)
     else:
         ids = model.encode([{"role": "user", "content": args.prompt}] if args.chat else args.prompt)
     runs, tokens = [], None

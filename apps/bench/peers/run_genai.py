@@ -22,33 +22,10 @@ import json
 import resource
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import onnxruntime_genai as og
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    """The CLI shared by every peer runner."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="folder with genai_config.json")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt-ids-file", type=Path, help="prompt token ids: JSON list or whitespace separated")
-    src.add_argument("--prompt", help="prompt text, tokenized by the engine")
-    p.add_argument("--chat", action="store_true", help="apply the model's chat template to --prompt")
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
-    return p.parse_args(argv)
-
-
-def read_ids(path: Path) -> list[int]:
-    """Token ids from a file holding a JSON list or plain integers."""
-    text = path.read_text().strip()
-    if text.startswith("["):
-        return [int(t) for t in json.loads(text)]
-    return [int(t) for t in text.replace(",", " ").split()]
+from runner_cli import parse_args, read_ids
 
 
 def load_model(path: str, threads: int) -> og.Model:
@@ -96,7 +73,7 @@ def generate(model: og.Model, ids: np.ndarray, n_new: int) -> tuple[dict, list[i
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(__doc__.splitlines()[0], "folder with genai_config.json", argv)
     model = load_model(args.model, args.threads)
     ids = prompt_ids(model, args)
     for _ in range(args.warmup):
