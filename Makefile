@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: it takes the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[export,models,serve,desktop,test]'
+	$(PY) -m pip install -q -e '.[export,models,serve,desktop,bench,test]'
 	touch $@
 
 $(PACKAGE)/edgeinfer.json: | setup
