@@ -68,12 +68,12 @@ class Sampler:
     def probabilities(self, logits: np.ndarray, history: list[int] | None = None) -> np.ndarray:
         """The distribution sampling draws from (after penalty, temperature, top-k, top-p)."""
         c = self.config
-        x = self._penalized(logits, history)
+        x = self.penalized(logits, history)
         x = x / max(c.temperature, 1e-6)
         if c.top_k and c.top_k < x.shape[-1]:
             kth = np.partition(x, -c.top_k)[-c.top_k]
             x = np.where(x < kth, -np.inf, x)
-        p = _softmax(x)
+        p = softmax(x)
         if c.top_p < 1.0:
             order = np.argsort(-p)
             cum = np.cumsum(p[order])
@@ -87,7 +87,7 @@ class Sampler:
     def __call__(self, logits: np.ndarray, history: list[int] | None = None) -> tuple[int, float | None]:
         """Next token and (when asked for) its log-probability under the model."""
         if self.greedy:
-            x = self._penalized(logits, history)
+            x = self.penalized(logits, history)
             token = int(np.argmax(x))
         else:
             p = self.probabilities(logits, history)
@@ -99,7 +99,7 @@ class Sampler:
         """log p(token) under the model (before sampling transforms), when asked for."""
         return float(_log_softmax(logits)[token]) if self.config.logprobs else None
 
-    def _penalized(self, logits: np.ndarray, history: list[int] | None) -> np.ndarray:
+    def penalized(self, logits: np.ndarray, history: list[int] | None) -> np.ndarray:
         pen = self.config.repetition_penalty
         if pen == 1.0 or not history:
             return logits
@@ -110,7 +110,7 @@ class Sampler:
         return x
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
+def softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     e = np.exp(x - np.max(x))
     return e / e.sum()
@@ -124,5 +124,5 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def entropy(logits: np.ndarray) -> float:
     """Shannon entropy (nats) of softmax(logits)."""
-    p = _softmax(logits)
+    p = softmax(logits)
     return float(-(p * np.log(np.maximum(p, 1e-30))).sum())

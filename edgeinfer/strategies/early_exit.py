@@ -13,7 +13,7 @@ import numpy as np
 
 from edgeinfer.decoder import StagedDecoder
 from edgeinfer.errors import GenerationError
-from edgeinfer.sampling import Sampler, _softmax
+from edgeinfer.sampling import Sampler, softmax
 
 from .base import prefill_full
 from .self_speculative import check_threshold
@@ -44,7 +44,7 @@ class EarlyExit:
         return prefill_full(self.decoder, ids)
 
     def _confident(self, logits: np.ndarray) -> bool:
-        p = _softmax(logits)
+        p = softmax(logits)
         if self.confidence == "max-prob":
             return float(p.max()) >= self.threshold
         top2 = np.partition(p, -2)[-2:]

@@ -22,7 +22,7 @@ import numpy as np
 
 from edgeinfer.decoder import StagedDecoder
 from edgeinfer.errors import GenerationError
-from edgeinfer.sampling import Sampler, _softmax
+from edgeinfer.sampling import Sampler, softmax
 
 from .base import accept_draft, prefill_full
 from .lookup import PromptLookup
@@ -79,8 +79,8 @@ class SelfSpeculative:
             fed += 1
             logits = dec.exit_logits(hidden[None])[0]
             if sampler.greedy:
-                d = int(np.argmax(sampler._penalized(logits, history + drafts)))
-                conf = float(_softmax(logits).max()) if self.threshold > 0 else 1.0
+                d = int(np.argmax(sampler.penalized(logits, history + drafts)))
+                conf = float(softmax(logits).max()) if self.threshold > 0 else 1.0
             else:
                 q = sampler.probabilities(logits, history + drafts)
                 d = int(sampler.rng.choice(len(q), p=q))
