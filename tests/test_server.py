@@ -128,3 +128,17 @@ def test_client_disconnect_cancels_generation(server, model, monkeypatch):
     ref = model.complete("Paris is", max_new_tokens=6, temperature=0.0)
     r = client(srv).completions.create(model="x", prompt="Paris is", max_tokens=6, temperature=0)
     assert r.choices[0].text == ref.text
+
+
+def test_serve_warns_loudly_when_exposed_without_a_key(tiny_packages):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgeinfer.cli", "serve", str(tiny_packages("llama", "int4")),
+                             "--host", "0.0.0.0", "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert first.startswith("WARNING: serving on 0.0.0.0 without --api-key")
