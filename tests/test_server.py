@@ -131,14 +131,15 @@ def test_client_disconnect_cancels_generation(server, model, monkeypatch):
 
 
 def test_serve_warns_loudly_when_exposed_without_a_key(tiny_packages):
+    """The warning comes before anything is bound; the address is not this machine's, so nothing ever is."""
     import subprocess
     import sys
 
     proc = subprocess.Popen([sys.executable, "-m", "edgeinfer.cli", "serve", str(tiny_packages("llama", "int4")),
-                             "--host", "0.0.0.0", "--port", "0"], stderr=subprocess.PIPE, text=True)
+                             "--host", "192.0.2.1", "--port", "0"], stderr=subprocess.PIPE, text=True)
     try:
         first = proc.stderr.readline()
     finally:
         proc.kill()
         proc.wait()
-    assert first.startswith("WARNING: serving on 0.0.0.0 without --api-key")
+    assert first.startswith("WARNING: serving on 192.0.2.1 without --api-key")  # a TEST-NET address: never bound
