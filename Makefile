@@ -3,6 +3,7 @@
 #   make test  — set up .venv and run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
+OPTIMUM_VENV ?= .venv-optimum
 PY := $(VENV)/bin/python
 PACKAGE ?= packages/smollm2-135m-int4
 PROMPT ?= What is the capital of France?
@@ -17,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: it takes the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[export,models,serve,desktop,bench,test]'
+	# optimum (breadth fallback for families without a hand-built graph) pins transformers < 4.58: own venv
+	test -x $(OPTIMUM_VENV)/bin/python || $(PYTHON) -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/pip install -q torch==2.13.0 optimum-onnx
 	touch $@
 
 $(PACKAGE)/edgeinfer.json: | setup

@@ -53,7 +53,12 @@ class Model:
         self.package = pkg
         self.target = resolve_provider(provider, threads)
         self.tokenizer = TextTokenizer(pkg)
-        self.decoder = StagedDecoder(pkg, self.target, max_context=max_context)
+        if any(g.get("role") == "monolithic" for g in pkg.manifest["graphs"]):
+            from .monolithic import MonolithicDecoder
+
+            self.decoder = MonolithicDecoder(pkg, self.target, max_context=max_context)
+        else:
+            self.decoder = StagedDecoder(pkg, self.target, max_context=max_context)
         self.defaults = pkg.manifest.get("generation", {})
         self._cached_tokens: list[int] = []  # what the KV cache holds, for prefix reuse
         self._lock = threading.Lock()

@@ -41,8 +41,10 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
     src = source if isinstance(source, SourceModel) else load_source(source)
     model_type = src.config.get("model_type", "")
     if model_type not in FAMILIES:
-        raise ExportError(f"model family '{model_type}' has no hand-built graph yet (supported: "
-                          f"{', '.join(sorted(FAMILIES))}).")
+        if stages or exits:
+            raise ExportError(f"model family '{model_type}' has no hand-built graph: stages and exits need one "
+                              f"(hand-built: {', '.join(sorted(FAMILIES))}).")
+        return _export_monolithic(src, out, precision, max_context, force, block_size)
     try:
         spec = spec_for_config(src.config)
     except (ValueError, KeyError) as e:
@@ -81,6 +83,41 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
         manifest = write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs, exit_entries))
     size = sum(m["size"] for m in manifest["files"].values())
     return ExportResult(out, manifest, size)
+
+
+def _export_monolithic(src: SourceModel, out: Path, precision: str, max_context: int | None, force: bool,
+                       block_size: int) -> ExportResult:
+    from .optimum_fallback import export_monolithic
+
+    cfg = src.config
+    print(f"note: no hand-built graph for family '{cfg.get('model_type')}': exporting through optimum as one "
+          "monolithic graph (plain and lookup decoding only; no stages or exits).", file=sys.stderr)
+    limit = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or DEFAULT_MAX_CONTEXT)
+    ctx = int(max_context or min(limit, DEFAULT_MAX_CONTEXT))
+    with staging_folder(out, force) as tmp:
+        (tmp / "graphs").mkdir()
+        entry, io, kv = export_monolithic(src, tmp / "graphs", precision, block_size)
+        (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
+        from edgeinfer import __version__
+
+        manifest = write_manifest(tmp, {
+            "kind": "decoder", "family": cfg.get("model_type"), "name": src.name,
+            "source": {"kind": src.kind, "location": src.location, "model_type": cfg.get("model_type")},
+            "exporter": {"edgeinfer": __version__, "via": "optimum"},
+            "architecture": {"vocab_size": int(cfg.get("vocab_size")),
+                             "hidden_size": int(cfg.get("hidden_size") or cfg.get("n_embd") or 0),
+                             "num_layers": kv["num_layers"], "num_kv_heads": kv["num_kv_heads"],
+                             "head_dim": kv["head_dim"], "tie_embeddings": bool(cfg.get("tie_word_embeddings"))},
+            "graphs": [entry], "io": io,
+            "kv_cache": {"layout": "BNSH", "dtype": "float32", **kv, "max_context": ctx, "shared_buffer": False},
+            "quantization": {"weights": precision, **({"block_size": block_size, "accuracy_level": 4,
+                                                       "scheme": "symmetric-rtn (onnxruntime MatMulNBitsQuantizer)"}
+                                                      if precision in ("int4", "int8") else {})},
+            "tokenizer": {"file": "tokenizer.json", "chat_template": src.chat_template, **src.special},
+            "generation": {"max_new_tokens": 256, **src.generation},
+            "exits": [],
+        })
+    return ExportResult(out, manifest, sum(m["size"] for m in manifest["files"].values()))
 
 
 def _manifest(src: SourceModel, spec, prec: Precision, ctx: int, graphs: list[dict], exits: list[dict]) -> dict:

@@ -35,6 +35,10 @@ def tiny_config(family: str):
         return Gemma3TextConfig(**TINY, head_dim=16, sliding_window=6, query_pre_attn_scalar=16,
                                 layer_types=["sliding_attention", "full_attention", "sliding_attention",
                                              "sliding_attention"])
+    if family == "gpt2":  # no hand-built graph: exercises the optimum fallback
+        from transformers import GPT2Config
+
+        return GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=512)
     raise ValueError(family)
 
 
