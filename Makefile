@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[export,models,serve,desktop,bench,test]'
 	# optimum (breadth fallback for families without a hand-built graph) pins transformers < 4.58: own venv
 	test -x $(OPTIMUM_VENV)/bin/python || $(PYTHON) -m venv $(OPTIMUM_VENV)
-	$(OPTIMUM_VENV)/bin/pip install -q torch==2.13.0 optimum-onnx
+	$(OPTIMUM_VENV)/bin/pip install -q torch==2.13.0 optimum-onnx onnx onnxruntime
 	touch $@
 
 $(PACKAGE)/edgeinfer.json: | setup

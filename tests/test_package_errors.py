@@ -136,9 +136,15 @@ def test_prompt_longer_than_context(tiny_packages):
     model = edgeinfer.load(tiny_packages("llama", "int4"), max_context=32)
     with pytest.raises(ContextLengthError, match="the context holds 32"):
         model.complete("the quick brown fox " * 40, max_new_tokens=4)
-    prompt = model.tokenizer.decode(model.tokenizer.encode("the quick brown fox " * 40)[:20])
+    # A generation that fills the context ends there, like one that reaches max_new_tokens.
+    ids = model.tokenizer.encode("the quick brown fox " * 40)[:20]
+    res = model.complete(ids, max_new_tokens=30, ignore_eos=True)
+    assert res.finish_reason == "length" and len(ids) + res.new_tokens <= 33
+    # Feeding past the reserved KV directly is an error naming the figures.
+    model.reset()
+    model.decoder.forward(ids)
     with pytest.raises(ContextLengthError, match="do not fit the context of 32"):
-        model.complete(prompt, max_new_tokens=30, ignore_eos=True)
+        model.decoder.forward(ids)
     # the model stays usable after the error
     assert model.complete("hello", max_new_tokens=3, ignore_eos=True).new_tokens == 3
 
