@@ -100,18 +100,24 @@ def embedding(g: GraphBuilder, ids: str, table: np.ndarray, name: str, precision
     that a tied LM head reuses them (GatherBlockQuantized reads the same layout).
     """
     if bits:
-        q = quantize_blockwise(table, bits=bits, block_size=precision.block_size, symmetric=precision.symmetric)
-        vocab = table.shape[0]
-        data = g.initializer(name + ".qweight", q.packed.reshape(vocab, -1))
-        scales = g.initializer(name + ".scales", q.scales)
-        inputs = [data, ids, scales]
-        if not q.symmetric:
-            inputs.append(g.initializer(name + ".zero_points", q.zero_points))
+        data, scales, zero_points = quantized_table(g, table, name, precision, bits)
+        inputs = [data, ids, scales] + ([zero_points] if zero_points else [])
         h = g.op1("GatherBlockQuantized", inputs, domain=MS_DOMAIN, name=name,
                   bits=bits, block_size=precision.block_size, gather_axis=0, quantize_axis=1)
         return h, name
     w = float_weight(g, name + ".weight", table, precision)
     return g.op1("Gather", [w, ids], name=name, axis=0), None
+
+
+def quantized_table(g: GraphBuilder, table: np.ndarray, name: str, precision: Precision,
+                    bits: int) -> tuple[str, str, str | None]:
+    """Initializers of a block-quantized (vocab, hidden) table, laid out for both
+    GatherBlockQuantized and (reshaped) MatMulNBits: (data, scales, zero points or None)."""
+    q = quantize_blockwise(table, bits=bits, block_size=precision.block_size, symmetric=precision.symmetric)
+    data = g.initializer(name + ".qweight", q.packed.reshape(table.shape[0], -1))
+    scales = g.initializer(name + ".scales", q.scales)
+    zero_points = None if q.symmetric else g.initializer(name + ".zero_points", q.zero_points)
+    return data, scales, zero_points
 
 
 def tied_lm_head(g: GraphBuilder, x: str, shared: str, vocab: int, hidden: int, bits: int,

@@ -26,6 +26,7 @@ from .blocks import (
     embedding,
     gated_mlp,
     linear,
+    quantized_table,
     rms_norm,
     rotary_cache,
     skip_rms_norm,
@@ -187,11 +188,9 @@ def build_exit_head(spec: DecoderSpec, sd: StateDict, precision: Precision) -> G
     x = g.input(HIDDEN_IN, "float32", ["batch", "seq", spec.hidden])
     shared = None
     if spec.tie_embeddings and precision.head_bits:
-        # Store the tied table once, in the layout the LM head reads.
-        _, shared = embedding(g, g.input(INPUT_IDS, "int64", ["batch", "seq"]), embed_table(sd),
-                              "model.embed_tokens", precision, precision.head_bits)
-        g.nodes.pop()  # keep the initializers, drop the gather
-        g.inputs.pop()
+        # The tied table, in the layout the LM head reads.
+        quantized_table(g, embed_table(sd), "model.embed_tokens", precision, precision.head_bits)
+        shared = "model.embed_tokens"
     _append_head(g, x, None, spec, sd, precision, shared)
     return g
 
