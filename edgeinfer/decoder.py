@@ -41,8 +41,7 @@ class Stage:
             raise PackageError(f"graph '{entry['path']}' does not have the inputs its manifest lists: "
                                "the package is inconsistent, re-export it.")
         kv, io = pkg.kv_cache, pkg.manifest["io"]
-        self.cache = KVCache(int(kv["num_layers"]), int(kv["num_kv_heads"]), int(kv["head_dim"]), capacity,
-                             layers=range(self.first, self.last))
+        self.cache = KVCache(range(self.first, self.last), int(kv["num_kv_heads"]), int(kv["head_dim"]), capacity)
         self.layer_names = [(i, io["past_key"].format(layer=i), io["past_value"].format(layer=i),
                              io["present_key"].format(layer=i), io["present_value"].format(layer=i))
                             for i in range(self.first, self.last)]

@@ -13,20 +13,15 @@ import onnxruntime as ort
 
 
 class KVCache:
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int,
-                 layers: range | None = None, dtype=np.float32):
+    def __init__(self, layers: range, kv_heads: int, head_dim: int, capacity: int, dtype=np.float32):
         self.capacity = int(capacity)
         self.length = 0
         shape = (1, kv_heads, self.capacity, head_dim)
-        self.layers = layers if layers is not None else range(num_layers)
+        self.layers = layers
         # np.zeros pages in lazily: memory is committed as the context fills.
         self._arrays = {i: (np.zeros(shape, dtype), np.zeros(shape, dtype)) for i in self.layers}
         self.keys = {i: ort.OrtValue.ortvalue_from_numpy(k) for i, (k, _) in self._arrays.items()}
         self.values = {i: ort.OrtValue.ortvalue_from_numpy(v) for i, (_, v) in self._arrays.items()}
-        self.nbytes = sum(k.nbytes + v.nbytes for k, v in self._arrays.values())
-
-    def is_trimmable(self) -> bool:
-        return True
 
     def trim(self, n: int) -> int:
         """Forget the last N positions; returns how many were dropped."""

@@ -121,8 +121,3 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     m = np.max(x)
     return x - m - np.log(np.exp(x - m).sum())
 
-
-def entropy(logits: np.ndarray) -> float:
-    """Shannon entropy (nats) of softmax(logits)."""
-    p = softmax(logits)
-    return float(-(p * np.log(np.maximum(p, 1e-30))).sum())

@@ -7,10 +7,12 @@ from typing import Protocol
 import numpy as np
 
 from edgeinfer.decoder import StagedDecoder
-from edgeinfer.generation_types import Emitted
 from edgeinfer.sampling import Sampler
 
 PREFILL_CHUNK = 512
+
+# (token id, log-probability or None, source: "model", "draft", "exit@L", ...)
+Emitted = tuple[int, "float | None", str]
 
 
 class Strategy(Protocol):
