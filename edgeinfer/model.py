@@ -42,6 +42,10 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
     not verified before (cached by size and mtime).
     """
     pkg = open_package(path, verify=verify)
+    if pkg.kind == "encoder-decoder":  # Whisper and other encoder-decoder families
+        from .seq2seq import Seq2SeqModel
+
+        return Seq2SeqModel(pkg, provider=provider, threads=threads)
     if pkg.kind != "decoder":
         raise PackageError(f"package '{path}' is a {pkg.kind} package; this runtime loads decoder packages.")
     return Model(pkg, provider=provider, threads=threads, max_context=max_context)

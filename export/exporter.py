@@ -11,6 +11,7 @@ from edgeinfer.models import FAMILIES, spec_for_config
 from edgeinfer.errors import ExportError
 
 from . import decoder_graph as dg
+from .aliases import is_alias
 from .blocks import PRECISIONS, Precision
 from .package_writer import staging_folder, write_manifest
 from .sources import SourceModel, load_source
@@ -38,6 +39,16 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"'{out}' already exists: choose another -o or pass --force to replace it.")
+    if isinstance(source, str):
+        from .seq2seq_export import export_seq2seq, seq2seq_source_path
+
+        seq2seq_folder = seq2seq_source_path(source)
+        if seq2seq_folder is not None:  # encoder-decoder: its own graphs and manifest
+            if stages or exits:
+                raise ExportError("stages and exits are not built for encoder-decoder models yet.")
+            return export_seq2seq(seq2seq_folder, out, precision, force=force, block_size=block_size,
+                                  accuracy_level=accuracy_level,
+                                  name=source if is_alias(source) else None)
     src = source if isinstance(source, SourceModel) else load_source(source)
     model_type = src.config.get("model_type", "")
     if model_type not in FAMILIES:

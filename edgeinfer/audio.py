@@ -1,0 +1,252 @@
+"""Audio input for speech models, in numpy only: a WAV reader that streams,
+mono mixdown, resampling to 16 kHz, and Whisper's log-mel spectrogram.
+
+The WAV file is untrusted: its header is checked against the file's real size
+before anything is read, and long recordings are read one window at a time, so
+a two-hour file costs the memory of one 30 s window, not of the whole file.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgeInferError
+
+
+class AudioError(EdgeInferError):
+    """An audio file is missing, not a WAV file we can read, or holds no samples."""
+
+
+_PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
+MAX_CHANNELS = 64
+MIN_RATE, MAX_RATE = 1000, 768_000
+
+
+@dataclass(frozen=True)
+class WavInfo:
+    path: Path
+    sample_rate: int
+    channels: int
+    bits: int
+    is_float: bool
+    frames: int
+    data_offset: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.sample_rate
+
+    @property
+    def frame_bytes(self) -> int:
+        return self.channels * self.bits // 8
+
+
+def read_wav_info(path: str | os.PathLike) -> WavInfo:
+    """Parse and check a WAV header (RIFF chunks: fmt, then data)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"no audio file at '{path}'.")
+    size = path.stat().st_size
+    if size == 0:
+        raise AudioError(f"'{path}' is empty: give a WAV file with audio in it.")
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            raise AudioError(f"'{path}' is not a WAV file (no RIFF/WAVE header): convert it to WAV first, "
+                             "e.g. ffmpeg -i input -ar 16000 -ac 1 out.wav.")
+        fmt = None
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+            body = pos + 8
+            if chunk_id == b"fmt ":
+                if chunk_size < 16 or body + chunk_size > size:
+                    raise AudioError(f"'{path}' has a malformed fmt chunk: the file is corrupt.")
+                fmt = f.read(min(chunk_size, 64))
+            elif chunk_id == b"data":
+                if fmt is None:
+                    raise AudioError(f"'{path}' has audio data before its format chunk: the file is corrupt.")
+                # streaming writers leave the size at 0 or 0xFFFFFFFF: take what the file holds
+                available = size - body
+                data_size = available if chunk_size in (0, 0xFFFFFFFF) else min(chunk_size, available)
+                return _info(path, fmt, body, data_size)
+            pos = body + chunk_size + (chunk_size & 1)
+    raise AudioError(f"'{path}' has no {'data' if fmt else 'fmt'} chunk: it is not a complete WAV file.")
+
+
+def _info(path: Path, fmt: bytes, offset: int, data_size: int) -> WavInfo:
+    tag, channels, rate, _byte_rate, block_align, bits = struct.unpack("<HHIIHH", fmt[:16])
+    if tag == _EXTENSIBLE and len(fmt) >= 26:
+        tag = struct.unpack("<H", fmt[24:26])[0]  # first two bytes of the sub-format GUID
+    if tag not in (_PCM, _FLOAT):
+        raise AudioError(f"'{path}' uses WAV encoding {tag}; only PCM integer and float samples are read: "
+                         "convert it, e.g. ffmpeg -i input -ar 16000 -ac 1 out.wav.")
+    ok_bits = (32, 64) if tag == _FLOAT else (8, 16, 24, 32)
+    if bits not in ok_bits:
+        raise AudioError(f"'{path}' has {bits}-bit samples; this reader takes {', '.join(map(str, ok_bits))}.")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError(f"'{path}' claims {channels} channels: the header is corrupt.")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(f"'{path}' claims a sample rate of {rate} Hz: the header is corrupt.")
+    if block_align != channels * bits // 8:
+        raise AudioError(f"'{path}' has an inconsistent block size ({block_align} for {channels} x {bits} bits).")
+    frames = data_size // block_align
+    if frames == 0:
+        raise AudioError(f"'{path}' holds no audio samples.")
+    return WavInfo(path, rate, channels, bits, tag == _FLOAT, frames, offset)
+
+
+def read_frames(info: WavInfo, start: int, count: int) -> np.ndarray:
+    """Frames [start, start+count) as float32 mono in [-1, 1] (clipped to the file)."""
+    start = max(0, start)
+    count = max(0, min(count, info.frames - start))
+    if count == 0:
+        return np.zeros(0, np.float32)
+    with open(info.path, "rb") as f:
+        f.seek(info.data_offset + start * info.frame_bytes)
+        raw = f.read(count * info.frame_bytes)
+    count = len(raw) // info.frame_bytes
+    raw = raw[: count * info.frame_bytes]
+    x = _decode(raw, info)
+    return x.reshape(count, info.channels).mean(axis=1, dtype=np.float32)
+
+
+def _decode(raw: bytes, info: WavInfo) -> np.ndarray:
+    if info.is_float:
+        return np.frombuffer(raw, "<f4" if info.bits == 32 else "<f8").astype(np.float32)
+    if info.bits == 8:  # unsigned, centred on 128
+        return (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    if info.bits == 16:
+        return np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+    if info.bits == 24:
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        v = np.where(v & 0x800000, v - (1 << 24), v)
+        return v.astype(np.float32) / float(1 << 23)
+    return (np.frombuffer(raw, "<i4").astype(np.float64) / 2147483648.0).astype(np.float32)
+
+
+# -- resampling ----------------------------------------------------------------
+_ZERO_CROSSINGS = 16  # half-width of the windowed-sinc kernel, in input samples at the cutoff
+
+
+def _kernel_halfwidth(ratio: float) -> int:
+    return int(np.ceil(_ZERO_CROSSINGS / min(1.0, ratio))) + 1
+
+
+def resample_at(x: np.ndarray, first_input: int, times: np.ndarray, ratio: float) -> np.ndarray:
+    """Band-limited interpolation of X (whose sample 0 is input index FIRST_INPUT) at input
+    times TIMES, with a Hann-windowed sinc; the cutoff drops to RATIO × Nyquist when
+    downsampling, so nothing above the new Nyquist folds back."""
+    cutoff = min(1.0, ratio)
+    half = _kernel_halfwidth(ratio)
+    out = np.empty(len(times), np.float32)
+    taps = np.arange(-half + 1, half + 1)
+    step = 1 << 14
+    for s in range(0, len(times), step):
+        t = times[s:s + step]
+        base = np.floor(t).astype(np.int64)
+        idx = base[:, None] + taps[None, :]
+        d = t[:, None] - idx  # distance from each tap, in input samples
+        w = cutoff * np.sinc(cutoff * d) * (0.5 + 0.5 * np.cos(np.pi * np.clip(d / half, -1, 1)))
+        local = idx - first_input
+        valid = (local >= 0) & (local < len(x))
+        vals = np.where(valid, x[np.clip(local, 0, max(len(x) - 1, 0))] if len(x) else 0.0, 0.0)
+        out[s:s + step] = (vals * w).sum(axis=1)
+    return out
+
+
+def resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """Resample a whole (short) signal."""
+    if rate_in == rate_out:
+        return x.astype(np.float32)
+    n_out = int(np.floor(len(x) * rate_out / rate_in))
+    return resample_at(x, 0, np.arange(n_out) * (rate_in / rate_out), rate_out / rate_in)
+
+
+def iter_windows(path_or_info: str | os.PathLike | WavInfo, rate: int = 16000,
+                 seconds: float = 30.0) -> Iterator[np.ndarray]:
+    """Mono float32 audio at RATE in consecutive windows of SECONDS (the last one shorter),
+    read from the file window by window."""
+    info = path_or_info if isinstance(path_or_info, WavInfo) else read_wav_info(path_or_info)
+    n_total = int(np.floor(info.frames * rate / info.sample_rate))
+    per = int(seconds * rate)
+    step = info.sample_rate / rate
+    half = _kernel_halfwidth(rate / info.sample_rate)
+    for start in range(0, max(n_total, 1), per):
+        n = min(per, n_total - start)
+        if n <= 0:
+            break
+        if info.sample_rate == rate:
+            yield read_frames(info, start, n)
+            continue
+        times = (start + np.arange(n)) * step
+        first = int(np.floor(times[0])) - half
+        last = int(np.ceil(times[-1])) + half
+        chunk = read_frames(info, max(first, 0), last - max(first, 0) + 1)
+        yield resample_at(chunk, max(first, 0), times, rate / info.sample_rate)
+
+
+def load_audio(path: str | os.PathLike, rate: int = 16000) -> np.ndarray:
+    """The whole file as mono float32 at RATE (for short files; long ones: iter_windows)."""
+    parts = list(iter_windows(path, rate))
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+# -- log-mel features --------------------------------------------------------------
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale: linear below 1 kHz, logarithmic above."""
+    hz = np.asarray(hz, np.float64)
+    mel = 3.0 * hz / 200.0
+    log_part = 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) * (27.0 / np.log(6.4))
+    return np.where(hz >= 1000.0, log_part, mel)
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, np.float64)
+    hz = 200.0 * mel / 3.0
+    return np.where(mel >= 15.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (mel - 15.0)), hz)
+
+
+def mel_filters(sample_rate: int = 16000, n_fft: int = 400, n_mels: int = 80) -> np.ndarray:
+    """Triangular slaney-normalised filters (n_freqs, n_mels), as Whisper was trained with."""
+    fft_freqs = np.linspace(0, sample_rate // 2, 1 + n_fft // 2)
+    mels = np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2), n_mels + 2)
+    edges = _mel_to_hz(mels)
+    diff = np.diff(edges)
+    slopes = edges[None, :] - fft_freqs[:, None]
+    down = -slopes[:, :-2] / diff[:-1]
+    up = slopes[:, 2:] / diff[1:]
+    filters = np.maximum(0.0, np.minimum(down, up))
+    return filters * (2.0 / (edges[2:n_mels + 2] - edges[:n_mels]))[None, :]
+
+
+_FILTER_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, n_samples: int = 480_000, n_fft: int = 400,
+                        hop: int = 160, sample_rate: int = 16000) -> np.ndarray:
+    """Whisper's input features (n_mels, n_samples // hop) for up to N_SAMPLES of 16 kHz audio:
+    zero-padded to the window, centred STFT with a periodic Hann window, power
+    spectrum, mel filters, log10, clamped to 8 decades below the peak, scaled."""
+    x = np.zeros(n_samples, np.float64)
+    x[: min(len(audio), n_samples)] = audio[:n_samples]
+    x = np.pad(x, n_fft // 2, mode="reflect")
+    frames = 1 + (len(x) - n_fft) // hop
+    idx = np.arange(n_fft)[None, :] + hop * np.arange(frames)[:, None]
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
+    power = np.abs(np.fft.rfft(x[idx] * window, axis=1)) ** 2  # (frames, n_freqs)
+    key = (sample_rate, n_fft, n_mels)
+    if key not in _FILTER_CACHE:
+        _FILTER_CACHE[key] = mel_filters(sample_rate, n_fft, n_mels)
+    mel = power @ _FILTER_CACHE[key]  # (frames, n_mels)
+    log_spec = np.log10(np.maximum(mel, 1e-10)).T[:, :-1]
+    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
+    return ((log_spec + 4.0) / 4.0).astype(np.float32)

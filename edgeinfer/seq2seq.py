@@ -1,0 +1,245 @@
+"""Encoder-decoder packages at run time: ``edgeinfer.load()`` returns a
+:class:`Seq2SeqModel` for a package of ``kind: "encoder-decoder"``.
+
+The encoder runs once per input, the cross_kv graph once after it (the cross
+K/V of every decoder layer), and the decoder once per step with its growing
+self-attention cache. For speech (Whisper) the audio goes through
+``edgeinfer.audio``: read in 30 s windows, log-mel features in numpy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgeinfer.runtimes import create_session, resolve_provider
+
+from .audio import iter_windows, log_mel_spectrogram, read_wav_info
+from .errors import GenerationError, PackageError
+from .package import Package
+from .seq2seq_search import LogitsRules, Seq2SeqConfig, TimestampRules, beam_search, greedy_search
+from .tokenizer import TextTokenizer
+
+SILENCE_PEAK = 10 ** (-60 / 20)  # a window whose loudest sample is below -60 dBFS holds no speech
+TIMESTAMP_STEP_S = 0.02
+
+
+@dataclass
+class TranscriptionResult:
+    text: str
+    segments: list[dict] = field(default_factory=list)
+    windows: int = 0
+    silent_windows: int = 0
+    audio_s: float = 0.0
+    elapsed_s: float = 0.0
+    encoder_s: float = 0.0
+    decoder_s: float = 0.0
+    new_tokens: int = 0
+    tokens: list[list[int]] = field(default_factory=list)
+
+    @property
+    def inverse_rtf(self) -> float:
+        """Seconds of audio transcribed per second of compute."""
+        return self.audio_s / self.elapsed_s if self.elapsed_s else 0.0
+
+    def as_dict(self) -> dict:
+        return {"text": self.text, "segments": self.segments, "windows": self.windows,
+                "silent_windows": self.silent_windows, "audio_s": round(self.audio_s, 3),
+                "elapsed_s": round(self.elapsed_s, 4), "encoder_s": round(self.encoder_s, 4),
+                "decoder_s": round(self.decoder_s, 4), "new_tokens": self.new_tokens,
+                "inverse_rtf": round(self.inverse_rtf, 2), "tokens": self.tokens}
+
+
+class DecoderState:
+    """Self-attention cache and cross K/V of one generation, batch = beams."""
+
+    def __init__(self, model: Seq2SeqModel, cross: list[np.ndarray], batch: int):
+        self.model = model
+        self.cross = [np.ascontiguousarray(np.repeat(c, batch, axis=0)) if batch > 1 else c for c in cross]
+        heads, head_dim = model.arch["heads"], model.arch["head_dim"]
+        empty = np.zeros((batch, heads, 0, head_dim), np.float32)
+        self.past = [empty] * (2 * model.layers)
+
+    @property
+    def length(self) -> int:
+        return self.past[0].shape[2]
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        if self.length + ids.shape[1] > self.model.max_target_positions:
+            raise GenerationError(f"the decoder holds {self.model.max_target_positions} positions: "
+                                  "ask for fewer new tokens.")
+        outs = self.model.run_decoder(ids, self.past, self.cross)
+        self.past = outs[1:]
+        return outs[0][:, -1, :]
+
+    def reorder(self, index: np.ndarray) -> None:
+        if not np.array_equal(index, np.arange(len(index))):
+            self.past = [p[index] for p in self.past]
+
+
+class Seq2SeqModel:
+    """An encoder-decoder package: transcribe audio (Whisper) or generate ids from features."""
+
+    def __init__(self, pkg: Package, provider: str = "auto", threads: int | None = None):
+        self.package = pkg
+        self.target = resolve_provider(provider, threads)
+        m = pkg.manifest
+        self.arch = m.get("architecture", {})
+        self.io = m.get("io", {})
+        try:
+            graphs = {g["role"]: g for g in m["graphs"]}
+            self.sessions = {role: create_session(pkg.path(graphs[role]["path"]), self.target)
+                             for role in ("encoder", "cross_kv", "decoder")}
+            self.layers = int(self.arch["decoder_layers"])
+            self.max_target_positions = int(self.arch["max_target_positions"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise PackageError(f"package '{pkg.root}' is an encoder-decoder package without {e}: re-export it.") \
+                from None
+        self.tokenizer = TextTokenizer(pkg)
+        self.generation = m.get("generation", {})
+        self.audio = m.get("audio")
+        self.eos = {int(self.generation.get("eos_token_id", -1))}
+        self._cross_names = [n.format(layer=i) for i in range(self.layers)
+                             for n in (self.io["cross_key"], self.io["cross_value"])]
+        self._past_names = [n.format(layer=i) for i in range(self.layers)
+                            for n in (self.io["past_key"], self.io["past_value"])]
+
+    @property
+    def name(self) -> str:
+        return self.package.manifest.get("name", self.package.root.name)
+
+    @property
+    def kind(self) -> str:
+        return "encoder-decoder"
+
+    # -- graph calls -------------------------------------------------------------
+    def encode(self, features: np.ndarray) -> np.ndarray:
+        """Encoder hidden states (B, S, D) for log-mel FEATURES (B, n_mels, frames)."""
+        return self.sessions["encoder"].run(None, {self.io["input_features"]: features.astype(np.float32)})[0]
+
+    def cross_kv(self, hidden: np.ndarray) -> list[np.ndarray]:
+        """[key_0, value_0, key_1, ...] of the cross attention, computed once per input."""
+        return self.sessions["cross_kv"].run(self._cross_names, {self.io["encoder_hidden_states"]: hidden})
+
+    def run_decoder(self, ids: np.ndarray, past: list[np.ndarray], cross: list[np.ndarray]) -> list[np.ndarray]:
+        feed = {self.io["input_ids"]: ids}
+        feed.update(zip(self._past_names, past))
+        feed.update(zip(self._cross_names, cross))
+        return self.sessions["decoder"].run(None, feed)
+
+    def decoder_logits(self, ids: list[int], hidden: np.ndarray) -> np.ndarray:
+        """Logits (T, V) of every position of IDS given encoder states (for checks)."""
+        state = DecoderState(self, self.cross_kv(hidden), 1)
+        return self.run_decoder(np.asarray([ids], np.int64), state.past, state.cross)[0][0]
+
+    # -- generation ---------------------------------------------------------------
+    def config(self, **params) -> Seq2SeqConfig:
+        gen = self.generation
+        base = dict(max_new_tokens=int(gen.get("max_new_tokens", 224)),
+                    suppress_tokens=list(gen.get("suppress_tokens", [])),
+                    begin_suppress_tokens=list(gen.get("begin_suppress_tokens", [])))
+        allowed = Seq2SeqConfig.__dataclass_fields__
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            raise GenerationError(f"unknown generation parameter(s): {', '.join(unknown)}.")
+        base.update({k: v for k, v in params.items() if v is not None})
+        return Seq2SeqConfig(**base).validate()
+
+    def generate_ids(self, features: np.ndarray, prompt: list[int] | None = None, *, timestamps: bool = False,
+                     on_token=None, **params) -> list[int]:
+        """New token ids for one input's FEATURES (1, n_mels, frames) after PROMPT (default:
+        the package's decoder start, e.g. Whisper's start-of-transcript + no-timestamps)."""
+        return self._search(self.encode(features), prompt, timestamps, on_token, params)
+
+    def _search(self, hidden: np.ndarray, prompt: list[int] | None, timestamps: bool, on_token,
+                params: dict) -> list[int]:
+        config = self.config(**params)
+        if prompt is None:
+            key = "decoder_start_ids_timestamps" if timestamps else "decoder_start_ids"
+            prompt = list(self.generation.get(key) or self.generation["decoder_start_ids"])
+        if len(prompt) >= self.max_target_positions:
+            raise GenerationError(f"the decoder prompt has {len(prompt)} tokens; the decoder holds "
+                                  f"{self.max_target_positions}.")
+        config.max_new_tokens = min(config.max_new_tokens, self.max_target_positions - len(prompt))
+        rules = LogitsRules(config, len(prompt), self._timestamp_rules() if timestamps else None)
+        state = DecoderState(self, self.cross_kv(hidden), config.num_beams)
+        if config.num_beams > 1:
+            return beam_search(state, prompt, config, self.eos, rules)
+        return greedy_search(state, prompt, config, self.eos, rules, on_token)
+
+    def _timestamp_rules(self) -> TimestampRules:
+        gen = self.generation
+        if "timestamp_begin" not in gen:
+            raise GenerationError(f"model '{self.name}' has no timestamp tokens.")
+        return TimestampRules(int(gen["timestamp_begin"]), int(gen["no_timestamps_token_id"]),
+                              int(gen["eos_token_id"]))
+
+    def transcribe(self, path: str | os.PathLike, *, timestamps: bool = False, on_text=None,
+                   **params) -> TranscriptionResult:
+        """Transcribe a WAV file (any rate, mono or not) in 30 s windows, streaming the file.
+
+        ``timestamps`` keeps Whisper's timestamp tokens and returns segments;
+        parameters are those of :class:`Seq2SeqConfig` (num_beams, length_penalty, ...).
+        ``on_text(str)`` is called with each window's text as it is ready.
+        """
+        if not self.audio:
+            raise GenerationError(f"model '{self.name}' takes text, not audio.")
+        info = read_wav_info(path)
+        rate, n_mels = int(self.audio["sampling_rate"]), int(self.audio["num_mel_bins"])
+        chunk_s = float(self.audio["chunk_seconds"])
+        n_samples = int(chunk_s * rate)
+        res = TranscriptionResult(text="", audio_s=info.duration_s)
+        texts = []
+        t0 = time.perf_counter()
+        for k, window in enumerate(iter_windows(info, rate, chunk_s)):
+            res.windows += 1
+            if window.size == 0 or float(np.abs(window).max()) < SILENCE_PEAK:
+                res.silent_windows += 1
+                continue
+            feats = log_mel_spectrogram(window, n_mels=n_mels, n_samples=n_samples, sample_rate=rate)[None]
+            te = time.perf_counter()
+            hidden = self.encode(feats)
+            res.encoder_s += time.perf_counter() - te
+            td = time.perf_counter()
+            tokens = self._search(hidden, None, timestamps, None, params)
+            res.decoder_s += time.perf_counter() - td
+            res.tokens.append(tokens)
+            res.new_tokens += len(tokens)
+            text, segments = self._window_text(tokens, k * chunk_s, timestamps)
+            if text:
+                texts.append(text)
+                res.segments.extend(segments)
+                if on_text is not None:
+                    on_text(text)
+        res.text = " ".join(texts)
+        res.elapsed_s = time.perf_counter() - t0
+        return res
+
+    def _window_text(self, tokens: list[int], offset_s: float, timestamps: bool) -> tuple[str, list[dict]]:
+        """Text of a window's tokens and, with timestamps, its segments (times in the file)."""
+        begin = int(self.generation.get("timestamp_begin", 1 << 62))
+        tokens = [t for t in tokens if t not in self.eos]
+        if not timestamps:
+            return self.tokenizer.decode([t for t in tokens if t < begin]).strip(), []
+        segments, current, start = [], [], None
+        for t in tokens:
+            if t >= begin:
+                stamp = offset_s + (t - begin) * TIMESTAMP_STEP_S
+                if start is None:
+                    start = stamp
+                else:
+                    text = self.tokenizer.decode(current).strip()
+                    if text:
+                        segments.append({"start": round(start, 2), "end": round(stamp, 2), "text": text})
+                    current, start = [], None
+            else:
+                current.append(t)
+        if current:  # an unclosed segment runs to the end of the window
+            text = self.tokenizer.decode(current).strip()
+            if text:
+                segments.append({"start": round(start if start is not None else offset_s, 2),
+                                 "end": None, "text": text})
+        return " ".join(s["text"] for s in segments), segments

@@ -1,0 +1,198 @@
+"""``edgeinfer export`` for encoder-decoder sources: Whisper from a CTranslate2
+folder (the ``whisper-tiny.en`` alias) or a Hugging Face folder.
+
+Writes three graphs (encoder, cross_kv, decoder; see ``seq2seq_graph``), the
+tokenizer, and a manifest of ``kind: "encoder-decoder"`` that tells the runtime
+the IO names, the special tokens and the audio front-end's settings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeinfer.errors import ExportError
+from edgeinfer.models import whisper
+from edgeinfer.models.seq2seq_base import Seq2SeqSpec
+
+from . import seq2seq_graph as sg
+from .blocks import PRECISIONS, Precision
+from .ct2_reader import is_ct2_folder, read_ct2_folder
+from .package_writer import staging_folder, write_manifest
+
+SEQ2SEQ_FAMILIES = ("whisper",)
+# Whisper's audio front-end (fixed by the model: 30 s windows of 16 kHz audio, 10 ms hops)
+AUDIO = {"sampling_rate": 16000, "n_fft": 400, "hop_length": 160, "chunk_seconds": 30}
+
+
+@dataclass
+class Seq2SeqSource:
+    name: str
+    kind: str  # "ct2" | "hf-folder"
+    location: str
+    spec: Seq2SeqSpec
+    weights: dict[str, np.ndarray]
+    tokenizer_json: str
+    generation: dict = field(default_factory=dict)
+
+
+def seq2seq_source_path(source: str) -> Path | None:
+    """The folder of SOURCE if it is an encoder-decoder source this exporter reads, else None."""
+    from .aliases import resolve_alias
+
+    if not isinstance(source, str):
+        return None
+    if source.lower().replace("_", "-") in ("whisper-tiny.en", "whisper-tiny-en"):
+        return resolve_alias("whisper-tiny.en").parent
+    path = Path(source).expanduser()
+    if is_ct2_folder(path):
+        return path
+    cfg = path / "config.json"
+    if path.is_dir() and cfg.is_file():
+        try:
+            model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            return None
+        if model_type in SEQ2SEQ_FAMILIES:
+            return path
+    return None
+
+
+def load_seq2seq_source(folder: Path, name: str | None = None) -> Seq2SeqSource:
+    if is_ct2_folder(folder):
+        return _load_ct2(folder, name)
+    return _load_hf(folder)
+
+
+def _load_ct2(folder: Path, name: str | None) -> Seq2SeqSource:
+    ct2 = read_ct2_folder(folder)
+    if ct2.spec != "WhisperSpec":
+        raise ExportError(f"'{folder}' holds a CTranslate2 {ct2.spec}; only WhisperSpec models are read.")
+    if not ct2.tokenizer_json:
+        raise ExportError(f"'{folder}' has no tokenizer.json: edgeinfer needs one to decode Whisper's tokens.")
+    try:
+        spec = whisper.spec_from_ct2(ct2.variables)
+        weights = whisper.weights_from_ct2(ct2.variables, spec)
+    except (KeyError, ValueError, IndexError) as e:
+        raise ExportError(f"'{folder}/model.bin' is not a Whisper model this exporter understands ({e}).") from None
+    ids = _special_ids(ct2.tokenizer_json, ct2.vocabulary)
+    gen = _whisper_generation(spec, ids, ct2.config.get("suppress_ids", []),
+                              ct2.config.get("suppress_ids_begin", []))
+    return Seq2SeqSource(name or folder.name, "ct2", str(folder), spec, weights, ct2.tokenizer_json, gen)
+
+
+def _load_hf(folder: Path) -> Seq2SeqSource:
+    try:
+        import torch
+        from transformers import AutoConfig, AutoTokenizer, WhisperForConditionalGeneration
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ExportError("exporting needs the export extra: pip install 'edgeinfer[export]'.") from e
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+        model = WhisperForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except OSError as e:
+        raise ExportError(f"could not read '{folder}': {str(e).strip().splitlines()[0]}") from None
+    cfg = config.to_dict()
+    spec = whisper.spec_from_hf(cfg)
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    weights = whisper.weights_from_hf(sd, spec)
+    tok_json = tokenizer.backend_tokenizer.to_str()
+    gen_cfg = model.generation_config.to_dict() if model.generation_config is not None else {}
+    start = gen_cfg.get("decoder_start_token_id", cfg.get("decoder_start_token_id"))
+    eos = gen_cfg.get("eos_token_id", cfg.get("eos_token_id"))
+    no_ts = gen_cfg.get("no_timestamps_token_id")
+    gen = {"decoder_start_ids": [int(start)] + ([int(no_ts)] if no_ts is not None else []),
+           "eos_token_id": int(eos[0] if isinstance(eos, list) else eos),
+           "suppress_tokens": [int(t) for t in gen_cfg.get("suppress_tokens") or []],
+           "begin_suppress_tokens": [int(t) for t in gen_cfg.get("begin_suppress_tokens") or []],
+           "max_new_tokens": spec.max_target_positions // 2}
+    if no_ts is not None:
+        gen.update(no_timestamps_token_id=int(no_ts), timestamp_begin=int(no_ts) + 1,
+                   decoder_start_ids_timestamps=[int(start)])
+    return Seq2SeqSource(folder.name, "hf-folder", str(folder.resolve()), spec, weights, tok_json, gen)
+
+
+def _special_ids(tokenizer_json: str, vocabulary: list[str]) -> dict[str, int]:
+    ids = {}
+    for t in json.loads(tokenizer_json).get("added_tokens", []):
+        ids[t["content"]] = int(t["id"])
+    for i, tok in enumerate(vocabulary):
+        if tok.startswith("<|") and tok not in ids:
+            ids[tok] = i
+    return ids
+
+
+def _whisper_generation(spec: Seq2SeqSpec, ids: dict[str, int], suppress: list[int], begin: list[int]) -> dict:
+    try:
+        sot, eot, no_ts = ids["<|startoftranscript|>"], ids["<|endoftext|>"], ids["<|notimestamps|>"]
+    except KeyError as e:
+        raise ExportError(f"the Whisper tokenizer lacks the special token {e}: the source is incomplete.") from None
+    english_only = spec.vocab_size < 51865  # the multilingual vocabulary has one more token
+    prefix = [sot] if english_only else [sot, ids["<|en|>"], ids["<|transcribe|>"]]
+    return {"decoder_start_ids": prefix + [no_ts], "decoder_start_ids_timestamps": prefix,
+            "eos_token_id": eot, "no_timestamps_token_id": no_ts, "timestamp_begin": no_ts + 1,
+            "suppress_tokens": sorted({int(t) for t in suppress}),
+            "begin_suppress_tokens": sorted({int(t) for t in begin}),
+            "max_new_tokens": spec.max_target_positions // 2, "english_only": english_only}
+
+
+def export_seq2seq(folder: Path, out: str | Path, precision: str = "int8", *, force: bool = False,
+                   block_size: int = 32, accuracy_level: int = 4, name: str | None = None):
+    """Export the encoder-decoder model in FOLDER to a package at OUT."""
+    from .exporter import ExportResult
+
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}.")
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"'{out}' already exists: choose another -o or pass --force to replace it.")
+    src = load_seq2seq_source(Path(folder), name)
+    spec = src.spec
+    if precision in ("int4", "int8") and (spec.d_model % block_size or spec.ffn % block_size):
+        raise ExportError(f"--block-size {block_size} does not divide the model's widths ({spec.d_model}, "
+                          f"{spec.ffn}): choose a smaller power of two.")
+    prec = Precision(precision, block_size=block_size, accuracy_level=accuracy_level)
+    builders = {"encoder": sg.build_encoder, "cross_kv": sg.build_cross_kv, "decoder": sg.build_decoder}
+    with staging_folder(out, force) as tmp:
+        (tmp / "graphs").mkdir()
+        graphs = []
+        for role, build in builders.items():
+            g = build(spec, src.weights, prec)
+            rel = f"graphs/{role}.onnx"
+            g.save(tmp / rel)
+            graphs.append({"name": role, "role": role, "path": rel,
+                           "inputs": [i.name for i in g.inputs], "outputs": [o.name for o in g.outputs]})
+        (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
+        manifest = write_manifest(tmp, _manifest(src, prec, graphs))
+    return ExportResult(out, manifest, sum(m["size"] for m in manifest["files"].values()))
+
+
+def _manifest(src: Seq2SeqSource, prec: Precision, graphs: list[dict]) -> dict:
+    from edgeinfer import __version__
+
+    spec = src.spec
+    return {
+        "kind": "encoder-decoder", "family": spec.family, "name": src.name,
+        "source": {"kind": src.kind, "location": src.location, "model_type": spec.family},
+        "exporter": {"edgeinfer": __version__},
+        "architecture": spec.as_manifest(),
+        "graphs": graphs,
+        "io": {"input_features": sg.INPUT_FEATURES, "encoder_hidden_states": sg.ENCODER_HIDDEN,
+               "input_ids": sg.DECODER_INPUT_IDS, "logits": sg.LOGITS,
+               "past_key": sg.PAST_KEY, "past_value": sg.PAST_VALUE,
+               "present_key": sg.PRESENT_KEY, "present_value": sg.PRESENT_VALUE,
+               "cross_key": sg.CROSS_KEY, "cross_value": sg.CROSS_VALUE},
+        "kv_cache": {"layout": "BNSH", "dtype": "float32", "num_layers": spec.decoder_layers,
+                     "num_kv_heads": spec.heads, "head_dim": spec.head_dim,
+                     "max_context": spec.max_target_positions, "shared_buffer": False},
+        "quantization": prec.describe(),
+        "tokenizer": {"file": "tokenizer.json", "eos_token_ids": [src.generation["eos_token_id"]]},
+        "generation": src.generation,
+        "audio": {**AUDIO, "num_mel_bins": spec.num_mel_bins,
+                  "frames": 2 * spec.max_source_positions} if spec.frontend == "audio" else None,
+        "exits": [],
+    }
