@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read stdin)")
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the package's chat template")
     _generation_args(r)
+    r.add_argument("--num-beams", type=int, default=None, help="encoder-decoder models: beam search width")
+    r.add_argument("--length-penalty", type=float, default=None, help="beam search: score / length**penalty")
+    r.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
+    r.add_argument("--timestamps", action="store_true", help="speech models: keep timestamps, print segments")
     r.add_argument("--json", action="store_true", help="print one JSON object with text and timings at the end")
     r.set_defaults(func=_cmd_run)
 
@@ -120,7 +124,18 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", default="auto")
     p.add_argument("--max-context", type=int, default=None, help="KV capacity to reserve")
     p.add_argument("--strategy", default="plain",
-                   choices=["plain", "early-exit", "self-speculative", "adaptive", "lookup"])
+                   choices=["plain", "early-exit", "self-speculative", "adaptive", "lookup", "speculative", "ead",
+                            "bild"])
+    p.add_argument("--little", default=None, metavar="PACKAGE",
+                   help="little model (same tokenizer) for --strategy speculative|ead|bild; without it they "
+                        "draft from the package's own exit (--exit-layer)")
+    p.add_argument("--tau", type=float, default=None, help="ead: rolling-entropy threshold in nats")
+    p.add_argument("--window", type=int, default=None, help="ead: rolling-entropy window (tokens)")
+    p.add_argument("--min-hold", type=int, default=None, help="ead: fewest tokens the big model writes per turn")
+    p.add_argument("--fallback-threshold", type=float, default=None,
+                   help="bild: the little model hands over below this top probability (default 0.6)")
+    p.add_argument("--rollback-threshold", type=float, default=None,
+                   help="bild: cut little tokens the big model scores above this cross-entropy (default 5.0)")
     p.add_argument("--threshold", type=float, default=None,
                    help="early-exit confidence / self-speculative draft-stop probability, in [0, 1]")
     p.add_argument("--draft-len", type=int, default=None, help="tokens drafted per verification")
@@ -155,7 +170,7 @@ def _load(args):
     from . import load
 
     return load(args.package, provider=args.provider, threads=args.threads,
-                max_context=getattr(args, "max_context", None))
+                max_context=getattr(args, "max_context", None), little=getattr(args, "little", None))
 
 
 def _cmd_run(args) -> int:
@@ -165,9 +180,15 @@ def _cmd_run(args) -> int:
             return _fail("give a prompt: edgeinfer run PACKAGE \"your prompt\" (or pipe it on stdin)")
         prompt = sys.stdin.read()
     model = _load(args)
+    if getattr(model, "kind", "decoder") == "encoder-decoder":
+        from .seq2seq_cli import run_seq2seq
+
+        return run_seq2seq(model, prompt, args)
     params = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
-                  threshold=args.threshold, draft_len=args.draft_len, exit_layer=args.exit_layer)
+                  threshold=args.threshold, draft_len=args.draft_len, exit_layer=args.exit_layer, tau=args.tau,
+                  window=args.window, min_hold=args.min_hold, fallback_threshold=args.fallback_threshold,
+                  rollback_threshold=args.rollback_threshold)
     if args.max_new_tokens is not None:
         params["max_new_tokens"] = args.max_new_tokens
     else:

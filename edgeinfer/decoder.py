@@ -76,6 +76,7 @@ class StagedDecoder:
     """A decoder package loaded for inference: stage sessions, caches, exit head."""
 
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None):
+        self.package = pkg
         kv = pkg.kv_cache
         self.package_context = int(kv["max_context"])
         self.capacity = min(int(max_context or self.package_context), self.package_context)

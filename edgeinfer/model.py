@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -15,24 +16,31 @@ from .sampling import GenerationConfig
 from .tokenizer import TextTokenizer
 
 Messages = list[dict]
-STRATEGY_OPTIONS = ("threshold", "draft_len", "exit_layer", "confidence")
+STRATEGY_OPTIONS = ("threshold", "draft_len", "exit_layer", "confidence", "tau", "window", "min_hold",
+                    "fallback_threshold", "rollback_threshold")
 
 
-def make_strategy(name: str, decoder: StagedDecoder, options: dict):
-    from .strategies import STRATEGIES
+def make_strategy(name: str, decoder: StagedDecoder, options: dict, little: Model | None = None):
+    """Build strategy NAME for DECODER; big/little strategies also get the LITTLE model's decoder."""
+    import inspect
+
+    from .strategies import STRATEGIES, PairStrategy
 
     cls = STRATEGIES.get(name)
     if cls is None:
         raise GenerationError(f"unknown strategy '{name}': choose one of {', '.join(STRATEGIES)}.")
     opts = {k: v for k, v in options.items() if v is not None}
-    try:
-        return cls(decoder, **opts)
-    except TypeError:
-        raise GenerationError(f"strategy '{name}' does not take {', '.join(sorted(opts))}.") from None
+    unknown = sorted(set(opts) - set(inspect.signature(cls).parameters))
+    if unknown:
+        raise GenerationError(f"strategy '{name}' does not take {', '.join(unknown)}.")
+    if issubclass(cls, PairStrategy) and little is not None:
+        return cls(decoder, little.decoder, **opts)
+    return cls(decoder, **opts)
 
 
 def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
-         max_context: int | None = None, verify: bool | None = None) -> Model:
+         max_context: int | None = None, verify: bool | None = None,
+         little: str | os.PathLike | Model | None = None, memory_budget: int | str | None = None) -> Model:
     """Load a model package.
 
     provider: ``auto`` or an execution provider's short name (``cpu``, ...).
@@ -40,6 +48,10 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
     max_context: KV capacity to reserve (default: the package's maximum).
     verify: True = sha256 every file, False = sizes only, None = hash files
     not verified before (cached by size and mtime).
+    little: a second, smaller decoder package (or loaded Model) with the same
+    tokenizer, for the big/little strategies (speculative, ead, bild).
+    memory_budget: bytes (or "512MB") the expert cache of a sparse-MoE package
+    may hold (default: all experts).
     """
     pkg = open_package(path, verify=verify)
     if pkg.kind == "encoder-decoder":  # Whisper and other encoder-decoder families
@@ -48,12 +60,21 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
         return Seq2SeqModel(pkg, provider=provider, threads=threads)
     if pkg.kind != "decoder":
         raise PackageError(f"package '{path}' is a {pkg.kind} package; this runtime loads decoder packages.")
-    return Model(pkg, provider=provider, threads=threads, max_context=max_context)
+    model = Model(pkg, provider=provider, threads=threads, max_context=max_context, memory_budget=memory_budget)
+    if little is not None:
+        if not isinstance(little, Model):
+            little_pkg = open_package(little, verify=verify)
+            if little_pkg.kind != "decoder":
+                raise PackageError(f"the little package '{little}' is a {little_pkg.kind} package: "
+                                   "big/little decoding needs a decoder package of the same tokenizer.")
+            little = Model(little_pkg, provider=provider, threads=threads, max_context=max_context)
+        model.attach_little(little)
+    return model
 
 
 class Model:
     def __init__(self, pkg: Package, provider: str = "auto", threads: int | None = None,
-                 max_context: int | None = None):
+                 max_context: int | None = None, memory_budget: int | str | None = None):
         self.package = pkg
         self.target = resolve_provider(provider, threads)
         self.tokenizer = TextTokenizer(pkg)
@@ -61,9 +82,16 @@ class Model:
             from .monolithic import MonolithicDecoder
 
             self.decoder = MonolithicDecoder(pkg, self.target, max_context=max_context)
+        elif "moe" in pkg.manifest:  # sparse MoE: experts streamed from the expert store
+            from .experts import parse_memory_budget
+            from .moe_decoder import MoEDecoder
+
+            self.decoder = MoEDecoder(pkg, self.target, max_context=max_context,
+                                      memory_budget=parse_memory_budget(memory_budget))
         else:
             self.decoder = StagedDecoder(pkg, self.target, max_context=max_context)
         self.defaults = pkg.manifest.get("generation", {})
+        self.little: Model | None = None  # the draft / little model of the big/little strategies
         self._cached_tokens: list[int] = []  # what the KV cache holds, for prefix reuse
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread running a generation
@@ -76,6 +104,20 @@ class Model:
     @property
     def max_context(self) -> int:
         return self.decoder.capacity
+
+    def attach_little(self, little: Model) -> None:
+        """Use LITTLE as the little model of the big/little strategies; it must share our tokenizer."""
+        mine, theirs = self.tokenizer, little.tokenizer
+        if mine.tokenizer.get_vocab() != theirs.tokenizer.get_vocab():
+            raise PackageError(f"'{little.name}' and '{self.name}' have different vocabularies: big/little "
+                               "decoding needs two models with the same tokenizer.")
+        if (mine.bos_token_id, mine.eos_token_ids) != (theirs.bos_token_id, theirs.eos_token_ids):
+            raise PackageError(f"'{little.name}' and '{self.name}' have different special tokens (bos/eos): "
+                               "big/little decoding needs two models with the same tokenizer.")
+        if little.decoder.vocab_size != self.decoder.vocab_size:
+            raise PackageError(f"'{little.name}' has {little.decoder.vocab_size} logits and '{self.name}' "
+                               f"{self.decoder.vocab_size}: big/little decoding needs the same output vocabulary.")
+        self.little = little
 
     def encode(self, prompt: str | Messages) -> list[int]:
         if isinstance(prompt, str):
@@ -96,6 +138,9 @@ class Model:
         the strategy's: ``strategy`` is one of plain, early-exit,
         self-speculative, adaptive, lookup; their options are ``threshold``,
         ``draft_len``, ``exit_layer``, ``confidence`` (see edgeinfer.strategies).
+        With a little model attached (``load(..., little=...)``): speculative
+        (lossless), ead (``tau``, ``window``, ``min_hold``) and bild
+        (``fallback_threshold``, ``rollback_threshold``, ``draft_len``).
         """
         strat_opts = {k: params.pop(k) for k in list(params) if k in STRATEGY_OPTIONS}
         config = self._config(config, params)
@@ -111,7 +156,7 @@ class Model:
         if len(ids) >= self.max_context:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds {self.max_context}: "
                                   "shorten the prompt or load with a larger max_context.")
-        runner = make_strategy(strategy, self.decoder, strat_opts)  # validates before the cache is touched
+        runner = make_strategy(strategy, self.decoder, strat_opts, self.little)  # validates first
         gen = Generation(iter(()))
         gen._events = self._locked_run(gen, runner, ids, config)
         return gen
@@ -163,20 +208,30 @@ class Model:
         wait their turn; in the thread that holds the model, a new generation ends the
         open one (abandoned by a ``break``, say). Records which tokens the cache holds."""
         self._end_open_generation()
-        with self._lock:
+        little = self.little if getattr(strategy, "little", None) is not None and \
+            strategy.little.decoder is not self.decoder else None
+        with self._lock, (little._lock if little else contextlib.nullcontext()):
             self._owner, self._open = threading.get_ident(), gen
             try:
                 reuse = self._reusable_prefix(ids)
                 self._cached_tokens = []  # unknown while running; set when the loop ends cleanly
+                if hasattr(strategy, "begin"):  # big/little strategies: the whole prompt, the little's cache
+                    strategy.begin(ids, little._cached_tokens if little else None)
                 out = []
+                experts_before = self.decoder.expert_stats() if hasattr(self.decoder, "expert_stats") else None
                 for ev in run_generation(gen, strategy, self.tokenizer, ids, config, reuse):
                     if ev.source != "flush":
                         out.append(ev.token_id)
                     yield ev
                 fed = ids + out[:-1]  # the last sampled token was never fed to the model
                 self._cached_tokens = fed[: self.decoder.length]
+                if experts_before is not None and gen.result is not None:  # MoE: expert cache counters
+                    gen.result.stats["experts"] = self.decoder.expert_stats(experts_before).as_dict()
             except BaseException:
                 self.decoder.reset()  # an error or an abandoned generation: start clean next time
+                if little:
+                    little.decoder.reset()
+                    little._cached_tokens = []
                 raise
             finally:
                 self._owner, self._open = None, None

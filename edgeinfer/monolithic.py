@@ -20,6 +20,7 @@ class MonolithicDecoder:
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None):
         entry = next(g for g in pkg.manifest["graphs"] if g.get("role") == "monolithic")
         self.session = create_session(pkg.path(entry["path"]), target)
+        self.package = pkg
         self.io = pkg.manifest["io"]
         kv = pkg.kv_cache
         self.package_context = int(kv["max_context"])

@@ -1,5 +1,9 @@
 """Decoding strategies: each decides the next token(s) given the models and caches.
 
+Big/little ones (``speculative`` lossless; ``ead`` and ``bild`` lossy) drive
+two models — another package, or the package's own early exit as the little
+one — through :class:`~edgeinfer.strategies.pair.Track`.
+
 All share one interface (``prefill(ids) -> logits``, ``advance(token, sampler,
 history) -> [(token, logprob, source)]``, ``stats``) and the decode loop in
 ``edgeinfer.generation``. Lossless ones (``lookup``, ``self-speculative``,
@@ -7,13 +11,18 @@ history) -> [(token, logprob, source)]``, ``stats``) and the decode loop in
 """
 
 from .base import Strategy, accept_draft
+from .bild import BiLD
+from .ead import EntropyAdaptive
 from .early_exit import EarlyExit
 from .lookup import PromptLookup
+from .pair import PairStrategy
 from .plain import Plain
 from .self_speculative import AdaptiveSelfSpeculative, SelfSpeculative
+from .speculative import Speculative
 
 STRATEGIES = {"plain": Plain, "early-exit": EarlyExit, "self-speculative": SelfSpeculative,
-              "adaptive": AdaptiveSelfSpeculative, "lookup": PromptLookup}
+              "adaptive": AdaptiveSelfSpeculative, "lookup": PromptLookup,
+              "speculative": Speculative, "ead": EntropyAdaptive, "bild": BiLD}
 
 __all__ = ["STRATEGIES", "Strategy", "accept_draft", "Plain", "EarlyExit", "SelfSpeculative",
-           "AdaptiveSelfSpeculative", "PromptLookup"]
+           "AdaptiveSelfSpeculative", "PromptLookup", "PairStrategy", "Speculative", "EntropyAdaptive", "BiLD"]
