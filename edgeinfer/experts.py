@@ -1,0 +1,380 @@
+"""Experts on demand: the expert store reader, a memory-budgeted expert cache, and
+a background reader that prefetches the experts the next layer will probably need.
+
+An expert, once read, becomes a small onnxruntime session of the package's
+``expert_ffn`` graph whose weights are that expert's record (handed over as
+external initializers, so nothing is copied into a model proto). onnxruntime
+prepacks the weights when it creates the session; the record's buffer is then
+dropped, and the session is what the cache holds. Measured on this machine for a
+1536x768 int4 expert (see docs/moe.md): a session runs the expert in ~0.1 ms,
+feeding the same weights as graph inputs to MatMulNBits takes ~7 ms (it unpacks
+them every call), and numpy on pre-dequantized fp32 weights ~0.3-0.4 ms while
+holding 8x the bytes.
+
+The cache is bounded by a byte budget counted in store records. Layers are
+visited in a fixed cycle, which makes plain LRU evict exactly the layer about to
+run; instead each layer gets an equal share of the budget and the victim is the
+least recently used expert of the layer furthest above its share. Experts in
+use (the current layer's) and those being prefetched are pinned.
+
+Correctness never depends on prediction: an expert that is neither cached nor
+in flight is read synchronously.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import queue
+import re
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import EdgeInferError, PackageError
+from .package import Package
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12}
+
+
+class MemoryBudgetError(EdgeInferError):
+    """The expert memory budget is malformed or too small for the model."""
+
+
+def parse_memory_budget(value: str | int | float | None) -> int | None:
+    """Bytes from ``512MB``, ``1.5GiB``, ``2000000`` (None or ``unlimited`` = no limit)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "unlimited")):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        n = int(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise MemoryBudgetError(f"memory budget {value!r} is not a size: write e.g. 512MB, 1.5GB or 800MiB.")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise MemoryBudgetError(f"memory budget {value!r} must be positive.")
+    return n
+
+
+class ExpertStore:
+    """Reads expert records from ``experts.bin`` by (layer, expert), checked against the file at open."""
+
+    def __init__(self, pkg: Package, index: dict, direct_io: bool = False):
+        self.path = pkg.path(index["file"])
+        if not self.path.is_file():
+            raise PackageError(f"expert store '{index['file']}' is missing: re-export the package.")
+        self.size = self.path.stat().st_size
+        self.alignment = int(index.get("alignment", 4096))
+        self.record_size = int(index["record_size"])
+        self.tensors = index["tensors"]
+        self.records: dict[tuple[int, int], tuple[int, int]] = {}
+        for layer, recs in index["layers"].items():
+            for e, rec in enumerate(recs):
+                self.records[(int(layer), e)] = self._checked(int(layer), e, rec)
+        for t in self.tensors:
+            end = int(t["offset"]) + int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize
+            if int(t["offset"]) < 0 or end > self.record_size:
+                raise PackageError(f"expert tensor '{t['name']}' does not fit its record: the package index is "
+                                   "corrupt, re-export it.")
+        self.direct_io = direct_io
+        self._fd = os.open(self.path, os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct_io else 0))
+
+    def _checked(self, layer: int, e: int, rec) -> tuple[int, int]:
+        if not (isinstance(rec, list) and len(rec) == 2 and all(isinstance(v, int) for v in rec)):
+            raise PackageError(f"expert {e} of layer {layer} has a malformed index entry: re-export the package.")
+        offset, size = rec
+        if offset < 0 or size != self.record_size or offset % self.alignment:
+            raise PackageError(f"expert {e} of layer {layer} has a bad offset or size in the index: "
+                               "the package is corrupt, re-export it.")
+        if offset + size > self.size:
+            raise PackageError(f"expert {e} of layer {layer} lies outside the expert store ({offset + size} > "
+                               f"{self.size} bytes): the store is truncated or the index corrupt, re-export it.")
+        return offset, size
+
+    def read(self, layer: int, expert: int) -> dict[str, np.ndarray]:
+        """One expert's tensors (views of one freshly read, page-aligned buffer)."""
+        offset, size = self.records[(layer, expert)]
+        buf = mmap.mmap(-1, size)  # anonymous and page-aligned: what O_DIRECT needs
+        got = os.preadv(self._fd, [buf], offset)
+        if got != size:
+            raise PackageError(f"expert {expert} of layer {layer}: read {got} of {size} bytes from the expert "
+                               "store: it is truncated, re-export the package.")
+        raw = np.frombuffer(buf, np.uint8)
+        out = {}
+        for t in self.tensors:
+            dt = np.dtype(t["dtype"])
+            n = int(np.prod(t["shape"])) * dt.itemsize
+            out[t["name"]] = raw[t["offset"]:t["offset"] + n].view(dt).reshape(t["shape"])
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0  # needed and already cached
+    late_prefetches: int = 0  # needed while its prefetch was still reading: waited for it
+    misses: int = 0  # needed, neither cached nor in flight: read synchronously
+    prefetched: int = 0  # experts the background reader loaded
+    prefetch_used: int = 0  # ... of which were used before being evicted
+    bytes_read: int = 0
+    read_s: float = 0.0  # time spent reading and preparing experts (both threads)
+    wait_s: float = 0.0  # time the decode thread stood still for experts
+    predicted: int = 0  # experts predicted for the next layer
+    predicted_right: int = 0  # ... that the router then chose
+    tokens: int = 0
+
+    def as_dict(self) -> dict:
+        needed = self.hits + self.late_prefetches + self.misses
+        d = dict(self.__dict__)
+        d.update(needed=needed, hit_rate=round(self.hits / needed, 4) if needed else None,
+                 prefetch_accuracy=round(self.predicted_right / self.predicted, 4) if self.predicted else None,
+                 bytes_read_per_token=round(self.bytes_read / self.tokens) if self.tokens else None,
+                 read_s=round(self.read_s, 4), wait_s=round(self.wait_s, 4))
+        return d
+
+    def minus(self, other: CacheStats) -> CacheStats:
+        return CacheStats(**{k: getattr(self, k) - getattr(other, k) for k in self.__dict__})
+
+
+@dataclass
+class _Entry:
+    session: ort.InferenceSession
+    prefetched: bool = False
+    used: bool = False
+
+
+@dataclass
+class _InFlight:
+    done: threading.Event = field(default_factory=threading.Event)
+    entry: _Entry | None = None
+    error: BaseException | None = None
+
+
+class ExpertCache:
+    """Expert sessions by (layer, expert), within ``budget`` bytes of store records."""
+
+    def __init__(self, store: ExpertStore, ffn_graph: bytes, session_options, budget: int | None,
+                 sparse_layers: list[int], top_k: int):
+        self.store = store
+        self.ffn_graph = ffn_graph
+        self.session_options = session_options
+        self.record = store.record_size
+        minimum = top_k * self.record
+        total = len(store.records) * self.record
+        if budget is not None and budget < minimum:
+            raise MemoryBudgetError(f"a memory budget of {budget} bytes cannot hold one layer's {top_k} experts: "
+                                    f"give at least {minimum} bytes ({_human(minimum)}; all experts take "
+                                    f"{_human(total)}).")
+        self.budget = total if budget is None else min(budget, total)
+        self.capacity = self.budget // self.record  # experts that fit
+        self.quota = self.capacity / max(1, len(sparse_layers))
+        self.layers: dict[int, OrderedDict] = {i: OrderedDict() for i in sparse_layers}
+        self.count = 0
+        self.pinned: Counter = Counter()
+        self.inflight: dict[tuple[int, int], _InFlight] = {}
+        self.lock = threading.Lock()
+        self.stats = CacheStats()
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.count * self.record
+
+    # -- loading ---------------------------------------------------------------
+    def load(self, layer: int, expert: int) -> _Entry:
+        """Read one record and build its session (no cache bookkeeping)."""
+        t0 = time.perf_counter()
+        tensors = self.store.read(layer, expert)
+        names = list(tensors)
+        values = [ort.OrtValue.ortvalue_from_numpy(tensors[n]) for n in names]
+        so = self.session_options()
+        so.add_external_initializers(names, values)
+        try:
+            session = ort.InferenceSession(self.ffn_graph, sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0][:200]
+            raise PackageError(f"expert {expert} of layer {layer} could not be loaded ({msg}): "
+                               "the package is corrupt, re-export it.") from None
+        dt = time.perf_counter() - t0
+        with self.lock:
+            self.stats.bytes_read += self.record
+            self.stats.read_s += dt
+        return _Entry(session)
+
+    # -- bookkeeping (callers hold self.lock) ------------------------------------
+    def _lookup(self, key: tuple[int, int]) -> _Entry | None:
+        entries = self.layers[key[0]]
+        entry = entries.get(key[1])
+        if entry is not None:
+            entries.move_to_end(key[1])
+        return entry
+
+    def _make_room(self) -> bool:
+        """Evict until one more expert fits; False if only pinned experts are left."""
+        while self.count + 1 > self.capacity:
+            best, best_over = None, None
+            for layer, entries in self.layers.items():
+                over = len(entries) - self.quota
+                if best_over is not None and over <= best_over:
+                    continue
+                victim = next((e for e in entries if (layer, e) not in self.pinned), None)
+                if victim is not None:
+                    best, best_over = (layer, victim), over
+            if best is None:
+                return False
+            self.layers[best[0]].pop(best[1])
+            self.count -= 1
+        return True
+
+    def _insert(self, key: tuple[int, int], entry: _Entry) -> bool:
+        if key[1] in self.layers[key[0]]:
+            return True
+        if not self._make_room():
+            return False
+        self.layers[key[0]][key[1]] = entry
+        self.count += 1
+        return True
+
+    # -- decode thread -----------------------------------------------------------
+    def acquire(self, layer: int, experts: list[int]) -> list[ort.InferenceSession]:
+        """Sessions of EXPERTS of LAYER, loading what is missing; they stay pinned until ``release``."""
+        waits, misses, found = [], [], {}
+        with self.lock:
+            for e in experts:
+                key = (layer, e)
+                self.pinned[key] += 1
+                entry = self._lookup(key)
+                if entry is not None:
+                    self.stats.hits += 1
+                    self._mark_used(entry)
+                    found[e] = entry
+                elif key in self.inflight:
+                    waits.append((e, self.inflight[key]))
+                else:
+                    misses.append(e)
+                    self.inflight[key] = _InFlight()
+        t0 = time.perf_counter()
+        for e in misses:
+            key = (layer, e)
+            try:
+                entry = self.load(layer, e)
+            except BaseException as err:
+                with self.lock:
+                    flight = self.inflight.pop(key)
+                flight.error = err
+                flight.done.set()
+                self.release(layer, experts)
+                raise
+            with self.lock:
+                self.stats.misses += 1
+                self._insert(key, entry)  # may not fit beside pinned ones: then used once, uncached
+                flight = self.inflight.pop(key)
+            flight.entry = entry
+            flight.done.set()
+            found[e] = entry
+        for e, flight in waits:
+            flight.done.wait()
+            if flight.error is not None or flight.entry is None:  # the reader failed or dropped it: read here
+                entry = self.load(layer, e)
+                with self.lock:
+                    self.stats.misses += 1
+                    self._insert((layer, e), entry)
+            else:
+                entry = flight.entry
+                with self.lock:
+                    self.stats.late_prefetches += 1
+                    self._mark_used(entry)
+            found[e] = entry
+        with self.lock:
+            self.stats.wait_s += time.perf_counter() - t0
+        return [found[e].session for e in experts]
+
+    def _mark_used(self, entry: _Entry) -> None:
+        if entry.prefetched and not entry.used:
+            self.stats.prefetch_used += 1
+        entry.used = True
+
+    def release(self, layer: int, experts: list[int]) -> None:
+        with self.lock:
+            for e in experts:
+                key = (layer, e)
+                self.pinned[key] -= 1
+                if self.pinned[key] <= 0:
+                    del self.pinned[key]
+
+    # -- reader thread -------------------------------------------------------------
+    def prefetch_one(self, layer: int, expert: int) -> None:
+        key = (layer, expert)
+        with self.lock:
+            if expert in self.layers[layer] or key in self.inflight:
+                return
+            # Room must come from experts nobody is using; otherwise skip (the decode thread will read it).
+            if self.count + 1 > self.capacity and not self._make_room():
+                return
+            flight = self.inflight[key] = _InFlight()
+            self.pinned[key] += 1
+        try:
+            entry = self.load(layer, expert)
+            entry.prefetched = True
+        except BaseException as err:  # the decode thread reads it again and reports the error
+            flight.error = err
+            entry = None
+        with self.lock:
+            self.pinned[key] -= 1
+            if self.pinned[key] <= 0:
+                del self.pinned[key]
+            if entry is not None and self._insert(key, entry):
+                self.stats.prefetched += 1
+            self.inflight.pop(key, None)
+        flight.entry = entry
+        flight.done.set()
+
+
+class Prefetcher:
+    """A daemon thread that loads predicted experts in the order they were asked for.
+
+    Requests carry the decode position they are for; one the decoder has already
+    passed is dropped unread."""
+
+    def __init__(self, cache: ExpertCache):
+        self.cache = cache
+        self.requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.position = (0, -1)  # (token step, layer) the decoder is at
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, name="edgeinfer-expert-reader", daemon=True)
+        self.thread.start()
+
+    def request(self, step: int, layer: int, experts: list[int]) -> None:
+        self.requests.put((step, layer, experts))
+
+    def _run(self) -> None:
+        while True:
+            item = self.requests.get()
+            if item is None or self._stop:
+                return
+            step, layer, experts = item
+            for e in experts:
+                if (step, layer) <= self.position:
+                    break
+                self.cache.prefetch_one(layer, e)
+
+    def close(self) -> None:
+        self._stop = True
+        self.requests.put(None)
+        self.thread.join(timeout=5)
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"

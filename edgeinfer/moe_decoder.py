@@ -1,0 +1,243 @@
+"""Run a sparse-MoE package: per-layer graphs up to the router, experts from the
+expert cache in between, and a background reader that fetches the next layer's
+likely experts while this layer computes.
+
+Same interface as :class:`edgeinfer.decoder.StagedDecoder` for the decode loop
+and the strategies that need no stages (plain, lookup): ``forward``, ``step``,
+``truncate``, ``trim``, ``reset``, ``length``, ``capacity``, ``vocab_size``,
+``exits`` (none).
+
+Prediction: after layer i's attention, the stream is normalized with layer
+i+1's pre-feed-forward norm and scored by layer i+1's router (numpy, hidden x
+experts: microseconds). Between the two only layer i's experts and layer i+1's
+attention change the stream, and those are small updates to a large residual
+stream, so the top-k of these scores is usually the set layer i+1 will choose.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from edgeinfer.runtimes import ExecutionTarget, create_session
+from edgeinfer.runtimes import cpu as cpu_runtime
+
+from .errors import ContextLengthError, PackageError
+from .experts import CacheStats, ExpertCache, ExpertStore, Prefetcher
+from .kv_cache import KVCache
+from .package import Package
+
+_ov = ort.OrtValue.ortvalue_from_numpy
+
+
+def top_experts(logits: np.ndarray, k: int, renormalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the K experts of highest softmax probability (descending) and their weights."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    probs = np.exp(z)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    idx = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
+    w = np.take_along_axis(probs, idx, axis=-1)
+    if renormalize:
+        w = w / w.sum(axis=-1, keepdims=True)
+    return idx, w.astype(np.float32)
+
+
+class MoEDecoder:
+    exits: dict = {}
+    exit_head = None
+
+    def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None,
+                 memory_budget: int | None = None, prefetch: bool = True, direct_io: bool = False):
+        m = pkg.manifest
+        moe, kv = m["moe"], pkg.kv_cache
+        self.io = m["io"]
+        self.package_context = int(kv["max_context"])
+        self.capacity = min(int(max_context or self.package_context), self.package_context)
+        self.vocab_size = int(m["architecture"]["vocab_size"])
+        self.hidden_size = int(m["architecture"]["hidden_size"])
+        self.top_k = int(moe["top_k"])
+        self.renormalize = bool(moe["norm_topk_prob"])
+        graphs = {g.get("role"): g for g in m["graphs"] if g.get("role") in ("embed", "head", "expert_ffn")}
+        layers = sorted((g for g in m["graphs"] if g.get("role") == "moe_layer"), key=lambda g: int(g["layer"]))
+        self.num_layers = int(kv["num_layers"])
+        if "embed" not in graphs or "head" not in graphs or [int(g["layer"]) for g in layers] != list(
+                range(self.num_layers)):
+            raise PackageError(f"package '{pkg.root}' lacks some of its MoE graphs: re-export it.")
+        self.embed = create_session(pkg.path(graphs["embed"]["path"]), target)
+        self.head = create_session(pkg.path(graphs["head"]["path"]), target)
+        self.layers = [create_session(pkg.path(g["path"]), target) for g in layers]
+        self.sparse = [bool(g["sparse"]) for g in layers]
+        self.has_shared = bool(moe.get("shared_expert_intermediate"))
+        self.kv = KVCache(range(self.num_layers), int(kv["num_kv_heads"]), int(kv["head_dim"]), self.capacity)
+        sparse_layers = [i for i, s in enumerate(self.sparse) if s]
+        self.cache: ExpertCache | None = None
+        self.prefetcher: Prefetcher | None = None
+        if sparse_layers:
+            router = moe["router"]
+            self.routers = _load_array(pkg, router["weights"], (self.num_layers, int(moe["num_experts"]),
+                                                                self.hidden_size))
+            self.router_norms = _load_array(pkg, router["norms"], (self.num_layers, self.hidden_size))
+            self.eps = float(router["eps"])
+            if "expert_ffn" not in graphs:
+                raise PackageError(f"package '{pkg.root}' has no expert_ffn graph: re-export it.")
+            ffn_graph = pkg.path(graphs["expert_ffn"]["path"]).read_bytes()
+            store = ExpertStore(pkg, moe["expert_store"], direct_io=direct_io)
+            missing = [i for i in sparse_layers if str(i) not in moe["expert_store"]["layers"]]
+            if missing:
+                raise PackageError(f"the expert store index has no experts for layer {missing[0]}: re-export it.")
+
+            def expert_session_options() -> ort.SessionOptions:
+                so = cpu_runtime.session_options(target.threads)
+                # The graph is already fused; optimizing it again per expert only slows loading.
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                return so
+
+            self.cache = ExpertCache(store, ffn_graph, expert_session_options, memory_budget, sparse_layers,
+                                     self.top_k)
+            if prefetch:
+                self.prefetcher = Prefetcher(self.cache)
+        self._next_sparse = {i: next((j for j in range(i + 1, self.num_layers) if self.sparse[j]), None)
+                             for i in range(self.num_layers)}
+        self._predicted: dict[int, list[int]] = {}
+        self._step = 0
+
+    # -- state -----------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return self.kv.length
+
+    def truncate(self, n: int) -> None:
+        self.kv.truncate(n)
+
+    def trim(self, n: int) -> None:
+        self.kv.trim(n)
+
+    def reset(self) -> None:
+        self.kv.reset()
+
+    def expert_stats(self, since: CacheStats | None = None) -> CacheStats:
+        """Cumulative expert-cache counters (minus SINCE); ``.as_dict()`` for reports."""
+        if self.cache is None:
+            return CacheStats()
+        with self.cache.lock:
+            now = CacheStats(**self.cache.stats.__dict__)
+        return now.minus(since) if since is not None else now
+
+    def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
+        if self.cache is not None:
+            self.cache.store.close()
+
+    # -- running ----------------------------------------------------------------
+    def forward(self, ids, logits_to_keep: int = 1, stages: int | None = None) -> np.ndarray:
+        """Feed IDS (1-D); returns the logits (logits_to_keep, vocab) of the last positions."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        n = ids.shape[1]
+        if self.length + n > self.capacity:
+            raise ContextLengthError(f"{self.length + n} tokens do not fit the context of {self.capacity}: "
+                                     "shorten the prompt or max_new_tokens.")
+        self._step += 1
+        start = self.length
+        x = self.embed.run([self.io["hidden_out"]], {self.io["input_ids"]: ids})[0]
+        for i in range(self.num_layers):
+            x = self._layer(i, x, start, n)
+        self.kv.length = start + n
+        if self.cache is not None:
+            self.cache.stats.tokens += n
+        keep = np.array([min(logits_to_keep, n)], np.int64)
+        out = self.head.run([self.io["logits"]], {self.io["hidden_in"]: x, self.io["logits_to_keep"]: keep})[0]
+        return out[0]
+
+    def step(self, token: int) -> np.ndarray:
+        """Append one token; returns its logits (vocab,)."""
+        return self.forward([token])[-1]
+
+    def _layer(self, i: int, x: np.ndarray, start: int, n: int) -> np.ndarray:
+        io = self.io
+        sess = self.layers[i]
+        b = sess.io_binding()
+        b.bind_ortvalue_input(io["hidden_in"], _ov(np.ascontiguousarray(x, np.float32)))
+        b.bind_ortvalue_input(io["seqlens_k"], _ov(np.array([start + n - 1], np.int32)))
+        b.bind_ortvalue_input(io["total_sequence_length"], _ov(np.array(start + n, np.int32)))
+        b.bind_ortvalue_input(io["past_key"].format(layer=i), self.kv.keys[i])
+        b.bind_ortvalue_input(io["past_value"].format(layer=i), self.kv.values[i])
+        # Main outputs are bound first: get_outputs() lists outputs in binding order.
+        if not self.sparse[i]:
+            names = [io["hidden_out"]]
+        else:
+            names = [io["stream"], io["ffn_in"], io["router_logits"]] + ([io["shared_out"]] if self.has_shared else [])
+        for name in names:
+            b.bind_output(name, "cpu")
+        b.bind_ortvalue_output(io["present_key"].format(layer=i), self.kv.keys[i])
+        b.bind_ortvalue_output(io["present_value"].format(layer=i), self.kv.values[i])
+        sess.run_with_iobinding(b)
+        if not self.sparse[i]:
+            return b.get_outputs()[0].numpy()
+        outs = [v.numpy() for v in b.get_outputs()[: len(names)]]
+        stream, h, logits = outs[0][0], outs[1][0], outs[2][0]
+        if n == 1:
+            self._predict_next(i, stream)
+        experts, weights = top_experts(logits, self.top_k, self.renormalize)
+        if n == 1:
+            self._score_prediction(i, experts[0])
+        y = self._experts(i, h, experts, weights)
+        out = stream + y
+        if self.has_shared:
+            out += outs[3][0]
+        return out[None]
+
+    def _predict_next(self, i: int, stream: np.ndarray) -> None:
+        j = self._next_sparse[i]
+        if j is None or self.prefetcher is None:
+            return
+        v = stream[-1]
+        normed = v / np.sqrt(np.mean(v * v) + self.eps) * self.router_norms[j]
+        scores = self.routers[j] @ normed
+        guess = np.argsort(-scores, kind="stable")[: self.top_k].tolist()
+        self._predicted[j] = guess
+        self.prefetcher.request(self._step, j, guess)
+
+    def _score_prediction(self, i: int, chosen: np.ndarray) -> None:
+        guess = self._predicted.pop(i, None)
+        if guess is not None and self.cache is not None:
+            with self.cache.lock:
+                self.cache.stats.predicted += len(guess)
+                self.cache.stats.predicted_right += len(set(guess) & set(chosen.tolist()))
+
+    def _experts(self, i: int, h: np.ndarray, experts: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Sum over tokens' chosen experts of weight * expert(h); one expert pinned at a time for prompts."""
+        cache = self.cache
+        if self.prefetcher is not None:
+            self.prefetcher.position = (self._step, i)
+        name_in, name_out = self.io["expert_in"], self.io["expert_out"]
+        y = np.zeros_like(h)
+        if len(h) == 1:
+            chosen = experts[0].tolist()
+            sessions = cache.acquire(i, chosen)
+            try:
+                for s, w in zip(sessions, weights[0]):
+                    y += w * s.run([name_out], {name_in: h})[0]
+            finally:
+                cache.release(i, chosen)
+            return y
+        for e in np.unique(experts).tolist():
+            rows, slot = np.nonzero(experts == e)
+            sessions = cache.acquire(i, [e])
+            try:
+                out = sessions[0].run([name_out], {name_in: np.ascontiguousarray(h[rows])})[0]
+            finally:
+                cache.release(i, [e])
+            y[rows] += out * weights[rows, slot][:, None]
+        return y
+
+
+def _load_array(pkg: Package, rel: str, shape: tuple) -> np.ndarray:
+    try:
+        a = np.load(pkg.path(rel), allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise PackageError(f"'{rel}' could not be read ({e}): re-export the package.") from None
+    if a.shape != shape or a.dtype != np.float32:
+        raise PackageError(f"'{rel}' has shape {a.shape}, expected {shape}: re-export the package.")
+    return a

@@ -1,0 +1,93 @@
+"""Write the expert store: every routed expert's weights in one file, outside the graphs.
+
+A record holds one expert of one layer — its fused gate/up projection and its
+down projection, block-quantized (int4/int8, the MatMulNBits layout) or fp32 —
+at a fixed offset. Records start on 4096-byte boundaries and are padded to a
+multiple of 4096 bytes, so the runtime can read an expert with one ``pread``
+(or one ``O_DIRECT`` read) and never touches a neighbour's bytes. All records
+have the same internal layout, described once in the index; the index (record
+offsets and sizes per layer and expert, tensor names, dtypes, shapes) goes in
+the package manifest under ``moe.expert_store``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .quantize import quantize_blockwise
+
+ALIGNMENT = 4096
+_TENSOR_ALIGN = 64
+
+
+def expert_tensors(gate_up: np.ndarray, down: np.ndarray, bits: int | None, block_size: int,
+                   symmetric: bool) -> dict[str, np.ndarray]:
+    """The arrays an expert's FFN graph reads, by initializer name.
+
+    ``gate_up`` is (2*inter, hidden) and ``down`` (hidden, inter), PyTorch layout.
+    Quantized matrices keep that (N, K) layout (MatMulNBits); fp32 ones are
+    stored transposed (K, N) so that a plain MatMul reads them directly.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, w in (("gate_up", gate_up), ("down", down)):
+        if bits:
+            q = quantize_blockwise(w, bits=bits, block_size=block_size, symmetric=symmetric)
+            out[f"{name}.qweight"] = q.packed
+            out[f"{name}.scales"] = q.scales
+            if not q.symmetric:
+                out[f"{name}.zero_points"] = q.zero_points
+        else:
+            out[f"{name}.weight"] = np.ascontiguousarray(np.asarray(w, np.float32).T)
+    return out
+
+
+class ExpertStoreWriter:
+    """Appends expert records to ``experts.bin`` and builds the index for the manifest."""
+
+    def __init__(self, path: Path, rel_path: str, num_layers: int, num_experts: int, precision: str,
+                 block_size: int, symmetric: bool):
+        self.path, self.rel_path = path, rel_path
+        self.bits = {"int4": 4, "int8": 8}.get(precision)
+        self.precision, self.block_size, self.symmetric = precision, block_size, symmetric
+        self.layout: list[dict] | None = None
+        self.record_size = 0
+        self.records: dict[int, list[list[int] | None]] = {}
+        self.num_experts = num_experts
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "wb")
+        self._offset = 0
+
+    def add(self, layer: int, expert: int, gate_up: np.ndarray, down: np.ndarray) -> None:
+        tensors = expert_tensors(gate_up, down, self.bits, self.block_size, self.symmetric)
+        if self.layout is None:
+            self.layout, pos = [], 0
+            for name, a in tensors.items():
+                self.layout.append({"name": name, "offset": pos, "dtype": str(a.dtype), "shape": list(a.shape),
+                                    "nbytes": a.nbytes})
+                pos = _round_up(pos + a.nbytes, _TENSOR_ALIGN)
+            self.record_size = _round_up(pos, ALIGNMENT)
+        record = bytearray(self.record_size)
+        for t in self.layout:
+            a = tensors[t["name"]]
+            if list(a.shape) != t["shape"] or str(a.dtype) != t["dtype"]:
+                raise ValueError(f"expert {expert} of layer {layer} has a different shape than the others")
+            record[t["offset"]:t["offset"] + a.nbytes] = np.ascontiguousarray(a).tobytes()
+        self._file.write(record)
+        self.records.setdefault(layer, [None] * self.num_experts)[expert] = [self._offset, self.record_size]
+        self._offset += self.record_size
+
+    def close(self) -> dict:
+        """Flush the file; returns the index for the manifest."""
+        self._file.flush()
+        self._file.close()
+        quant = {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric} if self.bits else {}
+        return {"file": self.rel_path, "alignment": ALIGNMENT, "precision": self.precision, **quant,
+                "record_size": self.record_size, "tensors": self.layout or [],
+                "layers": {str(layer): recs for layer, recs in sorted(self.records.items())},
+                "total_bytes": self._offset}
+
+
+def _round_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a

@@ -1,0 +1,297 @@
+"""Export a sparse-MoE decoder: small per-layer graphs plus an expert store.
+
+The runtime must choose experts between a layer's attention and its
+feed-forward, and load the ones it lacks from disk, so a sparse layer's graph
+stops at the router: it takes the residual stream, runs attention over its KV
+buffer, and returns the stream after attention, the normalized feed-forward
+input, the router logits (fp32, whatever the precision: routing decisions
+should not move with quantization), and, for Qwen2-MoE, the shared expert's
+gated output. Dense layers among sparse ones are whole layers.
+
+Around the layers: an ``embed`` graph (ids → stream), a ``head`` graph (final
+norm + LM head on the last positions), and ``expert_ffn``: one expert's
+gated MLP whose weights are initializers the runtime supplies from the expert
+store (declared as external data; the runtime replaces them, so the graph
+file holds no weights). ``experts/routers.npy`` and ``experts/router_norms.npy``
+give the runtime every layer's router and pre-feed-forward norm, which it
+applies to the current stream to predict — and prefetch — the next layer's
+experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from edgeinfer.models.moe import (
+    LayerExperts,
+    MoESpec,
+    attention_weights,
+    dense_mlp_weights,
+    router_weight,
+    shared_expert_weights,
+)
+from onnx import TensorProto
+
+from edgeinfer.errors import ExportError
+
+from . import decoder_graph as dg
+from .blocks import AttentionIO, Precision, attention, embedding, gated_mlp, linear, rms_norm, rotary_cache
+from .expert_store import ExpertStoreWriter
+from .onnx_graph import MS_DOMAIN, GraphBuilder
+from .package_writer import staging_folder, write_manifest
+
+STREAM = "stream"
+FFN_IN = "ffn_in"
+ROUTER_LOGITS = "router_logits"
+SHARED_OUT = "shared_out"
+EXPERT_IN = "expert_in"
+EXPERT_OUT = "expert_out"
+STORE_FILE = "experts/experts.bin"
+ROUTERS_FILE = "experts/routers.npy"
+ROUTER_NORMS_FILE = "experts/router_norms.npy"
+_FP32 = Precision("fp32")
+
+
+def build_embed(spec: MoESpec, sd: Mapping, precision: Precision) -> GraphBuilder:
+    g = GraphBuilder("embed")
+    ids = g.input(dg.INPUT_IDS, "int64", ["batch", "seq"])
+    x, _ = embedding(g, ids, sd["model.embed_tokens.weight"], "model.embed_tokens", precision, precision.bits)
+    g.op1("Identity", [x], outputs=[dg.HIDDEN_OUT])
+    g.output(dg.HIDDEN_OUT, "float32", ["batch", "seq", spec.dense.hidden])
+    return g
+
+
+def build_layer(spec: MoESpec, sd: Mapping, i: int, precision: Precision, max_context: int) -> GraphBuilder:
+    """Layer I: attention, then either the router (sparse) or the whole dense MLP."""
+    d = spec.dense
+    g = GraphBuilder(f"layer{i}")
+    x = g.input(dg.HIDDEN_IN, "float32", ["batch", "seq", d.hidden])
+    seqlens = g.input(dg.SEQLENS_K, "int32", ["batch"])
+    total = g.input(dg.TOTAL_SEQ_LEN, "int32", [])
+    kv_shape = ["batch", d.kv_heads, "max_context", d.head_dim]
+    for name in (dg.past_key(i), dg.past_value(i)):
+        g.input(name, "float32", kv_shape)
+    cos, sin = rotary_cache(d.head_dim, max_context, d.rope_theta, d.rope_scaling)
+    io = AttentionIO(dg.past_key(i), dg.past_value(i), dg.present_key(i), dg.present_value(i), seqlens, total,
+                     g.initializer("cos_cache", cos), g.initializer("sin_cache", sin))
+    w = attention_weights(sd, i, spec)
+    name = f"model.layers.{i}"
+    h = rms_norm(g, x, w["input_norm"], d.rms_eps, f"{name}.input_layernorm")
+    if spec.full_width_qk_norm:
+        a = _full_width_norm_attention(g, h, w, io, spec, f"{name}.self_attn", precision, d.windows[i])
+    else:
+        a = attention(g, h, w, io, num_heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim, eps=d.rms_eps,
+                      scale=d.attn_scale, window=d.windows[i], softcap=0.0, name=f"{name}.self_attn",
+                      precision=precision)
+    out = g.op("SkipSimplifiedLayerNormalization",
+               [a, x, g.initializer(f"{name}.post_attention_layernorm.weight", w["post_attention_norm"])], 4,
+               domain=MS_DOMAIN, name=f"{name}.post_attention_layernorm", epsilon=d.rms_eps)
+    h, stream = out[0], out[3]
+    if not spec.is_sparse(i):
+        mlp = gated_mlp(g, h, dense_mlp_weights(sd, i), "silu", f"{name}.mlp", precision)
+        g.op1("Add", [stream, mlp], outputs=[dg.HIDDEN_OUT])
+        g.output(dg.HIDDEN_OUT, "float32", ["batch", "seq", d.hidden])
+    else:
+        g.op1("Identity", [stream], outputs=[STREAM])
+        g.op1("Identity", [h], outputs=[FFN_IN])
+        g.op1("Identity", [linear(g, h, router_weight(sd, i), f"{name}.mlp.gate", _FP32)], outputs=[ROUTER_LOGITS])
+        for n in (STREAM, FFN_IN):
+            g.output(n, "float32", ["batch", "seq", d.hidden])
+        g.output(ROUTER_LOGITS, "float32", ["batch", "seq", spec.num_experts])
+        if spec.shared_expert_intermediate:
+            sw = shared_expert_weights(sd, i)
+            shared = gated_mlp(g, h, sw, "silu", f"{name}.mlp.shared_expert", precision)
+            gate = g.op1("Sigmoid", [linear(g, h, sw["shared_gate"], f"{name}.mlp.shared_expert_gate", _FP32)])
+            g.op1("Mul", [shared, gate], outputs=[SHARED_OUT])
+            g.output(SHARED_OUT, "float32", ["batch", "seq", d.hidden])
+    g.output(dg.present_key(i), "float32", kv_shape)
+    g.output(dg.present_value(i), "float32", kv_shape)
+    return g
+
+
+def _full_width_norm_attention(g: GraphBuilder, x: str, w: dict, io: AttentionIO, spec: MoESpec, name: str,
+                               precision: Precision, window: int) -> str:
+    """OLMoE attention: RMSNorm over the whole q and k projections, optional clipping of q, k, v."""
+    d = spec.dense
+    qkv = []
+    for n in "qkv":
+        y = linear(g, x, w[n], f"{name}.{n}_proj", precision, bias=w.get(f"{n}_bias"))
+        if n in "qk":
+            y = rms_norm(g, y, w[f"{n}_norm"], d.rms_eps, f"{name}.{n}_norm")
+        if spec.clip_qkv is not None:
+            lim = spec.clip_qkv
+            y = g.op1("Clip", [y, g.initializer("clip_min", np.array(-lim, np.float32)),
+                               g.initializer("clip_max", np.array(lim, np.float32))])
+        qkv.append(y)
+    out = g.op("GroupQueryAttention",
+               [*qkv, io.past_key, io.past_value, io.seqlens_k, io.total_seq_len, io.cos_cache, io.sin_cache],
+               3, domain=MS_DOMAIN, name=f"{name}.attn", outputs=[f"{name}.attn/out", io.present_key, io.present_value],
+               num_heads=d.heads, kv_num_heads=d.kv_heads, do_rotary=1, scale=d.attn_scale,
+               local_window_size=window, softcap=0.0)
+    return linear(g, out[0], w["o"], f"{name}.o_proj", precision)
+
+
+def build_expert_ffn(spec: MoESpec, layout: list[dict], precision: Precision) -> GraphBuilder:
+    """One expert's ``down(silu(gate(x)) * up(x))`` on (tokens, hidden) rows; weights come from the store."""
+    hidden, inter = spec.dense.hidden, spec.expert_intermediate
+    g = GraphBuilder("expert_ffn")
+    x = g.input(EXPERT_IN, "float32", ["tokens", hidden])
+    for t in layout:
+        _placeholder(g, t)
+
+    def matmul(inp: str, name: str, k: int, n: int) -> str:
+        if not precision.bits:
+            return g.op1("MatMul", [inp, f"{name}.weight"], name=name)
+        inputs = [inp, f"{name}.qweight", f"{name}.scales"]
+        if any(t["name"] == f"{name}.zero_points" for t in layout):
+            inputs.append(f"{name}.zero_points")
+        return g.op1("MatMulNBits", inputs, domain=MS_DOMAIN, name=name, K=k, N=n, bits=precision.bits,
+                     block_size=precision.block_size, accuracy_level=precision.accuracy_level)
+
+    gate_up = matmul(x, "gate_up", hidden, 2 * inter)
+    gate, up = g.op("Split", [gate_up, g.const_i64([inter, inter], "split")], 2, axis=-1)
+    act = g.op1("QuickGelu", [gate], domain=MS_DOMAIN, alpha=1.0)  # x * sigmoid(x)
+    g.op1("Identity", [matmul(g.op1("Mul", [act, up]), "down", inter, hidden)], outputs=[EXPERT_OUT])
+    g.output(EXPERT_OUT, "float32", ["tokens", hidden])
+    return g
+
+
+def _placeholder(g: GraphBuilder, t: dict) -> None:
+    """An initializer without data: the runtime supplies it (add_external_initializers)."""
+    dtypes = {"uint8": TensorProto.UINT8, "float32": TensorProto.FLOAT}
+    tp = TensorProto()
+    tp.name = t["name"]
+    tp.data_type = dtypes[t["dtype"]]
+    tp.dims.extend(t["shape"])
+    tp.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "expert-store-record"), ("offset", "0"), ("length", str(t["nbytes"]))):
+        entry = tp.external_data.add()
+        entry.key, entry.value = key, value
+    g.initializers.append(tp)
+    g._init_names.add(t["name"])
+
+
+def export_moe(src, out: Path, spec: MoESpec, prec: Precision, ctx: int, force: bool, progress) -> dict:
+    """Write the package; returns its manifest. ``src`` is a SourceModel (its state dict may be lazy)."""
+    if prec.name not in ("int4", "int8", "fp32"):
+        raise ExportError(f"MoE packages are int4, int8 or fp32 (got {prec.name}): choose one of those.")
+    if prec.bits and spec.expert_intermediate % prec.block_size:
+        raise ExportError(f"--block-size {prec.block_size} does not divide the expert width "
+                          f"{spec.expert_intermediate}: choose a smaller power of two.")
+    sd, d = src.state_dict, spec.dense
+    with staging_folder(out, force) as tmp:
+        (tmp / "graphs").mkdir()
+        graphs = []
+
+        def save(builder: GraphBuilder, entry: dict) -> None:
+            rel = f"graphs/{builder.name}.onnx"
+            builder.save(tmp / rel)
+            graphs.append({**entry, "name": builder.name, "path": rel,
+                           "inputs": [v.name for v in builder.inputs], "outputs": [v.name for v in builder.outputs]})
+
+        save(build_embed(spec, sd, prec), {"role": "embed"})
+        store = ExpertStoreWriter(tmp / STORE_FILE, STORE_FILE, d.layers, spec.num_experts, prec.name,
+                                  prec.block_size, prec.symmetric)
+        routers = np.zeros((d.layers, spec.num_experts, d.hidden), np.float32)
+        norms = np.zeros((d.layers, d.hidden), np.float32)
+        for i in range(d.layers):
+            save(build_layer(spec, sd, i, prec, ctx), {"role": "moe_layer", "layer": i, "sparse": spec.is_sparse(i)})
+            if spec.is_sparse(i):
+                routers[i] = router_weight(sd, i)
+                norms[i] = sd[f"model.layers.{i}.post_attention_layernorm.weight"]
+                experts = LayerExperts(sd, i, spec.num_experts)
+                for e in range(spec.num_experts):
+                    store.add(i, e, *experts[e])
+                del experts
+            progress(1)
+        index = store.close()
+        if index["layers"]:
+            save(build_expert_ffn(spec, index["tensors"], prec), {"role": "expert_ffn"})
+        save(_renamed(dg.build_exit_head(d, sd, prec), "head"), {"role": "head"})
+        np.save(tmp / ROUTERS_FILE, routers)
+        np.save(tmp / ROUTER_NORMS_FILE, norms)
+        (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
+        return write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs, index))
+
+
+def _renamed(g: GraphBuilder, name: str) -> GraphBuilder:
+    g.name = name
+    return g
+
+
+def _manifest(src, spec: MoESpec, prec: Precision, ctx: int, graphs: list[dict], index: dict) -> dict:
+    from edgeinfer import __version__
+
+    d = spec.dense
+    return {
+        "kind": "decoder", "family": spec.family, "name": src.name,
+        "source": {"kind": src.kind, "location": src.location, "model_type": src.config.get("model_type")},
+        "exporter": {"edgeinfer": __version__},
+        "architecture": d.as_manifest(),
+        "graphs": graphs,
+        "io": {"input_ids": dg.INPUT_IDS, "hidden_in": dg.HIDDEN_IN, "hidden_out": dg.HIDDEN_OUT,
+               "seqlens_k": dg.SEQLENS_K, "total_sequence_length": dg.TOTAL_SEQ_LEN,
+               "logits_to_keep": dg.LOGITS_TO_KEEP, "logits": dg.LOGITS,
+               "past_key": "past_key.{layer}", "past_value": "past_value.{layer}",
+               "present_key": "present_key.{layer}", "present_value": "present_value.{layer}",
+               "stream": STREAM, "ffn_in": FFN_IN, "router_logits": ROUTER_LOGITS, "shared_out": SHARED_OUT,
+               "expert_in": EXPERT_IN, "expert_out": EXPERT_OUT},
+        "kv_cache": {"layout": "BNSH", "dtype": "float32", "num_layers": d.layers, "num_kv_heads": d.kv_heads,
+                     "head_dim": d.head_dim, "max_context": ctx, "shared_buffer": True, "sliding_windows": d.windows},
+        "quantization": prec.describe(),
+        "moe": {**spec.as_manifest(), "expert_store": index,
+                "router": {"weights": ROUTERS_FILE, "norms": ROUTER_NORMS_FILE, "eps": d.rms_eps}},
+        "tokenizer": {"file": "tokenizer.json", "chat_template": src.chat_template, **src.special},
+        "generation": {"max_new_tokens": 256, **src.generation},
+        "exits": [],
+    }
+
+
+def export_moe_source(src, out: Path, precision: str, *, max_context: int | None, stages, exits, force: bool,
+                      lm_head_bits: int | None, block_size: int, accuracy_level: int, symmetric: bool,
+                      progress: bool) -> dict:
+    """``export_model`` for MoE families: checks the options, then writes the package; returns its manifest."""
+    from edgeinfer.models.moe import spec_from_config
+
+    if stages or exits:
+        raise ExportError("stages and exits are not built for MoE models: export without --stages/--exits.")
+    try:
+        spec = spec_from_config(src.config)
+    except (ValueError, KeyError) as e:
+        raise ExportError(f"cannot export this {src.config.get('model_type')} model: {e}.") from None
+    d = spec.dense
+    ctx = int(max_context or min(d.max_position, 4096))
+    if ctx < 16 or ctx > d.max_position:
+        raise ExportError(f"--max-context {ctx} is outside 16..{d.max_position} (the model's limit).")
+    if precision in ("int4", "int8") and d.hidden % block_size:
+        raise ExportError(f"--block-size {block_size} does not divide the hidden size {d.hidden}: choose a "
+                          "smaller power of two.")
+    prec = Precision(precision, block_size=block_size, lm_head_bits=lm_head_bits, accuracy_level=accuracy_level,
+                     symmetric=symmetric)
+    bar = _progress(d.layers, progress)
+    try:
+        return export_moe(src, Path(out), spec, prec, ctx, force, bar.update)
+    finally:
+        bar.close()
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc="building MoE graphs and expert store", unit="layer", file=sys.stderr)
