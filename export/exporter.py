@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeinfer.models import FAMILIES, spec_for_config
+from edgeinfer.models.moe import MODEL_TYPES as MOE_TYPES
 
 from edgeinfer.errors import ExportError
 
@@ -51,6 +52,13 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
                                   name=source if is_alias(source) else None)
     src = source if isinstance(source, SourceModel) else load_source(source)
     model_type = src.config.get("model_type", "")
+    if model_type in MOE_TYPES:  # sparse MoE: per-layer graphs + expert store (export/moe_graph.py)
+        from .moe_graph import export_moe_source
+
+        manifest = export_moe_source(src, out, precision, max_context=max_context, stages=stages, exits=exits,
+                                     force=force, lm_head_bits=lm_head_bits, block_size=block_size,
+                                     accuracy_level=accuracy_level, symmetric=symmetric, progress=progress)
+        return ExportResult(out, manifest, sum(m["size"] for m in manifest["files"].values()))
     if model_type not in FAMILIES:
         if stages or exits:
             raise ExportError(f"model family '{model_type}' has no hand-built graph: stages and exits need one "
