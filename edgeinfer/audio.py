@@ -177,7 +177,7 @@ def iter_windows(path_or_info: str | os.PathLike | WavInfo, rate: int = 16000,
     read from the file window by window."""
     info = path_or_info if isinstance(path_or_info, WavInfo) else read_wav_info(path_or_info)
     n_total = int(np.floor(info.frames * rate / info.sample_rate))
-    per = int(seconds * rate)
+    per = int(round(seconds * rate))
     step = info.sample_rate / rate
     half = _kernel_halfwidth(rate / info.sample_rate)
     for start in range(0, max(n_total, 1), per):

@@ -189,8 +189,9 @@ class Seq2SeqModel:
             raise GenerationError(f"model '{self.name}' takes text, not audio.")
         info = read_wav_info(path)
         rate, n_mels = int(self.audio["sampling_rate"]), int(self.audio["num_mel_bins"])
-        chunk_s = float(self.audio["chunk_seconds"])
-        n_samples = int(chunk_s * rate)
+        hop, n_fft = int(self.audio["hop_length"]), int(self.audio["n_fft"])
+        n_samples = int(self.audio["frames"]) * hop  # the encoder's window: 30 s for Whisper
+        chunk_s = n_samples / rate
         res = TranscriptionResult(text="", audio_s=info.duration_s)
         texts = []
         t0 = time.perf_counter()
@@ -199,7 +200,8 @@ class Seq2SeqModel:
             if window.size == 0 or float(np.abs(window).max()) < SILENCE_PEAK:
                 res.silent_windows += 1
                 continue
-            feats = log_mel_spectrogram(window, n_mels=n_mels, n_samples=n_samples, sample_rate=rate)[None]
+            feats = log_mel_spectrogram(window, n_mels=n_mels, n_samples=n_samples, n_fft=n_fft, hop=hop,
+                                        sample_rate=rate)[None]
             te = time.perf_counter()
             hidden = self.encode(feats)
             res.encoder_s += time.perf_counter() - te

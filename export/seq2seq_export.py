@@ -25,7 +25,7 @@ from .package_writer import staging_folder, write_manifest
 
 SEQ2SEQ_FAMILIES = ("whisper",)
 # Whisper's audio front-end (fixed by the model: 30 s windows of 16 kHz audio, 10 ms hops)
-AUDIO = {"sampling_rate": 16000, "n_fft": 400, "hop_length": 160, "chunk_seconds": 30}
+AUDIO = {"sampling_rate": 16000, "n_fft": 400, "hop_length": 160}
 
 
 @dataclass

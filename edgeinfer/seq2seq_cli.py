@@ -1,0 +1,37 @@
+"""``edgeinfer run`` for encoder-decoder packages: a WAV path for speech models
+(Whisper), text for text-to-text models."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .errors import GenerationError
+
+
+def run_seq2seq(model, prompt: str, args) -> int:
+    params = dict(num_beams=args.num_beams, length_penalty=args.length_penalty,
+                  no_repeat_ngram_size=args.no_repeat_ngram_size, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if not model.audio:
+        raise GenerationError(f"model '{model.name}' is an encoder-decoder text model; text input is not "
+                              "wired to the CLI yet.")
+    path = Path(prompt.strip())
+    if not path.is_file():
+        raise GenerationError(f"'{model.name}' is a speech model: give the path of a WAV file, not text "
+                              f"('{prompt[:60]}' is no file).")
+    show = None if args.json else (lambda text: (sys.stdout.write(text + "\n"), sys.stdout.flush()))
+    res = model.transcribe(path, timestamps=args.timestamps, on_text=None if args.timestamps else show, **params)
+    if args.json:
+        out = {**res.as_dict(), "provider": model.target.name}
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    if args.timestamps:
+        for seg in res.segments:
+            end = f"{seg['end']:7.2f}" if seg["end"] is not None else "    ..."
+            print(f"[{seg['start']:7.2f} → {end}] {seg['text']}")
+    print(f"[{res.audio_s:.1f} s of audio in {res.elapsed_s:.2f} s ({res.inverse_rtf:.1f}x real time), "
+          f"{res.windows} window(s), {res.silent_windows} silent, {res.new_tokens} tokens, {model.target.name}]",
+          file=sys.stderr)
+    return 0
