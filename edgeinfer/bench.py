@@ -48,12 +48,13 @@ def synthetic_prompt(model, n: int) -> list[int]:
 
 def bench_package(path: str, prompt: str = "What is the capital of France?", chat: bool = True,
                   prompt_tokens: int | None = None, new_tokens: int = 128, repeats: int = 5, warmup: int = 1,
-                  threads: int | None = None, provider: str = "auto", model=None) -> dict:
+                  threads: int | None = None, provider: str = "auto", model=None,
+                  memory_budget: int | str | None = None) -> dict:
     from . import load
 
     t0 = time.perf_counter()
     if model is None:
-        model = load(path, provider=provider, threads=threads)
+        model = load(path, provider=provider, threads=threads, memory_budget=memory_budget)
     load_s = time.perf_counter() - t0
     if prompt_tokens:
         ids = synthetic_prompt(model, prompt_tokens)
@@ -78,4 +79,5 @@ def bench_package(path: str, prompt: str = "What is the capital of France?", cha
             "prefill_tok_s": spread([len(ids) / r.ttft_s for r in runs]),
         },
         "tokens": runs[0].tokens if runs else [],
+        **({"experts": [r.stats["experts"] for r in runs]} if runs and "experts" in runs[0].stats else {}),
     }

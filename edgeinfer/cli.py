@@ -74,11 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--length-penalty", type=float, default=None, help="beam search: score / length**penalty")
     r.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
     r.add_argument("--timestamps", action="store_true", help="speech models: keep timestamps, print segments")
-    r.add_argument("--num-beams", type=int, default=None, help="encoder-decoder models: beam search width")
-    r.add_argument("--length-penalty", type=float, default=None, help="beam search: score / length**penalty")
-    r.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
-    r.add_argument("--timestamps", action="store_true", help="speech models: keep timestamps, print segments")
     r.add_argument("--json", action="store_true", help="print one JSON object with text and timings at the end")
+    r.add_argument("--memory-budget", default=None, help="sparse-MoE packages: memory for cached experts, e.g. "
+                   "512MB (default: all experts); cache statistics go to --json's stats.experts")
     r.set_defaults(func=_cmd_run)
 
     i = sub.add_parser("info", help="show a package's manifest summary and the execution providers here")
@@ -97,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--provider", default="auto")
     b.add_argument("--json", action="store_true")
+    b.add_argument("--memory-budget", default=None, help="sparse-MoE packages: memory for cached experts, e.g. "
+                   "512MB (default: all experts)")
     b.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("serve", help="serve a package with an OpenAI-compatible HTTP API")
@@ -174,7 +174,8 @@ def _load(args):
     from . import load
 
     return load(args.package, provider=args.provider, threads=args.threads,
-                max_context=getattr(args, "max_context", None), little=getattr(args, "little", None))
+                max_context=getattr(args, "max_context", None), little=getattr(args, "little", None),
+                memory_budget=getattr(args, "memory_budget", None))
 
 
 def _cmd_run(args) -> int:
@@ -184,10 +185,6 @@ def _cmd_run(args) -> int:
             return _fail("give a prompt: edgeinfer run PACKAGE \"your prompt\" (or pipe it on stdin)")
         prompt = sys.stdin.read()
     model = _load(args)
-    if getattr(model, "kind", "decoder") == "encoder-decoder":
-        from .seq2seq_cli import run_seq2seq
-
-        return run_seq2seq(model, prompt, args)
     if getattr(model, "kind", "decoder") == "encoder-decoder":
         from .seq2seq_cli import run_seq2seq
 
@@ -266,7 +263,7 @@ def _cmd_bench(args) -> int:
 
     report = bench_package(args.package, prompt=args.prompt, chat=args.chat, prompt_tokens=args.prompt_tokens,
                            new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
-                           threads=args.threads, provider=args.provider)
+                           threads=args.threads, provider=args.provider, memory_budget=args.memory_budget)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -279,6 +276,11 @@ def _cmd_bench(args) -> int:
               f"max {s['ttft_s']['max'] * 1000:.1f})")
         print(f"  prefill  {s['prefill_tok_s']['median']:.0f} tok/s")
         print(f"  load     {report['load_s']:.2f} s, peak RSS {report['peak_rss_mb']:.0f} MB")
+        if report.get("experts"):  # sparse MoE: the first measured run's expert cache
+            e = report["experts"][0]
+            print(f"  experts  hit rate {e['hit_rate']}, {e['misses']} misses, {e['late_prefetches']} late "
+                  f"prefetches, {e['bytes_read_per_token']} bytes read/token, prefetch accuracy "
+                  f"{e['prefetch_accuracy']}, wait {e['wait_s']:.3f} s")
     return 0
 
 
