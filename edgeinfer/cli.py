@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--length-penalty", type=float, default=None, help="beam search: score / length**penalty")
     r.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
     r.add_argument("--timestamps", action="store_true", help="speech models: keep timestamps, print segments")
+    r.add_argument("--num-beams", type=int, default=None, help="encoder-decoder models: beam search width")
+    r.add_argument("--length-penalty", type=float, default=None, help="beam search: score / length**penalty")
+    r.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
+    r.add_argument("--timestamps", action="store_true", help="speech models: keep timestamps, print segments")
     r.add_argument("--json", action="store_true", help="print one JSON object with text and timings at the end")
     r.add_argument("--memory-budget", default=None, help="sparse-MoE packages: memory for cached experts, e.g. "
                    "512MB (default: all experts); cache statistics go to --json's stats.experts")
@@ -185,6 +189,10 @@ def _cmd_run(args) -> int:
             return _fail("give a prompt: edgeinfer run PACKAGE \"your prompt\" (or pipe it on stdin)")
         prompt = sys.stdin.read()
     model = _load(args)
+    if getattr(model, "kind", "decoder") == "encoder-decoder":
+        from .seq2seq_cli import run_seq2seq
+
+        return run_seq2seq(model, prompt, args)
     if getattr(model, "kind", "decoder") == "encoder-decoder":
         from .seq2seq_cli import run_seq2seq
 
