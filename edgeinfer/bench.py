@@ -49,12 +49,13 @@ def synthetic_prompt(model, n: int) -> list[int]:
 def bench_package(path: str, prompt: str = "What is the capital of France?", chat: bool = True,
                   prompt_tokens: int | None = None, new_tokens: int = 128, repeats: int = 5, warmup: int = 1,
                   threads: int | None = None, provider: str = "auto", model=None,
-                  memory_budget: int | str | None = None) -> dict:
+                  memory_budget: int | str | None = None, allow_fallback: bool = False) -> dict:
     from . import load
 
     t0 = time.perf_counter()
     if model is None:
-        model = load(path, provider=provider, threads=threads, memory_budget=memory_budget)
+        model = load(path, provider=provider, threads=threads, memory_budget=memory_budget,
+                     allow_fallback=allow_fallback)
     load_s = time.perf_counter() - t0
     if prompt_tokens:
         ids = synthetic_prompt(model, prompt_tokens)
@@ -71,7 +72,8 @@ def bench_package(path: str, prompt: str = "What is the capital of France?", cha
     return {
         "engine": "edgeinfer", "version": __version__, "onnxruntime": ort.__version__, "package": str(path),
         "precision": model.package.manifest.get("quantization", {}).get("weights"),
-        "provider": model.target.name, "threads": threads or default_threads(), "prompt_tokens": len(ids),
+        "provider": model.target.name, "provider_reason": model.target.reason,
+        "threads": threads or default_threads(), "prompt_tokens": len(ids),
         "new_tokens": new_tokens, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "pid": os.getpid(),
         "summary": {
             "decode_tok_s": spread([r.decode_tok_s for r in runs]),

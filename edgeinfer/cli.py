@@ -49,7 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a model (alias, .gguf, HF folder, hub id) to a package")
     e.add_argument("source", help="smollm2-135m | gemma3-270m | path/to/model.gguf | HF folder | hub id")
     e.add_argument("-o", "--output", required=True, help="package folder to create")
-    e.add_argument("--precision", default="int4", choices=["int4", "int8", "fp16", "fp32"])
+    e.add_argument("--precision", default=None, choices=["int4", "int8", "fp16", "fp32"],
+                   help="weights (default: int4 for --target cpu, fp16 for gpu, int8 for npu)")
+    e.add_argument("--target", default="cpu", choices=["cpu", "gpu", "npu"],
+                   help="cpu: fused contrib ops, dynamic KV cache; gpu: fp16 weights for CUDA/DirectML; npu: fixed "
+                        "shapes and static QDQ int8 (QNN HTP, OpenVINO NPU; runs on the cpu too)")
+    e.add_argument("--prefill-chunk", type=int, default=None, help="npu: tokens per prefill graph run (default 32)")
+    e.add_argument("--calibration", default=None, metavar="FILE",
+                   help="npu: UTF-8 text (paragraphs separated by blank lines) to calibrate activation scales on "
+                        "(default: the sample text shipped with edgeinfer)")
+    e.add_argument("--activation-bits", type=int, default=16, choices=[8, 16],
+                   help="npu: activation bits of the QDQ graph (16 keeps quality; 8 is faster on some NPUs)")
     e.add_argument("--max-context", type=int, default=None, help="context the package supports (default: "
                    "the model's, at most 4096)")
     e.add_argument("--stages", default="", help="cut the decoder into stages after these layers, e.g. 10,20")
@@ -98,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--provider", default="auto")
+    b.add_argument("--fallback", action="store_true", help="run on the cpu (logged) if the provider cannot")
     b.add_argument("--json", action="store_true")
     b.add_argument("--memory-budget", default=None, help="sparse-MoE packages: memory for cached experts, e.g. "
                    "512MB (default: all experts)")
@@ -129,7 +140,10 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--provider", default="auto")
+    p.add_argument("--provider", default="auto", help="auto | cpu | cuda | tensorrt | directml | coreml | qnn | "
+                   "openvino | xnnpack (auto: the best available for the package's target)")
+    p.add_argument("--fallback", action="store_true", help="run on the cpu (logged) if the provider is missing, "
+                   "unsuitable for the package, or cannot load it, instead of failing")
     p.add_argument("--max-context", type=int, default=None, help="KV capacity to reserve")
     p.add_argument("--strategy", default="plain",
                    choices=["plain", "early-exit", "self-speculative", "adaptive", "lookup", "speculative", "ead",
@@ -154,10 +168,12 @@ def _cmd_export(args) -> int:
     from edgeinfer.export import export_model  # heavy: only for this command
 
     stages, exits = _layer_list(args.stages, "--stages"), _layer_list(args.exits, "--exits")
-    res = export_model(args.source, args.output, args.precision, max_context=args.max_context, stages=stages,
+    precision = args.precision or {"cpu": "int4", "gpu": "fp16", "npu": "int8"}[args.target]
+    res = export_model(args.source, args.output, precision, max_context=args.max_context, stages=stages,
                        exits=exits, force=args.force, lm_head_bits=args.lm_head_bits, block_size=args.block_size,
-                       accuracy_level=args.accuracy_level)
-    print(f"wrote {res.path} ({res.size_bytes / 1e6:.1f} MB, {args.precision}, "
+                       accuracy_level=args.accuracy_level, target=args.target, prefill_chunk=args.prefill_chunk,
+                       calibration=args.calibration, activation_bits=args.activation_bits)
+    print(f"wrote {res.path} ({res.size_bytes / 1e6:.1f} MB, {precision}, target {args.target}, "
           f"{len(res.manifest['graphs'])} graph(s), context {res.manifest['kv_cache']['max_context']})")
     if args.check:
         from edgeinfer.export.check import check_package
@@ -179,7 +195,7 @@ def _load(args):
 
     return load(args.package, provider=args.provider, threads=args.threads,
                 max_context=getattr(args, "max_context", None), little=getattr(args, "little", None),
-                memory_budget=getattr(args, "memory_budget", None))
+                memory_budget=getattr(args, "memory_budget", None), allow_fallback=getattr(args, "fallback", False))
 
 
 def _cmd_run(args) -> int:
@@ -222,17 +238,18 @@ def _cmd_run(args) -> int:
     else:
         sys.stdout.write("\n")
         print(f"[{res.prompt_tokens} prompt tokens, {res.new_tokens} new, TTFT {res.ttft_s * 1000:.0f} ms, "
-              f"{res.decode_tok_s:.1f} tok/s, {model.target.name}]", file=sys.stderr)
+              f"{res.decode_tok_s:.1f} tok/s, {model.target.description}]", file=sys.stderr)
     return 0
 
 
 def _cmd_info(args) -> int:
     import onnxruntime as ort
 
-    from edgeinfer.runtimes import available_providers
+    from edgeinfer.runtimes import available_providers, ep_devices, provider_report
 
     info: dict = {"edgeinfer": __version__, "onnxruntime": ort.__version__, "providers": available_providers(),
-                  "onnxruntime_providers": ort.get_available_providers()}
+                  "onnxruntime_providers": ort.get_available_providers(), "provider_details": provider_report(),
+                  "devices": ep_devices()}
     if args.package:
         from .package import open_package
 
@@ -246,6 +263,7 @@ def _cmd_info(args) -> int:
             "graphs": [{"path": g["path"], "role": g["role"], "layers": g.get("layers")} for g in m["graphs"]],
             "exits": m.get("exits", []), "size_mb": round(sum(f["size"] for f in m["files"].values()) / 1e6, 1),
             "chat_template": bool(m["tokenizer"].get("chat_template")),
+            "target": m.get("target", "cpu"), "static": m.get("static"),
         }
     if args.json:
         print(json.dumps(info, indent=1))
@@ -260,9 +278,18 @@ def _cmd_info(args) -> int:
         print(f"context      {p['max_context']}")
         print("graphs       " + ", ".join(f"{g['path']} layers {g['layers']}" for g in p["graphs"]))
         print(f"size         {p['size_mb']} MB")
+        static = p.get("static") or {}
+        print(f"target       {p['target']}" + (f" (fixed shapes: prefill chunk {static['chunk']}, context "
+                                                f"{static['max_context']})" if static else ""))
     print(f"edgeinfer    {info['edgeinfer']} (onnxruntime {info['onnxruntime']})")
     print(f"providers    {', '.join(info['providers'])}  (onnxruntime lists: "
           f"{', '.join(info['onnxruntime_providers'])})")
+    for row in info["provider_details"]:
+        state = "available" if row["available"] else "not here"
+        print(f"  {row['name']:<9} {row['onnxruntime_name']:<26} {row['device']:<4} {row['registration']:<8} "
+              f"{state:<10} needs: {row['needs']['note']}" + ("" if row["available"] else f"  [{row['install']}]"))
+    print("devices      " + ("; ".join(f"{d['ep']} on {d['type']} ({d['vendor']})" for d in info["devices"])
+                             or "none reported"))
     return 0
 
 
@@ -271,7 +298,8 @@ def _cmd_bench(args) -> int:
 
     report = bench_package(args.package, prompt=args.prompt, chat=args.chat, prompt_tokens=args.prompt_tokens,
                            new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
-                           threads=args.threads, provider=args.provider, memory_budget=args.memory_budget)
+                           threads=args.threads, provider=args.provider, memory_budget=args.memory_budget,
+                           allow_fallback=args.fallback)
     if args.json:
         print(json.dumps(report, indent=1))
     else:

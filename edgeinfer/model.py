@@ -40,10 +40,14 @@ def make_strategy(name: str, decoder: StagedDecoder, options: dict, little: Mode
 
 def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
          max_context: int | None = None, verify: bool | None = None,
-         little: str | os.PathLike | Model | None = None, memory_budget: int | str | None = None) -> Model:
+         little: str | os.PathLike | Model | None = None, memory_budget: int | str | None = None,
+         allow_fallback: bool = False) -> Model:
     """Load a model package.
 
-    provider: ``auto`` or an execution provider's short name (``cpu``, ...).
+    provider: ``auto`` (the best available for the package's target) or an execution provider's short
+    name (``cpu``, ``cuda``, ``qnn``, ``openvino``, ...: see edgeinfer.runtimes).
+    allow_fallback: run on the CPU (logged) when the provider is unavailable, unsuitable for the
+    package, or cannot load a graph, instead of raising ProviderError.
     threads: intra-op threads (default: the cores this process may use).
     max_context: KV capacity to reserve (default: the package's maximum).
     verify: True = sha256 every file, False = sizes only, None = hash files
@@ -60,7 +64,8 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
         return Seq2SeqModel(pkg, provider=provider, threads=threads)
     if pkg.kind != "decoder":
         raise PackageError(f"package '{path}' is a {pkg.kind} package; this runtime loads decoder packages.")
-    model = Model(pkg, provider=provider, threads=threads, max_context=max_context, memory_budget=memory_budget)
+    model = Model(pkg, provider=provider, threads=threads, max_context=max_context, memory_budget=memory_budget,
+                  allow_fallback=allow_fallback)
     if little is not None:
         if not isinstance(little, Model):
             little_pkg = open_package(little, verify=verify)
@@ -74,9 +79,10 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
 
 class Model:
     def __init__(self, pkg: Package, provider: str = "auto", threads: int | None = None,
-                 max_context: int | None = None, memory_budget: int | str | None = None):
+                 max_context: int | None = None, memory_budget: int | str | None = None,
+                 allow_fallback: bool = False):
         self.package = pkg
-        self.target = resolve_provider(provider, threads)
+        self.target = resolve_provider(provider, threads, manifest=pkg.manifest, allow_fallback=allow_fallback)
         self.tokenizer = TextTokenizer(pkg)
         if any(g.get("role") == "monolithic" for g in pkg.manifest["graphs"]):
             from .monolithic import MonolithicDecoder
@@ -88,6 +94,10 @@ class Model:
 
             self.decoder = MoEDecoder(pkg, self.target, max_context=max_context,
                                       memory_budget=parse_memory_budget(memory_budget))
+        elif pkg.manifest.get("target") == "npu":  # static shapes, QDQ: two fixed-chunk graphs
+            from .static_decoder import StaticDecoder
+
+            self.decoder = StaticDecoder(pkg, self.target, max_context=max_context)
         else:
             self.decoder = StagedDecoder(pkg, self.target, max_context=max_context)
         self.defaults = pkg.manifest.get("generation", {})

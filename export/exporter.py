@@ -18,6 +18,7 @@ from .package_writer import staging_folder, write_manifest
 from .sources import SourceModel, load_source
 
 DEFAULT_MAX_CONTEXT = 4096
+TARGETS = ("cpu", "gpu", "npu")
 
 
 @dataclass
@@ -31,8 +32,16 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
                  max_context: int | None = None, stages: list[int] | None = None, exits: list[int] | None = None,
                  force: bool = False,
                  lm_head_bits: int | None = None, block_size: int = 32, accuracy_level: int = 4,
-                 symmetric: bool = True, progress: bool = True) -> ExportResult:
-    """Export SOURCE (alias, .gguf, HF folder, hub id, or a loaded SourceModel) to a package at OUT."""
+                 symmetric: bool = True, progress: bool = True, target: str = "cpu",
+                 prefill_chunk: int | None = None, calibration: str | Path | None = None,
+                 activation_bits: int = 16) -> ExportResult:
+    """Export SOURCE (alias, .gguf, HF folder, hub id, or a loaded SourceModel) to a package at OUT.
+
+    TARGET: ``cpu`` (fused contrib ops, dynamic KV), ``gpu`` (the same graphs, fp16 weights unless int4 is
+    asked: MatMulNBits runs on CUDA), ``npu`` (static shapes, static QDQ int8: see npu_export.py).
+    """
+    if target not in TARGETS:
+        raise ExportError(f"unknown target '{target}': choose one of {', '.join(TARGETS)}.")
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}.")
     if lm_head_bits not in (None, 4, 8) or (lm_head_bits and precision not in ("int4", "int8")):
@@ -52,6 +61,8 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
                                   name=source if is_alias(source) else None)
     src = source if isinstance(source, SourceModel) else load_source(source)
     model_type = src.config.get("model_type", "")
+    if target == "npu":
+        return _export_npu(src, out, max_context, force, prefill_chunk, calibration, activation_bits, precision)
     if model_type in MOE_TYPES:  # sparse MoE: per-layer graphs + expert store (export/moe_graph.py)
         from .moe_graph import export_moe_source
 
@@ -99,8 +110,24 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
             exit_entries = [{"layer": e, "after_stage": cuts.index(e) - 1, "head": "exit_head", "adapter": None}
                             for e in exits]
         (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
-        manifest = write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs, exit_entries))
+        manifest = write_manifest(tmp, {**_manifest(src, spec, prec, ctx, graphs, exit_entries), "target": target})
     size = sum(m["size"] for m in manifest["files"].values())
+    return ExportResult(out, manifest, size)
+
+
+def _export_npu(src: SourceModel, out: Path, max_context: int | None, force: bool, prefill_chunk: int | None,
+                calibration, activation_bits: int, precision: str) -> ExportResult:
+    from .npu_export import export_npu
+
+    if src.config.get("model_type", "") not in FAMILIES:
+        raise ExportError(f"the npu target needs a hand-built family (one of {', '.join(sorted(FAMILIES))}).")
+    if precision not in ("int8", "int4"):
+        raise ExportError(f"the npu target stores int8 (or int4) weights, not {precision}: pass --precision int8.")
+    weight_bits = 4 if precision == "int4" else 8
+    manifest, size = export_npu(
+        src, out, max_context=max_context, force=force, prefill_chunk=prefill_chunk, calibration=calibration,
+        activation_bits=activation_bits, weight_bits=weight_bits,
+        manifest_base=lambda spec: _manifest(src, spec, Precision("fp32"), 0, [], []))
     return ExportResult(out, manifest, size)
 
 

@@ -16,6 +16,14 @@ import warnings
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _C
 
+NAME = "cpu"
+ORT_NAME = "CPUExecutionProvider"
+DEVICE_KIND = "cpu"
+NEEDS = {"static_shapes": False, "qdq": False, "fp16": False,
+         "note": "runs every package: the cpu target's fused contrib ops have its fastest kernels; npu (QDQ) "
+                 "packages run with their quantization simulated"}
+INSTALL = "part of every onnxruntime package"
+
 _global_pool_threads: int | None = None  # set once per process
 
 
@@ -31,6 +39,19 @@ def default_threads() -> int:
 
 def provider_options() -> dict:
     return {}
+
+
+def plugin_library() -> str | None:
+    return None
+
+
+def companions() -> list:
+    return []
+
+
+def accepts(manifest: dict) -> str | None:
+    """None: the CPU runs every package (a gpu or npu one more slowly than its own device)."""
+    return None
 
 
 def _shared_pool(threads: int) -> bool:

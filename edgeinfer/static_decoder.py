@@ -1,0 +1,171 @@
+"""Run a static-shape decoder package (``--target npu``) with the StagedDecoder interface.
+
+The package holds two graphs of the same weights with fixed shapes: a prefill
+graph for chunks of ``chunk`` tokens and a decode graph for one token. Both read
+the whole KV cache as fixed-size inputs and return only the chunk's new keys and
+values, which this class writes into its buffers; the positions and the
+attention mask it builds tell the graph which cache slots are real. A chunk
+shorter than the graph's is padded (padded rows see only themselves, their
+outputs are dropped). The context is fixed at export: more tokens than it holds
+is a :class:`ContextLengthError`, never a silent truncation.
+
+The strategies and the decode loop see the same ``forward`` / ``step`` /
+``truncate`` / ``trim`` / ``reset`` / ``length`` / ``capacity`` as with
+StagedDecoder; there are no stages or exits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+from edgeinfer.runtimes import ExecutionTarget, create_session
+
+from .errors import ContextLengthError, PackageError
+from .package import Package
+
+# Matches export/npu_graph.py: additive mask value of hidden positions.
+MASK_VALUE = -80.0
+
+
+class StaticGraph:
+    """One fixed-chunk graph: its session and its preallocated position/mask inputs."""
+
+    def __init__(self, session: ort.InferenceSession, chunk: int, max_context: int, groups: int,
+                 windows: bool):
+        self.session = session
+        self.chunk = chunk
+        self.max_context = max_context
+        self.groups = groups
+        self.windows = windows
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.input_names = {i.name for i in session.get_inputs()}
+
+
+class StaticDecoder:
+    exits: dict = {}
+    exit_head = None
+    stages: list = []
+
+    def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None):
+        m = pkg.manifest
+        static = m.get("static")
+        if not static:
+            raise PackageError(f"package '{pkg.root}' has no static-shape description: re-export it with "
+                               "--target npu.")
+        graphs = {g["role"]: g for g in m["graphs"]}
+        if "static_prefill" not in graphs or "static_decode" not in graphs:
+            raise PackageError(f"package '{pkg.root}' lacks its prefill or decode graph: re-export it.")
+        sessions = {role: create_session(pkg.path(graphs[role]["path"]), target)
+                    for role in ("static_prefill", "static_decode")}
+        self._setup(sessions["static_prefill"], sessions["static_decode"], static, m["io"],
+                    vocab_size=int(m["architecture"]["vocab_size"]), max_context=max_context)
+
+    @classmethod
+    def from_sessions(cls, prefill: ort.InferenceSession, decode: ort.InferenceSession, static: dict,
+                      io: dict, vocab_size: int) -> StaticDecoder:
+        """For the exporter's calibration and checks: sessions not read from a package."""
+        self = cls.__new__(cls)
+        self._setup(prefill, decode, static, io, vocab_size=vocab_size, max_context=None)
+        return self
+
+    def _setup(self, prefill, decode, static: dict, io: dict, vocab_size: int, max_context: int | None) -> None:
+        self.package_context = int(static["max_context"])
+        # Shapes are fixed: a smaller max_context only lowers the limit, it saves no memory.
+        self.capacity = min(int(max_context or self.package_context), self.package_context)
+        self.vocab_size = vocab_size
+        self.io = io
+        kvh, hd, heads = int(static["kv_heads"]), int(static["head_dim"]), int(static["heads"])
+        self.num_layers = int(static["num_layers"])
+        self.sliding_windows = [int(w) for w in static.get("sliding_windows", [])]
+        self.window = max([w for w in self.sliding_windows if w > 0], default=0)
+        groups = heads // kvh
+        self.prefill_graph = StaticGraph(prefill, int(static["chunk"]), self.package_context, groups,
+                                         self.window > 0)
+        self.decode_graph = StaticGraph(decode, 1, self.package_context, groups, self.window > 0)
+        shape = (1, kvh, self.package_context, hd)
+        self.keys = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
+        self.values = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
+        self._length = 0
+        # Called with (graph chunk, feeds) before every run: the exporter records calibration inputs.
+        self.feed_hook: Callable[[int, dict], None] | None = None
+
+    # -- state -----------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def truncate(self, n: int) -> None:
+        # Slots past the length are hidden by the mask, so dropping them needs no clearing.
+        self._length = max(0, min(int(n), self._length))
+
+    def trim(self, n: int) -> None:
+        self.truncate(self._length - n)
+
+    def reset(self) -> None:
+        self._length = 0
+
+    # -- running ---------------------------------------------------------------
+    def forward(self, ids, logits_to_keep: int = 1, stages: int | None = None) -> np.ndarray:
+        """Feed IDS (1-D); returns the logits (logits_to_keep, vocab) of the last positions."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        n = len(ids)
+        if self._length + n > self.capacity:
+            raise ContextLengthError(
+                f"{self._length + n} tokens do not fit the fixed context of {self.capacity} this package was "
+                "exported with: shorten the prompt or max_new_tokens, or re-export with a larger --max-context.")
+        rows = []
+        done = 0
+        while done < n:
+            graph = self.decode_graph if n - done == 1 else self.prefill_graph
+            take = min(graph.chunk, n - done)
+            logits = self._run(graph, ids[done:done + take])
+            if n - done - take < logits_to_keep:  # only rows among the last LOGITS_TO_KEEP are kept
+                rows.append(logits)
+            done += take
+        out = np.concatenate(rows) if len(rows) > 1 else rows[0]
+        return out[-min(logits_to_keep, n):]
+
+    def step(self, token: int) -> np.ndarray:
+        """Append one token; returns its logits (vocab,)."""
+        return self.forward([token])[-1]
+
+    def _run(self, graph: StaticGraph, ids: np.ndarray) -> np.ndarray:
+        n, c, start = len(ids), graph.chunk, self._length
+        padded = np.zeros((1, c), np.int32)
+        padded[0, :n] = ids
+        # Padded rows get the last real position (a valid rotary row); their outputs are dropped.
+        positions = np.minimum(np.arange(start, start + c), start + n - 1).astype(np.int32)[None]
+        feeds = {self.io["input_ids"]: padded, self.io["position_ids"]: positions,
+                 self.io["attention_mask"]: self._mask(graph, start, n, window=0)}
+        if graph.windows:
+            feeds[self.io["attention_mask_local"]] = self._mask(graph, start, n, window=self.window)
+        for i in range(self.num_layers):
+            feeds[self.io["past_key"].format(layer=i)] = self.keys[i]
+            feeds[self.io["past_value"].format(layer=i)] = self.values[i]
+        if self.feed_hook is not None:
+            self.feed_hook(c, feeds)
+        outs = dict(zip(graph.output_names, graph.session.run(graph.output_names, feeds)))
+        for i in range(self.num_layers):
+            self.keys[i][:, :, start:start + n] = outs[self.io["new_key"].format(layer=i)][:, :, :n]
+            self.values[i][:, :, start:start + n] = outs[self.io["new_value"].format(layer=i)][:, :, :n]
+        self._length = start + n
+        return outs[self.io["logits"]][0, :n]
+
+    def _mask(self, graph: StaticGraph, start: int, n: int, window: int) -> np.ndarray:
+        """Additive mask (1, 1, groups * chunk, max_context + chunk): row r (token r % chunk of the
+        chunk) sees cache slots [lo, start) and chunk tokens [0, r]; padded rows see only themselves."""
+        c, m = graph.chunk, graph.max_context
+        mask = np.full((c, m + c), MASK_VALUE, np.float32)
+        for r in range(c):
+            if r < n:
+                pos = start + r
+                lo = max(0, pos - window + 1) if window > 0 else 0
+                mask[r, lo:start] = 0.0
+                first_new = max(0, lo - start)
+                mask[r, m + first_new:m + r + 1] = 0.0
+            else:
+                mask[r, m + r] = 0.0
+        return np.tile(mask, (graph.groups, 1))[None, None]

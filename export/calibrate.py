@@ -1,0 +1,97 @@
+"""Calibration inputs for static QDQ quantization of the npu graphs.
+
+Activation scales are fixed at export, so they must be measured on text that
+looks like what the model will see. The float graphs are run (on the CPU) over
+sample paragraphs — ``calibration.txt`` shipped with the exporter, or the
+user's ``--calibration FILE`` — exactly as the runtime will drive them, and
+every run's inputs are handed to onnxruntime's calibrator: the prefill graph
+sees full chunks, the decode graph sees one token at a time at positions
+spread over the context, so the mask, the rotary rows and the KV inputs are
+calibrated on real values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from edgeinfer.errors import ExportError
+from edgeinfer.static_decoder import StaticDecoder
+
+DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.txt")
+
+
+def calibration_samples(tokenizer_json: str, path: str | Path | None, max_tokens: int) -> list[list[int]]:
+    """Token ids of each paragraph (blank-line separated) of the calibration text, cut to MAX_TOKENS."""
+    from tokenizers import Tokenizer
+
+    path = Path(path) if path else DEFAULT_CALIBRATION
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"cannot read the calibration text '{path}' ({e}): give a UTF-8 text file.") from None
+    tok = Tokenizer.from_str(tokenizer_json)
+    samples = [tok.encode(p.strip(), add_special_tokens=False).ids[:max_tokens]
+               for p in text.split("\n\n") if p.strip()]
+    samples = [s for s in samples if len(s) >= 2]
+    if not samples:
+        raise ExportError(f"the calibration text '{path}' has no paragraph of two tokens or more.")
+    return samples
+
+
+class FeedReader:
+    """An onnxruntime CalibrationDataReader over recorded (lazily produced) graph inputs."""
+
+    def __init__(self, feeds: Iterator[dict]):
+        self._feeds = feeds
+
+    def get_next(self) -> dict | None:
+        return next(self._feeds, None)
+
+    def rewind(self) -> None:  # the calibrator reads once
+        pass
+
+
+def prefill_feeds(decoder: StaticDecoder, samples: list[list[int]], limit: int) -> Iterator[dict]:
+    """Inputs of the prefill graph over the samples' full chunks (and each sample's last partial one)."""
+    chunk = decoder.prefill_graph.chunk
+    count = 0
+    for ids in samples:
+        decoder.reset()
+        for start in range(0, len(ids) - 1, chunk):
+            part = ids[start:start + chunk]
+            if len(part) < 2:
+                break
+            yield _captured(decoder, part)
+            count += 1
+            if count >= limit:
+                return
+
+
+def decode_feeds(decoder: StaticDecoder, samples: list[list[int]], limit: int) -> Iterator[dict]:
+    """Inputs of the one-token graph: each sample's first half is prefilled, the rest stepped
+    token by token (teacher-forced), so positions spread over the sample's length."""
+    per_sample = max(1, limit // len(samples))
+    count = 0
+    for ids in samples:
+        decoder.reset()
+        half = max(1, len(ids) // 2)
+        if half > 1:
+            decoder.forward(ids[:half])
+        for t in ids[half:half + per_sample]:
+            yield _captured(decoder, [t])
+            count += 1
+            if count >= limit:
+                return
+
+
+def _captured(decoder: StaticDecoder, ids: list[int]) -> dict:
+    seen: list[dict] = []
+    decoder.feed_hook = lambda chunk, feeds: seen.append({k: np.array(v, copy=True) for k, v in feeds.items()})
+    try:
+        decoder.forward(ids)
+    finally:
+        decoder.feed_hook = None
+    return seen[0]

@@ -1,0 +1,45 @@
+"""CUDA execution provider (NVIDIA GPUs; the onnxruntime-gpu package).
+
+The cpu and gpu targets' graphs run on it as they are: onnxruntime's CUDA
+kernels cover MatMulNBits (int4/int8 weights), GroupQueryAttention and the
+fused norms. gpu-target packages store fp16 weights. Newer onnxruntime-gpu
+builds ship CUDA as a plugin EP library; older ones compile it in (classic).
+The decoder binds its KV buffers once (IO binding); on CUDA they stay on the
+device between steps only when the cache is allocated there (see docs/providers.md).
+"""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+
+from . import cpu
+
+NAME = "cuda"
+ORT_NAME = "CUDAExecutionProvider"
+DEVICE_KIND = "gpu"
+NEEDS = {"static_shapes": False, "qdq": False, "fp16": True,
+         "note": "fp16 activations are fastest; int4 MatMulNBits is supported"}
+INSTALL = "pip install onnxruntime-gpu (an NVIDIA GPU and driver are needed)"
+
+
+def plugin_library() -> str | None:
+    finder = getattr(ort, "_get_cuda_plugin_ep_library_path", None)
+    return finder() if finder else None
+
+
+def provider_options() -> dict:
+    # kSameAsRequested: decode allocates the same shapes every step; do not round arenas up to powers of two.
+    return {"device_id": "0", "arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "HEURISTIC",
+            "do_copy_in_default_stream": "1"}
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    return cpu.session_options(threads)
+
+
+def companions() -> list:
+    return []
+
+
+def accepts(manifest: dict) -> str | None:
+    return None  # cpu and gpu graphs run; npu (QDQ) graphs run too, dequantized
