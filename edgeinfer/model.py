@@ -164,8 +164,9 @@ class Model:
             raise GenerationError("the prompt is empty: give at least one token of text.")
         config.validate()
         if len(ids) >= self.max_context:
+            remedy = getattr(self.decoder, "context_remedy", "load with a larger max_context")
             raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds {self.max_context}: "
-                                  "shorten the prompt or load with a larger max_context.")
+                                     f"shorten the prompt or {remedy}.")
         runner = make_strategy(strategy, self.decoder, strat_opts, self.little)  # validates first
         gen = Generation(iter(()))
         gen._events = self._locked_run(gen, runner, ids, config)

@@ -48,6 +48,7 @@ class StaticDecoder:
     exits: dict = {}
     exit_head = None
     stages: list = []
+    context_remedy = "re-export with a larger --max-context (an npu package's context is fixed at export)"
 
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None):
         m = pkg.manifest
@@ -115,7 +116,7 @@ class StaticDecoder:
         if self._length + n > self.capacity:
             raise ContextLengthError(
                 f"{self._length + n} tokens do not fit the fixed context of {self.capacity} this package was "
-                "exported with: shorten the prompt or max_new_tokens, or re-export with a larger --max-context.")
+                f"exported with: shorten the prompt or max_new_tokens, or {self.context_remedy}.")
         rows = []
         done = 0
         while done < n:

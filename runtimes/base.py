@@ -59,7 +59,8 @@ PROVIDERS = {m.NAME: m for m in (cpu, cuda, tensorrt, directml, coreml, qnn, ope
 AUTO_ORDER = {
     "cpu": ["cpu"],
     "gpu": ["tensorrt", "cuda", "directml", "coreml"],
-    "npu": ["qnn", "openvino", "coreml"],
+    # The npu graphs are standard ops: the CPU runs them exactly (QDQ simulated), so it is the last resort.
+    "npu": ["qnn", "openvino", "coreml", "cpu"],
 }
 
 _registered_plugins: dict[str, str] = {}  # ort name -> library path, once per process
