@@ -123,10 +123,14 @@ class MoEDecoder:
             now = CacheStats(**self.cache.stats.__dict__)
         return now.minus(since) if since is not None else now
 
-    def close(self) -> None:
+    def stop_prefetch(self) -> None:
+        """Stop the background reader: from now on experts are read only when needed (naive on-demand)."""
         if self.prefetcher is not None:
             self.prefetcher.close()
             self.prefetcher = None
+
+    def close(self) -> None:
+        self.stop_prefetch()
         if self.cache is not None:
             self.cache.store.close()
 
