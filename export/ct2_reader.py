@@ -59,13 +59,23 @@ class _Cursor:
     def left(self) -> int:
         return len(self.data) - self.pos
 
-    def take(self, n: int, what: str) -> memoryview:
+    def _check(self, n: int, what: str) -> None:
         if n < 0 or n > self.left():
             raise ExportError(f"'{self.path}' is truncated or corrupt: {what} needs {n} bytes but only "
                               f"{self.left()} are left; reinstall or re-convert the model.")
-        view = memoryview(self.data)[self.pos:self.pos + n]
+
+    def take(self, n: int, what: str) -> bytes:
+        self._check(n, what)
+        raw = self.data[self.pos:self.pos + n]
         self.pos += n
-        return view
+        return raw
+
+    def array(self, n_bytes: int, dtype: np.dtype, what: str) -> np.ndarray:
+        """A copy of the next N_BYTES as DTYPE (no view into the file outlives the read)."""
+        self._check(n_bytes, what)
+        arr = np.frombuffer(self.data, dtype, n_bytes // dtype.itemsize, self.pos).copy()
+        self.pos += n_bytes
+        return arr
 
     def u8(self, what: str) -> int:
         return self.take(1, what)[0]
@@ -100,11 +110,7 @@ def read_model_bin(path: str | Path) -> tuple[str, int, dict[str, np.ndarray]]:
     if size < 16:
         raise ExportError(f"'{path}' has {size} bytes: too short to be a CTranslate2 model.bin.")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        cur = _Cursor(data, path)
-        try:
-            return _parse(cur)
-        finally:
-            del cur  # release exported memoryviews before the map closes
+        return _parse(_Cursor(data, path))
 
 
 def _parse(cur: _Cursor) -> tuple[str, int, dict[str, np.ndarray]]:
@@ -138,11 +144,11 @@ def _parse(cur: _Cursor) -> tuple[str, int, dict[str, np.ndarray]]:
         if elements * itemsize != n_bytes:
             raise ExportError(f"'{cur.path}' is corrupt: variable '{name}' of shape {tuple(dims)} should take "
                               f"{elements * itemsize} bytes but says {n_bytes}.")
-        raw = cur.take(n_bytes, f"the data of '{name}'")
         if dtype is None:  # bfloat16: the high half of a float32
-            arr = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+            raw = cur.array(n_bytes, np.dtype(np.uint16), f"the data of '{name}'")
+            arr = (raw.astype(np.uint32) << 16).view(np.float32)
         else:
-            arr = np.frombuffer(raw, dtype).copy()
+            arr = cur.array(n_bytes, dtype, f"the data of '{name}'")
         variables[name] = arr.reshape(dims)
     if cur.left() >= 4:
         n_alias = cur.u32("the alias count")
