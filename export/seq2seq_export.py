@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from edgeinfer.errors import ExportError
 from edgeinfer.models import whisper
 from edgeinfer.models.seq2seq_base import Seq2SeqSpec
+
+from edgeinfer.errors import ExportError
 
 from . import seq2seq_graph as sg
 from .blocks import PRECISIONS, Precision

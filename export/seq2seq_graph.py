@@ -15,7 +15,6 @@ half, computed in float) and fp32 all come from the same code.
 from __future__ import annotations
 
 import numpy as np
-
 from edgeinfer.models.seq2seq_base import Seq2SeqSpec
 
 from .blocks import Precision, embedding, float_weight, linear, tied_lm_head

@@ -9,11 +9,11 @@ import struct
 
 import numpy as np
 import pytest
+from edgeinfer.export.ct2_reader import read_ct2_folder, read_model_bin
 from test_whisper_parity import SOURCE_POSITIONS, START, _tiny_whisper
 
 import edgeinfer
 from edgeinfer.errors import ExportError
-from edgeinfer.export.ct2_reader import read_ct2_folder, read_model_bin
 
 _DTYPE_IDS = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 3,
               np.dtype(np.float16): 4}
@@ -108,7 +108,6 @@ def ct2_folder(tmp_path_factory):
 
 def test_ct2_folder_exports_the_same_model(ct2_folder):
     import torch
-
     from edgeinfer.export import export_model
 
     hf, folder, root = ct2_folder
