@@ -16,6 +16,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 from edgeinfer.models import spec_for_config
+from edgeinfer.runtimes.cpu import compatible_session_options
 
 from edgeinfer.errors import ExportError
 from edgeinfer.static_decoder import StaticDecoder
@@ -92,8 +93,7 @@ def export_npu(src: SourceModel, out: Path, *, max_context: int | None, force: b
 
 
 def _float_decoder(paths: dict[str, Path], static: dict, vocab: int) -> StaticDecoder:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so = compatible_session_options()
     sessions = {k: ort.InferenceSession(str(p), sess_options=so, providers=["CPUExecutionProvider"])
                 for k, p in paths.items()}
     return StaticDecoder.from_sessions(sessions["prefill"], sessions["decode"], static, IO, vocab)

@@ -11,6 +11,8 @@ op requires them); the same graph runs on the CPU and OpenVINO providers.
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from edgeinfer.errors import ExportError
@@ -36,9 +38,37 @@ def quantize_qdq(float_path: Path, out_path: Path, reader, activation_bits: int 
         weight_type=QuantType.QInt8, per_channel=True, weight_symmetric=True,
         init_overrides=per_channel_overrides(float_path, weight_type))
     config.use_external_data_format = True
-    # Merge ranges every few runs instead of holding every intermediate tensor of every run in memory.
-    config.extra_options["CalibMaxIntermediateOutputs"] = 4
-    quantize(str(float_path), str(out_path), config)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs generic advice on the root logger
+    try:
+        with _calibration_sessions_fit_process():
+            quantize(str(float_path), str(out_path), config)
+    finally:
+        root.setLevel(level)
+
+
+@contextmanager
+def _calibration_sessions_fit_process():
+    """The calibrator makes its session with default options, which onnxruntime refuses once this process
+    runs models on the shared global thread pool (edgeinfer.load before an export): give it options that fit."""
+    import onnxruntime as ort
+    from edgeinfer.runtimes.cpu import compatible_session_options
+    from onnxruntime.quantization.calibrate import CalibraterBase
+
+    original = CalibraterBase.create_inference_session
+
+    def create_inference_session(self):
+        so = compatible_session_options()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.infer_session = ort.InferenceSession(self.augmented_model_path, sess_options=so,
+                                                  providers=self.execution_providers)
+
+    CalibraterBase.create_inference_session = create_inference_session
+    try:
+        yield
+    finally:
+        CalibraterBase.create_inference_session = original
 
 
 def per_channel_overrides(float_path: Path, weight_type) -> dict:

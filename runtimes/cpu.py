@@ -66,6 +66,16 @@ def _shared_pool(threads: int) -> bool:
     return _global_pool_threads == threads
 
 
+def compatible_session_options() -> ort.SessionOptions:
+    """Default session options that work in this process: once the global pool exists, onnxruntime
+    refuses sessions with their own pools (tools such as the exporter's calibration make sessions too)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if _global_pool_threads:
+        so.use_per_session_threads = False
+    return so
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     n = threads or default_threads()
     so = ort.SessionOptions()
