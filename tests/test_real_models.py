@@ -111,3 +111,29 @@ def test_second_chat_turn_reuses_the_first_turns_cache(real_packages, record_pro
     record_property("ttft_second_turn_cold_s", cold.ttft_s)
     print(f"\nsecond turn: {second.prompt_tokens} prompt tokens, {second.reused_prompt_tokens} reused; "
           f"TTFT {second.ttft_s * 1000:.1f} ms warm vs {cold.ttft_s * 1000:.1f} ms cold")
+
+
+def test_speculative_with_int4_little_gives_fp32_big_models_tokens(real_packages, record_property):
+    """Real pair (MODELS.md): big = SmolLM2 fp32, little = SmolLM2 int4. Greedy speculative output equals
+    the big model's plain greedy output; a divergence is only allowed at a numerical near-tie of the big
+    model's top two logits (batched verification vs one-token steps), and is counted."""
+    big = edgeinfer.load(real_packages("smollm2-135m", "fp32"), little=real_packages("smollm2-135m", "int4"))
+    prompts = list(CHECK_PROMPTS) + [[{"role": "user", "content": t}] for t in
+                                     ("What is the capital of France?", "Give me three tips for staying healthy.")]
+    near_ties = accepted = drafted = 0
+    for p in prompts:
+        big.reset()
+        plain = big.complete(p, max_new_tokens=N_TOKENS, ignore_eos=True).tokens
+        spec = big.complete(p, max_new_tokens=N_TOKENS, ignore_eos=True, strategy="speculative")
+        accepted, drafted = accepted + spec.stats["accepted"], drafted + spec.stats["drafted"]
+        if spec.tokens != plain:
+            i = next(i for i, (a, b) in enumerate(zip(plain, spec.tokens)) if a != b)
+            big.reset()
+            logits = big.decoder.forward(big.encode(p) + plain[:i], logits_to_keep=1)[-1]
+            top2 = np.sort(logits)[-2:]
+            assert top2[1] - top2[0] < 1e-3, (p, i, top2)
+            near_ties += 1
+    record_property("speculative_near_tie_divergences", near_ties)
+    record_property("speculative_int4_acceptance", accepted / drafted)
+    print(f"\nspeculative fp32/int4: acceptance {accepted}/{drafted}, near-tie divergences {near_ties}/{len(prompts)}")
+    assert near_ties <= 1 and accepted > 0
