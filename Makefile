@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: it takes the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[export,models,serve,desktop,bench,test]'
+	# QNN HTP (NPU) plugin EP, ~100 MB; only Linux x86-64 and Windows have wheels: its tests skip without it
+	$(PY) -m pip install -q -e '.[npu]' || echo "onnxruntime-qnn is not available here: the QNN tests will skip"
 	# optimum (breadth fallback for families without a hand-built graph) pins transformers < 4.58: own venv
 	test -x $(OPTIMUM_VENV)/bin/python || $(PYTHON) -m venv $(OPTIMUM_VENV)
 	$(OPTIMUM_VENV)/bin/pip install -q torch==2.13.0 optimum-onnx onnx onnxruntime
