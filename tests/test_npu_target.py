@@ -205,3 +205,30 @@ def test_auto_picks_qnn_for_npu_package(npu_packages):
     model = edgeinfer.load(npu_packages("llama"))
     assert model.target.name == "qnn" and "auto" in model.target.reason
     assert len(model.complete(_prompt(6), max_new_tokens=3, ignore_eos=True).tokens) == 3
+
+
+# -- OpenVINO (its own venv: onnxruntime-openvino ships its own onnxruntime module) -----------------------
+def test_npu_package_runs_on_openvino_in_its_venv(npu_packages, tiny_models, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    python = root / ".venv-openvino" / "bin" / "python"
+    if not python.exists():
+        pytest.skip(".venv-openvino is absent (make it with runtimes/make_openvino_venv.sh)")
+    ids = _prompt(12)
+    out = tmp_path / "openvino.npy"
+    proc = subprocess.run([str(python), str(root / "apps" / "npu" / "provider_logits.py"), str(npu_packages("llama")),
+                           "--provider", "openvino", "--ids", ",".join(map(str, ids)), "--split", "10",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["provider"] == "openvino" and report["session_providers"][0] == "OpenVINOExecutionProvider"
+    assert report["onnxruntime"] != sys.modules["onnxruntime"].__version__  # really the other onnxruntime
+    if report["placement"]:
+        assert set(report["placement"]) == {"OpenVINOExecutionProvider"}, report["placement"]
+    got = np.load(out)
+    _assert_close(got, _hf_logits(tiny_models("llama"), ids), "openvino vs transformers")
+    cpu = edgeinfer.load(npu_packages("llama"), provider="cpu")
+    assert np.abs(got - _run(cpu.decoder, ids, 10)).max() < 0.05
