@@ -127,7 +127,8 @@ class CacheStats:
     prefetched: int = 0  # experts the background reader loaded
     prefetch_used: int = 0  # ... of which were used before being evicted
     bytes_read: int = 0
-    read_s: float = 0.0  # time spent reading and preparing experts (both threads)
+    read_s: float = 0.0  # time spent reading expert records (both threads)
+    build_s: float = 0.0  # time spent turning records into sessions (onnxruntime prepacks the weights)
     wait_s: float = 0.0  # time the decode thread stood still for experts
     predicted: int = 0  # experts predicted for the next layer
     predicted_right: int = 0  # ... that the router then chose
@@ -139,7 +140,7 @@ class CacheStats:
         d.update(needed=needed, hit_rate=round(self.hits / needed, 4) if needed else None,
                  prefetch_accuracy=round(self.predicted_right / self.predicted, 4) if self.predicted else None,
                  bytes_read_per_token=round(self.bytes_read / self.tokens) if self.tokens else None,
-                 read_s=round(self.read_s, 4), wait_s=round(self.wait_s, 4))
+                 read_s=round(self.read_s, 4), build_s=round(self.build_s, 4), wait_s=round(self.wait_s, 4))
         return d
 
     def minus(self, other: CacheStats) -> CacheStats:
@@ -147,16 +148,19 @@ class CacheStats:
 
 
 @dataclass
-class _Entry:
+class CachedExpert:
+    """A loaded expert: its session, and a binding the decoder may attach for one-token runs."""
+
     session: ort.InferenceSession
     prefetched: bool = False
     used: bool = False
+    binding: ort.IOBinding | None = None
 
 
 @dataclass
 class _InFlight:
     done: threading.Event = field(default_factory=threading.Event)
-    entry: _Entry | None = None
+    entry: CachedExpert | None = None
     error: BaseException | None = None
 
 
@@ -190,10 +194,11 @@ class ExpertCache:
         return self.count * self.record
 
     # -- loading ---------------------------------------------------------------
-    def load(self, layer: int, expert: int) -> _Entry:
+    def load(self, layer: int, expert: int) -> CachedExpert:
         """Read one record and build its session (no cache bookkeeping)."""
         t0 = time.perf_counter()
         tensors = self.store.read(layer, expert)
+        t1 = time.perf_counter()
         names = list(tensors)
         values = [ort.OrtValue.ortvalue_from_numpy(tensors[n]) for n in names]
         so = self.session_options()
@@ -204,14 +209,15 @@ class ExpertCache:
             msg = str(e).strip().splitlines()[0][:200]
             raise PackageError(f"expert {expert} of layer {layer} could not be loaded ({msg}): "
                                "the package is corrupt, re-export it.") from None
-        dt = time.perf_counter() - t0
+        t2 = time.perf_counter()
         with self.lock:
             self.stats.bytes_read += self.record
-            self.stats.read_s += dt
-        return _Entry(session)
+            self.stats.read_s += t1 - t0
+            self.stats.build_s += t2 - t1
+        return CachedExpert(session)
 
     # -- bookkeeping (callers hold self.lock) ------------------------------------
-    def _lookup(self, key: tuple[int, int]) -> _Entry | None:
+    def _lookup(self, key: tuple[int, int]) -> CachedExpert | None:
         entries = self.layers[key[0]]
         entry = entries.get(key[1])
         if entry is not None:
@@ -235,7 +241,7 @@ class ExpertCache:
             self.count -= 1
         return True
 
-    def _insert(self, key: tuple[int, int], entry: _Entry) -> bool:
+    def _insert(self, key: tuple[int, int], entry: CachedExpert) -> bool:
         if key[1] in self.layers[key[0]]:
             return True
         if not self._make_room():
@@ -245,8 +251,8 @@ class ExpertCache:
         return True
 
     # -- decode thread -----------------------------------------------------------
-    def acquire(self, layer: int, experts: list[int]) -> list[ort.InferenceSession]:
-        """Sessions of EXPERTS of LAYER, loading what is missing; they stay pinned until ``release``."""
+    def acquire(self, layer: int, experts: list[int]) -> list[CachedExpert]:
+        """EXPERTS of LAYER, loading what is missing; they stay pinned until ``release``."""
         waits, misses, found = [], [], {}
         with self.lock:
             for e in experts:
@@ -296,9 +302,9 @@ class ExpertCache:
             found[e] = entry
         with self.lock:
             self.stats.wait_s += time.perf_counter() - t0
-        return [found[e].session for e in experts]
+        return [found[e] for e in experts]
 
-    def _mark_used(self, entry: _Entry) -> None:
+    def _mark_used(self, entry: CachedExpert) -> None:
         if entry.prefetched and not entry.used:
             self.stats.prefetch_used += 1
         entry.used = True

@@ -100,6 +100,7 @@ class MoEDecoder:
                              for i in range(self.num_layers)}
         self._predicted: dict[int, list[int]] = {}
         self._step = 0
+        self._plan: _StepPlan | None = None
 
     # -- state -----------------------------------------------------------------
     @property
@@ -139,9 +140,9 @@ class MoEDecoder:
         """Feed IDS (1-D); returns the logits (logits_to_keep, vocab) of the last positions."""
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         n = ids.shape[1]
-        if self.length + n > self.capacity:
-            raise ContextLengthError(f"{self.length + n} tokens do not fit the context of {self.capacity}: "
-                                     "shorten the prompt or max_new_tokens.")
+        if n == 1 and logits_to_keep == 1:
+            return self.step(int(ids[0, 0]))[None].copy()
+        self._check_room(n)
         self._step += 1
         start = self.length
         x = self.embed.run([self.io["hidden_out"]], {self.io["input_ids"]: ids})[0]
@@ -154,11 +155,96 @@ class MoEDecoder:
         out = self.head.run([self.io["logits"]], {self.io["hidden_in"]: x, self.io["logits_to_keep"]: keep})[0]
         return out[0]
 
+    def _check_room(self, n: int) -> None:
+        if self.length + n > self.capacity:
+            raise ContextLengthError(f"{self.length + n} tokens do not fit the context of {self.capacity}: "
+                                     "shorten the prompt or max_new_tokens.")
+
     def step(self, token: int) -> np.ndarray:
-        """Append one token; returns its logits (vocab,)."""
-        return self.forward([token])[-1]
+        """Append one token; returns its logits (vocab,) — a view, valid until the next step.
+
+        The hot path: every graph runs on bindings made once, over preallocated buffers."""
+        self._check_room(1)
+        plan = self._plan or self._make_plan()
+        self._step += 1
+        pos = self.length
+        plan.seqlens[0] = pos
+        plan.total[...] = pos + 1
+        plan.token[0, 0] = token
+        self.embed.run_with_iobinding(plan.embed)
+        x = plan.x[0, 0]
+        for i in range(self.num_layers):
+            self.layers[i].run_with_iobinding(plan.layers[i])
+            if not self.sparse[i]:
+                x[:] = plan.dense_out[0, 0]
+                continue
+            stream = plan.stream[0]
+            self._predict_next(i, stream)
+            experts, weights = top_experts(plan.logits[0], self.top_k, self.renormalize)
+            chosen = experts[0].tolist()
+            self._score_prediction(i, chosen)
+            plan.h[:] = plan.ffn_in[0]
+            y = self._experts_one_token(i, chosen, weights[0], plan)
+            np.add(stream[0], y, out=x)
+            if self.has_shared:
+                x += plan.shared[0, 0]
+        self.kv.length = pos + 1
+        if self.cache is not None:
+            self.cache.stats.tokens += 1
+        self.head.run_with_iobinding(plan.head)
+        return plan.out[0, 0]
+
+    def _make_plan(self) -> _StepPlan:
+        io, hidden = self.io, self.hidden_size
+        plan = _StepPlan(hidden, self.vocab_size, self.routers.shape[1] if self.cache is not None else 1)
+        plan.embed = self.embed.io_binding()
+        plan.embed.bind_ortvalue_input(io["input_ids"], _ov(plan.token))
+        plan.embed.bind_ortvalue_output(io["hidden_out"], _ov(plan.x))
+        for i, sess in enumerate(self.layers):
+            b = sess.io_binding()
+            b.bind_ortvalue_input(io["hidden_in"], _ov(plan.x))
+            b.bind_ortvalue_input(io["seqlens_k"], _ov(plan.seqlens))
+            b.bind_ortvalue_input(io["total_sequence_length"], _ov(plan.total))
+            b.bind_ortvalue_input(io["past_key"].format(layer=i), self.kv.keys[i])
+            b.bind_ortvalue_input(io["past_value"].format(layer=i), self.kv.values[i])
+            if self.sparse[i]:
+                b.bind_ortvalue_output(io["stream"], _ov(plan.stream))
+                b.bind_ortvalue_output(io["ffn_in"], _ov(plan.ffn_in))
+                b.bind_ortvalue_output(io["router_logits"], _ov(plan.logits))
+                if self.has_shared:
+                    b.bind_ortvalue_output(io["shared_out"], _ov(plan.shared))
+            else:
+                b.bind_ortvalue_output(io["hidden_out"], _ov(plan.dense_out))
+            b.bind_ortvalue_output(io["present_key"].format(layer=i), self.kv.keys[i])
+            b.bind_ortvalue_output(io["present_value"].format(layer=i), self.kv.values[i])
+            plan.layers.append(b)
+        plan.head = self.head.io_binding()
+        plan.head.bind_ortvalue_input(io["hidden_in"], _ov(plan.x))
+        plan.head.bind_ortvalue_input(io["logits_to_keep"], _ov(plan.keep))
+        plan.head.bind_ortvalue_output(io["logits"], _ov(plan.out))
+        self._plan = plan
+        return plan
+
+    def _experts_one_token(self, i: int, chosen: list[int], weights: np.ndarray, plan: _StepPlan) -> np.ndarray:
+        if self.prefetcher is not None:
+            self.prefetcher.position = (self._step, i)
+        y = np.zeros(self.hidden_size, np.float32)
+        entries = self.cache.acquire(i, chosen)
+        try:
+            for entry, w in zip(entries, weights):
+                if entry.binding is None:  # made once per cached expert, over the plan's buffers
+                    b = entry.session.io_binding()
+                    b.bind_ortvalue_input(self.io["expert_in"], _ov(plan.h))
+                    b.bind_ortvalue_output(self.io["expert_out"], _ov(plan.expert_out))
+                    entry.binding = b
+                entry.session.run_with_iobinding(entry.binding)
+                y += w * plan.expert_out[0]
+        finally:
+            self.cache.release(i, chosen)
+        return y
 
     def _layer(self, i: int, x: np.ndarray, start: int, n: int) -> np.ndarray:
+        """Layer I on N positions (the prompt path; one token goes through ``step``)."""
         io = self.io
         sess = self.layers[i]
         b = sess.io_binding()
@@ -181,13 +267,8 @@ class MoEDecoder:
             return b.get_outputs()[0].numpy()
         outs = [v.numpy() for v in b.get_outputs()[: len(names)]]
         stream, h, logits = outs[0][0], outs[1][0], outs[2][0]
-        if n == 1:
-            self._predict_next(i, stream)
         experts, weights = top_experts(logits, self.top_k, self.renormalize)
-        if n == 1:
-            self._score_prediction(i, experts[0])
-        y = self._experts(i, h, experts, weights)
-        out = stream + y
+        out = stream + self._experts_rows(i, h, experts, weights)
         if self.has_shared:
             out += outs[3][0]
         return out[None]
@@ -203,38 +284,48 @@ class MoEDecoder:
         self._predicted[j] = guess
         self.prefetcher.request(self._step, j, guess)
 
-    def _score_prediction(self, i: int, chosen: np.ndarray) -> None:
+    def _score_prediction(self, i: int, chosen: list[int]) -> None:
         guess = self._predicted.pop(i, None)
         if guess is not None and self.cache is not None:
             with self.cache.lock:
                 self.cache.stats.predicted += len(guess)
-                self.cache.stats.predicted_right += len(set(guess) & set(chosen.tolist()))
+                self.cache.stats.predicted_right += len(set(guess) & set(chosen))
 
-    def _experts(self, i: int, h: np.ndarray, experts: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """Sum over tokens' chosen experts of weight * expert(h); one expert pinned at a time for prompts."""
-        cache = self.cache
-        if self.prefetcher is not None:
-            self.prefetcher.position = (self._step, i)
+    def _experts_rows(self, i: int, h: np.ndarray, experts: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Prompt rows: each expert once over the rows that chose it, pinned one at a time (the
+        union of a prompt's experts may be larger than the budget)."""
         name_in, name_out = self.io["expert_in"], self.io["expert_out"]
         y = np.zeros_like(h)
-        if len(h) == 1:
-            chosen = experts[0].tolist()
-            sessions = cache.acquire(i, chosen)
-            try:
-                for s, w in zip(sessions, weights[0]):
-                    y += w * s.run([name_out], {name_in: h})[0]
-            finally:
-                cache.release(i, chosen)
-            return y
         for e in np.unique(experts).tolist():
             rows, slot = np.nonzero(experts == e)
-            sessions = cache.acquire(i, [e])
+            entry = self.cache.acquire(i, [e])[0]
             try:
-                out = sessions[0].run([name_out], {name_in: np.ascontiguousarray(h[rows])})[0]
+                out = entry.session.run([name_out], {name_in: np.ascontiguousarray(h[rows])})[0]
             finally:
-                cache.release(i, [e])
+                self.cache.release(i, [e])
             y[rows] += out * weights[rows, slot][:, None]
         return y
+
+
+class _StepPlan:
+    """Buffers and bindings of the one-token path (made on the first step)."""
+
+    def __init__(self, hidden: int, vocab: int, experts: int):
+        self.token = np.zeros((1, 1), np.int64)
+        self.x = np.zeros((1, 1, hidden), np.float32)  # the residual stream entering each layer
+        self.seqlens = np.zeros((1,), np.int32)
+        self.total = np.zeros((), np.int32)
+        self.keep = np.ones((1,), np.int64)
+        self.stream = np.zeros((1, 1, hidden), np.float32)
+        self.ffn_in = np.zeros((1, 1, hidden), np.float32)
+        self.logits = np.zeros((1, 1, experts), np.float32)
+        self.shared = np.zeros((1, 1, hidden), np.float32)
+        self.dense_out = np.zeros((1, 1, hidden), np.float32)
+        self.h = np.zeros((1, hidden), np.float32)  # expert input
+        self.expert_out = np.zeros((1, hidden), np.float32)
+        self.out = np.zeros((1, 1, vocab), np.float32)
+        self.embed = self.head = None
+        self.layers: list = []
 
 
 def _load_array(pkg: Package, rel: str, shape: tuple) -> np.ndarray:

@@ -1,0 +1,395 @@
+"""Sparse-MoE benchmark: decode speed under expert-memory budgets, with reads that hit the disk.
+
+    python apps/bench/moe.py all          # build the model if needed, measure, write docs/moe.md
+    python apps/bench/moe.py build        # only export the random MoE package
+    python apps/bench/moe.py ffn-options  # how to run an expert from cached weights: the options, timed
+
+The model is a Qwen3-MoE-shaped decoder with random weights, built from a config
+without transformers (a lazy state dict generates each tensor when the exporter
+asks for it, so the fp32 experts never sit in memory together): 24 layers x 48
+experts, top-4, int4 experts of ~1.5 MB; ~1.7 GB of expert store. Random routers
+route near-uniformly: the worst case for a cache.
+
+Every configuration runs in its own process (so peak RSS is its own), after the
+page cache is dropped, with experts read through O_DIRECT: every miss is a real
+disk read. Tokens are a fixed random sequence fed one at a time (a random model
+decoding greedily would repeat itself and flatter the cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import random
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "build" / "moe-bench"
+PKG = OUT / "pkg-int4"
+RESULTS = OUT / "results.json"
+DOC = ROOT / "docs" / "moe.md"
+
+CONFIG = dict(model_type="qwen3_moe", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+              num_key_value_heads=4, head_dim=64, intermediate_size=3072, moe_intermediate_size=768,
+              num_experts=48, num_experts_per_tok=4, norm_topk_prob=True, vocab_size=320, rms_norm_eps=1e-6,
+              max_position_embeddings=4096, rope_theta=1000000.0, tie_word_embeddings=False, hidden_act="silu")
+
+
+class RandomWeights(Mapping):
+    """A state dict whose tensors are generated on access (seeded by name): nothing is kept."""
+
+    def __init__(self, cfg: dict):
+        h, n_layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+        hd, heads, kv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        e, inter = cfg["num_experts"], cfg["moe_intermediate_size"]
+        self.shapes = {"model.embed_tokens.weight": (cfg["vocab_size"], h), "model.norm.weight": (h,),
+                       "lm_head.weight": (cfg["vocab_size"], h)}
+        for i in range(n_layers):
+            p = f"model.layers.{i}."
+            self.shapes.update({
+                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (heads * hd, h), p + "self_attn.k_proj.weight": (kv * hd, h),
+                p + "self_attn.v_proj.weight": (kv * hd, h), p + "self_attn.o_proj.weight": (h, heads * hd),
+                p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
+                p + "mlp.gate.weight": (e, h), p + "mlp.experts.gate_up_proj": (e, 2 * inter, h),
+                p + "mlp.experts.down_proj": (e, h, inter)})
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        shape = self.shapes[key]
+        rng = np.random.default_rng(zlib.crc32(key.encode()))
+        if len(shape) == 1:  # norms: around one
+            return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        if key == "model.embed_tokens.weight":
+            # Token identity must dominate the residual stream, or every token routes alike: with
+            # embeddings as small as the random layers' outputs, 24 layers in, all tokens chose the
+            # same ~8 of 48 experts (measured) -- a cache's best case, not the uniform worst case.
+            return rng.standard_normal(shape, dtype=np.float32)
+        return (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+
+    def __contains__(self, key) -> bool:  # without generating the tensor
+        return key in self.shapes
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def build(out: Path = PKG) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import make_tokenizer
+
+    from edgeinfer.export import export_model
+    from edgeinfer.export.sources import SourceModel
+
+    tok = make_tokenizer(CONFIG["vocab_size"])
+    src = SourceModel(name="random-qwen3-moe-24x48", kind="hf-folder", location="random (apps/bench/moe.py)",
+                      config=dict(CONFIG), state_dict=RandomWeights(CONFIG),
+                      tokenizer_json=tok.backend_tokenizer.to_str(), chat_template=None,
+                      special={"bos_token_id": 1, "eos_token_ids": [2], "pad_token_id": 0})
+    t0 = time.perf_counter()
+    res = export_model(src, out, "int4", max_context=512, force=True, progress=True)
+    store = res.manifest["moe"]["expert_store"]
+    print(f"exported {out} in {time.perf_counter() - t0:.0f} s: {res.size_bytes / 1e9:.2f} GB, expert store "
+          f"{store['total_bytes'] / 1e9:.2f} GB ({store['record_size']} bytes per expert)")
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def disk_bandwidth(pkg: Path, reads: int = 300) -> dict:
+    """O_DIRECT reads of whole expert records at random record offsets: GB/s and ms per read."""
+    manifest = json.loads((pkg / "edgeinfer.json").read_text())
+    store = manifest["moe"]["expert_store"]
+    offsets = [off for recs in store["layers"].values() for off, _ in recs]
+    size = store["record_size"]
+    fd = os.open(pkg / store["file"], os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, size)
+    rnd = random.Random(0)
+    t0 = time.perf_counter()
+    for _ in range(reads):
+        os.preadv(fd, [buf], rnd.choice(offsets))
+    dt = time.perf_counter() - t0
+    os.close(fd)
+    return {"gb_s": reads * size / dt / 1e9, "ms_per_read": dt / reads * 1e3, "read_bytes": size, "reads": reads}
+
+
+def run_one(pkg: Path, mode: str, frac: float, tokens: int, warmup: int) -> dict:
+    """One configuration, in this process: decode WARMUP then TOKENS random tokens one at a time."""
+    from edgeinfer.bench import peak_rss_mb
+    from edgeinfer.moe_decoder import MoEDecoder
+    from edgeinfer.package import open_package
+    from edgeinfer.runtimes import resolve_provider
+
+    pkg_ = open_package(pkg, verify=False)
+    store = pkg_.manifest["moe"]["expert_store"]
+    total = store["total_bytes"]
+    budget = int(total * frac)
+    dec = MoEDecoder(pkg_, resolve_provider("cpu"), max_context=512, memory_budget=budget,
+                     prefetch=(mode == "prefetch"), direct_io=True)
+    rss_loaded = peak_rss_mb()
+    if mode == "resident":  # every expert loaded before timing
+        for layer, recs in store["layers"].items():
+            for e in range(len(recs)):
+                dec.cache.acquire(int(layer), [e])
+                dec.cache.release(int(layer), [e])
+    rng = np.random.default_rng(1234)
+    ids = rng.integers(3, pkg_.manifest["architecture"]["vocab_size"], size=8 + warmup + tokens).tolist()
+    dec.forward(ids[:8])
+    for t in ids[8:8 + warmup]:
+        dec.step(t)
+    before = dec.expert_stats()
+    t0 = time.perf_counter()
+    for t in ids[8 + warmup:]:
+        dec.step(t)
+    dt = time.perf_counter() - t0
+    stats = dec.expert_stats(before)
+    stats.tokens = tokens
+    s = stats.as_dict()
+    record = store["record_size"]
+    dense_bytes = sum(f["size"] for rel, f in pkg_.manifest["files"].items() if not rel.startswith("experts/"))
+    dec.close()
+    return {"mode": mode, "budget_fraction": frac, "budget_bytes": budget, "tokens": tokens, "tok_s": tokens / dt,
+            "ms_per_token": dt / tokens * 1e3, "stats": s,
+            "missed_bytes_per_token": (s["needed"] - s["hits"]) * record / tokens,
+            "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": rss_loaded, "dense_bytes": dense_bytes,
+            "resident_expert_bytes": dec.cache.resident_bytes}
+
+
+def ffn_options(pkg: Path, runs: int = 100) -> dict:
+    """Ways to run one cached expert (decode: one row), timed here on the bench model's expert shape."""
+    import onnxruntime as ort
+
+    from edgeinfer.experts import ExpertStore
+    from edgeinfer.export.quantize import BlockQuantized
+    from edgeinfer.moe_decoder import MoEDecoder
+    from edgeinfer.package import open_package
+    from edgeinfer.runtimes import resolve_provider
+
+    p = open_package(pkg, verify=False)
+    dec = MoEDecoder(p, resolve_provider("cpu"), max_context=64, prefetch=False)
+    cache = dec.cache
+    store: ExpertStore = cache.store
+    h = np.random.default_rng(0).standard_normal((1, CONFIG["hidden_size"])).astype(np.float32)
+
+    def timed(fn, n=runs):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n * 1e3
+
+    out = {}
+    t0 = time.perf_counter()
+    for e in range(8):
+        cache.load(0, e)
+    out["session_build_ms"] = (time.perf_counter() - t0) / 8 * 1e3
+    sess = cache.load(0, 0).session
+    out["session_run_ms"] = timed(lambda: sess.run(None, {"expert_in": h}))
+    # The same graph with the weights as graph inputs: MatMulNBits then unpacks them on every call.
+    tensors = store.read(0, 0)
+    import onnx
+
+    model = onnx.load_from_string(cache.ffn_graph)
+    names = {t.name for t in model.graph.initializer}
+    for init in [t for t in model.graph.initializer if t.name in tensors]:
+        model.graph.initializer.remove(init)
+        dt = onnx.TensorProto.UINT8 if tensors[init.name].dtype == np.uint8 else onnx.TensorProto.FLOAT
+        model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, dt, list(tensors[init.name].shape)))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = os.cpu_count() or 1
+    fed = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feeds = {"expert_in": h, **{k: v for k, v in tensors.items() if k in names}}
+    out["weights_as_inputs_ms"] = timed(lambda: fed.run(None, feeds), n=10)
+    # numpy on weights dequantized once (8x the bytes of int4 in the cache).
+    inter, hid = CONFIG["moe_intermediate_size"], CONFIG["hidden_size"]
+    bs = 32
+
+    def deq(prefix, n, k):
+        q = BlockQuantized(tensors[prefix + ".qweight"], tensors[prefix + ".scales"], np.zeros((n, 0), np.uint8), 4,
+                           bs, n, k)
+        return np.ascontiguousarray(q.dequantize().T)
+
+    wgu, wd = deq("gate_up", 2 * inter, hid), deq("down", hid, inter)
+
+    def numpy_ffn():
+        gu = h @ wgu
+        g, u = gu[:, :inter], gu[:, inter:]
+        return (g / (1 + np.exp(-g)) * u) @ wd
+
+    out["numpy_fp32_ms"] = timed(numpy_ffn)
+    out["numpy_dequantize_ms"] = timed(lambda: (deq("gate_up", 2 * inter, hid), deq("down", hid, inter)), n=5)
+    out["record_bytes"] = store.record_size
+    out["numpy_fp32_bytes"] = wgu.nbytes + wd.nbytes
+    dec.close()
+    return out
+
+
+def _subprocess_run(mode: str, frac: float, tokens: int, warmup: int) -> dict:
+    dropped = drop_page_cache()
+    cmd = [sys.executable, __file__, "run-one", "--mode", mode, "--frac", str(frac), "--tokens", str(tokens),
+           "--warmup", str(warmup)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if res.returncode != 0:
+        raise RuntimeError(f"{mode} {frac}: {res.stderr[-2000:]}")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["page_cache_dropped"] = dropped
+    print(f"  {mode:9s} {frac:4.0%}: {out['tok_s']:6.2f} tok/s, hit rate {out['stats']['hit_rate']}, "
+          f"read {out['stats']['bytes_read_per_token'] / 1e6:.1f} MB/token, wait {out['stats']['wait_s']:.2f} s, "
+          f"accuracy {out['stats']['prefetch_accuracy']}, peak RSS {out['peak_rss_mb']:.0f} MB", flush=True)
+    return out
+
+
+def measure_all(tokens: int, warmup: int, repeats: int) -> dict:
+    if not (PKG / "edgeinfer.json").is_file():
+        build()
+    configs = [("resident", 1.0), ("prefetch", 1.0), ("prefetch", 0.9), ("prefetch", 0.75), ("prefetch", 0.5),
+               ("naive", 0.5), ("prefetch", 0.25), ("naive", 0.25)]
+    drop_page_cache()
+    bw = disk_bandwidth(PKG)
+    print(f"disk: {bw['gb_s']:.2f} GB/s, {bw['ms_per_read']:.2f} ms per {bw['read_bytes'] / 1e6:.2f} MB O_DIRECT read")
+    runs: list[dict] = []
+    for r in range(repeats):  # interleaved: every configuration once per round
+        print(f"round {r + 1}/{repeats}")
+        for mode, frac in configs:
+            runs.append(_subprocess_run(mode, frac, tokens, warmup))
+    print("expert FFN options")
+    options = ffn_options(PKG)
+    manifest = json.loads((PKG / "edgeinfer.json").read_text())
+    result = {"config": CONFIG, "expert_store_bytes": manifest["moe"]["expert_store"]["total_bytes"],
+              "record_bytes": manifest["moe"]["expert_store"]["record_size"], "disk": bw, "runs": runs,
+              "ffn_options": options, "cpu_count": os.cpu_count(), "tokens": tokens, "warmup": warmup}
+    OUT.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def summarize(result: dict) -> list[dict]:
+    """Median per configuration, with the bound and our fraction of it."""
+    groups: dict = {}
+    for r in result["runs"]:
+        groups.setdefault((r["mode"], r["budget_fraction"]), []).append(r)
+    resident = float(np.median([r["tok_s"] for r in groups[("resident", 1.0)]]))
+    bw = result["disk"]["gb_s"] * 1e9
+    rows = []
+    for (mode, frac), rs in groups.items():
+        med = sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2]
+        missed = float(np.median([r["missed_bytes_per_token"] for r in rs]))
+        bound = min(resident, bw / missed) if missed > 0 else resident
+        rows.append({"mode": mode, "frac": frac, "tok_s": med["tok_s"], "all_tok_s": [r["tok_s"] for r in rs],
+                     "hit_rate": med["stats"]["hit_rate"], "read_mb_tok": med["stats"]["bytes_read_per_token"] / 1e6,
+                     "missed_mb_tok": missed / 1e6, "accuracy": med["stats"]["prefetch_accuracy"],
+                     "wait_ms_tok": med["stats"]["wait_s"] / med["tokens"] * 1e3,
+                     "read_ms_tok": med["stats"]["read_s"] / med["tokens"] * 1e3,
+                     "build_ms_tok": med["stats"]["build_s"] / med["tokens"] * 1e3,
+                     "late": med["stats"]["late_prefetches"], "misses": med["stats"]["misses"],
+                     "bound": bound, "of_bound": med["tok_s"] / bound, "of_resident": med["tok_s"] / resident,
+                     "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "budget_mb": med["budget_bytes"] / 1e6,
+                     "dense_mb": med["dense_bytes"] / 1e6})
+    return rows
+
+
+def write_doc(result: dict) -> None:
+    rows = summarize(result)
+    bw = result["disk"]
+    opt = result["ffn_options"]
+    lines = [
+        "# Sparse MoE: streaming experts under a memory budget",
+        "",
+        "Generated by `python apps/bench/moe.py all` (raw numbers: `build/moe-bench/results.json`).",
+        "",
+        f"Model: random Qwen3-MoE-shaped decoder, {CONFIG['num_hidden_layers']} layers x {CONFIG['num_experts']} "
+        f"experts, top-{CONFIG['num_experts_per_tok']}, hidden {CONFIG['hidden_size']}, expert width "
+        f"{CONFIG['moe_intermediate_size']}, int4 experts (block 32, symmetric): "
+        f"{result['expert_store_bytes'] / 1e9:.2f} GB of expert store, {result['record_bytes'] / 1e6:.2f} MB per "
+        "expert record. Random routers route near-uniformly: the worst case for caching.",
+        "",
+        f"Machine: {result['cpu_count']} CPU cores (shared with other work: timings are noisy; every configuration "
+        f"ran {len(result['runs']) // len(rows)} times, interleaved, median shown). Disk, measured in the script: "
+        f"**{bw['gb_s']:.2f} GB/s** ({bw['ms_per_read']:.2f} ms per {bw['read_bytes'] / 1e6:.2f} MB O_DIRECT "
+        "random read, one reader).",
+        "",
+        f"Each run: its own process, page cache dropped, experts read with O_DIRECT, {result['warmup']} tokens of "
+        f"warm-up (the cache fills), then {result['tokens']} random tokens decoded one at a time.",
+        "",
+        "| experts | budget | tok/s | of all-resident | hit rate | missed MB/token | read MB/token | prefetch "
+        "accuracy | wait ms/token | read ms/token | build ms/token | bound tok/s | of bound | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {"resident": 0, "prefetch": 1, "naive": 2}
+    for r in sorted(rows, key=lambda r: (-r["frac"], order[r["mode"]])):
+        name = {"resident": "all resident", "prefetch": "cache + prefetch", "naive": "cache, on demand"}[r["mode"]]
+        lines.append(f"| {name} | {r['frac']:.0%} ({r['budget_mb']:.0f} MB) | {r['tok_s']:.2f} | "
+                     f"{r['of_resident']:.2f} | {r['hit_rate']} | {r['missed_mb_tok']:.1f} | {r['read_mb_tok']:.1f} | "
+                     f"{r['accuracy'] if r['accuracy'] is not None else '–'} | {r['wait_ms_tok']:.1f} | "
+                     f"{r['read_ms_tok']:.1f} | {r['build_ms_tok']:.1f} | {r['bound']:.2f} | {r['of_bound']:.2f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    lines += [
+        "",
+        "Bound = min(all-resident tok/s, disk GB/s ÷ missed bytes per token), missed = experts needed but not "
+        "cached when the layer asked (each costs one record read, by the reader or the decoder). "
+        "*read ms/token* and *build ms/token* add up both threads' time to read records and to turn them into "
+        "onnxruntime sessions (weight prepacking); *wait* is what the decode thread stood still for experts.",
+        "",
+        "## Expert FFN from cached weights: the options",
+        "",
+        f"One expert (gate/up {2 * CONFIG['moe_intermediate_size']}x{CONFIG['hidden_size']}, down "
+        f"{CONFIG['hidden_size']}x{CONFIG['moe_intermediate_size']}, int4), one token, measured by "
+        "`python apps/bench/moe.py ffn-options`:",
+        "",
+        "| option | per call | per load | cached bytes |",
+        "|---|---|---|---|",
+        f"| a session per expert, weights as external initializers (prepacked) — **chosen** | "
+        f"{opt['session_run_ms']:.3f} ms | {opt['session_build_ms']:.2f} ms (build) | {opt['record_bytes'] / 1e6:.2f} "
+        "MB record |",
+        f"| one shared graph, weights fed as inputs (MatMulNBits unpacks them every call) | "
+        f"{opt['weights_as_inputs_ms']:.2f} ms | 0 | {opt['record_bytes'] / 1e6:.2f} MB |",
+        f"| numpy matmul on weights dequantized to fp32 at load | {opt['numpy_fp32_ms']:.3f} ms | "
+        f"{opt['numpy_dequantize_ms']:.1f} ms (dequantize) | {opt['numpy_fp32_bytes'] / 1e6:.2f} MB |",
+        "",
+    ]
+    DOC.write_text("\n".join(lines) + "\n")
+    print(f"wrote {DOC}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["all", "build", "run-one", "ffn-options", "doc"])
+    ap.add_argument("--mode", default="prefetch", choices=["resident", "prefetch", "naive"])
+    ap.add_argument("--frac", type=float, default=0.5)
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--warmup", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args(argv)
+    if args.command == "build":
+        build()
+    elif args.command == "run-one":
+        print(json.dumps(run_one(PKG, args.mode, args.frac, args.tokens, args.warmup)))
+    elif args.command == "ffn-options":
+        print(json.dumps(ffn_options(PKG), indent=1))
+    elif args.command == "doc":
+        write_doc(json.loads(RESULTS.read_text()))
+    else:
+        write_doc(measure_all(args.tokens, args.warmup, args.repeats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
