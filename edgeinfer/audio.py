@@ -135,40 +135,64 @@ def _decode(raw: bytes, info: WavInfo) -> np.ndarray:
 
 # -- resampling ----------------------------------------------------------------
 _ZERO_CROSSINGS = 16  # half-width of the windowed-sinc kernel, in input samples at the cutoff
+_BLOCK = 1 << 14  # output samples computed per vectorised step (bounds temporary memory)
 
 
-def _kernel_halfwidth(ratio: float) -> int:
-    return int(np.ceil(_ZERO_CROSSINGS / min(1.0, ratio))) + 1
+class Resampler:
+    """Band-limited resampling by a rational factor with a Hann-windowed sinc.
 
+    Output sample ``n`` sits at input time ``n * M / L`` (``M/L`` = rate_in/rate_out in
+    lowest terms), so its kernel depends only on the phase ``n % L``: the L kernels are
+    computed once and every window reuses them. The cutoff drops to the new Nyquist
+    when downsampling, so nothing above it folds back.
+    """
 
-def resample_at(x: np.ndarray, first_input: int, times: np.ndarray, ratio: float) -> np.ndarray:
-    """Band-limited interpolation of X (whose sample 0 is input index FIRST_INPUT) at input
-    times TIMES, with a Hann-windowed sinc; the cutoff drops to RATIO × Nyquist when
-    downsampling, so nothing above the new Nyquist folds back."""
-    cutoff = min(1.0, ratio)
-    half = _kernel_halfwidth(ratio)
-    out = np.empty(len(times), np.float32)
-    taps = np.arange(-half + 1, half + 1)
-    step = 1 << 14
-    for s in range(0, len(times), step):
-        t = times[s:s + step]
-        base = np.floor(t).astype(np.int64)
-        idx = base[:, None] + taps[None, :]
-        d = t[:, None] - idx  # distance from each tap, in input samples
-        w = cutoff * np.sinc(cutoff * d) * (0.5 + 0.5 * np.cos(np.pi * np.clip(d / half, -1, 1)))
-        local = idx - first_input
-        valid = (local >= 0) & (local < len(x))
-        vals = np.where(valid, x[np.clip(local, 0, max(len(x) - 1, 0))] if len(x) else 0.0, 0.0)
-        out[s:s + step] = (vals * w).sum(axis=1)
-    return out
+    def __init__(self, rate_in: int, rate_out: int):
+        g = np.gcd(rate_in, rate_out)
+        self.up, self.down = rate_out // g, rate_in // g  # L, M
+        ratio = rate_out / rate_in
+        cutoff = min(1.0, ratio)
+        self.half = int(np.ceil(_ZERO_CROSSINGS / cutoff)) + 1
+        self.taps = np.arange(-self.half + 1, self.half + 1)
+        self.table = None
+        if self.up <= 4096:  # a table of L kernels; otherwise computed per block
+            self.table = self._kernels(np.arange(self.up))
+
+    def _kernels(self, phases: np.ndarray) -> np.ndarray:
+        cutoff = min(1.0, self.up / self.down)
+        frac = (phases * self.down % self.up) / self.up
+        d = frac[:, None] - self.taps[None, :]
+        w = cutoff * np.sinc(cutoff * d) * (0.5 + 0.5 * np.cos(np.pi * np.clip(d / self.half, -1, 1)))
+        return w.astype(np.float32)
+
+    def input_span(self, start: int, count: int) -> tuple[int, int]:
+        """Input samples [first, last] that output samples [start, start+count) read."""
+        first = start * self.down // self.up - self.half + 1
+        last = (start + count - 1) * self.down // self.up + self.half
+        return first, last
+
+    def __call__(self, x: np.ndarray, first_input: int, start: int, count: int) -> np.ndarray:
+        """Output samples [start, start+count) from X, whose sample 0 is input FIRST_INPUT."""
+        out = np.empty(count, np.float32)
+        padded = np.concatenate([np.zeros(self.half, np.float32), x.astype(np.float32),
+                                 np.zeros(self.half, np.float32)])
+        for s in range(0, count, _BLOCK):
+            n = start + s + np.arange(min(_BLOCK, count - s))
+            base = n * self.down // self.up
+            idx = base[:, None] + self.taps[None, :] - first_input + self.half
+            valid = (idx >= 0) & (idx < len(padded))
+            vals = np.where(valid, padded[np.clip(idx, 0, len(padded) - 1)], 0.0)
+            kern = self.table[n % self.up] if self.table is not None else self._kernels(n % self.up)
+            out[s:s + len(n)] = np.einsum("ij,ij->i", vals, kern)
+        return out
 
 
 def resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     """Resample a whole (short) signal."""
     if rate_in == rate_out:
         return x.astype(np.float32)
-    n_out = int(np.floor(len(x) * rate_out / rate_in))
-    return resample_at(x, 0, np.arange(n_out) * (rate_in / rate_out), rate_out / rate_in)
+    n_out = int(len(x) * rate_out // rate_in)
+    return Resampler(rate_in, rate_out)(x, 0, 0, n_out)
 
 
 def iter_windows(path_or_info: str | os.PathLike | WavInfo, rate: int = 16000,
@@ -176,22 +200,17 @@ def iter_windows(path_or_info: str | os.PathLike | WavInfo, rate: int = 16000,
     """Mono float32 audio at RATE in consecutive windows of SECONDS (the last one shorter),
     read from the file window by window."""
     info = path_or_info if isinstance(path_or_info, WavInfo) else read_wav_info(path_or_info)
-    n_total = int(np.floor(info.frames * rate / info.sample_rate))
+    n_total = info.frames * rate // info.sample_rate
     per = int(round(seconds * rate))
-    step = info.sample_rate / rate
-    half = _kernel_halfwidth(rate / info.sample_rate)
-    for start in range(0, max(n_total, 1), per):
+    resampler = Resampler(info.sample_rate, rate) if info.sample_rate != rate else None
+    for start in range(0, n_total, per):
         n = min(per, n_total - start)
-        if n <= 0:
-            break
-        if info.sample_rate == rate:
+        if resampler is None:
             yield read_frames(info, start, n)
             continue
-        times = (start + np.arange(n)) * step
-        first = int(np.floor(times[0])) - half
-        last = int(np.ceil(times[-1])) + half
-        chunk = read_frames(info, max(first, 0), last - max(first, 0) + 1)
-        yield resample_at(chunk, max(first, 0), times, rate / info.sample_rate)
+        first, last = resampler.input_span(start, n)
+        first = max(first, 0)
+        yield resampler(read_frames(info, first, last - first + 1), first, start, n)
 
 
 def load_audio(path: str | os.PathLike, rate: int = 16000) -> np.ndarray:
@@ -239,10 +258,10 @@ def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, n_samples: int = 48
     x = np.zeros(n_samples, np.float64)
     x[: min(len(audio), n_samples)] = audio[:n_samples]
     x = np.pad(x, n_fft // 2, mode="reflect")
-    frames = 1 + (len(x) - n_fft) // hop
-    idx = np.arange(n_fft)[None, :] + hop * np.arange(frames)[:, None]
+    frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop]  # a view: no copy per frame
     window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
-    power = np.abs(np.fft.rfft(x[idx] * window, axis=1)) ** 2  # (frames, n_freqs)
+    spec = np.fft.rfft(frames * window, axis=1)  # (frames, n_freqs)
+    power = spec.real ** 2 + spec.imag ** 2
     key = (sample_rate, n_fft, n_mels)
     if key not in _FILTER_CACHE:
         _FILTER_CACHE[key] = mel_filters(sample_rate, n_fft, n_mels)

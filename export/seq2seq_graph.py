@@ -18,7 +18,7 @@ import numpy as np
 from edgeinfer.models.seq2seq_base import Seq2SeqSpec
 
 from .blocks import Precision, embedding, float_weight, linear, tied_lm_head
-from .onnx_graph import GraphBuilder
+from .onnx_graph import MS_DOMAIN, GraphBuilder
 
 INPUT_FEATURES = "input_features"
 ENCODER_INPUT_IDS = "encoder_input_ids"
@@ -60,13 +60,33 @@ def _merge(g: GraphBuilder, x: str, spec: Seq2SeqSpec) -> str:
     return g.op1("Reshape", [t, g.const_i64([0, 0, spec.d_model], "shape.merge")])
 
 
-def _attend(g: GraphBuilder, q: str, k: str, v: str, spec: Seq2SeqSpec, mask: str | None) -> str:
-    """softmax(q kᵀ / √d + mask) v over (B, H, ·, Dh) tensors."""
+def _attend(g: GraphBuilder, q: str, k: str, v: str, spec: Seq2SeqSpec, mask: str | None,
+            keys_transposed: bool = False) -> str:
+    """softmax(q kᵀ / √d + mask) v over (B, H, ·, Dh) tensors (K given as (B, H, Dh, L) when
+    ``keys_transposed``)."""
     scale = g.initializer("attn.scale", np.asarray(spec.head_dim ** -0.5, np.float32))
-    scores = g.op1("MatMul", [g.op1("Mul", [q, scale]), g.op1("Transpose", [k], perm=[0, 1, 3, 2])])
+    kt = k if keys_transposed else g.op1("Transpose", [k], perm=[0, 1, 3, 2])
+    scores = g.op1("MatMul", [g.op1("Mul", [q, scale]), kt])
     if mask is not None:
         scores = g.op1("Add", [scores, mask])
     return g.op1("MatMul", [g.op1("Softmax", [scores], axis=-1), v])
+
+
+def _fused_attention(g: GraphBuilder, q: str, k: str, v: str, spec: Seq2SeqSpec, *, bias: str | None = None,
+                     past: tuple[str, str] | None = None, present: tuple[str, str] | None = None) -> str:
+    """onnxruntime's MultiHeadAttention: Q (B, S, D); K/V either (B, L, D) or already
+    split into heads (B, H, L, Dh), as the cross_kv graph writes them. It never
+    materialises the (S × L) score matrix per head in the graph, which is what makes the
+    1500-frame encoder fast."""
+    inputs = [q, k, v, "", "", bias or ""]
+    if past is not None:
+        inputs += [past[0], past[1]]
+    while inputs[-1] == "":
+        inputs.pop()
+    outs = [g.unique("mha") + "/out"] + (list(present) if present else [])
+    g.op("MultiHeadAttention", inputs, len(outs), domain=MS_DOMAIN, outputs=outs, num_heads=spec.heads,
+         scale=spec.head_dim ** -0.5)
+    return outs[0]
 
 
 def _mlp(g: GraphBuilder, x: str, w: dict, key: str, spec: Seq2SeqSpec, prec: Precision) -> str:
@@ -93,8 +113,8 @@ def build_encoder(spec: Seq2SeqSpec, w: dict, prec: Precision) -> GraphBuilder:
     x = g.op1("Add", [x, pos])
     for i in range(spec.encoder_layers):
         h = _norm(g, x, w, f"enc.{i}.attn_norm", spec)
-        q, k, v = (_heads(g, _linear(g, h, w, f"enc.{i}.attn.{p}", prec), spec) for p in "qkv")
-        a = _linear(g, _merge(g, _attend(g, q, k, v, spec, None), spec), w, f"enc.{i}.attn.o", prec)
+        q, k, v = (_linear(g, h, w, f"enc.{i}.attn.{p}", prec) for p in "qkv")
+        a = _linear(g, _fused_attention(g, q, k, v, spec), w, f"enc.{i}.attn.o", prec)
         x = g.op1("Add", [x, a])
         x = g.op1("Add", [x, _mlp(g, _norm(g, x, w, f"enc.{i}.mlp_norm", spec), w, f"enc.{i}", spec, prec)])
     out = _norm(g, x, w, "enc.norm", spec)
@@ -106,12 +126,14 @@ def build_encoder(spec: Seq2SeqSpec, w: dict, prec: Precision) -> GraphBuilder:
 def build_cross_kv(spec: Seq2SeqSpec, w: dict, prec: Precision) -> GraphBuilder:
     g = GraphBuilder("cross_kv")
     enc = g.input(ENCODER_HIDDEN, "float32", ["batch", "source", spec.d_model])
-    shape = ["batch", spec.heads, "source", spec.head_dim]
     for i in range(spec.decoder_layers):
-        for part, name in (("k", CROSS_KEY), ("v", CROSS_VALUE)):
-            out = name.format(layer=i)
-            g.op("Identity", [_heads(g, _linear(g, enc, w, f"dec.{i}.cross.{part}", prec), spec)], outputs=[out])
-            g.output(out, "float32", shape)
+        k = _heads(g, _linear(g, enc, w, f"dec.{i}.cross.k", prec), spec)
+        # keys stored transposed (B, H, Dh, S): each decoder step multiplies by them directly
+        g.op("Transpose", [k], outputs=[CROSS_KEY.format(layer=i)], perm=[0, 1, 3, 2])
+        g.output(CROSS_KEY.format(layer=i), "float32", ["batch", spec.heads, spec.head_dim, "source"])
+        v = _heads(g, _linear(g, enc, w, f"dec.{i}.cross.v", prec), spec)
+        g.op("Identity", [v], outputs=[CROSS_VALUE.format(layer=i)])
+        g.output(CROSS_VALUE.format(layer=i), "float32", ["batch", spec.heads, "source", spec.head_dim])
     return g
 
 
@@ -119,13 +141,12 @@ def build_decoder(spec: Seq2SeqSpec, w: dict, prec: Precision) -> GraphBuilder:
     g = GraphBuilder("decoder")
     ids = g.input(DECODER_INPUT_IDS, "int64", ["batch", "new"])
     kv_shape = ["batch", spec.heads, "past", spec.head_dim]
-    cross_shape = ["batch", spec.heads, "source", spec.head_dim]
     for i in range(spec.decoder_layers):
         g.input(PAST_KEY.format(layer=i), "float32", kv_shape)
         g.input(PAST_VALUE.format(layer=i), "float32", kv_shape)
     for i in range(spec.decoder_layers):
-        g.input(CROSS_KEY.format(layer=i), "float32", cross_shape)
-        g.input(CROSS_VALUE.format(layer=i), "float32", cross_shape)
+        g.input(CROSS_KEY.format(layer=i), "float32", ["batch", spec.heads, spec.head_dim, "source"])
+        g.input(CROSS_VALUE.format(layer=i), "float32", ["batch", spec.heads, "source", spec.head_dim])
 
     past = g.op1("Shape", [PAST_KEY.format(layer=0)], start=2, end=3)  # (1,) cache length
     new = g.op1("Shape", [ids], start=1, end=2)
@@ -140,20 +161,22 @@ def build_decoder(spec: Seq2SeqSpec, w: dict, prec: Precision) -> GraphBuilder:
                                g.op1("Unsqueeze", [q_pos, g.const_i64([1], "axes.1")])])
     mask = g.op1("Where", [future, g.initializer("mask.neg", np.asarray(_MASKED, np.float32)),
                            g.initializer("mask.zero", np.asarray(0.0, np.float32))])
+    mask = g.op1("Unsqueeze", [mask, g.const_i64([0, 1], "axes.01")])  # (1, 1, new, total)
 
     bits = prec.head_bits
     x, shared = embedding(g, ids, _f32(w["dec.embed"]), "dec.embed", prec, bits if "lm_head.w" not in w else None)
     x = g.op1("Add", [x, g.op1("Gather", [g.initializer("dec.pos", _f32(w["dec.pos"])), q_pos], axis=0)])
     for i in range(spec.decoder_layers):
         h = _norm(g, x, w, f"dec.{i}.self_norm", spec)
-        q, k, v = (_heads(g, _linear(g, h, w, f"dec.{i}.self.{p}", prec), spec) for p in "qkv")
-        k = g.op1("Concat", [PAST_KEY.format(layer=i), k], axis=2, outputs=[PRESENT_KEY.format(layer=i)])
-        v = g.op1("Concat", [PAST_VALUE.format(layer=i), v], axis=2, outputs=[PRESENT_VALUE.format(layer=i)])
-        a = _linear(g, _merge(g, _attend(g, q, k, v, spec, mask), spec), w, f"dec.{i}.self.o", prec)
-        x = g.op1("Add", [x, a])
+        q, k, v = (_linear(g, h, w, f"dec.{i}.self.{p}", prec) for p in "qkv")
+        a = _fused_attention(g, q, k, v, spec, bias=mask,
+                             past=(PAST_KEY.format(layer=i), PAST_VALUE.format(layer=i)),
+                             present=(PRESENT_KEY.format(layer=i), PRESENT_VALUE.format(layer=i)))
+        x = g.op1("Add", [x, _linear(g, a, w, f"dec.{i}.self.o", prec)])
         h = _norm(g, x, w, f"dec.{i}.cross_norm", spec)
+        # cross attention in plain MatMuls: one query row against precomputed, pre-transposed keys
         q = _heads(g, _linear(g, h, w, f"dec.{i}.cross.q", prec), spec)
-        a = _attend(g, q, CROSS_KEY.format(layer=i), CROSS_VALUE.format(layer=i), spec, None)
+        a = _attend(g, q, CROSS_KEY.format(layer=i), CROSS_VALUE.format(layer=i), spec, None, keys_transposed=True)
         x = g.op1("Add", [x, _linear(g, _merge(g, a, spec), w, f"dec.{i}.cross.o", prec)])
         x = g.op1("Add", [x, _mlp(g, _norm(g, x, w, f"dec.{i}.mlp_norm", spec), w, f"dec.{i}", spec, prec)])
     x = _norm(g, x, w, "dec.norm", spec)
