@@ -23,6 +23,9 @@ $(VENV)/.installed: pyproject.toml
 	# optimum (breadth fallback for families without a hand-built graph) pins transformers < 4.58: own venv
 	test -x $(OPTIMUM_VENV)/bin/python || $(PYTHON) -m venv $(OPTIMUM_VENV)
 	$(OPTIMUM_VENV)/bin/pip install -q torch==2.13.0 optimum-onnx onnx onnxruntime
+	# espeak-ng speaks the sentences of the Whisper end-to-end test (which skips, saying so, without it)
+	command -v espeak-ng >/dev/null || { command -v apt-get >/dev/null && apt-get install -y -q espeak-ng >/dev/null 2>&1; } \
+		|| echo "note: espeak-ng could not be installed: the Whisper end-to-end test will be skipped"
 	touch $@
 
 $(PACKAGE)/edgeinfer.json: | setup
