@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--prefill-chunk", type=int, default=None, help="npu: tokens per prefill graph run (default 32)")
     e.add_argument("--calibration", default=None, metavar="FILE",
                    help="npu: UTF-8 text (paragraphs separated by blank lines) to calibrate activation scales on "
-                        "(default: the sample text shipped with edgeinfer)")
+                        "(default: the sample text shipped with edgeinfer); with --exit-adapters: the text to fit "
+                        "them on")
     e.add_argument("--activation-bits", type=int, default=16, choices=[8, 16],
                    help="npu: activation bits of the QDQ graph (16 keeps quality; 8 is faster on some NPUs)")
     e.add_argument("--max-context", type=int, default=None, help="context the package supports (default: "
@@ -65,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--stages", default="", help="cut the decoder into stages after these layers, e.g. 10,20")
     e.add_argument("--exits", default="", help="early exits after these layers, e.g. 8,16 (adds stage cuts and "
                    "an exit head)")
+    e.add_argument("--exit-adapters", action="store_true",
+                   help="fit a least-squares adapter per exit (on the model's own continuations of shipped "
+                        "prompts, or on --calibration text) so early exits agree more with the final layer")
+    e.add_argument("--adapter-rank", type=int, default=None, help="low-rank exit adapters (default: full rank)")
     e.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=None,
                    help="quantize the LM head (and tied embedding) to this many bits")
     e.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128])
@@ -168,7 +173,8 @@ def _cmd_export(args) -> int:
     res = export_model(args.source, args.output, precision, max_context=args.max_context, stages=stages,
                        exits=exits, force=args.force, lm_head_bits=args.lm_head_bits, block_size=args.block_size,
                        accuracy_level=args.accuracy_level, target=args.target, prefill_chunk=args.prefill_chunk,
-                       calibration=args.calibration, activation_bits=args.activation_bits)
+                       calibration=args.calibration, activation_bits=args.activation_bits,
+                       exit_adapters=args.exit_adapters, adapter_rank=args.adapter_rank)
     print(f"wrote {res.path} ({res.size_bytes / 1e6:.1f} MB, {precision}, target {args.target}, "
           f"{len(res.manifest['graphs'])} graph(s), context {res.manifest['kv_cache']['max_context']})")
     if args.check:

@@ -90,6 +90,15 @@ class StagedDecoder:
         self.exit_head = create_session(pkg.path(heads[0]["path"]), target) if heads else None
         # exit layer -> number of stages to run before applying the exit head
         self.exits = {int(e["layer"]): int(e["after_stage"]) + 1 for e in pkg.manifest.get("exits", [])}
+        # Fitted exit adapters (export --exit-adapters), keyed like exit_logits' STAGES argument.
+        by_name = {g["name"]: g for g in pkg.manifest["graphs"]}
+        self.adapters = {}
+        for e in pkg.manifest.get("exits", []):
+            if e.get("adapter"):
+                if e["adapter"] not in by_name:
+                    raise PackageError(f"exit {e['layer']} names an adapter graph the package lacks: re-export it.")
+                self.adapters[int(e["after_stage"]) + 1] = create_session(pkg.path(by_name[e["adapter"]]["path"]),
+                                                                          target)
         self._plans: dict = {}
 
     # -- state -----------------------------------------------------------------
@@ -136,7 +145,7 @@ class StagedDecoder:
         if stop == len(self.stages):
             return x[0]
         self.stages[stop].add_pending(x[0])
-        return self.exit_logits(x[0][-logits_to_keep:])
+        return self.exit_logits(x[0][-logits_to_keep:], stop)
 
     def catch_up(self, stages: int | None = None, logits_to_keep: int = 1) -> np.ndarray | None:
         """Run the pending positions of stages [1, STAGES) (all by default).
@@ -157,10 +166,14 @@ class StagedDecoder:
                 self.stages[s + 1].add_pending(out)
         return out
 
-    def exit_logits(self, hidden: np.ndarray) -> np.ndarray:
-        """Exit head on residual-stream states (P, hidden) → logits (P, vocab)."""
+    def exit_logits(self, hidden: np.ndarray, stages: int | None = None) -> np.ndarray:
+        """Exit head on residual-stream states (P, hidden) → logits (P, vocab). STAGES: how many
+        stages produced them, which selects that exit's adapter if the package has one."""
         if self.exit_head is None:
             raise PackageError("this package has no early exits: export it with --exits.")
+        adapter = self.adapters.get(stages)
+        if adapter is not None:
+            hidden = adapter.run(None, {self.io["hidden_in"]: hidden[None].astype(np.float32)})[0][0]
         out = self.exit_head.run([self.io["logits"]], {self.io["hidden_in"]: hidden[None].astype(np.float32),
                                                         self.io["logits_to_keep"]: np.array([len(hidden)], np.int64)})
         return out[0][0]

@@ -34,7 +34,8 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
                  lm_head_bits: int | None = None, block_size: int = 32, accuracy_level: int = 4,
                  symmetric: bool = True, progress: bool = True, target: str = "cpu",
                  prefill_chunk: int | None = None, calibration: str | Path | None = None,
-                 activation_bits: int = 16) -> ExportResult:
+                 activation_bits: int = 16, exit_adapters: bool = False,
+                 adapter_rank: int | None = None) -> ExportResult:
     """Export SOURCE (alias, .gguf, HF folder, hub id, or a loaded SourceModel) to a package at OUT.
 
     TARGET: ``cpu`` (fused contrib ops, dynamic KV), ``gpu`` (the same graphs, fp16 weights unless int4 is
@@ -88,6 +89,10 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
     prec = Precision(precision, block_size=block_size, lm_head_bits=lm_head_bits, accuracy_level=accuracy_level,
                      symmetric=symmetric)
     exits = sorted(set(int(e) for e in exits or []))
+    if exit_adapters and not exits:
+        raise ExportError("--exit-adapters fits one adapter per exit: give the exits with --exits (e.g. 15,24).")
+    if adapter_rank is not None and not 1 <= adapter_rank <= spec.hidden:
+        raise ExportError(f"--adapter-rank must be between 1 and the hidden size {spec.hidden}.")
     try:
         cuts = dg.stage_cuts(spec.layers, [*(stages or []), *exits])
     except ValueError as e:
@@ -111,8 +116,38 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
                             for e in exits]
         (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
         manifest = write_manifest(tmp, {**_manifest(src, spec, prec, ctx, graphs, exit_entries), "target": target})
+        if exit_adapters:  # fitted on the complete package in the staging folder, then listed in it
+            _add_exit_adapters(tmp, src, graphs, exit_entries, adapter_rank, calibration, progress)
+            manifest = write_manifest(tmp, {**_manifest(src, spec, prec, ctx, graphs, exit_entries),
+                                            "target": target})
     size = sum(m["size"] for m in manifest["files"].values())
     return ExportResult(out, manifest, size)
+
+
+def _add_exit_adapters(tmp: Path, src: SourceModel, graphs: list[dict], exit_entries: list[dict],
+                       rank: int | None, calibration, progress: bool) -> None:
+    from .exit_adapters import fit_exit_adapters
+
+    texts = None
+    if calibration is not None:
+        try:
+            texts = [t for t in Path(calibration).read_text(encoding="utf-8").split("\n\n") if t.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ExportError(f"cannot read the calibration text '{calibration}': {e}.") from None
+    if progress:
+        print("fitting exit adapters on calibration text...", file=sys.stderr)
+    fitted = {f["layer"]: f for f in fit_exit_adapters(tmp, src, rank=rank, texts=texts)}
+    for e in exit_entries:
+        f = fitted[e["layer"]]
+        name = f"exit_adapter_{e['layer']}"
+        graphs.append({"name": name, "role": "exit_adapter", "path": f["path"], "layer": e["layer"],
+                       "inputs": [dg.HIDDEN_IN], "outputs": [dg.HIDDEN_OUT]})
+        e["adapter"] = name
+        e["adapter_fit"] = {k: f[k] for k in ("rank", "train_tokens", "heldout_tokens", "agreement_raw",
+                                               "agreement_adapted")}
+        if progress:
+            print(f"  exit {e['layer']}: held-out top-1 agreement with the final layer "
+                  f"{f['agreement_raw']:.3f} raw -> {f['agreement_adapted']:.3f} adapted", file=sys.stderr)
 
 
 def _export_npu(src: SourceModel, out: Path, max_context: int | None, force: bool, prefill_chunk: int | None,

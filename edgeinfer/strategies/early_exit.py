@@ -56,7 +56,7 @@ class EarlyExit:
         for layer, stages in self.exits:
             hidden = dec.step_partial(token, stages) if first else dec.catch_up(stages=stages)[-1]
             first = False
-            logits = dec.exit_logits(hidden[None])[0]
+            logits = dec.exit_logits(hidden[None], stages)[0]
             if self._confident(logits):
                 self.stats["exits"][str(layer)] = self.stats["exits"].get(str(layer), 0) + 1
                 self._record(layer)

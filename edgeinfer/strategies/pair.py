@@ -111,7 +111,7 @@ class Track:
             return dec.forward(ids, logits_to_keep=keep)
         if len(ids) == 1 and keep == 1:
             hidden = dec.step_partial(ids[0], self.stages)
-            return dec.exit_logits(hidden[None])
+            return dec.exit_logits(hidden[None], self.stages)
         return dec.forward(ids, logits_to_keep=keep, stages=self.stages)
 
     def report(self) -> dict:

@@ -77,7 +77,7 @@ class SelfSpeculative:
         while len(drafts) < k:
             hidden = dec.step_partial(t, exit_stage)
             fed += 1
-            logits = dec.exit_logits(hidden[None])[0]
+            logits = dec.exit_logits(hidden[None], exit_stage)[0]
             if sampler.greedy:
                 d = int(np.argmax(sampler.penalized(logits, history + drafts)))
                 conf = float(softmax(logits).max()) if self.threshold > 0 else 1.0
