@@ -18,7 +18,7 @@ import numpy as np
 from edgeinfer.runtimes import create_session, resolve_provider
 
 from .audio import iter_windows, log_mel_spectrogram, read_wav_info
-from .errors import GenerationError, PackageError
+from .errors import ContextLengthError, GenerationError, PackageError
 from .package import Package
 from .seq2seq_search import LogitsRules, Seq2SeqConfig, TimestampRules, beam_search, greedy_search
 from .tokenizer import TextTokenizer
@@ -51,6 +51,26 @@ class TranscriptionResult:
                 "elapsed_s": round(self.elapsed_s, 4), "encoder_s": round(self.encoder_s, 4),
                 "decoder_s": round(self.decoder_s, 4), "new_tokens": self.new_tokens,
                 "inverse_rtf": round(self.inverse_rtf, 2), "tokens": self.tokens}
+
+
+@dataclass
+class Seq2SeqResult:
+    """A text-to-text generation: the text, its tokens and where the time went."""
+
+    text: str
+    tokens: list[int]
+    input_tokens: int
+    encoder_s: float
+    first_token_s: float  # input to first new token: encoder + cross K/V + first decoder step
+    elapsed_s: float
+    decode_tok_s: float  # tokens per second after the first
+    finish_reason: str
+
+    def as_dict(self) -> dict:
+        return {"text": self.text, "input_tokens": self.input_tokens, "new_tokens": len(self.tokens),
+                "encoder_s": round(self.encoder_s, 5), "ttft_s": round(self.first_token_s, 5),
+                "elapsed_s": round(self.elapsed_s, 5), "decode_tok_s": round(self.decode_tok_s, 2),
+                "finish_reason": self.finish_reason, "tokens": self.tokens}
 
 
 class DecoderState:
@@ -116,9 +136,12 @@ class Seq2SeqModel:
         return "encoder-decoder"
 
     # -- graph calls -------------------------------------------------------------
-    def encode(self, features: np.ndarray) -> np.ndarray:
-        """Encoder hidden states (B, S, D) for log-mel FEATURES (B, n_mels, frames)."""
-        return self.sessions["encoder"].run(None, {self.io["input_features"]: features.astype(np.float32)})[0]
+    def encode(self, inputs: np.ndarray) -> np.ndarray:
+        """Encoder hidden states (B, S, D) for log-mel features (B, n_mels, frames) of a speech
+        model or token ids (B, S) of a text model."""
+        if np.issubdtype(inputs.dtype, np.integer):
+            return self.sessions["encoder"].run(None, {self.io["encoder_input_ids"]: inputs.astype(np.int64)})[0]
+        return self.sessions["encoder"].run(None, {self.io["input_features"]: inputs.astype(np.float32)})[0]
 
     def cross_kv(self, hidden: np.ndarray) -> list[np.ndarray]:
         """[key_0, value_0, key_1, ...] of the cross attention, computed once per input."""
@@ -140,7 +163,12 @@ class Seq2SeqModel:
         gen = self.generation
         base = dict(max_new_tokens=int(gen.get("max_new_tokens", 224)),
                     suppress_tokens=list(gen.get("suppress_tokens", [])),
-                    begin_suppress_tokens=list(gen.get("begin_suppress_tokens", [])))
+                    begin_suppress_tokens=list(gen.get("begin_suppress_tokens", [])),
+                    forced_bos_token_id=gen.get("forced_bos_token_id"),
+                    forced_eos_token_id=gen.get("forced_eos_token_id"))
+        for key in ("num_beams", "length_penalty", "no_repeat_ngram_size"):
+            if key in gen:
+                base[key] = gen[key]
         allowed = Seq2SeqConfig.__dataclass_fields__
         unknown = sorted(set(params) - set(allowed))
         if unknown:
@@ -148,11 +176,57 @@ class Seq2SeqModel:
         base.update({k: v for k, v in params.items() if v is not None})
         return Seq2SeqConfig(**base).validate()
 
-    def generate_ids(self, features: np.ndarray, prompt: list[int] | None = None, *, timestamps: bool = False,
+    def generate_ids(self, inputs: np.ndarray, prompt: list[int] | None = None, *, timestamps: bool = False,
                      on_token=None, **params) -> list[int]:
-        """New token ids for one input's FEATURES (1, n_mels, frames) after PROMPT (default:
-        the package's decoder start, e.g. Whisper's start-of-transcript + no-timestamps)."""
-        return self._search(self.encode(features), prompt, timestamps, on_token, params)
+        """New token ids for one input (features (1, n_mels, frames) or token ids (1, S)) after
+        PROMPT (default: the package's decoder start, e.g. Whisper's start-of-transcript +
+        no-timestamps)."""
+        return self._search(self.encode(inputs), prompt, timestamps, on_token, params)
+
+    def generate(self, text: str | list[int], *, on_text=None, **params) -> Seq2SeqResult:
+        """Text to text (T5, BART, Marian): encode TEXT once, then decode; ``on_text(str)``
+        receives the output as it streams (greedy and sampling; beam search at the end)."""
+        if self.audio:
+            raise GenerationError(f"'{self.name}' is a speech model: use transcribe(path.wav).")
+        if isinstance(text, str):
+            ids = self.tokenizer.encode(text)
+        elif isinstance(text, (list, tuple)) and all(isinstance(t, int) for t in text):
+            ids = list(text)
+        else:
+            raise GenerationError("the input must be text (a str) or a list of token ids.")
+        limit = int((self.package.manifest.get("text") or {}).get("max_source_tokens", 0) or 0)
+        if not ids:
+            raise GenerationError("the input is empty: give at least one token of text.")
+        if limit and len(ids) > limit:
+            raise ContextLengthError(f"the input has {len(ids)} tokens but this model's encoder takes at most "
+                                     f"{limit}: shorten it or split it into parts.")
+        if any(t < 0 or t >= int(self.arch["vocab_size"]) for t in ids):
+            raise GenerationError(f"token ids must be in 0..{int(self.arch['vocab_size']) - 1}.")
+        stream = self.tokenizer.stream()
+        first: list[float] = []
+        t0 = time.perf_counter()
+
+        def on_token(token: int) -> None:
+            if not first:
+                first.append(time.perf_counter() - t0)
+            if on_text is not None and token not in self.eos:
+                piece = stream.add(token)
+                if piece:
+                    on_text(piece)
+
+        hidden = self.encode(np.asarray([ids], np.int64))
+        encoder_s = time.perf_counter() - t0
+        tokens = self._search(hidden, None, False, on_token, params)
+        elapsed = time.perf_counter() - t0
+        if on_text is not None and (tail := stream.flush()):
+            on_text(tail)
+        out = [t for t in tokens if t not in self.eos]
+        first_s = first[0] if first else elapsed
+        decode_s = elapsed - first_s
+        return Seq2SeqResult(text=self.tokenizer.decode(out), tokens=tokens, input_tokens=len(ids),
+                             encoder_s=encoder_s, first_token_s=first_s, elapsed_s=elapsed,
+                             decode_tok_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
+                             finish_reason="stop" if tokens and tokens[-1] in self.eos else "length")
 
     def _search(self, hidden: np.ndarray, prompt: list[int] | None, timestamps: bool, on_token,
                 params: dict) -> list[int]:

@@ -15,8 +15,7 @@ def run_seq2seq(model, prompt: str, args) -> int:
                   no_repeat_ngram_size=args.no_repeat_ngram_size, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if not model.audio:
-        raise GenerationError(f"model '{model.name}' is an encoder-decoder text model; text input is not "
-                              "wired to the CLI yet.")
+        return _run_text(model, prompt, params, args)
     path = Path(prompt.strip())
     if not path.is_file():
         raise GenerationError(f"'{model.name}' is a speech model: give the path of a WAV file, not text "
@@ -33,5 +32,18 @@ def run_seq2seq(model, prompt: str, args) -> int:
             print(f"[{seg['start']:7.2f} → {end}] {seg['text']}")
     print(f"[{res.audio_s:.1f} s of audio in {res.elapsed_s:.2f} s ({res.inverse_rtf:.1f}x real time), "
           f"{res.windows} window(s), {res.silent_windows} silent, {res.new_tokens} tokens, {model.target.name}]",
+          file=sys.stderr)
+    return 0
+
+
+def _run_text(model, prompt: str, params: dict, args) -> int:
+    show = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    res = model.generate(prompt, on_text=show, **params)
+    if args.json:
+        print(json.dumps({**res.as_dict(), "provider": model.target.name}, ensure_ascii=False))
+        return 0
+    sys.stdout.write("\n")
+    print(f"[{res.input_tokens} input tokens, {len(res.tokens)} new, first token {res.first_token_s * 1000:.0f} ms "
+          f"(encoder {res.encoder_s * 1000:.0f} ms), {res.decode_tok_s:.1f} tok/s, {model.target.name}]",
           file=sys.stderr)
     return 0

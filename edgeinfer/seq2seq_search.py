@@ -37,6 +37,8 @@ class Seq2SeqConfig:
     seed: int | None = None
     suppress_tokens: list[int] = field(default_factory=list)
     begin_suppress_tokens: list[int] = field(default_factory=list)
+    forced_bos_token_id: int | None = None  # the first generated token (mBART's target language, BART's <s>)
+    forced_eos_token_id: int | None = None  # forced at the last step the length allows
 
     def validate(self) -> Seq2SeqConfig:
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
@@ -85,6 +87,11 @@ class LogitsRules:
             scores[:, self.suppress[self.suppress < vocab]] = NEG_INF
         if self.begin.size and len(seqs[0]) == self.prompt_len:
             scores[:, self.begin[self.begin < vocab]] = NEG_INF
+        c = self.config
+        if c.forced_bos_token_id is not None and len(seqs[0]) == self.prompt_len:
+            _force(scores, c.forced_bos_token_id)
+        if c.forced_eos_token_id is not None and len(seqs[0]) == self.prompt_len + c.max_new_tokens - 1:
+            _force(scores, c.forced_eos_token_id)
         n = self.config.no_repeat_ngram_size
         if n:
             for row, seq in enumerate(seqs):
@@ -125,6 +132,12 @@ class LogitsRules:
             if ts_lp.size and np.isfinite(text_lp).any():
                 if np.logaddexp.reduce(ts_lp) > text_lp[np.isfinite(text_lp)].max():
                     s[:begin] = NEG_INF
+
+
+def _force(scores: np.ndarray, token: int) -> None:
+    """Only TOKEN may follow (score 0, as transformers' forced-token processors set it)."""
+    scores[:] = NEG_INF
+    scores[:, token] = 0.0
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

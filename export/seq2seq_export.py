@@ -1,5 +1,6 @@
 """``edgeinfer export`` for encoder-decoder sources: Whisper from a CTranslate2
-folder (the ``whisper-tiny.en`` alias) or a Hugging Face folder.
+folder (the ``whisper-tiny.en`` alias) or a Hugging Face folder; T5/Flan-T5/mT5,
+BART/mBART and Marian from Hugging Face folders.
 
 Writes three graphs (encoder, cross_kv, decoder; see ``seq2seq_graph``), the
 tokenizer, and a manifest of ``kind: "encoder-decoder"`` that tells the runtime
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from edgeinfer.models import whisper
+from edgeinfer.models import bart, t5, whisper
 from edgeinfer.models.seq2seq_base import Seq2SeqSpec
 
 from edgeinfer.errors import ExportError
@@ -23,7 +24,7 @@ from .blocks import PRECISIONS, Precision
 from .ct2_reader import is_ct2_folder, read_ct2_folder
 from .package_writer import staging_folder, write_manifest
 
-SEQ2SEQ_FAMILIES = ("whisper",)
+SEQ2SEQ_FAMILIES = ("whisper", *t5.FAMILIES, *bart.FAMILIES)
 # Whisper's audio front-end (fixed by the model: 30 s windows of 16 kHz audio, 10 ms hops)
 AUDIO = {"sampling_rate": 16000, "n_fft": 400, "hop_length": 160}
 
@@ -87,33 +88,58 @@ def _load_ct2(folder: Path, name: str | None) -> Seq2SeqSource:
 def _load_hf(folder: Path) -> Seq2SeqSource:
     try:
         import torch
-        from transformers import AutoConfig, AutoTokenizer, WhisperForConditionalGeneration
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, WhisperForConditionalGeneration
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ExportError("exporting needs the export extra: pip install 'edgeinfer[export]'.") from e
     try:
         config = AutoConfig.from_pretrained(str(folder))
-        model = WhisperForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32)
+        cls = WhisperForConditionalGeneration if config.model_type == "whisper" else AutoModelForSeq2SeqLM
+        model = cls.from_pretrained(str(folder), dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except OSError as e:
         raise ExportError(f"could not read '{folder}': {str(e).strip().splitlines()[0]}") from None
     cfg = config.to_dict()
-    spec = whisper.spec_from_hf(cfg)
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    weights = whisper.weights_from_hf(sd, spec)
-    tok_json = tokenizer.backend_tokenizer.to_str()
+    family = cfg["model_type"]
+    try:
+        if family == "whisper":
+            spec = whisper.spec_from_hf(cfg)
+            weights = whisper.weights_from_hf(sd, spec)
+        elif family in t5.FAMILIES:
+            spec = t5.spec_from_hf(cfg)
+            weights = t5.weights_from_hf(sd, spec, cfg)
+        else:
+            spec = bart.spec_from_hf(cfg)
+            weights = bart.weights_from_hf(sd, spec)
+    except (KeyError, ValueError) as e:
+        raise ExportError(f"cannot export this {family} model: {e}.") from None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError(f"'{folder}' has no fast tokenizer (tokenizer.json); edgeinfer needs one.")
     gen_cfg = model.generation_config.to_dict() if model.generation_config is not None else {}
-    start = gen_cfg.get("decoder_start_token_id", cfg.get("decoder_start_token_id"))
-    eos = gen_cfg.get("eos_token_id", cfg.get("eos_token_id"))
-    no_ts = gen_cfg.get("no_timestamps_token_id")
-    gen = {"decoder_start_ids": [int(start)] + ([int(no_ts)] if no_ts is not None else []),
-           "eos_token_id": int(eos[0] if isinstance(eos, list) else eos),
+
+    def pick(key):
+        value = gen_cfg.get(key, cfg.get(key))
+        return int(value[0] if isinstance(value, list) else value) if value is not None else None
+
+    start, eos = pick("decoder_start_token_id"), pick("eos_token_id")
+    if start is None or eos is None:
+        raise ExportError(f"'{folder}' names no decoder_start_token_id or eos_token_id in its config.")
+    gen = {"decoder_start_ids": [start], "eos_token_id": eos,
            "suppress_tokens": [int(t) for t in gen_cfg.get("suppress_tokens") or []],
            "begin_suppress_tokens": [int(t) for t in gen_cfg.get("begin_suppress_tokens") or []],
-           "max_new_tokens": spec.max_target_positions // 2}
+           "max_new_tokens": min(spec.max_target_positions // 2, 256)}
+    for key in ("forced_bos_token_id", "forced_eos_token_id", "pad_token_id"):
+        if pick(key) is not None:
+            gen[key] = pick(key)
+    for key in ("num_beams", "length_penalty", "no_repeat_ngram_size"):
+        if gen_cfg.get(key) not in (None, 1, 1.0, 0):
+            gen[key] = gen_cfg[key]
+    no_ts = gen_cfg.get("no_timestamps_token_id")
     if no_ts is not None:
-        gen.update(no_timestamps_token_id=int(no_ts), timestamp_begin=int(no_ts) + 1,
-                   decoder_start_ids_timestamps=[int(start)])
-    return Seq2SeqSource(folder.name, "hf-folder", str(folder.resolve()), spec, weights, tok_json, gen)
+        gen.update(decoder_start_ids=[start, int(no_ts)], no_timestamps_token_id=int(no_ts),
+                   timestamp_begin=int(no_ts) + 1, decoder_start_ids_timestamps=[start])
+    return Seq2SeqSource(folder.name, "hf-folder", str(folder.resolve()), spec, weights, backend.to_str(), gen)
 
 
 def _special_ids(tokenizer_json: str, vocabulary: list[str]) -> dict[str, int]:
@@ -152,7 +178,8 @@ def export_seq2seq(folder: Path, out: str | Path, precision: str = "int8", *, fo
         raise ExportError(f"'{out}' already exists: choose another -o or pass --force to replace it.")
     src = load_seq2seq_source(Path(folder), name)
     spec = src.spec
-    if precision in ("int4", "int8") and (spec.d_model % block_size or spec.ffn % block_size):
+    if precision in ("int4", "int8") and (spec.d_model % block_size or spec.ffn % block_size
+                                          or spec.inner_dim % block_size):
         raise ExportError(f"--block-size {block_size} does not divide the model's widths ({spec.d_model}, "
                           f"{spec.ffn}): choose a smaller power of two.")
     prec = Precision(precision, block_size=block_size, accuracy_level=accuracy_level)
@@ -181,7 +208,8 @@ def _manifest(src: Seq2SeqSource, prec: Precision, graphs: list[dict]) -> dict:
         "exporter": {"edgeinfer": __version__},
         "architecture": spec.as_manifest(),
         "graphs": graphs,
-        "io": {"input_features": sg.INPUT_FEATURES, "encoder_hidden_states": sg.ENCODER_HIDDEN,
+        "io": {"input_features": sg.INPUT_FEATURES, "encoder_input_ids": sg.ENCODER_INPUT_IDS,
+               "encoder_hidden_states": sg.ENCODER_HIDDEN,
                "input_ids": sg.DECODER_INPUT_IDS, "logits": sg.LOGITS,
                "past_key": sg.PAST_KEY, "past_value": sg.PAST_VALUE,
                "present_key": sg.PRESENT_KEY, "present_value": sg.PRESENT_VALUE,
@@ -194,5 +222,6 @@ def _manifest(src: Seq2SeqSource, prec: Precision, graphs: list[dict]) -> dict:
         "generation": src.generation,
         "audio": {**AUDIO, "num_mel_bins": spec.num_mel_bins,
                   "frames": 2 * spec.max_source_positions} if spec.frontend == "audio" else None,
+        "text": {"max_source_tokens": spec.max_source_positions} if spec.frontend == "tokens" else None,
         "exits": [],
     }

@@ -1,6 +1,8 @@
 """The three graphs of an encoder-decoder package.
 
 * ``encoder``  — input (log-mel frames or token ids) → ``encoder_hidden_states``.
+  Pre-norm (Whisper, T5, mBART) or post-norm (BART, Marian) blocks; learned,
+  sinusoidal or T5's relative-position attention bias.
 * ``cross_kv`` — encoder states → the cross-attention K and V of every decoder
   layer, run once per input: the decoder never recomputes them per step.
 * ``decoder``  — new token ids + self-attention KV cache + cross K/V → logits and
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 from edgeinfer.models.seq2seq_base import Seq2SeqSpec
+from onnx import numpy_helper
 
 from .blocks import Precision, embedding, float_weight, linear, tied_lm_head
 from .onnx_graph import MS_DOMAIN, GraphBuilder
@@ -29,6 +32,14 @@ PAST_KEY, PAST_VALUE = "past_key.{layer}", "past_value.{layer}"
 PRESENT_KEY, PRESENT_VALUE = "present_key.{layer}", "present_value.{layer}"
 CROSS_KEY, CROSS_VALUE = "cross_key.{layer}", "cross_value.{layer}"
 _MASKED = -1e9  # exp() of this relative to any real score is exactly 0 in float32
+
+
+def _scalar_i64(g: GraphBuilder, name: str, value: int) -> str:
+    """A true 0-d int64 initializer (Range needs scalars; GraphBuilder.initializer stores 0-d arrays as 1-d)."""
+    if name not in g._init_names:
+        g._init_names.add(name)
+        g.initializers.append(numpy_helper.from_array(np.asarray(value, np.int64), name))
+    return name
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
@@ -49,35 +60,31 @@ def _linear(g: GraphBuilder, x: str, w: dict, key: str, prec: Precision) -> str:
 
 
 def _heads(g: GraphBuilder, x: str, spec: Seq2SeqSpec) -> str:
-    """(B, S, D) → (B, H, S, Dh)."""
+    """(B, S, H·Dh) → (B, H, S, Dh)."""
     shaped = g.op1("Reshape", [x, g.const_i64([0, 0, spec.heads, spec.head_dim], "shape.heads")])
     return g.op1("Transpose", [shaped], perm=[0, 2, 1, 3])
 
 
 def _merge(g: GraphBuilder, x: str, spec: Seq2SeqSpec) -> str:
-    """(B, H, S, Dh) → (B, S, D)."""
+    """(B, H, S, Dh) → (B, S, H·Dh)."""
     t = g.op1("Transpose", [x], perm=[0, 2, 1, 3])
-    return g.op1("Reshape", [t, g.const_i64([0, 0, spec.d_model], "shape.merge")])
+    return g.op1("Reshape", [t, g.const_i64([0, 0, spec.inner_dim], "shape.merge")])
 
 
-def _attend(g: GraphBuilder, q: str, k: str, v: str, spec: Seq2SeqSpec, mask: str | None,
-            keys_transposed: bool = False) -> str:
-    """softmax(q kᵀ / √d + mask) v over (B, H, ·, Dh) tensors (K given as (B, H, Dh, L) when
-    ``keys_transposed``)."""
-    scale = g.initializer("attn.scale", np.asarray(spec.head_dim ** -0.5, np.float32))
-    kt = k if keys_transposed else g.op1("Transpose", [k], perm=[0, 1, 3, 2])
-    scores = g.op1("MatMul", [g.op1("Mul", [q, scale]), kt])
-    if mask is not None:
-        scores = g.op1("Add", [scores, mask])
+def _attend(g: GraphBuilder, q: str, kt: str, v: str, spec: Seq2SeqSpec) -> str:
+    """softmax(scale · q kᵀ) v over (B, H, ·, Dh) tensors, K given transposed (B, H, Dh, L)."""
+    if spec.scale != 1.0:
+        q = g.op1("Mul", [q, g.initializer("attn.scale", np.asarray(spec.scale, np.float32))])
+    scores = g.op1("MatMul", [q, kt])
     return g.op1("MatMul", [g.op1("Softmax", [scores], axis=-1), v])
 
 
 def _fused_attention(g: GraphBuilder, q: str, k: str, v: str, spec: Seq2SeqSpec, *, bias: str | None = None,
                      past: tuple[str, str] | None = None, present: tuple[str, str] | None = None) -> str:
-    """onnxruntime's MultiHeadAttention: Q (B, S, D); K/V either (B, L, D) or already
-    split into heads (B, H, L, Dh), as the cross_kv graph writes them. It never
-    materialises the (S × L) score matrix per head in the graph, which is what makes the
-    1500-frame encoder fast."""
+    """onnxruntime's MultiHeadAttention over (B, S, H·Dh) inputs, with an additive bias
+    (mask, relative positions) and a past/present cache. It never materialises the
+    (S × L) score matrix per head in the graph, which is what makes the 1500-frame
+    encoder fast."""
     inputs = [q, k, v, "", "", bias or ""]
     if past is not None:
         inputs += [past[0], past[1]]
@@ -85,40 +92,99 @@ def _fused_attention(g: GraphBuilder, q: str, k: str, v: str, spec: Seq2SeqSpec,
         inputs.pop()
     outs = [g.unique("mha") + "/out"] + (list(present) if present else [])
     g.op("MultiHeadAttention", inputs, len(outs), domain=MS_DOMAIN, outputs=outs, num_heads=spec.heads,
-         scale=spec.head_dim ** -0.5)
+         scale=float(spec.scale))
     return outs[0]
 
 
 def _mlp(g: GraphBuilder, x: str, w: dict, key: str, spec: Seq2SeqSpec, prec: Precision) -> str:
-    h = _linear(g, x, w, f"{key}.fc1", prec)
-    h = g.op1("Gelu", [h]) if spec.activation == "gelu" else g.op1("Relu", [h])
+    gated = f"{key}.fc_gate.w" in w
+    h = _linear(g, x, w, f"{key}.fc_gate" if gated else f"{key}.fc1", prec)
+    if spec.activation == "gelu":
+        h = g.op1("Gelu", [h])
+    elif spec.activation == "gelu_tanh":
+        h = g.op1("Gelu", [h], approximate="tanh")
+    elif spec.activation == "silu":
+        h = g.op1("Mul", [h, g.op1("Sigmoid", [h])])
+    elif spec.activation == "relu":
+        h = g.op1("Relu", [h])
+    else:
+        raise ValueError(f"unsupported activation {spec.activation}")
+    if gated:
+        h = g.op1("Mul", [h, _linear(g, x, w, f"{key}.fc1", prec)])
     return _linear(g, h, w, f"{key}.fc2", prec)
 
 
-def build_encoder(spec: Seq2SeqSpec, w: dict, prec: Precision) -> GraphBuilder:
-    if spec.frontend != "audio":
-        raise ValueError(f"encoder front-end '{spec.frontend}' is not built yet")
-    g = GraphBuilder("encoder")
-    feats = g.input(INPUT_FEATURES, "float32", ["batch", spec.num_mel_bins, "frames"])
-    x = feats
+def _block(g: GraphBuilder, x: str, w: dict, norm_key: str, spec: Seq2SeqSpec, body) -> str:
+    """A residual block, normalised before (pre-norm) or after the residual add (post-norm)."""
+    if spec.pre_norm:
+        return g.op1("Add", [x, body(_norm(g, x, w, norm_key, spec))])
+    return _norm(g, g.op1("Add", [x, body(x)]), w, norm_key, spec)
+
+
+def _relative_bias(g: GraphBuilder, table: np.ndarray, name: str, q_pos: str, k_pos: str) -> str:
+    """(1, H, Q, K) bias looked up by k - q in a (2L-1, H) table centred on row L-1."""
+    centre = (table.shape[0] - 1) // 2
+    rel = g.op1("Sub", [g.op1("Unsqueeze", [k_pos, g.const_i64([0], "axes.0")]),
+                        g.op1("Unsqueeze", [q_pos, g.const_i64([1], "axes.1")])])
+    rel = g.op1("Add", [rel, g.initializer(f"{name}.centre", np.asarray(centre, np.int64))])
+    bias = g.op1("Gather", [g.initializer(name, _f32(table)), rel], axis=0)  # (Q, K, H)
+    return g.op1("Unsqueeze", [g.op1("Transpose", [bias], perm=[2, 0, 1]), g.const_i64([0], "axes.0")])
+
+
+def _token_input(g: GraphBuilder, ids: str, w: dict, side: str, spec: Seq2SeqSpec, prec: Precision,
+                 positions: str, bits: int | None) -> tuple[str, str | None]:
+    """Embedding (scaled), learned/sinusoidal positions, embedding norm. Returns (x, shared)."""
+    x, shared = embedding(g, ids, _f32(w[f"{side}.embed"]), f"{side}.embed", prec, bits)
+    if spec.embed_scale != 1.0:
+        x = g.op1("Mul", [x, g.initializer("embed.scale", np.asarray(spec.embed_scale, np.float32))])
+    if f"{side}.pos" in w:
+        x = g.op1("Add", [x, g.op1("Gather", [g.initializer(f"{side}.pos", _f32(w[f"{side}.pos"])), positions],
+                                   axis=0)])
+    if f"{side}.embed_norm.w" in w:
+        x = _norm(g, x, w, f"{side}.embed_norm", spec)
+    return x, shared
+
+
+def _audio_input(g: GraphBuilder, w: dict, spec: Seq2SeqSpec, prec: Precision) -> str:
+    """Whisper's front-end: two convolutions (the second of stride 2) over log-mel frames, GELU, positions."""
+    x = g.input(INPUT_FEATURES, "float32", ["batch", spec.num_mel_bins, "frames"])
     for i, stride in ((1, 1), (2, 2)):
         conv_w = float_weight(g, f"enc.conv{i}.w", _f32(w[f"enc.conv{i}.w"]), prec)
         conv_b = g.initializer(f"enc.conv{i}.b", _f32(w[f"enc.conv{i}.b"]))
         x = g.op1("Conv", [x, conv_w, conv_b], name=f"enc.conv{i}", kernel_shape=[3], pads=[1, 1], strides=[stride])
         x = g.op1("Gelu", [x])
     x = g.op1("Transpose", [x], perm=[0, 2, 1])  # (B, S, D)
-    # positions 0..S-1 of the learned/sinusoidal table; S > table is refused by Slice's shape check in Add
     seq = g.op1("Shape", [x], start=1, end=2)
     pos = g.op1("Slice", [g.initializer("enc.pos", _f32(w["enc.pos"])), g.const_i64([0]), seq, g.const_i64([0])])
-    x = g.op1("Add", [x, pos])
+    return g.op1("Add", [x, pos])
+
+
+def _positions(g: GraphBuilder, start: str, end: str) -> str:
+    return g.op1("Range", [start, end, _scalar_i64(g, "i64.one", 1)])
+
+
+def build_encoder(spec: Seq2SeqSpec, w: dict, prec: Precision) -> GraphBuilder:
+    g = GraphBuilder("encoder")
+    bias = None
+    if spec.frontend == "audio":
+        x = _audio_input(g, w, spec, prec)
+    else:
+        ids = g.input(ENCODER_INPUT_IDS, "int64", ["batch", "source"])
+        length = g.op1("Reshape", [g.op1("Shape", [ids], start=1, end=2), g.const_i64([], "shape.scalar")])
+        pos = _positions(g, _scalar_i64(g, "i64.zero", 0), length)
+        x, _ = _token_input(g, ids, w, "enc", spec, prec, pos, prec.bits)
+        if spec.position == "relative":
+            bias = _relative_bias(g, w["enc.rel_bias"], "enc.rel_bias", pos, pos)
     for i in range(spec.encoder_layers):
-        h = _norm(g, x, w, f"enc.{i}.attn_norm", spec)
-        q, k, v = (_linear(g, h, w, f"enc.{i}.attn.{p}", prec) for p in "qkv")
-        a = _linear(g, _fused_attention(g, q, k, v, spec), w, f"enc.{i}.attn.o", prec)
-        x = g.op1("Add", [x, a])
-        x = g.op1("Add", [x, _mlp(g, _norm(g, x, w, f"enc.{i}.mlp_norm", spec), w, f"enc.{i}", spec, prec)])
-    out = _norm(g, x, w, "enc.norm", spec)
-    g.op("Identity", [out], outputs=[ENCODER_HIDDEN])
+        def attn(h, i=i):
+            q, k, v = (_linear(g, h, w, f"enc.{i}.attn.{p}", prec) for p in "qkv")
+            return _linear(g, _fused_attention(g, q, k, v, spec, bias=bias), w, f"enc.{i}.attn.o", prec)
+
+        x = _block(g, x, w, f"enc.{i}.attn_norm", spec, attn)
+        x = _block(g, x, w, f"enc.{i}.mlp_norm", spec, lambda h, i=i: _mlp(g, h, w, f"enc.{i}", spec, prec))
+    if "enc.norm.w" in w:
+        x = _norm(g, x, w, "enc.norm", spec)
+    g.op("Identity", [x], outputs=[ENCODER_HIDDEN])
     g.output(ENCODER_HIDDEN, "float32", ["batch", "source", spec.d_model])
     return g
 
@@ -153,40 +219,50 @@ def build_decoder(spec: Seq2SeqSpec, w: dict, prec: Precision) -> GraphBuilder:
     total = g.op1("Add", [past, new])
     scalar = g.const_i64([], "shape.scalar")
     past_s, total_s = g.op1("Reshape", [past, scalar]), g.op1("Reshape", [total, scalar])
-    one, zero = g.initializer("i64.one", np.asarray(1, np.int64)), g.initializer("i64.zero", np.asarray(0, np.int64))
-    q_pos = g.op1("Range", [past_s, total_s, one])  # (new,)
-    k_pos = g.op1("Range", [zero, total_s, one])  # (total,)
+    q_pos = _positions(g, past_s, total_s)  # (new,)
+    k_pos = _positions(g, _scalar_i64(g, "i64.zero", 0), total_s)  # (total,)
     # causal mask (new, total): a query at position p sees keys at positions <= p
     future = g.op1("Greater", [g.op1("Unsqueeze", [k_pos, g.const_i64([0], "axes.0")]),
                                g.op1("Unsqueeze", [q_pos, g.const_i64([1], "axes.1")])])
     mask = g.op1("Where", [future, g.initializer("mask.neg", np.asarray(_MASKED, np.float32)),
                            g.initializer("mask.zero", np.asarray(0.0, np.float32))])
-    mask = g.op1("Unsqueeze", [mask, g.const_i64([0, 1], "axes.01")])  # (1, 1, new, total)
+    bias = g.op1("Unsqueeze", [mask, g.const_i64([0, 1], "axes.01")])  # (1, 1, new, total)
+    if spec.position == "relative":
+        bias = g.op1("Add", [bias, _relative_bias(g, w["dec.rel_bias"], "dec.rel_bias", q_pos, k_pos)])
 
     bits = prec.head_bits
-    x, shared = embedding(g, ids, _f32(w["dec.embed"]), "dec.embed", prec, bits if "lm_head.w" not in w else None)
-    x = g.op1("Add", [x, g.op1("Gather", [g.initializer("dec.pos", _f32(w["dec.pos"])), q_pos], axis=0)])
+    tied = "lm_head.w" not in w
+    x, shared = _token_input(g, ids, w, "dec", spec, prec, q_pos, bits if tied else prec.bits)
     for i in range(spec.decoder_layers):
-        h = _norm(g, x, w, f"dec.{i}.self_norm", spec)
-        q, k, v = (_linear(g, h, w, f"dec.{i}.self.{p}", prec) for p in "qkv")
-        a = _fused_attention(g, q, k, v, spec, bias=mask,
-                             past=(PAST_KEY.format(layer=i), PAST_VALUE.format(layer=i)),
-                             present=(PRESENT_KEY.format(layer=i), PRESENT_VALUE.format(layer=i)))
-        x = g.op1("Add", [x, _linear(g, a, w, f"dec.{i}.self.o", prec)])
-        h = _norm(g, x, w, f"dec.{i}.cross_norm", spec)
-        # cross attention in plain MatMuls: one query row against precomputed, pre-transposed keys
-        q = _heads(g, _linear(g, h, w, f"dec.{i}.cross.q", prec), spec)
-        a = _attend(g, q, CROSS_KEY.format(layer=i), CROSS_VALUE.format(layer=i), spec, None, keys_transposed=True)
-        x = g.op1("Add", [x, _linear(g, _merge(g, a, spec), w, f"dec.{i}.cross.o", prec)])
-        x = g.op1("Add", [x, _mlp(g, _norm(g, x, w, f"dec.{i}.mlp_norm", spec), w, f"dec.{i}", spec, prec)])
-    x = _norm(g, x, w, "dec.norm", spec)
-    if "lm_head.w" in w:
+        def self_attn(h, i=i):
+            q, k, v = (_linear(g, h, w, f"dec.{i}.self.{p}", prec) for p in "qkv")
+            a = _fused_attention(g, q, k, v, spec, bias=bias,
+                                 past=(PAST_KEY.format(layer=i), PAST_VALUE.format(layer=i)),
+                                 present=(PRESENT_KEY.format(layer=i), PRESENT_VALUE.format(layer=i)))
+            return _linear(g, a, w, f"dec.{i}.self.o", prec)
+
+        def cross_attn(h, i=i):
+            # plain MatMuls: the new rows against precomputed, pre-transposed keys
+            q = _heads(g, _linear(g, h, w, f"dec.{i}.cross.q", prec), spec)
+            a = _attend(g, q, CROSS_KEY.format(layer=i), CROSS_VALUE.format(layer=i), spec)
+            return _linear(g, _merge(g, a, spec), w, f"dec.{i}.cross.o", prec)
+
+        x = _block(g, x, w, f"dec.{i}.self_norm", spec, self_attn)
+        x = _block(g, x, w, f"dec.{i}.cross_norm", spec, cross_attn)
+        x = _block(g, x, w, f"dec.{i}.mlp_norm", spec, lambda h, i=i: _mlp(g, h, w, f"dec.{i}", spec, prec))
+    if "dec.norm.w" in w:
+        x = _norm(g, x, w, "dec.norm", spec)
+    if spec.head_scale != 1.0:
+        x = g.op1("Mul", [x, g.initializer("head.scale", np.asarray(spec.head_scale, np.float32))])
+    if not tied:
         logits = linear(g, x, _f32(w["lm_head.w"]), "lm_head", prec, bits=bits)
     elif shared is not None:
         logits = tied_lm_head(g, x, shared, spec.vocab_size, spec.d_model, bits, prec, "lm_head")
     else:  # float tied head: one table in the file; onnxruntime folds the transpose at load
         table = "dec.embed.weight" if prec.name != "fp16" else g.op1("Cast", ["dec.embed.weight.fp16"], to=1)
         logits = g.op1("MatMul", [x, g.op1("Transpose", [table], perm=[1, 0])], name="lm_head")
+    if "lm_head.b" in w:
+        logits = g.op1("Add", [logits, g.initializer("lm_head.b", _f32(w["lm_head.b"]).reshape(-1))])
     g.op("Identity", [logits], outputs=[LOGITS])
     g.output(LOGITS, "float32", ["batch", "new", spec.vocab_size])
     for i in range(spec.decoder_layers):

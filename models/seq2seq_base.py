@@ -5,15 +5,18 @@ the canonical names below, so the graph builder in ``export/seq2seq_graph.py``
 never sees a family's own naming:
 
     enc.conv{1,2}.{w,b}, enc.pos                      (audio front-end, Whisper)
-    enc.embed                                         (token front-end)
+    enc.embed, enc.pos, enc.embed_norm.{w,b}          (token front-end; pos and embed_norm optional)
+    enc.rel_bias, dec.rel_bias                        (T5: (2L-1, heads) bias by relative position)
     enc.{i}.attn_norm.{w,b}   enc.{i}.attn.{q,k,v,o}.{w,b}
     enc.{i}.mlp_norm.{w,b}    enc.{i}.fc1.{w,b}  enc.{i}.fc2.{w,b}
     enc.norm.{w,b}
-    dec.embed, dec.pos
+    dec.embed, dec.pos, dec.embed_norm.{w,b}
     dec.{i}.self_norm / self.{q,k,v,o} / cross_norm / cross.{q,k,v,o} / mlp_norm / fc1 / fc2
-    dec.norm.{w,b}, lm_head.w (absent = tied to dec.embed)
+    dec.norm.{w,b}, lm_head.w (absent = tied to dec.embed), lm_head.b (final_logits_bias)
+    {enc,dec}.{i}.fc_gate.w                           (gated MLPs)
 
-Biases that a family lacks (Whisper's k projections) are simply absent.
+Biases, norms and tables that a family lacks are simply absent; position tables
+start at position 0 (BART's offset of 2 is sliced off when mapping).
 """
 
 from __future__ import annotations
@@ -34,13 +37,28 @@ class Seq2SeqSpec:
     max_target_positions: int  # decoder positions
     frontend: str = "audio"  # "audio" (conv over log-mel) or "tokens"
     num_mel_bins: int = 80
-    norm: str = "layer"  # "layer" (LayerNorm with bias) or "rms"
+    norm: str = "layer"  # "layer" (LayerNorm with bias) or "rms" (T5: no mean, no bias)
     norm_eps: float = 1e-5
-    activation: str = "gelu"
+    pre_norm: bool = True  # False: BART/Marian normalise after each residual add
+    activation: str = "gelu"  # gelu | gelu_tanh | relu | silu
+    gated: bool = False  # T5 v1.1: act(fc_gate(x)) * fc1(x)
+    kv_dim: int | None = None  # per-head width when not d_model / heads (T5's d_kv)
+    attention_scale: float | None = None  # None = 1/sqrt(head_dim); T5 uses 1
+    position: str = "table"  # "table" (learned or sinusoidal rows) or "relative" (T5 bucketed bias)
+    embed_scale: float = 1.0  # BART/Marian scale_embedding: sqrt(d_model)
+    head_scale: float = 1.0  # T5 with tied head: d_model ** -0.5 before the head
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.heads
+        return self.kv_dim or self.d_model // self.heads
+
+    @property
+    def inner_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def scale(self) -> float:
+        return self.attention_scale if self.attention_scale is not None else self.head_dim ** -0.5
 
     def as_manifest(self) -> dict:
         d = asdict(self)
