@@ -4,14 +4,14 @@ a background reader that prefetches the experts the next layer will probably nee
 An expert, once read, becomes a small onnxruntime session of the package's
 ``expert_ffn`` graph whose weights are that expert's record (handed over as
 external initializers, so nothing is copied into a model proto). onnxruntime
-prepacks the weights when it creates the session; the record's buffer is then
-dropped, and the session is what the cache holds. Measured on this machine for a
+prepacks the weights when it creates the session, which is what the cache holds. Measured on this machine for a
 1536x768 int4 expert (see docs/moe.md): a session runs the expert in ~0.1 ms,
 feeding the same weights as graph inputs to MatMulNBits takes ~7 ms (it unpacks
 them every call), and numpy on pre-dequantized fp32 weights ~0.3-0.4 ms while
 holding 8x the bytes.
 
-The cache is bounded by a byte budget counted in store records. Layers are
+The cache is bounded by a byte budget; a cached expert counts as two store
+records (onnxruntime holds the record's arrays and its prepacked copy). Layers are
 visited in a fixed cycle, which makes plain LRU evict exactly the layer about to
 run; instead each layer gets an equal share of the budget and the victim is the
 least recently used expert of the layer furthest above its share. Experts in
@@ -40,6 +40,9 @@ from .package import Package
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12}
+
+
+RESIDENT_RECORDS = 2  # memory one cached expert holds, in store records (see ExpertCache)
 
 
 class MemoryBudgetError(EdgeInferError):
@@ -173,25 +176,30 @@ class ExpertCache:
         self.ffn_graph = ffn_graph
         self.session_options = session_options
         self.record = store.record_size
-        minimum = top_k * self.record
-        total = len(store.records) * self.record
+        self.layers: dict[int, OrderedDict] = {i: OrderedDict() for i in sparse_layers}
+        self.count = 0
+        self.stats = CacheStats()
+        self.lock = threading.Lock()
+        # What a cached expert costs in memory: onnxruntime keeps the record's arrays (they are the
+        # session's initializers) beside its prepacked copy of them. Measured on the 1.5 MB int4 experts
+        # of apps/bench/moe.py: 2.3-2.6 MB per loaded expert; counting two records keeps the budget.
+        self.expert_bytes = RESIDENT_RECORDS * self.record
+        minimum = top_k * self.expert_bytes
+        total = len(store.records) * self.expert_bytes
         if budget is not None and budget < minimum:
             raise MemoryBudgetError(f"a memory budget of {budget} bytes cannot hold one layer's {top_k} experts: "
                                     f"give at least {minimum} bytes ({_human(minimum)}; all experts take "
-                                    f"{_human(total)}).")
+                                    f"{_human(total)}, {_human(self.expert_bytes)} each in memory).")
         self.budget = total if budget is None else min(budget, total)
-        self.capacity = self.budget // self.record  # experts that fit
+        self.capacity = self.budget // self.expert_bytes  # experts that fit
         self.quota = self.capacity / max(1, len(sparse_layers))
-        self.layers: dict[int, OrderedDict] = {i: OrderedDict() for i in sparse_layers}
-        self.count = 0
         self.pinned: Counter = Counter()
         self.inflight: dict[tuple[int, int], _InFlight] = {}
-        self.lock = threading.Lock()
         self.stats = CacheStats()
 
     @property
     def resident_bytes(self) -> int:
-        return self.count * self.record
+        return self.count * self.expert_bytes
 
     # -- loading ---------------------------------------------------------------
     def load(self, layer: int, expert: int) -> CachedExpert:

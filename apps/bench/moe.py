@@ -35,7 +35,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "build" / "moe-bench"
 PKG = OUT / "pkg-int4"
-RESULTS = OUT / "results.json"
 DOC = ROOT / "docs" / "moe.md"
 
 CONFIG = dict(model_type="qwen3_moe", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
@@ -88,7 +87,6 @@ class RandomWeights(Mapping):
 def build(out: Path = PKG) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import make_tokenizer
-
     from edgeinfer.export import export_model
     from edgeinfer.export.sources import SourceModel
 
@@ -102,6 +100,112 @@ def build(out: Path = PKG) -> None:
     store = res.manifest["moe"]["expert_store"]
     print(f"exported {out} in {time.perf_counter() - t0:.0f} s: {res.size_bytes / 1e9:.2f} GB, expert store "
           f"{store['total_bytes'] / 1e9:.2f} GB ({store['record_size']} bytes per expert)")
+
+
+SMOL = ROOT / "build" / "smollm2-hf"
+MOEFIED = OUT / "pkg-smollm2-moefied-int4"
+MOEFY_EXPERTS, MOEFY_TOP_K = 16, 4
+PRECISION = "int4"
+
+
+def balanced_clusters(vectors: np.ndarray, k: int, iters: int = 15, seed: int = 0) -> np.ndarray:
+    """Equal-size clusters of VECTORS' rows (k-means, then a greedy balanced assignment): cluster ids."""
+    x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    centroids = x[rng.choice(len(x), k, replace=False)]
+    size = len(x) // k
+    for _ in range(iters):
+        sim = x @ centroids.T
+        order = np.argsort(-sim, axis=None)  # most similar (neuron, cluster) pairs first
+        assign = np.full(len(x), -1)
+        room = np.full(k, size)
+        for flat in order:
+            n, c = divmod(int(flat), k)
+            if assign[n] < 0 and room[c] > 0:
+                assign[n] = c
+                room[c] -= 1
+        centroids = np.stack([x[assign == c].mean(axis=0) for c in range(k)])
+        centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    return assign
+
+
+class MoefiedWeights(Mapping):
+    """SmolLM2-135M with each MLP cut into experts (MoEfication): neurons clustered by their gate
+    vectors, the router made of the clusters' mean gate vectors.
+
+    MoEfication sums the selected experts unweighted; the runtime weights them by renormalized
+    softmax probabilities. Scaling the router by a tiny factor keeps its ranking (the same experts
+    are chosen) but makes the probabilities nearly equal, so each selected expert's weight is ~1/k;
+    down projections are multiplied by k. With k = all experts this is the dense model again."""
+
+    def __init__(self, sd: dict, layers: int, experts: int, top_k: int):
+        self.sd, self.layers, self.experts, self.top_k = sd, layers, experts, top_k
+        self.keys = [k for k in sd if ".mlp." not in k]
+        for i in range(layers):
+            p = f"model.layers.{i}.mlp."
+            self.keys += [p + "gate.weight", p + "experts.gate_up_proj", p + "experts.down_proj"]
+        self._split: dict[int, tuple] = {}
+
+    def _layer(self, i: int):
+        if i not in self._split:
+            p = f"model.layers.{i}.mlp."
+            gate, up = self.sd[p + "gate_proj.weight"], self.sd[p + "up_proj.weight"]
+            down = self.sd[p + "down_proj.weight"]
+            assign = balanced_clusters(gate, self.experts, seed=i)
+            groups = [np.nonzero(assign == c)[0] for c in range(self.experts)]
+            router = (1e-3 * np.stack([gate[g].mean(axis=0) for g in groups])).astype(np.float32)
+            gate_up = np.stack([np.concatenate([gate[g], up[g]]) for g in groups]).astype(np.float32)
+            down_e = np.stack([down[:, g] * self.top_k for g in groups]).astype(np.float32)
+            self._split = {i: (router, gate_up, down_e)}  # one layer at a time
+        return self._split[i]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if ".mlp." not in key:
+            return self.sd[key]
+        i = int(key.split(".")[2])
+        part = {"gate.weight": 0, "experts.gate_up_proj": 1, "experts.down_proj": 2}[key.split(".mlp.")[1]]
+        return self._layer(i)[part]
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def build_moefied(out: Path = MOEFIED) -> None:
+    from edgeinfer.export import export_model
+    from edgeinfer.export.sources import load_source
+
+    src = load_source(str(SMOL))
+    cfg = src.config
+    inter = int(cfg["intermediate_size"]) // MOEFY_EXPERTS
+    src.config = dict(model_type="mixtral", hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
+                      num_attention_heads=cfg["num_attention_heads"], num_key_value_heads=cfg["num_key_value_heads"],
+                      head_dim=cfg.get("head_dim"), intermediate_size=inter, num_local_experts=MOEFY_EXPERTS,
+                      num_experts_per_tok=MOEFY_TOP_K, vocab_size=cfg["vocab_size"], rms_norm_eps=cfg["rms_norm_eps"],
+                      max_position_embeddings=cfg["max_position_embeddings"],
+                      rope_parameters=cfg.get("rope_parameters"),
+                      rope_theta=cfg.get("rope_theta", 100000.0), tie_word_embeddings=cfg["tie_word_embeddings"],
+                      hidden_act="silu")
+    src.state_dict = MoefiedWeights(src.state_dict, int(cfg["num_hidden_layers"]), MOEFY_EXPERTS, MOEFY_TOP_K)
+    src.name = "smollm2-135m-moefied"
+    res = export_model(src, out, PRECISION, max_context=1024, force=True, progress=True)
+    store = res.manifest["moe"]["expert_store"]
+    print(f"exported {out}: expert store {store['total_bytes'] / 1e6:.1f} MB ({store['record_size']} bytes per expert)")
+
+
+def real_text_ids(pkg: Path, n: int) -> list[int]:
+    """N tokens of English prose (this repository's docs), through the package's tokenizer."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(pkg / "tokenizer.json"))
+    text = "\n\n".join((ROOT / p).read_text() for p in ("docs/architecture.md", "README.md", "docs/security.md"))
+    ids = tok.encode(text).ids
+    return ids[:n]
 
 
 def drop_page_cache() -> bool:
@@ -131,12 +235,13 @@ def disk_bandwidth(pkg: Path, reads: int = 300) -> dict:
     return {"gb_s": reads * size / dt / 1e9, "ms_per_read": dt / reads * 1e3, "read_bytes": size, "reads": reads}
 
 
-def run_one(pkg: Path, mode: str, frac: float, tokens: int, warmup: int) -> dict:
+def run_one(pkg: Path, mode: str, frac: float, tokens: int, warmup: int, text: bool = False) -> dict:
     """One configuration, in this process: decode WARMUP then TOKENS random tokens one at a time."""
+    from edgeinfer.runtimes import resolve_provider
+
     from edgeinfer.bench import peak_rss_mb
     from edgeinfer.moe_decoder import MoEDecoder
     from edgeinfer.package import open_package
-    from edgeinfer.runtimes import resolve_provider
 
     pkg_ = open_package(pkg, verify=False)
     store = pkg_.manifest["moe"]["expert_store"]
@@ -150,8 +255,11 @@ def run_one(pkg: Path, mode: str, frac: float, tokens: int, warmup: int) -> dict
             for e in range(len(recs)):
                 dec.cache.acquire(int(layer), [e])
                 dec.cache.release(int(layer), [e])
-    rng = np.random.default_rng(1234)
-    ids = rng.integers(3, pkg_.manifest["architecture"]["vocab_size"], size=8 + warmup + tokens).tolist()
+    if text:  # real prose: routing with real locality
+        ids = real_text_ids(pkg, 8 + warmup + tokens)
+    else:
+        rng = np.random.default_rng(1234)
+        ids = rng.integers(3, pkg_.manifest["architecture"]["vocab_size"], size=8 + warmup + tokens).tolist()
     dec.forward(ids[:8])
     for t in ids[8:8 + warmup]:
         dec.step(t)
@@ -176,12 +284,12 @@ def run_one(pkg: Path, mode: str, frac: float, tokens: int, warmup: int) -> dict
 def ffn_options(pkg: Path, runs: int = 100) -> dict:
     """Ways to run one cached expert (decode: one row), timed here on the bench model's expert shape."""
     import onnxruntime as ort
+    from edgeinfer.export.quantize import BlockQuantized
+    from edgeinfer.runtimes import resolve_provider
 
     from edgeinfer.experts import ExpertStore
-    from edgeinfer.export.quantize import BlockQuantized
     from edgeinfer.moe_decoder import MoEDecoder
     from edgeinfer.package import open_package
-    from edgeinfer.runtimes import resolve_provider
 
     p = open_package(pkg, verify=False)
     dec = MoEDecoder(p, resolve_provider("cpu"), max_context=64, prefetch=False)
@@ -242,10 +350,10 @@ def ffn_options(pkg: Path, runs: int = 100) -> dict:
     return out
 
 
-def _subprocess_run(mode: str, frac: float, tokens: int, warmup: int) -> dict:
+def _subprocess_run(model: str, mode: str, frac: float, tokens: int, warmup: int) -> dict:
     dropped = drop_page_cache()
-    cmd = [sys.executable, __file__, "run-one", "--mode", mode, "--frac", str(frac), "--tokens", str(tokens),
-           "--warmup", str(warmup)]
+    cmd = [sys.executable, __file__, "run-one", "--model", model, "--mode", mode, "--frac", str(frac),
+           "--tokens", str(tokens), "--warmup", str(warmup)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if res.returncode != 0:
         raise RuntimeError(f"{mode} {frac}: {res.stderr[-2000:]}")
@@ -257,27 +365,34 @@ def _subprocess_run(mode: str, frac: float, tokens: int, warmup: int) -> dict:
     return out
 
 
-def measure_all(tokens: int, warmup: int, repeats: int) -> dict:
-    if not (PKG / "edgeinfer.json").is_file():
-        build()
+MODELS = {"random": PKG, "moefied": MOEFIED}
+
+
+def measure_all(model: str, tokens: int, warmup: int, repeats: int) -> dict:
+    pkg = MODELS[model]
+    if not (pkg / "edgeinfer.json").is_file():
+        build() if model == "random" else build_moefied()
     configs = [("resident", 1.0), ("prefetch", 1.0), ("prefetch", 0.9), ("prefetch", 0.75), ("prefetch", 0.5),
                ("naive", 0.5), ("prefetch", 0.25), ("naive", 0.25)]
     drop_page_cache()
-    bw = disk_bandwidth(PKG)
+    bw = disk_bandwidth(pkg)
     print(f"disk: {bw['gb_s']:.2f} GB/s, {bw['ms_per_read']:.2f} ms per {bw['read_bytes'] / 1e6:.2f} MB O_DIRECT read")
     runs: list[dict] = []
     for r in range(repeats):  # interleaved: every configuration once per round
         print(f"round {r + 1}/{repeats}")
         for mode, frac in configs:
-            runs.append(_subprocess_run(mode, frac, tokens, warmup))
-    print("expert FFN options")
-    options = ffn_options(PKG)
-    manifest = json.loads((PKG / "edgeinfer.json").read_text())
-    result = {"config": CONFIG, "expert_store_bytes": manifest["moe"]["expert_store"]["total_bytes"],
+            runs.append(_subprocess_run(model, mode, frac, tokens, warmup))
+    options = None
+    if model == "random":
+        print("expert FFN options")
+        options = ffn_options(pkg)
+    manifest = json.loads((pkg / "edgeinfer.json").read_text())
+    result = {"model": model, "config": CONFIG if model == "random" else manifest["moe"],
+              "expert_store_bytes": manifest["moe"]["expert_store"]["total_bytes"],
               "record_bytes": manifest["moe"]["expert_store"]["record_size"], "disk": bw, "runs": runs,
               "ffn_options": options, "cpu_count": os.cpu_count(), "tokens": tokens, "warmup": warmup}
     OUT.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1))
+    (OUT / f"results-{model}.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -306,29 +421,9 @@ def summarize(result: dict) -> list[dict]:
     return rows
 
 
-def write_doc(result: dict) -> None:
+def _table(result: dict) -> list[str]:
     rows = summarize(result)
-    bw = result["disk"]
-    opt = result["ffn_options"]
     lines = [
-        "# Sparse MoE: streaming experts under a memory budget",
-        "",
-        "Generated by `python apps/bench/moe.py all` (raw numbers: `build/moe-bench/results.json`).",
-        "",
-        f"Model: random Qwen3-MoE-shaped decoder, {CONFIG['num_hidden_layers']} layers x {CONFIG['num_experts']} "
-        f"experts, top-{CONFIG['num_experts_per_tok']}, hidden {CONFIG['hidden_size']}, expert width "
-        f"{CONFIG['moe_intermediate_size']}, int4 experts (block 32, symmetric): "
-        f"{result['expert_store_bytes'] / 1e9:.2f} GB of expert store, {result['record_bytes'] / 1e6:.2f} MB per "
-        "expert record. Random routers route near-uniformly: the worst case for caching.",
-        "",
-        f"Machine: {result['cpu_count']} CPU cores (shared with other work: timings are noisy; every configuration "
-        f"ran {len(result['runs']) // len(rows)} times, interleaved, median shown). Disk, measured in the script: "
-        f"**{bw['gb_s']:.2f} GB/s** ({bw['ms_per_read']:.2f} ms per {bw['read_bytes'] / 1e6:.2f} MB O_DIRECT "
-        "random read, one reader).",
-        "",
-        f"Each run: its own process, page cache dropped, experts read with O_DIRECT, {result['warmup']} tokens of "
-        f"warm-up (the cache fills), then {result['tokens']} random tokens decoded one at a time.",
-        "",
         "| experts | budget | tok/s | of all-resident | hit rate | missed MB/token | read MB/token | prefetch "
         "accuracy | wait ms/token | read ms/token | build ms/token | bound tok/s | of bound | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -341,24 +436,68 @@ def write_doc(result: dict) -> None:
                      f"{r['accuracy'] if r['accuracy'] is not None else '–'} | {r['wait_ms_tok']:.1f} | "
                      f"{r['read_ms_tok']:.1f} | {r['build_ms_tok']:.1f} | {r['bound']:.2f} | {r['of_bound']:.2f} | "
                      f"{r['peak_rss_mb']:.0f} |")
-    lines += [
+    dense = rows[0]["dense_mb"]
+    lines += ["", f"Dense weights (graphs, embeddings, head, routers) on disk: {dense:.0f} MB. Disk measured in the "
+              f"script: {result['disk']['gb_s']:.2f} GB/s ({result['disk']['ms_per_read']:.2f} ms per "
+              f"{result['disk']['read_bytes'] / 1e6:.2f} MB O_DIRECT random read, one reader). "
+              f"{len(result['runs']) // len(rows)} runs per configuration, interleaved; median shown "
+              f"(all runs' tok/s in `build/moe-bench/results-{result['model']}.json`)."]
+    return lines
+
+
+def write_doc(random_result: dict, moefied: dict | None) -> None:
+    opt = random_result["ffn_options"]
+    lines = [
+        "# Sparse MoE: streaming experts under a memory budget",
+        "",
+        "Generated by `python apps/bench/moe.py all` (raw numbers: `build/moe-bench/results-*.json`).",
+        "",
+        "## Random MoE, near-uniform routing",
+        "",
+        f"Random Qwen3-MoE-shaped decoder, {CONFIG['num_hidden_layers']} layers x {CONFIG['num_experts']} "
+        f"experts, top-{CONFIG['num_experts_per_tok']}, hidden {CONFIG['hidden_size']}, expert width "
+        f"{CONFIG['moe_intermediate_size']}, int4 experts (block 32, symmetric): "
+        f"{random_result['expert_store_bytes'] / 1e9:.2f} GB of expert store, "
+        f"{random_result['record_bytes'] / 1e6:.2f} MB per expert record. Random routers route near-uniformly: "
+        "the worst case for caching. Each run: its own process, page cache dropped, experts read with O_DIRECT, "
+        f"{random_result['warmup']} tokens of warm-up (the cache fills), then {random_result['tokens']} random "
+        "tokens decoded one at a time.",
+        "",
+        *_table(random_result),
         "",
         "Bound = min(all-resident tok/s, disk GB/s ÷ missed bytes per token), missed = experts needed but not "
         "cached when the layer asked (each costs one record read, by the reader or the decoder). "
         "*read ms/token* and *build ms/token* add up both threads' time to read records and to turn them into "
         "onnxruntime sessions (weight prepacking); *wait* is what the decode thread stood still for experts.",
         "",
+    ]
+    if moefied:
+        m = moefied["config"]
+        lines += [
+            "## MoEfied SmolLM2-135M on real text (routing with real locality)",
+            "",
+            f"SmolLM2-135M's MLPs cut into {m['num_experts']} experts of {m['expert_intermediate']} neurons "
+            f"(balanced k-means on the gate vectors), top-{m['top_k']}, router = the clusters' mean gate vectors, "
+            f"int4: {moefied['expert_store_bytes'] / 1e6:.1f} MB of expert store, "
+            f"{moefied['record_bytes'] / 1e3:.0f} KB per record. Without fine-tuning the MoEfied model's text is "
+            "worse than the dense model's; the point here is the routing of real hidden states. Tokens: this "
+            "repository's docs, fed one at a time.",
+            "",
+            *_table(moefied),
+            "",
+        ]
+    lines += [
         "## Expert FFN from cached weights: the options",
         "",
         f"One expert (gate/up {2 * CONFIG['moe_intermediate_size']}x{CONFIG['hidden_size']}, down "
         f"{CONFIG['hidden_size']}x{CONFIG['moe_intermediate_size']}, int4), one token, measured by "
-        "`python apps/bench/moe.py ffn-options`:",
+        "`python apps/bench/moe.py ffn-options` on the loaded machine:",
         "",
         "| option | per call | per load | cached bytes |",
         "|---|---|---|---|",
         f"| a session per expert, weights as external initializers (prepacked) — **chosen** | "
-        f"{opt['session_run_ms']:.3f} ms | {opt['session_build_ms']:.2f} ms (build) | {opt['record_bytes'] / 1e6:.2f} "
-        "MB record |",
+        f"{opt['session_run_ms']:.3f} ms | {opt['session_build_ms']:.2f} ms (build) | "
+        f"{opt['record_bytes'] / 1e6:.2f} MB record |",
         f"| one shared graph, weights fed as inputs (MatMulNBits unpacks them every call) | "
         f"{opt['weights_as_inputs_ms']:.2f} ms | 0 | {opt['record_bytes'] / 1e6:.2f} MB |",
         f"| numpy matmul on weights dequantized to fp32 at load | {opt['numpy_fp32_ms']:.3f} ms | "
@@ -369,9 +508,17 @@ def write_doc(result: dict) -> None:
     print(f"wrote {DOC}")
 
 
+def _load_results() -> tuple[dict, dict | None]:
+    moefied = OUT / "results-moefied.json"
+    return (json.loads((OUT / "results-random.json").read_text()),
+            json.loads(moefied.read_text()) if moefied.is_file() else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["all", "build", "run-one", "ffn-options", "doc"])
+    ap.add_argument("command", choices=["all", "build", "build-moefied", "run-one", "ffn-options", "doc"])
+    ap.add_argument("--model", default="random", choices=list(MODELS))
+    ap.add_argument("--models", default="random,moefied", help="for 'all': which models to measure")
     ap.add_argument("--mode", default="prefetch", choices=["resident", "prefetch", "naive"])
     ap.add_argument("--frac", type=float, default=0.5)
     ap.add_argument("--tokens", type=int, default=24)
@@ -380,14 +527,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.command == "build":
         build()
+    elif args.command == "build-moefied":
+        build_moefied()
     elif args.command == "run-one":
-        print(json.dumps(run_one(PKG, args.mode, args.frac, args.tokens, args.warmup)))
+        print(json.dumps(run_one(MODELS[args.model], args.mode, args.frac, args.tokens, args.warmup,
+                                 text=(args.model == "moefied"))))
     elif args.command == "ffn-options":
         print(json.dumps(ffn_options(PKG), indent=1))
     elif args.command == "doc":
-        write_doc(json.loads(RESULTS.read_text()))
+        write_doc(*_load_results())
     else:
-        write_doc(measure_all(args.tokens, args.warmup, args.repeats))
+        for model in args.models.split(","):
+            print(f"== {model}")
+            measure_all(model, args.tokens, args.warmup, args.repeats)
+        write_doc(*_load_results())
     return 0
 
 
