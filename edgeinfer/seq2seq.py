@@ -135,10 +135,21 @@ class Seq2SeqModel:
     def kind(self) -> str:
         return "encoder-decoder"
 
+    def complete(self, *args, **kwargs):
+        """Decoder-only entry points (chat, bench, serve) do not apply: say so in one sentence."""
+        raise GenerationError(f"'{self.name}' is an encoder-decoder package: use `edgeinfer run PKG "
+                              f"{'audio.wav' if self.audio else 'TEXT'}` or the Python API "
+                              f"({'transcribe' if self.audio else 'generate'}); chat, bench and serve take "
+                              "decoder packages.")
+
+    chat = complete
+
     # -- graph calls -------------------------------------------------------------
     def encode(self, inputs: np.ndarray) -> np.ndarray:
         """Encoder hidden states (B, S, D) for log-mel features (B, n_mels, frames) of a speech
         model or token ids (B, S) of a text model."""
+        if not isinstance(inputs, np.ndarray):
+            self.complete()
         if np.issubdtype(inputs.dtype, np.integer):
             return self.sessions["encoder"].run(None, {self.io["encoder_input_ids"]: inputs.astype(np.int64)})[0]
         return self.sessions["encoder"].run(None, {self.io["input_features"]: inputs.astype(np.float32)})[0]
