@@ -59,7 +59,7 @@ class StaticDecoder:
         graphs = {g["role"]: g for g in m["graphs"]}
         if "static_prefill" not in graphs or "static_decode" not in graphs:
             raise PackageError(f"package '{pkg.root}' lacks its prefill or decode graph: re-export it.")
-        sessions = {role: create_session(pkg.path(graphs[role]["path"]), target)
+        sessions = {role: create_session(pkg.path(graphs[role]["path"]), target, m)
                     for role in ("static_prefill", "static_decode")}
         self._setup(sessions["static_prefill"], sessions["static_decode"], static, m["io"],
                     vocab_size=int(m["architecture"]["vocab_size"]), max_context=max_context)

@@ -25,6 +25,7 @@ from . import npu_graph as ng
 from .calibrate import FeedReader, calibration_samples, decode_feeds, prefill_feeds
 from .package_writer import staging_folder, write_manifest
 from .qdq import quantize_qdq
+from .shared_weights import share_weights
 from .sources import SourceModel
 
 DEFAULT_NPU_CONTEXT = 512
@@ -74,6 +75,7 @@ def export_npu(src: SourceModel, out: Path, *, max_context: int | None, force: b
             rel = f"graphs/{name}.onnx"
             quantize_qdq(float_paths[name], tmp / rel, readers[name], activation_bits, weight_bits)
             graphs.append({"name": name, "role": role, "path": rel, "chunk": chunk if name == "prefill" else 1})
+        share_weights([tmp / g["path"] for g in graphs])
         (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
         manifest = manifest_base(spec)
         manifest.update({

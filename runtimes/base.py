@@ -179,11 +179,13 @@ def _target(short: str, threads, allow_fallback: bool, cpu_fallback: bool, reaso
                            allow_fallback=allow_fallback, cpu_fallback=cpu_fallback, reason=reason)
 
 
-def create_session(path: Path, target: ExecutionTarget) -> ort.InferenceSession:
-    """One inference session for a graph of a (verified) package."""
+def create_session(path: Path, target: ExecutionTarget, manifest: dict | None = None) -> ort.InferenceSession:
+    """One inference session for a graph of a (verified) package (MANIFEST: for package-specific settings)."""
     module = PROVIDERS[target.name]
     so = module.session_options(target.threads)
     so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    for key, value in getattr(module, "session_config", lambda m: {})(manifest or {}).items():
+        so.add_session_config_entry(key, value)
     if target.name != "cpu" and not target.cpu_fallback:
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     try:
@@ -203,7 +205,7 @@ def create_session(path: Path, target: ExecutionTarget) -> ort.InferenceSession:
             log.warning("edgeinfer: the %s provider could not load '%s' (%s): falling back to the cpu provider",
                         target.name, path.name, msg)
             target.fallbacks.append(path.name)
-            return create_session(path, _target("cpu", target.threads, False, True, "fallback"))
+            return create_session(path, _target("cpu", target.threads, False, True, "fallback"), manifest)
         raise ProviderError(f"the {target.name} provider could not load graph '{path.name}' ({msg}): pass "
                             "--fallback (allow_fallback=True) to run on the cpu instead.") from None
 

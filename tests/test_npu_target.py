@@ -100,6 +100,8 @@ def test_npu_graphs_have_fixed_shapes_standard_ops_and_int8_weights(npu_packages
     manifest = json.loads((pkg / "edgeinfer.json").read_text())
     assert manifest["target"] == "npu" and manifest["static"]["chunk"] == CHUNK
     assert manifest["static"]["max_context"] == CONTEXT
+    # the two graphs read one weights file (their quantized weights are the same bytes)
+    assert sorted(p.name for p in (pkg / "graphs").iterdir()) == ["decode.onnx", "prefill.onnx", "weights.data"]
     for entry in manifest["graphs"]:
         m = onnx.load(str(pkg / entry["path"]), load_external_data=False)
         for vi in list(m.graph.input) + list(m.graph.output):
