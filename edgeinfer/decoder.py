@@ -41,7 +41,8 @@ class Stage:
             raise PackageError(f"graph '{entry['path']}' does not have the inputs its manifest lists: "
                                "the package is inconsistent, re-export it.")
         kv, io = pkg.kv_cache, pkg.manifest["io"]
-        self.cache = KVCache(range(self.first, self.last), int(kv["num_kv_heads"]), int(kv["head_dim"]), capacity)
+        self.cache = KVCache(range(self.first, self.last), int(kv["num_kv_heads"]), int(kv["head_dim"]), capacity,
+                             device=target.device_memory)
         self.layer_names = [(i, io["past_key"].format(layer=i), io["past_value"].format(layer=i),
                              io["present_key"].format(layer=i), io["present_value"].format(layer=i))
                             for i in range(self.first, self.last)]

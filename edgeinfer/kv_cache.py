@@ -13,11 +13,19 @@ import onnxruntime as ort
 
 
 class KVCache:
-    def __init__(self, layers: range, kv_heads: int, head_dim: int, capacity: int, dtype=np.float32):
+    def __init__(self, layers: range, kv_heads: int, head_dim: int, capacity: int, dtype=np.float32,
+                 device: str = "cpu"):
         self.capacity = int(capacity)
         self.length = 0
         shape = (1, kv_heads, self.capacity, head_dim)
         self.layers = layers
+        if device != "cpu":
+            # On the accelerator (CUDA): the buffers never cross the bus; attention reads only the first
+            # `length` positions, so they need no zeroing.
+            make = ort.OrtValue.ortvalue_from_shape_and_type
+            self.keys = {i: make(shape, dtype, device, 0) for i in self.layers}
+            self.values = {i: make(shape, dtype, device, 0) for i in self.layers}
+            return
         # np.zeros pages in lazily: memory is committed as the context fills.
         self._arrays = {i: (np.zeros(shape, dtype), np.zeros(shape, dtype)) for i in self.layers}
         self.keys = {i: ort.OrtValue.ortvalue_from_numpy(k) for i, (k, _) in self._arrays.items()}

@@ -49,6 +49,11 @@ class ExecutionTarget:
     fallbacks: list = field(default_factory=list, compare=False)  # sessions that fell back to the CPU
 
     @property
+    def device_memory(self) -> str:
+        """Where IO-bound buffers (the KV cache) live: on the GPU for CUDA/TensorRT, else host memory."""
+        return getattr(PROVIDERS[self.name], "DEVICE_MEMORY", "cpu")
+
+    @property
     def description(self) -> str:
         return f"{self.name} ({self.reason})" if self.reason else self.name
 

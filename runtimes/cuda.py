@@ -4,8 +4,9 @@ The cpu and gpu targets' graphs run on it as they are: onnxruntime's CUDA
 kernels cover MatMulNBits (int4/int8 weights), GroupQueryAttention and the
 fused norms. gpu-target packages store fp16 weights. Newer onnxruntime-gpu
 builds ship CUDA as a plugin EP library; older ones compile it in (classic).
-The decoder binds its KV buffers once (IO binding); on CUDA they stay on the
-device between steps only when the cache is allocated there (see docs/providers.md).
+The decoder's KV buffers are allocated in CUDA memory (``DEVICE_MEMORY``) and
+bound once with IO binding, so they never cross the bus; only token ids, hidden
+states between stages and the logits do. (Not run here: no GPU on these machines.)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from . import cpu
 NAME = "cuda"
 ORT_NAME = "CUDAExecutionProvider"
 DEVICE_KIND = "gpu"
+DEVICE_MEMORY = "cuda"  # the decoder keeps its KV buffers here (IO binding on device memory)
 NEEDS = {"static_shapes": False, "qdq": False, "fp16": True,
          "note": "fp16 activations are fastest; int4 MatMulNBits is supported"}
 INSTALL = "pip install onnxruntime-gpu (an NVIDIA GPU and driver are needed)"

@@ -19,6 +19,7 @@ from . import cpu
 NAME = "tensorrt"
 ORT_NAME = "TensorrtExecutionProvider"
 DEVICE_KIND = "gpu"
+DEVICE_MEMORY = "cuda"  # the decoder keeps its KV buffers here (IO binding on device memory)
 NEEDS = {"static_shapes": True, "qdq": False, "fp16": True,
          "note": "static or bounded shapes; int8 QDQ graphs are taken as explicit quantization"}
 INSTALL = "pip install onnxruntime-gpu with TensorRT libraries (an NVIDIA GPU is needed)"

@@ -153,3 +153,12 @@ def test_info_lists_providers_and_devices(capsys, tmp_path):
 def test_info_shows_package_target(gpu_package, capsys):
     assert main(["info", str(gpu_package)]) == 0
     assert "target       gpu" in capsys.readouterr().out
+
+
+def test_gpu_providers_keep_the_kv_cache_in_device_memory():
+    """CUDA/TensorRT targets allocate the decoder's KV buffers on the GPU (IO binding on device memory);
+    not runnable here (no GPU), so only the choice is checked."""
+    assert runtimes_base._target("cuda", None, False, True, "test").device_memory == "cuda"
+    assert runtimes_base._target("tensorrt", None, False, True, "test").device_memory == "cuda"
+    assert runtimes_base._target("cpu", None, False, True, "test").device_memory == "cpu"
+    assert runtimes_base._target("qnn", None, False, True, "test").device_memory == "cpu"
