@@ -52,12 +52,8 @@ class TextTokenizer:
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise GenerationError("each chat message must be a dict with string 'role' and 'content'.")
-        try:
-            template = _environment().from_string(self.chat_template)
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   bos_token=self.bos_token, eos_token=self.eos_token)
-        except TemplateError as e:
-            raise GenerationError(f"the package's chat template failed: {e}") from None
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, self.bos_token,
+                                    self.eos_token)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The template writes its own special tokens (e.g. a BOS): do not add them twice.
@@ -65,6 +61,19 @@ class TextTokenizer:
 
     def stream(self) -> IncrementalDecoder:
         return IncrementalDecoder(self)
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, bos_token: str,
+                         eos_token: str) -> str:
+    """Render a package's (untrusted) chat template in the immutable Jinja sandbox."""
+    try:
+        return _environment().from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
+            eos_token=eos_token)
+    except TemplateError as e:
+        raise GenerationError(f"the package's chat template failed: {e}") from None
+    except Exception as e:  # a template can raise any Python error while rendering (found by fuzzing)
+        raise GenerationError(f"the package's chat template failed ({type(e).__name__}: {str(e)[:120]}).") from None
 
 
 class IncrementalDecoder:

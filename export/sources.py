@@ -69,6 +69,10 @@ def load_source(source: str) -> SourceModel:
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ExportError("exporting needs the export extra: pip install 'edgeinfer[export]'.") from e
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file:  # untrusted header: counts, lengths and extents checked against the file size first
+        from .gguf_check import check_gguf
+
+        check_gguf(Path(where) / gguf_file)
     if kind == "hub" and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ExportError(f"'{where}' looks like a hub id, but HF_HUB_OFFLINE=1: download it first "
                           "or give a local path.")

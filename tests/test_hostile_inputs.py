@@ -162,3 +162,106 @@ def _tiny_model(tiny_packages):
     if "m" not in _MODEL:
         _MODEL["m"] = edgeinfer.load(tiny_packages("llama", "int4"))
     return _MODEL["m"]
+
+
+@pytest.mark.parametrize("template", [
+    "{% for m in mess in messages %}{{ m }}{% endfor %}",  # the fuzzer's finding: TypeError while rendering
+    "{{ 1 / 0 }}",
+    "{{ messages[0]['content'] + 1 }}",
+])
+def test_chat_template_python_errors_are_clear(template):
+    from edgeinfer.tokenizer import render_chat_template
+
+    with pytest.raises(GenerationError, match="chat template failed"):
+        render_chat_template(template, [{"role": "user", "content": "hi"}], True, "<s>", "</s>")
+
+
+# -- GGUF headers: every count, length and extent is checked against the file size first ------------
+def _gguf(path: Path) -> bytes:
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("llama.block_count", 2)
+    w.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    w.add_tensor("token_embd.weight", np.ones((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+def _patch(data: bytes, old: bytes, new: bytes) -> bytes:
+    assert data.count(old) >= 1
+    return data.replace(old, new, 1)
+
+
+def _gguf_cases(valid: bytes) -> list[tuple[bytes, str]]:
+    import struct
+
+    key = b"llama.block_count"
+    tensor = b"token_embd.weight"
+    dims = struct.pack("<I", 2) + struct.pack("<QQ", 8, 4)
+    return [
+        (b"GGML" + valid[4:], "no GGUF magic"),
+        (valid[:4] + struct.pack("<I", 99) + valid[8:], "unsupported version 99"),
+        (valid[:8] + struct.pack("<Q", 1 << 40) + valid[16:], "tensors and .* metadata entries declared"),
+        (_patch(valid, struct.pack("<Q", len(key)) + key, struct.pack("<Q", 1 << 62) + key), "a string of"),
+        (_patch(valid, struct.pack("<IQ", 8, 3), struct.pack("<IQ", 8, 1 << 40)), "an array of"),
+        (_patch(valid, tensor + dims, tensor + struct.pack("<I", 2) + struct.pack("<QQ", 1 << 40, 1 << 40)),
+         "a tensor dimension of"),
+        (_patch(valid, tensor + dims, tensor + struct.pack("<I", 9) + struct.pack("<QQ", 8, 4)), "rank 9"),
+        (_patch(valid, tensor + dims + struct.pack("<I", 0), tensor + dims + struct.pack("<I", 77)),
+         "unknown tensor type 77"),
+        (_patch(valid, tensor + dims + struct.pack("<IQ", 0, 0), tensor + dims + struct.pack("<IQ", 0, 1 << 20)),
+         "outside the file"),
+        (valid[: len(valid) - 40], "outside the file"),
+        (valid[:30], "runs past the end of the file"),
+    ]
+
+
+def test_hostile_gguf_headers_get_one_clear_error(tmp_path):
+    from edgeinfer.export.gguf_check import check_gguf
+
+    from edgeinfer.errors import ExportError
+
+    valid = _gguf(tmp_path / "valid.gguf")
+    assert check_gguf(tmp_path / "valid.gguf")["tensors"] == 1
+    for i, (data, message) in enumerate(_gguf_cases(valid)):
+        bad = tmp_path / f"bad{i}.gguf"
+        bad.write_bytes(data)
+        with pytest.raises(ExportError, match=message):
+            check_gguf(bad)
+
+
+def test_hostile_gguf_is_refused_by_export_before_any_reader(tmp_path):
+    from edgeinfer.export import export_model
+
+    from edgeinfer.errors import ExportError
+
+    valid = _gguf(tmp_path / "valid.gguf")
+    (tmp_path / "model.gguf").write_bytes(valid[:4] + valid[4:8] + (1 << 40).to_bytes(8, "little") + valid[16:])
+    with pytest.raises(ExportError, match="not a valid GGUF file"):
+        export_model(str(tmp_path / "model.gguf"), tmp_path / "out", "int4", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@FUZZ
+@given(data=st.binary(max_size=64), where=st.integers(min_value=0, max_value=400))
+def test_fuzz_gguf_header_only_raises_export_errors(tmp_path_factory, data, where):
+    """Random bytes spliced into a valid header: accepted or one ExportError, never another exception."""
+    from edgeinfer.export.gguf_check import check_gguf
+
+    from edgeinfer.errors import ExportError
+
+    root = tmp_path_factory.getbasetemp() / "gguf-fuzz"
+    root.mkdir(exist_ok=True)
+    seed = root / "seed.gguf"
+    valid = seed.read_bytes() if seed.exists() else _gguf(seed)
+    bad = root / "bad.gguf"
+    bad.write_bytes(valid[:where] + data + valid[where + len(data):])
+    try:
+        check_gguf(bad)
+    except ExportError:
+        pass
