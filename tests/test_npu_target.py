@@ -202,6 +202,30 @@ def test_npu_package_runs_entirely_on_qnn_htp(npu_packages, tiny_models):
     assert np.abs(got - _run(cpu.decoder, ids, 10)).max() < 0.05  # fixed-point HTP vs the CPU's QDQ simulation
 
 
+def test_int4_weights_run_entirely_on_qnn_htp(tiny_models, tmp_path):
+    """--precision int4 with --target npu: int4 per-channel weights (QNN HTP takes them), looser tolerance."""
+    _qnn_or_skip()
+    from edgeinfer.export import export_model
+    from edgeinfer.package import open_package
+    from edgeinfer.runtimes import node_placement, resolve_provider
+    from edgeinfer.static_decoder import StaticDecoder
+
+    res = export_model(str(tiny_models("llama")), tmp_path / "w4", "int4", target="npu", max_context=32,
+                       prefill_chunk=4, progress=False)
+    assert res.manifest["quantization"]["weights"] == "int4"
+    m = onnx.load(str(res.path / "graphs" / "decode.onnx"), load_external_data=False)
+    assert {i.data_type for i in m.graph.initializer if i.name.endswith("weight_t_quantized")} == {
+        onnx.TensorProto.INT4}
+    pkg = open_package(res.path)
+    decoder = StaticDecoder(pkg, resolve_provider("qnn", manifest=pkg.manifest, cpu_fallback=False))
+    assert set(node_placement(decoder.decode_graph.session)) == {"QNNExecutionProvider"}
+    ids = _prompt(8)
+    got, ref = _run(decoder, ids, 6), _hf_logits(tiny_models("llama"), ids)
+    p = np.exp(_log_softmax(ref))
+    assert (p * (_log_softmax(ref) - _log_softmax(got))).sum(-1).mean() < 1e-2
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
+
+
 def test_auto_picks_qnn_for_npu_package(npu_packages):
     _qnn_or_skip()
     model = edgeinfer.load(npu_packages("llama"))
