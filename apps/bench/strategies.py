@@ -32,12 +32,12 @@ PROMPTS = ROOT / "apps" / "bench" / "prompts"
 BUILD = ROOT / "build" / "bench"
 
 
-def ensure_package(alias: str, precision: str, exits: list[int], accuracy_level: int) -> Path:
-    pkg = BUILD / f"{alias}-{precision}-a{accuracy_level}-exits"
+def ensure_package(alias: str, precision: str, exits: list[int], accuracy_level: int, adapters: bool = False) -> Path:
+    pkg = BUILD / f"{alias}-{precision}-a{accuracy_level}-{'adapters' if adapters else 'exits'}"
     if not (pkg / "edgeinfer.json").exists():
         subprocess.run([str(ROOT / ".venv" / "bin" / "edgeinfer"), "export", alias, "-o", str(pkg), "--precision",
                         precision, "--exits", ",".join(map(str, exits)), "--accuracy-level", str(accuracy_level),
-                        "--force"], check=True)
+                        "--force", *(["--exit-adapters"] if adapters else [])], check=True)
     return pkg
 
 
@@ -95,19 +95,21 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--accuracy-level", type=int, default=4)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--markdown", default=None, help="default: docs/early-exit-a{accuracy level}.md")
+    ap.add_argument("--adapters", action="store_true", help="export (and measure) with fitted exit adapters")
+    ap.add_argument("--markdown", default=None,
+                    help="default: docs/early-exit-a{accuracy level}.md (-adapters.md with --adapters)")
     args = ap.parse_args(argv)
     exits = [int(x) for x in args.exits.split(",")]
-    pkg = ensure_package(args.alias, args.precision, exits, args.accuracy_level)
+    pkg = ensure_package(args.alias, args.precision, exits, args.accuracy_level, args.adapters)
     model = edgeinfer.load(pkg, threads=args.threads)
-    sets = {p.stem: json.loads(p.read_text()) for p in sorted(PROMPTS.glob("*.json"))}
+    sets = {name: json.loads((PROMPTS / f"{name}.json").read_text()) for name in ("chat", "editing")}
     if args.quick:
         sets = {k: v[:2] for k, v in sets.items()}
         args.new_tokens = 32
     n = args.new_tokens
     configs = [("lookup", {"draft_len": 8}), ("adaptive", {})]
     configs += [("self-speculative", {"exit_layer": e, "draft_len": 3}) for e in exits[-2:]]
-    report = {"package": str(pkg), "new_tokens": n, "threads": args.threads, "sets": {},
+    report = {"package": str(pkg), "new_tokens": n, "threads": args.threads, "sets": {}, "adapters": args.adapters,
               "accuracy_level": args.accuracy_level, "model": model.name,
               "num_layers": model.decoder.stages[-1].last}
     for name, prompts in sets.items():
@@ -142,9 +144,11 @@ def main(argv=None) -> int:
     report["exit_agreement"] = exit_agreement(model, {k: v[:3] for k, v in sets.items()}, min(n, 32))
     report["early_exit"] = early_exit_sweep(model, sets["chat"][:4], n)
     BUILD.mkdir(parents=True, exist_ok=True)
-    (BUILD / f"strategies-a{args.accuracy_level}.json").write_text(json.dumps(report, indent=1))
+    (BUILD / f"strategies-a{args.accuracy_level}{'-adapters' if args.adapters else ''}.json").write_text(
+        json.dumps(report, indent=1))
     md = markdown(report, exits)
-    Path(args.markdown or ROOT / "docs" / f"early-exit-a{args.accuracy_level}.md").write_text(md)
+    suffix = "-adapters" if args.adapters else ""
+    Path(args.markdown or ROOT / "docs" / f"early-exit-a{args.accuracy_level}{suffix}.md").write_text(md)
     print(md)
     return 0
 
@@ -187,7 +191,8 @@ def markdown(rep: dict, exits: list[int], out_name: str = "") -> str:
             lines.append(f"| {key} | **{r['speedup_median']:.2f}×** | {acc} | {tpv} | "
                          f"{r['lossless_prompts']}/{r['prompts']}{' (' + mm + ')' if mm else ''} |")
         lines.append("")
-    lines += ["## Raw exits: top-1 agreement with the final layer (teacher-forced on plain greedy text)", "",
+    kind = "Adapted exits (fitted adapters)" if rep.get("adapters") else "Raw exits"
+    lines += [f"## {kind}: top-1 agreement with the final layer (teacher-forced on plain greedy text)", "",
               "| exit after layer | agreement |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in rep["exit_agreement"].items()]
     lines += ["", "## Early exit (lossy): threshold sweep on chat prompts", "",
