@@ -11,6 +11,7 @@ from edgeinfer.runtimes import resolve_provider
 from .decoder import StagedDecoder
 from .errors import ContextLengthError, GenerationError, PackageError
 from .generation import Generation, GenerationResult, run_generation
+from .memory import check_dense_budget
 from .package import Package, open_package
 from .sampling import GenerationConfig
 from .tokenizer import TextTokenizer
@@ -55,7 +56,8 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
     little: a second, smaller decoder package (or loaded Model) with the same
     tokenizer, for the big/little strategies (speculative, ead, bild).
     memory_budget: bytes (or "512MB") the expert cache of a sparse-MoE package
-    may hold (default: all experts).
+    may hold (default: all experts); for a dense package, what its weights and
+    reserved KV cache may take (checked before anything is allocated).
     """
     pkg = open_package(path, verify=verify)
     if pkg.kind == "encoder-decoder":  # Whisper and other encoder-decoder families
@@ -82,6 +84,8 @@ class Model:
                  max_context: int | None = None, memory_budget: int | str | None = None,
                  allow_fallback: bool = False):
         self.package = pkg
+        if "moe" not in pkg.manifest:  # MoE budgets bound the expert cache (edgeinfer/experts.py)
+            check_dense_budget(pkg, memory_budget, max_context)
         self.target = resolve_provider(provider, threads, manifest=pkg.manifest, allow_fallback=allow_fallback)
         self.tokenizer = TextTokenizer(pkg)
         if any(g.get("role") == "monolithic" for g in pkg.manifest["graphs"]):

@@ -265,3 +265,19 @@ def test_fuzz_gguf_header_only_raises_export_errors(tmp_path_factory, data, wher
         check_gguf(bad)
     except ExportError:
         pass
+
+
+def test_memory_budget_is_checked_before_allocation(tiny_packages):
+    from edgeinfer.experts import MemoryBudgetError
+    from edgeinfer.memory import dense_needs
+    from edgeinfer.package import open_package
+
+    path = tiny_packages("llama", "int4")
+    need = dense_needs(open_package(path), None)
+    with pytest.raises(MemoryBudgetError, match=r"needs .* MB .* KV cache for a context of 256.*max_context=\d+"):
+        edgeinfer.load(path, memory_budget=need["weights"] + need["kv"] // 2)
+    with pytest.raises(MemoryBudgetError, match="the weights alone do not fit"):
+        edgeinfer.load(path, memory_budget="1KB")
+    # the suggested context fits
+    model = edgeinfer.load(path, memory_budget=need["weights"] + need["kv"] // 2, max_context=128)
+    assert model.max_context == 128 and model.complete("hi", max_new_tokens=3).new_tokens == 3
