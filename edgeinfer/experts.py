@@ -43,6 +43,19 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
 
 
 RESIDENT_RECORDS = 2  # memory one cached expert holds, in store records (see ExpertCache)
+_TRIM_EVERY = 64 << 20
+
+
+def _find_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
 
 
 class MemoryBudgetError(EdgeInferError):
@@ -86,6 +99,7 @@ class ExpertStore:
                 raise PackageError(f"expert tensor '{t['name']}' does not fit its record: the package index is "
                                    "corrupt, re-export it.")
         self.direct_io = direct_io
+        self._scratch = threading.local()
         self._fd = os.open(self.path, os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct_io else 0))
 
     def _checked(self, layer: int, e: int, rec) -> tuple[int, int]:
@@ -101,14 +115,17 @@ class ExpertStore:
         return offset, size
 
     def read(self, layer: int, expert: int) -> dict[str, np.ndarray]:
-        """One expert's tensors (views of one freshly read, page-aligned buffer)."""
+        """One expert's tensors (views of one freshly allocated copy of its record)."""
         offset, size = self.records[(layer, expert)]
-        buf = mmap.mmap(-1, size)  # anonymous and page-aligned: what O_DIRECT needs
-        got = os.preadv(self._fd, [buf], offset)
+        scratch = getattr(self._scratch, "buf", None)
+        if scratch is None:  # one per thread; anonymous and page-aligned: what O_DIRECT needs
+            scratch = self._scratch.buf = mmap.mmap(-1, size)
+        got = os.preadv(self._fd, [scratch], offset)
         if got != size:
             raise PackageError(f"expert {expert} of layer {layer}: read {got} of {size} bytes from the expert "
                                "store: it is truncated, re-export the package.")
-        raw = np.frombuffer(buf, np.uint8)
+        # A copy into allocator memory: a fresh mapping per read costs more in page faults than the copy.
+        raw = np.frombuffer(scratch, np.uint8).copy()
         out = {}
         for t in self.tensors:
             dt = np.dtype(t["dtype"])
@@ -195,6 +212,7 @@ class ExpertCache:
         self.quota = self.capacity / max(1, len(sparse_layers))
         self.pinned: Counter = Counter()
         self.inflight: dict[tuple[int, int], _InFlight] = {}
+        self._freed = 0  # bytes evicted since memory was last handed back
         self.stats = CacheStats()
 
     @property
@@ -247,7 +265,15 @@ class ExpertCache:
                 return False
             self.layers[best[0]].pop(best[1])
             self.count -= 1
+            self._freed += self.expert_bytes
         return True
+
+    def return_freed_memory(self) -> None:
+        """Give evicted experts' memory back to the system now and then: freed by one thread and
+        reused by another, it otherwise stays in the allocator's per-thread arenas (resident)."""
+        if self._freed >= _TRIM_EVERY and _malloc_trim is not None:
+            self._freed = 0
+            _malloc_trim(0)
 
     def _insert(self, key: tuple[int, int], entry: CachedExpert) -> bool:
         if key[1] in self.layers[key[0]]:
@@ -310,6 +336,8 @@ class ExpertCache:
             found[e] = entry
         with self.lock:
             self.stats.wait_s += time.perf_counter() - t0
+        if misses:
+            self.return_freed_memory()
         return [found[e] for e in experts]
 
     def _mark_used(self, entry: CachedExpert) -> None:
@@ -359,32 +387,37 @@ class Prefetcher:
     Requests carry the decode position they are for; one the decoder has already
     passed is dropped unread."""
 
-    def __init__(self, cache: ExpertCache):
+    def __init__(self, cache: ExpertCache, readers: int = 1):
         self.cache = cache
         self.requests: queue.SimpleQueue = queue.SimpleQueue()
         self.position = (0, -1)  # (token step, layer) the decoder is at
         self._stop = False
-        self.thread = threading.Thread(target=self._run, name="edgeinfer-expert-reader", daemon=True)
-        self.thread.start()
+        # More than one reader overlaps one expert's session build (CPU) with another's read (disk).
+        self.threads = [threading.Thread(target=self._run, name=f"edgeinfer-expert-reader-{i}", daemon=True)
+                        for i in range(max(1, readers))]
+        for t in self.threads:
+            t.start()
 
     def request(self, step: int, layer: int, experts: list[int]) -> None:
-        self.requests.put((step, layer, experts))
+        for e in experts:
+            self.requests.put((step, layer, e))
 
     def _run(self) -> None:
         while True:
             item = self.requests.get()
             if item is None or self._stop:
                 return
-            step, layer, experts = item
-            for e in experts:
-                if (step, layer) <= self.position:
-                    break
+            step, layer, e = item
+            if (step, layer) > self.position:
                 self.cache.prefetch_one(layer, e)
+            self.cache.return_freed_memory()
 
     def close(self) -> None:
         self._stop = True
-        self.requests.put(None)
-        self.thread.join(timeout=5)
+        for _ in self.threads:
+            self.requests.put(None)
+        for t in self.threads:
+            t.join(timeout=5)
 
 
 def _human(n: int) -> str:

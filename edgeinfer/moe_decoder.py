@@ -47,7 +47,8 @@ class MoEDecoder:
     exit_head = None
 
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None,
-                 memory_budget: int | None = None, prefetch: bool = True, direct_io: bool = False):
+                 memory_budget: int | None = None, prefetch: bool = True, direct_io: bool = False,
+                 readers: int = 1):
         m = pkg.manifest
         moe, kv = m["moe"], pkg.kv_cache
         self.io = m["io"]
@@ -95,7 +96,7 @@ class MoEDecoder:
             self.cache = ExpertCache(store, ffn_graph, expert_session_options, memory_budget, sparse_layers,
                                      self.top_k)
             if prefetch:
-                self.prefetcher = Prefetcher(self.cache)
+                self.prefetcher = Prefetcher(self.cache, readers)
         self._next_sparse = {i: next((j for j in range(i + 1, self.num_layers) if self.sparse[j]), None)
                              for i in range(self.num_layers)}
         self._predicted: dict[int, list[int]] = {}
