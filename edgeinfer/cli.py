@@ -278,7 +278,8 @@ def _cmd_info(args) -> int:
         print(f"weights      {json.dumps(p['quantization'])}")
         print(f"architecture {json.dumps(p['architecture'])}")
         print(f"context      {p['max_context']}")
-        print("graphs       " + ", ".join(f"{g['path']} layers {g['layers']}" for g in p["graphs"]))
+        print("graphs       " + ", ".join(f"{g['path']} " + (f"layers {g['layers']}" if g["layers"] else g["role"])
+                                          for g in p["graphs"]))
         print(f"size         {p['size_mb']} MB")
         static = p.get("static") or {}
         print(f"target       {p['target']}" + (f" (fixed shapes: prefill chunk {static['chunk']}, context "
