@@ -31,7 +31,7 @@ MASK_VALUE = -80.0
 
 
 class StaticGraph:
-    """One fixed-chunk graph: its session and its preallocated position/mask inputs."""
+    """One fixed-chunk graph: its session, chunk size and the shapes its mask is built for."""
 
     def __init__(self, session: ort.InferenceSession, chunk: int, max_context: int, groups: int,
                  windows: bool):

@@ -150,10 +150,10 @@ def resolve_provider(name: str = "auto", threads: int | None = None, manifest: d
             log.debug("provider auto: not %s: %s", short, refusal)
         return _fallback_or_raise(f"this package was exported for {target} and none of its providers "
                                   f"({', '.join(order)}) is available here (available: {', '.join(have)})",
-                                  threads, manifest, allow_fallback, hint=_target_hint(target))
+                                  threads, allow_fallback, hint=_target_hint(target))
     refusal = _refusal(name, have, manifest)
     if refusal is not None:
-        return _fallback_or_raise(refusal, threads, manifest, allow_fallback,
+        return _fallback_or_raise(refusal, threads, allow_fallback,
                                   hint=PROVIDERS[name].INSTALL if name not in have else _target_hint(target))
     return _target(name, threads, allow_fallback, cpu_fallback, "requested")
 
@@ -169,7 +169,7 @@ def _target_hint(target: str) -> str:
         target, "")
 
 
-def _fallback_or_raise(why: str, threads, manifest, allow_fallback: bool, hint: str = "") -> ExecutionTarget:
+def _fallback_or_raise(why: str, threads, allow_fallback: bool, hint: str = "") -> ExecutionTarget:
     if allow_fallback:
         log.warning("edgeinfer: %s: falling back to the cpu provider", why)
         return _target("cpu", threads, True, True, f"fallback: {why}")
