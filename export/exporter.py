@@ -114,6 +114,8 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
                            "inputs": [dg.HIDDEN_IN, dg.LOGITS_TO_KEEP], "outputs": [dg.LOGITS]})
             exit_entries = [{"layer": e, "after_stage": cuts.index(e) - 1, "head": "exit_head", "adapter": None}
                             for e in exits]
+        if len(graphs) > 1:
+            _share_stage_weights(tmp, graphs)
         (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
         manifest = write_manifest(tmp, {**_manifest(src, spec, prec, ctx, graphs, exit_entries), "target": target})
         if exit_adapters:  # fitted on the complete package in the staging folder, then listed in it
@@ -122,6 +124,19 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
                                             "target": target})
     size = sum(m["size"] for m in manifest["files"].values())
     return ExportResult(out, manifest, size)
+
+
+def _share_stage_weights(tmp: Path, graphs: list[dict]) -> None:
+    """Store the weights the stage graphs and the exit head have in common once (the tied
+    embedding / LM head table sits in the first stage, the last one and the exit head):
+    one ``graphs/weights.data``. Each entry keeps the bytes of weights its graph reads."""
+    from .shared_weights import share_weights
+
+    for g in graphs:
+        path = tmp / g["path"]
+        data = path.with_name(path.name + ".data")
+        g["weight_bytes"] = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    share_weights([tmp / g["path"] for g in graphs])
 
 
 def _add_exit_adapters(tmp: Path, src: SourceModel, graphs: list[dict], exit_entries: list[dict],

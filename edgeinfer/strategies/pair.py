@@ -39,6 +39,9 @@ def max_probability(logits: np.ndarray) -> float:
 
 
 def _file_bytes(decoder: StagedDecoder, entry: dict) -> int:
+    """Bytes of weights a graph reads per forward (recorded at export when graphs share a data file)."""
+    if "weight_bytes" in entry:
+        return int(entry["weight_bytes"])
     path = decoder.package.path(entry["path"])
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
