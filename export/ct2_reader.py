@@ -149,7 +149,11 @@ def _parse(cur: _Cursor) -> tuple[str, int, dict[str, np.ndarray]]:
             arr = (raw.astype(np.uint32) << 16).view(np.float32)
         else:
             arr = cur.array(n_bytes, dtype, f"the data of '{name}'")
-        variables[name] = arr.reshape(dims)
+        try:
+            variables[name] = arr.reshape(dims)
+        except ValueError:  # e.g. a zero dimension beside a huge one (found by fuzzing)
+            raise ExportError(f"'{cur.path}' is corrupt: variable '{name}' has an impossible shape "
+                              f"{tuple(dims)}.") from None
     if cur.left() >= 4:
         n_alias = cur.u32("the alias count")
         if n_alias * 4 > cur.left():

@@ -281,3 +281,19 @@ def test_memory_budget_is_checked_before_allocation(tiny_packages):
     # the suggested context fits
     model = edgeinfer.load(path, memory_budget=need["weights"] + need["kv"] // 2, max_context=128)
     assert model.max_context == 128 and model.complete("hi", max_new_tokens=3).new_tokens == 3
+
+
+def test_ct2_zero_dimension_beside_a_huge_one_is_a_clear_error(tmp_path):
+    """The atheris finding in the CTranslate2 reader: shape (0, 2^31) passes the size check (0 bytes)
+    and numpy refused the reshape with a ValueError."""
+    import base64
+
+    from edgeinfer.export.ct2_reader import read_model_bin
+
+    from edgeinfer.errors import ExportError
+
+    (tmp_path / "model.bin").write_bytes(base64.b64decode(
+        "BgAAAAwAV2hpc3BlclNwZWMAAAADAAEAAAAVAGVuY29kZXIvY2h0AAICAAAAAwAAAAQMAHBlclNjbwAAAAAAAAAAAAAAAAAAAAAAZGVy"
+        "L2NvbgB2PABAAA=="))
+    with pytest.raises(ExportError, match="impossible shape"):
+        read_model_bin(tmp_path / "model.bin")
