@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--text", default=str(Path(__file__).with_name("eval_text.txt")))
     p.add_argument("--tokens", type=int, default=256, help="teacher-forced tokens of the text")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompts", type=int, default=len(PROMPTS), help="greedy prompts to compare (0 = none)")
     args = p.parse_args()
     t0 = time.perf_counter()
     npu = edgeinfer.load(args.npu_package, provider=args.provider)
@@ -69,17 +70,18 @@ def main() -> None:
         "teacher_forced_s": round(npu_tf_s, 2),
     }
     same_prefix, positionwise = [], []
-    for prompt in PROMPTS:
+    for prompt in PROMPTS[:args.prompts]:
         pids = npu.tokenizer.encode(prompt)
         x, y = greedy(npu, pids, args.new_tokens), greedy(ref, pids, args.new_tokens)
         first = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), len(x))
         same_prefix.append(first)
         positionwise.append(float(np.mean([u == v for u, v in zip(x, y)])))
     report["greedy_identical_prefix_tokens"] = same_prefix
-    report["greedy_positionwise_agreement"] = round(float(np.mean(positionwise)), 3)
+    report["greedy_positionwise_agreement"] = round(float(np.mean(positionwise)), 3) if positionwise else None
     report["new_tokens_per_prompt"] = args.new_tokens
     dec = npu.decoder
-    if hasattr(dec, "prefill_graph"):  # a static (npu) package; any other package can be compared too
+    # a static (npu) package (any package can be compared); older onnxruntime builds do not report placement
+    if hasattr(dec, "prefill_graph") and hasattr(dec.prefill_graph.session, "get_provider_graph_assignment_info"):
         report["placement"] = {"prefill": node_placement(dec.prefill_graph.session),
                                "decode": node_placement(dec.decode_graph.session)}
     print(json.dumps(report))
