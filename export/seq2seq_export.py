@@ -199,6 +199,7 @@ def export_seq2seq(folder: Path, out: str | Path, precision: str = "int8", *, fo
 
 
 def _manifest(src: Seq2SeqSource, prec: Precision, graphs: list[dict]) -> dict:
+    precision = prec.name
     from edgeinfer import __version__
 
     spec = src.spec
@@ -217,7 +218,9 @@ def _manifest(src: Seq2SeqSource, prec: Precision, graphs: list[dict]) -> dict:
         "kv_cache": {"layout": "BNSH", "dtype": "float32", "num_layers": spec.decoder_layers,
                      "num_kv_heads": spec.heads, "head_dim": spec.head_dim,
                      "max_context": spec.max_target_positions, "shared_buffer": False},
-        "quantization": prec.describe(),
+        "quantization": {**prec.describe(),
+                         **({"encoder_and_cross_kv": "int8 per output channel, activations quantized on the fly "
+                             "(DynamicQuantizeMatMul)"} if precision == "int8" and spec.frontend == "audio" else {})},
         "tokenizer": {"file": "tokenizer.json", "eos_token_ids": [src.generation["eos_token_id"]]},
         "generation": src.generation,
         "audio": {**AUDIO, "num_mel_bins": spec.num_mel_bins,

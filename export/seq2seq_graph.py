@@ -54,9 +54,46 @@ def _norm(g: GraphBuilder, x: str, w: dict, key: str, spec: Seq2SeqSpec) -> str:
     return g.op1("LayerNormalization", [x, scale, bias], name=key, axis=-1, epsilon=spec.norm_eps)
 
 
-def _linear(g: GraphBuilder, x: str, w: dict, key: str, prec: Precision) -> str:
+def _linear(g: GraphBuilder, x: str, w: dict, key: str, prec: Precision, many_rows: bool = False) -> str:
     bias = w.get(f"{key}.b")
-    return linear(g, x, _f32(w[f"{key}.w"]), key, prec, bias=None if bias is None else _f32(bias))
+    return _any_linear(g, x, _f32(w[f"{key}.w"]), key, prec, None if bias is None else _f32(bias), many_rows)
+
+
+def _any_linear(g: GraphBuilder, x: str, weight: np.ndarray, name: str, prec: Precision, bias: np.ndarray | None,
+                many_rows: bool) -> str:
+    """``x @ weight.T + bias``. At int8, inputs of many rows (the encoder's 1500 frames, the
+    cross K/V) take DynamicQuantizeMatMul: int8 weights per output channel, activations
+    quantized on the fly, one integer GEMM — measured 2.3x faster here than block-wise
+    MatMulNBits at M=1500; the decoder's few rows keep MatMulNBits."""
+    if not (many_rows and prec.name == "int8"):
+        return linear(g, x, weight, name, prec, bias=bias)
+    scale = np.abs(weight).max(axis=1) / 127.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    q = np.clip(np.round(weight / scale[:, None]), -127, 127).astype(np.int8)
+    inputs = [x, g.initializer(name + ".qweight_t", np.ascontiguousarray(q.T)), g.initializer(name + ".scale", scale),
+              g.initializer(name + ".zero_point", np.zeros(weight.shape[0], np.int8))]
+    if bias is not None:
+        inputs.append(g.initializer(name + ".bias", bias.astype(np.float32)))
+    return g.op1("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN, name=name)
+
+
+def _linears(g: GraphBuilder, x: str, w: dict, keys: list[str], prec: Precision,
+             many_rows: bool = False) -> list[str]:
+    """Several linears of the same input as one matmul (rows stacked) and a Split: one
+    large kernel instead of many small ones. Quantization is per row block, so the
+    numbers are those of the separate linears."""
+    if len(keys) == 1:
+        return [_linear(g, x, w, keys[0], prec, many_rows)]
+    weights = [_f32(w[f"{k}.w"]) for k in keys]
+    biases = [w.get(f"{k}.b") for k in keys]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = np.concatenate([_f32(b) if b is not None else np.zeros(wk.shape[0], np.float32)
+                               for b, wk in zip(biases, weights)])
+    name = keys[0] + "+" + str(len(keys))
+    y = _any_linear(g, x, np.concatenate(weights, axis=0), name, prec, bias, many_rows)
+    sizes = [wk.shape[0] for wk in weights]
+    return g.op("Split", [y, g.const_i64(sizes, name + ".split")], len(keys), axis=-1)
 
 
 def _heads(g: GraphBuilder, x: str, spec: Seq2SeqSpec) -> str:
@@ -96,9 +133,10 @@ def _fused_attention(g: GraphBuilder, q: str, k: str, v: str, spec: Seq2SeqSpec,
     return outs[0]
 
 
-def _mlp(g: GraphBuilder, x: str, w: dict, key: str, spec: Seq2SeqSpec, prec: Precision) -> str:
+def _mlp(g: GraphBuilder, x: str, w: dict, key: str, spec: Seq2SeqSpec, prec: Precision,
+         many_rows: bool = False) -> str:
     gated = f"{key}.fc_gate.w" in w
-    h = _linear(g, x, w, f"{key}.fc_gate" if gated else f"{key}.fc1", prec)
+    h = _linear(g, x, w, f"{key}.fc_gate" if gated else f"{key}.fc1", prec, many_rows)
     if spec.activation == "gelu":
         h = g.op1("Gelu", [h])
     elif spec.activation == "gelu_tanh":
@@ -110,8 +148,8 @@ def _mlp(g: GraphBuilder, x: str, w: dict, key: str, spec: Seq2SeqSpec, prec: Pr
     else:
         raise ValueError(f"unsupported activation {spec.activation}")
     if gated:
-        h = g.op1("Mul", [h, _linear(g, x, w, f"{key}.fc1", prec)])
-    return _linear(g, h, w, f"{key}.fc2", prec)
+        h = g.op1("Mul", [h, _linear(g, x, w, f"{key}.fc1", prec, many_rows)])
+    return _linear(g, h, w, f"{key}.fc2", prec, many_rows)
 
 
 def _block(g: GraphBuilder, x: str, w: dict, norm_key: str, spec: Seq2SeqSpec, body) -> str:
@@ -175,13 +213,14 @@ def build_encoder(spec: Seq2SeqSpec, w: dict, prec: Precision) -> GraphBuilder:
         x, _ = _token_input(g, ids, w, "enc", spec, prec, pos, prec.bits)
         if spec.position == "relative":
             bias = _relative_bias(g, w["enc.rel_bias"], "enc.rel_bias", pos, pos)
+    rows = spec.frontend == "audio"  # 1500 frames per window: integer GEMMs at int8
     for i in range(spec.encoder_layers):
         def attn(h, i=i):
-            q, k, v = (_linear(g, h, w, f"enc.{i}.attn.{p}", prec) for p in "qkv")
-            return _linear(g, _fused_attention(g, q, k, v, spec, bias=bias), w, f"enc.{i}.attn.o", prec)
+            q, k, v = _linears(g, h, w, [f"enc.{i}.attn.{p}" for p in "qkv"], prec, rows)
+            return _linear(g, _fused_attention(g, q, k, v, spec, bias=bias), w, f"enc.{i}.attn.o", prec, rows)
 
         x = _block(g, x, w, f"enc.{i}.attn_norm", spec, attn)
-        x = _block(g, x, w, f"enc.{i}.mlp_norm", spec, lambda h, i=i: _mlp(g, h, w, f"enc.{i}", spec, prec))
+        x = _block(g, x, w, f"enc.{i}.mlp_norm", spec, lambda h, i=i: _mlp(g, h, w, f"enc.{i}", spec, prec, rows))
     if "enc.norm.w" in w:
         x = _norm(g, x, w, "enc.norm", spec)
     g.op("Identity", [x], outputs=[ENCODER_HIDDEN])
@@ -192,12 +231,15 @@ def build_encoder(spec: Seq2SeqSpec, w: dict, prec: Precision) -> GraphBuilder:
 def build_cross_kv(spec: Seq2SeqSpec, w: dict, prec: Precision) -> GraphBuilder:
     g = GraphBuilder("cross_kv")
     enc = g.input(ENCODER_HIDDEN, "float32", ["batch", "source", spec.d_model])
+    # every layer's K and V projections in one matmul
+    kv = _linears(g, enc, w, [f"dec.{i}.cross.{p}" for i in range(spec.decoder_layers) for p in "kv"], prec,
+                  spec.frontend == "audio")
     for i in range(spec.decoder_layers):
-        k = _heads(g, _linear(g, enc, w, f"dec.{i}.cross.k", prec), spec)
+        k = _heads(g, kv[2 * i], spec)
         # keys stored transposed (B, H, Dh, S): each decoder step multiplies by them directly
         g.op("Transpose", [k], outputs=[CROSS_KEY.format(layer=i)], perm=[0, 1, 3, 2])
         g.output(CROSS_KEY.format(layer=i), "float32", ["batch", spec.heads, spec.head_dim, "source"])
-        v = _heads(g, _linear(g, enc, w, f"dec.{i}.cross.v", prec), spec)
+        v = _heads(g, kv[2 * i + 1], spec)
         g.op("Identity", [v], outputs=[CROSS_VALUE.format(layer=i)])
         g.output(CROSS_VALUE.format(layer=i), "float32", ["batch", spec.heads, "source", spec.head_dim])
     return g
@@ -235,7 +277,7 @@ def build_decoder(spec: Seq2SeqSpec, w: dict, prec: Precision) -> GraphBuilder:
     x, shared = _token_input(g, ids, w, "dec", spec, prec, q_pos, bits if tied else prec.bits)
     for i in range(spec.decoder_layers):
         def self_attn(h, i=i):
-            q, k, v = (_linear(g, h, w, f"dec.{i}.self.{p}", prec) for p in "qkv")
+            q, k, v = _linears(g, h, w, [f"dec.{i}.self.{p}" for p in "qkv"], prec)
             a = _fused_attention(g, q, k, v, spec, bias=bias,
                                  past=(PAST_KEY.format(layer=i), PAST_VALUE.format(layer=i)),
                                  present=(PRESENT_KEY.format(layer=i), PRESENT_VALUE.format(layer=i)))
