@@ -124,6 +124,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--provider", default="auto")
     s.add_argument("--max-context", type=int, default=None)
+    s.add_argument("--strategy", default="plain", help="decoding strategy of every request (see run --help)")
+    s.add_argument("--little", default=None, metavar="PACKAGE", help="little model for speculative|ead|bild")
+    s.add_argument("--draft-len", type=int, default=None)
+    s.add_argument("--tau", type=float, default=None)
     s.set_defaults(func=_cmd_serve)
 
     v = sub.add_parser("verify", help="check every file of a package against its sha256")
@@ -327,7 +331,8 @@ def _cmd_serve(args) -> int:
     from .server import serve
 
     serve(args.package, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
-          provider=args.provider, threads=args.threads, max_context=args.max_context)
+          provider=args.provider, threads=args.threads, max_context=args.max_context, little=args.little,
+          strategy=args.strategy, strategy_options={"draft_len": args.draft_len, "tau": args.tau})
     return 0
 
 

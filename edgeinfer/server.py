@@ -44,14 +44,23 @@ class ServerState:
         self.api_key = api_key
         self.max_queue = max_queue
         self.max_tokens_limit = max_tokens_limit
+        self.decoding: dict = {}  # the decoding strategy (and options) every request uses
         self.in_flight = 0  # running + waiting
         self.cancelled = 0
         self.served = 0
 
 
-def create_app(model, api_key: str | None = None, max_queue: int = 8, max_tokens_limit: int | None = None) -> Starlette:
-    """The ASGI app serving MODEL (an ``edgeinfer.Model``)."""
+def create_app(model, api_key: str | None = None, max_queue: int = 8, max_tokens_limit: int | None = None,
+               strategy: str = "plain", strategy_options: dict | None = None) -> Starlette:
+    """The ASGI app serving MODEL (an ``edgeinfer.Model``). Every request decodes with STRATEGY
+    (and its options): e.g. ``speculative`` with a little model attached to MODEL."""
     state = ServerState(model, api_key, max_queue, max_tokens_limit or model.max_context)
+    opts = {k: v for k, v in (strategy_options or {}).items() if v is not None}
+    state.decoding = {"strategy": strategy, **opts}
+    if strategy != "plain":  # check the strategy and its options now, not on the first request
+        from .model import make_strategy
+
+        make_strategy(strategy, model.decoder, opts, getattr(model, "little", None))
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "model": model.name, "in_flight": state.in_flight,
@@ -163,7 +172,7 @@ async def _complete(request: Request, state: ServerState, chat: bool):
             raise ApiError(429, f"the server is busy ({state.in_flight} requests queued or running): retry later.",
                            "rate_limit_error")
         try:
-            gen = state.model.generate(prompt, **params)
+            gen = state.model.generate(prompt, **params, **state.decoding)
         except ContextLengthError as e:
             raise ApiError(400, str(e)) from None
         except EdgeInferError as e:
@@ -231,7 +240,8 @@ async def _stream(gen, state: ServerState, rid: str, created: int, chat: bool, r
 
 
 def serve(package: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None, max_queue: int = 8,
-          provider: str = "auto", threads: int | None = None, max_context: int | None = None) -> None:
+          provider: str = "auto", threads: int | None = None, max_context: int | None = None,
+          little: str | None = None, strategy: str = "plain", strategy_options: dict | None = None) -> None:
     import uvicorn
 
     from . import load
@@ -239,7 +249,8 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8080, api_key: str 
     if host not in LOOPBACK and not api_key:
         print(f"WARNING: serving on {host} without --api-key: anyone who can reach this address can use the "
               "model. Bind to 127.0.0.1 or set --api-key.", file=sys.stderr)
-    model = load(package, provider=provider, threads=threads, max_context=max_context)
-    app = create_app(model, api_key=api_key, max_queue=max_queue)
+    model = load(package, provider=provider, threads=threads, max_context=max_context, little=little)
+    app = create_app(model, api_key=api_key, max_queue=max_queue, strategy=strategy,
+                     strategy_options=strategy_options)
     print(f"edgeinfer: serving {model.name} on http://{host}:{port}/v1", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -228,3 +228,19 @@ def test_pair_strategy_without_little_or_exits(tiny_packages):
     model = edgeinfer.load(tiny_packages("llama", "int4"))
     with pytest.raises(GenerationError, match="needs a little model"):
         model.complete("hello", max_new_tokens=4, strategy="ead")
+
+
+def test_server_decodes_every_request_speculatively(pair_packages, big_plain):
+    """`edgeinfer serve BIG --little LITTLE --strategy speculative`: completions equal the big model's."""
+    from starlette.testclient import TestClient
+
+    from edgeinfer.server import create_app
+
+    model = edgeinfer.load(pair_packages["big"], little=pair_packages["int4"])
+    app = create_app(model, strategy="speculative", strategy_options={"draft_len": 4})
+    with TestClient(app) as http:
+        r = http.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": N, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == model.tokenizer.decode(big_plain[PROMPTS[0]])
+    with pytest.raises(GenerationError, match="tau"):
+        create_app(model, strategy="ead", strategy_options={"tau": -1.0})
