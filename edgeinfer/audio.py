@@ -173,17 +173,37 @@ class Resampler:
 
     def __call__(self, x: np.ndarray, first_input: int, start: int, count: int) -> np.ndarray:
         """Output samples [start, start+count) from X, whose sample 0 is input FIRST_INPUT."""
+        if self.table is None:
+            return self._direct(x, first_input, start, count)
+        width = len(self.taps)
+        # X padded so that every tap of every output lands inside it (zeros outside the file)
+        lo = start * self.down // self.up - self.half + 1
+        hi = (start + count - 1) * self.down // self.up + self.half + 1
+        padded = np.zeros(hi - lo + self.down + width, np.float32)
+        a, b = max(lo, first_input), min(hi, first_input + len(x))
+        if b > a:
+            padded[a - lo:b - lo] = x[a - first_input:b - first_input]
+        frames = np.lib.stride_tricks.sliding_window_view(padded, width)  # a view, no copy
+        out = np.empty(count, np.float32)
+        # outputs of one phase are M input samples apart: one strided (rows, taps) @ (taps,) product per phase
+        for p in range(min(self.up, count)):
+            n0 = start + p  # first output of this phase
+            offset = n0 * self.down // self.up - self.half + 1 - lo
+            rows = len(range(p, count, self.up))
+            out[p::self.up] = frames[offset:offset + rows * self.down:self.down] @ self.table[n0 % self.up]
+        return out
+
+    def _direct(self, x: np.ndarray, first_input: int, start: int, count: int) -> np.ndarray:
+        """Rates whose ratio has a huge denominator: kernels computed per output block."""
         out = np.empty(count, np.float32)
         padded = np.concatenate([np.zeros(self.half, np.float32), x.astype(np.float32),
                                  np.zeros(self.half, np.float32)])
         for s in range(0, count, _BLOCK):
             n = start + s + np.arange(min(_BLOCK, count - s))
-            base = n * self.down // self.up
-            idx = base[:, None] + self.taps[None, :] - first_input + self.half
+            idx = (n * self.down // self.up)[:, None] + self.taps[None, :] - first_input + self.half
             valid = (idx >= 0) & (idx < len(padded))
             vals = np.where(valid, padded[np.clip(idx, 0, len(padded) - 1)], 0.0)
-            kern = self.table[n % self.up] if self.table is not None else self._kernels(n % self.up)
-            out[s:s + len(n)] = np.einsum("ij,ij->i", vals, kern)
+            out[s:s + len(n)] = np.einsum("ij,ij->i", vals, self._kernels(n % self.up))
         return out
 
 
