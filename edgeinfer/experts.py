@@ -4,11 +4,12 @@ a background reader that prefetches the experts the next layer will probably nee
 An expert, once read, becomes a small onnxruntime session of the package's
 ``expert_ffn`` graph whose weights are that expert's record (handed over as
 external initializers, so nothing is copied into a model proto). onnxruntime
-prepacks the weights when it creates the session, which is what the cache holds. Measured on this machine for a
-1536x768 int4 expert (see docs/moe.md): a session runs the expert in ~0.1 ms,
-feeding the same weights as graph inputs to MatMulNBits takes ~7 ms (it unpacks
-them every call), and numpy on pre-dequantized fp32 weights ~0.3-0.4 ms while
-holding 8x the bytes.
+prepacks the weights when it creates the session, which is what the cache holds.
+Measured on the benchmark's 1.5 MB int4 experts (docs/moe.md, ``apps/bench/moe.py
+ffn-options``): a prepacked session runs an expert about 10x faster than numpy on
+weights dequantized to fp32 (which also hold 6x the bytes) and about 60x faster
+than MatMulNBits fed the same weights as graph inputs (it unpacks them on every
+call); its price is the build, a few ms of CPU per load.
 
 The cache is bounded by a byte budget; a cached expert counts as two store
 records (onnxruntime holds the record's arrays and its prepacked copy). Layers are

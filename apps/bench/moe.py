@@ -528,6 +528,25 @@ def write_doc(random_result: dict, moefied: dict | None) -> None:
             "",
         ]
     lines += [
+        "## Reading the numbers",
+        "",
+        "- Loading an expert here is CPU work as much as disk work: besides its read (~1-1.5 ms for a "
+        "1.5 MB record with O_DIRECT) it needs its session built (onnxruntime prepacks the int4 weights: "
+        "*build ms/token*), several ms on this machine. The disk-only bound of the issue leaves that out, "
+        "which is why no budget below 100% comes near it: the binding limit is reads + builds, and the "
+        "background reader can only overlap them with compute as far as the second core is free.",
+        "- The machine was shared with other jobs during these runs (load average 7-13 on 2 cores): the same "
+        "configuration varied up to 2.5x between rounds (see `all_tok_s` in the JSON). Compare rows of one "
+        "round, and read the gains as rough.",
+        "- Budgets are fractions of all experts resident, counted as the cache counts them (two store records "
+        "per expert: onnxruntime keeps the record's arrays and its prepacked copy; 2.3-2.6 MB measured per "
+        "1.47 MB record). Peak RSS stays below budget + dense weights + ~150 MB (Python, onnxruntime, KV).",
+        "- The random model's routing is not perfectly uniform (on demand, a 50% budget hits ~70%, where "
+        "uniform routing would give 50%): its residual stream is dominated by the token embedding, so "
+        "routing follows the token.",
+        "- Prefill runs each chosen expert once over the prompt rows that chose it, pinning one expert at a "
+        "time; decode runs the chosen top-k on prebuilt bindings.",
+        "",
         "## Expert FFN from cached weights: the options",
         "",
         f"One expert (gate/up {2 * CONFIG['moe_intermediate_size']}x{CONFIG['hidden_size']}, down "
