@@ -7,7 +7,7 @@
 # Builder defaults for int4 on cpu: RTN, block 32, accuracy_level 4, symmetric,
 # embedding shared with the LM head when the model ties them. Extra arguments go
 # to the builder as is (e.g. --extra_options block_size=64).
-# HF_DIR for SmolLM2 comes from prepare_smollm2.py.
+# HF_DIR comes from prepare_hf.py (e.g. prepare_hf.py smollm2-135m build/bench/smollm2-hf).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../../.." && pwd)"
