@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: the sample text shipped with edgeinfer); with --exit-adapters: the text to fit "
                         "them on")
     e.add_argument("--activation-bits", type=int, default=16, choices=[8, 16],
-                   help="npu: activation bits of the QDQ graph (16 keeps quality; 8 is faster on some NPUs)")
+                   help="npu: activation bits of the QDQ graph (16 keeps quality; 8 is for experiments: it ruins "
+                        "SmolLM2, see docs/providers.md)")
     e.add_argument("--max-context", type=int, default=None, help="context the package supports (default: "
                    "the model's, at most 4096)")
     e.add_argument("--stages", default="", help="cut the decoder into stages after these layers, e.g. 10,20")
