@@ -185,8 +185,9 @@ def _qnn_or_skip():
 def test_npu_package_runs_entirely_on_qnn_htp(npu_packages, tiny_models):
     """Every node of both graphs on QNN (session.disable_cpu_ep_fallback=1), same tolerance vs fp32."""
     _qnn_or_skip()
-    from edgeinfer.package import open_package
     from edgeinfer.runtimes import node_placement, resolve_provider
+
+    from edgeinfer.package import open_package
     from edgeinfer.static_decoder import StaticDecoder
 
     pkg = open_package(npu_packages("llama"))
@@ -206,8 +207,9 @@ def test_int4_weights_run_entirely_on_qnn_htp(tiny_models, tmp_path):
     """--precision int4 with --target npu: int4 per-channel weights (QNN HTP takes them), looser tolerance."""
     _qnn_or_skip()
     from edgeinfer.export import export_model
-    from edgeinfer.package import open_package
     from edgeinfer.runtimes import node_placement, resolve_provider
+
+    from edgeinfer.package import open_package
     from edgeinfer.static_decoder import StaticDecoder
 
     res = export_model(str(tiny_models("llama")), tmp_path / "w4", "int4", target="npu", max_context=32,

@@ -8,12 +8,12 @@ import logging
 
 import onnxruntime as ort
 import pytest
+from edgeinfer.runtimes import PROVIDERS, available_providers, create_session, provider_report, resolve_provider
+from edgeinfer.runtimes import base as runtimes_base
 
 import edgeinfer
 from edgeinfer.cli import main
 from edgeinfer.errors import ProviderError
-from edgeinfer.runtimes import PROVIDERS, available_providers, create_session, provider_report, resolve_provider
-from edgeinfer.runtimes import base as runtimes_base
 
 EXPECTED = {"cpu", "cuda", "tensorrt", "directml", "coreml", "qnn", "openvino", "xnnpack"}
 
