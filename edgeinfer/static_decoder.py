@@ -34,8 +34,10 @@ class StaticGraph:
     """One fixed-chunk graph: its session, chunk size and the shapes its mask is built for."""
 
     def __init__(self, session: ort.InferenceSession, chunk: int, max_context: int, groups: int,
-                 windows: bool):
+                 windows: bool, quant: dict | None = None):
         self.session = session
+        # edge tensor -> {"scale", "zero_point", "dtype"} where the graph reads/writes quantized values
+        self.quant = quant or {}
         self.chunk = chunk
         self.max_context = max_context
         self.groups = groups
@@ -61,8 +63,10 @@ class StaticDecoder:
             raise PackageError(f"package '{pkg.root}' lacks its prefill or decode graph: re-export it.")
         sessions = {role: create_session(pkg.path(graphs[role]["path"]), target, m)
                     for role in ("static_prefill", "static_decode")}
+        quant = {role: graphs[role].get("io_quantization") for role in ("static_prefill", "static_decode")}
         self._setup(sessions["static_prefill"], sessions["static_decode"], static, m["io"],
-                    vocab_size=int(m["architecture"]["vocab_size"]), max_context=max_context)
+                    vocab_size=int(m["architecture"]["vocab_size"]), max_context=max_context,
+                    quant=(quant["static_prefill"], quant["static_decode"]))
 
     @classmethod
     def from_sessions(cls, prefill: ort.InferenceSession, decode: ort.InferenceSession, static: dict,
@@ -72,7 +76,8 @@ class StaticDecoder:
         self._setup(prefill, decode, static, io, vocab_size=vocab_size, max_context=None)
         return self
 
-    def _setup(self, prefill, decode, static: dict, io: dict, vocab_size: int, max_context: int | None) -> None:
+    def _setup(self, prefill, decode, static: dict, io: dict, vocab_size: int, max_context: int | None,
+               quant: tuple = (None, None)) -> None:
         self.package_context = int(static["max_context"])
         # Shapes are fixed: a smaller max_context only lowers the limit, it saves no memory.
         self.capacity = min(int(max_context or self.package_context), self.package_context)
@@ -84,14 +89,24 @@ class StaticDecoder:
         self.window = max([w for w in self.sliding_windows if w > 0], default=0)
         groups = heads // kvh
         self.prefill_graph = StaticGraph(prefill, int(static["chunk"]), self.package_context, groups,
-                                         self.window > 0)
-        self.decode_graph = StaticGraph(decode, 1, self.package_context, groups, self.window > 0)
+                                         self.window > 0, quant[0])
+        self.decode_graph = StaticGraph(decode, 1, self.package_context, groups, self.window > 0, quant[1])
         shape = (1, kvh, self.package_context, hd)
-        self.keys = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
-        self.values = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
+        self.keys = [self._kv_buffer(shape, io["past_key"].format(layer=i)) for i in range(self.num_layers)]
+        self.values = [self._kv_buffer(shape, io["past_value"].format(layer=i)) for i in range(self.num_layers)]
         self._length = 0
         # Called with (graph chunk, feeds) before every run: the exporter records calibration inputs.
         self.feed_hook: Callable[[int, dict], None] | None = None
+
+    def _kv_buffer(self, shape: tuple, name: str) -> np.ndarray:
+        """A KV buffer: float, or the 16-bit values both graphs read (one scale for both: the exporter gives
+        their past inputs the same range; a package where they differ is refused)."""
+        p, d = self.prefill_graph.quant.get(name), self.decode_graph.quant.get(name)
+        if p is None and d is None:
+            return np.zeros(shape, np.float32)
+        if p != d:
+            raise PackageError(f"the npu graphs quantize the KV cache '{name}' differently: re-export the package.")
+        return np.full(shape, p["zero_point"], np.dtype(p["dtype"]))  # the quantized zero
 
     # -- state -----------------------------------------------------------------
     @property
@@ -139,10 +154,11 @@ class StaticDecoder:
         padded[0, :n] = ids
         # Padded rows get the last real position (a valid rotary row); their outputs are dropped.
         positions = np.minimum(np.arange(start, start + c), start + n - 1).astype(np.int32)[None]
-        feeds = {self.io["input_ids"]: padded, self.io["position_ids"]: positions,
-                 self.io["attention_mask"]: self._mask(graph, start, n, window=0)}
-        if graph.windows:
-            feeds[self.io["attention_mask_local"]] = self._mask(graph, start, n, window=self.window)
+        feeds = {self.io["input_ids"]: padded, self.io["position_ids"]: positions}
+        masks = [("attention_mask", 0)] + ([("attention_mask_local", self.window)] if graph.windows else [])
+        for key, window in masks:
+            name = self.io[key]
+            feeds[name] = _quantize(self._mask(graph, start, n, window), graph.quant.get(name))
         for i in range(self.num_layers):
             feeds[self.io["past_key"].format(layer=i)] = self.keys[i]
             feeds[self.io["past_value"].format(layer=i)] = self.values[i]
@@ -150,10 +166,14 @@ class StaticDecoder:
             self.feed_hook(c, feeds)
         outs = dict(zip(graph.output_names, graph.session.run(graph.output_names, feeds)))
         for i in range(self.num_layers):
-            self.keys[i][:, :, start:start + n] = outs[self.io["new_key"].format(layer=i)][:, :, :n]
-            self.values[i][:, :, start:start + n] = outs[self.io["new_value"].format(layer=i)][:, :, :n]
+            for kind, bufs in (("key", self.keys), ("value", self.values)):
+                new = self.io[f"new_{kind}"].format(layer=i)
+                past = self.io[f"past_{kind}"].format(layer=i)
+                bufs[i][:, :, start:start + n] = _requantize(outs[new][:, :, :n], graph.quant.get(new),
+                                                             graph.quant.get(past))
         self._length = start + n
-        return outs[self.io["logits"]][0, :n]
+        logits = self.io["logits"]
+        return _dequantize(outs[logits][0, :n], graph.quant.get(logits))
 
     def _mask(self, graph: StaticGraph, start: int, n: int, window: int) -> np.ndarray:
         """Additive mask (1, 1, groups * chunk, max_context + chunk): row r (token r % chunk of the
@@ -170,3 +190,25 @@ class StaticDecoder:
             else:
                 mask[r, m + r] = 0.0
         return np.tile(mask, (graph.groups, 1))[None, None]
+
+
+def _quantize(x: np.ndarray, q: dict | None) -> np.ndarray:
+    if q is None:
+        return x
+    info = np.iinfo(np.dtype(q["dtype"]))
+    return np.clip(np.rint(x / q["scale"]) + q["zero_point"], info.min, info.max).astype(q["dtype"])
+
+
+def _dequantize(x: np.ndarray, q: dict | None) -> np.ndarray:
+    if q is None:
+        return x
+    return (x.astype(np.float32) - np.float32(q["zero_point"])) * np.float32(q["scale"])
+
+
+def _requantize(x: np.ndarray, src: dict | None, dst: dict | None) -> np.ndarray:
+    """New keys/values as the graph wrote them, in the scale the cache is read with."""
+    if src is None or src == dst:
+        return x
+    info = np.iinfo(np.dtype(dst["dtype"]))
+    real = (x.astype(np.float32) - np.float32(src["zero_point"])) * np.float32(src["scale"] / dst["scale"])
+    return np.clip(np.rint(real) + dst["zero_point"], info.min, info.max).astype(dst["dtype"])

@@ -95,3 +95,31 @@ def _captured(decoder: StaticDecoder, ids: list[int]) -> dict:
     finally:
         decoder.feed_hook = None
     return seen[0]
+
+
+def kv_ranges(decoder: StaticDecoder, samples: list[list[int]], margin: float = 0.1) -> dict[str, tuple]:
+    """One (min, max) per layer for keys and for values over the samples, widened by MARGIN of the span.
+
+    The prefill and decode graphs must quantize the KV cache identically — it is written by one and read
+    by the other as 16-bit values — so its range is measured here once and given to both, for the past
+    inputs and the new outputs alike."""
+    io = decoder.io
+    lo = {}
+    hi = {}
+    for ids in samples:
+        decoder.reset()
+        decoder.forward(ids)
+        n = decoder.length
+        for i in range(decoder.num_layers):
+            for kind, buf in (("key", decoder.keys[i]), ("value", decoder.values[i])):
+                x = buf[:, :, :n]
+                k = (kind, i)
+                lo[k] = min(lo.get(k, 0.0), float(x.min()))
+                hi[k] = max(hi.get(k, 0.0), float(x.max()))
+    out = {}
+    for (kind, i), low in lo.items():
+        span = hi[(kind, i)] - low
+        rng = (low - margin * span, hi[(kind, i)] + margin * span)
+        out[io[f"past_{kind}"].format(layer=i)] = rng
+        out[io[f"new_{kind}"].format(layer=i)] = rng
+    return out

@@ -22,9 +22,10 @@ from edgeinfer.errors import ExportError
 from edgeinfer.static_decoder import StaticDecoder
 
 from . import npu_graph as ng
-from .calibrate import FeedReader, calibration_samples, decode_feeds, prefill_feeds
+from .calibrate import FeedReader, calibration_samples, decode_feeds, kv_ranges, prefill_feeds
 from .package_writer import staging_folder, write_manifest
 from .qdq import quantize_qdq
+from .quantized_io import quantize_graph_io
 from .shared_weights import share_weights
 from .sources import SourceModel
 
@@ -70,17 +71,25 @@ def export_npu(src: SourceModel, out: Path, *, max_context: int | None, force: b
         (tmp / "graphs").mkdir()
         readers = {"prefill": FeedReader(prefill_feeds(decoder, samples, CALIBRATION_PREFILL_RUNS)),
                    "decode": FeedReader(decode_feeds(decoder, samples, CALIBRATION_DECODE_RUNS))}
+        kv = kv_ranges(decoder, samples)  # before the readers run: they leave the decoder mid-sample
+        edges_in = [IO["attention_mask"], *([IO["attention_mask_local"]] if any(w > 0 for w in spec.windows) else []),
+                    *[IO[f"past_{kind}"].format(layer=i) for i in range(spec.layers) for kind in ("key", "value")]]
+        edges_out = [IO["logits"], *[IO[f"new_{kind}"].format(layer=i) for i in range(spec.layers)
+                                     for kind in ("key", "value")]]
         graphs = []
         for name, role in (("prefill", "static_prefill"), ("decode", "static_decode")):
             rel = f"graphs/{name}.onnx"
-            quantize_qdq(float_paths[name], tmp / rel, readers[name], activation_bits, weight_bits)
-            graphs.append({"name": name, "role": role, "path": rel, "chunk": chunk if name == "prefill" else 1})
+            quantize_qdq(float_paths[name], tmp / rel, readers[name], activation_bits, weight_bits, fixed_ranges=kv)
+            io_q = quantize_graph_io(tmp / rel, edges_in, edges_out)
+            graphs.append({"name": name, "role": role, "path": rel, "chunk": chunk if name == "prefill" else 1,
+                           "io_quantization": io_q})
+        static["kv_dtype"] = graphs[0]["io_quantization"][IO["past_key"].format(layer=0)]["dtype"]
         share_weights([tmp / g["path"] for g in graphs])
         (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
         manifest = manifest_base(spec)
         manifest.update({
             "target": "npu", "graphs": graphs, "io": IO, "static": static, "exits": [],
-            "kv_cache": {"layout": "BNSH", "dtype": "float32", "num_layers": spec.layers,
+            "kv_cache": {"layout": "BNSH", "dtype": static["kv_dtype"], "num_layers": spec.layers,
                          "num_kv_heads": spec.kv_heads, "head_dim": spec.head_dim, "max_context": ctx,
                          "shared_buffer": False, "sliding_windows": spec.windows},
             "quantization": {"weights": f"int{weight_bits}", "scheme": "static-qdq",

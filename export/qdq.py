@@ -15,14 +15,20 @@ import logging
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from edgeinfer.errors import ExportError
 
 ACTIVATION_BITS = (8, 16)
 WEIGHT_BITS = (4, 8)
 
 
-def quantize_qdq(float_path: Path, out_path: Path, reader, activation_bits: int = 16, weight_bits: int = 8) -> None:
-    """Write the QDQ model of FLOAT_PATH to OUT_PATH (weights in OUT_PATH.data), calibrated on READER's feeds."""
+def quantize_qdq(float_path: Path, out_path: Path, reader, activation_bits: int = 16, weight_bits: int = 8,
+                 fixed_ranges: dict[str, tuple[float, float]] | None = None) -> None:
+    """Write the QDQ model of FLOAT_PATH to OUT_PATH (weights in OUT_PATH.data), calibrated on READER's feeds.
+
+    FIXED_RANGES: tensor name -> (min, max) used instead of the calibrated range (the KV cache edges, which
+    two graphs must quantize identically)."""
     if activation_bits not in ACTIVATION_BITS or weight_bits not in WEIGHT_BITS:
         raise ExportError(f"npu quantization takes {ACTIVATION_BITS} activation bits and {WEIGHT_BITS} weight bits.")
     try:
@@ -36,7 +42,9 @@ def quantize_qdq(float_path: Path, out_path: Path, reader, activation_bits: int 
         str(float_path), reader, calibrate_method=CalibrationMethod.MinMax,
         activation_type=QuantType.QUInt16 if activation_bits == 16 else QuantType.QUInt8,
         weight_type=QuantType.QInt8, per_channel=True, weight_symmetric=True,
-        init_overrides=per_channel_overrides(float_path, weight_type))
+        init_overrides={**per_channel_overrides(float_path, weight_type),
+                        **{name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                           for name, (lo, hi) in (fixed_ranges or {}).items()}})
     config.use_external_data_format = True
     root = logging.getLogger()
     level = root.level

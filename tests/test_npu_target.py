@@ -100,6 +100,12 @@ def test_npu_graphs_have_fixed_shapes_standard_ops_and_int8_weights(npu_packages
     manifest = json.loads((pkg / "edgeinfer.json").read_text())
     assert manifest["target"] == "npu" and manifest["static"]["chunk"] == CHUNK
     assert manifest["static"]["max_context"] == CONTEXT
+    # the KV cache, the mask and the logits cross the graph edge as their 16-bit quantized values
+    assert manifest["kv_cache"]["dtype"] == "uint16"
+    for entry in manifest["graphs"]:
+        edges = entry["io_quantization"]
+        assert {"attention_mask", "logits", "past_key.0", "new_value.3"} <= set(edges)
+        assert edges["past_key.0"] == manifest["graphs"][0]["io_quantization"]["past_key.0"]  # one KV scale
     # the two graphs read one weights file (their quantized weights are the same bytes)
     assert sorted(p.name for p in (pkg / "graphs").iterdir()) == ["decode.onnx", "prefill.onnx", "weights.data"]
     for entry in manifest["graphs"]:
@@ -107,6 +113,8 @@ def test_npu_graphs_have_fixed_shapes_standard_ops_and_int8_weights(npu_packages
         for vi in list(m.graph.input) + list(m.graph.output):
             dims = vi.type.tensor_type.shape.dim
             assert all(d.HasField("dim_value") for d in dims), f"{vi.name} has a symbolic dimension"
+            expected = onnx.TensorProto.UINT16 if vi.name in entry["io_quantization"] else onnx.TensorProto.INT32
+            assert vi.type.tensor_type.elem_type == expected, vi.name
         ops = {n.op_type for n in m.graph.node}
         assert ops <= NPU_OPS, f"ops outside the npu list: {ops - NPU_OPS}"
         assert all(n.domain in ("", "ai.onnx") for n in m.graph.node)
@@ -196,6 +204,10 @@ def test_npu_package_runs_entirely_on_qnn_htp(npu_packages, tiny_models):
     for graph in (decoder.prefill_graph, decoder.decode_graph):
         placement = node_placement(graph.session)
         assert set(placement) == {"QNNExecutionProvider"} and placement["QNNExecutionProvider"] > 100, placement
+    # with CPU fallback allowed (the default) QNN takes every node too: no float conversions at the edges
+    default = StaticDecoder(pkg, resolve_provider("qnn", manifest=pkg.manifest))
+    assert set(node_placement(default.decode_graph.session)) == {"QNNExecutionProvider"}
+    assert decoder.keys[0].dtype == np.uint16
     ids = _prompt(12)
     got = _run(decoder, ids, 10)
     _assert_close(got, _hf_logits(tiny_models("llama"), ids), "qnn htp vs transformers")
