@@ -220,17 +220,26 @@ def iter_windows(path_or_info: str | os.PathLike | WavInfo, rate: int = 16000,
     """Mono float32 audio at RATE in consecutive windows of SECONDS (the last one shorter),
     read from the file window by window."""
     info = path_or_info if isinstance(path_or_info, WavInfo) else read_wav_info(path_or_info)
-    n_total = info.frames * rate // info.sample_rate
+    n_total = resampled_length(info, rate)
     per = int(round(seconds * rate))
     resampler = Resampler(info.sample_rate, rate) if info.sample_rate != rate else None
     for start in range(0, n_total, per):
-        n = min(per, n_total - start)
-        if resampler is None:
-            yield read_frames(info, start, n)
-            continue
-        first, last = resampler.input_span(start, n)
-        first = max(first, 0)
-        yield resampler(read_frames(info, first, last - first + 1), first, start, n)
+        yield read_window(info, start, min(per, n_total - start), rate, resampler)
+
+
+def resampled_length(info: WavInfo, rate: int) -> int:
+    return info.frames * rate // info.sample_rate
+
+
+def read_window(info: WavInfo, start: int, count: int, rate: int, resampler: Resampler | None = None) -> np.ndarray:
+    """Samples [start, start+count) of the file at RATE, reading only the input they need
+    (any start: Whisper's long-form decoding seeks to the end of the last full segment)."""
+    if info.sample_rate == rate:
+        return read_frames(info, start, count)
+    resampler = resampler or Resampler(info.sample_rate, rate)
+    first, last = resampler.input_span(start, count)
+    first = max(first, 0)
+    return resampler(read_frames(info, first, last - first + 1), first, start, count)
 
 
 def load_audio(path: str | os.PathLike, rate: int = 16000) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 
 from edgeinfer.runtimes import create_session, resolve_provider
 
-from .audio import iter_windows, log_mel_spectrogram, read_wav_info
+from .audio import Resampler, log_mel_spectrogram, read_wav_info, read_window, resampled_length
 from .errors import ContextLengthError, GenerationError, PackageError
 from .package import Package
 from .seq2seq_search import LogitsRules, Seq2SeqConfig, TimestampRules, beam_search, greedy_search
@@ -25,6 +25,7 @@ from .tokenizer import TextTokenizer
 
 SILENCE_PEAK = 10 ** (-60 / 20)  # a window whose loudest sample is below -60 dBFS holds no speech
 TIMESTAMP_STEP_S = 0.02
+RESUME_MARGIN_S = 1.0  # a window whose last segment ends earlier than this before its end is resumed there
 
 
 @dataclass
@@ -121,6 +122,8 @@ class Seq2SeqModel:
         self.tokenizer = TextTokenizer(pkg)
         self.generation = m.get("generation", {})
         self.audio = m.get("audio")
+        self._window_s = (int(self.audio["frames"]) * int(self.audio["hop_length"]) / int(self.audio["sampling_rate"])
+                          if self.audio else 0.0)
         self.eos = {int(self.generation.get("eos_token_id", -1))}
         self._cross_names = [n.format(layer=i) for i in range(self.layers)
                              for n in (self.io["cross_key"], self.io["cross_value"])]
@@ -276,14 +279,19 @@ class Seq2SeqModel:
         rate, n_mels = int(self.audio["sampling_rate"]), int(self.audio["num_mel_bins"])
         hop, n_fft = int(self.audio["hop_length"]), int(self.audio["n_fft"])
         n_samples = int(self.audio["frames"]) * hop  # the encoder's window: 30 s for Whisper
-        chunk_s = n_samples / rate
+        n_total = resampled_length(info, rate)
+        resampler = Resampler(info.sample_rate, rate) if info.sample_rate != rate else None
         res = TranscriptionResult(text="", audio_s=info.duration_s)
         texts = []
         t0 = time.perf_counter()
-        for k, window in enumerate(iter_windows(info, rate, chunk_s)):
+        seek = 0  # in samples at RATE
+        while seek < n_total:
+            n = min(n_samples, n_total - seek)
+            window = read_window(info, seek, n, rate, resampler)
             res.windows += 1
             if window.size == 0 or float(np.abs(window).max()) < SILENCE_PEAK:
                 res.silent_windows += 1
+                seek += n
                 continue
             feats = log_mel_spectrogram(window, n_mels=n_mels, n_samples=n_samples, n_fft=n_fft, hop=hop,
                                         sample_rate=rate)[None]
@@ -295,38 +303,54 @@ class Seq2SeqModel:
             res.decoder_s += time.perf_counter() - td
             res.tokens.append(tokens)
             res.new_tokens += len(tokens)
-            text, segments = self._window_text(tokens, k * chunk_s, timestamps)
+            full_window_follows = n == n_samples and seek + n < n_total
+            text, segments, resume_s = self._window_text(tokens, seek / rate, timestamps, full_window_follows)
             if text:
                 texts.append(text)
                 res.segments.extend(segments)
                 if on_text is not None:
                     on_text(text)
+            # with timestamps, a segment cut by the window's end is decoded again from its start
+            seek += int(resume_s * rate) if resume_s is not None else n
         res.text = " ".join(texts)
         res.elapsed_s = time.perf_counter() - t0
         return res
 
-    def _window_text(self, tokens: list[int], offset_s: float, timestamps: bool) -> tuple[str, list[dict]]:
-        """Text of a window's tokens and, with timestamps, its segments (times in the file)."""
+    def _window_text(self, tokens: list[int], offset_s: float, timestamps: bool,
+                     more_follows: bool = False) -> tuple[str, list[dict], float | None]:
+        """Text of a window's tokens and, with timestamps, its segments (times in the file),
+        and where to resume (seconds into the window) when the last segment was cut off by the
+        window's end and more audio follows — None: go on after the whole window."""
         begin = int(self.generation.get("timestamp_begin", 1 << 62))
         tokens = [t for t in tokens if t not in self.eos]
         if not timestamps:
-            return self.tokenizer.decode([t for t in tokens if t < begin]).strip(), []
+            return self.tokenizer.decode([t for t in tokens if t < begin]).strip(), [], None
         segments, current, start = [], [], None
         for t in tokens:
             if t >= begin:
-                stamp = offset_s + (t - begin) * TIMESTAMP_STEP_S
+                stamp = (t - begin) * TIMESTAMP_STEP_S
                 if start is None:
                     start = stamp
                 else:
                     text = self.tokenizer.decode(current).strip()
                     if text:
-                        segments.append({"start": round(start, 2), "end": round(stamp, 2), "text": text})
+                        segments.append({"start": round(offset_s + start, 2), "end": round(offset_s + stamp, 2),
+                                         "text": text})
                     current, start = [], None
             else:
                 current.append(t)
-        if current:  # an unclosed segment runs to the end of the window
-            text = self.tokenizer.decode(current).strip()
-            if text:
-                segments.append({"start": round(start if start is not None else offset_s, 2),
-                                 "end": None, "text": text})
-        return " ".join(s["text"] for s in segments), segments
+        resume = None
+        text = self.tokenizer.decode(current).strip() if current else ""
+        if text:  # an open segment: the window ended inside it
+            open_start = start if start is not None else 0.0
+            if more_follows and open_start >= 1.0:
+                resume = open_start  # decode it again from its start, in the next window
+            else:
+                segments.append({"start": round(offset_s + open_start, 2), "end": None, "text": text})
+        elif more_follows and segments:
+            # the model stopped well before the window's end, often skipping a sentence the end cut
+            # in two: go on from the end of the last segment rather than from the window's end
+            last_end = segments[-1]["end"] - offset_s
+            if 1.0 <= last_end <= self._window_s - RESUME_MARGIN_S:
+                resume = last_end
+        return " ".join(s["text"] for s in segments), segments, resume
