@@ -174,6 +174,12 @@ def _cmd_export(args) -> int:
     from edgeinfer.export import export_model  # heavy: only for this command
 
     stages, exits = _layer_list(args.stages, "--stages"), _layer_list(args.exits, "--exits")
+    if args.check:
+        from edgeinfer.export.seq2seq_export import seq2seq_source_path
+
+        if seq2seq_source_path(args.source) is not None:
+            raise EdgeInferError("--check compares decoder-only packages with transformers; encoder-decoder "
+                                 "parity is covered by the test suite: export without --check.")
     precision = args.precision or {"cpu": "int4", "gpu": "fp16", "npu": "int8"}[args.target]
     res = export_model(args.source, args.output, precision, max_context=args.max_context, stages=stages,
                        exits=exits, force=args.force, lm_head_bits=args.lm_head_bits, block_size=args.block_size,

@@ -57,6 +57,8 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
         if seq2seq_folder is not None:  # encoder-decoder: its own graphs and manifest
             if stages or exits:
                 raise ExportError("stages and exits are not built for encoder-decoder models yet.")
+            if target != "cpu":
+                raise ExportError(f"encoder-decoder packages are built for the cpu target only, not '{target}'.")
             return export_seq2seq(seq2seq_folder, out, precision, force=force, block_size=block_size,
                                   accuracy_level=accuracy_level,
                                   name=source if is_alias(source) else None)
