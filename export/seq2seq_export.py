@@ -204,7 +204,7 @@ def _manifest(src: Seq2SeqSource, prec: Precision, graphs: list[dict]) -> dict:
 
     spec = src.spec
     return {
-        "kind": "encoder-decoder", "family": spec.family, "name": src.name,
+        "kind": "encoder-decoder", "family": spec.family, "name": src.name, "target": "cpu",
         "source": {"kind": src.kind, "location": src.location, "model_type": spec.family},
         "exporter": {"edgeinfer": __version__},
         "architecture": spec.as_manifest(),
