@@ -12,10 +12,6 @@ import numpy as np
 
 from .seq2seq_base import Seq2SeqSpec
 
-# Special tokens of the English-only and multilingual vocabularies, by name.
-SPECIAL_TOKENS = ("<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>", "<|transcribe|>",
-                  "<|translate|>", "<|en|>", "<|startofprev|>", "<|nocaptions|>")
-
 
 def spec_from_ct2(variables: dict[str, np.ndarray]) -> Seq2SeqSpec:
     def count(prefix: str) -> int:
