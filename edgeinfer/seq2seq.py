@@ -116,19 +116,19 @@ class Seq2SeqModel:
                              for role in ("encoder", "cross_kv", "decoder")}
             self.layers = int(self.arch["decoder_layers"])
             self.max_target_positions = int(self.arch["max_target_positions"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise PackageError(f"package '{pkg.root}' is an encoder-decoder package without {e}: re-export it.") \
-                from None
+            self.generation = m.get("generation", {})
+            self.audio = m.get("audio")
+            self._window_s = (int(self.audio["frames"]) * int(self.audio["hop_length"])
+                              / int(self.audio["sampling_rate"]) if self.audio else 0.0)
+            self.eos = {int(self.generation["eos_token_id"])}
+            self._cross_names = [n.format(layer=i) for i in range(self.layers)
+                                 for n in (self.io["cross_key"], self.io["cross_value"])]
+            self._past_names = [n.format(layer=i) for i in range(self.layers)
+                                for n in (self.io["past_key"], self.io["past_value"])]
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            raise PackageError(f"package '{pkg.root}' is an encoder-decoder package without a valid {e}: "
+                               "re-export it.") from None
         self.tokenizer = TextTokenizer(pkg)
-        self.generation = m.get("generation", {})
-        self.audio = m.get("audio")
-        self._window_s = (int(self.audio["frames"]) * int(self.audio["hop_length"]) / int(self.audio["sampling_rate"])
-                          if self.audio else 0.0)
-        self.eos = {int(self.generation.get("eos_token_id", -1))}
-        self._cross_names = [n.format(layer=i) for i in range(self.layers)
-                             for n in (self.io["cross_key"], self.io["cross_value"])]
-        self._past_names = [n.format(layer=i) for i in range(self.layers)
-                            for n in (self.io["past_key"], self.io["past_value"])]
 
     @property
     def name(self) -> str:

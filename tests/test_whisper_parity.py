@@ -215,3 +215,23 @@ def test_transcribe_a_wav_uses_the_same_search(whisper_pair, tmp_path):
         w.writeframes(b"\0\0" * 16000)
     quiet = model.transcribe(silent)
     assert quiet.text == "" and quiet.silent_windows == quiet.windows == 2 and quiet.new_tokens == 0
+
+
+def test_manifest_missing_io_is_a_package_error(whisper_pair, tmp_path):
+    import json
+    import shutil
+
+    from edgeinfer.export.package_writer import write_manifest
+
+    from edgeinfer.errors import PackageError
+
+    _, pkg, _ = whisper_pair
+    broken = tmp_path / "broken"
+    shutil.copytree(pkg, broken)
+    manifest = json.loads((broken / "edgeinfer.json").read_text())
+    for key in ("format", "format_version", "files"):
+        manifest.pop(key)
+    del manifest["io"]["cross_key"]
+    write_manifest(broken, manifest)
+    with pytest.raises(PackageError, match="cross_key"):
+        edgeinfer.load(broken)
