@@ -170,12 +170,14 @@ class CacheStats:
 
 @dataclass
 class CachedExpert:
-    """A loaded expert: its session, and a binding the decoder may attach for one-token runs."""
+    """A loaded expert: its session (or, read ahead but not built yet, its record's arrays), and a
+    binding the decoder may attach for one-token runs."""
 
-    session: ort.InferenceSession
+    session: ort.InferenceSession | None
     prefetched: bool = False
     used: bool = False
     binding: ort.IOBinding | None = None
+    tensors: dict | None = None
 
 
 @dataclass
@@ -214,6 +216,10 @@ class ExpertCache:
         self.pinned: Counter = Counter()
         self.inflight: dict[tuple[int, int], _InFlight] = {}
         self._freed = 0  # bytes evicted since memory was last handed back
+        # Whether the background reader also builds sessions. On a machine whose cores are all busy
+        # computing, building in the reader only moves CPU work around (and wastes it on wrong
+        # guesses); reading ahead alone hides the disk and never competes for a core.
+        self.build_ahead = False
         self.stats = CacheStats()
 
     @property
@@ -221,11 +227,24 @@ class ExpertCache:
         return self.count * self.expert_bytes
 
     # -- loading ---------------------------------------------------------------
-    def load(self, layer: int, expert: int) -> CachedExpert:
-        """Read one record and build its session (no cache bookkeeping)."""
+    def load(self, layer: int, expert: int, build: bool = True) -> CachedExpert:
+        """Read one record and (if BUILD) build its session (no cache bookkeeping)."""
         t0 = time.perf_counter()
         tensors = self.store.read(layer, expert)
+        with self.lock:
+            self.stats.bytes_read += self.record
+            self.stats.read_s += time.perf_counter() - t0
+        entry = CachedExpert(None, tensors=tensors)
+        if build:
+            self.build(entry, layer, expert)
+        return entry
+
+    def build(self, entry: CachedExpert, layer: int, expert: int) -> None:
+        """Turn a read record into its session (onnxruntime prepacks the weights: CPU work)."""
+        if entry.session is not None:
+            return
         t1 = time.perf_counter()
+        tensors, entry.tensors = entry.tensors, None
         names = list(tensors)
         values = [ort.OrtValue.ortvalue_from_numpy(tensors[n]) for n in names]
         so = self.session_options()
@@ -236,12 +255,9 @@ class ExpertCache:
             msg = str(e).strip().splitlines()[0][:200]
             raise PackageError(f"expert {expert} of layer {layer} could not be loaded ({msg}): "
                                "the package is corrupt, re-export it.") from None
-        t2 = time.perf_counter()
+        entry.session = session
         with self.lock:
-            self.stats.bytes_read += self.record
-            self.stats.read_s += t1 - t0
-            self.stats.build_s += t2 - t1
-        return CachedExpert(session)
+            self.stats.build_s += time.perf_counter() - t1
 
     # -- bookkeeping (callers hold self.lock) ------------------------------------
     def _lookup(self, key: tuple[int, int]) -> CachedExpert | None:
@@ -335,6 +351,8 @@ class ExpertCache:
                     self.stats.late_prefetches += 1
                     self._mark_used(entry)
             found[e] = entry
+        for e in experts:  # read ahead, not built yet: the build is this thread's
+            self.build(found[e], layer, e)
         with self.lock:
             self.stats.wait_s += time.perf_counter() - t0
         if misses:
@@ -366,7 +384,7 @@ class ExpertCache:
             flight = self.inflight[key] = _InFlight()
             self.pinned[key] += 1
         try:
-            entry = self.load(layer, expert)
+            entry = self.load(layer, expert, build=self.build_ahead)
             entry.prefetched = True
         except BaseException as err:  # the decode thread reads it again and reports the error
             flight.error = err

@@ -251,7 +251,8 @@ def run_one(pkg: Path, mode: str, frac: float, tokens: int, warmup: int, text: b
     total = store["total_bytes"] * RESIDENT_RECORDS  # all experts in memory, as the cache counts them
     budget = int(total * frac)
     dec = MoEDecoder(pkg_, resolve_provider("cpu", threads), max_context=512, memory_budget=budget,
-                     prefetch=(mode == "prefetch"), direct_io=True, readers=readers)
+                     prefetch=mode.startswith("prefetch"), direct_io=True, readers=readers)
+    dec.cache.build_ahead = mode == "prefetch_build"  # the reader also builds sessions
     rss_loaded = peak_rss_mb()
     # Start from a full cache (all experts when resident, else the first ones of every layer up to the
     # budget): the warm-up then only has to adapt it, and the timed tokens see the steady state.
@@ -387,8 +388,8 @@ def measure_all(model: str, tokens: int, warmup: int, repeats: int) -> dict:
     # docs/moe.md, "compute threads"); all-resident keeps every core.
     streaming = max(1, (os.cpu_count() or 2) - 1)
     configs = [("resident", 1.0, None), ("prefetch", 0.9, streaming), ("prefetch", 0.75, streaming),
-               ("prefetch", 0.5, streaming), ("naive", 0.5, streaming), ("prefetch", 0.25, streaming),
-               ("naive", 0.25, streaming)]
+               ("prefetch", 0.5, streaming), ("prefetch_build", 0.5, streaming), ("naive", 0.5, streaming),
+               ("prefetch", 0.25, streaming), ("prefetch_build", 0.25, streaming), ("naive", 0.25, streaming)]
     drop_page_cache()
     bw = disk_bandwidth(pkg)
     print(f"disk: {bw['gb_s']:.2f} GB/s, {bw['ms_per_read']:.2f} ms per {bw['read_bytes'] / 1e6:.2f} MB O_DIRECT read")
@@ -438,6 +439,10 @@ def summarize(result: dict) -> list[dict]:
     return rows
 
 
+MODE_NAMES = {"resident": "all resident", "prefetch": "cache + read-ahead",
+              "prefetch_build": "cache + read-and-build ahead", "naive": "cache, on demand"}
+
+
 def _table(result: dict) -> list[str]:
     rows = summarize(result)
     lines = [
@@ -445,9 +450,9 @@ def _table(result: dict) -> list[str]:
         "| prefetch accuracy | wait ms/token | read ms/token | build ms/token | bound tok/s | of bound | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    order = {"resident": 0, "prefetch": 1, "naive": 2}
+    order = {"resident": 0, "prefetch": 1, "prefetch_build": 2, "naive": 3}
     for r in sorted(rows, key=lambda r: (-r["frac"], order[r["mode"]])):
-        name = {"resident": "all resident", "prefetch": "cache + prefetch", "naive": "cache, on demand"}[r["mode"]]
+        name = MODE_NAMES[r["mode"]]
         lines.append(f"| {name} | {r['threads'] or 'all'} | {r['frac']:.0%} ({r['budget_mb']:.0f} MB) | "
                      f"{r['tok_s']:.2f} | "
                      f"{r['of_resident']:.2f} | {r['hit_rate']} | {r['missed_mb_tok']:.1f} | {r['read_mb_tok']:.1f} | "
@@ -471,7 +476,7 @@ def findings(result: dict) -> list[str]:
     c_ms = 1000 / resident["tok_s"]
     out = []
     for frac in (0.5, 0.25):
-        p, n = rows.get(("prefetch", frac)), rows.get(("naive", frac))
+        p, n, pb = rows.get(("prefetch", frac)), rows.get(("naive", frac)), rows.get(("prefetch_build", frac))
         if not (p and n):
             continue
         load_ms = n["read_ms_tok"] + n["build_ms_tok"]  # on demand, loads are serial with compute
@@ -482,7 +487,9 @@ def findings(result: dict) -> list[str]:
                    f"{load_ms:.0f} ms/token of loading (read {n['read_ms_tok']:.0f} + build "
                    f"{n['build_ms_tok']:.0f}), so hiding all of it could gain at most {overlap:.2f}x. "
                    f"Against the disk-only bound ({p['bound']:.2f} tok/s) prefetch reaches "
-                   f"**{p['of_bound']:.2f}** of it.")
+                   f"**{p['of_bound']:.2f}** of it."
+                   + (f" Building ahead in the reader too: {pb['tok_s']:.2f} tok/s ({pb['tok_s'] / n['tok_s']:.2f}x "
+                      "on-demand)." if pb else ""))
     ok = [r for r in rows.values() if r["mode"] == "prefetch" and r["tok_s"] >= 0.9 * resident["tok_s"]]
     smallest = min((r["frac"] for r in ok), default=None)
     out.append(f"- Smallest measured budget with prefetch at >= 0.9x all-resident speed: "
@@ -501,7 +508,7 @@ def _threads_table(rows: list[dict]) -> list[str]:
              "| experts | compute threads | tok/s (runs) | hit rate | wait s | read s | build s |",
              "|---|---|---|---|---|---|---|"]
     for (mode, threads), rs in sorted(groups.items()):
-        name = {"prefetch": "cache + prefetch", "naive": "cache, on demand"}[mode]
+        name = {"prefetch": "cache + read-and-build ahead", "naive": "cache, on demand"}[mode]
         lines.append(f"| {name} | {threads} | {', '.join(str(r['tok_s']) for r in rs)} | {rs[0]['hit']} | "
                      f"{', '.join(str(r['wait_s']) for r in rs)} | {', '.join(str(r['read_s']) for r in rs)} | "
                      f"{', '.join(str(r['build_s']) for r in rs)} |")
@@ -614,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=["all", "build", "build-moefied", "run-one", "ffn-options", "doc"])
     ap.add_argument("--model", default="random", choices=list(MODELS))
     ap.add_argument("--models", default="random,moefied", help="for 'all': which models to measure")
-    ap.add_argument("--mode", default="prefetch", choices=["resident", "prefetch", "naive"])
+    ap.add_argument("--mode", default="prefetch", choices=["resident", "prefetch", "prefetch_build", "naive"])
     ap.add_argument("--frac", type=float, default=0.5)
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--warmup", type=int, default=16)
