@@ -21,7 +21,8 @@ a KV cache that grows inside the graph are out. So this graph:
   rotary from Gather, Split, Concat, Mul, Add (the sign of ``rotate_half`` is
   folded into the sin table, the softmax scale into the query weights).
 
-The graph is float32; ``export/qdq.py`` turns it into a static QDQ graph.
+The graph is float32; ``export/qdq.py`` turns it into a static QDQ graph and
+``export/quantized_io.py`` makes its edges (KV cache, mask, logits) 16-bit values.
 """
 
 from __future__ import annotations
