@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--length-penalty", type=float, default=None, help="beam search: score / length**penalty")
     r.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
     r.add_argument("--timestamps", action="store_true", help="speech models: keep timestamps, print segments")
+    r.add_argument("--language", default=None, help="multilingual speech models: language code, e.g. fr")
+    r.add_argument("--task", default=None, choices=["transcribe", "translate"], help="multilingual speech models")
     r.add_argument("--json", action="store_true", help="print one JSON object with text and timings at the end")
     r.add_argument("--memory-budget", default=None, help="sparse-MoE packages: memory for cached experts, e.g. "
                    "512MB (default: all experts); cache statistics go to --json's stats.experts")
