@@ -244,10 +244,11 @@ class Seq2SeqModel:
 
     def _search(self, hidden: np.ndarray, prompt: list[int] | None, timestamps: bool, on_token,
                 params: dict) -> list[int]:
+        params = dict(params)
+        language, task = params.pop("language", None), params.pop("task", None)
         config = self.config(**params)
         if prompt is None:
-            key = "decoder_start_ids_timestamps" if timestamps else "decoder_start_ids"
-            prompt = list(self.generation.get(key) or self.generation["decoder_start_ids"])
+            prompt = self.decoder_prompt(timestamps, language, task)
         if len(prompt) >= self.max_target_positions:
             raise GenerationError(f"the decoder prompt has {len(prompt)} tokens; the decoder holds "
                                   f"{self.max_target_positions}.")
@@ -257,6 +258,30 @@ class Seq2SeqModel:
         if config.num_beams > 1:
             return beam_search(state, prompt, config, self.eos, rules)
         return greedy_search(state, prompt, config, self.eos, rules, on_token)
+
+    def decoder_prompt(self, timestamps: bool = False, language: str | None = None,
+                       task: str | None = None) -> list[int]:
+        """The forced decoder start: Whisper's start-of-transcript, then (multilingual models)
+        the language and task tokens, then no-timestamps unless timestamps are kept."""
+        gen = self.generation
+        key = "decoder_start_ids_timestamps" if timestamps else "decoder_start_ids"
+        default = list(gen.get(key) or gen["decoder_start_ids"])
+        if language is None and task is None:
+            return default
+        languages, tasks = gen.get("language_ids") or {}, gen.get("task_ids") or {}
+        if not languages:
+            if language in (None, "en") and task in (None, "transcribe"):
+                return default
+            raise GenerationError(f"'{self.name}' is English-only: it transcribes English and takes no other "
+                                  "language or task.")
+        language, task = language or "en", task or "transcribe"
+        if language not in languages:
+            raise GenerationError(f"unknown language '{language}': use a code such as "
+                                  f"{', '.join(sorted(languages)[:8])}.")
+        if task not in tasks:
+            raise GenerationError(f"unknown task '{task}': choose {' or '.join(sorted(tasks))}.")
+        prompt = [int(gen["start_of_transcript_id"]), int(languages[language]), int(tasks[task])]
+        return prompt if timestamps else prompt + [int(gen["no_timestamps_token_id"])]
 
     def _timestamp_rules(self) -> TimestampRules:
         gen = self.generation
@@ -269,12 +294,15 @@ class Seq2SeqModel:
                    **params) -> TranscriptionResult:
         """Transcribe a WAV file (any rate, mono or not) in 30 s windows, streaming the file.
 
-        ``timestamps`` keeps Whisper's timestamp tokens and returns segments;
-        parameters are those of :class:`Seq2SeqConfig` (num_beams, length_penalty, ...).
+        ``timestamps`` keeps Whisper's timestamp tokens and returns segments; ``language``
+        (a code such as "fr") and ``task`` ("transcribe" or "translate") choose the forced
+        tokens of multilingual checkpoints; other parameters are those of
+        :class:`Seq2SeqConfig` (num_beams, length_penalty, ...).
         ``on_text(str)`` is called with each window's text as it is ready.
         """
         if not self.audio:
             raise GenerationError(f"model '{self.name}' takes text, not audio.")
+        self.decoder_prompt(timestamps, params.get("language"), params.get("task"))  # refuse bad ones first
         info = read_wav_info(path)
         rate, n_mels = int(self.audio["sampling_rate"]), int(self.audio["num_mel_bins"])
         hop, n_fft = int(self.audio["hop_length"]), int(self.audio["n_fft"])

@@ -16,6 +16,7 @@ def run_seq2seq(model, prompt: str, args) -> int:
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if not model.audio:
         return _run_text(model, prompt, params, args)
+    params.update(language=getattr(args, "language", None), task=getattr(args, "task", None))
     path = Path(prompt.strip())
     if not path.is_file():
         raise GenerationError(f"'{model.name}' is a speech model: give the path of a WAV file, not text "

@@ -159,11 +159,18 @@ def _whisper_generation(spec: Seq2SeqSpec, ids: dict[str, int], suppress: list[i
         raise ExportError(f"the Whisper tokenizer lacks the special token {e}: the source is incomplete.") from None
     english_only = spec.vocab_size < 51865  # the multilingual vocabulary has one more token
     prefix = [sot] if english_only else [sot, ids["<|en|>"], ids["<|transcribe|>"]]
-    return {"decoder_start_ids": prefix + [no_ts], "decoder_start_ids_timestamps": prefix,
-            "eos_token_id": eot, "no_timestamps_token_id": no_ts, "timestamp_begin": no_ts + 1,
-            "suppress_tokens": sorted({int(t) for t in suppress}),
-            "begin_suppress_tokens": sorted({int(t) for t in begin}),
-            "max_new_tokens": spec.max_target_positions // 2, "english_only": english_only}
+    gen = {"decoder_start_ids": prefix + [no_ts], "decoder_start_ids_timestamps": prefix,
+           "eos_token_id": eot, "no_timestamps_token_id": no_ts, "timestamp_begin": no_ts + 1,
+           "suppress_tokens": sorted({int(t) for t in suppress}),
+           "begin_suppress_tokens": sorted({int(t) for t in begin}),
+           "max_new_tokens": spec.max_target_positions // 2, "english_only": english_only}
+    if not english_only:  # language and task tokens, for transcribe(language=..., task=...)
+        gen["start_of_transcript_id"] = sot
+        gen["language_ids"] = {tok[2:-2]: i for tok, i in ids.items()
+                               if tok.startswith("<|") and tok.endswith("|>") and 2 <= len(tok) - 4 <= 3
+                               and tok[2:-2].isalpha() and tok[2:-2].islower()}
+        gen["task_ids"] = {t: ids[f"<|{t}|>"] for t in ("transcribe", "translate") if f"<|{t}|>" in ids}
+    return gen
 
 
 def export_seq2seq(folder: Path, out: str | Path, precision: str = "int8", *, force: bool = False,

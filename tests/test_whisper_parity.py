@@ -235,3 +235,35 @@ def test_manifest_missing_io_is_a_package_error(whisper_pair, tmp_path):
     write_manifest(broken, manifest)
     with pytest.raises(PackageError, match="cross_key"):
         edgeinfer.load(broken)
+
+
+def test_language_and_task_tokens(whisper_pair, features):
+    """English-only packages refuse other languages; a multilingual generation table puts
+    start-of-transcript, language, task (and no-timestamps) first, as forced decoder ids."""
+    from edgeinfer.export.seq2seq_export import _whisper_generation
+    from edgeinfer.models.whisper import spec_from_hf
+
+    _, pkg, _ = whisper_pair
+    model = edgeinfer.load(pkg)
+    assert model.decoder_prompt(language="en") == model.decoder_prompt() == [START]
+    with pytest.raises(GenerationError, match="English-only"):
+        model.decoder_prompt(language="fr")
+    specials = {"<|endoftext|>": 50257, "<|startoftranscript|>": 50258, "<|en|>": 50259, "<|fr|>": 50265,
+                "<|haw|>": 50352, "<|translate|>": 50358, "<|transcribe|>": 50359, "<|nocaptions|>": 50362,
+                "<|notimestamps|>": 50363}
+    cfg = {"d_model": 64, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 4,
+           "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "vocab_size": 51865,
+           "max_source_positions": 1500, "max_target_positions": 448, "num_mel_bins": 80}
+    gen = _whisper_generation(spec_from_hf(cfg), specials, [], [])
+    assert gen["language_ids"] == {"en": 50259, "fr": 50265, "haw": 50352}
+    assert gen["task_ids"] == {"translate": 50358, "transcribe": 50359}
+    assert gen["decoder_start_ids"] == [50258, 50259, 50359, 50363]
+    # the same table on the tiny model's ids: the prompt is built and generation starts from it
+    model.generation = {**model.generation, "start_of_transcript_id": START, "no_timestamps_token_id": 9,
+                        "language_ids": {"en": 5, "fr": 6}, "task_ids": {"transcribe": 7, "translate": 8}}
+    assert model.decoder_prompt(language="fr", task="translate") == [START, 6, 8, 9]
+    assert model.decoder_prompt(timestamps=True, language="fr") == [START, 6, 7]
+    assert model.generate_ids(features, language="fr", task="translate", max_new_tokens=6) == \
+        model.generate_ids(features, [START, 6, 8, 9], max_new_tokens=6)
+    with pytest.raises(GenerationError, match="unknown language 'xx'"):
+        model.decoder_prompt(language="xx")
