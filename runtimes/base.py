@@ -142,11 +142,16 @@ def resolve_provider(name: str = "auto", threads: int | None = None, manifest: d
     have = available_providers()
     if name == "auto":
         order = AUTO_ORDER.get(target, ["cpu"])
+        skipped = []
         for short in order:
             refusal = _refusal(short, have, manifest)
+            if refusal is None and _emulated(short):
+                refusal = f"{short} runs on an emulator here"
+                skipped.append(refusal)
             if refusal is None:
                 log.info("provider auto: picked %s for a %s package", short, target)
-                return _target(short, threads, allow_fallback, cpu_fallback, f"auto for a {target} package")
+                why = f"auto for a {target} package" + (f"; {', '.join(skipped)}" if skipped else "")
+                return _target(short, threads, allow_fallback, cpu_fallback, why)
             log.debug("provider auto: not %s: %s", short, refusal)
         return _fallback_or_raise(f"this package was exported for {target} and none of its providers "
                                   f"({', '.join(order)}) is available here (available: {', '.join(have)})",
@@ -156,6 +161,12 @@ def resolve_provider(name: str = "auto", threads: int | None = None, manifest: d
         return _fallback_or_raise(refusal, threads, allow_fallback,
                                   hint=PROVIDERS[name].INSTALL if name not in have else _target_hint(target))
     return _target(name, threads, allow_fallback, cpu_fallback, "requested")
+
+
+def _emulated(short: str) -> bool:
+    """A provider whose device is an emulation (QNN's HTP on x86): never chosen by auto."""
+    module = PROVIDERS[short]
+    return bool(getattr(module, "emulated", None)) and module.emulated(plugin_devices(module))
 
 
 def _refusal(short: str, have: list[str], manifest: dict | None) -> str | None:

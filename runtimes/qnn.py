@@ -54,5 +54,11 @@ def companions() -> list:
     return []
 
 
+def emulated(devices: list) -> bool:
+    """True when the HTP is the emulator (the provider's devices are CPUs, as on x86-64 Linux): `auto` does
+    not pick it — it is a correctness tool ~100x slower than the CPU provider; `--provider qnn` still runs it."""
+    return bool(devices) and all(d.device.type == ort.OrtHardwareDeviceType.CPU for d in devices)
+
+
 def accepts(manifest: dict) -> str | None:
     return needs_target(manifest, ("npu",), NAME, "(HTP) runs only static-shape QDQ graphs")

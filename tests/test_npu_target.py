@@ -240,10 +240,18 @@ def test_int4_weights_run_entirely_on_qnn_htp(tiny_models, tmp_path):
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
 
 
-def test_auto_picks_qnn_for_npu_package(npu_packages):
+def test_auto_skips_the_htp_emulator_and_says_so(npu_packages, monkeypatch):
+    """auto prefers QNN for an npu package, but not its x86 emulator (100x slower than the CPU): it then
+    runs on the CPU and says why; a QNN device that is not an emulation is picked."""
     _qnn_or_skip()
+    from edgeinfer.runtimes import qnn
+
     model = edgeinfer.load(npu_packages("llama"))
-    assert model.target.name == "qnn" and "auto" in model.target.reason
+    assert model.target.name == "cpu"
+    assert model.target.reason == "auto for a npu package; qnn runs on an emulator here"
+    monkeypatch.setattr(qnn, "emulated", lambda devices: False)  # as on a phone: the HTP is real
+    model = edgeinfer.load(npu_packages("llama"))
+    assert model.target.name == "qnn" and model.target.reason == "auto for a npu package"
     assert len(model.complete(_prompt(6), max_new_tokens=3, ignore_eos=True).tokens) == 3
 
 

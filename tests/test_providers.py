@@ -133,7 +133,7 @@ def test_strict_qnn_refuses_a_graph_it_cannot_take_whole(tiny_packages):
     strict = runtimes_base._target("qnn", None, False, False, "requested")
     with pytest.raises(ProviderError, match="qnn provider could not load graph 'stage0.onnx'"):
         create_session(graph, strict)
-    assert resolve_provider("auto", manifest={"target": "npu"}).name == "qnn"
+    assert resolve_provider("qnn", manifest={"target": "npu"}).name == "qnn"
 
 
 def test_info_lists_providers_and_devices(capsys, tmp_path):
