@@ -446,15 +446,16 @@ MODE_NAMES = {"resident": "all resident", "prefetch": "cache + read-ahead",
 def _table(result: dict) -> list[str]:
     rows = summarize(result)
     lines = [
-        "| experts | compute threads | budget | tok/s | of all-resident | hit rate | missed MB/token | read MB/token "
-        "| prefetch accuracy | wait ms/token | read ms/token | build ms/token | bound tok/s | of bound | peak RSS MB |",
+        "| experts | compute threads | budget | tok/s: median (runs) | of all-resident | hit rate | missed MB/token "
+        "| read MB/token | prefetch accuracy | wait ms/token | read ms/token | build ms/token | bound tok/s "
+        "| of bound | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {"resident": 0, "prefetch": 1, "prefetch_build": 2, "naive": 3}
     for r in sorted(rows, key=lambda r: (-r["frac"], order[r["mode"]])):
         name = MODE_NAMES[r["mode"]]
         lines.append(f"| {name} | {r['threads'] or 'all'} | {r['frac']:.0%} ({r['budget_mb']:.0f} MB) | "
-                     f"{r['tok_s']:.2f} | "
+                     f"**{r['tok_s']:.2f}** ({' / '.join(f'{t:.2f}' for t in r['all_tok_s'])}) | "
                      f"{r['of_resident']:.2f} | {r['hit_rate']} | {r['missed_mb_tok']:.1f} | {r['read_mb_tok']:.1f} | "
                      f"{r['accuracy'] if r['accuracy'] is not None else '–'} | {r['wait_ms_tok']:.1f} | "
                      f"{r['read_ms_tok']:.1f} | {r['build_ms_tok']:.1f} | {r['bound']:.2f} | {r['of_bound']:.2f} | "
@@ -481,18 +482,19 @@ def findings(result: dict) -> list[str]:
             continue
         load_ms = n["read_ms_tok"] + n["build_ms_tok"]  # on demand, loads are serial with compute
         overlap = (c_ms + load_ms) / max(c_ms, load_ms)
-        out.append(f"- {frac:.0%} budget: prefetch {p['tok_s']:.2f} tok/s vs on-demand {n['tok_s']:.2f} "
+        out.append(f"- {frac:.0%} budget: read-ahead {p['tok_s']:.2f} tok/s vs on-demand {n['tok_s']:.2f} "
                    f"(**{p['tok_s'] / n['tok_s']:.2f}x**); hit rate {p['hit_rate']} vs {n['hit_rate']}. "
                    f"Overlap available: compute {c_ms:.0f} ms/token (all-resident) beside "
                    f"{load_ms:.0f} ms/token of loading (read {n['read_ms_tok']:.0f} + build "
                    f"{n['build_ms_tok']:.0f}), so hiding all of it could gain at most {overlap:.2f}x. "
-                   f"Against the disk-only bound ({p['bound']:.2f} tok/s) prefetch reaches "
+                   f"Against the disk-only bound ({p['bound']:.2f} tok/s) read-ahead reaches "
                    f"**{p['of_bound']:.2f}** of it."
                    + (f" Building ahead in the reader too: {pb['tok_s']:.2f} tok/s ({pb['tok_s'] / n['tok_s']:.2f}x "
                       "on-demand)." if pb else ""))
     ok = [r for r in rows.values() if r["mode"] == "prefetch" and r["tok_s"] >= 0.9 * resident["tok_s"]]
     smallest = min((r["frac"] for r in ok), default=None)
-    out.append(f"- Smallest measured budget with prefetch at >= 0.9x all-resident speed: "
+    out.append(f"- Smallest measured budget with read-ahead at >= 0.9x all-resident speed (all-resident ran on "
+               "all cores, streaming on one: see the notes): "
                f"{f'{smallest:.0%}' if smallest is not None else 'none of those measured'}.")
     return out
 
@@ -577,9 +579,18 @@ def write_doc(random_result: dict, moefied: dict | None) -> None:
         "*build ms/token*), several ms on this machine. The disk-only bound of the issue leaves that out, "
         "which is why no budget below 100% comes near it: the binding limit is reads + builds, and the "
         "background reader can only overlap them with compute as far as the second core is free.",
-        "- The machine was shared with other jobs during these runs (load average 7-13 on 2 cores): the same "
-        "configuration varied up to 2.5x between rounds (see `all_tok_s` in the JSON). Compare rows of one "
-        "round, and read the gains as rough.",
+        "- The machine was shared with other jobs during these runs (load average 5-13 on 2 cores): the same "
+        "configuration varied up to 2x between the two rounds (both shown; the median of two is the faster). "
+        "Read-ahead beat on-demand in one round and lost in the other at 50% on the random model; the "
+        "gains are not established beyond that noise, except that on the MoEfied model (0.1 MB experts, "
+        "reads of ~0.2 ms) read-ahead lost in both rounds: its per-request Python work and wrong guesses "
+        "(19%) cost more than the short reads it hides.",
+        "- *read-ahead* (the default): the background reader only reads records; the decode thread builds a "
+        "read-ahead expert when it first uses it. Its *hit rate* counts those as hits (no disk wait), though "
+        "their build still costs the decode thread; *read-and-build ahead* builds in the reader too.",
+        "- All-resident ran with every core, the streaming rows with one compute thread (see the thread "
+        "table): on the small MoEfied model one thread is itself faster than two, so its streaming rows "
+        "can exceed 1.0x all-resident.",
         "- Budgets are fractions of all experts resident, counted as the cache counts them (two store records "
         "per expert: onnxruntime keeps the record's arrays and its prepacked copy; 2.3-2.6 MB measured per "
         "1.47 MB record). Peak RSS stays below budget + dense weights + ~150 MB (Python, onnxruntime, KV).",
