@@ -26,7 +26,7 @@ from edgeinfer.runtimes import ExecutionTarget, create_session
 from .errors import ContextLengthError, PackageError
 from .package import Package
 
-# Matches export/npu_graph.py: additive mask value of hidden positions.
+# Additive mask value of hidden positions when the manifest does not give one (export/npu_graph.py).
 MASK_VALUE = -80.0
 
 
@@ -85,6 +85,7 @@ class StaticDecoder:
         self.io = io
         kvh, hd, heads = int(static["kv_heads"]), int(static["head_dim"]), int(static["heads"])
         self.num_layers = int(static["num_layers"])
+        self.mask_value = float(static.get("mask_value", MASK_VALUE))
         self.sliding_windows = [int(w) for w in static.get("sliding_windows", [])]
         self.window = max([w for w in self.sliding_windows if w > 0], default=0)
         groups = heads // kvh
@@ -179,7 +180,7 @@ class StaticDecoder:
         """Additive mask (1, 1, groups * chunk, max_context + chunk): row r (token r % chunk of the
         chunk) sees cache slots [lo, start) and chunk tokens [0, r]; padded rows see only themselves."""
         c, m = graph.chunk, graph.max_context
-        mask = np.full((c, m + c), MASK_VALUE, np.float32)
+        mask = np.full((c, m + c), self.mask_value, np.float32)
         for r in range(c):
             if r < n:
                 pos = start + r
