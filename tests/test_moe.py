@@ -245,3 +245,13 @@ def test_cache_never_exceeds_budget_and_keeps_pinned(moe_models):
     assert 0 in cache.layers[0] and 1 in cache.layers[0]
     # the same sessions: never evicted while pinned
     assert [e.session for e in cache.acquire(0, [0, 1])] == [e.session for e in first]
+
+
+def test_bench_reports_expert_stats(moe_models):
+    from edgeinfer.bench import bench_package
+
+    _, _, pkg = moe_models("qwen3_moe")
+    report = bench_package(str(pkg), prompt_tokens=8, new_tokens=6, repeats=1, warmup=0,
+                           memory_budget=few_experts_budget(pkg))
+    stats = report["experts"][0]
+    assert stats["needed"] > 0 and stats["bytes_read"] > 0 and stats["tokens"] > 0
