@@ -168,7 +168,7 @@ class CacheStats:
         return CacheStats(**{k: getattr(self, k) - getattr(other, k) for k in self.__dict__})
 
 
-@dataclass
+@dataclass(eq=False)  # identity: it holds a session and arrays
 class CachedExpert:
     """A loaded expert: its session (or, read ahead but not built yet, its record's arrays), and a
     binding the decoder may attach for one-token runs."""
