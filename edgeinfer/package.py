@@ -74,6 +74,12 @@ class Package:
         return self.manifest["tokenizer"]
 
     def path(self, rel: str) -> Path:
+        """A file of the package, confined to its folder; one the manifest's file table does not
+        list (so its size and hash were never checked) is refused."""
+        files = self.manifest.get("files")
+        if isinstance(files, dict) and rel not in files:
+            raise PackageError(f"package file '{rel}' is not in the manifest's file table, so it was never "
+                               "checked: refusing to open it; re-export the package.")
         return safe_member(self.root, rel)
 
     def verify(self, full: bool = True) -> None:

@@ -24,7 +24,9 @@ class TextTokenizer:
             raise PackageError(f"tokenizer file '{path.name}' is over {MAX_TOKENIZER_BYTES} bytes: refusing it.")
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:
+        except BaseException as e:  # a malformed file can make the Rust side panic (a BaseException; fuzzing)
+            if not _is_library_failure(e):
+                raise
             msg = str(e)[:200]
             raise PackageError(f"tokenizer file '{path.name}' cannot be read ({msg}): re-export the package.") from None
         self.bos_token_id = meta.get("bos_token_id")
@@ -39,7 +41,9 @@ class TextTokenizer:
             raise GenerationError("the prompt must be text (a str).")
         try:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-        except (TypeError, ValueError, Exception) as e:  # tokenizers rejects e.g. unpaired surrogates
+        except BaseException as e:  # tokenizers rejects e.g. unpaired surrogates; a panic is a BaseException
+            if not _is_library_failure(e):
+                raise
             raise GenerationError(f"the prompt is not valid Unicode text ({str(e)[:80]}): remove unpaired "
                                   "surrogates or binary data.") from None
 
@@ -61,6 +65,12 @@ class TextTokenizer:
 
     def stream(self) -> IncrementalDecoder:
         return IncrementalDecoder(self)
+
+
+def _is_library_failure(e: BaseException) -> bool:
+    """An error of the tokenizers library (incl. a Rust panic, which pyo3 raises as a BaseException),
+    as opposed to an interrupt or exit that must propagate."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, bos_token: str,

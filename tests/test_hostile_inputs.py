@@ -297,3 +297,22 @@ def test_ct2_zero_dimension_beside_a_huge_one_is_a_clear_error(tmp_path):
         "L2NvbgB2PABAAA=="))
     with pytest.raises(ExportError, match="impossible shape"):
         read_model_bin(tmp_path / "model.bin")
+
+
+def test_tokenizer_file_that_panics_the_rust_side_is_a_clear_error(pkg):
+    """The atheris finding in tokenizer.json loading: a BPE vocabulary with a gap makes the tokenizers
+    library panic, which pyo3 raises as a BaseException that `except Exception` does not catch."""
+    from edgeinfer.package import sha256_file
+
+    tok = pkg / "tokenizer.json"
+    tok.write_text('{"r","model":{"vocab":{"a":5,"b":2},"merges":[["a","b"]]}}')
+    m = json.loads((pkg / MANIFEST).read_text())
+    m["files"]["tokenizer.json"] = {"size": tok.stat().st_size, "sha256": sha256_file(tok)}  # reach the parser
+    (pkg / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(PackageError, match="tokenizer file 'tokenizer.json' cannot be read"):
+        edgeinfer.load(pkg)
+    # a file the manifest does not list is never opened
+    m["files"].pop("tokenizer.json")
+    (pkg / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(PackageError, match="not in the manifest's file table"):
+        edgeinfer.load(pkg)

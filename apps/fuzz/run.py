@@ -116,6 +116,13 @@ FIXED = [
     "passes the size check, and numpy's reshape raised `ValueError: array is too big`. The reader now turns "
     "an impossible shape into its one-sentence ExportError (regression test: "
     "`test_hostile_inputs.py::test_ct2_zero_dimension_beside_a_huge_one_is_a_clear_error`).",
+    "- tokenizer (found 2026-11-22, 60 s run, after 100k executions): a `tokenizer.json` whose BPE vocabulary "
+    "has a gap (`{\"a\": 5, \"b\": 2}` with a merge) makes the Rust tokenizers library panic; pyo3 raises "
+    "that as `PanicException`, a BaseException that `except Exception` let through, so loading such a package "
+    "crashed the caller. Loading and encoding now turn a panic into the one-sentence PackageError / "
+    "GenerationError (regression test: "
+    "`test_hostile_inputs.py::test_tokenizer_file_that_panics_the_rust_side_is_a_clear_error`). Also: the "
+    "runtime now refuses to open any package file the manifest's file table does not list.",
 ]
 
 
