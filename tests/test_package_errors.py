@@ -132,6 +132,35 @@ def test_failed_export_leaves_nothing_and_keeps_old_package(tmp_path, tiny_model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]  # no partial folder left
 
 
+def test_disk_full_during_export_is_clear_and_leaves_nothing(tmp_path, tiny_models, monkeypatch):
+    """ENOSPC half-way through writing the graphs (injected into the writer of every graph file, after
+    a few real writes): one sentence, the old package untouched, no temporary folder left."""
+    import errno
+
+    from edgeinfer.export import export_model, onnx_graph
+
+    from edgeinfer.errors import ExportError
+
+    out = tmp_path / "pkg"
+    export_model(str(tiny_models("llama")), out, "int4", max_context=64, progress=False)
+    before = (out / MANIFEST).read_text()
+    real_save, calls = onnx_graph.GraphBuilder.save, []
+
+    def save_until_full(self, path):
+        calls.append(path)
+        if len(calls) > 1:
+            path.write_bytes(b"\0" * 4096)  # a partial file, as a full disk leaves
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(self, path)
+
+    monkeypatch.setattr(onnx_graph.GraphBuilder, "save", save_until_full)
+    with pytest.raises(ExportError, match="the disk is full while writing .*: free some space and export again"):
+        export_model(str(tiny_models("llama")), out, "fp32", stages=[2], force=True, progress=False)
+    assert len(calls) == 2
+    assert (out / MANIFEST).read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+
+
 def test_prompt_longer_than_context(tiny_packages):
     model = edgeinfer.load(tiny_packages("llama", "int4"), max_context=32)
     with pytest.raises(ContextLengthError, match="the context holds 32"):
