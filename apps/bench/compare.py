@@ -152,6 +152,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.rounds, args.new_tokens, args.prompt_tokens, args.repeats = 2, 64, "chat", 2
         args.hf_peers = ""
+        if args.precisions == p.get_default("precisions"):
+            args.precisions = "int4"
     args.precisions = args.precisions.split(",")
     args.short = MODELS[args.model][0]
 
