@@ -114,7 +114,7 @@ def main() -> int:
               "total_seconds": round(total, 1), "steps": done}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     index = out / "benchmarks.md" if args.quick else ROOT / "docs" / "benchmarks.md"
-    index.write_text(markdown(report, out))
+    index.write_text(markdown(report, out, index.parent))
     print(f"\nwrote {index} in {total / 60:.1f} min")
     return 0 if all(s["ok"] for s in done) else 1
 
@@ -126,7 +126,9 @@ def _cpu() -> str:
         return platform.processor() or "?"
 
 
-def markdown(rep: dict, out: Path) -> str:
+def markdown(rep: dict, out: Path, index_dir: Path | None = None) -> str:
+    """The index page; links are relative to INDEX_DIR (docs/ by default)."""
+    index_dir = index_dir or ROOT / "docs"
     m = rep["machine"]
     lines = [
         "# Benchmarks",
@@ -141,7 +143,7 @@ def markdown(rep: dict, out: Path) -> str:
         "|---|---|---|---|---|",
     ]
     for s in rep["steps"]:
-        page = f"[{Path(s['page']).name}]({os.path.relpath(ROOT / s['page'], ROOT / 'docs')})" if s["page"] else \
+        page = f"[{Path(s['page']).name}]({os.path.relpath(ROOT / s['page'], index_dir)})" if s["page"] else \
             "below / build/bench"
         lines.append(f"| {s['title']} | `{s['command']}` | {s['seconds'] / 60:.1f} | "
                      f"{'ok' if s['ok'] else '**failed**'} | {page} |")
