@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from .seq2seq_base import Seq2SeqSpec
+from .seq2seq_base import Seq2SeqSpec, WeightMap
 
 FAMILIES = ("bart", "mbart", "marian")
 _ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "swish": "silu", "silu": "silu", "gelu_new": "gelu_tanh"}
@@ -43,17 +43,9 @@ def spec_from_hf(config: dict) -> Seq2SeqSpec:
 
 
 def weights_from_hf(sd: dict[str, np.ndarray], spec: Seq2SeqSpec) -> dict[str, np.ndarray]:
-    w: dict[str, np.ndarray] = {}
+    m = WeightMap(sd)
+    w, take, attn = m.w, m.linear, m.attention
     offset = _POSITION_OFFSET[spec.family]
-
-    def take(dst: str, src: str) -> None:
-        w[f"{dst}.w"] = sd[f"{src}.weight"]
-        if f"{src}.bias" in sd:
-            w[f"{dst}.b"] = sd[f"{src}.bias"]
-
-    def attn(dst: str, src: str) -> None:
-        for a, b in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
-            take(f"{dst}.{a}", f"{src}.{b}")
 
     for side, layers in (("enc", spec.encoder_layers), ("dec", spec.decoder_layers)):
         root = "model.encoder" if side == "enc" else "model.decoder"

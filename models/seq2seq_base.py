@@ -64,3 +64,21 @@ class Seq2SeqSpec:
         d = asdict(self)
         d["head_dim"] = self.head_dim
         return d
+
+
+class WeightMap:
+    """Collects canonical weights from a transformers state dict: ``linear`` copies a module's
+    weight (and bias, when there is one); ``attention`` the four projections of a BART-style
+    attention block (q_proj, k_proj, v_proj, out_proj)."""
+
+    def __init__(self, sd: dict):
+        self.sd, self.w = sd, {}
+
+    def linear(self, dst: str, src: str) -> None:
+        self.w[f"{dst}.w"] = self.sd[f"{src}.weight"]
+        if f"{src}.bias" in self.sd:
+            self.w[f"{dst}.b"] = self.sd[f"{src}.bias"]
+
+    def attention(self, dst: str, src: str) -> None:
+        for a, b in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
+            self.linear(f"{dst}.{a}", f"{src}.{b}")

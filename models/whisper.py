@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .seq2seq_base import Seq2SeqSpec
+from .seq2seq_base import Seq2SeqSpec, WeightMap
 
 
 def spec_from_ct2(variables: dict[str, np.ndarray]) -> Seq2SeqSpec:
@@ -104,17 +104,8 @@ def spec_from_hf(config: dict) -> Seq2SeqSpec:
 
 
 def weights_from_hf(sd: dict[str, np.ndarray], spec: Seq2SeqSpec) -> dict[str, np.ndarray]:
-    w: dict[str, np.ndarray] = {}
-
-    def take(dst: str, src: str) -> None:
-        w[f"{dst}.w"] = sd[f"{src}.weight"]
-        if f"{src}.bias" in sd:
-            w[f"{dst}.b"] = sd[f"{src}.bias"]
-
-    def attn(dst: str, src: str) -> None:
-        for a, b in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
-            take(f"{dst}.{a}", f"{src}.{b}")
-
+    m = WeightMap(sd)
+    w, take, attn = m.w, m.linear, m.attention
     e, d = "model.encoder", "model.decoder"
     take("enc.conv1", f"{e}.conv1")
     take("enc.conv2", f"{e}.conv2")
