@@ -43,6 +43,15 @@ LOGITS_TO_KEEP = "logits_to_keep"
 LOGITS = "logits"
 
 
+def decoder_io() -> dict:
+    """The manifest's ``io`` table of a decoder package: graph input/output names (per-layer KV
+    names take ``{layer}``)."""
+    return {"input_ids": INPUT_IDS, "hidden_in": HIDDEN_IN, "hidden_out": HIDDEN_OUT, "seqlens_k": SEQLENS_K,
+            "total_sequence_length": TOTAL_SEQ_LEN, "logits_to_keep": LOGITS_TO_KEEP, "logits": LOGITS,
+            "past_key": "past_key.{layer}", "past_value": "past_value.{layer}",
+            "present_key": "present_key.{layer}", "present_value": "present_value.{layer}"}
+
+
 def past_key(i: int) -> str:
     return f"past_key.{i}"
 
