@@ -34,6 +34,8 @@ def safe_member(root: Path, rel: str) -> Path:
     if not isinstance(rel, str) or not rel or "\x00" in rel:
         raise PackageError(f"package manifest has an invalid file path {rel!r}: re-export the package.")
     p = Path(rel)
+    if not p.parts:  # "." or "./": the package folder itself, not a file in it (found by hypothesis)
+        raise PackageError(f"package manifest has an invalid file path {rel!r}: re-export the package.")
     if p.is_absolute() or rel.startswith(("/", "\\")) or ".." in p.parts or ":" in p.parts[0]:
         raise PackageError(f"package manifest path '{rel}' points outside the package: refusing to open it.")
     full = root / p
