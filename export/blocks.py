@@ -48,6 +48,25 @@ class Precision:
         return d
 
 
+DEFAULT_MAX_CONTEXT = 4096
+
+
+def checked_context_and_precision(max_position: int, hidden: int, max_context: int | None, precision: str,
+                                  **precision_options) -> tuple[int, Precision]:
+    """The KV context to reserve (default: the model's, at most DEFAULT_MAX_CONTEXT) and the Precision,
+    both checked against the model's limits; one ExportError sentence otherwise."""
+    from edgeinfer.errors import ExportError
+
+    ctx = int(max_context or min(max_position, DEFAULT_MAX_CONTEXT))
+    if ctx < 16 or ctx > max_position:
+        raise ExportError(f"--max-context {ctx} is outside 16..{max_position} (the model's limit).")
+    block_size = precision_options.get("block_size", 32)
+    if precision in ("int4", "int8") and hidden % block_size:
+        raise ExportError(f"--block-size {block_size} does not divide the hidden size {hidden}: choose a "
+                          "smaller power of two.")
+    return ctx, Precision(precision, **precision_options)
+
+
 def float_weight(g: GraphBuilder, name: str, array: np.ndarray, precision: Precision) -> str:
     """A float initializer: stored fp16 and cast up when the precision says fp16."""
     if precision.name == "fp16":

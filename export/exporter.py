@@ -13,11 +13,10 @@ from edgeinfer.errors import ExportError
 
 from . import decoder_graph as dg
 from .aliases import is_alias
-from .blocks import PRECISIONS, Precision
+from .blocks import DEFAULT_MAX_CONTEXT, PRECISIONS, Precision, checked_context_and_precision
 from .package_writer import staging_folder, write_manifest
 from .sources import SourceModel, load_source
 
-DEFAULT_MAX_CONTEXT = 4096
 TARGETS = ("cpu", "gpu", "npu")
 
 
@@ -82,14 +81,9 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
         spec = spec_for_config(src.config)
     except (ValueError, KeyError) as e:
         raise ExportError(f"cannot export this {model_type} model: {e}.") from None
-    ctx = int(max_context or min(spec.max_position, DEFAULT_MAX_CONTEXT))
-    if ctx < 16 or ctx > spec.max_position:
-        raise ExportError(f"--max-context {ctx} is outside 16..{spec.max_position} (the model's limit).")
-    if precision in ("int4", "int8") and spec.hidden % block_size:
-        raise ExportError(f"--block-size {block_size} does not divide the hidden size {spec.hidden}: choose a "
-                          "smaller power of two.")
-    prec = Precision(precision, block_size=block_size, lm_head_bits=lm_head_bits, accuracy_level=accuracy_level,
-                     symmetric=symmetric)
+    ctx, prec = checked_context_and_precision(spec.max_position, spec.hidden, max_context, precision,
+                                              block_size=block_size, lm_head_bits=lm_head_bits,
+                                              accuracy_level=accuracy_level, symmetric=symmetric)
     exits = sorted(set(int(e) for e in exits or []))
     if exit_adapters and not exits:
         raise ExportError("--exit-adapters fits one adapter per exit: give the exits with --exits (e.g. 15,24).")

@@ -37,7 +37,17 @@ from onnx import TensorProto
 from edgeinfer.errors import ExportError
 
 from . import decoder_graph as dg
-from .blocks import AttentionIO, Precision, attention, embedding, gated_mlp, linear, rms_norm, rotary_cache
+from .blocks import (
+    AttentionIO,
+    Precision,
+    attention,
+    checked_context_and_precision,
+    embedding,
+    gated_mlp,
+    linear,
+    rms_norm,
+    rotary_cache,
+)
 from .expert_store import ExpertStoreWriter
 from .onnx_graph import MS_DOMAIN, GraphBuilder
 from .package_writer import staging_folder, write_manifest
@@ -257,14 +267,9 @@ def export_moe_source(src, out: Path, precision: str, *, max_context: int | None
     except (ValueError, KeyError) as e:
         raise ExportError(f"cannot export this {src.config.get('model_type')} model: {e}.") from None
     d = spec.dense
-    ctx = int(max_context or min(d.max_position, 4096))
-    if ctx < 16 or ctx > d.max_position:
-        raise ExportError(f"--max-context {ctx} is outside 16..{d.max_position} (the model's limit).")
-    if precision in ("int4", "int8") and d.hidden % block_size:
-        raise ExportError(f"--block-size {block_size} does not divide the hidden size {d.hidden}: choose a "
-                          "smaller power of two.")
-    prec = Precision(precision, block_size=block_size, lm_head_bits=lm_head_bits, accuracy_level=accuracy_level,
-                     symmetric=symmetric)
+    ctx, prec = checked_context_and_precision(d.max_position, d.hidden, max_context, precision,
+                                              block_size=block_size, lm_head_bits=lm_head_bits,
+                                              accuracy_level=accuracy_level, symmetric=symmetric)
     bar = _progress(d.layers, progress)
     try:
         return export_moe(src, Path(out), spec, prec, ctx, force, bar.update)

@@ -59,11 +59,15 @@ def make_tokenizer(vocab_size: int):
 
 
 def build_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
+    return build_from_config(tiny_config(family), folder, seed)
+
+
+def build_from_config(cfg, folder: Path, seed: int = 0) -> Path:
+    """A random causal LM from CFG, saved with a tokenizer trained on the spot."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = tiny_config(family)
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 0
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # move norms and biases off their trivial init so parity means something

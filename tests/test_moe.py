@@ -42,7 +42,7 @@ def moe_config(family: str):
 def moe_models(tmp_path_factory):
     """family -> (transformers model, HF folder, fp32 package)."""
     import torch
-    from conftest import make_tokenizer
+    from conftest import build_from_config
     from edgeinfer.export import export_model
     from transformers import AutoModelForCausalLM
 
@@ -51,17 +51,8 @@ def moe_models(tmp_path_factory):
 
     def get(family: str):
         if family not in cache:
-            torch.manual_seed(0)
-            cfg = moe_config(family)
-            cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 0
-            model = AutoModelForCausalLM.from_config(cfg).eval()
-            with torch.no_grad():  # move norms and biases off their trivial init so parity means something
-                for name, p in model.named_parameters():
-                    if "norm" in name or "bias" in name:
-                        p.add_(torch.randn_like(p) * 0.1)
-            hf = root / f"hf-{family}"
-            model.save_pretrained(hf)
-            make_tokenizer(cfg.vocab_size).save_pretrained(hf)
+            hf = build_from_config(moe_config(family), root / f"hf-{family}")
+            model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
             pkg = root / f"pkg-{family}"
             export_model(str(hf), pkg, "fp32", max_context=128, progress=False)
             cache[family] = (model, hf, pkg)

@@ -77,9 +77,9 @@ class Track:
 
     def logits(self, seq: list[int], keep: int = 1) -> np.ndarray:
         """Logits (KEEP, vocab) for the last KEEP positions of SEQ, feeding what the cache lacks."""
-        n, limit = 0, min(len(self.fed), len(seq))
-        while n < limit and self.fed[n] == seq[n]:
-            n += 1
+        n = min(len(self.fed), len(seq))
+        if self.fed[:n] != seq[:n]:  # usually equal (one slice compare); else find where they part
+            n = next(i for i, (a, b) in enumerate(zip(self.fed, seq)) if a != b)
         dec = self.decoder
         t0 = time.perf_counter()
         staged = isinstance(dec, StagedDecoder)
