@@ -21,6 +21,7 @@ from .audio import Resampler, log_mel_spectrogram, read_wav_info, read_window, r
 from .errors import ContextLengthError, GenerationError, PackageError
 from .package import Package
 from .seq2seq_search import LogitsRules, Seq2SeqConfig, TimestampRules, beam_search, greedy_search
+from .seq2seq_stages import DecoderStage, StagedDecoderState, check_chain
 from .tokenizer import TextTokenizer
 
 SILENCE_PEAK = 10 ** (-60 / 20)  # a window whose loudest sample is below -60 dBFS holds no speech
@@ -112,9 +113,21 @@ class Seq2SeqModel:
         self.io = m.get("io", {})
         try:
             graphs = {g["role"]: g for g in m["graphs"]}
-            self.sessions = {role: create_session(pkg.path(graphs[role]["path"]), self.target)
-                             for role in ("encoder", "cross_kv", "decoder")}
+            stage_entries = [g for g in m["graphs"] if g.get("role") == "decoder_stage"]
+            roles = ("encoder", "cross_kv") + (() if stage_entries else ("decoder",))
+            self.sessions = {role: create_session(pkg.path(graphs[role]["path"]), self.target) for role in roles}
             self.layers = int(self.arch["decoder_layers"])
+            # a staged decoder (export --exits/--stages): stage graphs, the exit head, exit layer -> stages to run
+            self.stages = [DecoderStage(e, create_session(pkg.path(e["path"]), self.target), self.io)
+                           for e in stage_entries]
+            if self.stages:
+                check_chain(self.stages, self.layers, pkg.root)
+            self.exit_head = (create_session(pkg.path(graphs["exit_head"]["path"]), self.target)
+                              if "exit_head" in graphs else None)
+            self.exits = {int(e["layer"]): int(e["after_stage"]) + 1 for e in m.get("exits") or []}
+            if self.exits and (self.exit_head is None or not self.stages
+                               or any(self.stages[n - 1].last != layer for layer, n in self.exits.items())):
+                raise PackageError(f"package '{pkg.root}' lists exits its decoder stages do not match: re-export it.")
             self.max_target_positions = int(self.arch["max_target_positions"])
             self.generation = m.get("generation", {})
             self.audio = m.get("audio")
@@ -125,7 +138,7 @@ class Seq2SeqModel:
                                  for n in (self.io["cross_key"], self.io["cross_value"])]
             self._past_names = [n.format(layer=i) for i in range(self.layers)
                                 for n in (self.io["past_key"], self.io["past_value"])]
-        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, IndexError) as e:
             raise PackageError(f"package '{pkg.root}' is an encoder-decoder package without a valid {e}: "
                                "re-export it.") from None
         self.tokenizer = TextTokenizer(pkg)
@@ -169,8 +182,14 @@ class Seq2SeqModel:
 
     def decoder_logits(self, ids: list[int], hidden: np.ndarray) -> np.ndarray:
         """Logits (T, V) of every position of IDS given encoder states (for checks)."""
-        state = DecoderState(self, self.cross_kv(hidden), 1)
+        state = self.new_state(self.cross_kv(hidden), 1)
+        if self.stages:
+            return state.forward(np.asarray([ids], np.int64))[0]
         return self.run_decoder(np.asarray([ids], np.int64), state.past, state.cross)[0][0]
+
+    def new_state(self, cross: list[np.ndarray], batch: int) -> DecoderState | StagedDecoderState:
+        """An empty decoder cache for BATCH sequences (beams) over the cross K/V CROSS."""
+        return StagedDecoderState(self, cross, batch) if self.stages else DecoderState(self, cross, batch)
 
     # -- generation ---------------------------------------------------------------
     def config(self, **params) -> Seq2SeqConfig:
@@ -254,7 +273,7 @@ class Seq2SeqModel:
                                   f"{self.max_target_positions}.")
         config.max_new_tokens = min(config.max_new_tokens, self.max_target_positions - len(prompt))
         rules = LogitsRules(config, len(prompt), self._timestamp_rules() if timestamps else None)
-        state = DecoderState(self, self.cross_kv(hidden), config.num_beams)
+        state = self.new_state(self.cross_kv(hidden), config.num_beams)
         if config.num_beams > 1:
             return beam_search(state, prompt, config, self.eos, rules)
         return greedy_search(state, prompt, config, self.eos, rules, on_token)

@@ -54,12 +54,13 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
 
         seq2seq_folder = seq2seq_source_path(source)
         if seq2seq_folder is not None:  # encoder-decoder: its own graphs and manifest
-            if stages or exits:
-                raise ExportError("stages and exits are not built for encoder-decoder models yet.")
+            if exit_adapters:
+                raise ExportError("--exit-adapters is fitted for decoder-only packages; encoder-decoder exits "
+                                  "use the plain exit head: drop --exit-adapters.")
             if target != "cpu":
                 raise ExportError(f"encoder-decoder packages are built for the cpu target only, not '{target}'.")
             return export_seq2seq(seq2seq_folder, out, precision, force=force, block_size=block_size,
-                                  accuracy_level=accuracy_level,
+                                  accuracy_level=accuracy_level, stages=stages, exits=exits,
                                   name=source if is_alias(source) else None)
     src = source if isinstance(source, SourceModel) else load_source(source)
     model_type = src.config.get("model_type", "")

@@ -174,8 +174,13 @@ def _whisper_generation(spec: Seq2SeqSpec, ids: dict[str, int], suppress: list[i
 
 
 def export_seq2seq(folder: Path, out: str | Path, precision: str = "int8", *, force: bool = False,
-                   block_size: int = 32, accuracy_level: int = 4, name: str | None = None):
-    """Export the encoder-decoder model in FOLDER to a package at OUT."""
+                   block_size: int = 32, accuracy_level: int = 4, name: str | None = None,
+                   stages: list[int] | None = None, exits: list[int] | None = None):
+    """Export the encoder-decoder model in FOLDER to a package at OUT.
+
+    STAGES and EXITS cut the decoder after those layers (see :func:`decoder_cuts`): one
+    ``decoder_stage{i}`` graph per part instead of one ``decoder`` graph, and with exits an
+    ``exit_head`` graph (final norm + LM head) that reads any stage's output."""
     from .exporter import ExportResult
 
     if precision not in PRECISIONS:
@@ -190,22 +195,55 @@ def export_seq2seq(folder: Path, out: str | Path, precision: str = "int8", *, fo
         raise ExportError(f"--block-size {block_size} does not divide the model's widths ({spec.d_model}, "
                           f"{spec.ffn}): choose a smaller power of two.")
     prec = Precision(precision, block_size=block_size, accuracy_level=accuracy_level)
-    builders = {"encoder": sg.build_encoder, "cross_kv": sg.build_cross_kv, "decoder": sg.build_decoder}
+    exits = [int(e) for e in exits or []]
+    cuts = decoder_cuts(spec.decoder_layers, stages or [], exits)
     with staging_folder(out, force) as tmp:
         (tmp / "graphs").mkdir()
         graphs = []
-        for role, build in builders.items():
-            g = build(spec, src.weights, prec)
-            rel = f"graphs/{role}.onnx"
-            g.save(tmp / rel)
-            graphs.append({"name": role, "role": role, "path": rel,
-                           "inputs": [i.name for i in g.inputs], "outputs": [o.name for o in g.outputs]})
+
+        def save(g, entry: dict) -> None:
+            g.save(tmp / entry["path"])
+            graphs.append({**entry, "inputs": [i.name for i in g.inputs], "outputs": [o.name for o in g.outputs]})
+
+        for role, build in (("encoder", sg.build_encoder), ("cross_kv", sg.build_cross_kv)):
+            save(build(spec, src.weights, prec), {"name": role, "role": role, "path": f"graphs/{role}.onnx"})
+        if len(cuts) == 2:
+            save(sg.build_decoder(spec, src.weights, prec),
+                 {"name": "decoder", "role": "decoder", "path": "graphs/decoder.onnx"})
+        for s, (first, last) in enumerate(zip(cuts, cuts[1:])) if len(cuts) > 2 else ():
+            stage = f"decoder_stage{s}"
+            save(sg.build_decoder_stage(spec, src.weights, prec, first, last, stage),
+                 {"name": stage, "role": "decoder_stage", "path": f"graphs/{stage}.onnx", "layers": [first, last],
+                  "embed": first == 0, "head": last == spec.decoder_layers})
+        if exits:
+            save(sg.build_exit_head(spec, src.weights, prec),
+                 {"name": "exit_head", "role": "exit_head", "path": "graphs/exit_head.onnx"})
+        if len(cuts) > 2:  # the tied table and other shared tensors: stored once
+            from .shared_weights import share_weights
+
+            share_weights([tmp / g["path"] for g in graphs if g["role"] in ("decoder_stage", "exit_head")],
+                          "decoder_weights.data")
         (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
-        manifest = write_manifest(tmp, _manifest(src, prec, graphs))
+        exit_entries = [{"layer": e, "after_stage": cuts.index(e) - 1, "head": "exit_head", "adapter": None}
+                        for e in exits]
+        manifest = write_manifest(tmp, _manifest(src, prec, graphs, exit_entries))
     return ExportResult(out, manifest, sum(m["size"] for m in manifest["files"].values()))
 
 
-def _manifest(src: Seq2SeqSource, prec: Precision, graphs: list[dict]) -> dict:
+def decoder_cuts(num_layers: int, stages: list[int], exits: list[int]) -> list[int]:
+    """Stage boundaries ``[0, c1, ..., num_layers]`` of the decoder: every exit and every
+    stage cut, each a layer count between 1 and num_layers - 1; exits strictly increasing."""
+    for flag, layers in (("--exits", exits), ("--stages", stages)):
+        bad = [c for c in layers if not 0 < c < num_layers]
+        if bad:
+            raise ExportError(f"{flag} {bad[0]} is outside 1..{num_layers - 1}: cuts and exits are layer counts "
+                              f"inside this model's {num_layers}-layer decoder.")
+    if any(b <= a for a, b in zip(exits, exits[1:])):
+        raise ExportError(f"--exits must be strictly increasing layer counts, got {','.join(map(str, exits))}.")
+    return [0, *sorted(set(stages) | set(exits)), num_layers]
+
+
+def _manifest(src: Seq2SeqSource, prec: Precision, graphs: list[dict], exits: list[dict]) -> dict:
     precision = prec.name
     from edgeinfer import __version__
 
@@ -221,7 +259,8 @@ def _manifest(src: Seq2SeqSource, prec: Precision, graphs: list[dict]) -> dict:
                "input_ids": sg.DECODER_INPUT_IDS, "logits": sg.LOGITS,
                "past_key": sg.PAST_KEY, "past_value": sg.PAST_VALUE,
                "present_key": sg.PRESENT_KEY, "present_value": sg.PRESENT_VALUE,
-               "cross_key": sg.CROSS_KEY, "cross_value": sg.CROSS_VALUE},
+               "cross_key": sg.CROSS_KEY, "cross_value": sg.CROSS_VALUE,
+               "hidden_in": sg.HIDDEN_IN, "hidden_out": sg.HIDDEN_OUT},
         "kv_cache": {"layout": "BNSH", "dtype": "float32", "num_layers": spec.decoder_layers,
                      "num_kv_heads": spec.heads, "head_dim": spec.head_dim,
                      "max_context": spec.max_target_positions, "shared_buffer": False},
@@ -233,5 +272,5 @@ def _manifest(src: Seq2SeqSource, prec: Precision, graphs: list[dict]) -> dict:
         "audio": {**AUDIO, "num_mel_bins": spec.num_mel_bins,
                   "frames": 2 * spec.max_source_positions} if spec.frontend == "audio" else None,
         "text": {"max_source_tokens": spec.max_source_positions} if spec.frontend == "tokens" else None,
-        "exits": [],
+        "exits": exits,
     }

@@ -20,7 +20,7 @@ import numpy as np
 from edgeinfer.models.seq2seq_base import Seq2SeqSpec
 from onnx import numpy_helper
 
-from .blocks import Precision, embedding, float_weight, linear, tied_lm_head
+from .blocks import Precision, embedding, float_weight, linear, quantized_table, tied_lm_head
 from .onnx_graph import MS_DOMAIN, GraphBuilder
 
 INPUT_FEATURES = "input_features"
@@ -28,6 +28,7 @@ ENCODER_INPUT_IDS = "encoder_input_ids"
 ENCODER_HIDDEN = "encoder_hidden_states"
 DECODER_INPUT_IDS = "input_ids"
 LOGITS = "logits"
+HIDDEN_IN, HIDDEN_OUT = "hidden_in", "hidden_out"  # between decoder stages
 PAST_KEY, PAST_VALUE = "past_key.{layer}", "past_value.{layer}"
 PRESENT_KEY, PRESENT_VALUE = "present_key.{layer}", "present_value.{layer}"
 CROSS_KEY, CROSS_VALUE = "cross_key.{layer}", "cross_value.{layer}"
@@ -246,18 +247,33 @@ def build_cross_kv(spec: Seq2SeqSpec, w: dict, prec: Precision) -> GraphBuilder:
 
 
 def build_decoder(spec: Seq2SeqSpec, w: dict, prec: Precision) -> GraphBuilder:
-    g = GraphBuilder("decoder")
-    ids = g.input(DECODER_INPUT_IDS, "int64", ["batch", "new"])
+    """The whole decoder in one graph: token ids in, logits out."""
+    return build_decoder_stage(spec, w, prec, 0, spec.decoder_layers, "decoder")
+
+
+def build_decoder_stage(spec: Seq2SeqSpec, w: dict, prec: Precision, first: int, last: int,
+                        name: str) -> GraphBuilder:
+    """Decoder layers [FIRST, LAST) as one graph. The first stage embeds token ids, later ones
+    take the previous stage's hidden states (``hidden_in``); the last one applies the final
+    norm and LM head, earlier ones return ``hidden_out``. Each stage computes positions, the
+    causal mask and T5's relative bias from its own cache length, so a stage may lag behind
+    the ones before it (an early exit) and catch up later with several rows at once."""
+    g = GraphBuilder(name)
+    embeds, head = first == 0, last == spec.decoder_layers
+    if embeds:
+        ids = g.input(DECODER_INPUT_IDS, "int64", ["batch", "new"])
+    else:
+        x = g.input(HIDDEN_IN, "float32", ["batch", "new", spec.d_model])
     kv_shape = ["batch", spec.heads, "past", spec.head_dim]
-    for i in range(spec.decoder_layers):
+    for i in range(first, last):
         g.input(PAST_KEY.format(layer=i), "float32", kv_shape)
         g.input(PAST_VALUE.format(layer=i), "float32", kv_shape)
-    for i in range(spec.decoder_layers):
+    for i in range(first, last):
         g.input(CROSS_KEY.format(layer=i), "float32", ["batch", spec.heads, spec.head_dim, "source"])
         g.input(CROSS_VALUE.format(layer=i), "float32", ["batch", spec.heads, "source", spec.head_dim])
 
-    past = g.op1("Shape", [PAST_KEY.format(layer=0)], start=2, end=3)  # (1,) cache length
-    new = g.op1("Shape", [ids], start=1, end=2)
+    past = g.op1("Shape", [PAST_KEY.format(layer=first)], start=2, end=3)  # (1,) cache length
+    new = g.op1("Shape", [ids if embeds else x], start=1, end=2)
     total = g.op1("Add", [past, new])
     scalar = g.const_i64([], "shape.scalar")
     past_s, total_s = g.op1("Reshape", [past, scalar]), g.op1("Reshape", [total, scalar])
@@ -272,10 +288,11 @@ def build_decoder(spec: Seq2SeqSpec, w: dict, prec: Precision) -> GraphBuilder:
     if spec.position == "relative":
         bias = g.op1("Add", [bias, _relative_bias(g, w["dec.rel_bias"], "dec.rel_bias", q_pos, k_pos)])
 
-    bits = prec.head_bits
     tied = "lm_head.w" not in w
-    x, shared = _token_input(g, ids, w, "dec", spec, prec, q_pos, bits if tied else prec.bits)
-    for i in range(spec.decoder_layers):
+    shared = None
+    if embeds:
+        x, shared = _token_input(g, ids, w, "dec", spec, prec, q_pos, prec.head_bits if tied else prec.bits)
+    for i in range(first, last):
         def self_attn(h, i=i):
             q, k, v = _linears(g, h, w, [f"dec.{i}.self.{p}" for p in "qkv"], prec)
             a = _fused_attention(g, q, k, v, spec, bias=bias,
@@ -292,22 +309,49 @@ def build_decoder(spec: Seq2SeqSpec, w: dict, prec: Precision) -> GraphBuilder:
         x = _block(g, x, w, f"dec.{i}.self_norm", spec, self_attn)
         x = _block(g, x, w, f"dec.{i}.cross_norm", spec, cross_attn)
         x = _block(g, x, w, f"dec.{i}.mlp_norm", spec, lambda h, i=i: _mlp(g, h, w, f"dec.{i}", spec, prec))
+    if head:
+        g.op("Identity", [_lm_head(g, x, w, spec, prec, shared)], outputs=[LOGITS])
+        g.output(LOGITS, "float32", ["batch", "new", spec.vocab_size])
+    else:
+        g.op("Identity", [x], outputs=[HIDDEN_OUT])
+        g.output(HIDDEN_OUT, "float32", ["batch", "new", spec.d_model])
+    for i in range(first, last):
+        g.output(PRESENT_KEY.format(layer=i), "float32", ["batch", spec.heads, "total", spec.head_dim])
+        g.output(PRESENT_VALUE.format(layer=i), "float32", ["batch", spec.heads, "total", spec.head_dim])
+    return g
+
+
+def build_exit_head(spec: Seq2SeqSpec, w: dict, prec: Precision) -> GraphBuilder:
+    """The early-exit head: the family's final decoder norm and LM head (T5's d_model**-0.5
+    with a tied head, BART's final_logits_bias) on any stage's ``hidden_out``."""
+    g = GraphBuilder("exit_head")
+    x = g.input(HIDDEN_IN, "float32", ["batch", "new", spec.d_model])
+    g.op("Identity", [_lm_head(g, x, w, spec, prec, None)], outputs=[LOGITS])
+    g.output(LOGITS, "float32", ["batch", "new", spec.vocab_size])
+    return g
+
+
+def _lm_head(g: GraphBuilder, x: str, w: dict, spec: Seq2SeqSpec, prec: Precision, shared: str | None) -> str:
+    """Final norm, T5's head scale, the LM head and its bias. SHARED: the prefix of the quantized
+    embedding table when this graph embeds (a tied head reads it); otherwise a tied head stores
+    the table itself under the same names, so packages with several graphs can share its bytes."""
     if "dec.norm.w" in w:
         x = _norm(g, x, w, "dec.norm", spec)
     if spec.head_scale != 1.0:
         x = g.op1("Mul", [x, g.initializer("head.scale", np.asarray(spec.head_scale, np.float32))])
-    if not tied:
+    bits = prec.head_bits
+    if "lm_head.w" in w:
         logits = linear(g, x, _f32(w["lm_head.w"]), "lm_head", prec, bits=bits)
-    elif shared is not None:
+    elif bits:
+        if shared is None:
+            quantized_table(g, _f32(w["dec.embed"]), "dec.embed", prec, bits)
+            shared = "dec.embed"
         logits = tied_lm_head(g, x, shared, spec.vocab_size, spec.d_model, bits, prec, "lm_head")
     else:  # float tied head: one table in the file; onnxruntime folds the transpose at load
+        if "dec.embed.weight" not in g._init_names and "dec.embed.weight.fp16" not in g._init_names:
+            float_weight(g, "dec.embed.weight", _f32(w["dec.embed"]), prec)
         table = "dec.embed.weight" if prec.name != "fp16" else g.op1("Cast", ["dec.embed.weight.fp16"], to=1)
         logits = g.op1("MatMul", [x, g.op1("Transpose", [table], perm=[1, 0])], name="lm_head")
     if "lm_head.b" in w:
         logits = g.op1("Add", [logits, g.initializer("lm_head.b", _f32(w["lm_head.b"]).reshape(-1))])
-    g.op("Identity", [logits], outputs=[LOGITS])
-    g.output(LOGITS, "float32", ["batch", "new", spec.vocab_size])
-    for i in range(spec.decoder_layers):
-        g.output(PRESENT_KEY.format(layer=i), "float32", ["batch", spec.heads, "total", spec.head_dim])
-        g.output(PRESENT_VALUE.format(layer=i), "float32", ["batch", spec.heads, "total", spec.head_dim])
-    return g
+    return logits

@@ -1,0 +1,145 @@
+"""The decoder of a staged encoder-decoder package (``export --exits/--stages``).
+
+Each ``decoder_stage{i}`` graph holds a run of decoder layers: their
+self-attention cache and the cross K/V of those layers (computed once per input
+by the cross_kv graph, as for an unstaged package). Every stage keeps its own
+cache length, so an early exit can run only the first stages for a token; the
+hidden states a later stage has not processed yet wait as *pending* rows and
+are run, batched in front of the next rows, before any later token reaches that
+stage. Its cache is therefore complete before anything attends to it.
+
+:class:`StagedDecoderState` has the methods the searches of
+:mod:`edgeinfer.seq2seq_search` use (``step``, ``reorder``, ``length``), so
+greedy and beam search run on a staged package unchanged; the strategies of
+:mod:`edgeinfer.seq2seq_strategies` also use ``forward``, ``catch_up``,
+``exit_logits`` and ``truncate``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import GenerationError, PackageError
+
+
+class DecoderStage:
+    """One stage graph: its session, its layers and the IO names it is fed by."""
+
+    def __init__(self, entry: dict, session, io: dict):
+        self.name = entry["name"]
+        self.first, self.last = (int(v) for v in entry["layers"])
+        self.embed, self.head = bool(entry.get("embed")), bool(entry.get("head"))
+        if not 0 <= self.first < self.last:
+            raise PackageError(f"decoder stage '{self.name}' lists layers {entry['layers']}: re-export the package.")
+        self.session = session
+        self.input_name = io["input_ids"] if self.embed else io["hidden_in"]
+        layers = range(self.first, self.last)
+        self.past_names = [n.format(layer=i) for i in layers for n in (io["past_key"], io["past_value"])]
+        self.cross_names = [n.format(layer=i) for i in layers for n in (io["cross_key"], io["cross_value"])]
+
+
+def check_chain(stages: list[DecoderStage], num_layers: int, root) -> None:
+    """The stages must cover layers 0..num_layers in order, the first embedding, the last with the head."""
+    ends = [0] + [s.last for s in stages]
+    if (not stages or [s.first for s in stages] != ends[:-1] or ends[-1] != num_layers
+            or not stages[0].embed or not stages[-1].head):
+        raise PackageError(f"package '{root}' has no complete chain of decoder stages: re-export it.")
+
+
+class StagedDecoderState:
+    """Self-attention caches (one list per stage), cross K/V and pending rows of one
+    generation; batch = beams."""
+
+    def __init__(self, model, cross: list[np.ndarray], batch: int):
+        self.model = model
+        self.stages: list[DecoderStage] = model.stages
+        if batch > 1:
+            cross = [np.ascontiguousarray(np.repeat(c, batch, axis=0)) for c in cross]
+        heads, head_dim = model.arch["heads"], model.arch["head_dim"]
+        empty = np.zeros((batch, heads, 0, head_dim), np.float32)
+        self.past = [[empty] * (2 * (s.last - s.first)) for s in self.stages]
+        self.cross = [cross[2 * s.first:2 * s.last] for s in self.stages]
+        self.pending: list[np.ndarray | None] = [None] * len(self.stages)  # (B, P, D) for positions after the cache
+
+    # -- state -------------------------------------------------------------------
+    def stage_length(self, s: int) -> int:
+        return self.past[s][0].shape[2]
+
+    @property
+    def length(self) -> int:
+        """Tokens fed so far (stage 0's cache; later stages may lag behind it)."""
+        return self.stage_length(0)
+
+    def truncate(self, n: int) -> None:
+        """Keep positions [0, n) in every stage: cached ones in the caches, the rest pending."""
+        for s in range(len(self.stages)):
+            have = self.stage_length(s)
+            pending = self.pending[s]
+            if pending is not None:
+                keep = max(0, min(pending.shape[1], n - have))
+                self.pending[s] = pending[:, :keep] if keep else None
+            if have > n:
+                self.past[s] = [p[:, :, :n] for p in self.past[s]]
+
+    def reorder(self, index: np.ndarray) -> None:
+        if np.array_equal(index, np.arange(len(index))):
+            return
+        self.past = [[p[index] for p in past] for past in self.past]
+        self.pending = [None if p is None else p[index] for p in self.pending]
+
+    # -- running -------------------------------------------------------------------
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """Feed IDS (B, n) at full depth; the last position's logits (B, V)."""
+        return self.forward(ids)[:, -1, :]
+
+    def forward(self, ids: np.ndarray, stages: int | None = None) -> np.ndarray:
+        """Feed IDS (B, n) through the first STAGES stages (all by default). Full depth returns
+        the logits (B, rows, V) of every row the last stage ran (pending rows first); fewer
+        stages return that stage's hidden states (B, rows, D), which stay pending for the next."""
+        if self.length + ids.shape[1] > self.model.max_target_positions:
+            raise GenerationError(f"the decoder holds {self.model.max_target_positions} positions: "
+                                  "ask for fewer new tokens.")
+        stop = len(self.stages) if stages is None else stages
+        x = ids
+        for s in range(stop):
+            x = self._run(s, x)
+        if stop < len(self.stages):
+            self._add_pending(stop, x)
+        return x
+
+    def catch_up(self, stages: int | None = None) -> np.ndarray | None:
+        """Run the pending rows of stages [1, STAGES). Returns the output of stage STAGES - 1
+        for the rows it ran (logits at full depth, else hidden states left pending for stage
+        STAGES), or None if nothing was pending."""
+        stop = len(self.stages) if stages is None else stages
+        out = None
+        for s in range(1, stop):
+            if self.pending[s] is None:
+                continue
+            out = self._run(s, None)
+            if s + 1 < len(self.stages):
+                self._add_pending(s + 1, out)
+        return out
+
+    def exit_logits(self, hidden: np.ndarray) -> np.ndarray:
+        """The exit head (final norm + LM head) on hidden states (B, rows, D) → (B, rows, V)."""
+        head = self.model.exit_head
+        if head is None:
+            raise GenerationError(f"'{self.model.name}' has no early exits: export it with --exits.")
+        return head.run(None, {self.model.io["hidden_in"]: np.ascontiguousarray(hidden, np.float32)})[0]
+
+    def _add_pending(self, s: int, rows: np.ndarray) -> None:
+        self.pending[s] = rows if self.pending[s] is None else np.concatenate([self.pending[s], rows], axis=1)
+
+    def _run(self, s: int, x: np.ndarray | None) -> np.ndarray:
+        """Stage S on its pending rows followed by X; its main output for all of them."""
+        st = self.stages[s]
+        if s > 0 and self.pending[s] is not None:
+            x = self.pending[s] if x is None else np.concatenate([self.pending[s], x], axis=1)
+            self.pending[s] = None
+        feed = {st.input_name: np.ascontiguousarray(x)}
+        feed.update(zip(st.past_names, self.past[s]))
+        feed.update(zip(st.cross_names, self.cross[s]))
+        outs = st.session.run(None, feed)
+        self.past[s] = outs[1:]
+        return outs[0]
