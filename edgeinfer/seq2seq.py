@@ -22,6 +22,7 @@ from .errors import ContextLengthError, GenerationError, PackageError
 from .package import Package
 from .seq2seq_search import LogitsRules, Seq2SeqConfig, TimestampRules, beam_search, greedy_search
 from .seq2seq_stages import DecoderStage, StagedDecoderState, check_chain
+from .seq2seq_strategies import check_strategy, early_exit_search, merge_stats, self_speculative_search
 from .tokenizer import TextTokenizer
 
 SILENCE_PEAK = 10 ** (-60 / 20)  # a window whose loudest sample is below -60 dBFS holds no speech
@@ -41,6 +42,7 @@ class TranscriptionResult:
     decoder_s: float = 0.0
     new_tokens: int = 0
     tokens: list[list[int]] = field(default_factory=list)
+    strategy: dict | None = None  # early-exit / self-speculative statistics over all windows
 
     @property
     def inverse_rtf(self) -> float:
@@ -52,7 +54,8 @@ class TranscriptionResult:
                 "silent_windows": self.silent_windows, "audio_s": round(self.audio_s, 3),
                 "elapsed_s": round(self.elapsed_s, 4), "encoder_s": round(self.encoder_s, 4),
                 "decoder_s": round(self.decoder_s, 4), "new_tokens": self.new_tokens,
-                "inverse_rtf": round(self.inverse_rtf, 2), "tokens": self.tokens}
+                "inverse_rtf": round(self.inverse_rtf, 2), "tokens": self.tokens,
+                **({"strategy": self.strategy} if self.strategy else {})}
 
 
 @dataclass
@@ -67,12 +70,14 @@ class Seq2SeqResult:
     elapsed_s: float
     decode_tok_s: float  # tokens per second after the first
     finish_reason: str
+    strategy: dict | None = None  # early-exit / self-speculative statistics
 
     def as_dict(self) -> dict:
         return {"text": self.text, "input_tokens": self.input_tokens, "new_tokens": len(self.tokens),
                 "encoder_s": round(self.encoder_s, 5), "ttft_s": round(self.first_token_s, 5),
                 "elapsed_s": round(self.elapsed_s, 5), "decode_tok_s": round(self.decode_tok_s, 2),
-                "finish_reason": self.finish_reason, "tokens": self.tokens}
+                "finish_reason": self.finish_reason, "tokens": self.tokens,
+                **({"strategy": self.strategy} if self.strategy else {})}
 
 
 class DecoderState:
@@ -142,6 +147,7 @@ class Seq2SeqModel:
             raise PackageError(f"package '{pkg.root}' is an encoder-decoder package without a valid {e}: "
                                "re-export it.") from None
         self.tokenizer = TextTokenizer(pkg)
+        self.strategy_stats: dict | None = None  # of the last search with an early-exit/self-speculative strategy
 
     @property
     def name(self) -> str:
@@ -259,13 +265,17 @@ class Seq2SeqModel:
         return Seq2SeqResult(text=self.tokenizer.decode(out), tokens=tokens, input_tokens=len(ids),
                              encoder_s=encoder_s, first_token_s=first_s, elapsed_s=elapsed,
                              decode_tok_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
-                             finish_reason="stop" if tokens and tokens[-1] in self.eos else "length")
+                             finish_reason="stop" if tokens and tokens[-1] in self.eos else "length",
+                             strategy=self.strategy_stats)
 
     def _search(self, hidden: np.ndarray, prompt: list[int] | None, timestamps: bool, on_token,
                 params: dict) -> list[int]:
         params = dict(params)
         language, task = params.pop("language", None), params.pop("task", None)
+        strategy = params.pop("strategy", None) or "plain"
+        options = {k: params.pop(k, None) for k in ("exit_layer", "threshold", "draft_len")}
         config = self.config(**params)
+        plan = check_strategy(self, strategy, config, **options)
         if prompt is None:
             prompt = self.decoder_prompt(timestamps, language, task)
         if len(prompt) >= self.max_target_positions:
@@ -274,6 +284,13 @@ class Seq2SeqModel:
         config.max_new_tokens = min(config.max_new_tokens, self.max_target_positions - len(prompt))
         rules = LogitsRules(config, len(prompt), self._timestamp_rules() if timestamps else None)
         state = self.new_state(self.cross_kv(hidden), config.num_beams)
+        self.strategy_stats = {} if strategy != "plain" else None
+        if strategy == "early-exit":
+            return early_exit_search(state, prompt, config, self.eos, rules, plan["exits"], plan["threshold"],
+                                     self.strategy_stats, on_token)
+        if strategy == "self-speculative":
+            return self_speculative_search(state, prompt, config, self.eos, rules, plan["exit_layer"],
+                                           plan["exit_stages"], plan["draft_len"], self.strategy_stats, on_token)
         if config.num_beams > 1:
             return beam_search(state, prompt, config, self.eos, rules)
         return greedy_search(state, prompt, config, self.eos, rules, on_token)
@@ -348,6 +365,8 @@ class Seq2SeqModel:
             td = time.perf_counter()
             tokens = self._search(hidden, None, timestamps, None, params)
             res.decoder_s += time.perf_counter() - td
+            if self.strategy_stats is not None:
+                res.strategy = merge_stats(res.strategy, self.strategy_stats)
             res.tokens.append(tokens)
             res.new_tokens += len(tokens)
             full_window_follows = n == n_samples and seek + n < n_total

@@ -14,6 +14,10 @@ def run_seq2seq(model, prompt: str, args) -> int:
     params = dict(num_beams=args.num_beams, length_penalty=args.length_penalty,
                   no_repeat_ngram_size=args.no_repeat_ngram_size, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    strategy = getattr(args, "strategy", None) or "plain"
+    if strategy != "plain":  # early-exit / self-speculative on a staged package (export --exits)
+        params.update(strategy=strategy, exit_layer=args.exit_layer, threshold=args.threshold,
+                      draft_len=args.draft_len)
     if not model.audio:
         return _run_text(model, prompt, params, args)
     params.update(language=getattr(args, "language", None), task=getattr(args, "task", None))
