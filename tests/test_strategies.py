@@ -9,7 +9,7 @@ import edgeinfer
 from edgeinfer.errors import GenerationError
 from edgeinfer.sampling import GenerationConfig, Sampler
 from edgeinfer.strategies import accept_draft
-from edgeinfer.strategies.lookup import NgramIndex
+from edgeinfer.strategies.lookup import DraftLengthPolicy, NgramIndex
 
 PROMPTS = ["Paris is the capital of", "def add(a, b):\n    return a + b\ndef add(a, b):",
            "The quick brown fox jumps over the lazy dog. The quick brown fox"]
@@ -88,6 +88,27 @@ def test_lossless_with_prefix_reuse_and_chat(exit_package):
     model.reset()
     assert b.reused_prompt_tokens > 0
     assert model.complete(msgs2, max_new_tokens=12, ignore_eos=True).tokens == b.tokens
+
+
+def test_draft_length_policy_follows_acceptance_and_cost():
+    """Verifying k drafts costs c_step + k * c_token: the policy drafts long when drafts are
+    accepted and verification rows are cheap, and not at all when drafts are always rejected."""
+    good = DraftLengthPolicy(8)
+    assert good.choose(5) == 5  # costs not measured yet: verify all that is offered
+    good.observe_step(0.010)
+    for _ in range(20):
+        good.observe_verify(8, 8, 0.010 + 8 * 0.001)
+    assert good.choose(8) == 8 and good.choose(3) == 3
+    bad = DraftLengthPolicy(8)
+    bad.observe_step(0.010)
+    for _ in range(20):
+        bad.observe_verify(4, 0, 0.010 + 4 * 0.003)
+    assert bad.choose(8) == 0
+    costly = DraftLengthPolicy(8)  # each row costs as much as a step: only near-certain drafts pay
+    costly.observe_step(0.010)
+    for _ in range(20):
+        costly.observe_verify(2, 1, 0.010 + 2 * 0.010)
+    assert costly.choose(8) == 0
 
 
 def test_ngram_index_proposes_continuation_of_latest_match():
