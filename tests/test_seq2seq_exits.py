@@ -96,6 +96,34 @@ def test_staged_package_matches_transformers(staged, features, family):  # noqa:
         assert ours == plain.generate_ids(inputs, prompt, **kw)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exit_head_applies_the_family_head(staged, features, family):  # noqa: F811
+    """The exit at layer 1 equals transformers' final norm and LM head on its layer-1 hidden
+    states: T5's d_model**-0.5 before the tied head, BART's final_logits_bias, Whisper's tied proj_out."""
+    import torch
+
+    hf, pkg, _, _ = staged(family)
+    model = edgeinfer.load(pkg)
+    inputs, prompt, _ = _inputs(model, features)
+    dec = [prompt[0] if prompt else model.generation["decoder_start_ids"][0], 17, 45, 99]
+    with torch.no_grad():
+        key = "input_features" if family == "whisper" else "input_ids"
+        out = hf(**{key: torch.from_numpy(inputs)}, decoder_input_ids=torch.tensor([dec]), output_hidden_states=True)
+        h = out.decoder_hidden_states[1]  # after decoder layer 0
+        if family == "whisper":
+            ref = hf.proj_out(hf.model.decoder.layer_norm(h))
+        elif family == "t5":
+            h = hf.decoder.final_layer_norm(h)
+            ref = hf.lm_head(h * hf.config.d_model ** -0.5 if hf.config.tie_word_embeddings else h)
+        else:
+            ref = hf.lm_head(h) + hf.final_logits_bias
+    ref = ref[0].numpy()
+    state = StagedDecoderState(model, model.cross_kv(model.encode(inputs)), 1)
+    ours = state.exit_logits(state.forward(np.asarray([dec], np.int64), 1))[0]
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(ours / scale, ref / scale, atol=2e-5)
+
+
 def test_pending_rows_fill_the_skipped_layers(staged, features):  # noqa: F811
     """Tokens run only up to the exit wait as pending rows; the next full-depth token runs
     them first, so its logits are those of one full pass over the whole sequence."""
