@@ -71,3 +71,45 @@ def test_report_index_lists_every_step(tmp_path):
     md = markdown(rep, tmp_path)
     assert "report.py --quick" in md and "4.0 minutes" in md and "**failed**" in md
     assert "## smollm2-135m: edgeinfer and the peers" in md
+
+
+def test_summary_tables_targets_and_plots(tmp_path):
+    """The report's summary reads this run's JSON, ignores older files, states each target's distance."""
+    import os
+
+    from apps.bench.summary import collect, markdown, plots, targets
+
+    def engine(tok_s, roofline):
+        return {"decode_tok_s": {"median": tok_s}, "roofline_tok_s": roofline}
+
+    def prompt(name, n, ours, genai, llama):
+        return {"prompt": name, "prompt_tokens": n,
+                "engines": {"edgeinfer-int4": engine(ours, 300.0), "onnxruntime-genai-int4": engine(genai, 300.0),
+                            "llama.cpp-Q4_1": engine(llama, 300.0)},
+                "ratios": {"edgeinfer-int4 / onnxruntime-genai-int4": {"decode": ours / genai},
+                           "edgeinfer-int4 / llama.cpp-Q4_1": {"decode": ours / llama}}}
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "compare-smollm2.json").write_text(json.dumps({"model": "smollm2-135m", "prompts": [
+        prompt("chat", 37, 180.0, 150.0, 100.0), prompt("512", 512, 150.0, 150.0, 100.0),
+        prompt("2048", 2048, 100.0, 125.0, 100.0)]}))
+    (bench / "strategies-a4.json").write_text(json.dumps({"sets": {"editing": {"plain_tok_s": 180.0, "strategies": {
+        'lookup {"draft_len": 8}': {"speedup_median": 1.5, "lossless_prompts": 6, "prompts": 6}}}},
+        "early_exit": []}))
+    old = bench / "big_little.json"
+    old.write_text("{}")
+    os.utime(old, (1, 1))  # from an earlier run: ignored
+    src = collect(since=1000.0, build=tmp_path)
+    assert src["big_little"] is None and src["gemma3"] is None
+    got = {t: (m, d) for t, m, d in targets(src)}
+    assert got["plain int4 decode ≥ 1.2× onnxruntime-genai-int4"][1] == "short by 0.40× at worst (2048)"
+    assert got["plain int4 decode ≥ 1.4× llama.cpp-Q4_1"][1] == "short by 0.40× at worst (2048)"
+    best = got["best lossless strategy ≥ 2× onnxruntime-genai"]
+    assert best[0].startswith("lookup") and "1.80×" in best[0] and best[1] == "short by 0.20×"
+    assert got["smollm2 int4 decode ≥ 50% of the memory roofline (chat prompt)"][1] == "met"
+    pictures = plots(src, tmp_path)
+    assert [p.name for p in pictures] == ["bench-strategies.png", "bench-prompt-length-smollm2.png"]
+    assert all(p.stat().st_size > 1000 for p in pictures)
+    md = "\n".join(markdown(src, [p.name for p in pictures]))
+    assert "| lookup {\"draft_len\": 8} | lossless strategy, int4 | editing | 270.0 | 1.50× | 1.80× (derived) |" in md

@@ -19,11 +19,15 @@ llama.cpp; install_whisper_peer.sh: faster-whisper; optimum's venv comes with
      token, roofline) — apps/bench/mobile.py (10 minutes sustained)
   6. Whisper tiny.en against faster-whisper (WER, inverse real-time factor) — apps/bench/whisper.py
   7. encoder-decoder against decoder-only first-token latency — apps/bench/encoder_vs_decoder.py
+  8. sparse MoE under memory budgets (SmolLM2 cut into experts, real text) — apps/bench/moe.py
+
+and then one table of every engine and strategy, the targets with the distance
+to each, and plots (apps/bench/summary.py).
 
 Each step's own page keeps its detail; this script writes the index with the
 machine, the date, every command and its wall time, and the peer comparisons.
 Every speed figure on every page is a ratio measured in the same run.
---quick runs 1, 3, 4, 5 and 6 in their short forms and writes nothing under docs/.
+--quick runs 1, 3, 4, 5, 6 and 8 in their short forms and writes nothing under docs/.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +46,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PY = str(ROOT / ".venv" / "bin" / "python")
 BENCH = ROOT / "apps" / "bench"
+sys.path.insert(0, str(BENCH))
+
+import summary  # noqa: E402
 
 
 def steps(quick: bool, out: Path) -> list[tuple[str, list[str], Path | None]]:
@@ -60,6 +68,8 @@ def steps(quick: bool, out: Path) -> list[tuple[str, list[str], Path | None]]:
             ("Whisper tiny.en (quick)", [PY, BENCH / "whisper.py", "--rounds", "1", "--beams", "1",
                                          "--precisions", "int8", "--peer-types", "int8", "--out", out / "whisper.md"],
              out / "whisper.md"),
+            ("Sparse MoE under memory budgets (quick)", [PY, BENCH / "moe.py", "all", "--models", "moefied",
+                                                         "--quick"], None),
         ]
     docs = ROOT / "docs"
     return [
@@ -76,6 +86,8 @@ def steps(quick: bool, out: Path) -> list[tuple[str, list[str], Path | None]]:
          docs / "whisper.md"),
         ("Encoder-decoder vs decoder-only", [PY, BENCH / "encoder_vs_decoder.py", "--rounds", "3"],
          docs / "encoder-vs-decoder.md"),
+        ("Sparse MoE under memory budgets", [PY, BENCH / "moe.py", "all", "--models", "moefied", "--repeats", "1"],
+         None),
     ]
 
 
@@ -93,7 +105,7 @@ def main() -> int:
     args = ap.parse_args()
     out = ROOT / "build" / "bench" / ("quick" if args.quick else "report")
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
+    t_start, started = time.perf_counter(), time.time()
     if not args.no_install:
         install_peers()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -114,7 +126,16 @@ def main() -> int:
               "total_seconds": round(total, 1), "steps": done}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     index = out / "benchmarks.md" if args.quick else ROOT / "docs" / "benchmarks.md"
-    index.write_text(markdown(report, out, index.parent))
+    src = summary.collect(started)
+    pictures = summary.plots(src, index.parent)
+    for name in ("mobile-sustained.png", "mobile-threads.png"):
+        if (out / name).exists() and not args.quick:
+            shutil.copy(out / name, index.parent / name)
+            pictures.append(index.parent / name)
+    body = markdown(report, out, index.parent).rstrip("\n").split("\n")
+    at = next((i for i, ln in enumerate(body) if i > 0 and ln.startswith("#")), len(body))
+    body[at:at] = [*summary.markdown(src, [os.path.relpath(p, index.parent) for p in pictures]), ""]
+    index.write_text("\n".join(body) + "\n")
     print(f"\nwrote {index} in {total / 60:.1f} min")
     return 0 if all(s["ok"] for s in done) else 1
 
