@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter-rank", type=int, default=None, help="low-rank exit adapters (default: full rank)")
     e.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=None,
                    help="quantize the LM head (and tied embedding) to this many bits")
+    e.add_argument("--expert-bits", type=int, choices=[8], default=None,
+                   help="sparse MoE: store routed experts as per-channel int8 fed to one shared graph (no "
+                   "session per loaded expert: cheap to stream; docs/moe.md)")
     e.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128])
     e.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 4],
                    help="MatMulNBits compute: 4 = int8 activations (fastest), 0 = float activations (slower; "
@@ -187,7 +190,8 @@ def _cmd_export(args) -> int:
                        exits=exits, force=args.force, lm_head_bits=args.lm_head_bits, block_size=args.block_size,
                        accuracy_level=args.accuracy_level, target=args.target, prefill_chunk=args.prefill_chunk,
                        calibration=args.calibration, activation_bits=args.activation_bits,
-                       exit_adapters=args.exit_adapters, adapter_rank=args.adapter_rank)
+                       exit_adapters=args.exit_adapters, adapter_rank=args.adapter_rank,
+                       expert_bits=args.expert_bits)
     print(f"wrote {res.path} ({res.size_bytes / 1e6:.1f} MB, {precision}, target {args.target}, "
           f"{len(res.manifest['graphs'])} graph(s), context {res.manifest['kv_cache']['max_context']})")
     if args.check:

@@ -1,15 +1,22 @@
 """Experts on demand: the expert store reader, a memory-budgeted expert cache, and
 a background reader that prefetches the experts the next layer will probably need.
 
-An expert, once read, becomes a small onnxruntime session of the package's
-``expert_ffn`` graph whose weights are that expert's record (handed over as
-external initializers, so nothing is copied into a model proto). onnxruntime
-prepacks the weights when it creates the session, which is what the cache holds.
-Measured on the benchmark's 1.5 MB int4 experts (docs/moe.md, ``apps/bench/moe.py
-ffn-options``): a prepacked session runs an expert about 10x faster than numpy on
-weights dequantized to fp32 (which also hold 6x the bytes) and about 60x faster
-than MatMulNBits fed the same weights as graph inputs (it unpacks them on every
-call); its price is the build, a few ms of CPU per load.
+How a read record becomes runnable depends on the store's format:
+
+- int4/int8 block-quantized (or fp32) records: a small onnxruntime session of the
+  package's ``expert_ffn`` graph whose weights are that record (handed over as
+  external initializers, so nothing is copied into a model proto). onnxruntime
+  prepacks the weights when it creates the session, which is what the cache holds.
+  Measured on the benchmark's 1.5 MB int4 experts (docs/moe.md, ``apps/bench/moe.py
+  ffn-options``): fast calls, about 100x faster than MatMulNBits fed the same weights
+  as graph inputs (it unpacks them on every call); its price is the build, 3-6 ms of
+  CPU per load, and memory for the record plus its prepacked copy.
+- ``int8-channel`` records (exported with ``expert_bits=8``, flagged
+  ``weights_as_inputs`` in the index): no session per expert. One shared session of
+  ``expert_ffn`` takes the weights as inputs (DynamicQuantizeMatMul); "building" an
+  expert only wraps its record's arrays in OrtValues (no copy), and the cache holds
+  the record alone. A call costs about twice a prepacked int4 call (the int8 GEMM
+  packs its operand each time), a load only its read.
 
 The cache is bounded by a byte budget; a cached expert counts as two store
 records (onnxruntime holds the record's arrays and its prepacked copy). Layers are
@@ -44,6 +51,12 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
 
 
 RESIDENT_RECORDS = 2  # memory one cached expert holds, in store records (see ExpertCache)
+
+
+def resident_records(index: dict) -> int:
+    """What one cached expert of this store costs in memory, in store records: the record alone when
+    its weights are graph inputs; the record and onnxruntime's prepacked copy of it otherwise."""
+    return 1 if index.get("weights_as_inputs") else RESIDENT_RECORDS
 _TRIM_EVERY = 64 << 20
 
 
@@ -90,6 +103,7 @@ class ExpertStore:
         self.alignment = int(index.get("alignment", 4096))
         self.record_size = int(index["record_size"])
         self.tensors = index["tensors"]
+        self.weights_as_inputs = bool(index.get("weights_as_inputs"))
         self.records: dict[tuple[int, int], tuple[int, int]] = {}
         for layer, recs in index["layers"].items():
             for e, rec in enumerate(recs):
@@ -171,13 +185,20 @@ class CacheStats:
 @dataclass(eq=False)  # identity: it holds a session and arrays
 class CachedExpert:
     """A loaded expert: its session (or, read ahead but not built yet, its record's arrays), and a
-    binding the decoder may attach for one-token runs."""
+    binding the decoder may attach for one-token runs. With weights as graph inputs the session is
+    the shared one, ``tensors`` stay (the prompt path feeds them) and ``weights`` are OrtValues over
+    them (the one-token binding binds them)."""
 
     session: ort.InferenceSession | None
     prefetched: bool = False
     used: bool = False
     binding: ort.IOBinding | None = None
     tensors: dict | None = None
+    weights: dict | None = None
+
+    def feeds(self) -> dict:
+        """The weight inputs ``session.run`` needs besides the expert input (none for a prepacked session)."""
+        return self.tensors if self.weights is not None else {}
 
 
 @dataclass
@@ -195,15 +216,18 @@ class ExpertCache:
         self.store = store
         self.ffn_graph = ffn_graph
         self.session_options = session_options
+        # Weights as graph inputs: one session for every expert, made once.
+        self.shared_session = self._session(ffn_graph, session_options()) if store.weights_as_inputs else None
         self.record = store.record_size
         self.layers: dict[int, OrderedDict] = {i: OrderedDict() for i in sparse_layers}
         self.count = 0
         self.stats = CacheStats()
         self.lock = threading.Lock()
-        # What a cached expert costs in memory: onnxruntime keeps the record's arrays (they are the
-        # session's initializers) beside its prepacked copy of them. Measured on the 1.5 MB int4 experts
-        # of apps/bench/moe.py: 2.3-2.6 MB per loaded expert; counting two records keeps the budget.
-        self.expert_bytes = RESIDENT_RECORDS * self.record
+        # What a cached expert costs in memory: with a session per expert, onnxruntime keeps the record's
+        # arrays (they are the session's initializers) beside its prepacked copy of them. Measured on the
+        # 1.5 MB int4 experts of apps/bench/moe.py: 2.3-2.6 MB per loaded expert; counting two records
+        # keeps the budget. Weights fed as inputs: the record alone.
+        self.expert_bytes = (1 if store.weights_as_inputs else RESIDENT_RECORDS) * self.record
         minimum = top_k * self.expert_bytes
         total = len(store.records) * self.expert_bytes
         if budget is not None and budget < minimum:
@@ -240,24 +264,31 @@ class ExpertCache:
         return entry
 
     def build(self, entry: CachedExpert, layer: int, expert: int) -> None:
-        """Turn a read record into its session (onnxruntime prepacks the weights: CPU work)."""
+        """Make a read record runnable: its own session (onnxruntime prepacks the weights: CPU work),
+        or, when the weights are graph inputs, OrtValues over its arrays for the shared session."""
         if entry.session is not None:
             return
         t1 = time.perf_counter()
-        tensors, entry.tensors = entry.tensors, None
-        names = list(tensors)
-        values = [ort.OrtValue.ortvalue_from_numpy(tensors[n]) for n in names]
-        so = self.session_options()
-        so.add_external_initializers(names, values)
-        try:
-            session = ort.InferenceSession(self.ffn_graph, sess_options=so, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0][:200]
-            raise PackageError(f"expert {expert} of layer {layer} could not be loaded ({msg}): "
-                               "the package is corrupt, re-export it.") from None
-        entry.session = session
+        if self.shared_session is not None:
+            entry.weights = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in entry.tensors.items()}
+            entry.session = self.shared_session
+        else:
+            tensors, entry.tensors = entry.tensors, None
+            names = list(tensors)
+            values = [ort.OrtValue.ortvalue_from_numpy(tensors[n]) for n in names]
+            so = self.session_options()
+            so.add_external_initializers(names, values)
+            entry.session = self._session(self.ffn_graph, so, f"expert {expert} of layer {layer}")
         with self.lock:
             self.stats.build_s += time.perf_counter() - t1
+
+    @staticmethod
+    def _session(graph: bytes, so: ort.SessionOptions, what: str = "the expert graph") -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(graph, sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0][:200]
+            raise PackageError(f"{what} could not be loaded ({msg}): the package is corrupt, re-export it.") from None
 
     # -- bookkeeping (callers hold self.lock) ------------------------------------
     def _lookup(self, key: tuple[int, int]) -> CachedExpert | None:

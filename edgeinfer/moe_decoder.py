@@ -237,6 +237,8 @@ class MoEDecoder:
                     b = entry.session.io_binding()
                     b.bind_ortvalue_input(self.io["expert_in"], _ov(plan.h))
                     b.bind_ortvalue_output(self.io["expert_out"], _ov(plan.expert_out))
+                    for name, value in (entry.weights or {}).items():  # weights as inputs: the shared graph
+                        b.bind_ortvalue_input(name, value)
                     entry.binding = b
                 entry.session.run_with_iobinding(entry.binding)
                 y += w * plan.expert_out[0]
@@ -301,7 +303,7 @@ class MoEDecoder:
             rows, slot = np.nonzero(experts == e)
             entry = self.cache.acquire(i, [e])[0]
             try:
-                out = entry.session.run([name_out], {name_in: np.ascontiguousarray(h[rows])})[0]
+                out = entry.session.run([name_out], {name_in: np.ascontiguousarray(h[rows]), **entry.feeds()})[0]
             finally:
                 self.cache.release(i, [e])
             y[rows] += out * weights[rows, slot][:, None]

@@ -34,11 +34,13 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
                  symmetric: bool = True, progress: bool = True, target: str = "cpu",
                  prefill_chunk: int | None = None, calibration: str | Path | None = None,
                  activation_bits: int = 16, exit_adapters: bool = False,
-                 adapter_rank: int | None = None) -> ExportResult:
+                 adapter_rank: int | None = None, expert_bits: int | None = None) -> ExportResult:
     """Export SOURCE (alias, .gguf, HF folder, hub id, or a loaded SourceModel) to a package at OUT.
 
     TARGET: ``cpu`` (fused contrib ops, dynamic KV), ``gpu`` (the same graphs, fp16 weights unless int4 is
     asked: MatMulNBits runs on CUDA), ``npu`` (static shapes, static QDQ int8: see npu_export.py).
+    EXPERT_BITS (sparse MoE only): 8 stores the routed experts as per-channel int8 fed to one shared
+    graph (no session per loaded expert: docs/moe.md); None keeps them at PRECISION.
     """
     if target not in TARGETS:
         raise ExportError(f"unknown target '{target}': choose one of {', '.join(TARGETS)}.")
@@ -71,8 +73,11 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
 
         manifest = export_moe_source(src, out, precision, max_context=max_context, stages=stages, exits=exits,
                                      force=force, lm_head_bits=lm_head_bits, block_size=block_size,
-                                     accuracy_level=accuracy_level, symmetric=symmetric, progress=progress)
+                                     accuracy_level=accuracy_level, symmetric=symmetric, progress=progress,
+                                     expert_bits=expert_bits)
         return ExportResult(out, manifest, sum(m["size"] for m in manifest["files"].values()))
+    if expert_bits is not None:
+        raise ExportError(f"--expert-bits applies to sparse-MoE models only, not {model_type or 'this model'}.")
     if model_type not in FAMILIES:
         if stages or exits:
             raise ExportError(f"model family '{model_type}' has no hand-built graph: stages and exits need one "

@@ -12,10 +12,11 @@ Around the layers: an ``embed`` graph (ids → stream), a ``head`` graph (final
 norm + LM head on the last positions), and ``expert_ffn``: one expert's
 gated MLP whose weights are initializers the runtime supplies from the expert
 store (declared as external data; the runtime replaces them, so the graph
-file holds no weights). ``experts/routers.npy`` and ``experts/router_norms.npy``
-give the runtime every layer's router and pre-feed-forward norm, which it
-applies to the current stream to predict — and prefetch — the next layer's
-experts.
+file holds no weights) or, for ``int8-channel`` experts (``expert_bits=8``),
+graph inputs the runtime binds to the cached record (one session for all
+experts). ``experts/routers.npy`` and ``experts/router_norms.npy`` give the runtime
+every layer's router and pre-feed-forward norm, which it applies to the current
+stream to predict — and prefetch — the next layer's experts.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from .blocks import (
     rms_norm,
     rotary_cache,
 )
-from .expert_store import ExpertStoreWriter
+from .expert_store import CHANNEL_INT8, ExpertStoreWriter
 from .onnx_graph import MS_DOMAIN, GraphBuilder
 from .package_writer import staging_folder, write_manifest
 
@@ -143,15 +144,28 @@ def _full_width_norm_attention(g: GraphBuilder, x: str, w: dict, io: AttentionIO
     return linear(g, out[0], w["o"], f"{name}.o_proj", precision)
 
 
-def build_expert_ffn(spec: MoESpec, layout: list[dict], precision: Precision) -> GraphBuilder:
-    """One expert's ``down(silu(gate(x)) * up(x))`` on (tokens, hidden) rows; weights come from the store."""
+def build_expert_ffn(spec: MoESpec, layout: list[dict], precision: Precision,
+                     weights_as_inputs: bool = False) -> GraphBuilder:
+    """One expert's ``down(silu(gate(x)) * up(x))`` on (tokens, hidden) rows; weights come from the store.
+
+    WEIGHTS_AS_INPUTS (``int8-channel`` records): the weights are graph inputs and each
+    projection a ``DynamicQuantizeMatMul`` (int8 activations per call, int8 weights with
+    per-channel scales), whose int8 GEMM packs a non-constant weight on every call at a
+    small cost; MatMulNBits would instead unpack int4 blocks to fp32 on every call
+    (~100x slower, ``apps/bench/moe.py ffn-options``)."""
     hidden, inter = spec.dense.hidden, spec.expert_intermediate
     g = GraphBuilder("expert_ffn")
     x = g.input(EXPERT_IN, "float32", ["tokens", hidden])
     for t in layout:
-        _placeholder(g, t)
+        if weights_as_inputs:
+            g.input(t["name"], t["dtype"], t["shape"])
+        else:
+            _placeholder(g, t)
 
     def matmul(inp: str, name: str, k: int, n: int) -> str:
+        if weights_as_inputs:
+            return g.op1("DynamicQuantizeMatMul", [inp, f"{name}.qweight", f"{name}.scales"], domain=MS_DOMAIN,
+                         name=name)
         if not precision.bits:
             return g.op1("MatMul", [inp, f"{name}.weight"], name=name)
         inputs = [inp, f"{name}.qweight", f"{name}.scales"]
@@ -183,11 +197,17 @@ def _placeholder(g: GraphBuilder, t: dict) -> None:
     g._init_names.add(t["name"])
 
 
-def export_moe(src, out: Path, spec: MoESpec, prec: Precision, ctx: int, force: bool, progress) -> dict:
-    """Write the package; returns its manifest. ``src`` is a SourceModel (its state dict may be lazy)."""
+def export_moe(src, out: Path, spec: MoESpec, prec: Precision, ctx: int, force: bool, progress,
+               expert_bits: int | None = None) -> dict:
+    """Write the package; returns its manifest. ``src`` is a SourceModel (its state dict may be lazy).
+
+    EXPERT_BITS=8 stores the routed experts as ``int8-channel`` records (fed to one shared
+    graph); None stores them at the package precision."""
     if prec.name not in ("int4", "int8", "fp32"):
         raise ExportError(f"MoE packages are int4, int8 or fp32 (got {prec.name}): choose one of those.")
-    if prec.bits and spec.expert_intermediate % prec.block_size:
+    if expert_bits not in (None, 8):
+        raise ExportError(f"--expert-bits takes 8 (int8 experts fed to one shared graph), not {expert_bits}.")
+    if prec.bits and not expert_bits and spec.expert_intermediate % prec.block_size:
         raise ExportError(f"--block-size {prec.block_size} does not divide the expert width "
                           f"{spec.expert_intermediate}: choose a smaller power of two.")
     sd, d = src.state_dict, spec.dense
@@ -202,8 +222,8 @@ def export_moe(src, out: Path, spec: MoESpec, prec: Precision, ctx: int, force: 
                            "inputs": [v.name for v in builder.inputs], "outputs": [v.name for v in builder.outputs]})
 
         save(build_embed(spec, sd, prec), {"role": "embed"})
-        store = ExpertStoreWriter(tmp / STORE_FILE, STORE_FILE, d.layers, spec.num_experts, prec.name,
-                                  prec.block_size, prec.symmetric)
+        store = ExpertStoreWriter(tmp / STORE_FILE, STORE_FILE, d.layers, spec.num_experts,
+                                  CHANNEL_INT8 if expert_bits else prec.name, prec.block_size, prec.symmetric)
         routers = np.zeros((d.layers, spec.num_experts, d.hidden), np.float32)
         norms = np.zeros((d.layers, d.hidden), np.float32)
         for i in range(d.layers):
@@ -218,7 +238,8 @@ def export_moe(src, out: Path, spec: MoESpec, prec: Precision, ctx: int, force: 
             progress(1)
         index = store.close()
         if index["layers"]:
-            save(build_expert_ffn(spec, index["tensors"], prec), {"role": "expert_ffn"})
+            save(build_expert_ffn(spec, index["tensors"], prec, weights_as_inputs=bool(expert_bits)),
+                 {"role": "expert_ffn"})
         save(_renamed(dg.build_exit_head(d, sd, prec), "head"), {"role": "head"})
         np.save(tmp / ROUTERS_FILE, routers)
         np.save(tmp / ROUTER_NORMS_FILE, norms)
@@ -256,7 +277,7 @@ def _manifest(src, spec: MoESpec, prec: Precision, ctx: int, graphs: list[dict],
 
 def export_moe_source(src, out: Path, precision: str, *, max_context: int | None, stages, exits, force: bool,
                       lm_head_bits: int | None, block_size: int, accuracy_level: int, symmetric: bool,
-                      progress: bool) -> dict:
+                      progress: bool, expert_bits: int | None = None) -> dict:
     """``export_model`` for MoE families: checks the options, then writes the package; returns its manifest."""
     from edgeinfer.models.moe import spec_from_config
 
@@ -272,7 +293,7 @@ def export_moe_source(src, out: Path, precision: str, *, max_context: int | None
                                               accuracy_level=accuracy_level, symmetric=symmetric)
     bar = _progress(d.layers, progress)
     try:
-        return export_moe(src, Path(out), spec, prec, ctx, force, bar.update)
+        return export_moe(src, Path(out), spec, prec, ctx, force, bar.update, expert_bits)
     finally:
         bar.close()
 

@@ -22,6 +22,7 @@ _DTYPES = {
     "int64": TensorProto.INT64,
     "int32": TensorProto.INT32,
     "uint8": TensorProto.UINT8,
+    "int8": TensorProto.INT8,
 }
 
 

@@ -84,7 +84,7 @@ class RandomWeights(Mapping):
         return len(self.shapes)
 
 
-def build(out: Path = PKG) -> None:
+def build(out: Path = PKG, expert_bits: int | None = None) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import make_tokenizer
     from edgeinfer.export import export_model
@@ -96,7 +96,7 @@ def build(out: Path = PKG) -> None:
                       tokenizer_json=tok.backend_tokenizer.to_str(), chat_template=None,
                       special={"bos_token_id": 1, "eos_token_ids": [2], "pad_token_id": 0})
     t0 = time.perf_counter()
-    res = export_model(src, out, "int4", max_context=512, force=True, progress=True)
+    res = export_model(src, out, "int4", max_context=512, force=True, progress=True, expert_bits=expert_bits)
     store = res.manifest["moe"]["expert_store"]
     print(f"exported {out} in {time.perf_counter() - t0:.0f} s: {res.size_bytes / 1e9:.2f} GB, expert store "
           f"{store['total_bytes'] / 1e9:.2f} GB ({store['record_size']} bytes per expert)")
@@ -176,7 +176,7 @@ class MoefiedWeights(Mapping):
         return len(self.keys)
 
 
-def build_moefied(out: Path = MOEFIED) -> None:
+def build_moefied(out: Path = MOEFIED, expert_bits: int | None = None) -> None:
     from edgeinfer.export import export_model
     from edgeinfer.export.sources import load_source
 
@@ -193,7 +193,7 @@ def build_moefied(out: Path = MOEFIED) -> None:
                       hidden_act="silu")
     src.state_dict = MoefiedWeights(src.state_dict, int(cfg["num_hidden_layers"]), MOEFY_EXPERTS, MOEFY_TOP_K)
     src.name = "smollm2-135m-moefied"
-    res = export_model(src, out, PRECISION, max_context=1024, force=True, progress=True)
+    res = export_model(src, out, PRECISION, max_context=1024, force=True, progress=True, expert_bits=expert_bits)
     store = res.manifest["moe"]["expert_store"]
     print(f"exported {out}: expert store {store['total_bytes'] / 1e6:.1f} MB ({store['record_size']} bytes per expert)")
 
@@ -246,9 +246,9 @@ def run_one(pkg: Path, mode: str, frac: float, tokens: int, warmup: int, text: b
 
     pkg_ = open_package(pkg, verify=False)
     store = pkg_.manifest["moe"]["expert_store"]
-    from edgeinfer.experts import RESIDENT_RECORDS
+    from edgeinfer.experts import resident_records
 
-    total = store["total_bytes"] * RESIDENT_RECORDS  # all experts in memory, as the cache counts them
+    total = store["total_bytes"] * resident_records(store)  # all experts in memory, as the cache counts them
     budget = int(total * frac)
     dec = MoEDecoder(pkg_, resolve_provider("cpu", threads), max_context=512, memory_budget=budget,
                      prefetch=mode.startswith("prefetch"), direct_io=True, readers=readers)
@@ -321,6 +321,30 @@ def ffn_options(pkg: Path, runs: int = 100) -> dict:
     out["session_build_ms"] = (time.perf_counter() - t0) / 8 * 1e3
     sess = cache.load(0, 0).session
     out["session_run_ms"] = timed(lambda: sess.run(None, {"expert_in": h}))
+    # Where the build goes: the same session without prepacking (graph parse, kernels, planning only),
+    # and with the cheapest session options (no arena, no memory patterns, no spinning).
+    records = [store.read(0, e) for e in range(8)]
+
+    def session_variant(config: dict, arena: bool = True) -> tuple[float, float]:
+        def make(tensors):
+            so = cache.session_options()
+            so.enable_cpu_mem_arena = so.enable_mem_pattern = arena
+            for k, v in config.items():
+                so.add_session_config_entry(k, v)
+            so.add_external_initializers(list(tensors), [ort.OrtValue.ortvalue_from_numpy(a) for a in tensors.values()])
+            return ort.InferenceSession(cache.ffn_graph, so, providers=["CPUExecutionProvider"])
+
+        make(records[0])
+        t0 = time.perf_counter()
+        for t in records:
+            s = make(t)
+        build_ms = (time.perf_counter() - t0) / len(records) * 1e3
+        return build_ms, timed(lambda: s.run(None, {"expert_in": h}), n=20 if "session.disable_prepacking" in config
+                                else runs)
+
+    out["noprepack_build_ms"], out["noprepack_run_ms"] = session_variant({"session.disable_prepacking": "1"})
+    out["lean_build_ms"], out["lean_run_ms"] = session_variant({"session.intra_op.allow_spinning": "0"}, arena=False)
+    out.update(_int8_channel_option(h, timed))
     # The same graph with the weights as graph inputs: MatMulNBits then unpacks them on every call.
     tensors = store.read(0, 0)
     import onnx
@@ -357,8 +381,39 @@ def ffn_options(pkg: Path, runs: int = 100) -> dict:
     out["numpy_dequantize_ms"] = timed(lambda: (deq("gate_up", 2 * inter, hid), deq("down", hid, inter)), n=5)
     out["record_bytes"] = store.record_size
     out["numpy_fp32_bytes"] = wgu.nbytes + wd.nbytes
+    out["loadavg"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     dec.close()
     return out
+
+
+def _int8_channel_option(h: np.ndarray, timed) -> dict:
+    """The int8-channel package's expert: one shared session, the weights bound from a read record."""
+    import onnxruntime as ort
+    from edgeinfer.runtimes import resolve_provider
+
+    from edgeinfer.moe_decoder import MoEDecoder
+    from edgeinfer.package import open_package
+
+    if not (PKG_INT8 / "edgeinfer.json").is_file():
+        return {}
+    dec = MoEDecoder(open_package(PKG_INT8, verify=False), resolve_provider("cpu"), max_context=64, prefetch=False)
+    cache = dec.cache
+    entries = [cache.load(0, e) for e in range(8)]
+    t0 = time.perf_counter()
+    for e, entry in enumerate(entries):
+        cache.build(entry, 0, e)
+    build_ms = (time.perf_counter() - t0) / len(entries) * 1e3
+    entry = entries[0]
+    out = np.zeros_like(h)
+    b = entry.session.io_binding()
+    b.bind_ortvalue_input("expert_in", ort.OrtValue.ortvalue_from_numpy(h))
+    b.bind_ortvalue_output("expert_out", ort.OrtValue.ortvalue_from_numpy(out))
+    for name, value in entry.weights.items():
+        b.bind_ortvalue_input(name, value)
+    run_ms = timed(lambda: entry.session.run_with_iobinding(b))
+    record = cache.store.record_size
+    dec.close()
+    return {"int8_channel_build_ms": build_ms, "int8_channel_run_ms": run_ms, "int8_channel_record_bytes": record}
 
 
 def _subprocess_run(model: str, mode: str, frac: float, tokens: int, warmup: int, threads: int | None) -> dict:
@@ -376,13 +431,22 @@ def _subprocess_run(model: str, mode: str, frac: float, tokens: int, warmup: int
     return out
 
 
-MODELS = {"random": PKG, "moefied": MOEFIED}
+PKG_INT8 = OUT / "pkg-int4-int8experts"
+MOEFIED_INT8 = OUT / "pkg-smollm2-moefied-int4-int8experts"
+# name -> (package, builder, expert_bits): int4 experts (a prepacked session per loaded expert) and
+# int8-channel experts (weights fed to one shared graph), on the same weights.
+MODELS = {"random": PKG, "random-int8": PKG_INT8, "moefied": MOEFIED, "moefied-int8": MOEFIED_INT8}
+EXPERT_BITS = {"random": None, "random-int8": 8, "moefied": None, "moefied-int8": 8}
 
 
-def measure_all(model: str, tokens: int, warmup: int, repeats: int) -> dict:
+def build_model(model: str) -> None:
+    (build if model.startswith("random") else build_moefied)(MODELS[model], EXPERT_BITS[model])
+
+
+def measure_all(model: str, tokens: int, warmup: int, repeats: int, quick: bool = False) -> dict:
     pkg = MODELS[model]
     if not (pkg / "edgeinfer.json").is_file():
-        build() if model == "random" else build_moefied()
+        build_model(model)
     # Streaming configurations compute on one thread: loading an expert is CPU work (its session
     # build) and on 2 cores a second spinning compute thread takes the core the loads need (measured:
     # docs/moe.md, "compute threads"); all-resident keeps every core.
@@ -390,6 +454,9 @@ def measure_all(model: str, tokens: int, warmup: int, repeats: int) -> dict:
     configs = [("resident", 1.0, None), ("prefetch", 0.9, streaming), ("prefetch", 0.75, streaming),
                ("prefetch", 0.5, streaming), ("prefetch_build", 0.5, streaming), ("naive", 0.5, streaming),
                ("prefetch", 0.25, streaming), ("prefetch_build", 0.25, streaming), ("naive", 0.25, streaming)]
+    if quick:  # the issue's budgets only: all resident, then read-ahead against on-demand at 50% and 25%
+        configs = [c for c in configs if c[0] != "prefetch_build" and c[1] in (1.0, 0.5, 0.25)]
+    loadavg = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     drop_page_cache()
     bw = disk_bandwidth(pkg)
     print(f"disk: {bw['gb_s']:.2f} GB/s, {bw['ms_per_read']:.2f} ms per {bw['read_bytes'] / 1e6:.2f} MB O_DIRECT read")
@@ -404,7 +471,11 @@ def measure_all(model: str, tokens: int, warmup: int, repeats: int) -> dict:
     if model == "random":
         print("expert FFN options")
         options = ffn_options(pkg)
-    result = {"model": model, "config": CONFIG if model == "random" else manifest["moe"],
+    from edgeinfer.experts import resident_records
+
+    store = manifest["moe"]["expert_store"]
+    result = {"model": model, "expert_format": store["precision"], "resident_records": resident_records(store),
+              "loadavg": loadavg, "config": CONFIG if model == "random" else manifest["moe"],
               "expert_store_bytes": manifest["moe"]["expert_store"]["total_bytes"],
               "record_bytes": manifest["moe"]["expert_store"]["record_size"], "disk": bw, "runs": runs,
               "ffn_options": options, "cpu_count": os.cpu_count(), "tokens": tokens, "warmup": warmup}
@@ -522,116 +593,153 @@ def _threads_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_doc(random_result: dict, moefied: dict | None) -> None:
-    opt = random_result["ffn_options"]
+LOAD_COST_SUMMARY = [
+    "## What loading an expert costs, and the store format chosen for streaming",
+    "",
+    "TODO: filled in from the measurements below.",
+]
+
+READING_NOTES = [
+    "## Reading the numbers",
+    "",
+    "TODO",
+]
+
+
+def write_doc(results: dict[str, dict]) -> None:
+    """docs/moe.md from the results of the models measured (results-<model>.json)."""
+    rnd = results.get("random") or results.get("random-int8")
+    if rnd is None:
+        raise SystemExit("no results for the random model: run 'all' first")
+    opt = (results.get("random") or {}).get("ffn_options") or {}
     lines = [
         "# Sparse MoE: streaming experts under a memory budget",
         "",
         "Generated by `python apps/bench/moe.py all` (raw numbers: `build/moe-bench/results-*.json`).",
         "",
+        *LOAD_COST_SUMMARY,
+        "",
         "## Random MoE, near-uniform routing",
         "",
         f"Random Qwen3-MoE-shaped decoder, {CONFIG['num_hidden_layers']} layers x {CONFIG['num_experts']} "
         f"experts, top-{CONFIG['num_experts_per_tok']}, hidden {CONFIG['hidden_size']}, expert width "
-        f"{CONFIG['moe_intermediate_size']}, int4 experts (block 32, symmetric): "
-        f"{random_result['expert_store_bytes'] / 1e9:.2f} GB of expert store, "
-        f"{random_result['record_bytes'] / 1e6:.2f} MB per expert record. Random routers spread tokens over "
+        f"{CONFIG['moe_intermediate_size']}, int4 attention and head. Random routers spread tokens over "
         "all experts, close to the worst case for caching (not perfectly uniform: see below). Each run: its "
         "own process, page cache dropped, experts read with O_DIRECT, "
-        f"{random_result['warmup']} tokens of warm-up (the cache fills), then {random_result['tokens']} random "
+        f"{rnd['warmup']} tokens of warm-up (the cache fills), then {rnd['tokens']} random "
         "tokens decoded one at a time.",
         "",
-        *_table(random_result),
-        "",
-        *findings(random_result),
-        "",
+    ]
+    for model in ("random", "random-int8"):
+        if model in results:
+            lines += _model_section(results[model])
+    lines += [
         "Bound = min(all-resident tok/s, disk GB/s ÷ missed bytes per token), missed = experts needed but not "
         "cached when the layer asked (each costs one record read, by the reader or the decoder). "
-        "*read ms/token* and *build ms/token* add up both threads' time to read records and to turn them into "
-        "onnxruntime sessions (weight prepacking); *wait* is what the decode thread stood still for experts.",
+        "*read ms/token* and *build ms/token* add up both threads' time to read records and to make them "
+        "runnable (int4: build a session, onnxruntime prepacks the weights; int8-channel: wrap the arrays); "
+        "*wait* is what the decode thread stood still for experts.",
         "",
     ]
+    moefied = [results[m] for m in ("moefied", "moefied-int8") if m in results]
     if moefied:
-        m = moefied["config"]
+        m = moefied[0]["config"]
         lines += [
             "## MoEfied SmolLM2-135M on real text (routing with real locality)",
             "",
             f"SmolLM2-135M's MLPs cut into {m['num_experts']} experts of {m['expert_intermediate']} neurons "
             f"(balanced k-means on the gate vectors), top-{m['top_k']}, router = the clusters' mean gate vectors, "
-            f"int4: {moefied['expert_store_bytes'] / 1e6:.1f} MB of expert store, "
-            f"{moefied['record_bytes'] / 1e3:.0f} KB per record. Without fine-tuning the MoEfied model's text is "
-            "worse than the dense model's; the point here is the routing of real hidden states. Tokens: this "
-            "repository's docs, fed one at a time.",
-            "",
-            *_table(moefied),
-            "",
-            *findings(moefied),
+            "int4 attention and head. Without fine-tuning the MoEfied model's text is worse than the dense "
+            "model's; the point here is the routing of real hidden states. Tokens: this repository's docs, fed "
+            "one at a time.",
             "",
         ]
+        for r in moefied:
+            lines += _model_section(r)
     threads_file = OUT / "threads.jsonl"
     if threads_file.is_file():
         lines += _threads_table([json.loads(x) for x in threads_file.read_text().splitlines() if x.strip()])
-    lines += [
-        "## Reading the numbers",
-        "",
-        "- Loading an expert here is CPU work as much as disk work: besides its read (~1-1.5 ms for a "
-        "1.5 MB record with O_DIRECT) it needs its session built (onnxruntime prepacks the int4 weights: "
-        "*build ms/token*), several ms on this machine. The disk-only bound of the issue leaves that out, "
-        "which is why no budget below 100% comes near it: the binding limit is reads + builds, and the "
-        "background reader can only overlap them with compute as far as the second core is free.",
-        "- The machine was shared with other jobs during these runs (load average 5-13 on 2 cores): the same "
-        "configuration varied up to 2x between the two rounds (both shown; the median of two is the faster). "
-        "Read-ahead beat on-demand in one round and lost in the other at 50% on the random model; the "
-        "gains are not established beyond that noise, except that on the MoEfied model (0.1 MB experts, "
-        "reads of ~0.2 ms) read-ahead lost in both rounds: its per-request Python work and wrong guesses "
-        "(19%) cost more than the short reads it hides.",
-        "- *read-ahead* (the default): the background reader only reads records; the decode thread builds a "
-        "read-ahead expert when it first uses it. Its *hit rate* counts those as hits (no disk wait), though "
-        "their build still costs the decode thread; *read-and-build ahead* builds in the reader too.",
-        "- All-resident ran with every core, the streaming rows with one compute thread (see the thread "
-        "table): on the small MoEfied model one thread is itself faster than two, so its streaming rows "
-        "can exceed 1.0x all-resident.",
-        "- Budgets are fractions of all experts resident, counted as the cache counts them (two store records "
-        "per expert: onnxruntime keeps the record's arrays and its prepacked copy; 2.3-2.6 MB measured per "
-        "1.47 MB record). Peak RSS stays below budget + dense weights + ~150 MB (Python, onnxruntime, KV).",
-        "- The random model's routing is not perfectly uniform (on demand, a 50% budget hits ~70%, where "
-        "uniform routing would give 50%): its residual stream is dominated by the token embedding, so "
-        "routing follows the token.",
-        "- Prefill runs each chosen expert once over the prompt rows that chose it, pinning one expert at a "
-        "time; decode runs the chosen top-k on prebuilt bindings.",
-        "",
-        "## Expert FFN from cached weights: the options",
-        "",
-        f"One expert (gate/up {2 * CONFIG['moe_intermediate_size']}x{CONFIG['hidden_size']}, down "
-        f"{CONFIG['hidden_size']}x{CONFIG['moe_intermediate_size']}, int4), one token, measured by "
-        "`python apps/bench/moe.py ffn-options` on the loaded machine:",
-        "",
-        "| option | per call | per load | cached bytes |",
-        "|---|---|---|---|",
-        f"| a session per expert, weights as external initializers (prepacked) — **chosen** | "
-        f"{opt['session_run_ms']:.3f} ms | {opt['session_build_ms']:.2f} ms (build) | "
-        f"{opt['record_bytes'] / 1e6:.2f} MB record |",
-        f"| one shared graph, weights fed as inputs (MatMulNBits unpacks them every call) | "
-        f"{opt['weights_as_inputs_ms']:.2f} ms | 0 | {opt['record_bytes'] / 1e6:.2f} MB |",
-        f"| numpy matmul on weights dequantized to fp32 at load | {opt['numpy_fp32_ms']:.3f} ms | "
-        f"{opt['numpy_dequantize_ms']:.1f} ms (dequantize) | {opt['numpy_fp32_bytes'] / 1e6:.2f} MB |",
-        "",
-    ]
+    lines += READING_NOTES + ["", *_options_table(opt), ""]
     DOC.write_text("\n".join(lines) + "\n")
     print(f"wrote {DOC}")
 
 
-def _load_results() -> tuple[dict, dict | None]:
-    moefied = OUT / "results-moefied.json"
-    return (json.loads((OUT / "results-random.json").read_text()),
-            json.loads(moefied.read_text()) if moefied.is_file() else None)
+STORE_FORMATS = {
+    "int4": "int4 experts (block 32, symmetric), a session per loaded expert (onnxruntime prepacks it)",
+    "int8-channel": "int8-channel experts (one scale per output channel), fed to one shared graph "
+                    "(`--expert-bits 8`)",
+}
+
+
+def _model_section(result: dict) -> list[str]:
+    fmt = result.get("expert_format", "int4")
+    return [
+        f"### {STORE_FORMATS.get(fmt, fmt)}",
+        "",
+        f"{result['expert_store_bytes'] / 1e9:.2f} GB of expert store, {result['record_bytes'] / 1e6:.2f} MB per "
+        f"expert record; a cached expert counts {result.get('resident_records', 2)} record(s) of memory. "
+        f"Machine load average at the start of the runs: {result.get('loadavg', '?')}.",
+        "",
+        *_table(result),
+        "",
+        *findings(result),
+        "",
+    ]
+
+
+def _options_table(opt: dict) -> list[str]:
+    if not opt:
+        return []
+    rows = [
+        ("a session per expert, int4 weights as external initializers, prepacked (int4 store)",
+         opt["session_run_ms"], f"{opt['session_build_ms']:.2f} ms (build)", opt["record_bytes"], 2),
+    ]
+    if "noprepack_build_ms" in opt:
+        rows += [
+            ("the same session with `session.disable_prepacking=1`", opt["noprepack_run_ms"],
+             f"{opt['noprepack_build_ms']:.2f} ms (build)", opt["record_bytes"], 1),
+            ("the same session, no arena / memory patterns / spinning", opt["lean_run_ms"],
+             f"{opt['lean_build_ms']:.2f} ms (build)", opt["record_bytes"], 2),
+        ]
+    rows.append(("one shared graph, int4 weights fed as inputs (MatMulNBits unpacks them every call)",
+                 opt["weights_as_inputs_ms"], "0", opt["record_bytes"], 1))
+    if "int8_channel_run_ms" in opt:
+        rows.append(("one shared graph, int8-channel weights bound as inputs (DynamicQuantizeMatMul; "
+                     "`--expert-bits 8`)", opt["int8_channel_run_ms"],
+                     f"{opt['int8_channel_build_ms']:.3f} ms (wrap as OrtValues)", opt["int8_channel_record_bytes"], 1))
+    rows.append(("numpy matmul on weights dequantized to fp32 at load", opt["numpy_fp32_ms"],
+                 f"{opt['numpy_dequantize_ms']:.1f} ms (dequantize)", opt["numpy_fp32_bytes"], 1))
+    lines = [
+        "## Expert FFN from cached weights: the options",
+        "",
+        f"One expert (gate/up {2 * CONFIG['moe_intermediate_size']}x{CONFIG['hidden_size']}, down "
+        f"{CONFIG['hidden_size']}x{CONFIG['moe_intermediate_size']}), one token, measured by "
+        "`python apps/bench/moe.py ffn-options` (load average at the time: "
+        f"{opt.get('loadavg', '?')}). Per load = the CPU work after the read; the read itself is the "
+        "record's bytes at the disk's speed (above).",
+        "",
+        "| option | per call | per load (CPU) | record on disk | cached bytes |",
+        "|---|---|---|---|---|",
+    ]
+    for name, call, load, record, resident in rows:
+        lines.append(f"| {name} | {call:.3f} ms | {load} | {record / 1e6:.2f} MB | "
+                     f"{'~' if resident == 2 else ''}{resident * record / 1e6:.2f} MB |")
+    return lines
+
+
+def _load_results() -> dict[str, dict]:
+    files = {m: OUT / f"results-{m}.json" for m in MODELS}
+    return {m: json.loads(f.read_text()) for m, f in files.items() if f.is_file()}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["all", "build", "build-moefied", "run-one", "ffn-options", "doc"])
     ap.add_argument("--model", default="random", choices=list(MODELS))
-    ap.add_argument("--models", default="random,moefied", help="for 'all': which models to measure")
+    ap.add_argument("--models", default="random,random-int8,moefied,moefied-int8",
+                    help="for 'all': which models to measure")
+    ap.add_argument("--quick", action="store_true", help="for 'all': 100/50/25%% budgets only, one round, "
+                    "12 tokens (~N min instead of ~M)")
     ap.add_argument("--mode", default="prefetch", choices=["resident", "prefetch", "prefetch_build", "naive"])
     ap.add_argument("--frac", type=float, default=0.5)
     ap.add_argument("--tokens", type=int, default=24)
@@ -640,22 +748,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readers", type=int, default=1, help="background reader threads of 'prefetch'")
     ap.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     args = ap.parse_args(argv)
-    if args.command == "build":
-        build()
+    if args.command == "build":  # --model picks which (default: the random int4 one)
+        build_model(args.model)
     elif args.command == "build-moefied":
         build_moefied()
     elif args.command == "run-one":
         print(json.dumps(run_one(MODELS[args.model], args.mode, args.frac, args.tokens, args.warmup,
-                                 text=(args.model == "moefied"), readers=args.readers, threads=args.threads)))
+                                 text=args.model.startswith("moefied"), readers=args.readers, threads=args.threads)))
     elif args.command == "ffn-options":
         print(json.dumps(ffn_options(PKG), indent=1))
     elif args.command == "doc":
-        write_doc(*_load_results())
+        write_doc(_load_results())
     else:
         for model in args.models.split(","):
             print(f"== {model}")
-            measure_all(model, args.tokens, args.warmup, args.repeats)
-        write_doc(*_load_results())
+            if args.quick:
+                args.repeats, args.tokens, args.warmup = 1, min(args.tokens, 12), min(args.warmup, 8)
+            measure_all(model, args.tokens, args.warmup, args.repeats, quick=args.quick)
+        write_doc(_load_results())
     return 0
 
 
