@@ -73,17 +73,26 @@ def prepare(args) -> dict:
         if not (opt / "model.onnx").exists():
             sh(["bash", PEERS / "build_optimum_model.sh", hf, opt])
         engines["optimum-ort-fp32"] = (OPTIMUM_PY, PEERS / "run_hf.py", opt, ["--backend", "optimum"])
+    # int4 peers always; int8 peers (genai's int8 build, llama.cpp Q8_0) when edgeinfer int8 is measured.
+    peer_precisions = ["int4"] + (["int8"] if "int8" in args.precisions else [])
     if GENAI_PY.exists():
-        genai_model = BUILD / f"{args.short}-genai-int4"
-        if not (genai_model / "genai_config.json").exists():
-            try:
-                sh(["bash", PEERS / "build_genai_model.sh", hf, genai_model])
-            except subprocess.CalledProcessError:
-                print(f"onnxruntime-genai's builder failed for {args.model}: left out", file=sys.stderr)
-        if (genai_model / "genai_config.json").exists():
-            engines["onnxruntime-genai-int4"] = (GENAI_PY, PEERS / "run_genai.py", genai_model)
+        for prec in peer_precisions:
+            genai_model = BUILD / f"{args.short}-genai-{prec}"
+            if not (genai_model / "genai_config.json").exists():
+                try:
+                    sh(["bash", PEERS / "build_genai_model.sh", hf, genai_model, "-p", prec])
+                except subprocess.CalledProcessError:
+                    print(f"onnxruntime-genai's builder failed for {args.model} {prec}: left out", file=sys.stderr)
+            if (genai_model / "genai_config.json").exists():
+                engines[f"onnxruntime-genai-{prec}"] = (GENAI_PY, PEERS / "run_genai.py", genai_model)
     if LLAMA_PY.exists():
-        engines[MODELS[args.model][1]] = (LLAMA_PY, PEERS / "run_llamacpp.py", gguf_path(args.model))
+        gguf = gguf_path(args.model)
+        engines[MODELS[args.model][1]] = (LLAMA_PY, PEERS / "run_llamacpp.py", gguf)
+        if "int8" in peer_precisions:
+            q8 = BUILD / f"{args.short}-Q8_0.gguf"
+            if not q8.exists():
+                sh([LLAMA_PY, PEERS / "requantize_gguf.py", gguf, q8, "--type", "Q8_0"])
+            engines["llama.cpp-Q8_0"] = (LLAMA_PY, PEERS / "run_llamacpp.py", q8)
     return engines
 
 

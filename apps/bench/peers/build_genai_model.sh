@@ -6,7 +6,7 @@
 #   e.g. apps/bench/peers/build_genai_model.sh build/smollm2-hf build/smollm2-genai-int4
 # Builder defaults for int4 on cpu: RTN, block 32, accuracy_level 4, symmetric,
 # embedding shared with the LM head when the model ties them. Extra arguments go
-# to the builder as is (e.g. --extra_options block_size=64).
+# to the builder as is (e.g. --extra_options block_size=64, or -p int8 for its int8 build).
 # HF_DIR comes from prepare_hf.py (e.g. prepare_hf.py smollm2-135m build/bench/smollm2-hf).
 set -euo pipefail
 
