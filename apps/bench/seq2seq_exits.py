@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--exits", default="1,2,3")
     p.add_argument("--thresholds", default="0.9,0.95,0.99")
     p.add_argument("--draft-lens", default="2,4")
+    p.add_argument("--timed-threshold", type=float, default=0.95, help="early-exit threshold of the timed runs")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--files", type=int, default=0, help="use only the first N sentences (0: all)")
@@ -139,6 +140,11 @@ def main(argv=None) -> int:
         for k in [int(k) for k in args.draft_lens.split(",")]:
             configs.append((f"self-speculative exit {e} k={k}", staged,
                             {"strategy": "self-speculative", "exit_layer": e, "draft_len": k}))
+    th = args.timed_threshold  # lossy: timed too, its tokens are not expected to be identical
+    configs.append((f"early-exit exits {args.exits} threshold {th}", staged, {"strategy": "early-exit",
+                                                                             "threshold": th}))
+    configs.append((f"early-exit exit {exits[-1]} threshold {th}", staged,
+                    {"strategy": "early-exit", "threshold": th, "exit_layer": exits[-1]}))
     times = {c[0]: [] for c in configs}
     stats_of: dict[str, dict] = {}
     identical = {c[0]: True for c in configs}
@@ -162,8 +168,8 @@ def main(argv=None) -> int:
     report["decode"] = {label: {"seconds_median": statistics.median(ts), "seconds_all": ts,
                                 "speedup_vs_plain_unstaged": base / statistics.median(ts),
                                 "identical_tokens": identical[label],
-                                **({"acceptance_rate": stats_of[label]["acceptance_rate"],
-                                    "tokens_per_verify": stats_of[label]["tokens_per_verify"]}
+                                **({k: stats_of[label][k] for k in ("acceptance_rate", "tokens_per_verify",
+                                                                     "average_depth") if k in stats_of[label]}
                                    if label in stats_of else {})}
                         for label, ts in times.items()}
     report["new_tokens"] = sum(len(t) for t in ref_tokens)
@@ -197,13 +203,14 @@ def markdown(r: dict) -> str:
                      f"{v['identical_transcripts']}/{r['files']} | {v['wer_vs_speech']:.1f} % | "
                      f"{v['wer_vs_plain']:.1f} % |")
     lines += ["", f"| decoding (greedy, {r['rounds']} interleaved rounds, median) | decoder seconds | "
-              "speed vs plain unstaged | tokens identical | acceptance | tokens per verify |",
-              "|---|---|---|---|---|---|"]
+              "speed vs plain unstaged | tokens identical | acceptance | tokens per verify | average depth |",
+              "|---|---|---|---|---|---|---|"]
     for label, v in r["decode"].items():
         acc = f"{100 * v['acceptance_rate']:.0f} %" if "acceptance_rate" in v else ""
         tpv = f"{v['tokens_per_verify']:.2f}" if "tokens_per_verify" in v else ""
+        depth = f"{v['average_depth']:.2f}" if "average_depth" in v else ""
         lines.append(f"| {label} | {v['seconds_median']:.3f} | {v['speedup_vs_plain_unstaged']:.2f}× | "
-                     f"{'yes' if v['identical_tokens'] else 'NO'} | {acc} | {tpv} |")
+                     f"{'yes' if v['identical_tokens'] else 'no'} | {acc} | {tpv} | {depth} |")
     return "\n".join(lines)
 
 
