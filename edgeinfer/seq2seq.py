@@ -55,7 +55,7 @@ class TranscriptionResult:
                 "elapsed_s": round(self.elapsed_s, 4), "encoder_s": round(self.encoder_s, 4),
                 "decoder_s": round(self.decoder_s, 4), "new_tokens": self.new_tokens,
                 "inverse_rtf": round(self.inverse_rtf, 2), "tokens": self.tokens,
-                **({"strategy": self.strategy} if self.strategy else {})}
+                **({"stats": self.strategy} if self.strategy else {})}
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Seq2SeqResult:
                 "encoder_s": round(self.encoder_s, 5), "ttft_s": round(self.first_token_s, 5),
                 "elapsed_s": round(self.elapsed_s, 5), "decode_tok_s": round(self.decode_tok_s, 2),
                 "finish_reason": self.finish_reason, "tokens": self.tokens,
-                **({"strategy": self.strategy} if self.strategy else {})}
+                **({"stats": self.strategy} if self.strategy else {})}
 
 
 class DecoderState:

@@ -38,6 +38,7 @@ def run_seq2seq(model, prompt: str, args) -> int:
     print(f"[{res.audio_s:.1f} s of audio in {res.elapsed_s:.2f} s ({res.inverse_rtf:.1f}x real time), "
           f"{res.windows} window(s), {res.silent_windows} silent, {res.new_tokens} tokens, {model.target.name}]",
           file=sys.stderr)
+    _print_strategy(res.strategy)
     return 0
 
 
@@ -51,4 +52,18 @@ def _run_text(model, prompt: str, params: dict, args) -> int:
     print(f"[{res.input_tokens} input tokens, {len(res.tokens)} new, first token {res.first_token_s * 1000:.0f} ms "
           f"(encoder {res.encoder_s * 1000:.0f} ms), {res.decode_tok_s:.1f} tok/s, {model.target.name}]",
           file=sys.stderr)
+    _print_strategy(res.strategy)
     return 0
+
+
+def _print_strategy(stats: dict | None) -> None:
+    """One stderr line of early-exit / self-speculative statistics (all of them: --json's "stats")."""
+    if not stats:
+        return
+    if stats["strategy"] == "self-speculative":
+        detail = (f"exit {stats['exit_layer']}, {stats['accepted']}/{stats['drafted']} drafts accepted, "
+                  f"{stats.get('tokens_per_verify', 0):.2f} tokens per verification")
+    else:
+        detail = (f"threshold {stats['threshold']}, exits taken {stats['exits']}, {stats['full']} at full depth, "
+                  f"average depth {stats.get('average_depth', 0):.2f}")
+    print(f"[{stats['strategy']}: {detail}]", file=sys.stderr)

@@ -229,7 +229,7 @@ def test_cli_reports_strategy_stats(staged):
     data = json.loads(out.stdout)
     plain = edgeinfer.load(pkg).generate("Paris is the capital", max_new_tokens=10)
     assert data["tokens"] == plain.tokens
-    assert data["strategy"]["strategy"] == "self-speculative" and data["strategy"]["exit_layer"] == 1
+    assert data["stats"]["strategy"] == "self-speculative" and data["stats"]["exit_layer"] == 1
     bad = subprocess.run(run + ["--strategy", "early-exit", "--threshold", "2"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "threshold must be in [0, 1]" in bad.stderr
