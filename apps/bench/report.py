@@ -74,12 +74,13 @@ def steps(quick: bool, out: Path) -> list[tuple[str, list[str], Path | None]]:
     docs = ROOT / "docs"
     return [
         ("SmolLM2-135M: edgeinfer and the peers",
-         [PY, BENCH / "compare.py", "--model", "smollm2-135m", "--rounds", "2", "--repeats", "2",
+         [PY, BENCH / "compare.py", "--model", "smollm2-135m", "--rounds", "2", "--repeats", "1", "--new-tokens", "64",
           "--markdown", out / "compare-smollm2.md"], out / "compare-smollm2.md"),
         ("Gemma-3-270M: edgeinfer and the peers",
          [PY, BENCH / "compare.py", "--model", "gemma3-270m", "--precisions", "int4", "--prompt-tokens", "chat,512",
-          "--rounds", "2", "--repeats", "2", "--markdown", out / "compare-gemma3.md"], out / "compare-gemma3.md"),
-        ("Decoding strategies", [PY, BENCH / "strategies.py", "--quick"], docs / "early-exit-a4.md"),
+          "--rounds", "2", "--repeats", "1", "--new-tokens", "64", "--markdown", out / "compare-gemma3.md"],
+         out / "compare-gemma3.md"),
+        ("Decoding strategies", [PY, BENCH / "strategies.py"], docs / "early-exit-a4.md"),
         ("Big/little decoding", [PY, BENCH / "big_little.py", "--quick", "--out", out], out / "big-little.md"),
         ("Phone-class constraints", [PY, BENCH / "mobile.py", "--package", b / "smollm2-int4", "--out", out], None),
         ("Whisper tiny.en", [PY, BENCH / "whisper.py", "--rounds", "2", "--beams", "1", "--out", docs / "whisper.md"],

@@ -106,7 +106,8 @@ def strategy_rows(src: dict) -> list[dict]:
             if r["mode"] == "resident":
                 continue
             rows.append({"name": f"MoE {model}: {r['mode']}, budget {r['budget_fraction']:.0%}",
-                         "kind": "expert streaming", "prompts": "text, 1 token at a time", "tok_s": r["tok_s"],
+                         "kind": "expert streaming",
+                         "prompts": "docs text" if "moefied" in model else "random tokens", "tok_s": r["tok_s"],
                          "vs_plain": r["tok_s"] / resident if resident else None, "vs_genai": None,
                          "derived": False, "identical": f"hit rate {r['stats']['hit_rate']:.2f}"})
     return rows
