@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PACKAGE ?= packages/smollm2-135m-int4
 PROMPT ?= What is the capital of France?
 
-.PHONY: run test setup lint bench desktop serve clean
+.PHONY: run test setup lint bench report report-quick desktop serve clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,14 @@ lint: setup
 
 bench: setup $(PACKAGE)/edgeinfer.json
 	$(VENV)/bin/edgeinfer bench $(PACKAGE)
+
+# The whole benchmark report against the peers (installed in their own venvs), ~30 min on 2 cores:
+# docs/benchmarks.md and the pages it links. report-quick: a few minutes, build/bench/quick/ only.
+report: setup
+	HF_HUB_OFFLINE=1 $(PY) apps/bench/report.py
+
+report-quick: setup
+	HF_HUB_OFFLINE=1 $(PY) apps/bench/report.py --quick
 
 desktop: setup $(PACKAGE)/edgeinfer.json
 	$(PY) apps/desktop/chat_app.py $(PACKAGE)
