@@ -290,7 +290,8 @@ class Seq2SeqModel:
                                      self.strategy_stats, on_token)
         if strategy == "self-speculative":
             return self_speculative_search(state, prompt, config, self.eos, rules, plan["exit_layer"],
-                                           plan["exit_stages"], plan["draft_len"], self.strategy_stats, on_token)
+                                           plan["exit_stages"], plan["draft_len"], self.strategy_stats, on_token,
+                                           plan["threshold"])
         if config.num_beams > 1:
             return beam_search(state, prompt, config, self.eos, rules)
         return greedy_search(state, prompt, config, self.eos, rules, on_token)

@@ -51,7 +51,8 @@ def check_strategy(model, strategy: str, config: Seq2SeqConfig, *, exit_layer: i
     k = 4 if draft_len is None else draft_len
     if not isinstance(k, int) or k < 1:
         raise GenerationError(f"draft length must be an integer >= 1, got {k!r}.")
-    return {"exit_layer": layer, "exit_stages": stages, "draft_len": k}
+    return {"exit_layer": layer, "exit_stages": stages, "draft_len": k,
+            "threshold": check_threshold(0.0 if threshold is None else threshold)}
 
 
 def early_exit_search(state, prompt: list[int], config: Seq2SeqConfig, eos: set[int], rules: LogitsRules,
@@ -93,11 +94,12 @@ def early_exit_search(state, prompt: list[int], config: Seq2SeqConfig, eos: set[
 
 def self_speculative_search(state, prompt: list[int], config: Seq2SeqConfig, eos: set[int], rules: LogitsRules,
                             exit_layer: int, exit_stages: int, draft_len: int, stats: dict,
-                            on_token=None) -> list[int]:
+                            on_token=None, threshold: float = 0.0) -> list[int]:
     """Greedy search by draft-and-verify rounds; the same tokens as plain greedy search.
+    Drafting stops early at a draft whose exit probability is below THRESHOLD (0: never).
     STATS gets rounds, drafted and accepted counts, acceptance and tokens per verification."""
-    stats.update(strategy="self-speculative", exit_layer=exit_layer, draft_len=draft_len, rounds=0, drafted=0,
-                 accepted=0, emitted=0)
+    stats.update(strategy="self-speculative", exit_layer=exit_layer, draft_len=draft_len, threshold=threshold,
+                 rounds=0, drafted=0, accepted=0, emitted=0)
     greedy = Sampler(GenerationConfig(temperature=0.0))
     seq = list(prompt)
     limit = len(prompt) + config.max_new_tokens
@@ -114,19 +116,22 @@ def self_speculative_search(state, prompt: list[int], config: Seq2SeqConfig, eos
         # draft: at most what the length limit and the decoder's positions leave room for
         k = max(1, min(draft_len, limit - len(seq), state.model.max_target_positions - state.length - 1))
         drafts: list[int] = []
-        t = token
+        t, fed = token, 0
         while len(drafts) < k:
             hidden = state.forward(np.asarray([[t]], np.int64), exit_stages)
-            scores = rules(np.array(state.exit_logits(hidden[:, -1:])[:, 0], np.float32), [seq + drafts])
-            drafts.append(int(np.argmax(scores[0])))
+            fed += 1
+            scores = rules(np.array(state.exit_logits(hidden[:, -1:])[:, 0], np.float32), [seq + drafts])[0]
+            if threshold > 0 and float(softmax(scores).max()) < threshold:
+                break  # not confident: the verification pass gives this position's token itself
+            drafts.append(int(np.argmax(scores)))
             t = drafts[-1]
             if t in eos:
                 break
-        # verify: the remaining stages over every drafted position at once
-        target = state.catch_up()[0, -len(drafts):]
-        ruled = np.stack([rules(np.array(target[j][None], np.float32), [seq + drafts[:j]])[0]
-                          for j in range(len(drafts))])
-        out = accept_draft(greedy, ruled, drafts, None, seq, bonus=False)
+        # verify: the remaining stages over every fed position at once (one row more than the
+        # drafts when drafting stopped early: the full decoder's own next token)
+        target = state.catch_up()[0, -fed:]
+        ruled = np.stack([rules(np.array(target[j][None], np.float32), [seq + drafts[:j]])[0] for j in range(fed)])
+        out = accept_draft(greedy, ruled, drafts, None, seq, bonus=fed > len(drafts))
         emitted = [tok for tok, _ in out]
         state.truncate(len(seq) + len(emitted) - 1)  # cached: everything before the last emitted token
         accepted = sum(1 for a, d in zip(emitted, drafts) if a == d)

@@ -153,9 +153,9 @@ def test_self_speculative_equals_greedy_and_early_exit_at_one(staged, features, 
     inputs, prompt, extra = _inputs(model, features)
     plain = model.generate_ids(inputs, prompt, max_new_tokens=24, **extra)
     assert len(plain) >= 8
-    for k in (1, 3, 6):
+    for k, stop in ((1, 0.0), (3, 0.0), (6, 0.0), (4, 0.6)):  # 0.6: drafting stops at unsure exit rows
         ours = model.generate_ids(inputs, prompt, max_new_tokens=24, strategy="self-speculative", draft_len=k,
-                                  **extra)
+                                  threshold=stop, **extra)
         stats = model.strategy_stats
         assert ours == plain
         assert stats["rounds"] >= 1 and stats["drafted"] >= stats["accepted"]
@@ -210,6 +210,7 @@ def test_bad_strategy_options(staged, features):  # noqa: F811
     cases = [(dict(strategy="early-exit", exit_layer=2), "exit layer 2 is not in this package"),
              (dict(strategy="early-exit", threshold=1.5), "threshold must be in"),
              (dict(strategy="self-speculative", draft_len=0), "draft length must be"),
+             (dict(strategy="self-speculative", threshold=-0.1), "threshold must be in"),
              (dict(strategy="self-speculative", num_beams=2), "decodes greedily"),
              (dict(strategy="lookup"), "unknown strategy 'lookup'")]
     for params, message in cases:
