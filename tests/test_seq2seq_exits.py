@@ -234,3 +234,32 @@ def test_cli_reports_strategy_stats(staged):
     bad = subprocess.run(run + ["--strategy", "early-exit", "--threshold", "2"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "threshold must be in [0, 1]" in bad.stderr
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("drop_stage", "no complete chain of decoder stages"),
+    ("exit_layer", "exits its decoder stages do not match"),
+    ("drop_head", "exits its decoder stages do not match"),
+])
+def test_inconsistent_staged_manifest_is_a_package_error(staged, tmp_path, damage, message):
+    import shutil
+
+    from edgeinfer.export.package_writer import write_manifest
+
+    from edgeinfer.errors import PackageError
+
+    _, pkg, _, _ = staged("whisper")
+    broken = tmp_path / "broken"
+    shutil.copytree(pkg, broken)
+    manifest = json.loads((broken / "edgeinfer.json").read_text())
+    for key in ("format", "format_version", "files"):
+        manifest.pop(key)
+    if damage == "drop_stage":
+        manifest["graphs"] = [g for g in manifest["graphs"] if g["name"] != "decoder_stage1"]
+    elif damage == "exit_layer":
+        manifest["exits"][0]["layer"] = 2
+    else:
+        manifest["graphs"] = [g for g in manifest["graphs"] if g["role"] != "exit_head"]
+    write_manifest(broken, manifest)
+    with pytest.raises(PackageError, match=message):
+        edgeinfer.load(broken)
