@@ -4,7 +4,8 @@ optimum's ORTModelForCausalLM and transformers on torch CPU, on the same model
 token ids, the same threads,
 interleaved (A, B, C, then B, C, A …) so that machine noise hits all engines
 alike. Prints and writes ratios measured in one run: decode tokens/s, TTFT,
-prompt processing tokens/s (prompt tokens ÷ TTFT), peak RSS, % of roofline.
+prompt processing tokens/s (prompt tokens ÷ TTFT), peak RSS, % of roofline, load time (model
+load until ready to generate, library imports excluded).
 
     .venv/bin/python apps/bench/compare.py            # installs the peers if missing
     .venv/bin/python apps/bench/compare.py --quick    # fewer rounds/tokens
@@ -204,6 +205,7 @@ def summarize(spec, n_ids, rounds, engines, bandwidth) -> dict:
             "ttft_ms": {"median": 1000 * statistics.median(ttft), "min": 1000 * min(ttft), "max": 1000 * max(ttft)},
             "prompt_tok_s": n_ids / statistics.median(ttft),
             "peak_rss_mb": max(rd[name]["peak_rss_mb"] for rd in rounds), "weight_mb": wb / 1e6,
+            "load_ms": 1000 * statistics.median(rd[name].get("load_s", float("nan")) for rd in rounds),
             "roofline_tok_s": bandwidth * 1e9 / wb, "version": rounds[0][name]["version"],
             "loadavg_max": max(rd[name]["loadavg_before"] for rd in rounds)}
     ours = [n for n in engines if n.startswith("edgeinfer")]
@@ -252,14 +254,15 @@ def markdown(rep: dict) -> str:
     ]
     for pr in rep["prompts"]:
         lines += [f"## Prompt: {pr['prompt']} ({pr['prompt_tokens']} tokens)", "",
-                  "| engine | decode tok/s | TTFT ms | prompt tok/s | weights MB | % of roofline | peak RSS MB |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| engine | decode tok/s | TTFT ms | prompt tok/s | weights MB | % of roofline | peak RSS MB | "
+                  "load ms |", "|---|---|---|---|---|---|---|---|"]
         for name, e in pr["engines"].items():
             d, t = e["decode_tok_s"], e["ttft_ms"]
             lines.append(f"| {name} {e['version']} | {d['median']:.1f} ({d['min']:.0f}–{d['max']:.0f}) | "
                          f"{t['median']:.0f} ({t['min']:.0f}–{t['max']:.0f}) | {e.get('prompt_tok_s', 0):.0f} | "
                          f"{e['weight_mb']:.0f} | "
-                         f"{100 * d['median'] / e['roofline_tok_s']:.0f}% | {e['peak_rss_mb']:.0f} |")
+                         f"{100 * d['median'] / e['roofline_tok_s']:.0f}% | {e['peak_rss_mb']:.0f} | "
+                         f"{e.get('load_ms', float('nan')):.0f} |")
         lines += ["", "| ratio | decode (median of per-round ratios) | per round | TTFT speed-up |",
                   "|---|---|---|---|"]
         for k, r in pr["ratios"].items():

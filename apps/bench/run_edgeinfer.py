@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import edgeinfer
@@ -21,7 +22,9 @@ from runner_cli import parse_args, read_ids  # noqa: E402
 def main(argv=None) -> int:
     args = parse_args(__doc__.splitlines()[0], "edgeinfer package folder", argv)
 
+    t_load = time.perf_counter()
     model = edgeinfer.load(args.model, threads=args.threads)
+    load_s = time.perf_counter() - t_load
     if args.prompt_ids_file:
         ids = read_ids(args.prompt_ids_file)
     else:
@@ -36,7 +39,7 @@ def main(argv=None) -> int:
     print(f"[edgeinfer] {model.tokenizer.decode(tokens)!r}", file=sys.stderr)
     print(json.dumps({"engine": "edgeinfer", "version": edgeinfer.__version__, "model": args.model,
                       "threads": args.threads, "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
-                      "runs": runs, "tokens": tokens, "peak_rss_mb": peak_rss_mb()}))
+                      "runs": runs, "tokens": tokens, "peak_rss_mb": peak_rss_mb(), "load_s": load_s}))
     return 0
 
 

@@ -74,7 +74,9 @@ def generate(model: og.Model, ids: np.ndarray, n_new: int) -> tuple[dict, list[i
 
 def main(argv=None) -> int:
     args = parse_args(__doc__.splitlines()[0], "folder with genai_config.json", argv)
+    t_load = time.perf_counter()
     model = load_model(args.model, args.threads)
+    load_s = time.perf_counter() - t_load
     ids = prompt_ids(model, args)
     for _ in range(args.warmup):
         generate(model, ids, args.new_tokens)
@@ -95,6 +97,7 @@ def main(argv=None) -> int:
         "runs": runs,
         "tokens": tokens,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "load_s": load_s,
     }))
     return 0
 

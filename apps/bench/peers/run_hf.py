@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
     torch.set_num_threads(args.threads)
+    t_load = time.perf_counter()
     if backend == "torch":
         from transformers import AutoModelForCausalLM
 
@@ -48,6 +49,7 @@ def main(argv=None) -> int:
         version = f"optimum-onnx / onnxruntime {ort.__version__}"
     else:
         raise SystemExit(f"unknown backend {backend!r}: torch or optimum")
+    load_s = time.perf_counter() - t_load
     if args.prompt_ids_file:
         ids = read_ids(args.prompt_ids_file)
     else:
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
     print(json.dumps({"engine": f"hf-{backend}", "version": version, "model": str(args.model),
                       "threads": args.threads, "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
                       "runs": runs, "tokens": tokens,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "load_s": load_s}))
     return 0
 
 

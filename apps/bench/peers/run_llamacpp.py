@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     ids = prompt_ids(vocab, args)
     del vocab
     need = len(ids) + args.new_tokens
+    t_load = time.perf_counter()
     llm = llama_cpp.Llama(
         model_path=args.model,
         n_ctx=-(-need // 256) * 256,  # KV cache just large enough, like genai's max_length
@@ -87,6 +88,7 @@ def main(argv=None) -> int:
         logits_all=False,
         verbose=False,
     )
+    load_s = time.perf_counter() - t_load
     sampler = greedy_sampler(llm)
     try:
         for _ in range(args.warmup):
@@ -109,6 +111,7 @@ def main(argv=None) -> int:
         "runs": runs,
         "tokens": tokens,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "load_s": load_s,
     }))
     return 0
 
