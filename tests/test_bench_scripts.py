@@ -113,3 +113,18 @@ def test_summary_tables_targets_and_plots(tmp_path):
     assert all(p.stat().st_size > 1000 for p in pictures)
     md = "\n".join(markdown(src, [p.name for p in pictures]))
     assert "| lookup {\"draft_len\": 8} | lossless strategy, int4 | editing | 270.0 | 1.50× | 1.80× (derived) |" in md
+
+
+def test_lookup_ceiling_replay_counts_accepted_copies():
+    """The replay charges 1 + row_cost × drafted per round and emits accepted + 1 tokens."""
+    from apps.bench.lookup_ceiling import POLICIES, replay
+
+    prompt = list(range(100, 140))
+    copied = prompt[:30]  # the output repeats the prompt: every proposal after the first tokens is right
+    fresh = list(range(500, 530))  # nothing to copy: lookup proposes nothing, plain steps
+    verify_all = POLICIES["verify all (≤ 8)"]
+    assert replay(prompt, fresh, verify_all, 0.1) == 1.0
+    fast = replay(prompt, copied, verify_all, 0.1)
+    assert fast > 3.0  # 9 tokens per round at a cost of 1.8 once the n-gram index matches
+    assert replay(prompt, copied, verify_all, 1.0) < fast  # rows as dear as steps: little to gain
+    assert replay(prompt, copied, POLICIES["DraftLengthPolicy"], 0.1) > 2.0
