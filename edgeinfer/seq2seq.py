@@ -24,6 +24,14 @@ from .seq2seq_search import LogitsRules, Seq2SeqConfig, TimestampRules, beam_sea
 from .seq2seq_stages import DecoderStage, StagedDecoderState, check_chain
 from .seq2seq_strategies import check_strategy, early_exit_search, merge_stats, self_speculative_search
 from .tokenizer import TextTokenizer
+from .whisper_longform import (
+    RESET_TEMPERATURE,
+    LongFormOptions,
+    decode_window,
+    kept_tokens,
+    previous_text_prompt,
+    special_token,
+)
 
 SILENCE_PEAK = 10 ** (-60 / 20)  # a window whose loudest sample is below -60 dBFS holds no speech
 TIMESTAMP_STEP_S = 0.02
@@ -43,6 +51,7 @@ class TranscriptionResult:
     new_tokens: int = 0
     tokens: list[list[int]] = field(default_factory=list)
     strategy: dict | None = None  # early-exit / self-speculative statistics over all windows
+    window_stats: list[dict] = field(default_factory=list)  # per decoded window: temperature, checks
 
     @property
     def inverse_rtf(self) -> float:
@@ -55,6 +64,7 @@ class TranscriptionResult:
                 "elapsed_s": round(self.elapsed_s, 4), "encoder_s": round(self.encoder_s, 4),
                 "decoder_s": round(self.decoder_s, 4), "new_tokens": self.new_tokens,
                 "inverse_rtf": round(self.inverse_rtf, 2), "tokens": self.tokens,
+                "window_stats": self.window_stats,
                 **({"stats": self.strategy} if self.strategy else {})}
 
 
@@ -328,6 +338,9 @@ class Seq2SeqModel:
                               int(gen["eos_token_id"]))
 
     def transcribe(self, path: str | os.PathLike, *, timestamps: bool = False, on_text=None,
+                   temperature_fallback: bool = True, condition_on_previous_text: bool = True,
+                   temperatures=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), compression_ratio_threshold: float | None = 2.4,
+                   logprob_threshold: float | None = -1.0, no_speech_threshold: float | None = 0.6,
                    **params) -> TranscriptionResult:
         """Transcribe a WAV file (any rate, mono or not) in 30 s windows, streaming the file.
 
@@ -336,10 +349,33 @@ class Seq2SeqModel:
         tokens of multilingual checkpoints; other parameters are those of
         :class:`Seq2SeqConfig` (num_beams, length_penalty, ...).
         ``on_text(str)`` is called with each window's text as it is ready.
+
+        Long-form robustness (``edgeinfer.whisper_longform``): each window is decoded at the
+        first of ``temperatures`` and, when its text compresses more than
+        ``compression_ratio_threshold`` or its tokens' average log-probability is below
+        ``logprob_threshold``, again by seeded sampling at the next ones
+        (``temperature_fallback=False``, or an explicit ``temperature`` > 0, decodes once); a
+        window whose no-speech probability exceeds ``no_speech_threshold`` with unsure tokens
+        is silence. ``condition_on_previous_text`` puts the previous windows' tokens after
+        ``<|startofprev|>`` (packages without that token decode each window alone).
+        Per-window statistics are in ``result.window_stats``.
         """
         if not self.audio:
             raise GenerationError(f"model '{self.name}' takes text, not audio.")
         self.decoder_prompt(timestamps, params.get("language"), params.get("task"))  # refuse bad ones first
+        if params.get("temperature"):  # the caller chose one temperature: no schedule
+            temperatures = (float(params["temperature"]),)
+        elif not temperature_fallback:
+            temperatures = (0.0,)
+        options = LongFormOptions(temperatures, compression_ratio_threshold, logprob_threshold,
+                                  no_speech_threshold, bool(condition_on_previous_text)).validate()
+        self.config(**{k: v for k, v in params.items() if k not in ("language", "task", "strategy", "exit_layer",
+                                                                     "threshold", "draft_len")})
+        sot_sequence = self.decoder_prompt(timestamps, params.get("language"), params.get("task"))
+        start_of_prev = special_token(self, "start_of_prev_id", ("<|startofprev|>",))
+        begin = int(self.generation.get("timestamp_begin", 1 << 62))
+        base_seed = int(params.get("seed") or 0)
+        history: list[int] = []
         info = read_wav_info(path)
         rate, n_mels = int(self.audio["sampling_rate"]), int(self.audio["num_mel_bins"])
         hop, n_fft = int(self.audio["hop_length"]), int(self.audio["n_fft"])
@@ -364,8 +400,21 @@ class Seq2SeqModel:
             hidden = self.encode(feats)
             res.encoder_s += time.perf_counter() - te
             td = time.perf_counter()
-            tokens = self._search(hidden, None, timestamps, None, params)
+            conditioned = options.condition_on_previous_text and start_of_prev is not None
+            prompt = previous_text_prompt(start_of_prev, history, sot_sequence) if conditioned else sot_sequence
+            sot_index = len(prompt) - len(sot_sequence)
+            decoded = decode_window(self, hidden, prompt, sot_index, timestamps, params, options,
+                                    base_seed + 1009 * res.windows)
+            tokens = decoded.tokens
             res.decoder_s += time.perf_counter() - td
+            res.window_stats.append({"start_s": round(seek / rate, 2), "prompt_tokens": len(prompt),
+                                     **decoded.stats()})
+            if decoded.silent:
+                res.silent_windows += 1
+                res.tokens.append(tokens)
+                res.new_tokens += len(tokens)
+                seek += n
+                continue
             if self.strategy_stats is not None:
                 res.strategy = merge_stats(res.strategy, self.strategy_stats)
             res.tokens.append(tokens)
@@ -377,6 +426,10 @@ class Seq2SeqModel:
                 res.segments.extend(segments)
                 if on_text is not None:
                     on_text(text)
+            if decoded.temperature >= RESET_TEMPERATURE:  # an unsure window does not prompt the next
+                history = []
+            else:
+                history += kept_tokens(tokens, self.eos, begin, resume_s is not None)
             # with timestamps, a segment cut by the window's end is decoded again from its start
             seek += int(resume_s * rate) if resume_s is not None else n
         res.text = " ".join(texts)
