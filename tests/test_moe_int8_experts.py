@@ -97,3 +97,21 @@ def test_expert_bits_is_checked(moe_models, tiny_models, tmp_path):  # noqa: F81
         export_model(str(tiny_models("llama")), tmp_path / "y", "fp32", max_context=64,
                      expert_bits=8, progress=False)
     assert not (tmp_path / "y").exists()
+
+
+def test_cli_export_with_expert_bits(moe_models, tmp_path):  # noqa: F811
+    import subprocess
+    import sys
+
+    _, hf, _ = moe_models("olmoe")
+    pkg = tmp_path / "pkg"
+    out = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "export", str(hf), "-o", str(pkg), "--precision",
+                          "fp32", "--max-context", "64", "--expert-bits", "8"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((pkg / "edgeinfer.json").read_text())["moe"]["expert_store"]["precision"] == "int8-channel"
+    run = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "run", str(pkg), "hello", "--json",
+                          "--max-new-tokens", "3", "--memory-budget", str(few_experts_budget(pkg))],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["stats"]["experts"]["bytes_read"] > 0
