@@ -93,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--length-penalty", type=float, default=None, help="beam search: score / length**penalty")
     r.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
     r.add_argument("--timestamps", action="store_true", help="speech models: keep timestamps, print segments")
+    r.add_argument("--temperature-fallback", action=argparse.BooleanOptionalAction, default=True,
+                   help="speech models: decode a repetitive or unsure window again at higher temperatures")
+    r.add_argument("--condition-on-previous-text", action=argparse.BooleanOptionalAction, default=True,
+                   help="speech models: prompt each window with the previous windows' text")
     r.add_argument("--language", default=None, help="multilingual speech models: language code, e.g. fr")
     r.add_argument("--task", default=None, choices=["transcribe", "translate"], help="multilingual speech models")
     r.add_argument("--json", action="store_true", help="print one JSON object with text and timings at the end")

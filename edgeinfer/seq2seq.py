@@ -401,7 +401,8 @@ class Seq2SeqModel:
             res.encoder_s += time.perf_counter() - te
             td = time.perf_counter()
             conditioned = options.condition_on_previous_text and start_of_prev is not None
-            prompt = previous_text_prompt(start_of_prev, history, sot_sequence) if conditioned else sot_sequence
+            prompt = (previous_text_prompt(start_of_prev, history, sot_sequence, self.max_target_positions)
+                      if conditioned else sot_sequence)
             sot_index = len(prompt) - len(sot_sequence)
             decoded = decode_window(self, hidden, prompt, sot_index, timestamps, params, options,
                                     base_seed + 1009 * res.windows)

@@ -26,7 +26,9 @@ def run_seq2seq(model, prompt: str, args) -> int:
         raise GenerationError(f"'{model.name}' is a speech model: give the path of a WAV file, not text "
                               f"('{prompt[:60]}' is no file).")
     show = None if args.json else (lambda text: (sys.stdout.write(text + "\n"), sys.stdout.flush()))
-    res = model.transcribe(path, timestamps=args.timestamps, on_text=None if args.timestamps else show, **params)
+    res = model.transcribe(path, timestamps=args.timestamps, on_text=None if args.timestamps else show,
+                           temperature_fallback=getattr(args, "temperature_fallback", True),
+                           condition_on_previous_text=getattr(args, "condition_on_previous_text", True), **params)
     if args.json:
         out = {**res.as_dict(), "provider": model.target.name}
         print(json.dumps(out, ensure_ascii=False))
@@ -38,6 +40,10 @@ def run_seq2seq(model, prompt: str, args) -> int:
     print(f"[{res.audio_s:.1f} s of audio in {res.elapsed_s:.2f} s ({res.inverse_rtf:.1f}x real time), "
           f"{res.windows} window(s), {res.silent_windows} silent, {res.new_tokens} tokens, {model.target.name}]",
           file=sys.stderr)
+    fell_back = [w for w in res.window_stats if w["temperature"] > 0]
+    if fell_back:
+        print(f"[temperature fallback in {len(fell_back)} window(s): "
+              + ", ".join(f"{w['start_s']:.1f} s at {w['temperature']}" for w in fell_back) + "]", file=sys.stderr)
     _print_strategy(res.strategy)
     return 0
 

@@ -162,11 +162,14 @@ def decode_window(model, hidden: np.ndarray, prompt: list[int], sot_index: int, 
     return best
 
 
-def previous_text_prompt(start_of_prev: int, history: list[int], sot_sequence: list[int]) -> list[int]:
-    """<|startofprev|>, the last PROMPT_CAP tokens of HISTORY, then the start-of-transcript sequence."""
-    if not history:
+def previous_text_prompt(start_of_prev: int, history: list[int], sot_sequence: list[int],
+                         max_positions: int = 448) -> list[int]:
+    """<|startofprev|>, the last tokens of HISTORY (223 for Whisper's 448 positions: half the
+    decoder, less one, as faster-whisper), then the start-of-transcript sequence."""
+    cap = min(PROMPT_CAP, max_positions // 2 - 1)
+    if not history or cap <= 0:
         return list(sot_sequence)
-    return [start_of_prev] + history[-PROMPT_CAP:] + list(sot_sequence)
+    return [start_of_prev] + history[-cap:] + list(sot_sequence)
 
 
 def kept_tokens(tokens: list[int], eos: set[int], timestamp_begin: int, resumed: bool) -> list[int]:
