@@ -18,9 +18,9 @@ import time
 import wave
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from whisper import ROOT, SENTENCES, speak, wer  # noqa: E402
+from apps.bench.whisper import ROOT, SENTENCES, speak, wer  # noqa: E402
 
 LONG = [
     "The quick brown fox jumps over the lazy dog.",
