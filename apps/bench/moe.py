@@ -649,6 +649,11 @@ READING_NOTES = [
     "lone read of the disk measurement. A second reader thread (`run-one --readers 2`, 2 interleaved "
     "rounds, random-int8): 7.57 / 8.13 tok/s against 7.01 / 9.01 at 50%, 6.00 / 6.48 against 5.47 / 5.24 "
     "at 25%: within the noise at 50%, maybe +15% at 25%; not made the default.",
+    "- One compute thread stays the better choice with int8-channel experts, though their loads need "
+    "little CPU (the reader still copies and waits on the second core): `run-one --model random-int8 "
+    "--mode prefetch`, 2 interleaved rounds, 1 against 2 threads: 6.06 / 8.63 against 4.42 / 6.34 tok/s at "
+    "50%, 4.15 / 5.15 against 4.32 / 3.22 at 25%. A shorter GIL switch interval (0.5 ms) for the reader "
+    "changed nothing measurable.",
     "- The machine was shared with other jobs during these runs (load averages given per table): the same "
     "configuration varies up to 2x between rounds (all runs shown; with two, the median is the faster). "
     "Differences between read-ahead and on-demand smaller than that are not established.",
