@@ -368,6 +368,7 @@ def ffn_options(pkg: Path, runs: int = 100, rounds: int = 5) -> dict:
     fed = ort.InferenceSession(model.SerializeToString(), cache.session_options(), providers=["CPUExecutionProvider"])
     feeds = {"expert_in": h, **{k: v for k, v in tensors.items() if k in names}}
     out["weights_as_inputs_ms"] = timed(lambda: fed.run(None, feeds), n=10)
+    out.update(_qmoe_option(h, timed))
     # numpy on weights dequantized once (8x the bytes of int4 in the cache).
     inter, hid = CONFIG["moe_intermediate_size"], CONFIG["hidden_size"]
     bs = 32
@@ -390,6 +391,47 @@ def ffn_options(pkg: Path, runs: int = 100, rounds: int = 5) -> dict:
     out["numpy_fp32_bytes"] = wgu.nbytes + wd.nbytes
     out["loadavg"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     dec.close()
+    return out
+
+
+def _qmoe_option(h: np.ndarray, timed) -> dict:
+    """onnxruntime's fused com.microsoft.QMoE (CPU kernel in 1.31, SwiGLU with fused gate/up only)
+    with the weights as graph inputs: the top-k experts of a layer gathered into one tensor per call.
+    Timed per expert on random weights of the bench's shapes (the time does not depend on the values)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    k, hid, inter = CONFIG["num_experts_per_tok"], CONFIG["hidden_size"], CONFIG["moe_intermediate_size"]
+    rng = np.random.default_rng(0)
+    out = {}
+    for bits in (4, 8):
+        per_byte = 8 // bits
+        shapes = {"w1": (k, 2 * inter, hid // per_byte), "s1": (k, 2 * inter), "w2": (k, hid, inter // per_byte),
+                  "s2": (k, hid)}
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hid]),
+                  helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, k])]
+        inputs += [helper.make_tensor_value_info(n, TensorProto.UINT8 if n[0] == "w" else TensorProto.FLOAT, list(s))
+                   for n, s in shapes.items()]
+        node = helper.make_node("QMoE", ["x", "r", "w1", "s1", "", "w2", "s2"], ["y"], domain="com.microsoft", k=k,
+                                expert_weight_bits=bits, activation_type="swiglu", swiglu_fusion=1,
+                                normalize_routing_weights=1)
+        graph = helper.make_graph([node], "qmoe", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                          [1, hid])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 10
+        from edgeinfer.runtimes import cpu as cpu_runtime
+
+        try:
+            sess = ort.InferenceSession(model.SerializeToString(), cpu_runtime.session_options(1),
+                                        providers=["CPUExecutionProvider"])
+            feeds = {"x": h, "r": np.ones((1, k), np.float32)}
+            for n, s in shapes.items():
+                feeds[n] = (rng.integers(0, 255, s, dtype=np.uint8) if n[0] == "w"
+                            else np.full(s, 0.01, np.float32))
+            out[f"qmoe_int{bits}_run_ms"] = timed(lambda s=sess, f=feeds: s.run(None, f), n=10) / k
+        except Exception as e:  # an onnxruntime without the CPU kernel: say so in the table
+            out[f"qmoe_int{bits}_error"] = str(e).strip().splitlines()[0][:120]
     return out
 
 
@@ -654,6 +696,13 @@ READING_NOTES = [
     "--mode prefetch`, 2 interleaved rounds, 1 against 2 threads: 6.06 / 8.63 against 4.42 / 6.34 tok/s at "
     "50%, 4.15 / 5.15 against 4.32 / 3.22 at 25%. A shorter GIL switch interval (0.5 ms) for the reader "
     "changed nothing measurable.",
+    "- Options of the table at the end not taken: disabling prepacking makes the build cheap but every "
+    "call ~100x slower; what it leaves of the build (creating the session: graph, kernels, plans) is the "
+    "most that an ORT-format graph or `session.use_ort_model_bytes_*` could save (not measured), and the "
+    "prepack itself remains. onnxruntime's fused QMoE has a CPU kernel and takes weights as inputs, but "
+    "runs slower per expert than DynamicQuantizeMatMul and needs a layer's experts gathered into one tensor "
+    "(a copy per call). Batching the top-k into one call would save ~3 onnxruntime run overheads per layer "
+    "(tens of microseconds); not done.",
     "- The machine was shared with other jobs during these runs (load averages given per table): the same "
     "configuration varies up to 2x between rounds (all runs shown; with two, the median is the faster). "
     "Differences between read-ahead and on-demand smaller than that are not established.",
@@ -837,6 +886,12 @@ def _options_table(opt: dict) -> list[str]:
                      "`--expert-bits 8`)", opt["int8_channel_run_ms"],
                      f"{opt['int8_channel_build_ms']:.3f} ms (wrap as OrtValues, bind)",
                      opt["int8_channel_record_bytes"], 1))
+    for bits in (4, 8):
+        if f"qmoe_int{bits}_run_ms" in opt:
+            name = (f"onnxruntime's fused QMoE (int{bits}, SwiGLU), a layer's top-{CONFIG['num_experts_per_tok']} "
+                    "gathered as inputs; per expert")
+            record = opt["record_bytes"] if bits == 4 else opt.get("int8_channel_record_bytes", 0)
+            rows.append((name, opt[f"qmoe_int{bits}_run_ms"], "a copy into the gathered tensor", record, 1))
     rows.append(("numpy matmul on weights dequantized to fp32 at load", opt["numpy_fp32_ms"],
                  f"{opt['numpy_dequantize_ms']:.1f} ms (dequantize)", opt["numpy_fp32_bytes"], 1))
     lines = [
