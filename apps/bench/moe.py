@@ -701,8 +701,8 @@ READING_NOTES = [
     "most that an ORT-format graph or `session.use_ort_model_bytes_*` could save (not measured), and the "
     "prepack itself remains. onnxruntime's fused QMoE has a CPU kernel and takes weights as inputs, but "
     "runs slower per expert than DynamicQuantizeMatMul and needs a layer's experts gathered into one tensor "
-    "(a copy per call). Batching the top-k into one call would save ~3 onnxruntime run overheads per layer "
-    "(tens of microseconds); not done.",
+    "(a copy per call). Batching a layer's top-k into one call would save 3 onnxruntime run overheads per "
+    "layer; not measured, not done.",
     "- The machine was shared with other jobs during these runs (load averages given per table): the same "
     "configuration varies up to 2x between rounds (all runs shown; with two, the median is the faster). "
     "Differences between read-ahead and on-demand smaller than that are not established.",
