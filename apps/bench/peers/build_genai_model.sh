@@ -21,7 +21,8 @@ build_genai_int4() {
   local cache; cache="$(mktemp -d)"
   trap 'rm -rf "$cache"' RETURN
   mkdir -p "$out"
-  HF_HUB_OFFLINE=1 "$GENAI_PY" -m onnxruntime_genai.models.builder \
+  # genai_builder.py runs the builder after adapting Gemma-3's transformers-5 config (see its docstring)
+  HF_HUB_OFFLINE=1 "$GENAI_PY" "$ROOT/apps/bench/peers/genai_builder.py" \
     -i "$hf_dir" -o "$out" -p int4 -e cpu -c "$cache" "$@"
   ls -l "$out"
 }

@@ -22,6 +22,7 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime_genai as og
@@ -49,12 +50,14 @@ def prompt_ids(model: og.Model, args: argparse.Namespace) -> np.ndarray:
     return np.asarray(tokenizer.encode(text), dtype=np.int32)
 
 
-def generate(model: og.Model, ids: np.ndarray, n_new: int) -> tuple[dict, list[int]]:
-    """One timed greedy generation of exactly n_new tokens with a fresh Generator."""
+def generate(model: og.Model, ids: np.ndarray, n_new: int, min_capacity: int = 0) -> tuple[dict, list[int]]:
+    """One timed greedy generation of exactly n_new tokens with a fresh Generator. The KV cache is
+    sized to the prompt + n_new, or MIN_CAPACITY if larger (Gemma-3's sliding-window layers refuse a
+    cache smaller than their window)."""
     total = len(ids) + n_new
     t_setup = time.perf_counter()
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, num_beams=1, max_length=total, min_length=total)
+    params.set_search_options(do_sample=False, num_beams=1, max_length=max(total, min_capacity), min_length=total)
     gen = og.Generator(model, params)
     t0 = time.perf_counter()
     gen.append_tokens(ids)
@@ -65,7 +68,7 @@ def generate(model: og.Model, ids: np.ndarray, n_new: int) -> tuple[dict, list[i
         gen.generate_next_token()
         out.append(int(gen.get_next_tokens()[0]))
     t2 = time.perf_counter()
-    if len(out) != n_new or not gen.is_done():
+    if len(out) != n_new or (total >= min_capacity and not gen.is_done()):
         raise RuntimeError(f"expected {n_new} tokens ending at max_length, got {len(out)}")
     decode = (n_new - 1) / (t2 - t1) if n_new > 1 else 0.0
     run = {"ttft_s": t1 - t0, "decode_tok_s": decode, "total_s": t2 - t0, "setup_s": t0 - t_setup}
@@ -78,11 +81,13 @@ def main(argv=None) -> int:
     model = load_model(args.model, args.threads)
     load_s = time.perf_counter() - t_load
     ids = prompt_ids(model, args)
+    config = json.loads((Path(args.model) / "genai_config.json").read_text())
+    window = int(config["model"]["decoder"].get("sliding_window", {}).get("window_size", 0))
     for _ in range(args.warmup):
-        generate(model, ids, args.new_tokens)
+        generate(model, ids, args.new_tokens, window)
     runs, tokens = [], None
     for _ in range(args.repeats):
-        run, out = generate(model, ids, args.new_tokens)
+        run, out = generate(model, ids, args.new_tokens, window)
         runs.append(run)
         tokens = tokens if tokens is not None else out
     text = og.Tokenizer(model).decode(np.asarray(tokens, dtype=np.int32))
