@@ -78,7 +78,7 @@ def steps(quick: bool, out: Path) -> list[tuple[str, list[str], Path | None]]:
           "--markdown", out / "compare-smollm2.md"], out / "compare-smollm2.md"),
         ("Gemma-3-270M: edgeinfer and the peers",
          [PY, BENCH / "compare.py", "--model", "gemma3-270m", "--precisions", "int4", "--prompt-tokens", "chat,512",
-          "--rounds", "2", "--repeats", "1", "--new-tokens", "64", "--markdown", out / "compare-gemma3.md"],
+          "--rounds", "2", "--repeats", "1", "--new-tokens", "32", "--markdown", out / "compare-gemma3.md"],
          out / "compare-gemma3.md"),
         ("Decoding strategies", [PY, BENCH / "strategies.py"], docs / "early-exit-a4.md"),
         ("Big/little decoding", [PY, BENCH / "big_little.py", "--quick", "--out", out], out / "big-little.md"),
