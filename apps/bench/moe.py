@@ -185,7 +185,8 @@ def build_moefied(out: Path = MOEFIED, expert_bits: int | None = None) -> None:
     from edgeinfer.export import export_model
     from edgeinfer.export.sources import load_source
 
-    src = load_source(str(SMOL))
+    # The transformers folder if apps/bench/peers/prepare_hf.py made one, else the alias (the same GGUF).
+    src = load_source(str(SMOL) if (SMOL / "config.json").exists() else "smollm2-135m")
     cfg = src.config
     inter = int(cfg["intermediate_size"]) // MOEFY_EXPERTS
     src.config = dict(model_type="mixtral", hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
@@ -927,6 +928,8 @@ def main(argv: list[str] | None = None) -> int:
                     "12 tokens")
     ap.add_argument("--full", action="store_true", help="for 'all': also the 90%% budget and, for int4 experts, "
                     "building ahead in the reader")
+    ap.add_argument("--no-doc", action="store_true",
+                    help="for 'all': leave docs/moe.md alone (the benchmark report reads results-*.json)")
     ap.add_argument("--mode", default="prefetch", choices=["resident", "prefetch", "prefetch_build", "naive"])
     ap.add_argument("--frac", type=float, default=0.5)
     ap.add_argument("--tokens", type=int, default=24)
@@ -951,7 +954,8 @@ def main(argv: list[str] | None = None) -> int:
             args.repeats, args.tokens, args.warmup = 1, min(args.tokens, 12), min(args.warmup, 8)
         measure_all(args.models.split(","), args.tokens, args.warmup, args.repeats,
                     "quick" if args.quick else "full" if args.full else "default")
-        write_doc(_load_results())
+        if not args.no_doc:
+            write_doc(_load_results())
     return 0
 
 

@@ -68,8 +68,8 @@ def steps(quick: bool, out: Path) -> list[tuple[str, list[str], Path | None]]:
             ("Whisper tiny.en (quick)", [PY, BENCH / "whisper.py", "--rounds", "1", "--beams", "1",
                                          "--precisions", "int8", "--peer-types", "int8", "--out", out / "whisper.md"],
              out / "whisper.md"),
-            ("Sparse MoE under memory budgets (quick)", [PY, BENCH / "moe.py", "all", "--models", "moefied",
-                                                         "--quick"], None),
+            ("Sparse MoE under memory budgets (quick)", [PY, BENCH / "moe.py", "all", "--models",
+                                                         "moefied,moefied-int8", "--quick", "--no-doc"], None),
         ]
     docs = ROOT / "docs"
     return [
@@ -87,8 +87,8 @@ def steps(quick: bool, out: Path) -> list[tuple[str, list[str], Path | None]]:
          docs / "whisper.md"),
         ("Encoder-decoder vs decoder-only", [PY, BENCH / "encoder_vs_decoder.py", "--rounds", "3"],
          docs / "encoder-vs-decoder.md"),
-        ("Sparse MoE under memory budgets", [PY, BENCH / "moe.py", "all", "--models", "moefied", "--repeats", "1"],
-         None),
+        ("Sparse MoE under memory budgets", [PY, BENCH / "moe.py", "all", "--models", "moefied,moefied-int8",
+                                              "--repeats", "1", "--no-doc"], None),
     ]
 
 
