@@ -279,7 +279,11 @@ class Seq2SeqModel:
                              strategy=self.strategy_stats)
 
     def _search(self, hidden: np.ndarray, prompt: list[int] | None, timestamps: bool, on_token,
-                params: dict) -> list[int]:
+                params: dict, cross: list[np.ndarray] | None = None,
+                step_logits: list[np.ndarray] | None = None) -> list[int]:
+        """The new tokens of one search. CROSS: the cross K/V when the caller has them already;
+        STEP_LOGITS: a list that receives the raw logits of each step of a plain one-sequence
+        search (greedy or sampled), for scoring without another decoder pass."""
         params = dict(params)
         language, task = params.pop("language", None), params.pop("task", None)
         strategy = params.pop("strategy", None) or "plain"
@@ -293,7 +297,16 @@ class Seq2SeqModel:
                                   f"{self.max_target_positions}.")
         config.max_new_tokens = min(config.max_new_tokens, self.max_target_positions - len(prompt))
         rules = LogitsRules(config, len(prompt), self._timestamp_rules() if timestamps else None)
-        state = self.new_state(self.cross_kv(hidden), config.num_beams)
+        state = self.new_state(cross if cross is not None else self.cross_kv(hidden), config.num_beams)
+        if step_logits is not None and strategy == "plain" and config.num_beams == 1:
+            step = state.step
+
+            def logged_step(ids: np.ndarray) -> np.ndarray:
+                logits = step(ids)
+                step_logits.append(np.array(logits[0], np.float32))
+                return logits
+
+            state.step = logged_step
         self.strategy_stats = {} if strategy != "plain" else None
         if strategy == "early-exit":
             return early_exit_search(state, prompt, config, self.eos, rules, plan["exits"], plan["threshold"],

@@ -98,25 +98,43 @@ def special_token(model, key: str, names: tuple[str, ...]) -> int | None:
     return None
 
 
-def score_tokens(model, hidden: np.ndarray, prompt: list[int], tokens: list[int], timestamps: bool,
-                 params: dict, no_speech: int | None, sot_index: int) -> tuple[float, float]:
+def _decoder_logits(model, ids: list[int], cross: list[np.ndarray]) -> np.ndarray:
+    """Logits (T, V) of every position of IDS, over cross K/V already computed."""
+    state = model.new_state(cross, 1)
+    batch = np.asarray([ids], np.int64)
+    if model.stages:
+        return state.forward(batch)[0]
+    return model.run_decoder(batch, state.past, state.cross)[0][0]
+
+
+def score_tokens(model, cross: list[np.ndarray], prompt: list[int], tokens: list[int], timestamps: bool,
+                 params: dict, no_speech: int | None, sot_index: int,
+                 step_logits: list[np.ndarray] | None = None) -> tuple[float, float]:
     """(average log-probability of TOKENS after PROMPT, probability of the no-speech token
-    after the start-of-transcript at SOT_INDEX), from one decoder pass under the search's
-    logits rules. The average divides by the text tokens + 1, as openai-whisper does."""
+    after the start-of-transcript at SOT_INDEX) under the search's logits rules. The average
+    divides by the text tokens + 1, as openai-whisper does. STEP_LOGITS (one row per token,
+    logged by a one-sequence search) spare the teacher-forced pass over the tokens; the
+    no-speech probability then needs only the prompt up to start-of-transcript."""
     config = model.config(**{k: v for k, v in params.items() if k in Seq2SeqConfig.__dataclass_fields__})
     config.max_new_tokens = min(config.max_new_tokens, model.max_target_positions - len(prompt))
     rules = LogitsRules(config, len(prompt), model._timestamp_rules() if timestamps else None)
     seq = list(prompt) + list(tokens)
-    logits = model.decoder_logits(seq[:-1] if tokens else seq, hidden)
+    if step_logits is not None and len(step_logits) == len(tokens):
+        rows = np.stack(step_logits) if tokens else np.zeros((0, 1), np.float32)
+        first = _decoder_logits(model, prompt[:sot_index + 1], cross)[sot_index] if no_speech is not None else None
+    else:
+        logits = _decoder_logits(model, seq[:-1] if tokens else seq, cross)
+        rows = logits[len(prompt) - 1:]
+        first = logits[sot_index]
     no_speech_prob = 0.0
     if no_speech is not None:
-        first = logits[sot_index].astype(np.float64)
+        first = first.astype(np.float64)
         p = np.exp(first - first.max())
         no_speech_prob = float(p[no_speech] / p.sum())
     total = 0.0
     for i, token in enumerate(tokens):
-        pos = len(prompt) - 1 + i
-        scores = rules(np.array(logits[pos:pos + 1], np.float32), [seq[:pos + 1]])[0].astype(np.float64)
+        pos = len(prompt) + i
+        scores = rules(np.array(rows[i:i + 1], np.float32), [seq[:pos]])[0].astype(np.float64)
         finite = scores[np.isfinite(scores)]
         m = finite.max()
         total += float(scores[token] - m - np.log(np.exp(finite - m).sum()))
@@ -130,6 +148,7 @@ def decode_window(model, hidden: np.ndarray, prompt: list[int], sot_index: int, 
     no_speech = special_token(model, "no_speech_token_id", ("<|nocaptions|>", "<|nospeech|>"))
     begin = int(model.generation.get("timestamp_begin", 1 << 62))
     tried: list[WindowDecode] = []
+    cross = model.cross_kv(hidden)  # once per window, shared by every attempt and its scoring
     for i, temperature in enumerate(options.temperatures):
         attempt = dict(params)
         if temperature > 0:  # sampled: one sequence, plain search, seeded per window and temperature
@@ -138,11 +157,13 @@ def decode_window(model, hidden: np.ndarray, prompt: list[int], sot_index: int, 
                 attempt.pop(key, None)
         else:
             attempt["temperature"] = 0.0
-        tokens = model._search(hidden, prompt, timestamps, None, attempt)
+        logged: list[np.ndarray] = []
+        tokens = model._search(hidden, prompt, timestamps, None, attempt, cross=cross, step_logits=logged)
         text = model.tokenizer.decode([t for t in tokens if t not in model.eos and t < begin]).strip()
         scoring = {k: v for k, v in attempt.items() if k not in ("strategy", "exit_layer", "threshold", "draft_len",
                                                                  "language", "task")}
-        avg, nsp = score_tokens(model, hidden, prompt, tokens, timestamps, scoring, no_speech, sot_index)
+        avg, nsp = score_tokens(model, cross, prompt, tokens, timestamps, scoring, no_speech, sot_index,
+                                logged or None)
         result = WindowDecode(tokens, temperature, compression_ratio(text), avg, nsp)
         tried.append(result)
         result.attempts = [r.stats() for r in tried]

@@ -101,6 +101,22 @@ def test_fallback_tries_the_next_temperature_seeded(package):
     assert any(o[1:] != got.attempts[1:] for o in other)
 
 
+def test_logged_step_logits_score_like_a_teacher_forced_pass(package):
+    """Greedy's logged logits and a separate decoder pass over its tokens give the same scores."""
+    from edgeinfer.whisper_longform import score_tokens
+
+    model = _model(package)
+    hidden = _hidden(model, seed=1)
+    cross, logged = model.cross_kv(hidden), []
+    prompt = [PREV, 40, 41, START]
+    tokens = model._search(hidden, prompt, False, None, dict(max_new_tokens=8), cross=cross, step_logits=logged)
+    assert len(logged) == len(tokens) == 8
+    fast = score_tokens(model, cross, prompt, tokens, False, {}, NO_SPEECH, 3, logged)
+    full = score_tokens(model, cross, prompt, tokens, False, {}, NO_SPEECH, 3)
+    np.testing.assert_allclose(fast, full, atol=1e-4)
+    np.testing.assert_allclose(full, _reference_scores(model, hidden, prompt, tokens), atol=1e-4)
+
+
 def test_first_passing_result_is_kept(package):
     model = _model(package)
     hidden = _hidden(model)
@@ -143,9 +159,9 @@ def test_previous_text_goes_after_startofprev(package, wav, monkeypatch):
     model = _model(package)
     prompts, search = [], model._search
 
-    def recording(hidden, prompt, *args):
+    def recording(hidden, prompt, *args, **kwargs):
         prompts.append(list(prompt))
-        return search(hidden, prompt, *args)
+        return search(hidden, prompt, *args, **kwargs)
 
     monkeypatch.setattr(model, "_search", recording)
     res = model.transcribe(wav, max_new_tokens=5, temperature_fallback=False)
@@ -162,8 +178,8 @@ def test_hot_window_resets_the_prompt(package, wav, monkeypatch):
     """A window decoded at temperature >= 0.5 does not condition the next one."""
     model = _model(package)
     prompts, search = [], model._search
-    monkeypatch.setattr(model, "_search", lambda hidden, prompt, *a: (prompts.append(list(prompt)),
-                                                                       search(hidden, prompt, *a))[1])
+    monkeypatch.setattr(model, "_search", lambda hidden, prompt, *a, **kw: (prompts.append(list(prompt)),
+                                                                             search(hidden, prompt, *a, **kw))[1])
     res = model.transcribe(wav, max_new_tokens=5, temperatures=[0.6], seed=1)
     assert res.tokens[0] and res.tokens[0][0] not in model.eos  # there was text to condition on
     assert prompts == [[START]] * 3
