@@ -95,7 +95,9 @@ class EdgeWorker:
         out = []
         for f in files:
             t0 = time.perf_counter()
-            res = self.model.transcribe(f, num_beams=beams)
+            # as the faster-whisper worker: temperature 0 only, no previous-text prompt
+            res = self.model.transcribe(f, num_beams=beams, temperature_fallback=False,
+                                        condition_on_previous_text=False)
             out.append({"file": str(f), "text": res.text, "seconds": time.perf_counter() - t0,
                         "audio_s": res.audio_s, "encoder_s": res.encoder_s, "decoder_s": res.decoder_s})
         return out
