@@ -121,7 +121,12 @@ def score_tokens(model, cross: list[np.ndarray], prompt: list[int], tokens: list
     seq = list(prompt) + list(tokens)
     if step_logits is not None and len(step_logits) == len(tokens):
         rows = np.stack(step_logits) if tokens else np.zeros((0, 1), np.float32)
-        first = _decoder_logits(model, prompt[:sot_index + 1], cross)[sot_index] if no_speech is not None else None
+        if no_speech is None:
+            first = None
+        elif sot_index == len(prompt) - 1 and tokens:  # start-of-transcript ends the prompt (timestamps)
+            first = rows[0]
+        else:
+            first = _decoder_logits(model, prompt[:sot_index + 1], cross)[sot_index]
     else:
         logits = _decoder_logits(model, seq[:-1] if tokens else seq, cross)
         rows = logits[len(prompt) - 1:]

@@ -108,13 +108,18 @@ def test_logged_step_logits_score_like_a_teacher_forced_pass(package):
     model = _model(package)
     hidden = _hidden(model, seed=1)
     cross, logged = model.cross_kv(hidden), []
-    prompt = [PREV, 40, 41, START]
+    prompt = [PREV, 40, 41, START, 9]  # start-of-transcript then another forced token (no-timestamps)
     tokens = model._search(hidden, prompt, False, None, dict(max_new_tokens=8), cross=cross, step_logits=logged)
     assert len(logged) == len(tokens) == 8
     fast = score_tokens(model, cross, prompt, tokens, False, {}, NO_SPEECH, 3, logged)
     full = score_tokens(model, cross, prompt, tokens, False, {}, NO_SPEECH, 3)
     np.testing.assert_allclose(fast, full, atol=1e-4)
     np.testing.assert_allclose(full, _reference_scores(model, hidden, prompt, tokens), atol=1e-4)
+    # start-of-transcript last in the prompt (timestamps): the first logged step is its row
+    logged, prompt = [], [PREV, 40, 41, START]
+    tokens = model._search(hidden, prompt, False, None, dict(max_new_tokens=6), cross=cross, step_logits=logged)
+    np.testing.assert_allclose(score_tokens(model, cross, prompt, tokens, False, {}, NO_SPEECH, 3, logged),
+                               _reference_scores(model, hidden, prompt, tokens), atol=1e-4)
 
 
 def test_first_passing_result_is_kept(package):
