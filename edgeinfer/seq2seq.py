@@ -376,14 +376,14 @@ class Seq2SeqModel:
         if not self.audio:
             raise GenerationError(f"model '{self.name}' takes text, not audio.")
         self.decoder_prompt(timestamps, params.get("language"), params.get("task"))  # refuse bad ones first
+        self.config(**{k: v for k, v in params.items() if k not in ("language", "task", "strategy", "exit_layer",
+                                                                     "threshold", "draft_len")})
         if params.get("temperature"):  # the caller chose one temperature: no schedule
             temperatures = (float(params["temperature"]),)
         elif not temperature_fallback:
             temperatures = (0.0,)
         options = LongFormOptions(temperatures, compression_ratio_threshold, logprob_threshold,
                                   no_speech_threshold, bool(condition_on_previous_text)).validate()
-        self.config(**{k: v for k, v in params.items() if k not in ("language", "task", "strategy", "exit_layer",
-                                                                     "threshold", "draft_len")})
         sot_sequence = self.decoder_prompt(timestamps, params.get("language"), params.get("task"))
         start_of_prev = special_token(self, "start_of_prev_id", ("<|startofprev|>",))
         begin = int(self.generation.get("timestamp_begin", 1 << 62))

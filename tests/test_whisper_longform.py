@@ -146,6 +146,10 @@ def test_transcribe_reports_fallback_per_window(package, wav):
                            condition_on_previous_text=False)
     assert all(w["attempts"] == 1 and w["temperature"] == 0.0 for w in off.window_stats)
     assert "window_stats" in res.as_dict()
+    fixed = model.transcribe(wav, max_new_tokens=6, temperature=0.5, seed=2, logprob_threshold=0.0)
+    assert all(w["attempts"] == 1 and w["temperature"] == 0.5 for w in fixed.window_stats)
+    with pytest.raises(GenerationError, match="temperature must be >= 0"):
+        model.transcribe(wav, temperature=-1.0)
 
 
 def test_no_speech_window_is_silence(package, wav):
