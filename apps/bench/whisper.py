@@ -27,6 +27,8 @@ PEER_PYTHON = ROOT / ".venv-peers" / "whisper" / "bin" / "python"
 PEER_SCRIPT = ROOT / "apps" / "bench" / "peers" / "run_faster_whisper.py"
 SENTENCES = ROOT / "apps" / "bench" / "prompts" / "speech.txt"
 
+KEEP_FROM = "## How"
+
 
 def normalize(text: str) -> list[str]:
     """Lowercase words without punctuation (apostrophes kept), for word error rate."""
@@ -170,7 +172,12 @@ def main(argv=None) -> int:
         report["engines"][w.name] = entry
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "whisper.json").write_text(json.dumps(report, indent=1))
-    args.out.write_text(render(report, beams))
+    # Sections written by hand after the generated part (from KEEP_FROM on) survive a re-run.
+    kept = ""
+    if args.out.exists():
+        old = args.out.read_text()
+        kept = old[old.index(KEEP_FROM):] if KEEP_FROM in old else ""
+    args.out.write_text(render(report, beams).rstrip("\n") + ("\n\n" + kept if kept else "\n"))
     print(args.out.read_text())
     return 0
 
