@@ -76,16 +76,11 @@ def child(package: str, threads: int, seconds: float, new_tokens: int, window_s:
 
 
 def bandwidth_gbs() -> float:
-    import numpy as np
+    """Read bandwidth, measured as compare.py does (one method for every roofline in the report)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from compare import memory_bandwidth_gbs
 
-    a = np.ones(32 * 1024 * 1024, dtype=np.float32)
-    b = np.empty_like(a)
-    best = 0.0
-    for _ in range(5):
-        t = time.perf_counter()
-        np.copyto(b, a)
-        best = max(best, 2 * a.nbytes / (time.perf_counter() - t))
-    return best / 1e9
+    return memory_bandwidth_gbs()
 
 
 def weight_bytes(package: Path) -> int:
