@@ -165,8 +165,12 @@ def markdown(rep: dict, out: Path, index_dir: Path | None = None) -> str:
         "|---|---|---|---|---|",
     ]
     for s in rep["steps"]:
-        page = f"[{Path(s['page']).name}]({os.path.relpath(ROOT / s['page'], index_dir)})" if s["page"] else \
-            "below / build/bench"
+        if not s["page"]:
+            page = "below (raw: build/bench)"
+        elif s["page"].startswith("build/"):  # git-ignored: name the local file, inlined below where it is a table
+            page = f"`{s['page']}`"
+        else:
+            page = f"[{Path(s['page']).name}]({os.path.relpath(ROOT / s['page'], index_dir)})"
         lines.append(f"| {s['title']} | `{s['command']}` | {s['seconds'] / 60:.1f} | "
                      f"{'ok' if s['ok'] else '**failed**'} | {page} |")
     for name in ("compare-smollm2.md", "compare-gemma3.md"):
