@@ -704,7 +704,7 @@ READING_NOTES = [
     "runs slower per expert than DynamicQuantizeMatMul and needs a layer's experts gathered into one tensor "
     "(a copy per call). Batching a layer's top-k into one call would save 3 onnxruntime run overheads per "
     "layer; not measured, not done.",
-    "- The machine was shared with other jobs during these runs (load averages given per table): the same "
+    "- Load averages are given per table. When the machine is shared with other jobs the same "
     "configuration varies up to 2x between rounds (all runs shown; with two, the median is the faster). "
     "Differences between read-ahead and on-demand smaller than that are not established.",
     "- *read-ahead* (the default): the background reader only reads records; the decode thread makes a "
