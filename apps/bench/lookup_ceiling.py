@@ -20,32 +20,20 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import edgeinfer
 from edgeinfer.strategies.lookup import DraftLengthPolicy, NgramIndex
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from strategies import verify_cost  # noqa: E402
+
 PROMPTS = Path(__file__).resolve().parent / "prompts"
 
 
-def row_cost(model, rows: int = 9, repeats: int = 9) -> float:
-    """Cost of each extra verified row, in single-token steps (pass over ROWS positions)."""
-    dec = model.decoder
-    ids = model.encode("The quick brown fox jumps over the lazy dog. " * 16)
-
-    def seconds(n: int) -> float:
-        times = []
-        for _ in range(repeats):
-            dec.reset()
-            dec.forward(ids[:64], logits_to_keep=1)
-            t = time.perf_counter()
-            dec.forward(ids[64:64 + n], logits_to_keep=n)
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
-    one = seconds(1)
-    return (seconds(rows) / one - 1.0) / (rows - 1)
+def row_cost(model, rows: int = 9) -> float:
+    """Cost of each extra verified row, in single-token steps (strategies.verify_cost over ROWS positions)."""
+    return (verify_cost(model, rows=(rows,), repeats=9)[str(rows)] - 1.0) / (rows - 1)
 
 
 def replay(prompt: list[int], text: list[int], choose, cost_per_row: float, max_len: int = 8) -> float:
