@@ -143,6 +143,21 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every file of a package against its sha256")
     v.add_argument("package")
     v.set_defaults(func=_cmd_verify)
+
+    q = sub.add_parser("perplexity", help="perplexity of a package on a text, top-1 agreement with another package")
+    q.add_argument("package")
+    q.add_argument("text_file", help="UTF-8 text to score")
+    q.add_argument("--against", default=None, metavar="PACKAGE",
+                   help="a package of the same tokenizer (e.g. the fp32 export): top-1 agreement with its argmax")
+    q.add_argument("--context", type=int, default=256, help="tokens per window (non-overlapping, each from an "
+                   "empty cache, led by BOS if the tokenizer adds one; default 256)")
+    q.add_argument("--scoring", default="all", choices=["all", "second-half"],
+                   help="all: every prediction after a window's first token (context-1 per window); "
+                        "second-half: only the second half of each window, as llama-perplexity does")
+    q.add_argument("--threads", type=int, default=None)
+    q.add_argument("--provider", default="auto")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.set_defaults(func=_cmd_perplexity)
     return p
 
 
@@ -358,6 +373,18 @@ def _cmd_verify(args) -> int:
 
     pkg = open_package(args.package, verify=True)
     print(f"{args.package}: {len(pkg.manifest['files'])} files match their sha256")
+    return 0
+
+
+def _cmd_perplexity(args) -> int:
+    from . import load
+    from .perplexity import evaluate, read_text
+
+    text = read_text(args.text_file)  # before loading: a bad path fails fast
+    model = load(args.package, provider=args.provider, threads=args.threads)
+    against = load(args.against, provider=args.provider, threads=args.threads) if args.against else None
+    report = evaluate(model, text, context=args.context, against=against, scoring=args.scoring)
+    print(json.dumps(report.as_dict()) if args.json else report.summary())
     return 0
 
 

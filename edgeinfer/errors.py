@@ -23,3 +23,7 @@ class ProviderError(EdgeInferError):
 
 class GenerationError(EdgeInferError):
     """Invalid generation parameters."""
+
+
+class EvaluationError(EdgeInferError):
+    """A perplexity evaluation cannot be done (unreadable or too short text, mismatched packages)."""
