@@ -118,10 +118,10 @@ def run_generation(gen: Generation, strategy, tokenizer: TextTokenizer, prompt_i
                    config: GenerationConfig, cached_prefix: int, on_token_fed=None) -> Iterator[TokenEvent]:
     """The loop behind ``Model.generate``. ``cached_prefix`` prompt tokens are
     already in the cache; ``on_token_fed(token)`` records what enters it."""
-    sampler = Sampler(config)
+    sampler = Sampler(config, prompt_tokens=len(prompt_ids))
     t0 = time.perf_counter()
     logits = strategy.prefill(prompt_ids[cached_prefix:])
-    token, logprob = sampler(logits, prompt_ids if config.repetition_penalty != 1.0 else None)
+    token, logprob = sampler(logits, prompt_ids)
     t_first = time.perf_counter()
     history = list(prompt_ids)
     out_ids: list[int] = []
@@ -175,6 +175,8 @@ def run_generation(gen: Generation, strategy, tokenizer: TextTokenizer, prompt_i
         text=stops.text, tokens=out_ids, prompt_tokens=len(prompt_ids), new_tokens=n, finish_reason=finish,
         ttft_s=t_first - t0, decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
         total_s=time.perf_counter() - t0, reused_prompt_tokens=cached_prefix, stats=dict(strategy.stats))
+    if sampler.mask is not None:  # whether the output is a whole string of the constraint's language
+        gen.result.stats["constraint"] = sampler.mask.report(out_ids)
 
 
 class StopMatcher:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 
 from edgeinfer.runtimes import resolve_provider
 
+from .constraints import compile_constraint, constraint_params
 from .decoder import StagedDecoder
 from .errors import ContextLengthError, GenerationError, PackageError
 from .generation import Generation, GenerationResult, run_generation
@@ -155,9 +157,15 @@ class Model:
         With a little model attached (``load(..., little=...)``): speculative
         (lossless), ead (``tau``, ``window``, ``min_hold``) and bild
         (``fallback_threshold``, ``rollback_threshold``, ``draft_len``).
+        Constraints (one at most; docs/structured-output.md): ``json_schema`` (dict or JSON text),
+        ``json_object=True``, ``regex``, ``grammar`` (Lark or GBNF), ``choices`` (list of strings).
         """
         strat_opts = {k: params.pop(k) for k in list(params) if k in STRATEGY_OPTIONS}
+        constraint = constraint_params(params)
         config = self._config(config, params)
+        if constraint:  # json_schema, json_object, regex, grammar or choices: a token mask (constraints.py)
+            config = dataclasses.replace(config, constraint=compile_constraint(
+                self.tokenizer, self.decoder.vocab_size, **constraint))
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
             ids = [int(t) for t in prompt]
             if any(t < 0 or t >= self.decoder.vocab_size for t in ids):

@@ -25,6 +25,7 @@ class GenerationConfig:
     ignore_eos: bool = False
     logprobs: bool = False
     max_time_s: float | None = None  # wall-time bound on the whole generation
+    constraint: object | None = None  # an edgeinfer.constraints.Constraint: a token mask before sampling
 
     def validate(self, limit: int | None = None) -> GenerationConfig:
         def bad(msg):
@@ -53,13 +54,17 @@ class GenerationConfig:
             self.stop = [self.stop]
         if not all(isinstance(s, str) and s for s in self.stop):
             bad("stop must be a list of non-empty strings.")
+        if self.constraint is not None and self.ignore_eos:
+            bad("ignore_eos cannot be combined with a constraint: a constrained output ends with EOS.")
         return self
 
 
 class Sampler:
-    def __init__(self, config: GenerationConfig):
+    def __init__(self, config: GenerationConfig, prompt_tokens: int = 0):
         self.config = config
         self.rng = np.random.default_rng(config.seed)
+        # The constraint's state; histories passed in start with PROMPT_TOKENS prompt tokens.
+        self.mask = config.constraint.start(prompt_tokens) if config.constraint is not None else None
 
     @property
     def greedy(self) -> bool:
@@ -100,13 +105,16 @@ class Sampler:
         return float(_log_softmax(logits)[token]) if self.config.logprobs else None
 
     def penalized(self, logits: np.ndarray, history: list[int] | None) -> np.ndarray:
+        """LOGITS after the repetition penalty and the constraint's mask (every path samples from these)."""
         pen = self.config.repetition_penalty
-        if pen == 1.0 or not history:
-            return logits
-        x = np.array(logits, dtype=np.float32)
-        seen = np.unique(np.asarray(history, dtype=np.int64))
-        vals = x[seen]
-        x[seen] = np.where(vals > 0, vals / pen, vals * pen)
+        x = logits
+        if pen != 1.0 and history:
+            x = np.array(logits, dtype=np.float32)
+            seen = np.unique(np.asarray(history, dtype=np.int64))
+            vals = x[seen]
+            x[seen] = np.where(vals > 0, vals / pen, vals * pen)
+        if self.mask is not None:
+            x = self.mask.apply(x, history or [])
         return x
 
 

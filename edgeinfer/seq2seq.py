@@ -18,6 +18,7 @@ import numpy as np
 from edgeinfer.runtimes import create_session, resolve_provider
 
 from .audio import Resampler, log_mel_spectrogram, read_wav_info, read_window, resampled_length
+from .constraints import compile_constraint, constraint_params
 from .errors import ContextLengthError, GenerationError, PackageError
 from .package import Package
 from .seq2seq_search import LogitsRules, Seq2SeqConfig, TimestampRules, beam_search, greedy_search
@@ -288,8 +289,15 @@ class Seq2SeqModel:
         language, task = params.pop("language", None), params.pop("task", None)
         strategy = params.pop("strategy", None) or "plain"
         options = {k: params.pop(k, None) for k in ("exit_layer", "threshold", "draft_len")}
+        constraint = constraint_params(params)
         config = self.config(**params)
         plan = check_strategy(self, strategy, config, **options)
+        if constraint:  # a token mask on greedy / sampled decoding (edgeinfer/constraints.py)
+            if config.num_beams > 1 or strategy != "plain" or timestamps:
+                raise GenerationError("constraints (json_schema, regex, grammar, choices) apply to greedy or "
+                                      "sampled decoding here: use num_beams 1, strategy plain, no timestamps.")
+            constraint = compile_constraint(self.tokenizer, int(self.arch["vocab_size"]), **constraint,
+                                            eos_token_ids=sorted(self.eos))
         if prompt is None:
             prompt = self.decoder_prompt(timestamps, language, task)
         if len(prompt) >= self.max_target_positions:
@@ -317,7 +325,7 @@ class Seq2SeqModel:
                                            plan["threshold"])
         if config.num_beams > 1:
             return beam_search(state, prompt, config, self.eos, rules)
-        return greedy_search(state, prompt, config, self.eos, rules, on_token)
+        return greedy_search(state, prompt, config, self.eos, rules, on_token, constraint or None)
 
     def decoder_prompt(self, timestamps: bool = False, language: str | None = None,
                        task: str | None = None) -> list[int]:

@@ -147,14 +147,18 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def greedy_search(state, prompt: list[int], config: Seq2SeqConfig, eos: set[int], rules: LogitsRules,
-                  on_token=None) -> list[int]:
-    """One sequence, token by token: argmax (temperature 0) or sampled. Returns the new tokens."""
+                  on_token=None, constraint=None) -> list[int]:
+    """One sequence, token by token: argmax (temperature 0) or sampled. Returns the new tokens.
+    CONSTRAINT (edgeinfer.constraints): only the tokens it admits are chosen."""
     sampler = Sampler(GenerationConfig(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                                        seed=config.seed))
+    mask = constraint.start(len(prompt)) if constraint is not None else None
     seq = list(prompt)
     logits = state.step(np.asarray([prompt], np.int64))
     for _ in range(config.max_new_tokens):
         scores = rules(np.array(logits, np.float32), [seq])[0]
+        if mask is not None:
+            scores = mask.apply(scores, seq)
         if config.temperature == 0:
             token = int(np.argmax(scores))
         else:
