@@ -128,3 +128,31 @@ def test_lookup_ceiling_replay_counts_accepted_copies():
     assert fast > 3.0  # 9 tokens per round at a cost of 1.8 once the n-gram index matches
     assert replay(prompt, copied, verify_all, 1.0) < fast  # rows as dear as steps: little to gain
     assert replay(prompt, copied, POLICIES["DraftLengthPolicy"], 0.1) > 2.0
+
+
+def test_quality_scores_every_engine_alike_and_writes_the_page(tiny_packages):
+    """apps/bench/quality.py on tiny packages (no llama.cpp): the same windows for each engine,
+    agreement with the fp32 reference, the questions asked, a refused precision named on the page."""
+    from conftest import CORPUS
+
+    from apps.bench.quality import QUESTIONS, answer_is_right, evaluate_packages, markdown
+
+    assert answer_is_right("A week has 7 days.", ["7", "seven"])
+    assert not answer_is_right("A week has 31 days.", ["7", "seven"])
+    assert not answer_is_right("Open 24-7, every day.", ["7"])
+    assert answer_is_right("There are twenty-four hours in a day.", ["twenty-four"])
+    assert not answer_is_right(" ".join(["word"] * 25) + " Paris", ["Paris"])  # too late in the reply
+    packages = {"int4": tiny_packages("llama", "int4"), "fp32": tiny_packages("llama", "fp32")}
+    res = evaluate_packages(packages, "\n".join(CORPUS), windows_n=3, context=32, threads=None, chat=True)
+    e = res["engines"]
+    assert list(e) == ["edgeinfer fp32", "edgeinfer int4"]  # the reference first
+    assert res["windows"] == 3 and res["scored_tokens"] == 3 * 31
+    assert e["edgeinfer fp32"]["top1_agreement"] is None and 0.0 < e["edgeinfer int4"]["top1_agreement"] <= 1.0
+    assert all(x["asked"] == len(QUESTIONS) == len(x["answers"]) and x["perplexity"] > 1 for x in e.values())
+    res.update({"description": "tiny", "gguf": "none.gguf", "refused": {"source": "needs a GGUF file."}})
+    md = markdown({"date": "2026-12-04T03:00:00", "command": "python apps/bench/quality.py", "threads": 2,
+                   "machine": {"cpu": "x86", "cpus": 2, "python": "3.11", "loadavg": "0.10"}, "total_s": 60.0,
+                   "context": 32, "versions": {"edgeinfer": "0.1.0"}, "models": {"tiny": res},
+                   "text": {"file": "f.txt", "package": "p", "version": "1", "sha256": "0" * 64}})
+    assert "| edgeinfer int4 | int4, block 32" in md and "refused by the exporter: needs a GGUF file." in md
+    assert f"| {QUESTIONS[0][0]} |" in md and "3 windows × 32 tokens = 93 scored tokens" in md

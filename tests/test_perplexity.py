@@ -21,7 +21,7 @@ CONTEXT = 48
 def fp32(tiny_packages):
     import edgeinfer
 
-    return edgeinfer.load(tiny_packages("llama", "fp32"), threads=1)
+    return edgeinfer.load(tiny_packages("llama", "fp32"))
 
 
 def transformers_perplexity(folder, text: str, context: int, first: int) -> tuple[float, int]:
@@ -65,12 +65,12 @@ def test_agreement_with_itself_is_one_and_with_another_model_is_low(fp32, tiny_p
     # random tied llama mostly predicts its input token, so two of those agree a lot)
     hf = build_from_config(LlamaConfig(**TINY, tie_word_embeddings=False), tmp_path / "hf", seed=7)
     export_model(str(hf), tmp_path / "pkg", "fp32", max_context=256, progress=False)
-    other = edgeinfer.load(tmp_path / "pkg", threads=1)
+    other = edgeinfer.load(tmp_path / "pkg")
     rep = evaluate(fp32, TEXT, context=CONTEXT, against=other, progress=False)
     assert rep.top1_agreement < 0.5
     assert rep.against_perplexity != pytest.approx(rep.perplexity)
     # int4 of the same model: far closer than another model, and never above identical
-    int4 = edgeinfer.load(tiny_packages("llama", "int4"), threads=1)
+    int4 = edgeinfer.load(tiny_packages("llama", "int4"))
     q = evaluate(int4, TEXT, context=CONTEXT, against=fp32, progress=False)
     assert rep.top1_agreement < q.top1_agreement <= 1.0
 
@@ -88,8 +88,7 @@ def test_cli_json(fp32, tiny_packages, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
     pkg = str(tiny_packages("llama", "fp32"))
-    assert main(["perplexity", pkg, str(text), "--against", pkg, "--context", str(CONTEXT), "--json",
-                 "--threads", "1"]) == 0
+    assert main(["perplexity", pkg, str(text), "--against", pkg, "--context", str(CONTEXT), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     ref = evaluate(fp32, TEXT, context=CONTEXT, progress=False)
     assert out["perplexity"] == pytest.approx(ref.perplexity, rel=1e-6)
@@ -100,7 +99,7 @@ def test_cli_json(fp32, tiny_packages, tmp_path, capsys):
 def _one_error(capsys, argv) -> str:
     from edgeinfer.cli import main
 
-    assert main([*argv, "--threads", "1"]) == 2  # one thread count per process (as the fixtures use)
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("edgeinfer: error: ") and "\n" not in err and "Traceback" not in err
     return err
@@ -129,7 +128,7 @@ def test_against_a_package_of_another_vocabulary_is_refused(fp32, tmp_path):
     cfg.vocab_size = 300  # the tokenizer is trained to this size: a different vocabulary
     export_model(str(build_from_config(cfg, tmp_path / "hf")), tmp_path / "pkg", "fp32", max_context=256,
                  progress=False)
-    other = edgeinfer.load(tmp_path / "pkg", threads=1)
+    other = edgeinfer.load(tmp_path / "pkg")
     with pytest.raises(EvaluationError, match="different tokenizer"):
         evaluate(fp32, TEXT, context=CONTEXT, against=other, progress=False)
     assert np.isfinite(evaluate(other, TEXT, context=CONTEXT, progress=False).perplexity)

@@ -19,14 +19,10 @@ import numpy as np
 from edgeinfer.runtimes import node_placement
 
 import edgeinfer
+from edgeinfer.perplexity import log_softmax  # float64, the same as `edgeinfer perplexity`
 
 PROMPTS = ["The capital of France is", "Here is a short poem about the sea:\n",
            "def is_prime(n):\n", "The three most important inventions of the twentieth century are"]
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def teacher_forced(model, ids: list[int]) -> np.ndarray:
