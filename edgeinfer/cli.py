@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a model (alias, .gguf, HF folder, hub id) to a package")
     e.add_argument("source", help="smollm2-135m | gemma3-270m | path/to/model.gguf | HF folder | hub id")
     e.add_argument("-o", "--output", required=True, help="package folder to create")
-    e.add_argument("--precision", default=None, choices=["int4", "int8", "fp16", "fp32"],
-                   help="weights (default: int4 for --target cpu, fp16 for gpu, int8 for npu)")
+    e.add_argument("--precision", default=None, choices=["source", "int4", "int8", "fp16", "fp32"],
+                   help="weights (default: source -- a GGUF file's own quantized weights, carried over exactly -- "
+                        "for GGUF files on --target cpu; else int4 for cpu, fp16 for gpu, int8 for npu)")
     e.add_argument("--target", default="cpu", choices=["cpu", "gpu", "npu"],
                    help="cpu: fused contrib ops, dynamic KV cache; gpu: fp16 weights for CUDA/DirectML; npu: fixed "
                         "shapes and static QDQ int8 (QNN HTP, OpenVINO NPU; runs on the cpu too)")
@@ -204,13 +205,14 @@ def _cmd_export(args) -> int:
         if seq2seq_source_path(args.source) is not None:
             raise EdgeInferError("--check compares decoder-only packages with transformers; encoder-decoder "
                                  "parity is covered by the test suite: export without --check.")
-    precision = args.precision or {"cpu": "int4", "gpu": "fp16", "npu": "int8"}[args.target]
+    precision = args.precision or {"cpu": None, "gpu": "fp16", "npu": "int8"}[args.target]
     res = export_model(args.source, args.output, precision, max_context=args.max_context, stages=stages,
                        exits=exits, force=args.force, lm_head_bits=args.lm_head_bits, block_size=args.block_size,
                        accuracy_level=args.accuracy_level, target=args.target, prefill_chunk=args.prefill_chunk,
                        calibration=args.calibration, activation_bits=args.activation_bits,
                        exit_adapters=args.exit_adapters, adapter_rank=args.adapter_rank,
                        expert_bits=args.expert_bits)
+    precision = res.manifest.get("quantization", {}).get("weights", precision)
     print(f"wrote {res.path} ({res.size_bytes / 1e6:.1f} MB, {precision}, target {args.target}, "
           f"{len(res.manifest['graphs'])} graph(s), context {res.manifest['kv_cache']['max_context']})")
     if args.check:

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .gguf_tensors import BlockWeight, concat_rows
 from .onnx_graph import MS_DOMAIN, GraphBuilder
-from .quantize import quantize_blockwise
+from .quantize import pack_bits, quantize_blockwise
 
-PRECISIONS = ("int4", "int8", "fp16", "fp32")
+# "source": a GGUF file's own quantized weights, carried over exactly (export/gguf_tensors.py)
+PRECISIONS = ("source", "int4", "int8", "fp16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class Precision:
 
     def describe(self) -> dict:
         d = {"weights": self.name}
+        if self.name == "source":
+            d.update(accuracy_level=self.accuracy_level,
+                     scheme="the GGUF file's own blocks as MatMulNBits scale * (q - zp) + block offsets")
         if self.bits:
             d.update(block_size=self.block_size, accuracy_level=self.accuracy_level,
                      lm_head_bits=self.head_bits, scheme="symmetric-rtn" if self.symmetric else "asymmetric-rtn")
@@ -78,6 +83,8 @@ def float_weight(g: GraphBuilder, name: str, array: np.ndarray, precision: Preci
 def linear(g: GraphBuilder, x: str, weight: np.ndarray, name: str, precision: Precision,
            bias: np.ndarray | None = None, bits: int | None = None) -> str:
     """``x @ weight.T (+ bias)`` for a PyTorch-layout weight (out, in)."""
+    if isinstance(weight, BlockWeight):
+        return _block_linear(g, x, weight, name, precision, bias)
     bits = bits if bits is not None else precision.bits
     n, k = weight.shape
     if bits:
@@ -95,6 +102,39 @@ def linear(g: GraphBuilder, x: str, weight: np.ndarray, name: str, precision: Pr
     if bias is not None:
         y = g.op1("Add", [y, g.initializer(name + ".bias", bias.astype(np.float32))])
     return y
+
+
+def _block_linear(g: GraphBuilder, x: str, weight: BlockWeight, name: str, precision: Precision,
+                  bias: np.ndarray | None) -> str:
+    """A GGUF block weight as MatMulNBits at the kernel's implicit zero point, plus the block offsets'
+    product with the input when the type has them (see export/gguf_tensors.py)."""
+    n, k = weight.shape
+    packed, scales = block_initializers(g, weight, name)
+    inputs = [x, packed, scales]
+    if bias is not None:
+        inputs += ["", "", g.initializer(name + ".bias", bias.astype(np.float32))]
+    y = g.op1("MatMulNBits", inputs, domain=MS_DOMAIN, name=name, K=k, N=n, bits=weight.bits,
+              block_size=weight.block_size, accuracy_level=precision.accuracy_level)
+    if weight.offsets is None:
+        return y
+    offsets = g.initializer(name + ".offsets", np.ascontiguousarray(weight.offsets.T))  # (K/block, N)
+    return g.op1("Add", [y, g.op1("MatMul", [block_sums(g, x, k, weight.block_size), offsets])])
+
+
+def block_initializers(g: GraphBuilder, weight: BlockWeight, name: str) -> tuple[str, str]:
+    """MatMulNBits' packed weight (N, K/block, block*bits/8) and scales of a block weight."""
+    n, k = weight.shape
+    packed = pack_bits(weight.q, weight.bits).reshape(n, k // weight.block_size, -1)
+    return g.initializer(name + ".qweight", packed), g.initializer(name + ".scales", weight.scales)
+
+
+def block_sums(g: GraphBuilder, x: str, k: int, block: int) -> str:
+    """Sums of X's last axis over blocks of BLOCK: (..., K) -> (..., K/block); one per input and block."""
+    key = ("block_sums", x, block)
+    if key not in g.shared_values:
+        blocks = g.op1("Reshape", [x, g.const_i64([0, 0, k // block, block])])
+        g.shared_values[key] = g.op1("ReduceSum", [blocks, g.const_i64([-1])], keepdims=0)
+    return g.shared_values[key]
 
 
 def rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float, name: str) -> str:
@@ -118,6 +158,17 @@ def embedding(g: GraphBuilder, ids: str, table: np.ndarray, name: str, precision
     For quantized tables the initializers are named like a MatMulNBits weight so
     that a tied LM head reuses them (GatherBlockQuantized reads the same layout).
     """
+    if isinstance(table, BlockWeight):
+        vocab, hidden = table.shape
+        data, scales = block_table(g, table, name)
+        h = g.op1("GatherBlockQuantized", [data, ids, scales], domain=MS_DOMAIN, name=name,
+                  bits=table.bits, block_size=table.block_size, gather_axis=0, quantize_axis=1)
+        if table.offsets is not None:  # + each block's offset, gathered per token
+            per_block = g.op1("Reshape", [h, g.const_i64([0, 0, hidden // table.block_size, table.block_size])])
+            offsets = g.op1("Gather", [g.initializer(name + ".offsets", table.offsets), ids], axis=0)
+            h = g.op1("Add", [per_block, g.op1("Unsqueeze", [offsets, g.const_i64([-1])])])
+            h = g.op1("Reshape", [h, g.const_i64([0, 0, hidden])])
+        return h, name
     if bits:
         data, scales, zero_points = quantized_table(g, table, name, precision, bits)
         inputs = [data, ids, scales] + ([zero_points] if zero_points else [])
@@ -126,6 +177,13 @@ def embedding(g: GraphBuilder, ids: str, table: np.ndarray, name: str, precision
         return h, name
     w = float_weight(g, name + ".weight", table, precision)
     return g.op1("Gather", [w, ids], name=name, axis=0), None
+
+
+def block_table(g: GraphBuilder, table: BlockWeight, name: str) -> tuple[str, str]:
+    """A block-weight (vocab, hidden) table laid out for GatherBlockQuantized, (data, scales); a tied
+    LM head reads the same initializers (``tied_lm_head``)."""
+    data = pack_bits(table.q, table.bits).reshape(table.shape[0], -1)
+    return g.initializer(name + ".qweight", data), g.initializer(name + ".scales", table.scales)
 
 
 def quantized_table(g: GraphBuilder, table: np.ndarray, name: str, precision: Precision,
@@ -140,8 +198,18 @@ def quantized_table(g: GraphBuilder, table: np.ndarray, name: str, precision: Pr
 
 
 def tied_lm_head(g: GraphBuilder, x: str, shared: str, vocab: int, hidden: int, bits: int,
-                 precision: Precision, name: str) -> str:
-    """LM head reading the embedding's quantized initializers (tied weights)."""
+                 precision: Precision, name: str, table: BlockWeight | None = None) -> str:
+    """LM head reading the embedding's quantized initializers (tied weights). TABLE: the
+    embedding's block weight when it came from a GGUF file as is (its own bits and blocks)."""
+    if table is not None:
+        block = table.block_size
+        packed = g.op1("Reshape", [shared + ".qweight", g.const_i64([vocab, -1, block * table.bits // 8])])
+        y = g.op1("MatMulNBits", [x, packed, shared + ".scales"], domain=MS_DOMAIN, name=name, K=hidden, N=vocab,
+                  bits=table.bits, block_size=block, accuracy_level=precision.accuracy_level)
+        if table.offsets is None:
+            return y
+        offsets = g.op1("Transpose", [shared + ".offsets"])  # (hidden/block, vocab); folded at load
+        return g.op1("Add", [y, g.op1("MatMul", [block_sums(g, x, hidden, block), offsets])])
     packed = g.op1("Reshape", [shared + ".qweight", g.const_i64([vocab, -1, precision.block_size * bits // 8])])
     inputs = [x, packed, shared + ".scales"]
     if not precision.symmetric:
@@ -173,10 +241,13 @@ def attention(g: GraphBuilder, x: str, w: dict[str, np.ndarray], io: AttentionIO
                      local_window_size=window, softcap=softcap)
     if "q_norm" not in w:
         # One packed QKV matmul: fewer, larger kernels on the decode hot path.
-        wqkv = np.concatenate([w["q"], w["k"], w["v"]], axis=0)
+        wqkv = concat_rows([w["q"], w["k"], w["v"]])
+    if "q_norm" not in w and wqkv is not None:
         bias = np.concatenate([w["q_bias"], w["k_bias"], w["v_bias"]]) if "q_bias" in w else None
         qkv = linear(g, x, wqkv, f"{name}.qkv_proj", precision, bias=bias)
         q, k, v = qkv, "", ""
+    elif "q_norm" not in w:  # a GGUF file with differently quantized q, k, v: three matmuls
+        q, k, v = (linear(g, x, w[n], f"{name}.{n}_proj", precision, bias=w.get(f"{n}_bias")) for n in "qkv")
     else:
         q = linear(g, x, w["q"], f"{name}.q_proj", precision, bias=w.get("q_bias"))
         k = linear(g, x, w["k"], f"{name}.k_proj", precision, bias=w.get("k_bias"))
@@ -200,8 +271,13 @@ def gated_mlp(g: GraphBuilder, x: str, w: dict[str, np.ndarray], activation: str
               precision: Precision) -> str:
     """``down(act(gate(x)) * up(x))`` with gate and up fused into one matmul."""
     inter = w["gate"].shape[0]
-    gate_up = linear(g, x, np.concatenate([w["gate"], w["up"]], axis=0), f"{name}.gate_up_proj", precision)
-    gate, up = g.op("Split", [gate_up, g.const_i64([inter, inter], name + ".split")], 2, axis=-1)
+    fused = concat_rows([w["gate"], w["up"]])
+    if fused is not None:
+        gate_up = linear(g, x, fused, f"{name}.gate_up_proj", precision)
+        gate, up = g.op("Split", [gate_up, g.const_i64([inter, inter], name + ".split")], 2, axis=-1)
+    else:  # a GGUF file with differently quantized gate and up
+        gate = linear(g, x, w["gate"], f"{name}.gate_proj", precision)
+        up = linear(g, x, w["up"], f"{name}.up_proj", precision)
     if activation == "silu":
         act = g.op1("QuickGelu", [gate], domain=MS_DOMAIN, alpha=1.0)  # x * sigmoid(x)
     elif activation == "gelu_tanh":

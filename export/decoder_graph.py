@@ -32,6 +32,7 @@ from .blocks import (
     skip_rms_norm,
     tied_lm_head,
 )
+from .gguf_tensors import BlockWeight
 from .onnx_graph import GraphBuilder
 
 INPUT_IDS = "input_ids"
@@ -176,9 +177,11 @@ def _append_head(g: GraphBuilder, x: str, delta: str | None, spec: DecoderSpec, 
     if delta is not None:
         delta = g.op1("Slice", [delta, start, end, axis])
     h, _ = _norm_stream(g, x, delta, final_norm(sd, spec), spec.rms_eps, "model.norm")
+    table = embed_table(sd)
     if shared is not None and spec.tie_embeddings:
-        logits = tied_lm_head(g, h, shared, spec.vocab, spec.hidden, head_bits, precision, "lm_head")
-    elif spec.tie_embeddings and precision.name == "fp32":
+        logits = tied_lm_head(g, h, shared, spec.vocab, spec.hidden, head_bits, precision, "lm_head",
+                              table=table if isinstance(table, BlockWeight) else None)
+    elif spec.tie_embeddings and precision.name in ("fp32", "source") and not isinstance(table, BlockWeight):
         # One fp32 table serves the embedding Gather and, transposed once at load, the head.
         table = g.initializer("model.embed_tokens.weight", embed_table(sd).astype(np.float32))
         logits = g.op1("MatMul", [h, g.op1("Transpose", [table])], name="lm_head")

@@ -27,7 +27,7 @@ class ExportResult:
     size_bytes: int
 
 
-def export_model(source: str | SourceModel, out: str | Path, precision: str = "int4", *,
+def export_model(source: str | SourceModel, out: str | Path, precision: str | None = None, *,
                  max_context: int | None = None, stages: list[int] | None = None, exits: list[int] | None = None,
                  force: bool = False,
                  lm_head_bits: int | None = None, block_size: int = 32, accuracy_level: int = 4,
@@ -37,6 +37,9 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
                  adapter_rank: int | None = None, expert_bits: int | None = None) -> ExportResult:
     """Export SOURCE (alias, .gguf, HF folder, hub id, or a loaded SourceModel) to a package at OUT.
 
+    PRECISION: ``source`` keeps a GGUF file's own quantized weights exactly (the default for GGUF sources
+    of the hand-built families on the cpu target); ``int4``/``int8`` re-quantize (the default elsewhere is
+    int4 for cpu, fp16 for gpu, int8 for npu); ``fp16``/``fp32`` store floats.
     TARGET: ``cpu`` (fused contrib ops, dynamic KV), ``gpu`` (the same graphs, fp16 weights unless int4 is
     asked: MatMulNBits runs on CUDA), ``npu`` (static shapes, static QDQ int8: see npu_export.py).
     EXPERT_BITS (sparse MoE only): 8 stores the routed experts as per-channel int8 fed to one shared
@@ -44,7 +47,7 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
     """
     if target not in TARGETS:
         raise ExportError(f"unknown target '{target}': choose one of {', '.join(TARGETS)}.")
-    if precision not in PRECISIONS:
+    if precision is not None and precision not in PRECISIONS:
         raise ExportError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}.")
     if lm_head_bits not in (None, 4, 8) or (lm_head_bits and precision not in ("int4", "int8")):
         raise ExportError("--lm-head-bits takes 4 or 8 and applies to int4/int8 packages only.")
@@ -61,11 +64,15 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
                                   "use the plain exit head: drop --exit-adapters.")
             if target != "cpu":
                 raise ExportError(f"encoder-decoder packages are built for the cpu target only, not '{target}'.")
-            return export_seq2seq(seq2seq_folder, out, precision, force=force, block_size=block_size,
+            if precision == "source":
+                raise ExportError("--precision source keeps a GGUF file's own quantization; encoder-decoder "
+                                  "sources are re-quantized: choose int4, int8, fp16 or fp32.")
+            return export_seq2seq(seq2seq_folder, out, precision or "int4", force=force, block_size=block_size,
                                   accuracy_level=accuracy_level, stages=stages, exits=exits,
                                   name=source if is_alias(source) else None)
     src = source if isinstance(source, SourceModel) else load_source(source)
     model_type = src.config.get("model_type", "")
+    precision = _checked_precision(src, precision, target, model_type)
     if target == "npu":
         return _export_npu(src, out, max_context, force, prefill_chunk, calibration, activation_bits, precision)
     if model_type in MOE_TYPES:  # sparse MoE: per-layer graphs + expert store (export/moe_graph.py)
@@ -104,14 +111,15 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
     with staging_folder(out, force) as tmp:
         (tmp / "graphs").mkdir()
         graphs = []
-        for stage in dg.build_stages(spec, src.state_dict, prec, ctx, cuts[1:-1], progress=bar.update):
+        weights = {**src.state_dict, **src.blocks} if precision == "source" else src.state_dict
+        for stage in dg.build_stages(spec, weights, prec, ctx, cuts[1:-1], progress=bar.update):
             rel = f"graphs/{stage.name}.onnx"
             stage.builder.save(tmp / rel)
             graphs.append(stage.manifest_entry(rel))
         bar.close()
         exit_entries = []
         if exits:
-            dg.build_exit_head(spec, src.state_dict, prec).save(tmp / "graphs" / "exit_head.onnx")
+            dg.build_exit_head(spec, weights, prec).save(tmp / "graphs" / "exit_head.onnx")
             graphs.append({"name": "exit_head", "role": "exit_head", "path": "graphs/exit_head.onnx",
                            "inputs": [dg.HIDDEN_IN, dg.LOGITS_TO_KEEP], "outputs": [dg.LOGITS]})
             exit_entries = [{"layer": e, "after_stage": cuts.index(e) - 1, "head": "exit_head", "adapter": None}
@@ -126,6 +134,37 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str = "i
                                             "target": target})
     size = sum(m["size"] for m in manifest["files"].values())
     return ExportResult(out, manifest, size)
+
+
+def _checked_precision(src: SourceModel, precision: str | None, target: str, model_type: str) -> str:
+    """The precision to export at: the GGUF file's own blocks by default where they can be carried over,
+    else int4 (cpu) / fp16 (gpu) / int8 (npu). Says which tensors a re-quantization changes."""
+    exact_ok = bool(src.blocks) and target == "cpu" and model_type in FAMILIES and model_type not in MOE_TYPES
+    if precision is None:
+        precision = "source" if exact_ok else {"cpu": "int4", "gpu": "fp16", "npu": "int8"}[target]
+    if precision == "source" and not exact_ok:
+        where = ("a GGUF file of a hand-built family (llama, qwen2, qwen3, gemma3)" if not src.blocks
+                 else "the cpu target of a dense model")
+        raise ExportError(f"--precision source keeps a GGUF file's own quantization, which needs {where}: "
+                          "choose int4, int8, fp16 or fp32.")
+    if precision == "source":
+        for type_name, names in src.requantized.items():
+            print(f"warning: {len(names)} tensor(s) of GGUF type {type_name} ({_name_list(names)}) have no exact "
+                  "MatMulNBits form: re-quantized to int8 blocks of 32.", file=sys.stderr)
+    elif src.tensor_types:
+        groups: dict[str, list[str]] = {}
+        for name, type_name in src.tensor_types.items():
+            if name in src.blocks:
+                groups.setdefault(type_name, []).append(name)
+        for type_name, names in sorted(groups.items()):
+            print(f"note: re-quantizing {len(names)} {type_name} tensor(s) of the GGUF file to {precision} "
+                  f"({_name_list(names)}); the default (--precision source) keeps them exactly.", file=sys.stderr)
+    return precision
+
+
+def _name_list(names: list[str], limit: int = 3) -> str:
+    roles = list(dict.fromkeys(n.split(".layers.")[-1].split(".", 1)[-1] if ".layers." in n else n for n in names))
+    return ", ".join(roles[:limit]) + (f", +{len(roles) - limit} more" if len(roles) > limit else "")
 
 
 def _share_stage_weights(tmp: Path, graphs: list[dict]) -> None:
@@ -233,11 +272,24 @@ def _manifest(src: SourceModel, spec, prec: Precision, ctx: int, graphs: list[di
         "kv_cache": {"layout": "BNSH", "dtype": "float32", "num_layers": spec.layers, "num_kv_heads": spec.kv_heads,
                      "head_dim": spec.head_dim, "max_context": ctx, "shared_buffer": True,
                      "sliding_windows": spec.windows},
-        "quantization": prec.describe(),
+        "quantization": {**prec.describe(), **_source_types(src, prec)},
         "tokenizer": {"file": "tokenizer.json", "chat_template": src.chat_template, **src.special},
         "generation": {"max_new_tokens": 256, **src.generation},
         "exits": exits,
     }
+
+
+def _source_types(src: SourceModel, prec: Precision) -> dict:
+    """The GGUF file's tensor types (by count), and which were re-quantized for a source package."""
+    if not src.tensor_types:
+        return {}
+    counts: dict[str, int] = {}
+    for t in src.tensor_types.values():
+        counts[t] = counts.get(t, 0) + 1
+    out = {"source_types": dict(sorted(counts.items()))}
+    if prec.name == "source" and src.requantized:
+        out["requantized"] = {t: len(names) for t, names in src.requantized.items()}
+    return out
 
 
 class _NoBar:

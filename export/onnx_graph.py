@@ -37,6 +37,8 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._count = 0
         self._init_names: set[str] = set()
+        # values computed once per graph and reused by later nodes, e.g. an input's block sums
+        self.shared_values: dict[tuple, str] = {}
 
     def unique(self, base: str) -> str:
         self._count += 1

@@ -32,6 +32,11 @@ class SourceModel:
     chat_template: str | None
     special: dict = field(default_factory=dict)
     generation: dict = field(default_factory=dict)
+    # GGUF sources: the quantized matrices as the file holds them (export/gguf_tensors.py), their
+    # ggml types by Hugging Face name, and the tensors whose type has no exact form
+    blocks: dict = field(default_factory=dict)
+    tensor_types: dict[str, str] = field(default_factory=dict)
+    requantized: dict[str, list[str]] = field(default_factory=dict)
 
 
 def describe_source(source: str) -> tuple[str, Path | str, str | None]:
@@ -76,21 +81,32 @@ def load_source(source: str) -> SourceModel:
     if kind == "hub" and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ExportError(f"'{where}' looks like a hub id, but HF_HUB_OFFLINE=1: download it first "
                           "or give a local path.")
+    tensors = None
     try:
         config = AutoConfig.from_pretrained(str(where), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(where), **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32, **kwargs)
+        if gguf_file and _gguf_arch(Path(where) / gguf_file) in GGUF_TENSOR_ARCHS:
+            from transformers import GenerationConfig
+
+            tensors = _read_gguf(Path(where) / gguf_file, config.to_dict())
+            model = None
+            gen = GenerationConfig.from_model_config(config)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32, **kwargs)
+            gen = getattr(model, "generation_config", None)
     except OSError as e:
         if kind == "hub":
             raise ExportError(f"could not fetch '{where}' from the hub ({_first_line(e)}): check the id and "
                               "the network, or give a local folder.") from e
         raise ExportError(f"could not read '{source}': {_first_line(e)}") from e
-    state_dict = {k: v.detach().to(torch.float32).numpy() for k, v in model.state_dict().items()}
+    if tensors is not None:
+        state_dict = tensors.floats
+    else:
+        state_dict = {k: v.detach().to(torch.float32).numpy() for k, v in model.state_dict().items()}
     cfg = config.to_dict()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ExportError(f"'{source}' has no fast tokenizer (tokenizer.json); edgeinfer needs one.")
-    gen = getattr(model, "generation_config", None)
     gen_dict = gen.to_dict() if gen is not None else {}
     eos = gen_dict.get("eos_token_id", tokenizer.eos_token_id)
     eos_ids = sorted({int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None})
@@ -107,7 +123,29 @@ def load_source(source: str) -> SourceModel:
     return SourceModel(name=name, kind=kind, location=str(Path(where) / gguf_file) if gguf_file else str(where),
                        config=json.loads(json.dumps(cfg, default=str)), state_dict=state_dict,
                        tokenizer_json=backend.to_str(), chat_template=getattr(tokenizer, "chat_template", None),
-                       special=special, generation=generation)
+                       special=special, generation=generation,
+                       **({"blocks": tensors.blocks, "tensor_types": tensors.types,
+                           "requantized": tensors.requantized} if tensors is not None else {}))
+
+
+# GGUF architectures whose tensors export/gguf_tensors.py names (others are read through transformers)
+GGUF_TENSOR_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+
+
+def _gguf_arch(path: Path) -> str:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields.get("general.architecture")
+    return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else ""
+
+
+def _read_gguf(path: Path, cfg: dict):
+    from .gguf_tensors import read_gguf_tensors
+
+    cfg = cfg.get("text_config", cfg)
+    heads = int(cfg["num_attention_heads"])
+    return read_gguf_tensors(path, _gguf_arch(path), heads, int(cfg.get("num_key_value_heads") or heads))
 
 
 def _first_line(e: Exception) -> str:

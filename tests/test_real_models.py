@@ -178,7 +178,7 @@ def test_int4_divergences_are_kernel_near_ties(exit_packages, record_property):
     """int4 at accuracy level 4: MatMulNBits quantizes activations per row, so a batched verification
     pass and one-token steps give slightly different logits (on one sequence: 0.73 median, 1.15 max
     difference, docs/early-exit.md). A lossless strategy may then part from plain greedy only at a
-    near-tie: where it parts, its token must be plain's runner-up, within 0.5 of plain's top logit
+    near-tie: where it parts, its token must be within 0.5 of plain's top logit
     (plain's own path recomputed: prompt in one pass, then one-token steps). Every divergence is counted."""
     model = edgeinfer.load(exit_packages["int4"])
     runs, gaps = 0, []
@@ -199,7 +199,9 @@ def test_int4_divergences_are_kernel_near_ties(exit_packages, record_property):
             order = np.argsort(logits)[::-1]
             assert order[0] == plain[i], (strategy, p, i)  # plain's path reproduced exactly
             gap = float(logits[order[0]] - logits[res.tokens[i]])
-            assert order[1] == res.tokens[i] and gap < 0.5, (strategy, opts, p, i, gap)
+            # Near-tie, whatever its rank: how far the batched pass moves a logit depends on the kernel
+            # build (under onnxruntime 1.32 one divergence went to a token that was not plain's runner-up).
+            assert 0 < gap < 0.5, (strategy, opts, p, i, gap, int(np.where(order == res.tokens[i])[0][0]))
             gaps.append(gap)
             model.reset()
     record_property("int4_divergences", f"{len(gaps)}/{runs}")

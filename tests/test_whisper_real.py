@@ -155,14 +155,23 @@ def test_greedy_long_audio_is_not_degenerate(whisper_int8, long_wav):
     """Greedy int8 with timestamps once wrote a degenerate second window on this file ("got
     his key-s", 34.4% WER: its tokens' average log-probability was -1.6). The temperature
     fallback re-decodes such a window, conditioning on the first window's text steadies it:
-    measured 9.8% with both (34.4% with neither, the same with fallback alone at 0.2)."""
+    measured 9.8% with both (34.4% with neither, the same with fallback alone at 0.2).
+    Whether the greedy window degenerates depends on the kernels of the onnxruntime build
+    (with 1.32 it decodes well at temperature 0), so the test asserts what the fallback
+    guarantees: a window kept at temperature 0 passed both checks, any other was re-decoded."""
     model = edgeinfer.load(whisper_int8)
     res = model.transcribe(long_wav, timestamps=True)
     assert res.windows == 2 and _wer([" ".join(LONG)], [res.text]) <= 0.15, res.text
     assert "outside" in res.text and "kitchen" in res.text and res.segments[-1]["start"] > 30.0
     assert res.window_stats[1]["prompt_tokens"] > 50  # the first window's text went in after <|startofprev|>
     alone = model.transcribe(long_wav, timestamps=True, condition_on_previous_text=False)
-    assert alone.window_stats[1]["temperature"] > 0 and _wer([" ".join(LONG)], [alone.text]) <= 0.15, alone.text
+    assert _wer([" ".join(LONG)], [alone.text]) <= 0.15, alone.text
+    for stats in alone.window_stats:
+        passed = stats["compression_ratio"] <= 2.4 and stats["avg_logprob"] >= -1.0
+        if stats["attempts"] == 1 and not stats["silent"]:  # greedy kept: it must have passed both checks
+            assert stats["temperature"] == 0.0 and passed, stats
+        else:  # greedy failed a check (or the window was silent): re-decoded at a higher temperature
+            assert stats["silent"] or stats["attempts"] > 1, stats
 
 
 def test_sentence_set_wer_does_not_regress(whisper_int8):
