@@ -12,7 +12,7 @@ gguf = pytest.importorskip("gguf")
 from edgeinfer.export.blocks import Precision, embedding, linear, tied_lm_head  # noqa: E402
 from edgeinfer.export.gguf_tensors import EXACT_TYPES, BlockWeight, block_weight, concat_rows  # noqa: E402
 from edgeinfer.export.onnx_graph import GraphBuilder  # noqa: E402
-from edgeinfer.runtimes.cpu import session_options  # noqa: E402
+from edgeinfer.runtimes.cpu import compatible_session_options  # noqa: E402
 
 SOURCE = Precision("source")
 
@@ -47,7 +47,7 @@ def run(g: GraphBuilder, feeds: dict) -> np.ndarray:
 
 
 def session(g: GraphBuilder) -> ort.InferenceSession:
-    return ort.InferenceSession(g.to_model().SerializeToString(), session_options(1),
+    return ort.InferenceSession(g.to_model().SerializeToString(), compatible_session_options(),
                                 providers=["CPUExecutionProvider"])
 
 
