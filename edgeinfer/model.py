@@ -60,7 +60,12 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
     memory_budget: bytes (or "512MB") the expert cache of a sparse-MoE package
     may hold (default: all experts); for a dense package, what its weights and
     reserved KV cache may take (checked before anything is allocated).
+    path (and little) may also name an alias (``smollm2-135m``), a ``.gguf`` file or a Hugging Face
+    folder: it is exported once into the package cache (edgeinfer/package_cache.py) and reused.
     """
+    from .package_cache import resolve_model
+
+    path = resolve_model(path)
     pkg = open_package(path, verify=verify)
     if pkg.kind == "encoder-decoder":  # Whisper and other encoder-decoder families
         from .seq2seq import Seq2SeqModel
@@ -72,6 +77,7 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
                   allow_fallback=allow_fallback)
     if little is not None:
         if not isinstance(little, Model):
+            little = resolve_model(little)
             little_pkg = open_package(little, verify=verify)
             if little_pkg.kind != "decoder":
                 raise PackageError(f"the little package '{little}' is a {little_pkg.kind} package: "

