@@ -1,10 +1,13 @@
 """Read a model from wherever the user points: an alias, a ``.gguf`` file, a
 Hugging Face folder, or a hub id. Everything ends up as one :class:`SourceModel`
-(config dict, float32 numpy state dict, tokenizer.json, chat template, special ids).
+(config dict, float32 numpy state dict, tokenizer.json, chat template, special ids,
+and for GGUF files the quantized blocks as the file holds them).
 
-transformers does the reading (it dequantizes GGUF tensors and undoes the
-llama.cpp q/k permutation), so the parity reference and the exporter read the
-very same weights.
+The hand-built families are read without torch: GGUF files with the ``gguf`` package
+(export/gguf_metadata.py for config and tokenizer, export/gguf_tensors.py for the weights),
+Hugging Face folders with ``safetensors`` (export/hf_folder.py). Other families, hub ids and
+other GGUF architectures go through transformers; the tests check the torch-free readers
+against transformers' reading of the same files.
 """
 
 from __future__ import annotations
@@ -65,44 +68,79 @@ def describe_source(source: str) -> tuple[str, Path | str, str | None]:
                       "(aliases: smollm2-135m, gemma3-270m).")
 
 
+# architectures read without torch (their tensors by export/gguf_tensors.py, their config and tokenizer by
+# export/gguf_metadata.py); model types whose Hugging Face folders export/hf_folder.py reads
+GGUF_TENSOR_ARCHS = ("llama", "qwen2", "gemma3")
+HF_FOLDER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text")
+
+
 def load_source(source: str) -> SourceModel:
-    """Load SOURCE with transformers into float32 numpy weights."""
+    """Load SOURCE into float32 numpy weights (and, for a GGUF file, its quantized blocks)."""
     kind, where, gguf_file = describe_source(source)
+    if gguf_file:  # untrusted header: counts, lengths and extents checked against the file size first
+        from .gguf_check import check_gguf
+
+        path = Path(where) / gguf_file
+        check_gguf(path)
+        from .gguf_metadata import read_gguf_metadata
+
+        try:
+            meta = read_gguf_metadata(path)
+        except (KeyError, ValueError, NotImplementedError):
+            meta = None  # an architecture or tokenizer the metadata reader does not know: transformers reads it
+        if meta is not None and meta.architecture in GGUF_TENSOR_ARCHS:
+            return _gguf_source(path, meta)
+    elif kind == "hf-folder" and _model_type(Path(where)) in HF_FOLDER_TYPES:
+        from .hf_folder import read_hf_folder
+
+        folder = read_hf_folder(where)
+        return SourceModel(name=folder.name, kind=kind, location=str(where), config=folder.config,
+                           state_dict=folder.state_dict, tokenizer_json=folder.tokenizer_json,
+                           chat_template=folder.chat_template, special=folder.special, generation=folder.generation)
+    return _load_with_transformers(source, kind, where, gguf_file)
+
+
+def _model_type(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type", ""))
+    except (OSError, ValueError):
+        return ""
+
+
+def _gguf_source(path: Path, meta) -> SourceModel:
+    from .gguf_tensors import read_gguf_tensors
+
+    cfg = meta.config.get("text_config", meta.config)
+    heads = int(cfg["num_attention_heads"])
+    tensors = read_gguf_tensors(path, meta.architecture, heads, int(cfg.get("num_key_value_heads") or heads))
+    return SourceModel(name=path.stem, kind="gguf", location=str(path), config=meta.config,
+                       state_dict=tensors.floats, tokenizer_json=meta.tokenizer_json,
+                       chat_template=meta.chat_template, special=meta.special, generation=meta.generation,
+                       blocks=tensors.blocks, tensor_types=tensors.types, requantized=tensors.requantized)
+
+
+def _load_with_transformers(source: str, kind: str, where, gguf_file: str | None) -> SourceModel:
+    """Load SOURCE with transformers (the families and sources the torch-free readers do not cover)."""
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ExportError("exporting needs the export extra: pip install 'edgeinfer[export]'.") from e
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    if gguf_file:  # untrusted header: counts, lengths and extents checked against the file size first
-        from .gguf_check import check_gguf
-
-        check_gguf(Path(where) / gguf_file)
     if kind == "hub" and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ExportError(f"'{where}' looks like a hub id, but HF_HUB_OFFLINE=1: download it first "
                           "or give a local path.")
-    tensors = None
     try:
         config = AutoConfig.from_pretrained(str(where), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(where), **kwargs)
-        if gguf_file and _gguf_arch(Path(where) / gguf_file) in GGUF_TENSOR_ARCHS:
-            from transformers import GenerationConfig
-
-            tensors = _read_gguf(Path(where) / gguf_file, config.to_dict())
-            model = None
-            gen = GenerationConfig.from_model_config(config)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32, **kwargs)
-            gen = getattr(model, "generation_config", None)
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32, **kwargs)
+        gen = getattr(model, "generation_config", None)
     except OSError as e:
         if kind == "hub":
             raise ExportError(f"could not fetch '{where}' from the hub ({_first_line(e)}): check the id and "
                               "the network, or give a local folder.") from e
         raise ExportError(f"could not read '{source}': {_first_line(e)}") from e
-    if tensors is not None:
-        state_dict = tensors.floats
-    else:
-        state_dict = {k: v.detach().to(torch.float32).numpy() for k, v in model.state_dict().items()}
+    state_dict = {k: v.detach().to(torch.float32).numpy() for k, v in model.state_dict().items()}
     cfg = config.to_dict()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -123,29 +161,7 @@ def load_source(source: str) -> SourceModel:
     return SourceModel(name=name, kind=kind, location=str(Path(where) / gguf_file) if gguf_file else str(where),
                        config=json.loads(json.dumps(cfg, default=str)), state_dict=state_dict,
                        tokenizer_json=backend.to_str(), chat_template=getattr(tokenizer, "chat_template", None),
-                       special=special, generation=generation,
-                       **({"blocks": tensors.blocks, "tensor_types": tensors.types,
-                           "requantized": tensors.requantized} if tensors is not None else {}))
-
-
-# GGUF architectures whose tensors export/gguf_tensors.py names (others are read through transformers)
-GGUF_TENSOR_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
-
-
-def _gguf_arch(path: Path) -> str:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    field = reader.fields.get("general.architecture")
-    return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else ""
-
-
-def _read_gguf(path: Path, cfg: dict):
-    from .gguf_tensors import read_gguf_tensors
-
-    cfg = cfg.get("text_config", cfg)
-    heads = int(cfg["num_attention_heads"])
-    return read_gguf_tensors(path, _gguf_arch(path), heads, int(cfg.get("num_key_value_heads") or heads))
+                       special=special, generation=generation)
 
 
 def _first_line(e: Exception) -> str:
