@@ -130,12 +130,12 @@ def test_lookup_ceiling_replay_counts_accepted_copies():
     assert replay(prompt, copied, POLICIES["DraftLengthPolicy"], 0.1) > 2.0
 
 
-def test_quality_scores_every_engine_alike_and_writes_the_page(tiny_packages):
+def test_quality_scores_every_engine_alike_and_writes_the_page(tiny_packages, tmp_path):
     """apps/bench/quality.py on tiny packages (no llama.cpp): the same windows for each engine,
     agreement with the fp32 reference, the questions asked, a refused precision named on the page."""
     from conftest import CORPUS
 
-    from apps.bench.quality import QUESTIONS, answer_is_right, evaluate_packages, markdown
+    from apps.bench.quality import QUESTIONS, answer_is_right, evaluate_packages, markdown, write_page
 
     assert answer_is_right("A week has 7 days.", ["7", "seven"])
     assert not answer_is_right("A week has 31 days.", ["7", "seven"])
@@ -156,3 +156,10 @@ def test_quality_scores_every_engine_alike_and_writes_the_page(tiny_packages):
                    "text": {"file": "f.txt", "package": "p", "version": "1", "sha256": "0" * 64}})
     assert "| edgeinfer int4 | int4, block 32" in md and "refused by the exporter: needs a GGUF file." in md
     assert f"| {QUESTIONS[0][0]} |" in md and "3 windows × 32 tokens = 93 scored tokens" in md
+    page = tmp_path / "quality.md"
+    page.write_text("# Quality\n\nIntro.\n\n## Parity\n\nhand-written\n")
+    write_page(page, md)
+    write_page(page, md.replace("93 scored", "94 scored"))  # a second run replaces its own section only
+    text = page.read_text()
+    assert text.count("scored tokens") == 1 and "94 scored" in text and text.index("Intro.") < text.index("94")
+    assert text.index("94 scored") < text.index("## Parity") and text.endswith("hand-written\n")

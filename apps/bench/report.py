@@ -20,6 +20,8 @@ llama.cpp; install_whisper_peer.sh: faster-whisper; optimum's venv comes with
   6. Whisper tiny.en against faster-whisper (WER, inverse real-time factor) — apps/bench/whisper.py
   7. encoder-decoder against decoder-only first-token latency — apps/bench/encoder_vs_decoder.py
   8. sparse MoE under memory budgets (SmolLM2 cut into experts, real text) — apps/bench/moe.py
+  9. quality: perplexity, top-1 agreement with fp32 and chat questions of every precision and of
+     llama.cpp on the same GGUF (SmolLM2, Gemma-3) — apps/bench/quality.py
 
 and then one table of every engine and strategy, the targets with the distance
 to each, and plots (apps/bench/summary.py).
@@ -27,7 +29,7 @@ to each, and plots (apps/bench/summary.py).
 Each step's own page keeps its detail; this script writes the index with the
 machine, the date, every command and its wall time, and the peer comparisons.
 Every speed figure on every page is a ratio measured in the same run.
---quick runs 1, 3, 4, 5, 6 and 8 in their short forms and writes nothing under docs/.
+--quick runs 1, 3, 4, 5, 6, 8 and 9 in their short forms and writes nothing under docs/.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ def steps(quick: bool, out: Path) -> list[tuple[str, list[str], Path | None]]:
              out / "whisper.md"),
             ("Sparse MoE under memory budgets (quick)", [PY, BENCH / "moe.py", "all", "--models",
                                                          "moefied,moefied-int8", "--quick", "--no-doc"], None),
+            ("Quality against llama.cpp (quick)", [PY, BENCH / "quality.py", "--models", "smollm2-135m",
+                                                   "--windows", "4", "--out", out / "quality.md", "--json",
+                                                   out / "quality.json"], out / "quality.md"),
         ]
     docs = ROOT / "docs"
     return [
@@ -89,6 +94,7 @@ def steps(quick: bool, out: Path) -> list[tuple[str, list[str], Path | None]]:
          docs / "encoder-vs-decoder.md"),
         ("Sparse MoE under memory budgets", [PY, BENCH / "moe.py", "all", "--models", "moefied,moefied-int8",
                                               "--repeats", "1", "--no-doc"], None),
+        ("Quality against llama.cpp", [PY, BENCH / "quality.py"], docs / "quality.md"),
     ]
 
 
