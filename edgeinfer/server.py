@@ -16,6 +16,7 @@ import time
 import uuid
 
 from .errors import ContextLengthError, EdgeInferError
+from .tool_calls import CallStream, openai_request, parse_tool_calls
 
 try:
     from starlette.applications import Starlette
@@ -167,12 +168,16 @@ async def _complete(request: Request, state: ServerState, chat: bool):
         _auth(request, state)
         data = await _read_json(request)
         params = _params(data, state)
-        prompt = _prompt(data, chat)
+        try:  # response_format, tools, tool_choice, tool messages (edgeinfer/tool_calls.py)
+            tool_prompt, constraint, plan = openai_request(data, state.model.tokenizer, chat)
+        except EdgeInferError as e:
+            raise ApiError(400, str(e)) from None
+        prompt = tool_prompt if tool_prompt is not None else _prompt(data, chat)
         if state.in_flight >= state.max_queue:
             raise ApiError(429, f"the server is busy ({state.in_flight} requests queued or running): retry later.",
                            "rate_limit_error")
         try:
-            gen = state.model.generate(prompt, **params, **state.decoding)
+            gen = state.model.generate(prompt, **params, **constraint, **state.decoding)
         except ContextLengthError as e:
             raise ApiError(400, str(e)) from None
         except EdgeInferError as e:
@@ -183,7 +188,8 @@ async def _complete(request: Request, state: ServerState, chat: bool):
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if data.get("stream"):
-        return StreamingResponse(_stream(gen, state, rid, created, chat, request), media_type="text/event-stream")
+        return StreamingResponse(_stream(gen, state, rid, created, chat, request, plan),
+                                 media_type="text/event-stream")
     try:
         async for _ in gen:
             if await request.is_disconnected():
@@ -198,7 +204,12 @@ async def _complete(request: Request, state: ServerState, chat: bool):
              "total_tokens": res.prompt_tokens + res.new_tokens}
     finish = "length" if res.finish_reason == "length" else "stop"
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        message = {"role": "assistant", "content": text}
+        if plan is not None and plan.parse_calls and finish != "length":  # a call cut short is no call
+            content, calls = parse_tool_calls(text)
+            if calls:
+                message, finish = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+        choice = {"index": 0, "message": message, "finish_reason": finish}
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
     return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
@@ -213,11 +224,13 @@ def _finish(state: ServerState, gen) -> None:
         state.served += 1
 
 
-async def _stream(gen, state: ServerState, rid: str, created: int, chat: bool, request: Request):
-    def chunk(delta: str | None, finish: str | None) -> str:
+async def _stream(gen, state: ServerState, rid: str, created: int, chat: bool, request: Request, plan=None):
+    def chunk(delta: str | None, finish: str | None, tool_calls: list | None = None) -> str:
         if chat:
             choice = {"index": 0, "delta": {} if delta is None else {"content": delta}, "finish_reason": finish}
-            if delta is not None and first[0]:
+            if tool_calls is not None:
+                choice["delta"] = {"tool_calls": tool_calls}
+            if (delta is not None or tool_calls is not None) and first[0]:
                 choice["delta"]["role"] = "assistant"
                 first[0] = False
             obj = "chat.completion.chunk"
@@ -228,12 +241,25 @@ async def _stream(gen, state: ServerState, rid: str, created: int, chat: bool, r
                                       "choices": [choice]}) + "\n\n"
 
     first = [True]
+    calls = CallStream() if plan is not None and plan.parse_calls else None  # holds back a tool call
     try:
         async for ev in gen:
-            if ev.text:
-                yield chunk(ev.text, None)
+            text = calls.feed(ev.text) if calls is not None and ev.text else ev.text
+            if text:
+                yield chunk(text, None)
         res = gen.result
-        yield chunk(None, "length" if res.finish_reason == "length" else "stop")
+        finish = "length" if res.finish_reason == "length" else "stop"
+        if calls is not None:
+            tail, found = calls.finish()
+            if found and finish != "length":
+                if tail:
+                    yield chunk(tail, None)
+                for i, c in enumerate(found):
+                    yield chunk(None, None, [{"index": i, **c}])
+                finish = "tool_calls"
+            elif calls.buffer:
+                yield chunk(calls.buffer, None)
+        yield chunk(None, finish)
         yield "data: [DONE]\n\n"
     finally:  # also when the client went away (cancelled): the generation is closed with the iterator
         _finish(state, gen)

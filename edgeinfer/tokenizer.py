@@ -74,12 +74,14 @@ def _is_library_failure(e: BaseException) -> bool:
 
 
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, bos_token: str,
-                         eos_token: str) -> str:
-    """Render a package's (untrusted) chat template in the immutable Jinja sandbox."""
+                         eos_token: str, tools: list[dict] | None = None) -> str:
+    """Render a package's (untrusted) chat template in the immutable Jinja sandbox (with TOOLS, the
+    OpenAI tool list, for templates that render tools; edgeinfer/tool_calls.py)."""
+    extra = {"tools": tools} if tools is not None else {}
     try:
         return _environment().from_string(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
-            eos_token=eos_token)
+            eos_token=eos_token, **extra)
     except TemplateError as e:
         raise GenerationError(f"the package's chat template failed: {e}") from None
     except Exception as e:  # a template can raise any Python error while rendering (found by fuzzing)
