@@ -104,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print one JSON object with text and timings at the end")
     r.add_argument("--memory-budget", default=None, help="sparse-MoE packages: memory for cached experts, e.g. "
                    "512MB (default: all experts); cache statistics go to --json's stats.experts")
+    c = r.add_argument_group("structured output (one at most; docs/structured-output.md)")
+    c.add_argument("--json-schema", default=None, metavar="FILE", help="the output is JSON valid for this schema")
+    c.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    c.add_argument("--regex", default=None, help="the whole output matches this regex")
+    c.add_argument("--grammar", default=None, metavar="FILE", help="a grammar in Lark (rule start) or GBNF (root)")
+    c.add_argument("--choice", action="append", default=None, help="the output is one of these (repeatable)")
     r.set_defaults(func=_cmd_run)
 
     i = sub.add_parser("info", help="show a package's manifest summary and the execution providers here")
@@ -255,6 +261,9 @@ def _cmd_run(args) -> int:
         if sys.stdin is None or sys.stdin.isatty():
             return _fail("give a prompt: edgeinfer run PACKAGE \"your prompt\" (or pipe it on stdin)")
         prompt = sys.stdin.read()
+    from .constraints import cli_constraint
+
+    constraint = cli_constraint(args)  # before loading: a bad file or flag fails fast
     model = _load(args)
     if getattr(model, "kind", "decoder") == "encoder-decoder":
         from .seq2seq_cli import run_seq2seq
@@ -274,7 +283,7 @@ def _cmd_run(args) -> int:
     else:
         params["max_new_tokens"] = int(model.defaults.get("max_new_tokens", 256))
     source = [{"role": "user", "content": prompt}] if args.chat else prompt
-    gen = model.generate(source, strategy=args.strategy, **params)
+    gen = model.generate(source, strategy=args.strategy, **params, **constraint)
     for ev in gen:
         if not args.json and ev.text:
             sys.stdout.write(ev.text)

@@ -376,3 +376,32 @@ class TokenMask:
         return {"kind": self.constraint.kind, "complete": bool(self.matcher.is_accepting()),
                 "compile_s": round(self.constraint.compile_s, 6), "masks": self.masks,
                 "mask_s": round(self.mask_s, 6)}
+
+
+def cli_constraint(args) -> dict:
+    """Constraint keywords from ``edgeinfer run``'s --json-schema FILE, --json-object, --regex,
+    --grammar FILE and --choice (repeatable)."""
+    out: dict = {}
+    if getattr(args, "json_schema", None):
+        out["json_schema"] = _read_text(args.json_schema, "--json-schema")
+    if getattr(args, "json_object", False):
+        out["json_object"] = True
+    if getattr(args, "regex", None) is not None:
+        out["regex"] = args.regex
+    if getattr(args, "grammar", None):
+        out["grammar"] = _read_text(args.grammar, "--grammar")
+    if getattr(args, "choice", None):
+        out["choices"] = list(args.choice)
+    if len(out) > 1:
+        raise ConstraintError(f"give one constraint, not {' and '.join(out)}.")
+    return out
+
+
+def _read_text(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ConstraintError(f"{flag} {path}: cannot read the file ({e.strerror or e}).") from None
+    except UnicodeDecodeError:
+        raise ConstraintError(f"{flag} {path}: the file is not UTF-8 text.") from None

@@ -18,8 +18,14 @@ def run_seq2seq(model, prompt: str, args) -> int:
     if strategy != "plain":  # early-exit / self-speculative on a staged package (export --exits)
         params.update(strategy=strategy, exit_layer=args.exit_layer, threshold=args.threshold,
                       draft_len=args.draft_len)
+    from .constraints import cli_constraint
+
+    constraint = cli_constraint(args)
     if not model.audio:
-        return _run_text(model, prompt, params, args)
+        return _run_text(model, prompt, {**params, **constraint}, args)
+    if constraint:
+        raise GenerationError("constraints (--json-schema, --regex, --grammar, --choice) apply to text models, "
+                              "not to speech transcription.")
     params.update(language=getattr(args, "language", None), task=getattr(args, "task", None))
     path = Path(prompt.strip())
     if not path.is_file():

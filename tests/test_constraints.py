@@ -211,3 +211,26 @@ def test_import_edgeinfer_does_not_load_the_constraint_library():
     code = "import sys, edgeinfer; print('llguidance' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_cli_constraint_flags(tiny_packages, tmp_path, capsys):
+    from edgeinfer.cli import main
+
+    pkg = str(tiny_packages("llama", "fp32"))
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    assert main(["run", pkg, PROMPTS[0], "--json-schema", str(schema), "--max-new-tokens", "80", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert valid_instance(json.loads(out["text"])) and out["stats"]["constraint"]["complete"]
+    assert main(["run", pkg, PROMPTS[1], "--choice", "red", "--choice", "blue", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] in ("red", "blue")
+    grammar = tmp_path / "g.gbnf"
+    grammar.write_text('root ::= "x" [0-9]')
+    assert main(["run", pkg, PROMPTS[2], "--grammar", str(grammar), "--json"]) == 0
+    assert re.fullmatch(r"x[0-9]", json.loads(capsys.readouterr().out)["text"])
+    for argv, match in [(["--regex", "(ab"], "regex cannot be compiled"),
+                        (["--grammar", str(tmp_path / "missing.lark")], "cannot read the file"),
+                        (["--regex", "a", "--json-object"], "give one constraint")]:
+        assert main(["run", pkg, "x", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("edgeinfer: error:") and match in err and "\n" not in err
