@@ -234,3 +234,52 @@ def test_cli_constraint_flags(tiny_packages, tmp_path, capsys):
         assert main(["run", pkg, "x", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("edgeinfer: error:") and match in err and "\n" not in err
+
+
+def test_desktop_app_json_output_toggle(tiny_packages):
+    """The chat window's "JSON output" toggle and schema field, offscreen: the reply follows the schema."""
+    import os
+    import sys
+    import time
+    from pathlib import Path
+
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    QtWidgets = pytest.importorskip("PySide6.QtWidgets")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from apps.desktop.chat_app import ChatWindow
+
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+
+    def wait_until(predicate, timeout=60.0):
+        deadline = time.time() + timeout
+        while not predicate() and time.time() < deadline:
+            app.processEvents()
+            time.sleep(0.002)
+        return predicate()
+
+    win = ChatWindow(str(tiny_packages("llama", "fp32")), max_new_tokens=100)
+    win.show()
+    assert wait_until(lambda: win.input.isEnabled())
+    assert not win.schema.isEnabled()
+    win.json_toggle.setChecked(True)
+    assert win.schema.isEnabled()
+    win.schema.setText(json.dumps(SCHEMA))
+    win.input.setText("Paris is the capital of")
+    win.send()
+    assert wait_until(lambda: win.busy) and wait_until(lambda: not win.busy)
+    assert valid_instance(json.loads(win.last_result["text"])) and win.last_result["finish_reason"] == "stop"
+    assert win.last_result["text"] in win.transcript.toPlainText()
+    win.schema.setText("{not json")  # refused before anything runs, said in the status bar
+    win.input.setText("again")
+    win.send()
+    assert not win.busy and "not valid JSON" in win.statusBar().currentMessage()
+    win.schema.setText('{"type": "nope"}')  # the runtime's one sentence
+    win.input.setText("again")
+    win.send()
+    assert wait_until(lambda: "JSON schema is not valid" in win.statusBar().currentMessage())
+    win.json_toggle.setChecked(False)
+    win.input.setText("free text")
+    win.send()
+    assert wait_until(lambda: win.busy or win.last_result["finish_reason"] != "stop", 5)
+    assert wait_until(lambda: not win.busy)
+    win.close()

@@ -5,12 +5,14 @@
 Pick a package folder, type, press Enter: the reply streams into the window
 while the model runs on a worker thread (the UI thread never waits on it);
 Stop cancels; the status bar shows tokens/s. The conversation's KV cache is
-reused from turn to turn.
+reused from turn to turn. "JSON output" constrains replies to JSON: any object, or
+the JSON Schema typed into the field beside it (docs/structured-output.md).
 """
 
 from __future__ import annotations
 
 import html
+import json
 import sys
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 from PySide6.QtWidgets import (
     QApplication,
+    QCheckBox,
     QFileDialog,
     QHBoxLayout,
     QLabel,
@@ -53,10 +56,11 @@ class Worker(QObject):
         except edgeinfer.EdgeInferError as e:
             self.failed.emit(str(e))
 
-    @Slot(list, int)
-    def generate(self, messages: list, max_new_tokens: int) -> None:
+    @Slot(list, int, dict)
+    def generate(self, messages: list, max_new_tokens: int, constraint: dict) -> None:
         try:
-            self.generation = self.model.chat(messages, max_new_tokens=max_new_tokens, temperature=0.0)
+            self.generation = self.model.chat(messages, max_new_tokens=max_new_tokens, temperature=0.0,
+                                              **constraint)
             for ev in self.generation:
                 if ev.text:
                     self.piece.emit(ev.text)
@@ -75,7 +79,7 @@ class Worker(QObject):
 
 class ChatWindow(QMainWindow):
     request_load = Signal(str)
-    request_generate = Signal(list, int)
+    request_generate = Signal(list, int, dict)
 
     def __init__(self, package: str | None = None, max_new_tokens: int = 256):
         super().__init__()
@@ -102,6 +106,14 @@ class ChatWindow(QMainWindow):
         self.stop_button = QPushButton("Stop")
         self.stop_button.setEnabled(False)
         self.stop_button.clicked.connect(self.stop)
+        self.json_toggle = QCheckBox("JSON output")
+        self.json_toggle.toggled.connect(lambda on: self.schema.setEnabled(on))
+        self.schema = QLineEdit()
+        self.schema.setPlaceholderText('JSON Schema, e.g. {"type": "object", ...} (empty: any JSON object)')
+        self.schema.setEnabled(False)
+        structured = QHBoxLayout()
+        structured.addWidget(self.json_toggle)
+        structured.addWidget(self.schema, 1)
         bottom = QHBoxLayout()
         bottom.addWidget(self.input, 1)
         bottom.addWidget(self.send_button)
@@ -109,6 +121,7 @@ class ChatWindow(QMainWindow):
         layout = QVBoxLayout()
         layout.addLayout(top)
         layout.addWidget(self.transcript, 1)
+        layout.addLayout(structured)
         layout.addLayout(bottom)
         central = QWidget()
         central.setLayout(layout)
@@ -144,6 +157,9 @@ class ChatWindow(QMainWindow):
         text = self.input.text().strip()
         if not text or self.busy or self.worker.model is None:
             return
+        constraint = self.constraint()
+        if constraint is None:
+            return
         self.input.clear()
         self.messages.append({"role": "user", "content": text})
         self.transcript.append(f"<p><b>You:</b> {html.escape(text)}</p>")
@@ -154,10 +170,24 @@ class ChatWindow(QMainWindow):
         self.set_enabled(False)
         self.stop_button.setEnabled(True)
         self.statusBar().showMessage("generating…")
-        self.request_generate.emit(list(self.messages), self.max_new_tokens)
+        self.request_generate.emit(list(self.messages), self.max_new_tokens, constraint)
 
     def stop(self) -> None:
         self.worker.stop()
+
+    def constraint(self) -> dict | None:
+        """The reply's constraint from the JSON toggle and schema field ({} = free text; None = a bad schema,
+        said in the status bar; the runtime checks the schema itself when the reply starts)."""
+        if not self.json_toggle.isChecked():
+            return {}
+        text = self.schema.text().strip()
+        if not text:
+            return {"json_object": True}
+        try:
+            return {"json_schema": json.loads(text)}
+        except ValueError as e:
+            self.statusBar().showMessage(f"the schema is not valid JSON ({e}).")
+            return None
 
     # -- worker signals (run on the UI thread) ---------------------------------
     def on_loaded(self, name: str) -> None:
@@ -185,6 +215,8 @@ class ChatWindow(QMainWindow):
             self.messages.append({"role": "assistant", "content": result["text"]})
         self.set_enabled(True)
         self.stop_button.setEnabled(False)
+        if result["finish_reason"] == "error":  # on_failed already said what went wrong
+            return
         self.statusBar().showMessage(f"{result['new_tokens']} tokens, {result['decode_tok_s']:.1f} tok/s, "
                                      f"first token {result['ttft_s'] * 1000:.0f} ms ({result['finish_reason']})")
 
