@@ -20,6 +20,7 @@ def test_every_parser_survives_a_bounded_fuzz_run(tmp_path):
     found = [r for r in report["results"] if r["finding"]]
     assert not found, found
     assert {r["target"] for r in report["results"]} == {"manifest", "gguf", "ct2", "wav", "tokenizer",
-                                                         "chat_template"}
+                                                         "chat_template", "json_schema", "regex", "grammar",
+                                                         "tool_request"}
     assert all(r["executions"] > 0 for r in report["results"]), report
     assert proc.returncode == 0

@@ -143,6 +143,107 @@ def template_target(data: bytes) -> None:
     render_chat_template(data.decode("utf-8", "replace"), [{"role": "user", "content": "hi"}], True, "<s>", "</s>")
 
 
+# -- constraints (JSON Schema, regex, Lark / GBNF grammar) and tool-calling requests -------------------
+_CONSTRAINT_TOKENIZER = None
+
+
+def _constraint_tokenizer():
+    """A small byte-level BPE tokenizer with an EOS and a chat template, built once (llguidance's view of
+    it is cached on it)."""
+    global _CONSTRAINT_TOKENIZER
+    if _CONSTRAINT_TOKENIZER is None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        from edgeinfer.package import Package
+        from edgeinfer.tokenizer import TextTokenizer
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(['{"name": "Ada", "age": 36, "tags": ["x", "y"]} true false null 0.5 -12'] * 4,
+                                trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        root = _TMP / "constraint-tok"
+        root.mkdir(exist_ok=True)
+        (root / "tokenizer.json").write_text(tok.to_str())
+        _CONSTRAINT_TOKENIZER = TextTokenizer(Package(root, {"tokenizer": {
+            "file": "tokenizer.json", "bos_token_id": 0, "eos_token_ids": [1],
+            "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"}}))
+    return _CONSTRAINT_TOKENIZER
+
+
+def _constrain(**kind) -> None:
+    """Compile the constraint, then walk a few steps taking the first allowed token (the runtime side)."""
+    from edgeinfer.constraints import compile_constraint
+
+    tok = _constraint_tokenizer()
+    c = compile_constraint(tok, tok.vocab_size, **kind)
+    mask, seq = c.start(0), []
+    for _ in range(8):
+        allowed = mask.allowed(seq).nonzero()[0]
+        if not len(allowed) or int(allowed[0]) in c.eos_token_ids:
+            break
+        seq.append(int(allowed[0]))
+    mask.report(seq)
+
+
+def json_schema_seed() -> bytes:
+    return json.dumps({"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                                        "age": {"type": "integer", "minimum": 0},
+                                                        "tags": {"type": "array", "items": {"enum": ["x", "y"]}}},
+                       "required": ["name"], "additionalProperties": False}).encode()
+
+
+def json_schema_target(data: bytes) -> None:
+    _constrain(json_schema=data.decode("utf-8", "replace"))
+
+
+def regex_seed() -> bytes:
+    return rb"(ab|c[0-9]{2,4})+\.?[^x]*"
+
+
+def regex_target(data: bytes) -> None:
+    _constrain(regex=data.decode("utf-8", "replace"))
+
+
+def grammar_seed() -> bytes:
+    return b'start: item ("," item)*\nitem: NAME | "[" start "]"\nNAME: /[a-z]+/'
+
+
+def grammar_target(data: bytes) -> None:
+    text = data.decode("utf-8", "replace")
+    _constrain(grammar=text)
+    if "::=" not in text:  # the same bytes as GBNF too
+        _constrain(grammar="root ::= " + text)
+
+
+def tool_request_seed() -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": "weather?"},
+                                    {"role": "assistant", "content": None, "tool_calls": [
+                                        {"id": "c1", "type": "function",
+                                         "function": {"name": "w", "arguments": "{\"city\": \"Rome\"}"}}]},
+                                    {"role": "tool", "tool_call_id": "c1", "content": "sunny"}],
+                       "tools": [{"type": "function", "function": {"name": "w", "parameters": {
+                           "type": "object", "properties": {"city": {"type": "string"}}}}}],
+                       "tool_choice": "required",
+                       "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}
+                       }).encode()
+
+
+def tool_request_target(data: bytes) -> None:
+    from edgeinfer.tool_calls import openai_request, parse_tool_calls
+
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return  # the server answers 400 before this point
+    parse_tool_calls(data.decode("utf-8", "replace"))
+    if isinstance(body, dict):
+        ids, constraint, _ = openai_request(body, _constraint_tokenizer(), chat=True)
+        if constraint:
+            _constrain(**constraint)
+
+
 TARGETS = {
     "manifest": (manifest_target, manifest_seed),
     "gguf": (gguf_target, gguf_seed),
@@ -150,6 +251,10 @@ TARGETS = {
     "wav": (wav_target, wav_seed),
     "tokenizer": (tokenizer_target, tokenizer_seed),
     "chat_template": (template_target, template_seed),
+    "json_schema": (json_schema_target, json_schema_seed),
+    "regex": (regex_target, regex_seed),
+    "grammar": (grammar_target, grammar_seed),
+    "tool_request": (tool_request_target, tool_request_seed),
 }
 
 
