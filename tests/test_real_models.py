@@ -22,9 +22,9 @@ def real_packages(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
     cache = {}
 
-    def get(alias: str, precision: str):
+    def get(alias: str, precision: str | None):  # None: the exporter's default for the file
         if (alias, precision) not in cache:
-            out = root / f"{alias}-{precision}"
+            out = root / f"{alias}-{precision or 'default'}"
             export_model(alias, out, precision, max_context=512, progress=False)
             cache[alias, precision] = out
         return cache[alias, precision]
@@ -95,6 +95,41 @@ def test_int4_agrees_with_fp32_on_most_tokens(alias, real_packages, record_prope
     # Measured 2026-11-21: SmolLM2 0.67 (its GGUF is already Q4_1: re-quantizing to symmetric int4
     # loses what the asymmetric original kept; int8 packages track fp32 closely). See docs/quality.md.
     assert rate >= 0.6
+
+
+@pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
+def test_default_package_keeps_the_gguf_weights(alias, real_packages, tmp_path, record_property):
+    """The default (``source``) package computes with the file's own weights: at accuracy level 0
+    (float activations) its logits are the fp32 package's to float rounding; at the default level 4
+    (int8 activations, like llama.cpp's q8 dot products) it agrees with fp32 on >= 95% of tokens."""
+    from edgeinfer.export import export_model
+
+    ref = edgeinfer.load(real_packages(alias, "fp32"))
+    default = edgeinfer.load(real_packages(alias, None))
+    assert default.package.manifest["quantization"]["weights"] == "source"
+    exact = None
+    if alias == "smollm2-135m":  # (Gemma's 262k-row head is slow at level 0; its blocks are checked in
+        exact_dir = tmp_path / "exact"  # tests/test_torch_free_export.py and tests/test_gguf_exact.py)
+        export_model(alias, exact_dir, "source", max_context=512, accuracy_level=0, progress=False)
+        exact = edgeinfer.load(exact_dir)
+    agree = total = 0
+    for text in CHECK_PROMPTS:
+        ids = ref.tokenizer.encode(text)
+        ref.reset()
+        cont = ref.complete(ids, max_new_tokens=N_TOKENS, ignore_eos=True).tokens
+        seq = ids + cont[:-1]
+        ref.reset()
+        want = ref.decoder.forward(seq, logits_to_keep=N_TOKENS)
+        if exact is not None:
+            exact.reset()
+            got = exact.decoder.forward(seq, logits_to_keep=N_TOKENS)
+            assert np.abs(got - want).max() < 1e-3 * max(1.0, float(np.abs(want).max())), text
+        default.reset()
+        agree += int((default.decoder.forward(seq, logits_to_keep=N_TOKENS).argmax(-1) == np.array(cont)).sum())
+        total += N_TOKENS
+    record_property("source_teacher_forced_agreement", agree / total)
+    print(f"\n{alias}: default (source) vs fp32 teacher-forced top-1 agreement {agree}/{total} = {agree / total:.3f}")
+    assert agree / total >= 0.95
 
 
 def test_second_chat_turn_reuses_the_first_turns_cache(real_packages, record_property):
