@@ -240,6 +240,19 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _describe_weights(q: dict) -> str:
+    """One line on how a package stores its weights (``info``)."""
+    if q.get("weights") != "source":
+        return json.dumps(q)
+    types = ", ".join(f"{t} x{n}" for t, n in q.get("source_types", {}).items())
+    line = f"source: the GGUF file's own weights, carried over exactly ({types})"
+    if q.get("requantized"):
+        line += "; re-quantized to int8 (no exact form): " + ", ".join(f"{t} x{n}" for t, n in q["requantized"].items())
+    level = q.get("accuracy_level")
+    return line + ("; int8 activations in the matmuls (accuracy level 4)" if level == 4 else
+                   f"; accuracy level {level}")
+
+
 def _layer_list(text: str, flag: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
@@ -333,7 +346,7 @@ def _cmd_info(args) -> int:
         print(f"package      {p['path']}")
         print(f"model        {p['name']} ({p['family']}, {p['kind']})")
         print(f"format       {p['format_version']}")
-        print(f"weights      {json.dumps(p['quantization'])}")
+        print(f"weights      {_describe_weights(p['quantization'] or {})}")
         print(f"architecture {json.dumps(p['architecture'])}")
         print(f"context      {p['max_context']}")
         print("graphs       " + ", ".join(f"{g['path']} " + (f"layers {g['layers']}" if g["layers"] else g["role"])

@@ -115,3 +115,47 @@ def test_rows_of_different_types_stay_apart_and_like_types_fuse():
     assert isinstance(fused, BlockWeight) and fused.offsets is not None
     np.testing.assert_allclose(fused.dequantize(), np.concatenate([a.dequantize(), b.dequantize()]), rtol=1e-6)
     assert concat_rows([a, c]) is None  # 4-bit blocks of 32 and 8-bit blocks of 16: two matmuls
+
+
+def test_a_type_without_exact_form_is_requantized_and_said(tmp_path, capsys):
+    """An IQ2_XXS tensor (no MatMulNBits form) is dequantized by the gguf package, re-quantized to int8
+    blocks, and the exporter names the type and the tensor in one warning line."""
+    from edgeinfer.export.exporter import _checked_precision
+    from edgeinfer.export.gguf_tensors import read_gguf_tensors
+    from edgeinfer.export.sources import SourceModel
+
+    rng = np.random.default_rng(5)
+    n, k = 8, 256
+    qtype = gguf.GGMLQuantizationType.IQ2_XXS
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    raw[..., 0:2] = np.full((n, k // block), 0.01, np.float16).view(np.uint8).reshape(n, k // block, 2)
+    path = tmp_path / "iq2.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("blk.0.ffn_up.weight", raw.reshape(n, -1), raw_dtype=qtype)
+    q41 = random_blocks("Q4_1", n, k)
+    writer.add_tensor("blk.0.ffn_gate.weight", q41, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    tensors = read_gguf_tensors(path, "llama", heads=1, kv_heads=1)
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert tensors.requantized == {"IQ2_XXS": [up]}
+    want = gguf.quants.dequantize(raw.reshape(n, -1), qtype).reshape(n, k)
+    np.testing.assert_array_equal(tensors.floats[up], want)  # the float weights are the file's
+    block_weight_up = tensors.blocks[up]
+    assert block_weight_up.bits == 8 and block_weight_up.source_type == "IQ2_XXS->int8"
+    assert np.abs(block_weight_up.dequantize() - want).max() <= np.abs(want).max() / 254 + 1e-7
+    gate = tensors.blocks["model.layers.0.mlp.gate_proj.weight"]
+    assert gate.source_type == "Q4_1"
+
+    src = SourceModel("t", "gguf", str(path), {"model_type": "llama"}, tensors.floats, "{}", None,
+                      blocks=tensors.blocks, tensor_types=tensors.types, requantized=tensors.requantized)
+    assert _checked_precision(src, None, "cpu", "llama") == "source"
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(lines) == 1 and "IQ2_XXS" in lines[0] and "mlp.up_proj.weight" in lines[0] and "int8" in lines[0]
+    _checked_precision(src, "int4", "cpu", "llama")  # re-quantizing on request: one line per group
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(lines) == 2 and any("Q4_1" in line for line in lines) and all("int4" in line for line in lines)
