@@ -141,7 +141,7 @@ def test_quality_scores_every_engine_alike_and_writes_the_page(tiny_packages, tm
     assert not answer_is_right("A week has 31 days.", ["7", "seven"])
     assert not answer_is_right("Open 24-7, every day.", ["7"])
     assert answer_is_right("There are twenty-four hours in a day.", ["twenty-four"])
-    assert not answer_is_right(" ".join(["word"] * 25) + " Paris", ["Paris"])  # too late in the reply
+    assert not answer_is_right("It has 17 legs.", ["7", "seven"]) and answer_is_right("So, SEVEN.", ["7", "seven"])
     packages = {"int4": tiny_packages("llama", "int4"), "fp32": tiny_packages("llama", "fp32")}
     res = evaluate_packages(packages, "\n".join(CORPUS), windows_n=3, context=32, threads=None, chat=True)
     e = res["engines"]
