@@ -50,7 +50,10 @@ def _gqa_session(head_dim: int, scale: float):
     outputs = [helper.make_tensor_value_info(n, f, None) for n in ("o", "present_k", "present_v")]
     model = helper.make_model(helper.make_graph([node], "gqa", inputs, outputs),
                               opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    from edgeinfer.runtimes.cpu import compatible_session_options  # works after the runtime's global pool is set
+
+    return ort.InferenceSession(model.SerializeToString(), compatible_session_options(),
+                                providers=["CPUExecutionProvider"])
 
 
 def _rms(x, w, eps, d):
