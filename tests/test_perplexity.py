@@ -94,6 +94,10 @@ def test_cli_json(fp32, tiny_packages, tmp_path, capsys):
     assert out["perplexity"] == pytest.approx(ref.perplexity, rel=1e-6)
     assert out["top1_agreement"] == 1.0 and out["context"] == CONTEXT and out["scoring"] == "all"
     assert out["scored_tokens"] == ref.scored_tokens and out["tokens_per_s"] > 0
+    assert main(["perplexity", pkg, str(text), "--against", pkg, "--context", str(CONTEXT)]) == 0
+    human = capsys.readouterr().out
+    assert f"perplexity {ref.perplexity:.3f} over {ref.scored_tokens} scored tokens" in human
+    assert "top-1 agreement 1.0000" in human
 
 
 def _one_error(capsys, argv) -> str:
