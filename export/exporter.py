@@ -156,9 +156,11 @@ def _checked_precision(src: SourceModel, precision: str | None, target: str, mod
         for name, type_name in src.tensor_types.items():
             if name in src.blocks:
                 groups.setdefault(type_name, []).append(name)
+        verb = "re-quantizing" if precision in ("int4", "int8") else "dequantizing"
         for type_name, names in sorted(groups.items()):
-            print(f"note: re-quantizing {len(names)} {type_name} tensor(s) of the GGUF file to {precision} "
-                  f"({_name_list(names)}); the default (--precision source) keeps them exactly.", file=sys.stderr)
+            print(f"note: {verb} {len(names)} {type_name} tensor(s) of the GGUF file to {precision} "
+                  f"({_name_list(names)}); the default (--precision source) keeps them as they are.",
+                  file=sys.stderr)
     return precision
 
 

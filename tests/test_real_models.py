@@ -183,12 +183,13 @@ LOSSLESS_PROMPTS = list(CHECK_PROMPTS) + [
 
 @pytest.fixture(scope="module")
 def exit_packages(tmp_path_factory):
-    """SmolLM2 with exits after layers 15 and 24 of 30: fp32, and int4 (default accuracy level 4)."""
+    """SmolLM2 with exits after layers 15 and 24 of 30: fp32, int4 and the default source package
+    (the last two at the default accuracy level 4)."""
     from edgeinfer.export import export_model
 
     root = tmp_path_factory.mktemp("real-exits")
     out = {}
-    for precision in ("fp32", "int4"):
+    for precision in ("fp32", "int4", "source"):
         out[precision] = root / f"smollm2-{precision}-exits"
         export_model("smollm2-135m", out[precision], precision, exits=[15, 24], max_context=512, progress=False)
     return out
@@ -209,13 +210,14 @@ def test_lossless_strategies_give_plain_tokens_on_smollm2_fp32(exit_packages, re
     assert verified > 0
 
 
-def test_int4_divergences_are_kernel_near_ties(exit_packages, record_property):
-    """int4 at accuracy level 4: MatMulNBits quantizes activations per row, so a batched verification
+@pytest.mark.parametrize("precision", ["source", "int4"])
+def test_int4_divergences_are_kernel_near_ties(precision, exit_packages, record_property):
+    """int4 and source packages at accuracy level 4: MatMulNBits quantizes activations per row, so a batched verification
     pass and one-token steps give slightly different logits (on one sequence: 0.73 median, 1.15 max
     difference, docs/early-exit.md). A lossless strategy may then part from plain greedy only at a
     near-tie: where it parts, its token must be within 0.5 of plain's top logit
     (plain's own path recomputed: prompt in one pass, then one-token steps). Every divergence is counted."""
-    model = edgeinfer.load(exit_packages["int4"])
+    model = edgeinfer.load(exit_packages[precision])
     runs, gaps = 0, []
     for p in LOSSLESS_PROMPTS:
         model.reset()
@@ -239,7 +241,7 @@ def test_int4_divergences_are_kernel_near_ties(exit_packages, record_property):
             assert 0 < gap < 0.5, (strategy, opts, p, i, gap, int(np.where(order == res.tokens[i])[0][0]))
             gaps.append(gap)
             model.reset()
-    record_property("int4_divergences", f"{len(gaps)}/{runs}")
-    print(f"\nint4 lossless strategies: {len(gaps)} of {runs} runs part from plain greedy, each at a near-tie "
+    record_property(f"{precision}_divergences", f"{len(gaps)}/{runs}")
+    print(f"\n{precision} lossless strategies: {len(gaps)} of {runs} runs part from plain greedy, each at a near-tie "
           f"(top-2 gaps {', '.join(f'{g:.3f}' for g in gaps) or '-'})")
     assert len(gaps) <= runs // 2
