@@ -18,7 +18,9 @@ MANIFEST = "edgeinfer.json"
 FORMAT_NAME = "edgeinfer-package"
 FORMAT_VERSION = (1, 0)  # (major, minor): a newer major is refused, a newer minor is read
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
-_VERIFY_CACHE = Path(os.environ.get("EDGEINFER_CACHE", Path.home() / ".cache" / "edgeinfer")) / "verified.json"
+# beside the package cache (edgeinfer/package_cache.py): $EDGEINFER_HOME, else ~/.cache/edgeinfer
+_VERIFY_CACHE = Path(os.environ.get("EDGEINFER_CACHE") or os.environ.get("EDGEINFER_HOME")
+                     or Path.home() / ".cache" / "edgeinfer").expanduser() / "verified.json"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -20,6 +20,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from edgeinfer.errors import ExportError
 
 # GGUF metadata value types (gguf's GGUFValueType)
@@ -161,6 +163,62 @@ def _parse(buf, size: int, path: Path) -> GGUFHeader:
     for t in tensors:
         t.offset += data_offset
     return GGUFHeader(path, version, metadata, tensors, data_offset)
+
+
+# -- tensors, without gguf.GGUFReader ------------------------------------------------------------------------
+
+_TYPED = {0: np.float32, 1: np.float16, 28: np.float64, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64}
+
+
+@dataclass
+class GGUFTensorView:
+    """One tensor as ``gguf.GGUFReader`` presents it (name, tensor_type, shape, data), built from the header
+    parsed above: typed arrays for float/int types, raw block bytes ``(..., bytes per row)`` otherwise."""
+
+    name: str
+    tensor_type: object  # gguf.GGMLQuantizationType
+    shape: np.ndarray  # GGUF order: fastest axis first
+    data: np.ndarray  # a read-only view of the file (memory-mapped)
+    n_elements: int
+    n_bytes: int
+
+
+class GGUFTensorTable:
+    """``.tensors`` like ``gguf.GGUFReader(path).tensors``, from :func:`read_gguf_header`'s table: one memory
+    map of the file and one numpy view per tensor (the reader builds a view per metadata array element too,
+    ~12 s for a 262k-token vocabulary; this takes milliseconds). Every extent is checked against the file."""
+
+    def __init__(self, header: GGUFHeader):
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+        from gguf.quants import quant_shape_to_byte_shape
+
+        self.header = header
+        self._map = np.memmap(header.path, dtype=np.uint8, mode="r")
+        size = self._map.shape[0]
+        self.tensors: list[GGUFTensorView] = []
+        for t in header.tensors:
+            try:
+                qtype = GGMLQuantizationType(t.ggml_type)
+                block, type_size = GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
+                raise ExportError(f"'{header.path.name}' has tensor '{t.name}' of unknown type {t.ggml_type}: "
+                                  "the file is damaged or newer than this gguf package.") from None
+            elements = int(np.prod(t.dims, dtype=np.int64))
+            if elements % block:
+                raise ExportError(f"'{header.path.name}' has tensor '{t.name}' of {elements} elements in blocks "
+                                  f"of {block}: the file is damaged.")
+            n_bytes = elements // block * type_size
+            if t.offset < header.data_offset or t.offset + n_bytes > size:
+                raise ExportError(f"'{header.path.name}' has tensor '{t.name}' outside the file: the file is "
+                                  "damaged or truncated.")
+            np_dims = tuple(reversed(t.dims))
+            raw = self._map[t.offset:t.offset + n_bytes]
+            if t.ggml_type in _TYPED:
+                data = raw.view(_TYPED[t.ggml_type]).reshape(np_dims)
+            else:
+                data = raw.reshape(quant_shape_to_byte_shape(np_dims, qtype))
+            self.tensors.append(GGUFTensorView(t.name, qtype, np.array(t.dims, dtype=np.uint64), data, elements,
+                                               n_bytes))
 
 
 # -- config ---------------------------------------------------------------------------------------------------

@@ -245,3 +245,32 @@ def test_damaged_gguf_is_a_clear_error(tmp_path):
     (tmp_path / "tiny.gguf").write_bytes(b"GG")
     with pytest.raises(ExportError, match="not a valid GGUF"):
         read_gguf_header(tmp_path / "tiny.gguf")
+
+
+@pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
+def test_tensor_table_is_gguf_readers(alias):
+    """GGUFTensorTable stands in for gguf.GGUFReader's tensors: same names, types, shapes, bytes."""
+    import gguf
+    import numpy as np
+    from edgeinfer.export.gguf_metadata import GGUFTensorTable, read_gguf_header
+
+    path = _alias_path(alias)
+    mine = GGUFTensorTable(read_gguf_header(path)).tensors
+    ref = gguf.GGUFReader(str(path)).tensors
+    assert [t.name for t in mine] == [t.name for t in ref]
+    for a, b in zip(mine, ref):
+        assert (a.tensor_type, a.shape.tolist(), a.n_elements, a.n_bytes) == \
+            (b.tensor_type, b.shape.tolist(), b.n_elements, b.n_bytes), a.name
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape, a.name
+        assert np.array_equal(np.asarray(a.data), np.asarray(b.data)), a.name
+
+
+def test_tensor_table_refuses_truncated_file(tmp_path):
+    from edgeinfer.export.gguf_metadata import GGUFTensorTable, read_gguf_header
+
+    path = _alias_path("smollm2-135m")
+    cut = tmp_path / "cut.gguf"
+    with open(path, "rb") as f:
+        cut.write_bytes(f.read(8 << 20))
+    with pytest.raises(ExportError, match="outside the file"):
+        GGUFTensorTable(read_gguf_header(cut))
