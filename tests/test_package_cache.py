@@ -198,3 +198,34 @@ def test_cache_names_resolve_and_packages_pass_through(home, tiny_models, tiny_p
     assert package_cache.resolve_model("llama") == cached.path  # the NAME `edgeinfer list` shows
     with pytest.raises(PackageError, match="no model package"):
         edgeinfer.load("no-such-name")
+
+
+BLOCK_TORCH = ("import sys\n"
+               "class Block:\n"
+               "    def find_spec(self, name, *a):\n"
+               "        if name.split('.')[0] in ('torch', 'transformers', 'optimum'):\n"
+               "            raise ImportError('blocked ' + name)\n"
+               "sys.meta_path.insert(0, Block())\n"
+               "from edgeinfer.cli import main\n")
+
+
+@pytest.mark.slow
+def test_run_alias_without_torch(home):
+    """`edgeinfer run smollm2-135m` as `make run` does it, where torch and transformers cannot be imported:
+    the first run exports into the cache, the second reuses it."""
+    from edgeinfer.export.aliases import resolve_alias
+
+    try:
+        resolve_alias("smollm2-135m")
+    except ExportError as e:
+        pytest.skip(str(e))
+    code = BLOCK_TORCH + "sys.exit(main(['run', 'smollm2-135m', 'What is the capital of France?', '--chat', " \
+                         "'--max-new-tokens', '12', '--json']))\n"
+    env = {**os.environ, "EDGEINFER_HOME": str(home)}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-1500:]
+        assert json.loads(r.stdout.strip().splitlines()[-1])["new_tokens"] >= 1
+    assert "exporting smollm2-135m" in runs[0].stderr and "exporting" not in runs[1].stderr
+    assert [e.name for e in package_cache.list_cache()] == ["smollm2-135m"]
