@@ -54,8 +54,20 @@ def check_attention_shapes(head_dim: int, target: str = "cpu", family: str = "th
     if pad:
         return padded
     raise ExportError(f"{family} has attention heads of size {head_dim}, which onnxruntime's "
-                      f"GroupQueryAttention cannot run (it needs a multiple of {GQA_HEAD_MULTIPLE}): export it "
-                      f"with heads padded to {padded}, or for the npu target.")
+                      f"GroupQueryAttention cannot run (it needs a multiple of {GQA_HEAD_MULTIPLE}): this model "
+                      f"cannot be exported for the {target} target.")
+
+
+def check_config_attention(cfg: dict, target: str = "cpu", pad: bool = False) -> int:
+    """:func:`check_attention_shapes` for a Hugging Face config dict (dense, MoE, or with a text_config):
+    call it in export_model before the family's graphs are built, MoE included."""
+    text = cfg.get("text_config", cfg)
+    try:
+        heads = int(text["num_attention_heads"])
+        head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return 0  # not an attention model this check knows; the family module reports what is missing
+    return check_attention_shapes(head_dim, target, family=str(cfg.get("model_type") or "this model"), pad=pad)
 
 
 def _head_slots(head_dim: int, padded: int) -> np.ndarray:

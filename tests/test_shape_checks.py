@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from edgeinfer.export.shape_checks import (
     check_attention_shapes,
+    check_config_attention,
     gqa_supports,
     pad_head_columns,
     pad_head_norm,
@@ -23,7 +24,8 @@ def test_check_refuses_or_pads():
     assert [d for d in range(2, 140, 2) if gqa_supports(d)] == list(range(16, 140, 16))
     assert check_attention_shapes(64) == 64 and check_attention_shapes(256, "gpu") == 256
     assert check_attention_shapes(24, "npu") == 24  # static QDQ graphs do not use GQA
-    with pytest.raises(ExportError, match=r"^olmoe has attention heads of size 24, .*multiple of 16.*padded to 32"):
+    refusal = r"^olmoe has attention heads of size 24, .*multiple of 16\): this model cannot be exported for the cpu"
+    with pytest.raises(ExportError, match=refusal + r" target\.$"):
         check_attention_shapes(24, family="olmoe")
     assert check_attention_shapes(24, pad=True) == 32 and padded_head_dim(72) == 80
     with pytest.raises(ExportError, match="must be even"):
@@ -136,3 +138,14 @@ def test_padding_is_identity_when_gqa_runs():
     wt = w.T
     assert pad_head_rows(w, 1, 64, 64) is w and pad_head_columns(wt, 1, 64, 64) is wt
     assert pad_head_norm(w[:, 0], 1e-6, 64, 64)[1] == 1e-6
+
+
+def test_config_check_covers_moe_and_text_configs():
+    olmoe = {"model_type": "olmoe", "hidden_size": 96, "num_attention_heads": 4, "num_experts": 8}
+    with pytest.raises(ExportError, match="^olmoe has attention heads of size 24"):
+        check_config_attention(olmoe)
+    assert check_config_attention(olmoe, pad=True) == 32
+    assert check_config_attention({"model_type": "gemma3", "text_config": {"hidden_size": 640,
+                                   "num_attention_heads": 4, "head_dim": 256}}) == 256
+    assert check_config_attention({"model_type": "llama", "hidden_size": 576, "num_attention_heads": 9}) == 64
+    assert check_config_attention({"model_type": "whisper"}) == 0
