@@ -1,8 +1,8 @@
 """Constrained decoding: a JSON Schema, "any JSON object", a regex, a choice among strings or a
 context-free grammar (Lark, or GBNF) becomes a per-step token mask applied before sampling.
 
-The grammar engine is llguidance (the ``structured`` extra), imported only when a constraint is
-asked for; docs/structured-output.md says why it and not xgrammar or outlines-core.
+The grammar engine is llguidance (a small dependency), imported only when a constraint is asked
+for; docs/structured-output.md says why it and not xgrammar or outlines-core.
 
 :func:`compile_constraint` checks and compiles the request once (one sentence naming the problem
 when it is wrong). A :class:`TokenMask` follows one generation: ``allowed(history)`` is the mask of
@@ -54,8 +54,8 @@ def _llguidance():
         import llguidance
         import llguidance.numpy  # noqa: F401
     except ImportError:
-        raise ConstraintError("structured output needs the llguidance library: "
-                              "pip install 'edgeinfer[structured]'.") from None
+        raise ConstraintError("structured output needs the llguidance library (an edgeinfer dependency): "
+                              "pip install llguidance.") from None
     return llguidance
 
 
@@ -352,8 +352,8 @@ class TokenMask:
         if self._allowed is None:
             t0 = time.perf_counter()
             self._fill(self.matcher, self._bits)
-            bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
-            self._allowed = bits[: self.constraint.vocab_size].astype(bool)
+            bits = np.unpackbits(self._bits.view(np.uint8), count=self.constraint.vocab_size, bitorder="little")
+            self._allowed = bits.view(bool)
             self.mask_s += time.perf_counter() - t0
             self.masks += 1
         return self._allowed
@@ -361,6 +361,8 @@ class TokenMask:
     def apply(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
         """LOGITS with every token the constraint forbids after HISTORY at -inf."""
         allowed = self.allowed(history)
+        if len(allowed) == logits.shape[-1]:  # the usual case: one pass
+            return np.where(allowed, logits, np.float32(-np.inf))
         n = min(len(allowed), logits.shape[-1])
         out = np.full(logits.shape, -np.inf, dtype=np.float32)
         out[:n] = np.where(allowed[:n], logits[:n], -np.inf)
