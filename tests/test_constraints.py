@@ -283,3 +283,15 @@ def test_desktop_app_json_output_toggle(tiny_packages):
     assert wait_until(lambda: win.busy or win.last_result["finish_reason"] != "stop", 5)
     assert wait_until(lambda: not win.busy)
     win.close()
+
+
+def test_a_pydantic_class_is_a_schema(model):
+    pydantic = pytest.importorskip("pydantic")
+
+    class Point(pydantic.BaseModel):
+        x: int = pydantic.Field(ge=0, le=9)
+        label: str = pydantic.Field(max_length=4)
+
+    res = model.complete(PROMPTS[0], max_new_tokens=60, json_schema=Point)
+    assert res.stats["constraint"]["complete"]
+    Point.model_validate_json(res.text)
