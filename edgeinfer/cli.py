@@ -78,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="sparse MoE: store routed experts as per-channel int8 fed to one shared graph (no "
                    "session per loaded expert: cheap to stream; docs/moe.md)")
     e.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128])
+    e.add_argument("--quant-method", default=None, choices=["mse", "hqq", "rtn"],
+                   help="how int4/int8 blocks are fitted to float weights (default: mse for 4-bit weights -- a "
+                        "least-squares scale and integer zero point per block -- and rtn for 8-bit; rtn: "
+                        "round-to-nearest, symmetric; hqq: half-quadratic zero-point fit; docs/quality.md)")
     e.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 4],
                    help="MatMulNBits compute: 4 = int8 activations (fastest), 0 = float activations (slower; "
                         "batched and one-token passes then agree bit for bit)")
@@ -228,7 +232,7 @@ def _cmd_export(args) -> int:
                        accuracy_level=args.accuracy_level, target=args.target, prefill_chunk=args.prefill_chunk,
                        calibration=args.calibration, activation_bits=args.activation_bits,
                        exit_adapters=args.exit_adapters, adapter_rank=args.adapter_rank,
-                       expert_bits=args.expert_bits)
+                       expert_bits=args.expert_bits, quant_method=args.quant_method)
     precision = res.manifest.get("quantization", {}).get("weights", precision)
     print(f"wrote {res.path} ({res.size_bytes / 1e6:.1f} MB, {precision}, target {args.target}, "
           f"{len(res.manifest['graphs'])} graph(s), context {res.manifest['kv_cache']['max_context']})")

@@ -31,8 +31,25 @@ class Precision:
     accuracy_level: int = 4
     # Bits of the LM head (and the tied embedding); None = same as the other weights.
     lm_head_bits: int | None = None
-    # Symmetric blocks (no zero points) take onnxruntime's fastest CPU kernels.
-    symmetric: bool = True
+    # Symmetric blocks carry no zero points. None = the method's choice: asymmetric for the
+    # default int4 method (zero-point blocks run as fast at accuracy level 4, docs/quality.md),
+    # symmetric for rtn.
+    symmetric: bool | None = None
+    # How blocks are fitted (export/quant_methods.py): "mse", "hqq" or "rtn". None = the default:
+    # DEFAULT_INT4_METHOD for 4-bit weights, rtn for 8-bit ones (already near lossless).
+    quant_method: str | None = None
+
+    def __post_init__(self):
+        from edgeinfer.errors import ExportError
+
+        from .quant_methods import METHODS
+
+        if self.quant_method not in (None, *METHODS):
+            raise ExportError(f"unknown --quant-method '{self.quant_method}': choose one of {', '.join(METHODS)}.")
+        if self.symmetric is None:
+            object.__setattr__(self, "symmetric", self.method_for(self.bits or 4) == "rtn")
+        if self.symmetric and "hqq" in (self.method_for(4), self.method_for(8)):
+            raise ExportError("--quant-method hqq fits a zero point per block: it cannot be symmetric.")
 
     @property
     def bits(self) -> int | None:
@@ -42,15 +59,29 @@ class Precision:
     def head_bits(self) -> int | None:
         return self.lm_head_bits if self.lm_head_bits is not None else self.bits
 
+    def method_for(self, bits: int) -> str:
+        """The quantization method of BITS-bit weights."""
+        if self.quant_method is not None:
+            return self.quant_method
+        return DEFAULT_INT4_METHOD if bits == 4 else "rtn"
+
     def describe(self) -> dict:
         d = {"weights": self.name}
         if self.name == "source":
             d.update(accuracy_level=self.accuracy_level,
                      scheme="the GGUF file's own blocks as MatMulNBits scale * (q - zp) + block offsets")
         if self.bits:
+            kind = "symmetric" if self.symmetric else "asymmetric"
             d.update(block_size=self.block_size, accuracy_level=self.accuracy_level,
-                     lm_head_bits=self.head_bits, scheme="symmetric-rtn" if self.symmetric else "asymmetric-rtn")
+                     lm_head_bits=self.head_bits, scheme=f"{kind}-{self.method_for(self.bits)}")
+            if self.method_for(self.head_bits) != self.method_for(self.bits):
+                d["lm_head_scheme"] = f"{kind}-{self.method_for(self.head_bits)}"
         return d
+
+
+# int4 from float weights: per-block least-squares (scale, integer zero point) fit, chosen by
+# measurement over rtn and hqq (docs/quality.md, "int4 from full-precision weights").
+DEFAULT_INT4_METHOD = "mse"
 
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -88,7 +119,8 @@ def linear(g: GraphBuilder, x: str, weight: np.ndarray, name: str, precision: Pr
     bits = bits if bits is not None else precision.bits
     n, k = weight.shape
     if bits:
-        q = quantize_blockwise(weight, bits=bits, block_size=precision.block_size, symmetric=precision.symmetric)
+        q = quantize_blockwise(weight, bits=bits, block_size=precision.block_size, symmetric=precision.symmetric,
+                               method=precision.method_for(bits))
         inputs = [x, g.initializer(name + ".qweight", q.packed), g.initializer(name + ".scales", q.scales)]
         inputs.append("" if q.symmetric else g.initializer(name + ".zero_points", q.zero_points))
         if bias is not None:
@@ -190,7 +222,8 @@ def quantized_table(g: GraphBuilder, table: np.ndarray, name: str, precision: Pr
                     bits: int) -> tuple[str, str, str | None]:
     """Initializers of a block-quantized (vocab, hidden) table, laid out for both
     GatherBlockQuantized and (reshaped) MatMulNBits: (data, scales, zero points or None)."""
-    q = quantize_blockwise(table, bits=bits, block_size=precision.block_size, symmetric=precision.symmetric)
+    q = quantize_blockwise(table, bits=bits, block_size=precision.block_size, symmetric=precision.symmetric,
+                           method=precision.method_for(bits))
     data = g.initializer(name + ".qweight", q.packed.reshape(table.shape[0], -1))
     scales = g.initializer(name + ".scales", q.scales)
     zero_points = None if q.symmetric else g.initializer(name + ".zero_points", q.zero_points)

@@ -31,10 +31,11 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
                  max_context: int | None = None, stages: list[int] | None = None, exits: list[int] | None = None,
                  force: bool = False,
                  lm_head_bits: int | None = None, block_size: int = 32, accuracy_level: int = 4,
-                 symmetric: bool = True, progress: bool = True, target: str = "cpu",
+                 symmetric: bool | None = None, progress: bool = True, target: str = "cpu",
                  prefill_chunk: int | None = None, calibration: str | Path | None = None,
                  activation_bits: int = 16, exit_adapters: bool = False,
-                 adapter_rank: int | None = None, expert_bits: int | None = None) -> ExportResult:
+                 adapter_rank: int | None = None, expert_bits: int | None = None,
+                 quant_method: str | None = None) -> ExportResult:
     """Export SOURCE (alias, .gguf, HF folder, hub id, or a loaded SourceModel) to a package at OUT.
 
     PRECISION: ``source`` keeps a GGUF file's own quantized weights exactly (the default for GGUF sources
@@ -44,6 +45,7 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
     asked: MatMulNBits runs on CUDA), ``npu`` (static shapes, static QDQ int8: see npu_export.py).
     EXPERT_BITS (sparse MoE only): 8 stores the routed experts as per-channel int8 fed to one shared
     graph (no session per loaded expert: docs/moe.md); None keeps them at PRECISION.
+    QUANT_METHOD, SYMMETRIC: how int4/int8 blocks are fitted (export/quant_methods.py; None = the default).
     """
     if target not in TARGETS:
         raise ExportError(f"unknown target '{target}': choose one of {', '.join(TARGETS)}.")
@@ -69,10 +71,14 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
                                   "sources are re-quantized: choose int4, int8, fp16 or fp32.")
             return export_seq2seq(seq2seq_folder, out, precision or "int4", force=force, block_size=block_size,
                                   accuracy_level=accuracy_level, stages=stages, exits=exits,
-                                  name=source if is_alias(source) else None)
+                                  name=source if is_alias(source) else None, quant_method=quant_method)
     src = source if isinstance(source, SourceModel) else load_source(source)
     model_type = src.config.get("model_type", "")
     precision = _checked_precision(src, precision, target, model_type)
+    if target != "npu":  # GroupQueryAttention's head-size limits: refuse what could not run
+        from .shape_checks import check_config_attention
+
+        check_config_attention(src.config, target)
     if target == "npu":
         return _export_npu(src, out, max_context, force, prefill_chunk, calibration, activation_bits, precision)
     if model_type in MOE_TYPES:  # sparse MoE: per-layer graphs + expert store (export/moe_graph.py)
@@ -96,7 +102,8 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
         raise ExportError(f"cannot export this {model_type} model: {e}.") from None
     ctx, prec = checked_context_and_precision(spec.max_position, spec.hidden, max_context, precision,
                                               block_size=block_size, lm_head_bits=lm_head_bits,
-                                              accuracy_level=accuracy_level, symmetric=symmetric)
+                                              accuracy_level=accuracy_level, symmetric=symmetric,
+                                              quant_method=quant_method)
     exits = sorted(set(int(e) for e in exits or []))
     if exit_adapters and not exits:
         raise ExportError("--exit-adapters fits one adapter per exit: give the exits with --exits (e.g. 15,24).")

@@ -175,8 +175,11 @@ def _whisper_generation(spec: Seq2SeqSpec, ids: dict[str, int], suppress: list[i
 
 def export_seq2seq(folder: Path, out: str | Path, precision: str = "int8", *, force: bool = False,
                    block_size: int = 32, accuracy_level: int = 4, name: str | None = None,
-                   stages: list[int] | None = None, exits: list[int] | None = None):
+                   stages: list[int] | None = None, exits: list[int] | None = None,
+                   quant_method: str | None = None):
     """Export the encoder-decoder model in FOLDER to a package at OUT.
+
+    QUANT_METHOD: how int4/int8 blocks are fitted (export/quant_methods.py; None = the default).
 
     STAGES and EXITS cut the decoder after those layers (see :func:`decoder_cuts`): one
     ``decoder_stage{i}`` graph per part instead of one ``decoder`` graph, and with exits an
@@ -194,7 +197,7 @@ def export_seq2seq(folder: Path, out: str | Path, precision: str = "int8", *, fo
                                           or spec.inner_dim % block_size):
         raise ExportError(f"--block-size {block_size} does not divide the model's widths ({spec.d_model}, "
                           f"{spec.ffn}): choose a smaller power of two.")
-    prec = Precision(precision, block_size=block_size, accuracy_level=accuracy_level)
+    prec = Precision(precision, block_size=block_size, accuracy_level=accuracy_level, quant_method=quant_method)
     exits = [int(e) for e in exits or []]
     cuts = decoder_cuts(spec.decoder_layers, stages or [], exits)
     with staging_folder(out, force) as tmp:
