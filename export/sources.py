@@ -108,11 +108,13 @@ def _model_type(folder: Path) -> str:
 
 
 def _gguf_source(path: Path, meta) -> SourceModel:
+    from .gguf_metadata import GGUFTensorTable
     from .gguf_tensors import read_gguf_tensors
 
     cfg = meta.config.get("text_config", meta.config)
     heads = int(cfg["num_attention_heads"])
-    tensors = read_gguf_tensors(path, meta.architecture, heads, int(cfg.get("num_key_value_heads") or heads))
+    tensors = read_gguf_tensors(path, meta.architecture, heads, int(cfg.get("num_key_value_heads") or heads),
+                                reader=GGUFTensorTable(meta.header))
     return SourceModel(name=path.stem, kind="gguf", location=str(path), config=meta.config,
                        state_dict=tensors.floats, tokenizer_json=meta.tokenizer_json,
                        chat_template=meta.chat_template, special=meta.special, generation=meta.generation,
@@ -125,7 +127,8 @@ def _load_with_transformers(source: str, kind: str, where, gguf_file: str | None
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise ExportError("exporting needs the export extra: pip install 'edgeinfer[export]'.") from e
+        raise ExportError("this source is read through transformers: "
+                          "pip install 'edgeinfer[dev]' (torch, transformers).") from e
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if kind == "hub" and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ExportError(f"'{where}' looks like a hub id, but HF_HUB_OFFLINE=1: download it first "
