@@ -161,5 +161,6 @@ def test_quality_scores_every_engine_alike_and_writes_the_page(tiny_packages, tm
     write_page(page, md)
     write_page(page, md.replace("93 scored", "94 scored"))  # a second run replaces its own section only
     text = page.read_text()
-    assert text.count("scored tokens") == 1 and "94 scored" in text and text.index("Intro.") < text.index("94")
-    assert text.index("94 scored") < text.index("## Parity") and text.endswith("hand-written\n")
+    assert text.count("scored tokens") == 1 and "94 scored" in text and text.startswith("# Quality\n\n<!--")
+    assert text.index("94 scored") < text.index("Intro.") < text.index("## Parity")
+    assert text.endswith("hand-written\n")

@@ -374,15 +374,17 @@ def markdown(rep: dict) -> str:
 
 
 def write_page(path: Path, section: str) -> None:
-    """Put SECTION into the page at PATH: in place of an earlier generated section, else before the
-    page's first '## ' heading (the hand-written rest of the page stays), else as a new page."""
+    """Put SECTION into the page at PATH: in place of an earlier generated section, else right under
+    the page's title (the hand-written rest of the page stays, after it), else as a new page."""
     old = path.read_text() if path.exists() else ""
     if BEGIN in old and END in old:
         head, rest = old.split(BEGIN, 1)
         new = head + section.rstrip("\n") + rest.split(END, 1)[1]
+    elif old.startswith("# "):
+        title, _, rest = old.partition("\n")
+        new = title + "\n\n" + section + "\n" + rest.lstrip("\n")
     elif old:
-        at = old.find("\n## ")
-        new = old.rstrip("\n") + "\n\n" + section if at < 0 else old[:at + 1] + section + "\n" + old[at + 1:]
+        new = section + "\n" + old
     else:
         new = "# Quality\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
