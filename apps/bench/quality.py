@@ -425,8 +425,11 @@ def _versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             pass
     try:
-        out["edgeinfer commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                                 capture_output=True).stdout.strip() or "?"
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                capture_output=True).stdout.strip() or "?"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "edgeinfer", "export", "models", "runtimes"],
+                               cwd=ROOT, text=True, capture_output=True).stdout.strip()
+        out["edgeinfer commit"] = commit + (" with uncommitted changes to the runtime/exporter" if dirty else "")
     except OSError:
         pass
     return out
