@@ -31,6 +31,9 @@ BUILD = ROOT / "build" / "bench"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 GENAI_PY = ROOT / ".venv-peers" / "genai" / "bin" / "python"
 LLAMA_PY = ROOT / ".venv-peers" / "llamacpp" / "bin" / "python"
+if not LLAMA_PY.exists() and subprocess.run([str(VENV_PY), "-c", "import llama_cpp"],
+                                            capture_output=True).returncode == 0:
+    LLAMA_PY = VENV_PY  # llama-cpp-python installed beside edgeinfer (it is not a dependency: the peer venv is)
 OPTIMUM_PY = ROOT / ".venv-optimum" / "bin" / "python"
 CHAT_PROMPT = "What is the capital of France?"
 

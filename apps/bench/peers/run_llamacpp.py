@@ -20,6 +20,7 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import llama_cpp
 from runner_cli import parse_args, read_ids
@@ -72,6 +73,35 @@ def generate(llm: llama_cpp.Llama, sampler, ids: list[int], n_new: int) -> tuple
     return {"ttft_s": t1 - t0, "decode_tok_s": decode, "total_s": t2 - t0}, out
 
 
+def amx_cpu() -> bool:
+    """llama-cpp-python 0.3.36's AMX weight buffers crash (SIGSEGV in ggml_backend_amx_mul_mat) on AMX Xeons."""
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def load_llama(**kwargs) -> tuple[llama_cpp.Llama, str]:
+    """A Llama; on AMX CPUs with the plain CPU weight buffers (use_extra_bufts=False: the same GGUF
+    weights, llama.cpp's generic CPU kernels), which 0.3.36 does not expose as a parameter."""
+    if not amx_cpu():
+        return llama_cpp.Llama(**kwargs), "default buffers"
+    import llama_cpp.llama as llama_module
+
+    default_params = llama_module.llama_cpp.llama_model_default_params
+
+    def plain_buffers():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = plain_buffers
+    try:
+        return llama_cpp.Llama(**kwargs), "use_extra_bufts=False (AMX buffers crash on this CPU)"
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = default_params
+
+
 def main(argv=None) -> int:
     args = parse_args(__doc__.splitlines()[0], "GGUF file", argv)
     vocab = llama_cpp.Llama(model_path=args.model, vocab_only=True, verbose=False)
@@ -79,7 +109,7 @@ def main(argv=None) -> int:
     del vocab
     need = len(ids) + args.new_tokens
     t_load = time.perf_counter()
-    llm = llama_cpp.Llama(
+    llm, settings = load_llama(
         model_path=args.model,
         n_ctx=-(-need // 256) * 256,  # KV cache just large enough, like genai's max_length
         n_batch=max(512, len(ids)),
@@ -106,6 +136,7 @@ def main(argv=None) -> int:
         "version": f"llama-cpp-python {llama_cpp.__version__}",
         "model": str(args.model),
         "threads": args.threads,
+        "settings": settings,
         "prompt_tokens": len(ids),
         "new_tokens": args.new_tokens,
         "runs": runs,
