@@ -78,10 +78,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="sparse MoE: store routed experts as per-channel int8 fed to one shared graph (no "
                    "session per loaded expert: cheap to stream; docs/moe.md)")
     e.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128])
-    e.add_argument("--quant-method", default=None, choices=["mse", "hqq", "rtn"],
-                   help="how int4/int8 blocks are fitted to float weights (default: mse for 4-bit weights -- a "
-                        "least-squares scale and integer zero point per block -- and rtn for 8-bit; rtn: "
-                        "round-to-nearest, symmetric; hqq: half-quadratic zero-point fit; docs/quality.md)")
+    e.add_argument("--quant-method", default=None, choices=["hqq", "mse", "rtn"],
+                   help="how int4/int8 blocks are fitted to float weights (default: hqq for 4-bit weights -- a "
+                        "half-quadratic fit of each block's zero point -- and rtn for 8-bit; mse: least-squares "
+                        "scale and zero point; rtn: round-to-nearest, symmetric; docs/quality.md)")
     e.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 4],
                    help="MatMulNBits compute: 4 = int8 activations (fastest), 0 = float activations (slower; "
                         "batched and one-token passes then agree bit for bit)")

@@ -16,8 +16,10 @@ numbers in each block's scale, zero point and codes do.
   the bulk fits well; the fitted zero point is then rounded to an integer for the kernels.
   Asymmetric only.
 
-Which one is the default was chosen by measurement (docs/quality.md, "int4 from full-precision
-weights").
+``hqq`` is the int4 default (export/blocks.py): on Whisper tiny.en it fits the teacher-forced
+distributions as well as ``mse`` and gives a far lower word error rate (greedy decoding punishes
+the few large errors that a squared-error fit accepts), at less than half the export time;
+``mse`` has the lowest squared weight error (docs/quality.md, "int4 from full-precision weights").
 """
 
 from __future__ import annotations
@@ -36,15 +38,20 @@ def quantize_with_method(weight: np.ndarray, bits: int, block_size: int, symmetr
         from .quantize import quantize_blockwise
 
         return quantize_blockwise(weight, bits, block_size, symmetric)
-    blocks, n, k = _blocks(weight, block_size)
     if method == "mse":
-        scale, zero, q = (_mse_symmetric if symmetric else _mse_asymmetric)(blocks, bits)
+        fit = _mse_symmetric if symmetric else _mse_asymmetric
     elif method == "hqq":
         if symmetric:
             raise ValueError("hqq fits a zero point per block: it is asymmetric only")
-        scale, zero, q = _hqq(blocks, bits)
+        fit = _hqq
     else:
         raise ValueError(f"unknown quantization method '{method}': choose one of {', '.join(METHODS)}")
+    blocks, n, k = _blocks(weight, block_size)
+    # Rows in chunks of about 256K values: the many passes of a fit then stay in cache (2.5x
+    # faster than whole-tensor passes, measured on an 8192 x 384 weight).
+    step = max(1, (1 << 18) // blocks[0].size)
+    parts = [fit(blocks[i:i + step], bits) for i in range(0, n, step)]
+    scale, zero, q = (np.concatenate(p) for p in zip(*parts))
     return _pack(q, scale, None if symmetric else zero, bits, block_size, n, k)
 
 

