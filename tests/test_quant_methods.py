@@ -192,7 +192,7 @@ def test_whisper_tiny_int4_default_fits_fp16_better_than_rtn(tmp_path):
         pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng)")
     for name, prec, method in (("fp16", "fp16", None), ("int4", "int4", None), ("rtn", "int4", "rtn")):
         export_model("whisper-tiny.en", tmp_path / name, prec, progress=False, quant_method=method)
-    models = {n: edgeinfer.load(tmp_path / n, threads=1) for n in ("fp16", "int4", "rtn")}
+    models = {n: edgeinfer.load(tmp_path / n) for n in ("fp16", "int4", "rtn")}
     assert models["int4"].package.manifest["quantization"]["scheme"] == "asymmetric-hqq"
     ref, a = models["fp16"], models["fp16"].audio
     prompt = ref.decoder_prompt(False, None, None)
