@@ -75,6 +75,13 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
     src = source if isinstance(source, SourceModel) else load_source(source)
     model_type = src.config.get("model_type", "")
     precision = _checked_precision(src, precision, target, model_type)
+    if quant_method is not None and precision not in ("int4", "int8"):
+        raise ExportError(f"--quant-method fits int4/int8 blocks; the {precision} precision has none: "
+                          "drop --quant-method or choose --precision int4.")
+    if src.blocks and quant_method is None and symmetric is None:
+        # Re-quantizing a GGUF's blocks: no method repairs re-rounding them (hqq measured worse than rtn on
+        # SmolLM2's Q4_1, docs/quality.md) and hqq costs minutes on a 262k-row table: symmetric rtn, as before.
+        quant_method, symmetric = "rtn", True
     if target != "npu":  # GroupQueryAttention's head-size limits: refuse what could not run
         from .shape_checks import check_config_attention
 
