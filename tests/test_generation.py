@@ -100,3 +100,6 @@ def test_cli_export_with_check_reports_parity(tiny_models, tmp_path):
                         "--precision", "fp32", "--max-context", "128", "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and "parity: greedy tokens agree 128/128 (100.0%)" in r.stdout
+    # fp32: the source's own continuations score the same under the package as under the source
+    assert "teacher-forced top-1 agreement 128/128 (100.0%)" in r.stdout, r.stdout
+    assert "+0.00%)" in r.stdout or "-0.00%)" in r.stdout, r.stdout
