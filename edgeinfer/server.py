@@ -119,7 +119,29 @@ def _number(data: dict, key: str, default, lo: float, hi: float, integer: bool =
     return int(v) if integer else float(v)
 
 
+# Request fields this server acts on; others that OpenAI defines are accepted only at their no-op value, and
+# anything else is refused: a request option is never silently ignored.
+_FIELDS = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
+           "seed", "n", "stream", "stream_options", "response_format", "tools", "tool_choice",
+           "parallel_tool_calls", "user", "metadata"}
+_NO_OP = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,), "top_logprobs": (0,),
+          "logit_bias": ({},), "echo": (False,), "best_of": (1,), "suffix": ("",), "store": (False,)}
+
+
+def _refuse_unsupported(data: dict) -> None:
+    for key, value in data.items():
+        if key in _FIELDS or value is None:
+            continue
+        if key in _NO_OP:
+            if any(value == v and type(value) is type(v) for v in _NO_OP[key]) or (
+                    key in ("frequency_penalty", "presence_penalty") and value == 0 and not isinstance(value, bool)):
+                continue
+            raise ApiError(400, f"'{key}' = {json.dumps(value)[:40]} is not supported by this server: leave it out.")
+        raise ApiError(400, f"'{key}' is not a request field this server knows: leave it out.")
+
+
 def _params(data: dict, state: ServerState) -> dict:
+    _refuse_unsupported(data)
     if data.get("n", 1) != 1:
         raise ApiError(400, "only n = 1 is supported.")
     stop = data.get("stop") or []

@@ -143,3 +143,19 @@ def test_serve_warns_loudly_when_exposed_without_a_key(tiny_packages):
         proc.kill()
         proc.wait()
     assert first.startswith("WARNING: serving on 192.0.2.1 without --api-key")  # a TEST-NET address: never bound
+
+
+def test_request_options_are_never_silently_ignored(tiny_packages):
+    """A field the server does not act on is refused with a 400 naming it, unless it has its no-op value."""
+    from starlette.testclient import TestClient
+
+    from edgeinfer.server import create_app
+
+    client = TestClient(create_app(edgeinfer.load(tiny_packages("llama", "fp32"))))
+    base = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    ok = client.post("/v1/chat/completions", json={**base, "frequency_penalty": 0, "logprobs": False, "user": "u"})
+    assert ok.status_code == 200, ok.text
+    for extra, name in (({"frequency_penalty": 0.5}, "frequency_penalty"), ({"logprobs": True}, "logprobs"),
+                        ({"logit_bias": {"5": 10}}, "logit_bias"), ({"mirostat": 2}, "mirostat")):
+        r = client.post("/v1/chat/completions", json={**base, **extra})
+        assert r.status_code == 400 and name in r.json()["error"]["message"], r.text
