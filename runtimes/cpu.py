@@ -96,11 +96,13 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     so.log_severity_level = 3
     if _shared_pool(n):
         so.use_per_session_threads = False
-    else:
-        if _global_pool_threads:
-            warnings.warn(f"this process already runs models with {_global_pool_threads} threads; a model with "
-                          f"{n} threads gets its own thread pool, and the two pools compete for the cores",
-                          stacklevel=3)
+    elif _global_pool_threads:
+        # onnxruntime (1.32) refuses a session with its own pool once the process-wide pool exists
+        warnings.warn(f"this process already runs models with {_global_pool_threads} threads in onnxruntime's "
+                      f"one process-wide pool; a model asking for {n} threads runs with {_global_pool_threads} too "
+                      "(load it in another process to give it other threads)", stacklevel=3)
+        so.use_per_session_threads = False
+    else:  # another library made the environment first: this session gets its own pool
         so.intra_op_num_threads = n
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "1")
