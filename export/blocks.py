@@ -73,6 +73,8 @@ class Precision:
         if self.name == "source":
             d.update(accuracy_level=self.accuracy_level,
                      scheme="the GGUF file's own blocks as MatMulNBits scale * (q - zp) + block offsets")
+            if self.lm_head_bits:
+                d.update(lm_head_bits=self.lm_head_bits, lm_head_scheme="symmetric-rtn, re-quantized")
         if self.bits:
             kind = "symmetric" if self.symmetric else "asymmetric"
             d.update(block_size=self.block_size, accuracy_level=self.accuracy_level,

@@ -178,7 +178,14 @@ def _append_head(g: GraphBuilder, x: str, delta: str | None, spec: DecoderSpec, 
         delta = g.op1("Slice", [delta, start, end, axis])
     h, _ = _norm_stream(g, x, delta, final_norm(sd, spec), spec.rms_eps, "model.norm")
     table = embed_table(sd)
-    if shared is not None and spec.tie_embeddings:
+    head = lm_head(sd, spec)
+    if precision.name == "source" and precision.lm_head_bits and isinstance(head, BlockWeight):
+        # --lm-head-bits on a GGUF package: the head re-quantized (symmetric rtn blocks of 32) from the file's
+        # values, the embedding gather still exact -- fewer bytes per token, a measured quality trade
+        requant = Precision(f"int{precision.lm_head_bits}", accuracy_level=precision.accuracy_level,
+                            symmetric=True, quant_method="rtn")
+        logits = linear(g, h, head.dequantize(), "lm_head", requant, bits=precision.lm_head_bits)
+    elif shared is not None and spec.tie_embeddings:
         logits = tied_lm_head(g, h, shared, spec.vocab, spec.hidden, head_bits, precision, "lm_head",
                               table=table if isinstance(table, BlockWeight) else None)
     elif spec.tie_embeddings and precision.name in ("fp32", "source") and not isinstance(table, BlockWeight):
@@ -186,7 +193,7 @@ def _append_head(g: GraphBuilder, x: str, delta: str | None, spec: DecoderSpec, 
         table = g.initializer("model.embed_tokens.weight", embed_table(sd).astype(np.float32))
         logits = g.op1("MatMul", [h, g.op1("Transpose", [table])], name="lm_head")
     else:
-        logits = linear(g, h, lm_head(sd, spec), "lm_head", precision, bits=head_bits)
+        logits = linear(g, h, head, "lm_head", precision, bits=head_bits)
     if spec.final_softcap:
         cap = g.initializer("final_softcap", np.array(spec.final_softcap, np.float32))
         logits = g.op1("Mul", [g.op1("Tanh", [g.op1("Div", [logits, cap])]), cap])
@@ -199,7 +206,7 @@ def build_exit_head(spec: DecoderSpec, sd: StateDict, precision: Precision) -> G
     g = GraphBuilder("exit_head")
     x = g.input(HIDDEN_IN, "float32", ["batch", "seq", spec.hidden])
     shared = None
-    if spec.tie_embeddings and precision.head_bits:
+    if spec.tie_embeddings and precision.head_bits and not isinstance(embed_table(sd), BlockWeight):
         # The tied table, in the layout the LM head reads.
         quantized_table(g, embed_table(sd), "model.embed_tokens", precision, precision.head_bits)
         shared = "model.embed_tokens"

@@ -51,8 +51,8 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
         raise ExportError(f"unknown target '{target}': choose one of {', '.join(TARGETS)}.")
     if precision is not None and precision not in PRECISIONS:
         raise ExportError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}.")
-    if lm_head_bits not in (None, 4, 8) or (lm_head_bits and precision not in ("int4", "int8")):
-        raise ExportError("--lm-head-bits takes 4 or 8 and applies to int4/int8 packages only.")
+    if lm_head_bits not in (None, 4, 8) or (lm_head_bits and precision not in (None, "source", "int4", "int8")):
+        raise ExportError("--lm-head-bits takes 4 or 8 and applies to source/int4/int8 packages only.")
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"'{out}' already exists: choose another -o or pass --force to replace it.")
@@ -75,6 +75,8 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
     src = source if isinstance(source, SourceModel) else load_source(source)
     model_type = src.config.get("model_type", "")
     precision = _checked_precision(src, precision, target, model_type)
+    if lm_head_bits and precision not in ("source", "int4", "int8"):
+        raise ExportError(f"--lm-head-bits applies to source/int4/int8 packages, not {precision}.")
     if quant_method is not None and precision not in ("int4", "int8"):
         raise ExportError(f"--quant-method fits int4/int8 blocks; the {precision} precision has none: "
                           "drop --quant-method or choose --precision int4.")

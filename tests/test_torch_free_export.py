@@ -53,3 +53,24 @@ def test_export_and_run_without_torch(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert edgeinfer.load(out).package.manifest["quantization"]["source_types"] == {"F32": 61, "Q4_1": 210,
                                                                                     "Q8_0": 1}
+
+
+def test_lm_head_bits_requantizes_only_the_head(tmp_path):
+    """--lm-head-bits 4 on a GGUF package: the head becomes int4 blocks, the embedding gather keeps the
+    file's Q8_0 blocks, every layer keeps its own; the manifest and `info` say so."""
+    import onnx
+    from edgeinfer.export import export_model
+
+    out = tmp_path / "h4"
+    res = export_model("smollm2-135m", out, lm_head_bits=4, max_context=256, progress=False)
+    q = res.manifest["quantization"]
+    assert q["weights"] == "source" and q["lm_head_bits"] == 4 and "re-quantized" in q["lm_head_scheme"]
+    info = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "info", str(out)], capture_output=True, text=True)
+    assert "LM head re-quantized to 4-bit" in info.stdout, info.stdout + info.stderr
+    graph = onnx.load(str(out / "graphs" / "stage0.onnx"), load_external_data=False).graph
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node
+            if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    assert bits["lm_head"] == 4 and bits["model.embed_tokens"] == 8
+    assert all(b == 4 for name, b in bits.items() if ".layers." in name)  # Q4_1 layers as they are
+    model = edgeinfer.load(out)
+    assert "Paris" in model.complete("The capital of France is", max_new_tokens=8).text
