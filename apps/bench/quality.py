@@ -106,26 +106,14 @@ class LlamaCpp:
 
     def __init__(self, gguf: Path, context: int, threads: int):
         import llama_cpp
-        import llama_cpp.llama as llama_module
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+        from run_llamacpp import load_llama  # the benchmark's llama.cpp loader (AMX buffers crash on 0.3.36)
 
         self.version = f"llama-cpp-python {llama_cpp.__version__}"
-        # llama-cpp-python 0.3.36 does not expose use_extra_bufts, and its AMX weight buffers crash
-        # (SIGSEGV in ggml_backend_amx_mul_mat) on this machine's AMX Xeons: load with the plain CPU
-        # buffers (no AMX/repacked copies of the weights; the same GGUF weights, other kernels).
-        default_params = llama_module.llama_cpp.llama_model_default_params
-
-        def plain_buffers():
-            params = default_params()
-            params.use_extra_bufts = False
-            return params
-
-        llama_module.llama_cpp.llama_model_default_params = plain_buffers
-        try:
-            self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=context, n_batch=context, n_ubatch=context,
+        self.llm, buffers = load_llama(model_path=str(gguf), n_ctx=context, n_batch=context, n_ubatch=context,
                                        n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
-        finally:
-            llama_module.llama_cpp.llama_model_default_params = default_params
-        self.settings = "use_extra_bufts=False (no AMX/repacked weight buffers), logits_all=True"
+        self.settings = f"{buffers}, logits_all=True"
         self.vocab_size = self.llm.n_vocab()
         self.size_mb = gguf.stat().st_size / 1e6
 
