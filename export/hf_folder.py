@@ -15,31 +15,19 @@ from __future__ import annotations
 import json
 import mmap
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from edgeinfer.errors import ExportError
 
+from .sources import SourceModel
+
 MAX_HEADER = 100 * 1024 * 1024
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
            "U16": np.uint16, "U32": np.uint32, "U64": np.uint64}
 INDEX = "model.safetensors.index.json"
-
-
-@dataclass
-class HFFolder:
-    """What the exporter needs from a folder, in the shapes of ``export/sources.py``'s SourceModel."""
-
-    name: str
-    config: dict
-    state_dict: dict[str, np.ndarray]
-    tokenizer_json: str
-    chat_template: str | None
-    special: dict = field(default_factory=dict)
-    generation: dict = field(default_factory=dict)
 
 
 def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -185,7 +173,7 @@ def _tokenizer(folder: Path, tok_cfg: dict):
     return tok
 
 
-def read_hf_folder(folder: str | Path, weights: bool = True) -> HFFolder:
+def read_hf_folder(folder: str | Path, weights: bool = True) -> SourceModel:
     """Config, float32 weights (unless WEIGHTS is False), tokenizer, chat template, special ids and
     generation defaults of a Hugging Face folder."""
     folder = Path(folder).expanduser()
@@ -209,5 +197,6 @@ def read_hf_folder(folder: str | Path, weights: bool = True) -> HFFolder:
     generation = {k: gen[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")
                   if gen.get(k) is not None}
     state = read_state_dict(folder) if weights else {}
-    return HFFolder(name=folder.resolve().name, config=config, state_dict=state, tokenizer_json=tok.to_str(),
-                    chat_template=_chat_template(folder, tok_cfg), special=special, generation=generation)
+    return SourceModel(name=folder.resolve().name, kind="hf-folder", location=str(folder), config=config,
+                       state_dict=state, tokenizer_json=tok.to_str(), chat_template=_chat_template(folder, tok_cfg),
+                       special=special, generation=generation)

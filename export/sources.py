@@ -93,10 +93,7 @@ def load_source(source: str) -> SourceModel:
     elif kind == "hf-folder" and _model_type(Path(where)) in HF_FOLDER_TYPES:
         from .hf_folder import read_hf_folder
 
-        folder = read_hf_folder(where)
-        return SourceModel(name=folder.name, kind=kind, location=str(where), config=folder.config,
-                           state_dict=folder.state_dict, tokenizer_json=folder.tokenizer_json,
-                           chat_template=folder.chat_template, special=folder.special, generation=folder.generation)
+        return read_hf_folder(where)
     return _load_with_transformers(source, kind, where, gguf_file)
 
 

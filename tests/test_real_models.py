@@ -74,17 +74,23 @@ def test_fp32_package_matches_transformers_on_same_gguf(alias, real_packages, re
         assert model.complete(ids, max_new_tokens=N_TOKENS, ignore_eos=True).tokens == ref_tokens, text
 
 
+def forced_continuations(ref):
+    """(prompt + continuation less its last token, continuation) of the reference's greedy run on each
+    check prompt: the sequences a package is scored on, teacher-forced."""
+    for text in CHECK_PROMPTS:
+        ids = ref.tokenizer.encode(text)
+        ref.reset()
+        cont = ref.complete(ids, max_new_tokens=N_TOKENS, ignore_eos=True).tokens
+        yield ids + cont[:-1], cont
+
+
 @pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
 def test_int4_agrees_with_fp32_on_most_tokens(alias, real_packages, record_property):
     """Teacher-forced top-1 agreement of the int4 package with the fp32 package."""
     ref = edgeinfer.load(real_packages(alias, "fp32"))
     q = edgeinfer.load(real_packages(alias, "int4"))
     agree = total = 0
-    for text in CHECK_PROMPTS:
-        ids = ref.tokenizer.encode(text)
-        ref.reset()
-        cont = ref.complete(ids, max_new_tokens=N_TOKENS, ignore_eos=True).tokens
-        seq = ids + cont[:-1]
+    for seq, cont in forced_continuations(ref):
         q.reset()
         q_top = q.decoder.forward(seq, logits_to_keep=N_TOKENS).argmax(-1)
         agree += int((q_top == np.array(cont)).sum())
@@ -113,17 +119,13 @@ def test_default_package_keeps_the_gguf_weights(alias, real_packages, tmp_path, 
         export_model(alias, exact_dir, "source", max_context=512, accuracy_level=0, progress=False)
         exact = edgeinfer.load(exact_dir)
     agree = total = 0
-    for text in CHECK_PROMPTS:
-        ids = ref.tokenizer.encode(text)
-        ref.reset()
-        cont = ref.complete(ids, max_new_tokens=N_TOKENS, ignore_eos=True).tokens
-        seq = ids + cont[:-1]
+    for seq, cont in forced_continuations(ref):
         ref.reset()
         want = ref.decoder.forward(seq, logits_to_keep=N_TOKENS)
         if exact is not None:
             exact.reset()
             got = exact.decoder.forward(seq, logits_to_keep=N_TOKENS)
-            assert np.abs(got - want).max() < 1e-3 * max(1.0, float(np.abs(want).max())), text
+            assert np.abs(got - want).max() < 1e-3 * max(1.0, float(np.abs(want).max())), seq
         default.reset()
         agree += int((default.decoder.forward(seq, logits_to_keep=N_TOKENS).argmax(-1) == np.array(cont)).sum())
         total += N_TOKENS
