@@ -27,3 +27,7 @@ class GenerationError(EdgeInferError):
 
 class EvaluationError(EdgeInferError):
     """A perplexity evaluation cannot be done (unreadable or too short text, mismatched packages)."""
+
+
+class MemoryBudgetError(EdgeInferError):
+    """A memory budget is malformed, or too small for the model (dense weights and KV cache, or MoE experts)."""

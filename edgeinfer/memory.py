@@ -1,4 +1,6 @@
-"""What a dense package needs in memory, checked against a budget before anything is allocated.
+"""Memory budgets: the parser every budget goes through, and what a dense package needs in memory,
+checked against a budget before anything is allocated (an MoE package's budget bounds its expert
+cache instead: edgeinfer/moe/budget.py).
 
 Weights: the bytes of the graph files a session loads (onnxruntime keeps one
 copy of each initializer). KV cache: layers × 2 × kv heads × head dim ×
@@ -9,10 +11,30 @@ context that would fit.
 
 from __future__ import annotations
 
-from .experts import MemoryBudgetError, parse_memory_budget
+import re
+
+from .errors import MemoryBudgetError
 from .package import Package
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12}
+
+
+def parse_memory_budget(value: str | int | float | None) -> int | None:
+    """Bytes from ``512MB``, ``1.5GiB``, ``2000000`` (None or ``unlimited`` = no limit)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "unlimited")):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        n = int(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise MemoryBudgetError(f"memory budget {value!r} is not a size: write e.g. 512MB, 1.5GB or 800MiB.")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise MemoryBudgetError(f"memory budget {value!r} must be positive.")
+    return n
 
 
 def dense_needs(pkg: Package, max_context: int | None) -> dict:

@@ -101,8 +101,8 @@ class Model:
 
             self.decoder = MonolithicDecoder(pkg, self.target, max_context=max_context)
         elif "moe" in pkg.manifest:  # sparse MoE: experts streamed from the expert store
-            from .experts import parse_memory_budget
-            from .moe_decoder import MoEDecoder
+            from .memory import parse_memory_budget
+            from .moe.decoder import MoEDecoder
 
             self.decoder = MoEDecoder(pkg, self.target, max_context=max_context,
                                       memory_budget=parse_memory_budget(memory_budget))

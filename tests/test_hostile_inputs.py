@@ -272,7 +272,7 @@ def test_fuzz_gguf_header_only_raises_export_errors(tmp_path_factory, data, wher
 
 
 def test_memory_budget_is_checked_before_allocation(tiny_packages):
-    from edgeinfer.experts import MemoryBudgetError
+    from edgeinfer.errors import MemoryBudgetError
     from edgeinfer.memory import dense_needs
     from edgeinfer.package import open_package
 

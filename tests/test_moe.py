@@ -162,7 +162,7 @@ def test_cli_run_reports_expert_stats(moe_models):
 
 def test_budget_below_one_layer_names_the_minimum(moe_models):
     import edgeinfer
-    from edgeinfer.experts import MemoryBudgetError
+    from edgeinfer.errors import MemoryBudgetError
 
     _, _, pkg = moe_models("mixtral")
     m = json.loads((pkg / "edgeinfer.json").read_text())["moe"]
@@ -177,15 +177,6 @@ def test_budget_below_one_layer_names_the_minimum(moe_models):
     out = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "run", str(pkg), "hi", "--memory-budget", "1KB"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "give at least" in out.stderr and "Traceback" not in out.stderr
-
-
-def test_parse_memory_budget():
-    from edgeinfer.experts import parse_memory_budget
-
-    assert parse_memory_budget("512MB") == 512 * 10**6
-    assert parse_memory_budget("1.5GiB") == int(1.5 * 2**30)
-    assert parse_memory_budget("2000") == 2000
-    assert parse_memory_budget(None) is None and parse_memory_budget("unlimited") is None
 
 
 def _copy(pkg, tmp_path):

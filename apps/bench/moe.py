@@ -247,12 +247,12 @@ def run_one(pkg: Path, mode: str, frac: float, tokens: int, warmup: int, text: b
     from edgeinfer.runtimes import resolve_provider
 
     from edgeinfer.bench import peak_rss_mb
-    from edgeinfer.moe_decoder import MoEDecoder
+    from edgeinfer.moe.decoder import MoEDecoder
     from edgeinfer.package import open_package
 
     pkg_ = open_package(pkg, verify=False)
     store = pkg_.manifest["moe"]["expert_store"]
-    from edgeinfer.experts import resident_records
+    from edgeinfer.moe.budget import resident_records
 
     total = store["total_bytes"] * resident_records(store)  # all experts in memory, as the cache counts them
     budget = int(total * frac)
@@ -305,8 +305,8 @@ def ffn_options(pkg: Path, runs: int = 100, rounds: int = 5) -> dict:
     from edgeinfer.export.quantize import BlockQuantized
     from edgeinfer.runtimes import resolve_provider
 
-    from edgeinfer.experts import ExpertStore
-    from edgeinfer.moe_decoder import MoEDecoder
+    from edgeinfer.moe.decoder import MoEDecoder
+    from edgeinfer.moe.store import ExpertStore
     from edgeinfer.package import open_package
 
     dec = MoEDecoder(open_package(pkg, verify=False), resolve_provider("cpu", 1), max_context=64, prefetch=False)
@@ -443,7 +443,7 @@ def _int8_channel_option(h: np.ndarray):
     import onnxruntime as ort
     from edgeinfer.runtimes import resolve_provider
 
-    from edgeinfer.moe_decoder import MoEDecoder
+    from edgeinfer.moe.decoder import MoEDecoder
     from edgeinfer.package import open_package
 
     if not (PKG_INT8 / "edgeinfer.json").is_file():
@@ -531,7 +531,7 @@ def measure_all(models: list[str], tokens: int, warmup: int, repeats: int, mode:
             for exp_mode, frac, threads in bench_configs(model, mode):
                 runs[model].append(_subprocess_run(model, exp_mode, frac, tokens, warmup, threads))
             (OUT / f"runs-{model}.json").write_text(json.dumps(runs[model], indent=1))  # kept if what follows fails
-    from edgeinfer.experts import resident_records
+    from edgeinfer.moe.budget import resident_records
 
     for model in models:
         pkg = MODELS[model]

@@ -1,5 +1,4 @@
-"""Experts on demand: the expert store reader, a memory-budgeted expert cache, and
-a background reader that prefetches the experts the next layer will probably need.
+"""The expert cache: loaded experts by (layer, expert), within a byte budget.
 
 How a read record becomes runnable depends on the store's format:
 
@@ -18,12 +17,12 @@ How a read record becomes runnable depends on the store's format:
   the record alone. A call costs about twice a prepacked int4 call (the int8 GEMM
   packs its operand each time), a load only its read.
 
-The cache is bounded by a byte budget; a cached expert counts as two store
-records (onnxruntime holds the record's arrays and its prepacked copy). Layers are
-visited in a fixed cycle, which makes plain LRU evict exactly the layer about to
-run; instead each layer gets an equal share of the budget and the victim is the
-least recently used expert of the layer furthest above its share. Experts in
-use (the current layer's) and those being prefetched are pinned.
+The budget counts a cached expert as ``store.resident_records`` store records
+(budget.py). Layers are visited in a fixed cycle, which makes plain LRU evict
+exactly the layer about to run; instead each layer gets an equal share of the
+budget and the victim is the least recently used expert of the layer furthest
+above its share. Experts in use (the current layer's) and those being prefetched
+(prefetch.py reads them ahead through ``prefetch_one``) are pinned.
 
 Correctness never depends on prediction: an expert that is neither cached nor
 in flight is read synchronously.
@@ -31,32 +30,17 @@ in flight is read synchronously.
 
 from __future__ import annotations
 
-import mmap
-import os
-import queue
-import re
 import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnxruntime as ort
 
-from .errors import EdgeInferError, PackageError
-from .package import Package
+from ..errors import PackageError
+from .budget import cache_budget
+from .store import ExpertStore
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12}
-
-
-RESIDENT_RECORDS = 2  # memory one cached expert holds, in store records (see ExpertCache)
-
-
-def resident_records(index: dict) -> int:
-    """What one cached expert of this store costs in memory, in store records: the record alone when
-    its weights are graph inputs; the record and onnxruntime's prepacked copy of it otherwise."""
-    return 1 if index.get("weights_as_inputs") else RESIDENT_RECORDS
 _TRIM_EVERY = 64 << 20
 
 
@@ -70,88 +54,6 @@ def _find_malloc_trim():
 
 
 _malloc_trim = _find_malloc_trim()
-
-
-class MemoryBudgetError(EdgeInferError):
-    """The expert memory budget is malformed or too small for the model."""
-
-
-def parse_memory_budget(value: str | int | float | None) -> int | None:
-    """Bytes from ``512MB``, ``1.5GiB``, ``2000000`` (None or ``unlimited`` = no limit)."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "unlimited")):
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        n = int(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-        if not m or m.group(2).lower() not in _UNITS:
-            raise MemoryBudgetError(f"memory budget {value!r} is not a size: write e.g. 512MB, 1.5GB or 800MiB.")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n <= 0:
-        raise MemoryBudgetError(f"memory budget {value!r} must be positive.")
-    return n
-
-
-class ExpertStore:
-    """Reads expert records from ``experts.bin`` by (layer, expert), checked against the file at open."""
-
-    def __init__(self, pkg: Package, index: dict, direct_io: bool = False):
-        self.path = pkg.path(index["file"])
-        if not self.path.is_file():
-            raise PackageError(f"expert store '{index['file']}' is missing: re-export the package.")
-        self.size = self.path.stat().st_size
-        self.alignment = int(index.get("alignment", 4096))
-        self.record_size = int(index["record_size"])
-        self.tensors = index["tensors"]
-        self.weights_as_inputs = bool(index.get("weights_as_inputs"))
-        self.records: dict[tuple[int, int], tuple[int, int]] = {}
-        for layer, recs in index["layers"].items():
-            for e, rec in enumerate(recs):
-                self.records[(int(layer), e)] = self._checked(int(layer), e, rec)
-        for t in self.tensors:
-            end = int(t["offset"]) + int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize
-            if int(t["offset"]) < 0 or end > self.record_size:
-                raise PackageError(f"expert tensor '{t['name']}' does not fit its record: the package index is "
-                                   "corrupt, re-export it.")
-        self.direct_io = direct_io
-        self._scratch = threading.local()
-        self._fd = os.open(self.path, os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct_io else 0))
-
-    def _checked(self, layer: int, e: int, rec) -> tuple[int, int]:
-        if not (isinstance(rec, list) and len(rec) == 2 and all(isinstance(v, int) for v in rec)):
-            raise PackageError(f"expert {e} of layer {layer} has a malformed index entry: re-export the package.")
-        offset, size = rec
-        if offset < 0 or size != self.record_size or offset % self.alignment:
-            raise PackageError(f"expert {e} of layer {layer} has a bad offset or size in the index: "
-                               "the package is corrupt, re-export it.")
-        if offset + size > self.size:
-            raise PackageError(f"expert {e} of layer {layer} lies outside the expert store ({offset + size} > "
-                               f"{self.size} bytes): the store is truncated or the index corrupt, re-export it.")
-        return offset, size
-
-    def read(self, layer: int, expert: int) -> dict[str, np.ndarray]:
-        """One expert's tensors (views of one freshly allocated copy of its record)."""
-        offset, size = self.records[(layer, expert)]
-        scratch = getattr(self._scratch, "buf", None)
-        if scratch is None:  # one per thread; anonymous and page-aligned: what O_DIRECT needs
-            scratch = self._scratch.buf = mmap.mmap(-1, size)
-        got = os.preadv(self._fd, [scratch], offset)
-        if got != size:
-            raise PackageError(f"expert {expert} of layer {layer}: read {got} of {size} bytes from the expert "
-                               "store: it is truncated, re-export the package.")
-        # A copy into allocator memory: a fresh mapping per read costs more in page faults than the copy.
-        raw = np.frombuffer(scratch, np.uint8).copy()
-        out = {}
-        for t in self.tensors:
-            dt = np.dtype(t["dtype"])
-            n = int(np.prod(t["shape"])) * dt.itemsize
-            out[t["name"]] = raw[t["offset"]:t["offset"] + n].view(dt).reshape(t["shape"])
-        return out
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 @dataclass
@@ -223,18 +125,8 @@ class ExpertCache:
         self.count = 0
         self.stats = CacheStats()
         self.lock = threading.Lock()
-        # What a cached expert costs in memory: with a session per expert, onnxruntime keeps the record's
-        # arrays (they are the session's initializers) beside its prepacked copy of them. Measured on the
-        # 1.5 MB int4 experts of apps/bench/moe.py: 2.3-2.6 MB per loaded expert; counting two records
-        # keeps the budget. Weights fed as inputs: the record alone.
-        self.expert_bytes = (1 if store.weights_as_inputs else RESIDENT_RECORDS) * self.record
-        minimum = top_k * self.expert_bytes
-        total = len(store.records) * self.expert_bytes
-        if budget is not None and budget < minimum:
-            raise MemoryBudgetError(f"a memory budget of {budget} bytes cannot hold one layer's {top_k} experts: "
-                                    f"give at least {minimum} bytes ({_human(minimum)}; all experts take "
-                                    f"{_human(total)}, {_human(self.expert_bytes)} each in memory).")
-        self.budget = total if budget is None else min(budget, total)
+        self.expert_bytes = store.resident_records * self.record  # what a cached expert costs in memory
+        self.budget = cache_budget(budget, self.expert_bytes, len(store.records), top_k)
         self.capacity = self.budget // self.expert_bytes  # experts that fit
         self.quota = self.capacity / max(1, len(sparse_layers))
         self.pinned: Counter = Counter()
@@ -244,7 +136,6 @@ class ExpertCache:
         # computing, building in the reader only moves CPU work around (and wastes it on wrong
         # guesses); reading ahead alone hides the disk and never competes for a core.
         self.build_ahead = False
-        self.stats = CacheStats()
 
     @property
     def resident_bytes(self) -> int:
@@ -429,49 +320,3 @@ class ExpertCache:
             self.inflight.pop(key, None)
         flight.entry = entry
         flight.done.set()
-
-
-class Prefetcher:
-    """A daemon thread that loads predicted experts in the order they were asked for.
-
-    Requests carry the decode position they are for; one the decoder has already
-    passed is dropped unread."""
-
-    def __init__(self, cache: ExpertCache, readers: int = 1):
-        self.cache = cache
-        self.requests: queue.SimpleQueue = queue.SimpleQueue()
-        self.position = (0, -1)  # (token step, layer) the decoder is at
-        self._stop = False
-        # More than one reader overlaps one expert's session build (CPU) with another's read (disk).
-        self.threads = [threading.Thread(target=self._run, name=f"edgeinfer-expert-reader-{i}", daemon=True)
-                        for i in range(max(1, readers))]
-        for t in self.threads:
-            t.start()
-
-    def request(self, step: int, layer: int, experts: list[int]) -> None:
-        for e in experts:
-            self.requests.put((step, layer, e))
-
-    def _run(self) -> None:
-        while True:
-            item = self.requests.get()
-            if item is None or self._stop:
-                return
-            step, layer, e = item
-            if (step, layer) > self.position:
-                self.cache.prefetch_one(layer, e)
-            self.cache.return_freed_memory()
-
-    def close(self) -> None:
-        self._stop = True
-        for _ in self.threads:
-            self.requests.put(None)
-        for t in self.threads:
-            t.join(timeout=5)
-
-
-def _human(n: int) -> str:
-    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} bytes"

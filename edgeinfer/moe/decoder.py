@@ -22,10 +22,12 @@ import onnxruntime as ort
 from edgeinfer.runtimes import ExecutionTarget, create_session
 from edgeinfer.runtimes import cpu as cpu_runtime
 
-from .errors import ContextLengthError, PackageError
-from .experts import CacheStats, ExpertCache, ExpertStore, Prefetcher
-from .kv_cache import KVCache
-from .package import Package
+from ..errors import ContextLengthError, PackageError
+from ..kv_cache import KVCache
+from ..package import Package
+from .cache import CacheStats, ExpertCache
+from .prefetch import Prefetcher
+from .store import ExpertStore
 
 _ov = ort.OrtValue.ortvalue_from_numpy
 
