@@ -1,0 +1,23 @@
+"""The benchmark's models and where their packages, results and page live."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+OUT = ROOT / "build" / "moe-bench"
+DOC = ROOT / "docs" / "moe.md"
+
+CONFIG = dict(model_type="qwen3_moe", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+              num_key_value_heads=4, head_dim=64, intermediate_size=3072, moe_intermediate_size=768,
+              num_experts=48, num_experts_per_tok=4, norm_topk_prob=True, vocab_size=320, rms_norm_eps=1e-6,
+              max_position_embeddings=4096, rope_theta=1000000.0, tie_word_embeddings=False, hidden_act="silu")
+
+PKG = OUT / "pkg-int4"
+PKG_INT8 = OUT / "pkg-int4-int8experts"
+MOEFIED = OUT / "pkg-smollm2-moefied-int4"
+MOEFIED_INT8 = OUT / "pkg-smollm2-moefied-int4-int8experts"
+# name -> package: int4 experts (a prepacked session per loaded expert) and int8-channel experts
+# (weights fed to one shared graph), on the same weights; EXPERT_BITS: the export's expert_bits.
+MODELS = {"random": PKG, "random-int8": PKG_INT8, "moefied": MOEFIED, "moefied-int8": MOEFIED_INT8}
+EXPERT_BITS = {"random": None, "random-int8": 8, "moefied": None, "moefied-int8": 8}
