@@ -92,7 +92,7 @@ class Model:
                  max_context: int | None = None, memory_budget: int | str | None = None,
                  allow_fallback: bool = False):
         self.package = pkg
-        if "moe" not in pkg.manifest:  # MoE budgets bound the expert cache (edgeinfer/experts.py)
+        if "moe" not in pkg.manifest:  # MoE budgets bound the expert cache (edgeinfer/moe/)
             check_dense_budget(pkg, memory_budget, max_context)
         self.target = resolve_provider(provider, threads, manifest=pkg.manifest, allow_fallback=allow_fallback)
         self.tokenizer = TextTokenizer(pkg)
