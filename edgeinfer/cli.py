@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure TTFT, decode tokens/s and peak RSS")
     b.add_argument("package")
     b.add_argument("--prompt", default="What is the capital of France?")
-    b.add_argument("--chat", action="store_true", default=True)
+    b.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap the prompt in the chat template (default; --no-chat: the raw prompt)")
     b.add_argument("--prompt-tokens", type=int, default=None, help="use a synthetic prompt of this many tokens")
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--repeats", type=int, default=5)

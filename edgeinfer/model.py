@@ -114,7 +114,7 @@ class Model:
             self.decoder = StagedDecoder(pkg, self.target, max_context=max_context)
         self.defaults = pkg.manifest.get("generation", {})
         self.little: Model | None = None  # the draft / little model of the big/little strategies
-        self._cached_tokens: list[int] = []  # what the KV cache holds, for prefix reuse
+        self.cached_tokens: list[int] = []  # what the KV cache holds, for prefix reuse
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread running a generation
         self._open: Generation | None = None
@@ -207,7 +207,7 @@ class Model:
         self._end_open_generation()
         with self._lock:
             self.decoder.reset()
-            self._cached_tokens = []
+            self.cached_tokens = []
 
     # -- internals -------------------------------------------------------------
     def _config(self, config: GenerationConfig | None, params: dict) -> GenerationConfig:
@@ -223,13 +223,13 @@ class Model:
 
     def _reusable_prefix(self, ids: list[int]) -> int:
         """Keep the cache's common prefix with IDS (at least one token is always recomputed)."""
-        cached = self._cached_tokens
+        cached = self.cached_tokens
         n = 0
         limit = min(len(cached), len(ids) - 1, self.decoder.length)
         while n < limit and cached[n] == ids[n]:
             n += 1
         self.decoder.truncate(n)
-        self._cached_tokens = cached[:n]
+        self.cached_tokens = cached[:n]
         return n
 
     def _locked_run(self, gen: Generation, strategy, ids: list[int], config: GenerationConfig):
@@ -243,9 +243,9 @@ class Model:
             self._owner, self._open = threading.get_ident(), gen
             try:
                 reuse = self._reusable_prefix(ids)
-                self._cached_tokens = []  # unknown while running; set when the loop ends cleanly
+                self.cached_tokens = []  # unknown while running; set when the loop ends cleanly
                 if hasattr(strategy, "begin"):  # big/little strategies: the whole prompt, the little's cache
-                    strategy.begin(ids, little._cached_tokens if little else None)
+                    strategy.begin(ids, little.cached_tokens if little else None)
                 out = []
                 experts_before = self.decoder.expert_stats() if hasattr(self.decoder, "expert_stats") else None
                 for ev in run_generation(gen, strategy, self.tokenizer, ids, config, reuse):
@@ -253,14 +253,14 @@ class Model:
                         out.append(ev.token_id)
                     yield ev
                 fed = ids + out[:-1]  # the last sampled token was never fed to the model
-                self._cached_tokens = fed[: self.decoder.length]
+                self.cached_tokens = fed[: self.decoder.length]
                 if experts_before is not None and gen.result is not None:  # MoE: expert cache counters
                     gen.result.stats["experts"] = self.decoder.expert_stats(experts_before).as_dict()
             except BaseException:
                 self.decoder.reset()  # an error or an abandoned generation: start clean next time
                 if little:
                     little.decoder.reset()
-                    little._cached_tokens = []
+                    little.cached_tokens = []
                 raise
             finally:
                 self._owner, self._open = None, None

@@ -231,7 +231,7 @@ class Seq2SeqModel:
         """New token ids for one input (features (1, n_mels, frames) or token ids (1, S)) after
         PROMPT (default: the package's decoder start, e.g. Whisper's start-of-transcript +
         no-timestamps)."""
-        return self._search(self.encode(inputs), prompt, timestamps, on_token, params)
+        return self.search(self.encode(inputs), prompt, timestamps, on_token, params)
 
     def generate(self, text: str | list[int], *, on_text=None, **params) -> Seq2SeqResult:
         """Text to text (T5, BART, Marian): encode TEXT once, then decode; ``on_text(str)``
@@ -266,7 +266,7 @@ class Seq2SeqModel:
 
         hidden = self.encode(np.asarray([ids], np.int64))
         encoder_s = time.perf_counter() - t0
-        tokens = self._search(hidden, None, False, on_token, params)
+        tokens = self.search(hidden, None, False, on_token, params)
         elapsed = time.perf_counter() - t0
         if on_text is not None and (tail := stream.flush()):
             on_text(tail)
@@ -279,7 +279,7 @@ class Seq2SeqModel:
                              finish_reason="stop" if tokens and tokens[-1] in self.eos else "length",
                              strategy=self.strategy_stats)
 
-    def _search(self, hidden: np.ndarray, prompt: list[int] | None, timestamps: bool, on_token,
+    def search(self, hidden: np.ndarray, prompt: list[int] | None, timestamps: bool, on_token,
                 params: dict, cross: list[np.ndarray] | None = None,
                 step_logits: list[np.ndarray] | None = None) -> list[int]:
         """The new tokens of one search. CROSS: the cross K/V when the caller has them already;
@@ -304,7 +304,7 @@ class Seq2SeqModel:
             raise GenerationError(f"the decoder prompt has {len(prompt)} tokens; the decoder holds "
                                   f"{self.max_target_positions}.")
         config.max_new_tokens = min(config.max_new_tokens, self.max_target_positions - len(prompt))
-        rules = LogitsRules(config, len(prompt), self._timestamp_rules() if timestamps else None)
+        rules = LogitsRules(config, len(prompt), self.timestamp_rules() if timestamps else None)
         state = self.new_state(cross if cross is not None else self.cross_kv(hidden), config.num_beams)
         if step_logits is not None and strategy == "plain" and config.num_beams == 1:
             step = state.step
@@ -351,7 +351,7 @@ class Seq2SeqModel:
         prompt = [int(gen["start_of_transcript_id"]), int(languages[language]), int(tasks[task])]
         return prompt if timestamps else prompt + [int(gen["no_timestamps_token_id"])]
 
-    def _timestamp_rules(self) -> TimestampRules:
+    def timestamp_rules(self) -> TimestampRules:
         gen = self.generation
         if "timestamp_begin" not in gen:
             raise GenerationError(f"model '{self.name}' has no timestamp tokens.")
@@ -442,7 +442,7 @@ class Seq2SeqModel:
             res.tokens.append(tokens)
             res.new_tokens += len(tokens)
             full_window_follows = n == n_samples and seek + n < n_total
-            text, segments, resume_s = self._window_text(tokens, seek / rate, timestamps, full_window_follows)
+            text, segments, resume_s = self.window_text(tokens, seek / rate, timestamps, full_window_follows)
             if text:
                 texts.append(text)
                 res.segments.extend(segments)
@@ -458,7 +458,7 @@ class Seq2SeqModel:
         res.elapsed_s = time.perf_counter() - t0
         return res
 
-    def _window_text(self, tokens: list[int], offset_s: float, timestamps: bool,
+    def window_text(self, tokens: list[int], offset_s: float, timestamps: bool,
                      more_follows: bool = False) -> tuple[str, list[dict], float | None]:
         """Text of a window's tokens and, with timestamps, its segments (times in the file),
         and where to resume (seconds into the window) when the last segment was cut off by the

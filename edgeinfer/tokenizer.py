@@ -35,6 +35,8 @@ class TextTokenizer:
         self.eos_token = meta.get("eos_token") or ""
         self.chat_template = meta.get("chat_template")
         self.vocab_size = self.tokenizer.get_vocab_size()
+        # llguidance's views of this tokenizer, (vocab size, eos ids) -> LLTokenizer (edgeinfer.constraints)
+        self.ll_tokenizers: dict = {}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):

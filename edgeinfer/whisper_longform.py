@@ -117,7 +117,7 @@ def score_tokens(model, cross: list[np.ndarray], prompt: list[int], tokens: list
     no-speech probability then needs only the prompt up to start-of-transcript."""
     config = model.config(**{k: v for k, v in params.items() if k in Seq2SeqConfig.__dataclass_fields__})
     config.max_new_tokens = min(config.max_new_tokens, model.max_target_positions - len(prompt))
-    rules = LogitsRules(config, len(prompt), model._timestamp_rules() if timestamps else None)
+    rules = LogitsRules(config, len(prompt), model.timestamp_rules() if timestamps else None)
     seq = list(prompt) + list(tokens)
     if step_logits is not None and len(step_logits) == len(tokens):
         rows = np.stack(step_logits) if tokens else np.zeros((0, 1), np.float32)
@@ -163,7 +163,7 @@ def decode_window(model, hidden: np.ndarray, prompt: list[int], sot_index: int, 
         else:
             attempt["temperature"] = 0.0
         logged: list[np.ndarray] = []
-        tokens = model._search(hidden, prompt, timestamps, None, attempt, cross=cross, step_logits=logged)
+        tokens = model.search(hidden, prompt, timestamps, None, attempt, cross=cross, step_logits=logged)
         text = model.tokenizer.decode([t for t in tokens if t not in model.eos and t < begin]).strip()
         scoring = {k: v for k, v in attempt.items() if k not in ("strategy", "exit_layer", "threshold", "draft_len",
                                                                  "language", "task")}

@@ -193,8 +193,7 @@ def _placeholder(g: GraphBuilder, t: dict) -> None:
     for key, value in (("location", "expert-store-record"), ("offset", "0"), ("length", str(t["nbytes"]))):
         entry = tp.external_data.add()
         entry.key, entry.value = key, value
-    g.initializers.append(tp)
-    g._init_names.add(t["name"])
+    g.add_initializer_proto(tp)
 
 
 def export_moe(src, out: Path, spec: MoESpec, prec: Precision, ctx: int, force: bool, progress,

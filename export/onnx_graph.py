@@ -59,6 +59,16 @@ class GraphBuilder:
             self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
+    def has_initializer(self, name: str) -> bool:
+        return name in self._init_names
+
+    def add_initializer_proto(self, tensor: onnx.TensorProto) -> str:
+        """Add a ready-made initializer (e.g. one whose data lives outside the graph) once."""
+        if tensor.name not in self._init_names:
+            self._init_names.add(tensor.name)
+            self.initializers.append(tensor)
+        return tensor.name
+
     def const_i64(self, values: list[int], name: str | None = None) -> str:
         name = name or self.unique("const")
         return self.initializer(name, np.asarray(values, dtype=np.int64))

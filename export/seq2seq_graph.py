@@ -37,9 +37,8 @@ _MASKED = -1e9  # exp() of this relative to any real score is exactly 0 in float
 
 def _scalar_i64(g: GraphBuilder, name: str, value: int) -> str:
     """A true 0-d int64 initializer (Range needs scalars; GraphBuilder.initializer stores 0-d arrays as 1-d)."""
-    if name not in g._init_names:
-        g._init_names.add(name)
-        g.initializers.append(numpy_helper.from_array(np.asarray(value, np.int64), name))
+    if not g.has_initializer(name):
+        g.add_initializer_proto(numpy_helper.from_array(np.asarray(value, np.int64), name))
     return name
 
 
@@ -348,7 +347,7 @@ def _lm_head(g: GraphBuilder, x: str, w: dict, spec: Seq2SeqSpec, prec: Precisio
             shared = "dec.embed"
         logits = tied_lm_head(g, x, shared, spec.vocab_size, spec.d_model, bits, prec, "lm_head")
     else:  # float tied head: one table in the file; onnxruntime folds the transpose at load
-        if "dec.embed.weight" not in g._init_names and "dec.embed.weight.fp16" not in g._init_names:
+        if not g.has_initializer("dec.embed.weight") and not g.has_initializer("dec.embed.weight.fp16"):
             float_weight(g, "dec.embed.weight", _f32(w["dec.embed"]), prec)
         table = "dec.embed.weight" if prec.name != "fp16" else g.op1("Cast", ["dec.embed.weight.fp16"], to=1)
         logits = g.op1("MatMul", [x, g.op1("Transpose", [table], perm=[1, 0])], name="lm_head")

@@ -90,7 +90,7 @@ def test_fallback_tries_the_next_temperature_seeded(package):
     assert got.avg_logprob == pytest.approx(max(a["avg_logprob"] for a in got.attempts), abs=1e-4)
     # the kept tokens are what the search gives at that temperature and seed
     i = [a["temperature"] for a in got.attempts].index(got.temperature)
-    again = model._search(hidden, [START], False, None, dict(max_new_tokens=10, temperature=got.temperature,
+    again = model.search(hidden, [START], False, None, dict(max_new_tokens=10, temperature=got.temperature,
                                                               **({"seed": 7 + i} if got.temperature else {})))
     assert got.tokens == again
     avg, nsp = _reference_scores(model, hidden, [START], got.tokens)
@@ -109,7 +109,7 @@ def test_logged_step_logits_score_like_a_teacher_forced_pass(package):
     hidden = _hidden(model, seed=1)
     cross, logged = model.cross_kv(hidden), []
     prompt = [PREV, 40, 41, START, 9]  # start-of-transcript then another forced token (no-timestamps)
-    tokens = model._search(hidden, prompt, False, None, dict(max_new_tokens=8), cross=cross, step_logits=logged)
+    tokens = model.search(hidden, prompt, False, None, dict(max_new_tokens=8), cross=cross, step_logits=logged)
     assert len(logged) == len(tokens) == 8
     fast = score_tokens(model, cross, prompt, tokens, False, {}, NO_SPEECH, 3, logged)
     full = score_tokens(model, cross, prompt, tokens, False, {}, NO_SPEECH, 3)
@@ -117,7 +117,7 @@ def test_logged_step_logits_score_like_a_teacher_forced_pass(package):
     np.testing.assert_allclose(full, _reference_scores(model, hidden, prompt, tokens), atol=1e-4)
     # start-of-transcript last in the prompt (timestamps): the first logged step is its row
     logged, prompt = [], [PREV, 40, 41, START]
-    tokens = model._search(hidden, prompt, False, None, dict(max_new_tokens=6), cross=cross, step_logits=logged)
+    tokens = model.search(hidden, prompt, False, None, dict(max_new_tokens=6), cross=cross, step_logits=logged)
     np.testing.assert_allclose(score_tokens(model, cross, prompt, tokens, False, {}, NO_SPEECH, 3, logged),
                                _reference_scores(model, hidden, prompt, tokens), atol=1e-4)
 
@@ -129,7 +129,7 @@ def test_first_passing_result_is_kept(package):
                               compression_ratio_threshold=100.0).validate()
     got = decode_window(model, hidden, [START], 0, False, dict(max_new_tokens=10), options, seed=0)
     assert got.temperature == 0.0 and len(got.attempts) == 1
-    assert got.tokens == model._search(hidden, [START], False, None, dict(max_new_tokens=10))
+    assert got.tokens == model.search(hidden, [START], False, None, dict(max_new_tokens=10))
 
 
 def test_transcribe_reports_fallback_per_window(package, wav):
@@ -166,13 +166,13 @@ def test_previous_text_goes_after_startofprev(package, wav, monkeypatch):
     """The decoder's input ids: window k starts with <|startofprev|>, the tokens of windows
     before it (end-of-text dropped), then start-of-transcript."""
     model = _model(package)
-    prompts, search = [], model._search
+    prompts, search = [], model.search
 
     def recording(hidden, prompt, *args, **kwargs):
         prompts.append(list(prompt))
         return search(hidden, prompt, *args, **kwargs)
 
-    monkeypatch.setattr(model, "_search", recording)
+    monkeypatch.setattr(model, "search", recording)
     res = model.transcribe(wav, max_new_tokens=5, temperature_fallback=False)
     text = [[t for t in toks if t not in model.eos] for toks in res.tokens]
     assert text[0] and text[1], res.tokens  # the random model writes something in every window
@@ -186,8 +186,8 @@ def test_previous_text_goes_after_startofprev(package, wav, monkeypatch):
 def test_hot_window_resets_the_prompt(package, wav, monkeypatch):
     """A window decoded at temperature >= 0.5 does not condition the next one."""
     model = _model(package)
-    prompts, search = [], model._search
-    monkeypatch.setattr(model, "_search", lambda hidden, prompt, *a, **kw: (prompts.append(list(prompt)),
+    prompts, search = [], model.search
+    monkeypatch.setattr(model, "search", lambda hidden, prompt, *a, **kw: (prompts.append(list(prompt)),
                                                                              search(hidden, prompt, *a, **kw))[1])
     res = model.transcribe(wav, max_new_tokens=5, temperatures=[0.6], seed=1)
     assert res.tokens[0] and res.tokens[0][0] not in model.eos  # there was text to condition on

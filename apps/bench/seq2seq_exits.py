@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     for th in [float(t) for t in args.thresholds.split(",")]:
         toks, stats = [], None
         for h in hiddens:
-            toks.append(staged._search(h, prompt, False, None, {"strategy": "early-exit", "threshold": th}))
+            toks.append(staged.search(h, prompt, False, None, {"strategy": "early-exit", "threshold": th}))
             stats = _merge(stats, staged.strategy_stats)
         same = sum(a == b for r, o in zip(ref_tokens, toks) for a, b in zip(r, o))
         texts = [_text(staged, t) for t in toks]
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             outs, stats = [], None
             for h in hiddens:
-                outs.append(model._search(h, prompt, False, None, dict(params)))
+                outs.append(model.search(h, prompt, False, None, dict(params)))
                 if params:
                     stats = _merge(stats, model.strategy_stats)
             dt = time.perf_counter() - t0
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
 
 
 def _text(model, tokens: list[int]) -> str:
-    return model._window_text(tokens, 0.0, False)[0]
+    return model.window_text(tokens, 0.0, False)[0]
 
 
 def _merge(total, part):
