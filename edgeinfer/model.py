@@ -12,10 +12,9 @@ from edgeinfer.runtimes import resolve_provider
 from .constraints import compile_constraint, constraint_params
 from .decoder import StagedDecoder
 from .errors import ContextLengthError, GenerationError, PackageError
-from .generation import Generation, GenerationResult, run_generation
+from .generation import Generation, GenerationConfig, GenerationResult, run_generation
 from .memory import check_dense_budget
 from .package import Package, open_package
-from .sampling import GenerationConfig
 from .tokenizer import TextTokenizer
 
 Messages = list[dict]
@@ -186,9 +185,7 @@ class Model:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds {self.max_context}: "
                                      f"shorten the prompt or {remedy}.")
         runner = make_strategy(strategy, self.decoder, strat_opts, self.little)  # validates first
-        gen = Generation(iter(()))
-        gen._events = self._locked_run(gen, runner, ids, config)
-        return gen
+        return Generation(lambda gen: self._locked_run(gen, runner, ids, config))
 
     def chat(self, messages: Messages, config: GenerationConfig | None = None, **params) -> Generation:
         """Generate the assistant's reply to MESSAGES with the package's chat template."""

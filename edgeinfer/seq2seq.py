@@ -20,8 +20,9 @@ from edgeinfer.runtimes import create_session, resolve_provider
 from .audio import Resampler, log_mel_spectrogram, read_wav_info, read_window, resampled_length
 from .constraints import compile_constraint, constraint_params
 from .errors import ContextLengthError, GenerationError, PackageError
+from .generation import LogitsProcessors, TimestampRules, beam_search
 from .package import Package
-from .seq2seq_search import LogitsRules, Seq2SeqConfig, TimestampRules, beam_search, greedy_search
+from .seq2seq_search import Seq2SeqConfig, greedy_search
 from .seq2seq_stages import DecoderStage, StagedDecoderState, check_chain
 from .seq2seq_strategies import check_strategy, early_exit_search, merge_stats, self_speculative_search
 from .tokenizer import TextTokenizer
@@ -77,7 +78,7 @@ class Seq2SeqResult:
     tokens: list[int]
     input_tokens: int
     encoder_s: float
-    first_token_s: float  # input to first new token: encoder + cross K/V + first decoder step
+    ttft_s: float  # input to first new token: encoder + cross K/V + first decoder step
     elapsed_s: float
     decode_tok_s: float  # tokens per second after the first
     finish_reason: str
@@ -85,7 +86,7 @@ class Seq2SeqResult:
 
     def as_dict(self) -> dict:
         return {"text": self.text, "input_tokens": self.input_tokens, "new_tokens": len(self.tokens),
-                "encoder_s": round(self.encoder_s, 5), "ttft_s": round(self.first_token_s, 5),
+                "encoder_s": round(self.encoder_s, 5), "ttft_s": round(self.ttft_s, 5),
                 "elapsed_s": round(self.elapsed_s, 5), "decode_tok_s": round(self.decode_tok_s, 2),
                 "finish_reason": self.finish_reason, "tokens": self.tokens,
                 **({"stats": self.strategy} if self.strategy else {})}
@@ -274,7 +275,7 @@ class Seq2SeqModel:
         first_s = first[0] if first else elapsed
         decode_s = elapsed - first_s
         return Seq2SeqResult(text=self.tokenizer.decode(out), tokens=tokens, input_tokens=len(ids),
-                             encoder_s=encoder_s, first_token_s=first_s, elapsed_s=elapsed,
+                             encoder_s=encoder_s, ttft_s=first_s, elapsed_s=elapsed,
                              decode_tok_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
                              finish_reason="stop" if tokens and tokens[-1] in self.eos else "length",
                              strategy=self.strategy_stats)
@@ -304,7 +305,7 @@ class Seq2SeqModel:
             raise GenerationError(f"the decoder prompt has {len(prompt)} tokens; the decoder holds "
                                   f"{self.max_target_positions}.")
         config.max_new_tokens = min(config.max_new_tokens, self.max_target_positions - len(prompt))
-        rules = LogitsRules(config, len(prompt), self.timestamp_rules() if timestamps else None)
+        rules = LogitsProcessors(config, len(prompt), self.timestamp_rules() if timestamps else None)
         state = self.new_state(cross if cross is not None else self.cross_kv(hidden), config.num_beams)
         if step_logits is not None and strategy == "plain" and config.num_beams == 1:
             step = state.step

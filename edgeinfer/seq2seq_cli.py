@@ -61,7 +61,7 @@ def _run_text(model, prompt: str, params: dict, args) -> int:
         print(json.dumps({**res.as_dict(), "provider": model.target.name}, ensure_ascii=False))
         return 0
     sys.stdout.write("\n")
-    print(f"[{res.input_tokens} input tokens, {len(res.tokens)} new, first token {res.first_token_s * 1000:.0f} ms "
+    print(f"[{res.input_tokens} input tokens, {len(res.tokens)} new, first token {res.ttft_s * 1000:.0f} ms "
           f"(encoder {res.encoder_s * 1000:.0f} ms), {res.decode_tok_s:.1f} tok/s, {model.target.name}]",
           file=sys.stderr)
     _print_strategy(res.strategy)

@@ -1,7 +1,7 @@
 """Early exit and self-speculative decoding for staged encoder-decoder packages.
 
 Both run greedily over a :class:`~edgeinfer.seq2seq_stages.StagedDecoderState`
-and apply the search's :class:`~edgeinfer.seq2seq_search.LogitsRules`
+and apply the search's :class:`~edgeinfer.seq2seq_search.LogitsProcessors`
 (suppressed tokens, forced tokens, no-repeat n-grams, Whisper's timestamp
 grammar) to every row they read, exit rows included, so a token an exit picks
 obeys the same rules as one the full decoder picks.
@@ -26,8 +26,8 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import GenerationError
-from .sampling import GenerationConfig, Sampler, softmax
-from .seq2seq_search import LogitsRules, Seq2SeqConfig
+from .generation import GenerationConfig, LogitsProcessors, Sampler, softmax
+from .seq2seq_search import Seq2SeqConfig
 from .strategies.base import accept_draft
 from .strategies.self_speculative import check_threshold, exit_stages
 
@@ -55,7 +55,7 @@ def check_strategy(model, strategy: str, config: Seq2SeqConfig, *, exit_layer: i
             "threshold": check_threshold(0.0 if threshold is None else threshold)}
 
 
-def early_exit_search(state, prompt: list[int], config: Seq2SeqConfig, eos: set[int], rules: LogitsRules,
+def early_exit_search(state, prompt: list[int], config: Seq2SeqConfig, eos: set[int], rules: LogitsProcessors,
                       exits: list[tuple[int, int]], threshold: float, stats: dict, on_token=None) -> list[int]:
     """Greedy search that leaves at the first exit (layer, stages) whose top probability
     reaches THRESHOLD; STATS gets per-exit counts and the average depth."""
@@ -92,7 +92,7 @@ def early_exit_search(state, prompt: list[int], config: Seq2SeqConfig, eos: set[
     return seq[len(prompt):]
 
 
-def self_speculative_search(state, prompt: list[int], config: Seq2SeqConfig, eos: set[int], rules: LogitsRules,
+def self_speculative_search(state, prompt: list[int], config: Seq2SeqConfig, eos: set[int], rules: LogitsProcessors,
                             exit_layer: int, exit_stages: int, draft_len: int, stats: dict,
                             on_token=None, threshold: float = 0.0) -> list[int]:
     """Greedy search by draft-and-verify rounds; the same tokens as plain greedy search.

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import GenerationError
-from .seq2seq_search import LogitsRules, Seq2SeqConfig
+from .generation import LogitsProcessors
+from .seq2seq_search import Seq2SeqConfig
 
 PROMPT_CAP = 223  # previous-text tokens kept after <|startofprev|> (half the decoder's 448, less one)
 RESET_TEMPERATURE = 0.5  # a window that needed at least this temperature does not condition the next one
@@ -117,7 +118,7 @@ def score_tokens(model, cross: list[np.ndarray], prompt: list[int], tokens: list
     no-speech probability then needs only the prompt up to start-of-transcript."""
     config = model.config(**{k: v for k, v in params.items() if k in Seq2SeqConfig.__dataclass_fields__})
     config.max_new_tokens = min(config.max_new_tokens, model.max_target_positions - len(prompt))
-    rules = LogitsRules(config, len(prompt), model.timestamp_rules() if timestamps else None)
+    rules = LogitsProcessors(config, len(prompt), model.timestamp_rules() if timestamps else None)
     seq = list(prompt) + list(tokens)
     if step_logits is not None and len(step_logits) == len(tokens):
         rows = np.stack(step_logits) if tokens else np.zeros((0, 1), np.float32)

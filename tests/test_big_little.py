@@ -13,7 +13,7 @@ from conftest import build_tiny_model
 
 import edgeinfer
 from edgeinfer.errors import GenerationError, PackageError
-from edgeinfer.sampling import GenerationConfig, Sampler
+from edgeinfer.generation import GenerationConfig, Sampler
 
 PROMPTS = ["Paris is the capital of", "def add(a, b):\n    return a + b\ndef add(a, b):",
            "Once upon a time there was a small model"]

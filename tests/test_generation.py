@@ -7,8 +7,7 @@ import sys
 import numpy as np
 
 import edgeinfer
-from edgeinfer.generation import StopMatcher
-from edgeinfer.sampling import GenerationConfig, Sampler
+from edgeinfer.generation import GenerationConfig, Sampler, StopMatcher
 
 
 def test_stream_pieces_join_to_text(tiny_packages):

@@ -119,6 +119,22 @@ def test_greedy_and_beam_tokens_identical(text_models, family):
     assert model.generate_ids(ids, **kw) == _hf_generate(hf, INPUT, start, **kw)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_repetition_penalty_matches_transformers(text_models, family):
+    """The decoder packages' repetition penalty, through the same chain of logits processors."""
+    hf, pkg, _ = text_models(family)
+    model = edgeinfer.load(pkg)
+    start = model.generation["decoder_start_ids"][0]
+    ids = np.asarray([INPUT], np.int64)
+    base = dict(max_new_tokens=16, suppress_tokens=[int(model.generation["eos_token_id"])])  # all 16 tokens
+    free = model.generate_ids(ids, **base)
+    outs = []
+    for kw in (dict(repetition_penalty=1.8), dict(repetition_penalty=1.8, num_beams=3), dict(repetition_penalty=20.0)):
+        outs.append(model.generate_ids(ids, **base, **kw))
+        assert outs[-1] == _hf_generate(hf, INPUT, start, **base, **kw)
+    assert len(set(free)) < len(free) and outs[-1] != free  # the penalty had repeats to act on, and did
+
+
 def test_forced_bos_matches_transformers(text_models):
     hf, pkg, _ = text_models("bart")
     model = edgeinfer.load(pkg)
@@ -154,7 +170,7 @@ def test_text_api_cli_and_limits(text_models):
     pieces = []
     res = model.generate("Paris is the capital of France.", on_text=pieces.append, max_new_tokens=10)
     assert res.input_tokens > 3 and 1 <= len(res.tokens) <= 10
-    assert "".join(pieces) == res.text and res.first_token_s >= res.encoder_s > 0
+    assert "".join(pieces) == res.text and res.ttft_s >= res.encoder_s > 0
     with pytest.raises(ContextLengthError, match="encoder takes at most 64"):
         model.generate("the quick brown fox " * 40)
     out = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "run", str(pkg), "Paris is the capital",

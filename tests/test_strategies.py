@@ -7,7 +7,7 @@ import pytest
 
 import edgeinfer
 from edgeinfer.errors import GenerationError
-from edgeinfer.sampling import GenerationConfig, Sampler
+from edgeinfer.generation import GenerationConfig, Sampler
 from edgeinfer.strategies import accept_draft
 from edgeinfer.strategies.lookup import DraftLengthPolicy, NgramIndex
 

@@ -157,6 +157,16 @@ def test_suppressed_tokens_never_appear(whisper_pair, features):
     assert out == ref
 
 
+def test_repetition_penalty_matches_transformers(whisper_pair, features):
+    hf, pkg, _ = whisper_pair
+    model = edgeinfer.load(pkg)
+    base = dict(max_new_tokens=12, suppress_tokens=[int(model.generation["eos_token_id"])])  # all 12 tokens
+    free = model.generate_ids(features, [START], **base)
+    out = model.generate_ids(features, [START], **base, repetition_penalty=20.0)
+    assert out == _hf_generate(hf, features, [START], **base, repetition_penalty=20.0)
+    assert len(set(free)) < len(free) and out != free  # the penalty had repeats to act on, and did
+
+
 def test_sampling_is_seeded(whisper_pair, features):
     _, pkg, _ = whisper_pair
     model = edgeinfer.load(pkg)

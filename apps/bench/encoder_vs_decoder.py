@@ -115,7 +115,7 @@ def main(argv=None) -> int:
 
     def run_enc_dec():
         r = enc_dec.generate(ids, max_new_tokens=args.new_tokens, suppress_tokens=[eos])
-        return r.first_token_s, r.decode_tok_s, len(r.tokens)
+        return r.ttft_s, r.decode_tok_s, len(r.tokens)
 
     def run_dec():
         dec.reset()

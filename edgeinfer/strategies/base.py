@@ -7,7 +7,7 @@ from typing import Protocol
 import numpy as np
 
 from edgeinfer.decoder import StagedDecoder
-from edgeinfer.sampling import Sampler
+from edgeinfer.generation import Sampler
 
 PREFILL_CHUNK = 512
 

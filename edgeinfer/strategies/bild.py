@@ -19,7 +19,7 @@ import numpy as np
 
 from edgeinfer.decoder import StagedDecoder
 from edgeinfer.errors import GenerationError
-from edgeinfer.sampling import Sampler
+from edgeinfer.generation import Sampler
 
 from .pair import PairStrategy, max_probability
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from edgeinfer.decoder import StagedDecoder
 from edgeinfer.errors import GenerationError
-from edgeinfer.sampling import Sampler, softmax
+from edgeinfer.generation import Sampler, softmax
 
 from .base import prefill_full
 from .self_speculative import check_threshold

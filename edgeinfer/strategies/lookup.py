@@ -11,7 +11,7 @@ import numpy as np
 
 from edgeinfer.decoder import StagedDecoder
 from edgeinfer.errors import GenerationError
-from edgeinfer.sampling import Sampler
+from edgeinfer.generation import Sampler
 
 from .base import accept_draft, prefill_full
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeinfer.decoder import StagedDecoder
-from edgeinfer.sampling import Sampler
+from edgeinfer.generation import Sampler
 
 from .base import prefill_full
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from edgeinfer.decoder import StagedDecoder
 from edgeinfer.errors import GenerationError
-from edgeinfer.sampling import Sampler, softmax
+from edgeinfer.generation import Sampler, softmax
 
 from .base import accept_draft, prefill_full
 from .lookup import PromptLookup

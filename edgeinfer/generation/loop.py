@@ -12,8 +12,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .sampling import GenerationConfig, Sampler
-from .tokenizer import TextTokenizer
+from edgeinfer.tokenizer import TextTokenizer
+
+from .config import GenerationConfig
+from .sampler import Sampler
 
 
 @dataclass
@@ -50,10 +52,12 @@ class Generation:
     """An iterator of :class:`TokenEvent`; ``.result`` is set once it ends.
     Stop iterating (or call ``cancel()``) to cancel."""
 
-    def __init__(self, events: Iterator[TokenEvent]):
-        self._events = events
+    def __init__(self, run):
+        """RUN(generation) -> the iterator of events; it sets ``generation.result`` when it ends
+        and reads ``generation.cancelled`` between tokens."""
         self.result: GenerationResult | None = None
         self._cancelled = False
+        self._events: Iterator[TokenEvent] = run(self)
 
     def __iter__(self) -> Generation:
         return self
@@ -115,9 +119,9 @@ class Generation:
 
 
 def run_generation(gen: Generation, strategy, tokenizer: TextTokenizer, prompt_ids: list[int],
-                   config: GenerationConfig, cached_prefix: int, on_token_fed=None) -> Iterator[TokenEvent]:
+                   config: GenerationConfig, cached_prefix: int) -> Iterator[TokenEvent]:
     """The loop behind ``Model.generate``. ``cached_prefix`` prompt tokens are
-    already in the cache; ``on_token_fed(token)`` records what enters it."""
+    already in the cache."""
     sampler = Sampler(config, prompt_tokens=len(prompt_ids))
     t0 = time.perf_counter()
     logits = strategy.prefill(prompt_ids[cached_prefix:])
