@@ -10,7 +10,7 @@ import threading
 from edgeinfer.runtimes import resolve_provider
 
 from .constraints import compile_constraint, constraint_params
-from .decoder import StagedDecoder
+from .decoders import StagedDecoder
 from .errors import ContextLengthError, GenerationError, PackageError
 from .generation import Generation, GenerationConfig, GenerationResult, run_generation
 from .memory import check_dense_budget
@@ -96,7 +96,7 @@ class Model:
         self.target = resolve_provider(provider, threads, manifest=pkg.manifest, allow_fallback=allow_fallback)
         self.tokenizer = TextTokenizer(pkg)
         if any(g.get("role") == "monolithic" for g in pkg.manifest["graphs"]):
-            from .monolithic import MonolithicDecoder
+            from .decoders.monolithic import MonolithicDecoder
 
             self.decoder = MonolithicDecoder(pkg, self.target, max_context=max_context)
         elif "moe" in pkg.manifest:  # sparse MoE: experts streamed from the expert store
@@ -106,7 +106,7 @@ class Model:
             self.decoder = MoEDecoder(pkg, self.target, max_context=max_context,
                                       memory_budget=parse_memory_budget(memory_budget))
         elif pkg.manifest.get("target") == "npu":  # static shapes, QDQ: two fixed-chunk graphs
-            from .static_decoder import StaticDecoder
+            from .decoders.static import StaticDecoder
 
             self.decoder = StaticDecoder(pkg, self.target, max_context=max_context)
         else:
@@ -181,7 +181,7 @@ class Model:
             raise GenerationError("the prompt is empty: give at least one token of text.")
         config.validate()
         if len(ids) >= self.max_context:
-            remedy = getattr(self.decoder, "context_remedy", "load with a larger max_context")
+            remedy = self.decoder.context_remedy
             raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds {self.max_context}: "
                                      f"shorten the prompt or {remedy}.")
         runner = make_strategy(strategy, self.decoder, strat_opts, self.little)  # validates first
@@ -234,17 +234,16 @@ class Model:
         wait their turn; in the thread that holds the model, a new generation ends the
         open one (abandoned by a ``break``, say). Records which tokens the cache holds."""
         self._end_open_generation()
-        little = self.little if getattr(strategy, "little", None) is not None and \
-            strategy.little.decoder is not self.decoder else None
+        little = self.little if strategy.little is not None and strategy.little.decoder is not self.decoder else None
         with self._lock, (little._lock if little else contextlib.nullcontext()):
             self._owner, self._open = threading.get_ident(), gen
             try:
                 reuse = self._reusable_prefix(ids)
                 self.cached_tokens = []  # unknown while running; set when the loop ends cleanly
-                if hasattr(strategy, "begin"):  # big/little strategies: the whole prompt, the little's cache
-                    strategy.begin(ids, little.cached_tokens if little else None)
+                # big/little strategies: the whole prompt, the little's cache
+                strategy.begin(ids, little.cached_tokens if little else None)
                 out = []
-                experts_before = self.decoder.expert_stats() if hasattr(self.decoder, "expert_stats") else None
+                experts_before = self.decoder.expert_stats()  # None unless sparse MoE
                 for ev in run_generation(gen, strategy, self.tokenizer, ids, config, reuse):
                     if ev.source != "flush":
                         out.append(ev.token_id)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeinfer.decoders.static import StaticDecoder
 from edgeinfer.errors import ExportError
-from edgeinfer.static_decoder import StaticDecoder
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.txt")
 

@@ -5,7 +5,7 @@ Two graphs of one model are written — ``graphs/prefill.onnx`` (a chunk of
 the KV cache as fixed-size inputs (see ``npu_graph.py``). The float graphs are
 built first, run on the CPU over the calibration text to measure activation
 ranges, and quantized to static QDQ (``qdq.py``); only the quantized graphs go
-into the package. ``edgeinfer/static_decoder.py`` runs them.
+into the package. ``edgeinfer/decoders/static.py`` runs them.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import onnxruntime as ort
 from edgeinfer.models import spec_for_config
 from edgeinfer.runtimes.cpu import compatible_session_options
 
+from edgeinfer.decoders.static import StaticDecoder
 from edgeinfer.errors import ExportError
-from edgeinfer.static_decoder import StaticDecoder
 
 from . import npu_graph as ng
 from .calibrate import FeedReader, calibration_samples, decode_feeds, kv_ranges, prefill_feeds

@@ -34,9 +34,10 @@ from . import coreml, cpu, cuda, directml, openvino, qnn, tensorrt, xnnpack
 log = logging.getLogger("edgeinfer")
 
 
-@dataclass(frozen=True)
+@dataclass
 class ExecutionTarget:
-    """A resolved provider with the options its sessions are created with."""
+    """A resolved provider with the options its sessions are created with. Not frozen: it is one
+    record per loaded model, and ``fallbacks`` grows as sessions are created on it."""
 
     name: str  # short name: cpu, cuda, ...
     ort_name: str  # onnxruntime's provider name

@@ -195,8 +195,8 @@ def test_npu_package_runs_entirely_on_qnn_htp(npu_packages, tiny_models):
     _qnn_or_skip()
     from edgeinfer.runtimes import node_placement, resolve_provider
 
+    from edgeinfer.decoders.static import StaticDecoder
     from edgeinfer.package import open_package
-    from edgeinfer.static_decoder import StaticDecoder
 
     pkg = open_package(npu_packages("llama"))
     target = resolve_provider("qnn", manifest=pkg.manifest, cpu_fallback=False)
@@ -221,8 +221,8 @@ def test_int4_weights_run_entirely_on_qnn_htp(tiny_models, tmp_path):
     from edgeinfer.export import export_model
     from edgeinfer.runtimes import node_placement, resolve_provider
 
+    from edgeinfer.decoders.static import StaticDecoder
     from edgeinfer.package import open_package
-    from edgeinfer.static_decoder import StaticDecoder
 
     res = export_model(str(tiny_models("llama")), tmp_path / "w4", "int4", target="npu", max_context=32,
                        prefill_chunk=4, progress=False)

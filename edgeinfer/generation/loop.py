@@ -133,7 +133,7 @@ def run_generation(gen: Generation, strategy, tokenizer: TextTokenizer, prompt_i
     stops = StopMatcher(config.stop)
     finish = "length"
     stop_hit = False
-    pending = [(token, logprob, getattr(strategy, "prefill_source", "model"))]
+    pending = [(token, logprob, strategy.prefill_source)]
     sources: dict[str, int] = {}  # emitted tokens per producing model / exit
     t_last = t_first
     while True:
@@ -173,8 +173,7 @@ def run_generation(gen: Generation, strategy, tokenizer: TextTokenizer, prompt_i
         yield TokenEvent(out_ids[-1], tail, len(out_ids) - 1, None, "flush")
     n = len(out_ids)
     decode_s = t_last - t_first
-    if hasattr(strategy, "finish"):
-        strategy.finish(sources)
+    strategy.finish(sources)
     gen.result = GenerationResult(
         text=stops.text, tokens=out_ids, prompt_tokens=len(prompt_ids), new_tokens=n, finish_reason=finish,
         ttft_s=t_first - t0, decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,

@@ -2,7 +2,7 @@
 expert cache in between, and a background reader that fetches the next layer's
 likely experts while this layer computes.
 
-Same interface as :class:`edgeinfer.decoder.StagedDecoder` for the decode loop
+Same interface as :class:`edgeinfer.decoders.staged.StagedDecoder` for the decode loop
 and the strategies that need no stages (plain, lookup): ``forward``, ``step``,
 ``truncate``, ``trim``, ``reset``, ``length``, ``capacity``, ``vocab_size``,
 ``exits`` (none).
@@ -22,8 +22,9 @@ import onnxruntime as ort
 from edgeinfer.runtimes import ExecutionTarget, create_session
 from edgeinfer.runtimes import cpu as cpu_runtime
 
+from ..decoders.base import Decoder
+from ..decoders.kv_cache import KVCache
 from ..errors import ContextLengthError, PackageError
-from ..kv_cache import KVCache
 from ..package import Package
 from .cache import CacheStats, ExpertCache
 from .prefetch import Prefetcher
@@ -44,13 +45,13 @@ def top_experts(logits: np.ndarray, k: int, renormalize: bool) -> tuple[np.ndarr
     return idx, w.astype(np.float32)
 
 
-class MoEDecoder:
-    exits: dict = {}
+class MoEDecoder(Decoder):
     exit_head = None
 
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None,
                  memory_budget: int | None = None, prefetch: bool = True, direct_io: bool = False,
                  readers: int = 1):
+        super().__init__()
         m = pkg.manifest
         moe, kv = m["moe"], pkg.kv_cache
         self.io = m["io"]

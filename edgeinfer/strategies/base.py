@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import numpy as np
 
-from edgeinfer.decoder import StagedDecoder
+from edgeinfer.decoders import StagedDecoder
 from edgeinfer.generation import Sampler
 
 PREFILL_CHUNK = 512
@@ -15,13 +13,26 @@ PREFILL_CHUNK = 512
 Emitted = tuple[int, "float | None", str]
 
 
-class Strategy(Protocol):
+class Strategy:
+    """The base of every strategy: ``prefill`` feeds the prompt and returns the last logits,
+    ``advance`` emits the next token(s); the hooks below are no-ops unless a strategy needs them."""
+
     name: str
     stats: dict
+    prefill_source = "model"  # which model produced the token sampled from the prefill logits
+    little = None  # the little model's track (big/little strategies), whose cache the model reuses
 
-    def prefill(self, ids: list[int]) -> np.ndarray: ...
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        raise NotImplementedError
 
-    def advance(self, token: int, sampler: Sampler, history: list[int]) -> list[Emitted]: ...
+    def advance(self, token: int, sampler: Sampler, history: list[int]) -> list[Emitted]:
+        raise NotImplementedError
+
+    def begin(self, prompt_ids: list[int], little_fed: list[int] | None = None) -> None:
+        """Before the prefill: the whole prompt, and which tokens the little model's cache holds."""
+
+    def finish(self, sources: dict[str, int]) -> None:
+        """After the last token: the number of emitted tokens per producing model / exit."""
 
 
 def prefill_full(decoder: StagedDecoder, ids: list[int]) -> np.ndarray:

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from edgeinfer.decoder import StagedDecoder
+from edgeinfer.decoders import StagedDecoder
 from edgeinfer.errors import GenerationError
 from edgeinfer.generation import Sampler
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeinfer.decoder import StagedDecoder
+from edgeinfer.decoders import StagedDecoder
 from edgeinfer.errors import GenerationError
 from edgeinfer.generation import Sampler, softmax
 
-from .base import prefill_full
+from .base import Strategy, prefill_full
 from .self_speculative import check_threshold
 
 
-class EarlyExit:
+class EarlyExit(Strategy):
     name = "early-exit"
 
     def __init__(self, decoder: StagedDecoder, threshold: float = 0.9, confidence: str = "max-prob",

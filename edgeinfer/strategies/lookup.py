@@ -9,11 +9,11 @@ import time
 
 import numpy as np
 
-from edgeinfer.decoder import StagedDecoder
+from edgeinfer.decoders import StagedDecoder
 from edgeinfer.errors import GenerationError
 from edgeinfer.generation import Sampler
 
-from .base import accept_draft, prefill_full
+from .base import Strategy, accept_draft, prefill_full
 
 
 class NgramIndex:
@@ -89,7 +89,7 @@ class DraftLengthPolicy:
         return best + 1 if k_max and rate[best] > 1.0 / self.c_step else 0
 
 
-class PromptLookup:
+class PromptLookup(Strategy):
     name = "lookup"
 
     def __init__(self, decoder: StagedDecoder, draft_len: int = 8, ngram_max: int = 4, ngram_min: int = 2):

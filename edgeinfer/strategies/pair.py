@@ -19,10 +19,10 @@ import time
 
 import numpy as np
 
-from edgeinfer.decoder import StagedDecoder
+from edgeinfer.decoders import StagedDecoder
 from edgeinfer.errors import GenerationError
 
-from .base import PREFILL_CHUNK
+from .base import PREFILL_CHUNK, Strategy
 
 
 def entropy(logits: np.ndarray) -> float:
@@ -82,8 +82,7 @@ class Track:
             n = next(i for i, (a, b) in enumerate(zip(self.fed, seq)) if a != b)
         dec = self.decoder
         t0 = time.perf_counter()
-        staged = isinstance(dec, StagedDecoder)
-        if staged and self.stages is None and n == len(seq) and n - keep >= dec.stages[-1].length:
+        if dec.staged and self.stages is None and n == len(seq) and n - keep >= dec.stages[-1].length:
             # The first stages have all of SEQ (an exit view fed it): finish the remaining stages.
             self.truncate(n)
             self.bytes_read += sum(b for st, b in zip(dec.stages, self.stage_bytes) if st.pending is not None)
@@ -122,7 +121,7 @@ class Track:
                 "seconds": round(self.seconds, 4)}
 
 
-class PairStrategy:
+class PairStrategy(Strategy):
     """Base of the big/little strategies: two tracks, the prompt, shared statistics.
 
     LITTLE is another package's decoder, or None to use the big package's own

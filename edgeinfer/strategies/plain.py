@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeinfer.decoder import StagedDecoder
+from edgeinfer.decoders import StagedDecoder
 from edgeinfer.generation import Sampler
 
-from .base import prefill_full
+from .base import Strategy, prefill_full
 
 
-class Plain:
+class Plain(Strategy):
     name = "plain"
 
     def __init__(self, decoder: StagedDecoder):

@@ -20,11 +20,11 @@ import time
 
 import numpy as np
 
-from edgeinfer.decoder import StagedDecoder
+from edgeinfer.decoders import StagedDecoder
 from edgeinfer.errors import GenerationError
 from edgeinfer.generation import Sampler, softmax
 
-from .base import accept_draft, prefill_full
+from .base import Strategy, accept_draft, prefill_full
 from .lookup import PromptLookup
 
 
@@ -46,7 +46,7 @@ def check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
-class SelfSpeculative:
+class SelfSpeculative(Strategy):
     name = "self-speculative"
 
     def __init__(self, decoder: StagedDecoder, exit_layer: int | None = None, draft_len: int = 4,

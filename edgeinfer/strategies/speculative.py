@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from edgeinfer.decoder import StagedDecoder
+from edgeinfer.decoders import StagedDecoder
 from edgeinfer.errors import GenerationError
 from edgeinfer.generation import Sampler
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from edgeinfer.errors import ContextLengthError, PackageError
+from edgeinfer.package import Package
 from edgeinfer.runtimes import ExecutionTarget, create_session
 
-from .errors import ContextLengthError, PackageError
+from .base import Decoder
 from .kv_cache import KVCache
-from .package import Package
 
 _ov = ort.OrtValue.ortvalue_from_numpy
 
@@ -73,10 +74,13 @@ class Stage:
         self.cache.truncate(min(self.length, n))
 
 
-class StagedDecoder:
+class StagedDecoder(Decoder):
     """A decoder package loaded for inference: stage sessions, caches, exit head."""
 
+    staged = True
+
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None):
+        super().__init__()
         self.package = pkg
         kv = pkg.kv_cache
         self.package_context = int(kv["max_context"])

@@ -21,10 +21,11 @@ from collections.abc import Callable
 import numpy as np
 import onnxruntime as ort
 
+from edgeinfer.errors import ContextLengthError, PackageError
+from edgeinfer.package import Package
 from edgeinfer.runtimes import ExecutionTarget, create_session
 
-from .errors import ContextLengthError, PackageError
-from .package import Package
+from .base import Decoder
 
 # Additive mask value of hidden positions when the manifest does not give one (export/npu_graph.py).
 MASK_VALUE = -80.0
@@ -46,13 +47,13 @@ class StaticGraph:
         self.input_names = {i.name for i in session.get_inputs()}
 
 
-class StaticDecoder:
-    exits: dict = {}
+class StaticDecoder(Decoder):
     exit_head = None
     stages: list = []
     context_remedy = "re-export with a larger --max-context (an npu package's context is fixed at export)"
 
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None):
+        super().__init__()
         m = pkg.manifest
         static = m.get("static")
         if not static:

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgeinfer.errors import ContextLengthError
+from edgeinfer.package import Package
 from edgeinfer.runtimes import ExecutionTarget, create_session
 
-from .errors import ContextLengthError
-from .package import Package
+from .base import Decoder
 
 
-class MonolithicDecoder:
-    exits: dict = {}
+class MonolithicDecoder(Decoder):
     exit_head = None
 
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None):
+        super().__init__()
         entry = next(g for g in pkg.manifest["graphs"] if g.get("role") == "monolithic")
         self.session = create_session(pkg.path(entry["path"]), target)
         self.package = pkg

@@ -1,0 +1,25 @@
+"""The decoder protocol: what the decode loop, the strategies and ``Model`` may ask of any
+back-end (the staged chain, the monolithic optimum graph, the static NPU graphs, the MoE
+decoder), with the optional capabilities declared here instead of probed for.
+
+Every decoder has ``length`` (tokens in its cache), ``capacity`` (the most it holds),
+``vocab_size``, ``forward(ids, logits_to_keep)``, ``step(token)``, ``truncate(n)``,
+``trim(n)`` and ``reset()``. Staged decoders (``staged``) also have per-stage caches with
+pending rows: ``step_partial``, ``catch_up``, ``exit_logits`` and their ``exits``.
+"""
+
+from __future__ import annotations
+
+
+class Decoder:
+    """The base every back-end derives from; its defaults are those of a decoder without the capability."""
+
+    staged = False  # per-stage caches with pending rows (edgeinfer.decoders.staged)
+    context_remedy = "load with a larger max_context"  # how to get a longer context, for the error message
+
+    def __init__(self) -> None:
+        self.exits: dict[int, int] = {}  # exit layer -> stages run before the exit head (staged decoders)
+
+    def expert_stats(self, since=None):
+        """Expert-cache counters of a sparse-MoE decoder (since an earlier snapshot); None for dense ones."""
+        return None
