@@ -289,15 +289,16 @@ def _cmd_run(args) -> int:
         from .seq2seq_cli import run_seq2seq
 
         return run_seq2seq(model, prompt, args)
-    if getattr(model, "kind", "decoder") == "encoder-decoder":
-        from .seq2seq_cli import run_seq2seq
-
-        return run_seq2seq(model, prompt, args)
     params = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
                   threshold=args.threshold, draft_len=args.draft_len, exit_layer=args.exit_layer, tau=args.tau,
                   window=args.window, min_hold=args.min_hold, fallback_threshold=args.fallback_threshold,
                   rollback_threshold=args.rollback_threshold)
+    if (args.num_beams or 1) > 1 or args.length_penalty is not None:
+        return _fail("beam search (--num-beams, --length-penalty) is for encoder-decoder packages: decoder "
+                     "packages decode one sequence (greedy or sampled).")
+    if args.no_repeat_ngram_size is not None:
+        params["no_repeat_ngram_size"] = args.no_repeat_ngram_size
     if args.max_new_tokens is not None:
         params["max_new_tokens"] = args.max_new_tokens
     else:

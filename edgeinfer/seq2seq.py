@@ -19,8 +19,9 @@ from edgeinfer.runtimes import create_session, resolve_provider
 
 from .audio import Resampler, log_mel_spectrogram, read_wav_info, read_window, resampled_length
 from .constraints import compile_constraint, constraint_params
+from .decoders.base import Decoder
 from .errors import ContextLengthError, GenerationError, PackageError
-from .generation import LogitsProcessors, TimestampRules, beam_search
+from .generation import Generation, GenerationConfig, LogitsProcessors, TimestampRules, beam_search, run_generation
 from .package import Package
 from .seq2seq_search import Seq2SeqConfig, greedy_search
 from .seq2seq_stages import DecoderStage, StagedDecoderState, check_chain
@@ -106,17 +107,62 @@ class DecoderState:
     def length(self) -> int:
         return self.past[0].shape[2]
 
-    def step(self, ids: np.ndarray) -> np.ndarray:
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        """Feed IDS (B, n); the logits (B, n, V) of every fed position."""
         if self.length + ids.shape[1] > self.model.max_target_positions:
             raise GenerationError(f"the decoder holds {self.model.max_target_positions} positions: "
                                   "ask for fewer new tokens.")
         outs = self.model.run_decoder(ids, self.past, self.cross)
         self.past = outs[1:]
-        return outs[0][:, -1, :]
+        return outs[0]
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        return self.forward(ids)[:, -1, :]
+
+    def truncate(self, n: int) -> None:
+        """Keep positions [0, n)."""
+        if self.length > n:
+            self.past = [p[:, :, :n] for p in self.past]
 
     def reorder(self, index: np.ndarray) -> None:
         if not np.array_equal(index, np.arange(len(index))):
             self.past = [p[index] for p in self.past]
+
+
+class Seq2SeqDecoder(Decoder):
+    """One sequence of an encoder-decoder package's decoder over fixed cross K/V, behind the
+    decoder protocol (edgeinfer.decoders.base), so that decoder-only strategies and the one
+    decode loop (edgeinfer.generation.loop) run on it: ``strategy="lookup"`` today."""
+
+    def __init__(self, model: Seq2SeqModel, cross: list[np.ndarray]):
+        super().__init__()
+        self.model, self.cross = model, cross
+        self.state = model.new_state(cross, 1)
+        self.capacity = model.max_target_positions
+        self.vocab_size = int(model.arch["vocab_size"])
+
+    @property
+    def length(self) -> int:
+        return self.state.length
+
+    def forward(self, ids, logits_to_keep: int = 1) -> np.ndarray:
+        """Feed IDS (1-D) at full depth; the logits (logits_to_keep, V) of the last positions."""
+        ids = np.asarray(ids, np.int64).reshape(1, -1)
+        if self.length + ids.shape[1] > self.capacity:
+            raise ContextLengthError(f"the decoder holds {self.capacity} positions: ask for fewer new tokens.")
+        return self.state.forward(ids)[0, -logits_to_keep:]
+
+    def step(self, token: int) -> np.ndarray:
+        return self.forward([token])[0]
+
+    def truncate(self, n: int) -> None:
+        self.state.truncate(n)
+
+    def trim(self, n: int) -> None:
+        self.truncate(self.length - n)
+
+    def reset(self) -> None:
+        self.state = self.model.new_state(self.cross, 1)
 
 
 class Seq2SeqModel:
@@ -290,13 +336,17 @@ class Seq2SeqModel:
         language, task = params.pop("language", None), params.pop("task", None)
         strategy = params.pop("strategy", None) or "plain"
         options = {k: params.pop(k, None) for k in ("exit_layer", "threshold", "draft_len")}
+        if strategy == "lookup" and timestamps:
+            raise GenerationError("lookup decoding does not keep Whisper's timestamps yet: use strategy plain "
+                                  "with timestamps, or lookup without them.")
         constraint = constraint_params(params)
         config = self.config(**params)
         plan = check_strategy(self, strategy, config, **options)
         if constraint:  # a token mask on greedy / sampled decoding (edgeinfer/constraints.py)
-            if config.num_beams > 1 or strategy != "plain" or timestamps:
+            if config.num_beams > 1 or strategy not in ("plain", "lookup") or timestamps:
                 raise GenerationError("constraints (json_schema, regex, grammar, choices) apply to greedy or "
-                                      "sampled decoding here: use num_beams 1, strategy plain, no timestamps.")
+                                      "sampled decoding here: use num_beams 1, strategy plain or lookup, no "
+                                      "timestamps.")
             constraint = compile_constraint(self.tokenizer, int(self.arch["vocab_size"]), **constraint,
                                             eos_token_ids=sorted(self.eos))
         if prompt is None:
@@ -324,9 +374,32 @@ class Seq2SeqModel:
             return self_speculative_search(state, prompt, config, self.eos, rules, plan["exit_layer"],
                                            plan["exit_stages"], plan["draft_len"], self.strategy_stats, on_token,
                                            plan["threshold"])
+        if strategy == "lookup":
+            return self._loop_search(cross if cross is not None else self.cross_kv(hidden), prompt, config,
+                                     plan["draft_len"], constraint or None, on_token)
         if config.num_beams > 1:
             return beam_search(state, prompt, config, self.eos, rules)
         return greedy_search(state, prompt, config, self.eos, rules, on_token, constraint or None)
+
+    def _loop_search(self, cross: list[np.ndarray], prompt: list[int], config: Seq2SeqConfig, draft_len: int,
+                     constraint, on_token) -> list[int]:
+        """Prompt-lookup decoding through the decoder-only strategy and the one decode loop, with
+        the same logits processors (lossless: the tokens of plain search)."""
+        from .strategies import PromptLookup
+
+        fields = GenerationConfig.__dataclass_fields__
+        gen_config = GenerationConfig(**{k: getattr(config, k) for k in Seq2SeqConfig.__dataclass_fields__
+                                         if k in fields}, constraint=constraint)
+        lookup = PromptLookup(Seq2SeqDecoder(self, cross), draft_len=draft_len)
+        generation = Generation(lambda gen: run_generation(gen, lookup, self.tokenizer, prompt, gen_config, 0))
+        tokens = []
+        for event in generation:
+            if event.source != "flush":
+                tokens.append(event.token_id)
+                if on_token is not None:
+                    on_token(event.token_id)
+        self.strategy_stats.update(generation.result.stats)
+        return tokens
 
     def decoder_prompt(self, timestamps: bool = False, language: str | None = None,
                        task: str | None = None) -> list[int]:

@@ -13,7 +13,11 @@ from .errors import GenerationError
 def run_seq2seq(model, prompt: str, args) -> int:
     params = dict(num_beams=args.num_beams, length_penalty=args.length_penalty,
                   no_repeat_ngram_size=args.no_repeat_ngram_size, max_new_tokens=args.max_new_tokens,
-                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                  repetition_penalty=args.repetition_penalty)
+    if args.stop:
+        raise GenerationError("--stop applies to decoder packages: an encoder-decoder model ends at its "
+                              "end-of-sequence token or --max-new-tokens.")
     strategy = getattr(args, "strategy", None) or "plain"
     if strategy != "plain":  # early-exit / self-speculative on a staged package (export --exits)
         params.update(strategy=strategy, exit_layer=args.exit_layer, threshold=args.threshold,
@@ -72,7 +76,10 @@ def _print_strategy(stats: dict | None) -> None:
     """One stderr line of early-exit / self-speculative statistics (all of them: --json's "stats")."""
     if not stats:
         return
-    if stats["strategy"] == "self-speculative":
+    if stats["strategy"] == "lookup":
+        detail = (f"{stats['accepted']}/{stats['drafted']} drafts accepted, {stats['verify_calls']} verifications, "
+                  f"{stats['plain_steps']} plain steps")
+    elif stats["strategy"] == "self-speculative":
         detail = (f"exit {stats['exit_layer']}, {stats['accepted']}/{stats['drafted']} drafts accepted, "
                   f"{stats.get('tokens_per_verify', 0):.2f} tokens per verification")
     else:

@@ -31,7 +31,7 @@ from .seq2seq_search import Seq2SeqConfig
 from .strategies.base import accept_draft
 from .strategies.self_speculative import check_threshold, exit_stages
 
-STRATEGIES = ("plain", "early-exit", "self-speculative")
+STRATEGIES = ("plain", "lookup", "early-exit", "self-speculative")
 
 
 def check_strategy(model, strategy: str, config: Seq2SeqConfig, *, exit_layer: int | None = None,
@@ -42,6 +42,15 @@ def check_strategy(model, strategy: str, config: Seq2SeqConfig, *, exit_layer: i
                               f"{', '.join(STRATEGIES)}.")
     if strategy == "plain":
         return {}
+    if strategy == "lookup":  # edgeinfer.strategies.PromptLookup through the decode loop; sampling stays lossless
+        if config.num_beams > 1:
+            raise GenerationError("--strategy lookup decodes one sequence: use num_beams 1.")
+        k = 8 if draft_len is None else draft_len
+        if not isinstance(k, int) or k < 1:
+            raise GenerationError(f"draft length must be an integer >= 1, got {k!r}.")
+        if exit_layer is not None or threshold is not None:
+            raise GenerationError("--strategy lookup takes draft_len only (no exit layer or threshold).")
+        return {"draft_len": k}
     if config.num_beams > 1 or config.temperature > 0:
         raise GenerationError(f"--strategy {strategy} decodes greedily here: use num_beams 1 and temperature 0.")
     layer, stages = exit_stages(model, exit_layer)  # "no early exits" / "exit layer L is not in this package"

@@ -212,7 +212,8 @@ def test_bad_strategy_options(staged, features):  # noqa: F811
              (dict(strategy="self-speculative", draft_len=0), "draft length must be"),
              (dict(strategy="self-speculative", threshold=-0.1), "threshold must be in"),
              (dict(strategy="self-speculative", num_beams=2), "decodes greedily"),
-             (dict(strategy="lookup"), "unknown strategy 'lookup'")]
+             (dict(strategy="lookup", num_beams=2), "decodes one sequence"),
+                 (dict(strategy="lookahead"), "unknown strategy 'lookahead'")]
     for params, message in cases:
         with pytest.raises(GenerationError, match=message):
             model.generate_ids(ids, max_new_tokens=4, **params)

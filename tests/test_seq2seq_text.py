@@ -135,6 +135,29 @@ def test_repetition_penalty_matches_transformers(text_models, family):
     assert len(set(free)) < len(free) and outs[-1] != free  # the penalty had repeats to act on, and did
 
 
+@pytest.mark.parametrize("family", ["t5", "bart", "mbart", "marian"])
+def test_lookup_decoding_gives_transformers_tokens(text_models, family):
+    """strategy="lookup": the decoder-only PromptLookup on the encoder-decoder decoder, through the
+    one decode loop and the same processors; lossless, so transformers' greedy tokens."""
+    hf, pkg, _ = text_models(family)
+    model = edgeinfer.load(pkg)
+    start = model.generation["decoder_start_ids"][0]
+    ids = np.asarray([INPUT], np.int64)
+    base = dict(max_new_tokens=24, suppress_tokens=[int(model.generation["eos_token_id"])])
+    for kw in (base, dict(base, repetition_penalty=1.3)):
+        ref = _hf_generate(hf, INPUT, start, **kw)
+        assert model.generate_ids(ids, strategy="lookup", **kw) == ref == model.generate_ids(ids, **kw)
+    model.generate_ids(ids, strategy="lookup", **base)
+    stats = model.strategy_stats
+    assert stats["strategy"] == "lookup" and stats["drafted"] > 0  # drafts were verified
+    if family == "mbart":  # its tiny random decoder loops on one token: the drafts are accepted
+        assert stats["accepted"] > 0
+    res = model.generate(INPUT, strategy="lookup", max_new_tokens=12)
+    assert res.tokens == model.generate_ids(ids, max_new_tokens=12) and res.strategy["strategy"] == "lookup"
+    with pytest.raises(edgeinfer.GenerationError, match="one sequence"):
+        model.generate_ids(ids, strategy="lookup", num_beams=2)
+
+
 def test_forced_bos_matches_transformers(text_models):
     hf, pkg, _ = text_models("bart")
     model = edgeinfer.load(pkg)

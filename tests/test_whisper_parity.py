@@ -167,6 +167,17 @@ def test_repetition_penalty_matches_transformers(whisper_pair, features):
     assert len(set(free)) < len(free) and out != free  # the penalty had repeats to act on, and did
 
 
+def test_lookup_decoding_gives_the_plain_tokens(whisper_pair, features):
+    hf, pkg, _ = whisper_pair
+    model = edgeinfer.load(pkg)
+    base = dict(max_new_tokens=16, suppress_tokens=[int(model.generation["eos_token_id"])])
+    ref = _hf_generate(hf, features, [START], **base)
+    assert model.generate_ids(features, [START], strategy="lookup", **base) == ref
+    assert model.strategy_stats["drafted"] > 0
+    with pytest.raises(edgeinfer.GenerationError, match="timestamps"):
+        model.generate_ids(features, None, timestamps=True, strategy="lookup")
+
+
 def test_sampling_is_seeded(whisper_pair, features):
     _, pkg, _ = whisper_pair
     model = edgeinfer.load(pkg)
