@@ -15,29 +15,12 @@ from .errors import ContextLengthError, GenerationError, PackageError
 from .generation import Generation, GenerationConfig, GenerationResult, run_generation
 from .memory import check_dense_budget
 from .package import Package, open_package
+from .strategies import make_strategy
 from .tokenizer import TextTokenizer
 
 Messages = list[dict]
 STRATEGY_OPTIONS = ("threshold", "draft_len", "exit_layer", "confidence", "tau", "window", "min_hold",
                     "fallback_threshold", "rollback_threshold")
-
-
-def make_strategy(name: str, decoder: StagedDecoder, options: dict, little: Model | None = None):
-    """Build strategy NAME for DECODER; big/little strategies also get the LITTLE model's decoder."""
-    import inspect
-
-    from .strategies import STRATEGIES, PairStrategy
-
-    cls = STRATEGIES.get(name)
-    if cls is None:
-        raise GenerationError(f"unknown strategy '{name}': choose one of {', '.join(STRATEGIES)}.")
-    opts = {k: v for k, v in options.items() if v is not None}
-    unknown = sorted(set(opts) - set(inspect.signature(cls).parameters))
-    if unknown:
-        raise GenerationError(f"strategy '{name}' does not take {', '.join(unknown)}.")
-    if issubclass(cls, PairStrategy) and little is not None:
-        return cls(decoder, little.decoder, **opts)
-    return cls(decoder, **opts)
 
 
 def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
@@ -184,7 +167,8 @@ class Model:
             remedy = self.decoder.context_remedy
             raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds {self.max_context}: "
                                      f"shorten the prompt or {remedy}.")
-        runner = make_strategy(strategy, self.decoder, strat_opts, self.little)  # validates first
+        runner = make_strategy(strategy, self.decoder, strat_opts,
+                               self.little.decoder if self.little else None)  # validates first
         return Generation(lambda gen: self._locked_run(gen, runner, ids, config))
 
     def chat(self, messages: Messages, config: GenerationConfig | None = None, **params) -> Generation:
@@ -216,6 +200,11 @@ class Model:
             config = GenerationConfig(**params)
         elif params:
             raise GenerationError("pass either a GenerationConfig or keyword parameters, not both.")
+        if config.num_beams != 1 or config.length_penalty != 1.0 or config.early_stopping is not False:
+            raise GenerationError("beam search (num_beams, length_penalty, early_stopping) is for encoder-decoder "
+                                  "packages: a decoder package decodes one sequence, use num_beams 1.")
+        if config.timestamp_rules is not None:
+            raise GenerationError("timestamp_rules are Whisper's: a decoder package takes none.")
         return config
 
     def _reusable_prefix(self, ids: list[int]) -> int:

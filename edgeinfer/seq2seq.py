@@ -23,9 +23,9 @@ from .decoders.base import Decoder
 from .errors import ContextLengthError, GenerationError, PackageError
 from .generation import Generation, GenerationConfig, LogitsProcessors, TimestampRules, beam_search, run_generation
 from .package import Package
-from .seq2seq_search import Seq2SeqConfig, greedy_search
 from .seq2seq_stages import DecoderStage, StagedDecoderState, check_chain
-from .seq2seq_strategies import check_strategy, early_exit_search, merge_stats, self_speculative_search
+from .seq2seq_strategies import SEQ2SEQ_STRATEGY_OPTIONS, check_strategy, merge_stats
+from .strategies import make_strategy
 from .tokenizer import TextTokenizer
 from .whisper_longform import (
     RESET_TEMPERATURE,
@@ -36,6 +36,10 @@ from .whisper_longform import (
     special_token,
 )
 
+# the decoding parameters an encoder-decoder generation takes (GenerationConfig's fields that apply)
+SEQ2SEQ_PARAMS = ("max_new_tokens", "num_beams", "length_penalty", "early_stopping", "no_repeat_ngram_size",
+                  "repetition_penalty", "temperature", "top_k", "top_p", "seed", "suppress_tokens",
+                  "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id")
 SILENCE_PEAK = 10 ** (-60 / 20)  # a window whose loudest sample is below -60 dBFS holds no speech
 TIMESTAMP_STEP_S = 0.02
 RESUME_MARGIN_S = 1.0  # a window whose last segment ends earlier than this before its end is resumed there
@@ -131,29 +135,56 @@ class DecoderState:
 
 class Seq2SeqDecoder(Decoder):
     """One sequence of an encoder-decoder package's decoder over fixed cross K/V, behind the
-    decoder protocol (edgeinfer.decoders.base), so that decoder-only strategies and the one
-    decode loop (edgeinfer.generation.loop) run on it: ``strategy="lookup"`` today."""
+    decoder protocol (edgeinfer.decoders.base), so that the strategies and the one decode loop
+    (edgeinfer.generation.loop) run on it. A staged package (``export --exits/--stages``) is a
+    staged decoder: its exits serve early exit and self-speculative decoding.
+    LOGITS_LOG: a list that receives the logits row of every full-depth position the decoder
+    returns (plain decoding: one per token), to score the tokens without another pass."""
 
-    def __init__(self, model: Seq2SeqModel, cross: list[np.ndarray]):
+    def __init__(self, model: Seq2SeqModel, cross: list[np.ndarray], logits_log: list[np.ndarray] | None = None):
         super().__init__()
-        self.model, self.cross = model, cross
+        self.model, self.cross, self.logits_log = model, cross, logits_log
         self.state = model.new_state(cross, 1)
         self.capacity = model.max_target_positions
         self.vocab_size = int(model.arch["vocab_size"])
+        self.stages = model.stages
+        self.staged = bool(self.stages)
+        self.exits = dict(model.exits)
 
     @property
     def length(self) -> int:
         return self.state.length
 
-    def forward(self, ids, logits_to_keep: int = 1) -> np.ndarray:
-        """Feed IDS (1-D) at full depth; the logits (logits_to_keep, V) of the last positions."""
+    def forward(self, ids, logits_to_keep: int = 1, stages: int | None = None) -> np.ndarray:
+        """Feed IDS (1-D) through the first STAGES stages (all by default): the logits
+        (logits_to_keep, V) of the last positions, from the exit head below full depth."""
         ids = np.asarray(ids, np.int64).reshape(1, -1)
         if self.length + ids.shape[1] > self.capacity:
             raise ContextLengthError(f"the decoder holds {self.capacity} positions: ask for fewer new tokens.")
-        return self.state.forward(ids)[0, -logits_to_keep:]
+        if stages is not None and stages < len(self.stages):
+            return self.exit_logits(self.state.forward(ids, stages)[0, -logits_to_keep:], stages)
+        return self._logged(self.state.forward(ids)[0, -logits_to_keep:])
 
     def step(self, token: int) -> np.ndarray:
         return self.forward([token])[0]
+
+    def step_partial(self, token: int, stages: int) -> np.ndarray:
+        """One token through the first STAGES stages: that stage's output (D,), left pending."""
+        return self.state.forward(np.asarray([[token]], np.int64), stages)[0, -1]
+
+    def catch_up(self, stages: int | None = None, logits_to_keep: int = 1) -> np.ndarray | None:
+        """Run the pending rows of stages [1, STAGES): full-depth logits of the last
+        LOGITS_TO_KEEP rows, else the rows stage STAGES - 1 produced; None if nothing was pending."""
+        out = self.state.catch_up(stages)
+        if out is None:
+            return None
+        if stages is None or stages == len(self.stages):
+            return out[0, -logits_to_keep:]
+        return out[0]
+
+    def exit_logits(self, hidden: np.ndarray, stages: int | None = None) -> np.ndarray:
+        """The exit head on hidden states (P, D) → (P, V)."""
+        return self.state.exit_logits(hidden[None])[0]
 
     def truncate(self, n: int) -> None:
         self.state.truncate(n)
@@ -163,6 +194,11 @@ class Seq2SeqDecoder(Decoder):
 
     def reset(self) -> None:
         self.state = self.model.new_state(self.cross, 1)
+
+    def _logged(self, logits: np.ndarray) -> np.ndarray:
+        if self.logits_log is not None:
+            self.logits_log.append(np.array(logits[-1], np.float32))
+        return logits
 
 
 class Seq2SeqModel:
@@ -256,7 +292,9 @@ class Seq2SeqModel:
         return StagedDecoderState(self, cross, batch) if self.stages else DecoderState(self, cross, batch)
 
     # -- generation ---------------------------------------------------------------
-    def config(self, **params) -> Seq2SeqConfig:
+    def config(self, timestamps: bool = False, **params) -> GenerationConfig:
+        """The package's decoding defaults (manifest ``generation``) updated by PARAMS (those of
+        SEQ2SEQ_PARAMS), validated; TIMESTAMPS switches Whisper's timestamp grammar on."""
         gen = self.generation
         base = dict(max_new_tokens=int(gen.get("max_new_tokens", 224)),
                     suppress_tokens=list(gen.get("suppress_tokens", [])),
@@ -266,12 +304,14 @@ class Seq2SeqModel:
         for key in ("num_beams", "length_penalty", "no_repeat_ngram_size"):
             if key in gen:
                 base[key] = gen[key]
-        allowed = Seq2SeqConfig.__dataclass_fields__
-        unknown = sorted(set(params) - set(allowed))
+        unknown = sorted(set(params) - set(SEQ2SEQ_PARAMS))
         if unknown:
-            raise GenerationError(f"unknown generation parameter(s): {', '.join(unknown)}.")
+            raise GenerationError(f"unknown generation parameter(s) for an encoder-decoder package: "
+                                  f"{', '.join(unknown)}.")
         base.update({k: v for k, v in params.items() if v is not None})
-        return Seq2SeqConfig(**base).validate()
+        if timestamps:
+            base["timestamp_rules"] = self.timestamp_rules()
+        return GenerationConfig(**base).validate()
 
     def generate_ids(self, inputs: np.ndarray, prompt: list[int] | None = None, *, timestamps: bool = False,
                      on_token=None, **params) -> list[int]:
@@ -335,70 +375,39 @@ class Seq2SeqModel:
         params = dict(params)
         language, task = params.pop("language", None), params.pop("task", None)
         strategy = params.pop("strategy", None) or "plain"
-        options = {k: params.pop(k, None) for k in ("exit_layer", "threshold", "draft_len")}
-        if strategy == "lookup" and timestamps:
-            raise GenerationError("lookup decoding does not keep Whisper's timestamps yet: use strategy plain "
-                                  "with timestamps, or lookup without them.")
+        options = {k: params.pop(k, None) for k in SEQ2SEQ_STRATEGY_OPTIONS}
         constraint = constraint_params(params)
         config = self.config(**params)
-        plan = check_strategy(self, strategy, config, **options)
+        check_strategy(strategy, config, timestamps)
+        if timestamps:
+            config.timestamp_rules = self.timestamp_rules()
         if constraint:  # a token mask on greedy / sampled decoding (edgeinfer/constraints.py)
-            if config.num_beams > 1 or strategy not in ("plain", "lookup") or timestamps:
+            if config.num_beams > 1 or timestamps:
                 raise GenerationError("constraints (json_schema, regex, grammar, choices) apply to greedy or "
-                                      "sampled decoding here: use num_beams 1, strategy plain or lookup, no "
-                                      "timestamps.")
-            constraint = compile_constraint(self.tokenizer, int(self.arch["vocab_size"]), **constraint,
-                                            eos_token_ids=sorted(self.eos))
+                                      "sampled decoding here: use num_beams 1 and no timestamps.")
+            config.constraint = compile_constraint(self.tokenizer, int(self.arch["vocab_size"]), **constraint,
+                                                   eos_token_ids=sorted(self.eos))
         if prompt is None:
             prompt = self.decoder_prompt(timestamps, language, task)
         if len(prompt) >= self.max_target_positions:
             raise GenerationError(f"the decoder prompt has {len(prompt)} tokens; the decoder holds "
                                   f"{self.max_target_positions}.")
         config.max_new_tokens = min(config.max_new_tokens, self.max_target_positions - len(prompt))
-        rules = LogitsProcessors(config, len(prompt), self.timestamp_rules() if timestamps else None)
-        state = self.new_state(cross if cross is not None else self.cross_kv(hidden), config.num_beams)
-        if step_logits is not None and strategy == "plain" and config.num_beams == 1:
-            step = state.step
-
-            def logged_step(ids: np.ndarray) -> np.ndarray:
-                logits = step(ids)
-                step_logits.append(np.array(logits[0], np.float32))
-                return logits
-
-            state.step = logged_step
-        self.strategy_stats = {} if strategy != "plain" else None
-        if strategy == "early-exit":
-            return early_exit_search(state, prompt, config, self.eos, rules, plan["exits"], plan["threshold"],
-                                     self.strategy_stats, on_token)
-        if strategy == "self-speculative":
-            return self_speculative_search(state, prompt, config, self.eos, rules, plan["exit_layer"],
-                                           plan["exit_stages"], plan["draft_len"], self.strategy_stats, on_token,
-                                           plan["threshold"])
-        if strategy == "lookup":
-            return self._loop_search(cross if cross is not None else self.cross_kv(hidden), prompt, config,
-                                     plan["draft_len"], constraint or None, on_token)
+        cross = cross if cross is not None else self.cross_kv(hidden)
         if config.num_beams > 1:
-            return beam_search(state, prompt, config, self.eos, rules)
-        return greedy_search(state, prompt, config, self.eos, rules, on_token, constraint or None)
-
-    def _loop_search(self, cross: list[np.ndarray], prompt: list[int], config: Seq2SeqConfig, draft_len: int,
-                     constraint, on_token) -> list[int]:
-        """Prompt-lookup decoding through the decoder-only strategy and the one decode loop, with
-        the same logits processors (lossless: the tokens of plain search)."""
-        from .strategies import PromptLookup
-
-        fields = GenerationConfig.__dataclass_fields__
-        gen_config = GenerationConfig(**{k: getattr(config, k) for k in Seq2SeqConfig.__dataclass_fields__
-                                         if k in fields}, constraint=constraint)
-        lookup = PromptLookup(Seq2SeqDecoder(self, cross), draft_len=draft_len)
-        generation = Generation(lambda gen: run_generation(gen, lookup, self.tokenizer, prompt, gen_config, 0))
+            self.strategy_stats = None
+            return beam_search(self.new_state(cross, config.num_beams), prompt, config, self.eos,
+                               LogitsProcessors(config, len(prompt)))
+        decoder = Seq2SeqDecoder(self, cross, step_logits if strategy == "plain" else None)
+        runner = make_strategy(strategy, decoder, options)
+        generation = Generation(lambda gen: run_generation(gen, runner, self.tokenizer, prompt, config, 0, self.eos))
         tokens = []
         for event in generation:
             if event.source != "flush":
                 tokens.append(event.token_id)
                 if on_token is not None:
                     on_token(event.token_id)
-        self.strategy_stats.update(generation.result.stats)
+        self.strategy_stats = generation.result.stats if strategy != "plain" else None
         return tokens
 
     def decoder_prompt(self, timestamps: bool = False, language: str | None = None,
@@ -442,7 +451,7 @@ class Seq2SeqModel:
         ``timestamps`` keeps Whisper's timestamp tokens and returns segments; ``language``
         (a code such as "fr") and ``task`` ("transcribe" or "translate") choose the forced
         tokens of multilingual checkpoints; other parameters are those of
-        :class:`Seq2SeqConfig` (num_beams, length_penalty, ...).
+        SEQ2SEQ_PARAMS (num_beams, length_penalty, ...).
         ``on_text(str)`` is called with each window's text as it is ready.
 
         Long-form robustness (``edgeinfer.whisper_longform``): each window is decoded at the

@@ -59,9 +59,10 @@ def create_app(model, api_key: str | None = None, max_queue: int = 8, max_tokens
     opts = {k: v for k, v in (strategy_options or {}).items() if v is not None}
     state.decoding = {"strategy": strategy, **opts}
     if strategy != "plain":  # check the strategy and its options now, not on the first request
-        from .model import make_strategy
+        from .strategies import make_strategy
 
-        make_strategy(strategy, model.decoder, opts, getattr(model, "little", None))
+        little = getattr(model, "little", None)  # a stub model in tests may have none
+        make_strategy(strategy, model.decoder, opts, little.decoder if little is not None else None)
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "model": model.name, "in_flight": state.in_flight,

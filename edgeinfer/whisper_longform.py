@@ -22,7 +22,6 @@ import numpy as np
 
 from .errors import GenerationError
 from .generation import LogitsProcessors
-from .seq2seq_search import Seq2SeqConfig
 
 PROMPT_CAP = 223  # previous-text tokens kept after <|startofprev|> (half the decoder's 448, less one)
 RESET_TEMPERATURE = 0.5  # a window that needed at least this temperature does not condition the next one
@@ -116,9 +115,11 @@ def score_tokens(model, cross: list[np.ndarray], prompt: list[int], tokens: list
     divides by the text tokens + 1, as openai-whisper does. STEP_LOGITS (one row per token,
     logged by a one-sequence search) spare the teacher-forced pass over the tokens; the
     no-speech probability then needs only the prompt up to start-of-transcript."""
-    config = model.config(**{k: v for k, v in params.items() if k in Seq2SeqConfig.__dataclass_fields__})
+    from .seq2seq import SEQ2SEQ_PARAMS
+
+    config = model.config(timestamps, **{k: v for k, v in params.items() if k in SEQ2SEQ_PARAMS})
     config.max_new_tokens = min(config.max_new_tokens, model.max_target_positions - len(prompt))
-    rules = LogitsProcessors(config, len(prompt), model.timestamp_rules() if timestamps else None)
+    rules = LogitsProcessors(config, len(prompt))
     seq = list(prompt) + list(tokens)
     if step_logits is not None and len(step_logits) == len(tokens):
         rows = np.stack(step_logits) if tokens else np.zeros((0, 1), np.float32)

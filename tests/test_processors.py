@@ -66,7 +66,7 @@ def test_bad_processor_parameters_are_refused(llama):
 def test_the_chain_is_a_no_op_unless_asked():
     from edgeinfer.generation import GenerationConfig
 
-    chain = LogitsProcessors.from_config(GenerationConfig(), prompt_len=3)
+    chain = LogitsProcessors(GenerationConfig(), prompt_len=3)
     row = np.arange(5, dtype=np.float32)
     assert chain.row(row, [1, 2, 3]) is row  # the hot path copies nothing
     assert no_repeat_ngram_bans([1, 2, 3, 1, 2], 3) == [3] and no_repeat_ngram_bans([1, 2], 3) == []

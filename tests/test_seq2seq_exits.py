@@ -211,7 +211,7 @@ def test_bad_strategy_options(staged, features):  # noqa: F811
              (dict(strategy="early-exit", threshold=1.5), "threshold must be in"),
              (dict(strategy="self-speculative", draft_len=0), "draft length must be"),
              (dict(strategy="self-speculative", threshold=-0.1), "threshold must be in"),
-             (dict(strategy="self-speculative", num_beams=2), "decodes greedily"),
+             (dict(strategy="self-speculative", num_beams=2), "decodes one sequence"),
              (dict(strategy="lookup", num_beams=2), "decodes one sequence"),
                  (dict(strategy="lookahead"), "unknown strategy 'lookahead'")]
     for params, message in cases:

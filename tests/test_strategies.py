@@ -149,7 +149,7 @@ def test_early_exit_reports_depth_and_trades_quality(exit_package):
     assert never.tokens == plain.tokens and never.stats["average_depth_fraction"] == 1.0
     always = model.complete(PROMPTS[0], max_new_tokens=30, ignore_eos=True, strategy="early-exit", threshold=0.0)
     # the first token comes from the prompt pass at full depth; every later one exits at layer 1
-    assert always.stats["exits"] == {"1": 29} and always.stats["average_depth"] == 1.0
+    assert always.stats["exits"] == {"1": 29, "2": 0} and always.stats["average_depth"] == 1.0
     # After exiting, the skipped layers' KV was filled: a plain continuation matches a fresh run.
     model.reset()
     assert model.complete(PROMPTS[0], max_new_tokens=30, ignore_eos=True).tokens == plain.tokens

@@ -29,6 +29,11 @@ class GenerationConfig:
     begin_suppress_tokens: list[int] = field(default_factory=list)  # not as the first new token
     forced_bos_token_id: int | None = None  # the first new token
     forced_eos_token_id: int | None = None  # forced at the last step max_new_tokens allows
+    timestamp_rules: object | None = None  # a processors.TimestampRules: Whisper's timestamp grammar
+    # beam search (encoder-decoder packages; decoder packages decode one sequence and refuse these)
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def validate(self, limit: int | None = None) -> GenerationConfig:
         def bad(msg):
@@ -67,6 +72,14 @@ class GenerationConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 0):
                 bad(f"{name} must be a token id, got {v!r}.")
+        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+            bad(f"num_beams must be an integer >= 1, got {self.num_beams!r}.")
+        if not isinstance(self.length_penalty, (int, float)) or not math.isfinite(self.length_penalty):
+            bad(f"length_penalty must be a finite number, got {self.length_penalty!r}.")
+        if self.early_stopping not in (True, False, "never"):
+            bad(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}.")
+        if self.num_beams > 1 and self.temperature > 0:
+            bad("beam search is deterministic here: use temperature 0 with num_beams > 1.")
         if self.constraint is not None and self.ignore_eos:
             bad("ignore_eos cannot be combined with a constraint: a constrained output ends with EOS.")
         return self

@@ -119,9 +119,12 @@ class Generation:
 
 
 def run_generation(gen: Generation, strategy, tokenizer: TextTokenizer, prompt_ids: list[int],
-                   config: GenerationConfig, cached_prefix: int) -> Iterator[TokenEvent]:
-    """The loop behind ``Model.generate``. ``cached_prefix`` prompt tokens are
-    already in the cache."""
+                   config: GenerationConfig, cached_prefix: int,
+                   eos_token_ids: set[int] | None = None) -> Iterator[TokenEvent]:
+    """The loop behind every one-sequence generation (``Model.generate``, encoder-decoder
+    packages' searches). ``cached_prefix`` prompt tokens are already in the cache;
+    EOS_TOKEN_IDS end it (default: the tokenizer's)."""
+    eos = tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids
     sampler = Sampler(config, prompt_tokens=len(prompt_ids))
     t0 = time.perf_counter()
     logits = strategy.prefill(prompt_ids[cached_prefix:])
@@ -141,7 +144,7 @@ def run_generation(gen: Generation, strategy, tokenizer: TextTokenizer, prompt_i
             out_ids.append(token)
             history.append(token)
             sources[source] = sources.get(source, 0) + 1
-            is_eos = token in tokenizer.eos_token_ids and not config.ignore_eos
+            is_eos = token in eos and not config.ignore_eos
             piece = "" if is_eos else detok.add(token)
             text, hit = stops.feed(piece)
             t_last = time.perf_counter()
@@ -163,6 +166,7 @@ def run_generation(gen: Generation, strategy, tokenizer: TextTokenizer, prompt_i
                 finish = "length"
                 break
             if len(out_ids) < config.max_new_tokens and not gen.cancelled:
+                strategy.tokens_left = config.max_new_tokens - len(out_ids)
                 pending = strategy.advance(out_ids[-1], sampler, history)
                 pending = pending[: config.max_new_tokens - len(out_ids)]
                 continue

@@ -36,7 +36,9 @@ class LogitsProcessors:
     timestamp grammar). Decoder and encoder-decoder packages, every strategy and beam search
     go through it."""
 
-    def __init__(self, config, prompt_len: int, timestamps: TimestampRules | None = None):
+    def __init__(self, config, prompt_len: int):
+        """CONFIG: a GenerationConfig; its ``timestamp_rules`` switch Whisper's timestamp grammar on."""
+        timestamps = config.timestamp_rules
         self.config, self.prompt_len, self.timestamps = config, prompt_len, timestamps
         self.suppress = np.asarray(sorted(set(config.suppress_tokens)), np.int64)
         self.begin = np.asarray(sorted(set(config.begin_suppress_tokens)), np.int64)
@@ -44,11 +46,6 @@ class LogitsProcessors:
         self.active = bool(self.penalty != 1.0 or self.suppress.size or self.begin.size or timestamps is not None
                            or config.forced_bos_token_id is not None or config.forced_eos_token_id is not None
                            or config.no_repeat_ngram_size)
-
-    @classmethod
-    def from_config(cls, config, prompt_len: int, timestamps: TimestampRules | None = None) -> LogitsProcessors:
-        """CONFIG: a GenerationConfig or a Seq2SeqConfig (the same field names)."""
-        return cls(config, prompt_len, timestamps)
 
     def row(self, logits: np.ndarray, seq: list[int]) -> np.ndarray:
         """One row (V,): LOGITS itself when no processor is on, else a processed copy."""

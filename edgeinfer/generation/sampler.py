@@ -14,7 +14,7 @@ class Sampler:
     def __init__(self, config: GenerationConfig, prompt_tokens: int = 0):
         self.config = config
         self.rng = np.random.default_rng(config.seed)
-        self.processors = LogitsProcessors.from_config(config, prompt_tokens)
+        self.processors = LogitsProcessors(config, prompt_tokens)
         # The constraint's state; histories passed in start with PROMPT_TOKENS prompt tokens.
         self.mask = config.constraint.start(prompt_tokens) if config.constraint is not None else None
 

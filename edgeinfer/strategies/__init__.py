@@ -10,6 +10,8 @@ history) -> [(token, logprob, source)]``, ``stats``) and the decode loop in
 ``adaptive``) verify drafts with :func:`accept_draft` and trim caches on rejection.
 """
 
+from edgeinfer.errors import GenerationError
+
 from .base import Strategy, accept_draft
 from .bild import BiLD
 from .ead import EntropyAdaptive
@@ -24,5 +26,24 @@ STRATEGIES = {"plain": Plain, "early-exit": EarlyExit, "self-speculative": SelfS
               "adaptive": AdaptiveSelfSpeculative, "lookup": PromptLookup,
               "speculative": Speculative, "ead": EntropyAdaptive, "bild": BiLD}
 
-__all__ = ["STRATEGIES", "Strategy", "accept_draft", "Plain", "EarlyExit", "SelfSpeculative",
+
+
+def make_strategy(name: str, decoder, options: dict, little_decoder=None) -> Strategy:
+    """Strategy NAME on DECODER with OPTIONS (None values: the strategy's defaults); big/little
+    strategies also get the LITTLE_DECODER (None: the package's own early exit as the little one)."""
+    import inspect
+
+    cls = STRATEGIES.get(name)
+    if cls is None:
+        raise GenerationError(f"unknown strategy '{name}': choose one of {', '.join(STRATEGIES)}.")
+    opts = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(opts) - set(inspect.signature(cls).parameters))
+    if unknown:
+        raise GenerationError(f"strategy '{name}' does not take {', '.join(unknown)}.")
+    if issubclass(cls, PairStrategy) and little_decoder is not None:
+        return cls(decoder, little_decoder, **opts)
+    return cls(decoder, **opts)
+
+
+__all__ = ["STRATEGIES", "make_strategy", "Strategy", "accept_draft", "Plain", "EarlyExit", "SelfSpeculative",
            "AdaptiveSelfSpeculative", "PromptLookup", "PairStrategy", "Speculative", "EntropyAdaptive", "BiLD"]

@@ -21,6 +21,8 @@ class Strategy:
     stats: dict
     prefill_source = "model"  # which model produced the token sampled from the prefill logits
     little = None  # the little model's track (big/little strategies), whose cache the model reuses
+    # new tokens the loop still takes, set before each advance: drafting strategies draft no further
+    tokens_left: int | None = None
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         raise NotImplementedError

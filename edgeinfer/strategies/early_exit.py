@@ -37,8 +37,9 @@ class EarlyExit(Strategy):
         exits = sorted(decoder.exits.items())
         self.exits = [e for e in exits if exit_layer is None or e[0] == exit_layer]
         self.num_layers = decoder.stages[-1].last
-        self.stats = {"strategy": self.name, "threshold": self.threshold, "exits": {}, "full": 0}
-        self._depth_sum = 0
+        self.stats = {"strategy": self.name, "threshold": self.threshold,
+                      "exits": {str(layer): 0 for layer, _ in self.exits}, "full": 0, "layers_run": 0,
+                      "num_layers": self.num_layers}
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         return prefill_full(self.decoder, ids)
@@ -57,8 +58,9 @@ class EarlyExit(Strategy):
             hidden = dec.step_partial(token, stages) if first else dec.catch_up(stages=stages)[-1]
             first = False
             logits = dec.exit_logits(hidden[None], stages)[0]
-            if self._confident(logits):
-                self.stats["exits"][str(layer)] = self.stats["exits"].get(str(layer), 0) + 1
+            # confident after the logits processors: a token an exit picks obeys the same rules
+            if self._confident(sampler.penalized(logits, history)):
+                self.stats["exits"][str(layer)] += 1
                 self._record(layer)
                 tok, lp = sampler(logits, history)
                 return [(tok, lp, f"exit@{layer}")]
@@ -70,7 +72,7 @@ class EarlyExit(Strategy):
         return [(tok, lp, "model")]
 
     def _record(self, depth: int) -> None:
-        n = sum(self.stats["exits"].values()) + self.stats["full"]
-        self._depth_sum += depth
-        self.stats["average_depth"] = self._depth_sum / n
-        self.stats["average_depth_fraction"] = self.stats["average_depth"] / self.num_layers
+        st = self.stats
+        st["layers_run"] += depth
+        st["average_depth"] = st["layers_run"] / (sum(st["exits"].values()) + st["full"])
+        st["average_depth_fraction"] = st["average_depth"] / self.num_layers

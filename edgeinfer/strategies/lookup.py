@@ -114,6 +114,8 @@ class PromptLookup(Strategy):
         if len(self.index.tokens) < len(history):
             self.index.extend(history[len(self.index.tokens):])
         room = self.decoder.capacity - self.decoder.length - 1
+        if self.tokens_left is not None:  # a verification emits the accepted drafts and one more token
+            room = min(room, self.tokens_left - 1)
         draft = self.index.propose(min(self.draft_len, room))
         self.stats["rounds"] += 1
         self._since_step += 1

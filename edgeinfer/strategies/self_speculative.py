@@ -57,8 +57,8 @@ class SelfSpeculative(Strategy):
         self.exit_layer, self.exit_stage = exit_stages(decoder, exit_layer)
         self.draft_len = draft_len
         self.threshold = check_threshold(threshold)
-        self.stats = {"strategy": self.name, "exit_layer": self.exit_layer, "rounds": 0, "drafted": 0,
-                      "accepted": 0, "emitted": 0}
+        self.stats = {"strategy": self.name, "exit_layer": self.exit_layer, "draft_len": draft_len,
+                      "threshold": self.threshold, "rounds": 0, "drafted": 0, "accepted": 0, "emitted": 0}
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         return prefill_full(self.decoder, ids)
@@ -70,7 +70,7 @@ class SelfSpeculative(Strategy):
     def round(self, token: int, sampler: Sampler, history: list[int], exit_stage: int, k: int):
         """One draft-verify round; returns (emitted, (drafted, accepted))."""
         dec = self.decoder
-        k = max(1, min(k, dec.capacity - dec.length - 1))
+        k = max(1, min(k, dec.capacity - dec.length - 1, self.tokens_left or k))
         drafts: list[int] = []
         dists: list[np.ndarray] = []
         t, fed = token, 0
@@ -78,9 +78,10 @@ class SelfSpeculative(Strategy):
             hidden = dec.step_partial(t, exit_stage)
             fed += 1
             logits = dec.exit_logits(hidden[None], exit_stage)[0]
-            if sampler.greedy:
-                d = int(np.argmax(sampler.penalized(logits, history + drafts)))
-                conf = float(softmax(logits).max()) if self.threshold > 0 else 1.0
+            if sampler.greedy:  # confidence, as the token, after the logits processors
+                scores = sampler.penalized(logits, history + drafts)
+                d = int(np.argmax(scores))
+                conf = float(softmax(scores).max()) if self.threshold > 0 else 1.0
             else:
                 q = sampler.probabilities(logits, history + drafts)
                 d = int(sampler.rng.choice(len(q), p=q))
@@ -153,6 +154,7 @@ class AdaptiveSelfSpeculative(SelfSpeculative):
         if len(lk.index.tokens) < len(history):
             lk.index.extend(history[len(lk.index.tokens):])
         if lk.index.propose(1):
+            lk.tokens_left = self.tokens_left
             out = lk.advance(token, sampler, history)
             self.stats["lookup_rounds"] += 1
             self.stats["emitted"] += len(out)
