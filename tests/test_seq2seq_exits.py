@@ -19,7 +19,7 @@ from test_whisper_parity import _hf_generate as _hf_generate_speech
 
 import edgeinfer
 from edgeinfer.errors import ExportError, GenerationError
-from edgeinfer.seq2seq_stages import StagedDecoderState
+from edgeinfer.seq2seq.state import StagedDecoderState
 
 EOS = 2
 FAMILIES = ["t5", "bart", "whisper"]

@@ -15,7 +15,7 @@ from test_whisper_parity import SOURCE_POSITIONS, START, _tiny_whisper
 
 import edgeinfer
 from edgeinfer.errors import GenerationError
-from edgeinfer.whisper_longform import (
+from edgeinfer.seq2seq.whisper.longform import (
     LongFormOptions,
     compression_ratio,
     decode_window,
@@ -103,7 +103,7 @@ def test_fallback_tries_the_next_temperature_seeded(package):
 
 def test_logged_step_logits_score_like_a_teacher_forced_pass(package):
     """Greedy's logged logits and a separate decoder pass over its tokens give the same scores."""
-    from edgeinfer.whisper_longform import score_tokens
+    from edgeinfer.seq2seq.whisper.longform import score_tokens
 
     model = _model(package)
     hidden = _hidden(model, seed=1)

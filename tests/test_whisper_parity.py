@@ -96,7 +96,7 @@ def test_encoder_and_decoder_logits_match_transformers(whisper_pair, features):
 
 def test_cached_steps_match_one_pass(whisper_pair, features):
     """Feeding tokens one at a time through the KV cache gives the logits of one full pass."""
-    from edgeinfer.seq2seq import DecoderState
+    from edgeinfer.seq2seq.state import DecoderState
 
     _, pkg, _ = whisper_pair
     model = edgeinfer.load(pkg)
@@ -211,7 +211,7 @@ def test_quantized_packages_stay_close(whisper_pair, features, precision, tol):
 def test_transcribe_a_wav_uses_the_same_search(whisper_pair, tmp_path):
     """A 16-bit WAV at 8 kHz of 1.5 s: resampled, cut into 0.64 s windows, each window's
     tokens equal to greedy generation on that window's features."""
-    from edgeinfer.audio import iter_windows, log_mel_spectrogram
+    from edgeinfer.seq2seq.whisper.audio import iter_windows, log_mel_spectrogram
 
     _, pkg, _ = whisper_pair
     model = edgeinfer.load(pkg)

@@ -120,7 +120,7 @@ def long_wav(tmp_path_factory):
 
     import numpy as np
 
-    from edgeinfer.audio import load_audio
+    from edgeinfer.seq2seq.whisper.audio import load_audio
 
     tmp_path = tmp_path_factory.mktemp("long")
     parts = []

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from whisper import SENTENCES, speak, wer  # noqa: E402
 
 import edgeinfer  # noqa: E402
-from edgeinfer.audio import Resampler, log_mel_spectrogram, read_wav_info, read_window, resampled_length  # noqa: E402
+from edgeinfer.seq2seq.whisper.audio import Resampler, log_mel_spectrogram, read_wav_info, read_window, resampled_length  # noqa: E402
 
 VARIANTS = {"fp32": ("fp32", None), "int8": ("int8", None), "int4-rtn": ("int4", "rtn"),
             "int4-mse": ("int4", "mse"), "int4-hqq": ("int4", "hqq")}

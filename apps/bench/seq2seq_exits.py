@@ -35,7 +35,13 @@ from apps.bench.whisper import SENTENCES, speak, wer  # noqa: E402
 
 def window_features(model, path: Path) -> np.ndarray:
     """Log-mel features of the first (only) 30 s window of PATH, as transcribe() computes them."""
-    from edgeinfer.audio import Resampler, log_mel_spectrogram, read_wav_info, read_window, resampled_length
+    from edgeinfer.seq2seq.whisper.audio import (
+        Resampler,
+        log_mel_spectrogram,
+        read_wav_info,
+        read_window,
+        resampled_length,
+    )
 
     a = model.audio
     rate, hop = int(a["sampling_rate"]), int(a["hop_length"])
@@ -50,7 +56,7 @@ def window_features(model, path: Path) -> np.ndarray:
 def teacher_forced_agreement(model, hidden: np.ndarray, prompt: list[int], tokens: list[int]) -> dict[int, list]:
     """exit layer -> [agreeing positions, positions]: the exit's raw argmax against the final
     layer's at every position that predicts one of TOKENS."""
-    from edgeinfer.seq2seq_stages import StagedDecoderState
+    from edgeinfer.seq2seq.state import StagedDecoderState
 
     state = StagedDecoderState(model, model.cross_kv(hidden), 1)
     ids = np.asarray([prompt + tokens[:-1]], np.int64)
@@ -180,11 +186,13 @@ def main(argv=None) -> int:
 
 
 def _text(model, tokens: list[int]) -> str:
-    return model.window_text(tokens, 0.0, False)[0]
+    from edgeinfer.seq2seq.whisper.transcribe import window_text
+
+    return window_text(model, tokens, 0.0, False)[0]
 
 
 def _merge(total, part):
-    from edgeinfer.seq2seq_strategies import merge_stats
+    from edgeinfer.seq2seq.strategies import merge_stats
 
     return merge_stats(total, part)
 

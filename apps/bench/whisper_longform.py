@@ -43,7 +43,7 @@ def long_file(folder: Path) -> Path:
     """The ten LONG sentences with 0.3 s pauses, one 16 kHz WAV (~38 s)."""
     import numpy as np
 
-    from edgeinfer.audio import load_audio
+    from edgeinfer.seq2seq.whisper.audio import load_audio
 
     path = folder / "long.wav"
     if path.exists():

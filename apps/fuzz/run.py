@@ -40,8 +40,8 @@ def child(name: str, argv: list[str]) -> None:
         import edgeinfer.export.ct2_reader  # noqa: F401
         import edgeinfer.export.gguf_check  # noqa: F401
 
-        import edgeinfer.audio  # noqa: F401
         import edgeinfer.package  # noqa: F401
+        import edgeinfer.seq2seq.whisper.audio  # noqa: F401
         import edgeinfer.tokenizer  # noqa: F401
         from apps.fuzz import targets
 

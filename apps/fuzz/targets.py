@@ -105,7 +105,7 @@ def wav_seed() -> bytes:
 
 
 def wav_target(data: bytes) -> None:
-    from edgeinfer.audio import read_frames, read_wav_info
+    from edgeinfer.seq2seq.whisper.audio import read_frames, read_wav_info
 
     info = read_wav_info(_write("fuzz.wav", data))
     read_frames(info, 0, min(info.frames, 4096))

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import GenerationError
+from edgeinfer.errors import GenerationError
 
 
 def run_seq2seq(model, prompt: str, args) -> int:
@@ -22,7 +22,7 @@ def run_seq2seq(model, prompt: str, args) -> int:
     if strategy != "plain":  # early-exit / self-speculative on a staged package (export --exits)
         params.update(strategy=strategy, exit_layer=args.exit_layer, threshold=args.threshold,
                       draft_len=args.draft_len)
-    from .constraints import cli_constraint
+    from edgeinfer.constraints import cli_constraint
 
     constraint = cli_constraint(args)
     if not model.audio:

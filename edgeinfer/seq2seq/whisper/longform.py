@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import GenerationError
-from .generation import LogitsProcessors
+from edgeinfer.errors import GenerationError
+from edgeinfer.generation import LogitsProcessors
+
+from ..model import SEQ2SEQ_PARAMS
+from ..strategies import SEQ2SEQ_STRATEGY_OPTIONS
 
 PROMPT_CAP = 223  # previous-text tokens kept after <|startofprev|> (half the decoder's 448, less one)
 RESET_TEMPERATURE = 0.5  # a window that needed at least this temperature does not condition the next one
@@ -98,15 +101,6 @@ def special_token(model, key: str, names: tuple[str, ...]) -> int | None:
     return None
 
 
-def _decoder_logits(model, ids: list[int], cross: list[np.ndarray]) -> np.ndarray:
-    """Logits (T, V) of every position of IDS, over cross K/V already computed."""
-    state = model.new_state(cross, 1)
-    batch = np.asarray([ids], np.int64)
-    if model.stages:
-        return state.forward(batch)[0]
-    return model.run_decoder(batch, state.past, state.cross)[0][0]
-
-
 def score_tokens(model, cross: list[np.ndarray], prompt: list[int], tokens: list[int], timestamps: bool,
                  params: dict, no_speech: int | None, sot_index: int,
                  step_logits: list[np.ndarray] | None = None) -> tuple[float, float]:
@@ -115,8 +109,6 @@ def score_tokens(model, cross: list[np.ndarray], prompt: list[int], tokens: list
     divides by the text tokens + 1, as openai-whisper does. STEP_LOGITS (one row per token,
     logged by a one-sequence search) spare the teacher-forced pass over the tokens; the
     no-speech probability then needs only the prompt up to start-of-transcript."""
-    from .seq2seq import SEQ2SEQ_PARAMS
-
     config = model.config(timestamps, **{k: v for k, v in params.items() if k in SEQ2SEQ_PARAMS})
     config.max_new_tokens = min(config.max_new_tokens, model.max_target_positions - len(prompt))
     rules = LogitsProcessors(config, len(prompt))
@@ -128,9 +120,9 @@ def score_tokens(model, cross: list[np.ndarray], prompt: list[int], tokens: list
         elif sot_index == len(prompt) - 1 and tokens:  # start-of-transcript ends the prompt (timestamps)
             first = rows[0]
         else:
-            first = _decoder_logits(model, prompt[:sot_index + 1], cross)[sot_index]
+            first = model.decoder_logits(prompt[:sot_index + 1], cross=cross)[sot_index]
     else:
-        logits = _decoder_logits(model, seq[:-1] if tokens else seq, cross)
+        logits = model.decoder_logits(seq[:-1] if tokens else seq, cross=cross)
         rows = logits[len(prompt) - 1:]
         first = logits[sot_index]
     no_speech_prob = 0.0
@@ -160,15 +152,14 @@ def decode_window(model, hidden: np.ndarray, prompt: list[int], sot_index: int, 
         attempt = dict(params)
         if temperature > 0:  # sampled: one sequence, plain search, seeded per window and temperature
             attempt.update(temperature=temperature, num_beams=1, seed=seed + i)
-            for key in ("strategy", "exit_layer", "threshold", "draft_len"):
+            for key in ("strategy", *SEQ2SEQ_STRATEGY_OPTIONS):
                 attempt.pop(key, None)
         else:
             attempt["temperature"] = 0.0
         logged: list[np.ndarray] = []
         tokens = model.search(hidden, prompt, timestamps, None, attempt, cross=cross, step_logits=logged)
         text = model.tokenizer.decode([t for t in tokens if t not in model.eos and t < begin]).strip()
-        scoring = {k: v for k, v in attempt.items() if k not in ("strategy", "exit_layer", "threshold", "draft_len",
-                                                                 "language", "task")}
+        scoring = {k: v for k, v in attempt.items() if k in SEQ2SEQ_PARAMS}
         avg, nsp = score_tokens(model, cross, prompt, tokens, timestamps, scoring, no_speech, sot_index,
                                 logged or None)
         result = WindowDecode(tokens, temperature, compression_ratio(text), avg, nsp)

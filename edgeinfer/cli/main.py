@@ -11,8 +11,8 @@ import json
 import os
 import sys
 
-from . import __version__
-from .errors import EdgeInferError
+from edgeinfer import __version__
+from edgeinfer.errors import EdgeInferError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,7 +268,7 @@ def _layer_list(text: str, flag: str) -> list[int]:
 
 
 def _load(args):
-    from . import load
+    from edgeinfer import load
 
     return load(args.package, provider=args.provider, threads=args.threads,
                 max_context=getattr(args, "max_context", None), little=getattr(args, "little", None),
@@ -281,12 +281,12 @@ def _cmd_run(args) -> int:
         if sys.stdin is None or sys.stdin.isatty():
             return _fail("give a prompt: edgeinfer run PACKAGE \"your prompt\" (or pipe it on stdin)")
         prompt = sys.stdin.read()
-    from .constraints import cli_constraint
+    from edgeinfer.constraints import cli_constraint
 
     constraint = cli_constraint(args)  # before loading: a bad file or flag fails fast
     model = _load(args)
     if getattr(model, "kind", "decoder") == "encoder-decoder":
-        from .seq2seq_cli import run_seq2seq
+        from .seq2seq import run_seq2seq
 
         return run_seq2seq(model, prompt, args)
     params = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -332,7 +332,7 @@ def _cmd_info(args) -> int:
                   "onnxruntime_providers": ort.get_available_providers(), "provider_details": provider_report(),
                   "devices": ep_devices()}
     if args.package:
-        from .package import open_package
+        from edgeinfer.package import open_package
 
         pkg = open_package(args.package, verify=False)
         m = pkg.manifest
@@ -376,7 +376,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import bench_package
+    from edgeinfer.bench import bench_package
 
     report = bench_package(args.package, prompt=args.prompt, chat=args.chat, prompt_tokens=args.prompt_tokens,
                            new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
@@ -403,7 +403,7 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from .server import serve
+    from edgeinfer.server import serve
 
     serve(args.package, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
           provider=args.provider, threads=args.threads, max_context=args.max_context, little=args.little,
@@ -412,7 +412,7 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_list(args) -> int:
-    from .package_cache import list_cache, packages_dir
+    from edgeinfer.package_cache import list_cache, packages_dir
 
     entries = list_cache()
     if args.json:
@@ -431,14 +431,14 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_rm(args) -> int:
-    from .package_cache import remove_cached
+    from edgeinfer.package_cache import remove_cached
 
     print(f"removed {remove_cached(args.name)}")
     return 0
 
 
 def _cmd_pull(args) -> int:
-    from .package_cache import pull
+    from edgeinfer.package_cache import pull
 
     res = pull(args.alias)
     print(f"{res.name}: {res.path} ({'exported' if res.exported else 'already cached'})")
@@ -446,7 +446,7 @@ def _cmd_pull(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from .package import open_package
+    from edgeinfer.package import open_package
 
     pkg = open_package(args.package, verify=True)
     print(f"{args.package}: {len(pkg.manifest['files'])} files match their sha256")
@@ -454,8 +454,8 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_perplexity(args) -> int:
-    from . import load
-    from .perplexity import evaluate, read_text
+    from edgeinfer import load
+    from edgeinfer.perplexity import evaluate, read_text
 
     text = read_text(args.text_file)  # before loading: a bad path fails fast
     model = load(args.package, provider=args.provider, threads=args.threads)
@@ -463,7 +463,3 @@ def _cmd_perplexity(args) -> int:
     report = evaluate(model, text, context=args.context, against=against, scoring=args.scoring)
     print(json.dumps(report.as_dict()) if args.json else report.summary())
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,25 +1,63 @@
-"""The decoder of a staged encoder-decoder package (``export --exits/--stages``).
+"""The decoder caches of one encoder-decoder generation (batch = beams): the
+self-attention K/V it grows and the cross K/V it reads (computed once per input by
+the cross_kv graph).
 
-Each ``decoder_stage{i}`` graph holds a run of decoder layers: their
-self-attention cache and the cross K/V of those layers (computed once per input
-by the cross_kv graph, as for an unstaged package). Every stage keeps its own
-cache length, so an early exit can run only the first stages for a token; the
-hidden states a later stage has not processed yet wait as *pending* rows and
-are run, batched in front of the next rows, before any later token reaches that
-stage. Its cache is therefore complete before anything attends to it.
+:class:`DecoderState` runs the one ``decoder`` graph of an unstaged package.
+:class:`StagedDecoderState` runs the ``decoder_stage{i}`` graphs of a staged one
+(``export --exits/--stages``): each holds a run of decoder layers with their
+self-attention cache and cross K/V. Every stage keeps its own cache length, so an
+early exit can run only the first stages for a token; the hidden states a later stage
+has not processed yet wait as *pending* rows and are run, batched in front of the next
+rows, before any later token reaches that stage. Its cache is therefore complete
+before anything attends to it.
 
-:class:`StagedDecoderState` has the methods the searches of
-:mod:`edgeinfer.seq2seq_search` use (``step``, ``reorder``, ``length``), so
-greedy and beam search run on a staged package unchanged; the strategies of
-:mod:`edgeinfer.seq2seq_strategies` also use ``forward``, ``catch_up``,
-``exit_logits`` and ``truncate``.
+Both have ``step``, ``forward``, ``reorder``, ``truncate`` and ``length`` (beam search,
+edgeinfer.generation.beam, drives them directly); the staged one also ``catch_up`` and
+``exit_logits``. :class:`~edgeinfer.seq2seq.decoder.Seq2SeqDecoder` puts one sequence of
+either behind the decoder protocol.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .errors import GenerationError, PackageError
+from edgeinfer.errors import GenerationError, PackageError
+
+
+class DecoderState:
+    """Self-attention cache and cross K/V of one generation, batch = beams."""
+
+    def __init__(self, model, cross: list[np.ndarray], batch: int):
+        self.model = model
+        self.cross = [np.ascontiguousarray(np.repeat(c, batch, axis=0)) if batch > 1 else c for c in cross]
+        heads, head_dim = model.arch["heads"], model.arch["head_dim"]
+        empty = np.zeros((batch, heads, 0, head_dim), np.float32)
+        self.past = [empty] * (2 * model.layers)
+
+    @property
+    def length(self) -> int:
+        return self.past[0].shape[2]
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        """Feed IDS (B, n); the logits (B, n, V) of every fed position."""
+        if self.length + ids.shape[1] > self.model.max_target_positions:
+            raise GenerationError(f"the decoder holds {self.model.max_target_positions} positions: "
+                                  "ask for fewer new tokens.")
+        outs = self.model.run_decoder(ids, self.past, self.cross)
+        self.past = outs[1:]
+        return outs[0]
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        return self.forward(ids)[:, -1, :]
+
+    def truncate(self, n: int) -> None:
+        """Keep positions [0, n)."""
+        if self.length > n:
+            self.past = [p[:, :, :n] for p in self.past]
+
+    def reorder(self, index: np.ndarray) -> None:
+        if not np.array_equal(index, np.arange(len(index))):
+            self.past = [p[index] for p in self.past]
 
 
 class DecoderStage:

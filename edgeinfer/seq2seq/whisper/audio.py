@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgeInferError
+from edgeinfer.errors import EdgeInferError
 
 
 class AudioError(EdgeInferError):

@@ -11,7 +11,7 @@ decoder package and are not offered here.
 
 from __future__ import annotations
 
-from .errors import GenerationError
+from edgeinfer.errors import GenerationError
 
 SEQ2SEQ_STRATEGIES = ("plain", "lookup", "early-exit", "self-speculative", "adaptive")
 SEQ2SEQ_STRATEGY_OPTIONS = ("exit_layer", "threshold", "draft_len", "confidence")

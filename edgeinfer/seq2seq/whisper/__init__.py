@@ -1,0 +1,1 @@
+"""Speech packages (Whisper): audio reading and log-mel features, long-form transcription."""
