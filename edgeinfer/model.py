@@ -52,7 +52,12 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
     if pkg.kind == "encoder-decoder":  # Whisper and other encoder-decoder families
         from .seq2seq import Seq2SeqModel
 
-        return Seq2SeqModel(pkg, provider=provider, threads=threads)
+        refused = [name for name, value in (("little", little), ("memory_budget", memory_budget),
+                                            ("max_context", max_context)) if value is not None]
+        if refused:
+            raise PackageError(f"'{path}' is an encoder-decoder package: {', '.join(refused)} apply to decoder "
+                               "packages (its decoder holds the positions its manifest gives).")
+        return Seq2SeqModel(pkg, provider=provider, threads=threads, allow_fallback=allow_fallback)
     if pkg.kind != "decoder":
         raise PackageError(f"package '{path}' is a {pkg.kind} package; this runtime loads decoder packages.")
     model = Model(pkg, provider=provider, threads=threads, max_context=max_context, memory_budget=memory_budget,

@@ -61,6 +61,10 @@ def test_bad_processor_parameters_are_refused(llama):
     for kw in (dict(no_repeat_ngram_size=-1), dict(suppress_tokens="3"), dict(forced_eos_token_id=-2)):
         with pytest.raises(edgeinfer.GenerationError):
             model.complete("hi", max_new_tokens=2, **kw)
+    # the beam parameters share GenerationConfig with encoder-decoder packages: refused here, not ignored
+    for kw in (dict(num_beams=2), dict(length_penalty=0.5), dict(early_stopping=True)):
+        with pytest.raises(edgeinfer.GenerationError, match="decodes one sequence"):
+            model.complete("hi", max_new_tokens=2, **kw)
 
 
 def test_the_chain_is_a_no_op_unless_asked():

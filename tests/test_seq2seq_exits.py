@@ -170,6 +170,39 @@ def test_self_speculative_equals_greedy_and_early_exit_at_one(staged, features, 
     assert stats["average_depth"] == 1.0
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_strategy_keeps_the_processors_and_transformers_tokens(staged, features, family):  # noqa: F811
+    """The one decode loop with the one logits chain: on a staged package, every lossless
+    strategy gives transformers' greedy tokens under a repetition penalty and no-repeat
+    bigrams, exit rows and drafts included (the seq2seq-only loops these replaced took
+    neither)."""
+    hf, pkg, _, _ = staged(family)
+    model = edgeinfer.load(pkg)
+    inputs, prompt, extra = _inputs(model, features)
+    rules = dict(extra, repetition_penalty=1.3, no_repeat_ngram_size=2)
+    ref = _reference(family, hf, model, inputs, max_new_tokens=16, **rules)
+    assert ref != _reference(family, hf, model, inputs, max_new_tokens=16, **extra)  # the rules change the output
+    for strategy, options in (("plain", {}), ("lookup", {"draft_len": 3}), ("adaptive", {}),
+                              ("self-speculative", {"draft_len": 3}), ("early-exit", {"threshold": 1.0})):
+        got = model.generate_ids(inputs, prompt, max_new_tokens=16, strategy=strategy, **options, **rules)
+        assert got[:len(ref)] == ref, strategy
+
+
+def test_sampled_strategies_run_on_a_staged_package(staged):
+    """Sampling with early exit and self-speculative decoding (refused before they shared the
+    decoder-only strategies): seeded runs repeat, and self-speculative sampling at a
+    near-zero temperature gives the greedy tokens."""
+    _, pkg, _, _ = staged("t5")
+    model = edgeinfer.load(pkg)
+    ids = np.asarray([INPUT], np.int64)
+    plain = model.generate_ids(ids, max_new_tokens=12)
+    for strategy in ("early-exit", "self-speculative"):
+        a = model.generate_ids(ids, max_new_tokens=12, strategy=strategy, temperature=0.8, seed=3)
+        assert a == model.generate_ids(ids, max_new_tokens=12, strategy=strategy, temperature=0.8, seed=3)
+    cold = model.generate_ids(ids, max_new_tokens=12, strategy="self-speculative", temperature=1e-4, seed=1)
+    assert cold == plain
+
+
 def test_quantized_staged_packages_equal_unstaged(staged):
     from edgeinfer.export import export_model
 

@@ -18,8 +18,15 @@ def run_seq2seq(model, prompt: str, args) -> int:
     if args.stop:
         raise GenerationError("--stop applies to decoder packages: an encoder-decoder model ends at its "
                               "end-of-sequence token or --max-new-tokens.")
+    pair_flags = [flag for flag, value in (("--tau", args.tau), ("--window", args.window),
+                                           ("--min-hold", args.min_hold),
+                                           ("--fallback-threshold", args.fallback_threshold),
+                                           ("--rollback-threshold", args.rollback_threshold)) if value is not None]
+    if pair_flags:
+        raise GenerationError(f"{', '.join(pair_flags)} belong to the big/little strategies (ead, bild) of decoder "
+                              "packages: an encoder-decoder package takes none.")
     strategy = getattr(args, "strategy", None) or "plain"
-    if strategy != "plain":  # early-exit / self-speculative on a staged package (export --exits)
+    if strategy != "plain":  # lookup; early-exit / self-speculative / adaptive on a staged package (export --exits)
         params.update(strategy=strategy, exit_layer=args.exit_layer, threshold=args.threshold,
                       draft_len=args.draft_len)
     from edgeinfer.constraints import cli_constraint
@@ -79,6 +86,9 @@ def _print_strategy(stats: dict | None) -> None:
     if stats["strategy"] == "lookup":
         detail = (f"{stats['accepted']}/{stats['drafted']} drafts accepted, {stats['verify_calls']} verifications, "
                   f"{stats['plain_steps']} plain steps")
+    elif stats["strategy"] == "adaptive":
+        detail = (f"{stats['accepted']}/{stats['drafted']} drafts accepted, {stats['plain_steps']} plain steps, "
+                  f"{stats['lookup_rounds']} lookup rounds, choices {stats['choices']}")
     elif stats["strategy"] == "self-speculative":
         detail = (f"exit {stats['exit_layer']}, {stats['accepted']}/{stats['drafted']} drafts accepted, "
                   f"{stats.get('tokens_per_verify', 0):.2f} tokens per verification")

@@ -66,9 +66,10 @@ class Seq2SeqResult:
 class Seq2SeqModel:
     """An encoder-decoder package: transcribe audio (Whisper) or generate ids from features."""
 
-    def __init__(self, pkg: Package, provider: str = "auto", threads: int | None = None):
+    def __init__(self, pkg: Package, provider: str = "auto", threads: int | None = None,
+                 allow_fallback: bool = False):
         self.package = pkg
-        self.target = resolve_provider(provider, threads)
+        self.target = resolve_provider(provider, threads, manifest=pkg.manifest, allow_fallback=allow_fallback)
         m = pkg.manifest
         self.arch = m.get("architecture", {})
         self.io = m.get("io", {})
