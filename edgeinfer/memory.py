@@ -39,12 +39,10 @@ def parse_memory_budget(value: str | int | float | None) -> int | None:
 
 def dense_needs(pkg: Package, max_context: int | None) -> dict:
     """{'weights', 'kv_per_token', 'context', 'kv', 'total'} in bytes for loading PKG."""
-    weights = sum(int(meta.get("size", 0)) for rel, meta in pkg.manifest["files"].items()
-                  if rel.startswith("graphs/"))
+    weights = sum(int(meta.get("size", 0)) for rel, meta in pkg.files.items() if rel.startswith("graphs/"))
     kv = pkg.kv_cache
-    context = min(int(max_context or kv["max_context"]), int(kv["max_context"]))
-    per_token = (int(kv.get("num_layers", 0)) * 2 * int(kv.get("num_kv_heads", 0)) * int(kv.get("head_dim", 0))
-                 * _DTYPE_BYTES.get(kv.get("dtype", "float32"), 4))
+    context = min(int(max_context or kv.max_context), kv.max_context)
+    per_token = kv.num_layers * 2 * kv.num_kv_heads * kv.head_dim * _DTYPE_BYTES.get(kv.dtype, 4)
     return {"weights": weights, "kv_per_token": per_token, "context": context, "kv": per_token * context,
             "total": weights + per_token * context}
 

@@ -79,27 +79,28 @@ class Model:
                  max_context: int | None = None, memory_budget: int | str | None = None,
                  allow_fallback: bool = False):
         self.package = pkg
-        if "moe" not in pkg.manifest:  # MoE budgets bound the expert cache (edgeinfer/moe/)
+        spec = pkg.spec
+        if spec.moe is None:  # MoE budgets bound the expert cache (edgeinfer/moe/)
             check_dense_budget(pkg, memory_budget, max_context)
         self.target = resolve_provider(provider, threads, manifest=pkg.manifest, allow_fallback=allow_fallback)
         self.tokenizer = TextTokenizer(pkg)
-        if any(g.get("role") == "monolithic" for g in pkg.manifest["graphs"]):
+        if spec.graph("monolithic") is not None:
             from .decoders.monolithic import MonolithicDecoder
 
             self.decoder = MonolithicDecoder(pkg, self.target, max_context=max_context)
-        elif "moe" in pkg.manifest:  # sparse MoE: experts streamed from the expert store
+        elif spec.moe is not None:  # sparse MoE: experts streamed from the expert store
             from .memory import parse_memory_budget
             from .moe.decoder import MoEDecoder
 
             self.decoder = MoEDecoder(pkg, self.target, max_context=max_context,
                                       memory_budget=parse_memory_budget(memory_budget))
-        elif pkg.manifest.get("target") == "npu":  # static shapes, QDQ: two fixed-chunk graphs
+        elif spec.target == "npu":  # static shapes, QDQ: two fixed-chunk graphs
             from .decoders.static import StaticDecoder
 
             self.decoder = StaticDecoder(pkg, self.target, max_context=max_context)
         else:
             self.decoder = StagedDecoder(pkg, self.target, max_context=max_context)
-        self.defaults = pkg.manifest.get("generation", {})
+        self.defaults = spec.generation
         self.little: Model | None = None  # the draft / little model of the big/little strategies
         self.cached_tokens: list[int] = []  # what the KV cache holds, for prefix reuse
         self._lock = threading.Lock()
@@ -108,7 +109,7 @@ class Model:
 
     @property
     def name(self) -> str:
-        return self.package.manifest.get("name", self.package.root.name)
+        return self.package.name
 
     @property
     def max_context(self) -> int:

@@ -259,7 +259,7 @@ def _export(source: str, path: Path, progress: bool) -> None:
     except OSError as e:
         raise ExportError(f"could not write the package to '{path}': {e.strerror or e}.") from None
     if progress:
-        weights = res.manifest.get("quantization", {}).get("weights", "?")
+        weights = res.spec.quantization.get("weights", "?")
         print(f"exported {path.name} ({res.size_bytes / 1e6:.1f} MB, {weights}) in {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)
 

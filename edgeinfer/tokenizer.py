@@ -19,7 +19,7 @@ MAX_TOKENIZER_BYTES = 64 * 1024 * 1024
 class TextTokenizer:
     def __init__(self, pkg: Package):
         meta = pkg.tokenizer
-        path = pkg.path(meta.get("file", "tokenizer.json"))
+        path = pkg.path(meta.file)
         if path.stat().st_size > MAX_TOKENIZER_BYTES:
             raise PackageError(f"tokenizer file '{path.name}' is over {MAX_TOKENIZER_BYTES} bytes: refusing it.")
         try:
@@ -29,11 +29,11 @@ class TextTokenizer:
                 raise
             msg = str(e)[:200]
             raise PackageError(f"tokenizer file '{path.name}' cannot be read ({msg}): re-export the package.") from None
-        self.bos_token_id = meta.get("bos_token_id")
-        self.eos_token_ids = set(meta.get("eos_token_ids") or [])
-        self.bos_token = meta.get("bos_token") or ""
-        self.eos_token = meta.get("eos_token") or ""
-        self.chat_template = meta.get("chat_template")
+        self.bos_token_id = meta.bos_token_id
+        self.eos_token_ids = set(meta.eos_token_ids)
+        self.bos_token = meta.bos_token or ""
+        self.eos_token = meta.eos_token or ""
+        self.chat_template = meta.chat_template
         self.vocab_size = self.tokenizer.get_vocab_size()
         # llguidance's views of this tokenizer, (vocab size, eos ids) -> LLTokenizer (edgeinfer.constraints)
         self.ll_tokenizers: dict = {}

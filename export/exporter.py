@@ -10,6 +10,7 @@ from edgeinfer.models import FAMILIES, spec_for_config
 from edgeinfer.models.moe import MODEL_TYPES as MOE_TYPES
 
 from edgeinfer.errors import ExportError
+from edgeinfer.package import ExitEntry, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
 
 from . import decoder_graph as dg
 from .aliases import is_alias
@@ -23,8 +24,13 @@ TARGETS = ("cpu", "gpu", "npu")
 @dataclass
 class ExportResult:
     path: Path
-    manifest: dict
+    manifest: dict  # as written
     size_bytes: int
+
+    @property
+    def spec(self) -> Manifest:
+        """The typed view of the written manifest (edgeinfer.package.manifest)."""
+        return Manifest.from_dict(self.manifest)
 
 
 def export_model(source: str | SourceModel, out: str | Path, precision: str | None = None, *,
@@ -143,11 +149,10 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
         if len(graphs) > 1:
             _share_stage_weights(tmp, graphs)
         (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
-        manifest = write_manifest(tmp, {**_manifest(src, spec, prec, ctx, graphs, exit_entries), "target": target})
+        manifest = write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs, exit_entries, target))
         if exit_adapters:  # fitted on the complete package in the staging folder, then listed in it
             _add_exit_adapters(tmp, src, graphs, exit_entries, adapter_rank, calibration, progress)
-            manifest = write_manifest(tmp, {**_manifest(src, spec, prec, ctx, graphs, exit_entries),
-                                            "target": target})
+            manifest = write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs, exit_entries, target))
     size = sum(m["size"] for m in manifest["files"].values())
     return ExportResult(out, manifest, size)
 
@@ -255,46 +260,47 @@ def _export_monolithic(src: SourceModel, out: Path, precision: str, max_context:
         (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
         from edgeinfer import __version__
 
-        manifest = write_manifest(tmp, {
-            "kind": "decoder", "family": cfg.get("model_type"), "name": src.name,
-            "source": {"kind": src.kind, "location": src.location, "model_type": cfg.get("model_type")},
-            "exporter": {"edgeinfer": __version__, "via": "optimum"},
-            "architecture": {"vocab_size": int(cfg.get("vocab_size")),
-                             "hidden_size": int(cfg.get("hidden_size") or cfg.get("n_embd") or 0),
-                             "num_layers": kv["num_layers"], "num_kv_heads": kv["num_kv_heads"],
-                             "head_dim": kv["head_dim"], "tie_embeddings": bool(cfg.get("tie_word_embeddings"))},
-            "graphs": [entry], "io": io,
-            "kv_cache": {"layout": "BNSH", "dtype": "float32", **kv, "max_context": ctx, "shared_buffer": False},
-            "quantization": {"weights": precision, **({"block_size": block_size, "accuracy_level": 4,
-                                                       "scheme": "symmetric-rtn (onnxruntime MatMulNBitsQuantizer)"}
-                                                      if precision in ("int4", "int8") else {})},
-            "tokenizer": {"file": "tokenizer.json", "chat_template": src.chat_template, **src.special},
-            "generation": {"max_new_tokens": 256, **src.generation},
-            "exits": [],
-        })
+        manifest = write_manifest(tmp, Manifest(
+            kind="decoder", family=cfg.get("model_type"), name=src.name,
+            source={"kind": src.kind, "location": src.location, "model_type": cfg.get("model_type")},
+            exporter={"edgeinfer": __version__, "via": "optimum"},
+            architecture={"vocab_size": int(cfg.get("vocab_size")),
+                          "hidden_size": int(cfg.get("hidden_size") or cfg.get("n_embd") or 0),
+                          "num_layers": kv["num_layers"], "num_kv_heads": kv["num_kv_heads"],
+                          "head_dim": kv["head_dim"], "tie_embeddings": bool(cfg.get("tie_word_embeddings"))},
+            graphs=[GraphEntry.from_dict(entry)], io=io,
+            kv_cache=KVCacheSpec(layout="BNSH", dtype="float32", num_layers=kv["num_layers"],
+                                 num_kv_heads=kv["num_kv_heads"], head_dim=kv["head_dim"], max_context=ctx,
+                                 shared_buffer=False),
+            quantization={"weights": precision, **({"block_size": block_size, "accuracy_level": 4,
+                                                    "scheme": "symmetric-rtn (onnxruntime MatMulNBitsQuantizer)"}
+                                                   if precision in ("int4", "int8") else {})},
+            tokenizer=TokenizerSpec.from_dict({"file": "tokenizer.json", "chat_template": src.chat_template,
+                                               **src.special}),
+            generation={"max_new_tokens": 256, **src.generation}))
     return ExportResult(out, manifest, sum(m["size"] for m in manifest["files"].values()))
 
 
-def _manifest(src: SourceModel, spec, prec: Precision, ctx: int, graphs: list[dict], exits: list[dict]) -> dict:
+def _manifest(src: SourceModel, spec, prec: Precision, ctx: int, graphs: list[dict], exits: list[dict],
+              target: str = "cpu") -> Manifest:
+    """The manifest of a dense decoder package (the npu exporter replaces what differs)."""
     from edgeinfer import __version__
 
-    return {
-        "kind": "decoder",
-        "family": spec.family,
-        "name": src.name,
-        "source": {"kind": src.kind, "location": src.location, "model_type": src.config.get("model_type")},
-        "exporter": {"edgeinfer": __version__},
-        "architecture": spec.as_manifest(),
-        "graphs": graphs,
-        "io": dg.decoder_io(),
-        "kv_cache": {"layout": "BNSH", "dtype": "float32", "num_layers": spec.layers, "num_kv_heads": spec.kv_heads,
-                     "head_dim": spec.head_dim, "max_context": ctx, "shared_buffer": True,
-                     "sliding_windows": spec.windows},
-        "quantization": {**prec.describe(), **_source_types(src, prec)},
-        "tokenizer": {"file": "tokenizer.json", "chat_template": src.chat_template, **src.special},
-        "generation": {"max_new_tokens": 256, **src.generation},
-        "exits": exits,
-    }
+    return Manifest(
+        kind="decoder", family=spec.family, name=src.name,
+        source={"kind": src.kind, "location": src.location, "model_type": src.config.get("model_type")},
+        exporter={"edgeinfer": __version__}, target=target,
+        architecture=spec.as_manifest(),
+        graphs=[GraphEntry.from_dict(g) for g in graphs],
+        io=dg.decoder_io(),
+        kv_cache=KVCacheSpec(layout="BNSH", dtype="float32", num_layers=spec.layers, num_kv_heads=spec.kv_heads,
+                             head_dim=spec.head_dim, max_context=ctx, shared_buffer=True,
+                             sliding_windows=spec.windows),
+        quantization={**prec.describe(), **_source_types(src, prec)},
+        tokenizer=TokenizerSpec.from_dict({"file": "tokenizer.json", "chat_template": src.chat_template,
+                                           **src.special}),
+        generation={"max_new_tokens": 256, **src.generation},
+        exits=[ExitEntry.from_dict(e) for e in exits])
 
 
 def _source_types(src: SourceModel, prec: Precision) -> dict:

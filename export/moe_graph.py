@@ -36,6 +36,7 @@ from edgeinfer.models.moe import (
 from onnx import TensorProto
 
 from edgeinfer.errors import ExportError
+from edgeinfer.package import GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
 
 from . import decoder_graph as dg
 from .blocks import (
@@ -251,27 +252,26 @@ def _renamed(g: GraphBuilder, name: str) -> GraphBuilder:
     return g
 
 
-def _manifest(src, spec: MoESpec, prec: Precision, ctx: int, graphs: list[dict], index: dict) -> dict:
+def _manifest(src, spec: MoESpec, prec: Precision, ctx: int, graphs: list[dict], index: dict) -> Manifest:
     from edgeinfer import __version__
 
     d = spec.dense
-    return {
-        "kind": "decoder", "family": spec.family, "name": src.name,
-        "source": {"kind": src.kind, "location": src.location, "model_type": src.config.get("model_type")},
-        "exporter": {"edgeinfer": __version__},
-        "architecture": d.as_manifest(),
-        "graphs": graphs,
-        "io": {**dg.decoder_io(), "stream": STREAM, "ffn_in": FFN_IN, "router_logits": ROUTER_LOGITS,
-               "shared_out": SHARED_OUT, "expert_in": EXPERT_IN, "expert_out": EXPERT_OUT},
-        "kv_cache": {"layout": "BNSH", "dtype": "float32", "num_layers": d.layers, "num_kv_heads": d.kv_heads,
-                     "head_dim": d.head_dim, "max_context": ctx, "shared_buffer": True, "sliding_windows": d.windows},
-        "quantization": prec.describe(),
-        "moe": {**spec.as_manifest(), "expert_store": index,
-                "router": {"weights": ROUTERS_FILE, "norms": ROUTER_NORMS_FILE, "eps": d.rms_eps}},
-        "tokenizer": {"file": "tokenizer.json", "chat_template": src.chat_template, **src.special},
-        "generation": {"max_new_tokens": 256, **src.generation},
-        "exits": [],
-    }
+    return Manifest(
+        kind="decoder", family=spec.family, name=src.name,
+        source={"kind": src.kind, "location": src.location, "model_type": src.config.get("model_type")},
+        exporter={"edgeinfer": __version__},
+        architecture=d.as_manifest(),
+        graphs=[GraphEntry.from_dict(g) for g in graphs],
+        io={**dg.decoder_io(), "stream": STREAM, "ffn_in": FFN_IN, "router_logits": ROUTER_LOGITS,
+            "shared_out": SHARED_OUT, "expert_in": EXPERT_IN, "expert_out": EXPERT_OUT},
+        kv_cache=KVCacheSpec(layout="BNSH", dtype="float32", num_layers=d.layers, num_kv_heads=d.kv_heads,
+                             head_dim=d.head_dim, max_context=ctx, shared_buffer=True, sliding_windows=d.windows),
+        quantization=prec.describe(),
+        moe={**spec.as_manifest(), "expert_store": index,
+             "router": {"weights": ROUTERS_FILE, "norms": ROUTER_NORMS_FILE, "eps": d.rms_eps}},
+        tokenizer=TokenizerSpec.from_dict({"file": "tokenizer.json", "chat_template": src.chat_template,
+                                           **src.special}),
+        generation={"max_new_tokens": 256, **src.generation})
 
 
 def export_moe_source(src, out: Path, precision: str, *, max_context: int | None, stages, exits, force: bool,

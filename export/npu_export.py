@@ -10,6 +10,7 @@ into the package. ``edgeinfer/decoders/static.py`` runs them.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from edgeinfer.runtimes.cpu import compatible_session_options
 
 from edgeinfer.decoders.static import StaticDecoder
 from edgeinfer.errors import ExportError
+from edgeinfer.package import GraphEntry, KVCacheSpec
 
 from . import npu_graph as ng
 from .calibrate import FeedReader, calibration_samples, decode_feeds, kv_ranges, prefill_feeds
@@ -86,19 +88,18 @@ def export_npu(src: SourceModel, out: Path, *, max_context: int | None, force: b
         static["kv_dtype"] = graphs[0]["io_quantization"][IO["past_key"].format(layer=0)]["dtype"]
         share_weights([tmp / g["path"] for g in graphs])
         (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
-        manifest = manifest_base(spec)
-        manifest.update({
-            "target": "npu", "graphs": graphs, "io": IO, "static": static, "exits": [],
-            "kv_cache": {"layout": "BNSH", "dtype": static["kv_dtype"], "num_layers": spec.layers,
-                         "num_kv_heads": spec.kv_heads, "head_dim": spec.head_dim, "max_context": ctx,
-                         "shared_buffer": False, "sliding_windows": spec.windows},
-            "quantization": {"weights": f"int{weight_bits}", "scheme": "static-qdq",
-                             "weight_granularity": "per-channel symmetric",
-                             "activations": f"uint{activation_bits} calibrated (MinMax)",
-                             "calibration": {"text": Path(calibration).name if calibration else "built-in",
-                                             "samples": len(samples)}},
-            "requires": {"static_shapes": True, "qdq": True},
-        })
+        manifest = dataclasses.replace(
+            manifest_base(spec), target="npu", graphs=[GraphEntry.from_dict(g) for g in graphs], io=dict(IO),
+            static=static, exits=[],
+            kv_cache=KVCacheSpec(layout="BNSH", dtype=static["kv_dtype"], num_layers=spec.layers,
+                                 num_kv_heads=spec.kv_heads, head_dim=spec.head_dim, max_context=ctx,
+                                 shared_buffer=False, sliding_windows=spec.windows),
+            quantization={"weights": f"int{weight_bits}", "scheme": "static-qdq",
+                          "weight_granularity": "per-channel symmetric",
+                          "activations": f"uint{activation_bits} calibrated (MinMax)",
+                          "calibration": {"text": Path(calibration).name if calibration else "built-in",
+                                          "samples": len(samples)}},
+            requires={"static_shapes": True, "qdq": True})
         manifest = write_manifest(tmp, manifest)
     return manifest, sum(m["size"] for m in manifest["files"].values())
 

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edgeinfer.errors import ExportError
-from edgeinfer.package import FORMAT_NAME, FORMAT_VERSION, MANIFEST, sha256_file
+from edgeinfer.package import FORMAT_NAME, FORMAT_VERSION, MANIFEST, Manifest, sha256_file
 
 PARTIAL = ".partial-"
 
@@ -98,8 +98,11 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
-def write_manifest(folder: Path, manifest: dict) -> dict:
-    """Hash every file under FOLDER into the manifest and write it (last)."""
+def write_manifest(folder: Path, spec: Manifest | dict) -> dict:
+    """Hash every file under FOLDER into the manifest SPEC and write it (last); returns it as written.
+    (A dict is written as it is: the tests' deliberately damaged manifests.)"""
+    manifest = spec.to_dict() if isinstance(spec, Manifest) else dict(spec)
+    manifest.pop("files", None)
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST:

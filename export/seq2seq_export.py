@@ -18,6 +18,7 @@ from edgeinfer.models import bart, t5, whisper
 from edgeinfer.models.seq2seq_base import Seq2SeqSpec
 
 from edgeinfer.errors import ExportError
+from edgeinfer.package import ExitEntry, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
 
 from . import seq2seq_graph as sg
 from .blocks import PRECISIONS, Precision
@@ -246,34 +247,33 @@ def decoder_cuts(num_layers: int, stages: list[int], exits: list[int]) -> list[i
     return [0, *sorted(set(stages) | set(exits)), num_layers]
 
 
-def _manifest(src: Seq2SeqSource, prec: Precision, graphs: list[dict], exits: list[dict]) -> dict:
+def _manifest(src: Seq2SeqSource, prec: Precision, graphs: list[dict], exits: list[dict]) -> Manifest:
     precision = prec.name
     from edgeinfer import __version__
 
     spec = src.spec
-    return {
-        "kind": "encoder-decoder", "family": spec.family, "name": src.name, "target": "cpu",
-        "source": {"kind": src.kind, "location": src.location, "model_type": spec.family},
-        "exporter": {"edgeinfer": __version__},
-        "architecture": spec.as_manifest(),
-        "graphs": graphs,
-        "io": {"input_features": sg.INPUT_FEATURES, "encoder_input_ids": sg.ENCODER_INPUT_IDS,
-               "encoder_hidden_states": sg.ENCODER_HIDDEN,
-               "input_ids": sg.DECODER_INPUT_IDS, "logits": sg.LOGITS,
-               "past_key": sg.PAST_KEY, "past_value": sg.PAST_VALUE,
-               "present_key": sg.PRESENT_KEY, "present_value": sg.PRESENT_VALUE,
-               "cross_key": sg.CROSS_KEY, "cross_value": sg.CROSS_VALUE,
-               "hidden_in": sg.HIDDEN_IN, "hidden_out": sg.HIDDEN_OUT},
-        "kv_cache": {"layout": "BNSH", "dtype": "float32", "num_layers": spec.decoder_layers,
-                     "num_kv_heads": spec.heads, "head_dim": spec.head_dim,
-                     "max_context": spec.max_target_positions, "shared_buffer": False},
-        "quantization": {**prec.describe(),
-                         **({"encoder_and_cross_kv": "int8 per output channel, activations quantized on the fly "
-                             "(DynamicQuantizeMatMul)"} if precision == "int8" and spec.frontend == "audio" else {})},
-        "tokenizer": {"file": "tokenizer.json", "eos_token_ids": [src.generation["eos_token_id"]]},
-        "generation": src.generation,
-        "audio": {**AUDIO, "num_mel_bins": spec.num_mel_bins,
-                  "frames": 2 * spec.max_source_positions} if spec.frontend == "audio" else None,
-        "text": {"max_source_tokens": spec.max_source_positions} if spec.frontend == "tokens" else None,
-        "exits": exits,
-    }
+    return Manifest(
+        kind="encoder-decoder", family=spec.family, name=src.name, target="cpu",
+        source={"kind": src.kind, "location": src.location, "model_type": spec.family},
+        exporter={"edgeinfer": __version__},
+        architecture=spec.as_manifest(),
+        graphs=[GraphEntry.from_dict(g) for g in graphs],
+        io={"input_features": sg.INPUT_FEATURES, "encoder_input_ids": sg.ENCODER_INPUT_IDS,
+            "encoder_hidden_states": sg.ENCODER_HIDDEN,
+            "input_ids": sg.DECODER_INPUT_IDS, "logits": sg.LOGITS,
+            "past_key": sg.PAST_KEY, "past_value": sg.PAST_VALUE,
+            "present_key": sg.PRESENT_KEY, "present_value": sg.PRESENT_VALUE,
+            "cross_key": sg.CROSS_KEY, "cross_value": sg.CROSS_VALUE,
+            "hidden_in": sg.HIDDEN_IN, "hidden_out": sg.HIDDEN_OUT},
+        kv_cache=KVCacheSpec(layout="BNSH", dtype="float32", num_layers=spec.decoder_layers,
+                             num_kv_heads=spec.heads, head_dim=spec.head_dim,
+                             max_context=spec.max_target_positions, shared_buffer=False),
+        quantization={**prec.describe(),
+                      **({"encoder_and_cross_kv": "int8 per output channel, activations quantized on the fly "
+                          "(DynamicQuantizeMatMul)"} if precision == "int8" and spec.frontend == "audio" else {})},
+        tokenizer=TokenizerSpec(file="tokenizer.json", eos_token_ids=[src.generation["eos_token_id"]]),
+        generation=src.generation,
+        audio={**AUDIO, "num_mel_bins": spec.num_mel_bins,
+               "frames": 2 * spec.max_source_positions} if spec.frontend == "audio" else None,
+        text={"max_source_tokens": spec.max_source_positions} if spec.frontend == "tokens" else None,
+        exits=[ExitEntry.from_dict(e) for e in exits])

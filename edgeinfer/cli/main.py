@@ -234,9 +234,10 @@ def _cmd_export(args) -> int:
                        calibration=args.calibration, activation_bits=args.activation_bits,
                        exit_adapters=args.exit_adapters, adapter_rank=args.adapter_rank,
                        expert_bits=args.expert_bits, quant_method=args.quant_method)
-    precision = res.manifest.get("quantization", {}).get("weights", precision)
+    spec = res.spec
+    precision = spec.quantization.get("weights", precision)
     print(f"wrote {res.path} ({res.size_bytes / 1e6:.1f} MB, {precision}, target {args.target}, "
-          f"{len(res.manifest['graphs'])} graph(s), context {res.manifest['kv_cache']['max_context']})")
+          f"{len(spec.graphs)} graph(s), context {spec.kv_cache.max_context})")
     if args.check:
         from edgeinfer.export.check import check_package
 
@@ -335,16 +336,16 @@ def _cmd_info(args) -> int:
         from edgeinfer.package import open_package
 
         pkg = open_package(args.package, verify=False)
-        m = pkg.manifest
+        m = pkg.spec
         info["package"] = {
-            "path": str(pkg.root), "name": m.get("name"), "kind": pkg.kind, "family": pkg.family,
-            "format_version": m.get("format_version"), "quantization": m.get("quantization"),
-            "architecture": {k: v for k, v in m.get("architecture", {}).items() if k != "sliding_windows"},
-            "max_context": m["kv_cache"].get("max_context"),
-            "graphs": [{"path": g["path"], "role": g["role"], "layers": g.get("layers")} for g in m["graphs"]],
-            "exits": m.get("exits", []), "size_mb": round(sum(f["size"] for f in m["files"].values()) / 1e6, 1),
-            "chat_template": bool(m["tokenizer"].get("chat_template")),
-            "target": m.get("target", "cpu"), "static": m.get("static"),
+            "path": str(pkg.root), "name": m.name, "kind": m.kind, "family": m.family,
+            "format_version": pkg.format_version, "quantization": m.quantization,
+            "architecture": {k: v for k, v in m.architecture.items() if k != "sliding_windows"},
+            "max_context": m.kv_cache.max_context,
+            "graphs": [{"path": g.path, "role": g.role, "layers": list(g.layers) if g.layers else None}
+                       for g in m.graphs],
+            "exits": [e.to_dict() for e in m.exits], "size_mb": round(pkg.size_bytes / 1e6, 1),
+            "chat_template": bool(m.tokenizer.chat_template), "target": m.target, "static": m.static,
         }
     if args.json:
         print(json.dumps(info, indent=1))
@@ -449,7 +450,7 @@ def _cmd_verify(args) -> int:
     from edgeinfer.package import open_package
 
     pkg = open_package(args.package, verify=True)
-    print(f"{args.package}: {len(pkg.manifest['files'])} files match their sha256")
+    print(f"{args.package}: {len(pkg.files)} files match their sha256")
     return 0
 
 

@@ -19,16 +19,16 @@ class MonolithicDecoder(Decoder):
 
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None):
         super().__init__()
-        entry = next(g for g in pkg.manifest["graphs"] if g.get("role") == "monolithic")
-        self.session = create_session(pkg.path(entry["path"]), target)
+        entry = pkg.spec.graph("monolithic")
+        self.session = create_session(pkg.path(entry.path), target)
         self.package = pkg
-        self.io = pkg.manifest["io"]
+        self.io = pkg.spec.io
         kv = pkg.kv_cache
-        self.package_context = int(kv["max_context"])
+        self.package_context = kv.max_context
         self.capacity = min(int(max_context or self.package_context), self.package_context)
-        self.num_layers = int(kv["num_layers"])
-        self.vocab_size = int(pkg.manifest["architecture"]["vocab_size"])
-        self.shape = (1, int(kv["num_kv_heads"]), 0, int(kv["head_dim"]))
+        self.num_layers = kv.num_layers
+        self.vocab_size = pkg.spec.vocab_size
+        self.shape = (1, kv.num_kv_heads, 0, kv.head_dim)
         self.stages: list = []
         self.reset()
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeinfer.errors import ContextLengthError, PackageError
-from edgeinfer.package import Package
+from edgeinfer.package import GraphEntry, Package
 from edgeinfer.runtimes import ExecutionTarget, create_session
 
 from .base import Decoder
@@ -30,19 +30,21 @@ _ov = ort.OrtValue.ortvalue_from_numpy
 class Stage:
     """One stage graph: its session, its layers' KV cache, and its pending inputs."""
 
-    def __init__(self, pkg: Package, entry: dict, target: ExecutionTarget, capacity: int):
-        self.name = entry["name"]
-        self.first, self.last = (int(v) for v in entry["layers"])
-        self.embed = bool(entry.get("embed"))
-        self.head = bool(entry.get("head"))
-        self.session = create_session(pkg.path(entry["path"]), target)
+    def __init__(self, pkg: Package, entry: GraphEntry, target: ExecutionTarget, capacity: int):
+        self.name = entry.name
+        if entry.layers is None:
+            raise PackageError(f"stage graph '{entry.path}' lists no layers: re-export the package.")
+        self.first, self.last = entry.layers
+        self.embed = bool(entry.embed)
+        self.head = bool(entry.head)
+        self.session = create_session(pkg.path(entry.path), target)
         got = {i.name for i in self.session.get_inputs()}
-        expected = set(entry.get("inputs", []))
+        expected = set(entry.inputs)
         if expected and got != expected:
-            raise PackageError(f"graph '{entry['path']}' does not have the inputs its manifest lists: "
+            raise PackageError(f"graph '{entry.path}' does not have the inputs its manifest lists: "
                                "the package is inconsistent, re-export it.")
-        kv, io = pkg.kv_cache, pkg.manifest["io"]
-        self.cache = KVCache(range(self.first, self.last), int(kv["num_kv_heads"]), int(kv["head_dim"]), capacity,
+        kv, io = pkg.kv_cache, pkg.spec.io
+        self.cache = KVCache(range(self.first, self.last), kv.num_kv_heads, kv.head_dim, capacity,
                              device=target.device_memory)
         self.layer_names = [(i, io["past_key"].format(layer=i), io["past_value"].format(layer=i),
                              io["present_key"].format(layer=i), io["present_value"].format(layer=i))
@@ -82,28 +84,27 @@ class StagedDecoder(Decoder):
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None):
         super().__init__()
         self.package = pkg
-        kv = pkg.kv_cache
-        self.package_context = int(kv["max_context"])
+        self.package_context = pkg.kv_cache.max_context
         self.capacity = min(int(max_context or self.package_context), self.package_context)
         self.stages = [Stage(pkg, e, target, self.capacity) for e in pkg.stages]
         if not self.stages or not self.stages[0].embed or not self.stages[-1].head:
             raise PackageError(f"package '{pkg.root}' has no complete chain of stage graphs: re-export it.")
-        self.io = pkg.manifest["io"]
-        self.vocab_size = int(pkg.manifest["architecture"]["vocab_size"])
-        self.hidden_size = int(pkg.manifest["architecture"]["hidden_size"])
-        heads = [g for g in pkg.manifest["graphs"] if g.get("role") == "exit_head"]
-        self.exit_head = create_session(pkg.path(heads[0]["path"]), target) if heads else None
+        spec = pkg.spec
+        self.io = spec.io
+        self.vocab_size = spec.vocab_size
+        self.hidden_size = int(spec.architecture["hidden_size"])
+        head = spec.graph("exit_head")
+        self.exit_head = create_session(pkg.path(head.path), target) if head else None
         # exit layer -> number of stages to run before applying the exit head
-        self.exits = {int(e["layer"]): int(e["after_stage"]) + 1 for e in pkg.manifest.get("exits", [])}
+        self.exits = spec.exit_stages
         # Fitted exit adapters (export --exit-adapters), keyed like exit_logits' STAGES argument.
-        by_name = {g["name"]: g for g in pkg.manifest["graphs"]}
         self.adapters = {}
-        for e in pkg.manifest.get("exits", []):
-            if e.get("adapter"):
-                if e["adapter"] not in by_name:
-                    raise PackageError(f"exit {e['layer']} names an adapter graph the package lacks: re-export it.")
-                self.adapters[int(e["after_stage"]) + 1] = create_session(pkg.path(by_name[e["adapter"]]["path"]),
-                                                                          target)
+        for e in spec.exits:
+            if e.adapter:
+                adapter = spec.graph_named(e.adapter)
+                if adapter is None:
+                    raise PackageError(f"exit {e.layer} names an adapter graph the package lacks: re-export it.")
+                self.adapters[e.stages] = create_session(pkg.path(adapter.path), target)
         self._plans: dict = {}
 
     # -- state -----------------------------------------------------------------

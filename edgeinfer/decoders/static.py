@@ -54,20 +54,18 @@ class StaticDecoder(Decoder):
 
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None):
         super().__init__()
-        m = pkg.manifest
-        static = m.get("static")
+        spec = pkg.spec
+        static = spec.static
         if not static:
             raise PackageError(f"package '{pkg.root}' has no static-shape description: re-export it with "
                                "--target npu.")
-        graphs = {g["role"]: g for g in m["graphs"]}
-        if "static_prefill" not in graphs or "static_decode" not in graphs:
+        graphs = {role: spec.graph(role) for role in ("static_prefill", "static_decode")}
+        if None in graphs.values():
             raise PackageError(f"package '{pkg.root}' lacks its prefill or decode graph: re-export it.")
-        sessions = {role: create_session(pkg.path(graphs[role]["path"]), target, m)
-                    for role in ("static_prefill", "static_decode")}
-        quant = {role: graphs[role].get("io_quantization") for role in ("static_prefill", "static_decode")}
-        self._setup(sessions["static_prefill"], sessions["static_decode"], static, m["io"],
-                    vocab_size=int(m["architecture"]["vocab_size"]), max_context=max_context,
-                    quant=(quant["static_prefill"], quant["static_decode"]))
+        sessions = {role: create_session(pkg.path(g.path), target, pkg.manifest) for role, g in graphs.items()}
+        self._setup(sessions["static_prefill"], sessions["static_decode"], static, spec.io,
+                    vocab_size=spec.vocab_size, max_context=max_context,
+                    quant=(graphs["static_prefill"].io_quantization, graphs["static_decode"].io_quantization))
 
     @classmethod
     def from_sessions(cls, prefill: ort.InferenceSession, decode: ort.InferenceSession, static: dict,

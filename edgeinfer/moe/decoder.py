@@ -52,27 +52,27 @@ class MoEDecoder(Decoder):
                  memory_budget: int | None = None, prefetch: bool = True, direct_io: bool = False,
                  readers: int = 1):
         super().__init__()
-        m = pkg.manifest
-        moe, kv = m["moe"], pkg.kv_cache
-        self.io = m["io"]
-        self.package_context = int(kv["max_context"])
+        spec = pkg.spec
+        moe, kv = spec.moe, pkg.kv_cache
+        self.io = spec.io
+        self.package_context = kv.max_context
         self.capacity = min(int(max_context or self.package_context), self.package_context)
-        self.vocab_size = int(m["architecture"]["vocab_size"])
-        self.hidden_size = int(m["architecture"]["hidden_size"])
+        self.vocab_size = spec.vocab_size
+        self.hidden_size = int(spec.architecture["hidden_size"])
         self.top_k = int(moe["top_k"])
         self.renormalize = bool(moe["norm_topk_prob"])
-        graphs = {g.get("role"): g for g in m["graphs"] if g.get("role") in ("embed", "head", "expert_ffn")}
-        layers = sorted((g for g in m["graphs"] if g.get("role") == "moe_layer"), key=lambda g: int(g["layer"]))
-        self.num_layers = int(kv["num_layers"])
-        if "embed" not in graphs or "head" not in graphs or [int(g["layer"]) for g in layers] != list(
+        graphs = {role: spec.graph(role) for role in ("embed", "head", "expert_ffn")}
+        layers = sorted(spec.graphs_with_role("moe_layer"), key=lambda g: g.layer if g.layer is not None else -1)
+        self.num_layers = kv.num_layers
+        if graphs["embed"] is None or graphs["head"] is None or [g.layer for g in layers] != list(
                 range(self.num_layers)):
             raise PackageError(f"package '{pkg.root}' lacks some of its MoE graphs: re-export it.")
-        self.embed = create_session(pkg.path(graphs["embed"]["path"]), target)
-        self.head = create_session(pkg.path(graphs["head"]["path"]), target)
-        self.layers = [create_session(pkg.path(g["path"]), target) for g in layers]
-        self.sparse = [bool(g["sparse"]) for g in layers]
+        self.embed = create_session(pkg.path(graphs["embed"].path), target)
+        self.head = create_session(pkg.path(graphs["head"].path), target)
+        self.layers = [create_session(pkg.path(g.path), target) for g in layers]
+        self.sparse = [bool(g.sparse) for g in layers]
         self.has_shared = bool(moe.get("shared_expert_intermediate"))
-        self.kv = KVCache(range(self.num_layers), int(kv["num_kv_heads"]), int(kv["head_dim"]), self.capacity)
+        self.kv = KVCache(range(self.num_layers), kv.num_kv_heads, kv.head_dim, self.capacity)
         sparse_layers = [i for i, s in enumerate(self.sparse) if s]
         self.cache: ExpertCache | None = None
         self.prefetcher: Prefetcher | None = None
@@ -84,7 +84,7 @@ class MoEDecoder(Decoder):
             self.eps = float(router["eps"])
             if "expert_ffn" not in graphs:
                 raise PackageError(f"package '{pkg.root}' has no expert_ffn graph: re-export it.")
-            ffn_graph = pkg.path(graphs["expert_ffn"]["path"]).read_bytes()
+            ffn_graph = pkg.path(graphs["expert_ffn"].path).read_bytes()
             store = ExpertStore(pkg, moe["expert_store"], direct_io=direct_io)
             missing = [i for i in sparse_layers if str(i) not in moe["expert_store"]["layers"]]
             if missing:

@@ -70,29 +70,29 @@ class Seq2SeqModel:
                  allow_fallback: bool = False):
         self.package = pkg
         self.target = resolve_provider(provider, threads, manifest=pkg.manifest, allow_fallback=allow_fallback)
-        m = pkg.manifest
-        self.arch = m.get("architecture", {})
-        self.io = m.get("io", {})
+        m = pkg.spec
+        self.arch = m.architecture
+        self.io = m.io
         try:
-            graphs = {g["role"]: g for g in m["graphs"]}
-            stage_entries = [g for g in m["graphs"] if g.get("role") == "decoder_stage"]
+            graphs = {g.role: g for g in m.graphs}
+            stage_entries = m.graphs_with_role("decoder_stage")
             roles = ("encoder", "cross_kv") + (() if stage_entries else ("decoder",))
-            self.sessions = {role: create_session(pkg.path(graphs[role]["path"]), self.target) for role in roles}
+            self.sessions = {role: create_session(pkg.path(graphs[role].path), self.target) for role in roles}
             self.layers = int(self.arch["decoder_layers"])
             # a staged decoder (export --exits/--stages): stage graphs, the exit head, exit layer -> stages to run
-            self.stages = [DecoderStage(e, create_session(pkg.path(e["path"]), self.target), self.io)
+            self.stages = [DecoderStage(e, create_session(pkg.path(e.path), self.target), self.io)
                            for e in stage_entries]
             if self.stages:
                 check_chain(self.stages, self.layers, pkg.root)
-            self.exit_head = (create_session(pkg.path(graphs["exit_head"]["path"]), self.target)
+            self.exit_head = (create_session(pkg.path(graphs["exit_head"].path), self.target)
                               if "exit_head" in graphs else None)
-            self.exits = {int(e["layer"]): int(e["after_stage"]) + 1 for e in m.get("exits") or []}
+            self.exits = m.exit_stages
             if self.exits and (self.exit_head is None or not self.stages
                                or any(self.stages[n - 1].last != layer for layer, n in self.exits.items())):
                 raise PackageError(f"package '{pkg.root}' lists exits its decoder stages do not match: re-export it.")
             self.max_target_positions = int(self.arch["max_target_positions"])
-            self.generation = m.get("generation", {})
-            self.audio = m.get("audio")
+            self.generation = m.generation
+            self.audio = m.audio
             self.window_s = (int(self.audio["frames"]) * int(self.audio["hop_length"])
                               / int(self.audio["sampling_rate"]) if self.audio else 0.0)
             self.eos = {int(self.generation["eos_token_id"])}
@@ -108,7 +108,7 @@ class Seq2SeqModel:
 
     @property
     def name(self) -> str:
-        return self.package.manifest.get("name", self.package.root.name)
+        return self.package.name
 
     @property
     def kind(self) -> str:
@@ -194,7 +194,7 @@ class Seq2SeqModel:
             ids = list(text)
         else:
             raise GenerationError("the input must be text (a str) or a list of token ids.")
-        limit = int((self.package.manifest.get("text") or {}).get("max_source_tokens", 0) or 0)
+        limit = int((self.package.spec.text or {}).get("max_source_tokens", 0) or 0)
         if not ids:
             raise GenerationError("the input is empty: give at least one token of text.")
         if limit and len(ids) > limit:

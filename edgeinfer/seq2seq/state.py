@@ -63,12 +63,15 @@ class DecoderState:
 class DecoderStage:
     """One stage graph: its session, its layers and the IO names it is fed by."""
 
-    def __init__(self, entry: dict, session, io: dict):
-        self.name = entry["name"]
-        self.first, self.last = (int(v) for v in entry["layers"])
-        self.embed, self.head = bool(entry.get("embed")), bool(entry.get("head"))
+    def __init__(self, entry, session, io: dict):
+        """ENTRY: its edgeinfer.package.GraphEntry."""
+        self.name = entry.name
+        if entry.layers is None:
+            raise PackageError(f"decoder stage '{self.name}' lists no layers: re-export the package.")
+        self.first, self.last = entry.layers
+        self.embed, self.head = bool(entry.embed), bool(entry.head)
         if not 0 <= self.first < self.last:
-            raise PackageError(f"decoder stage '{self.name}' lists layers {entry['layers']}: re-export the package.")
+            raise PackageError(f"decoder stage '{self.name}' lists layers {list(entry.layers)}: re-export the package.")
         self.session = session
         self.input_name = io["input_ids"] if self.embed else io["hidden_in"]
         layers = range(self.first, self.last)

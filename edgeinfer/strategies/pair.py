@@ -21,6 +21,7 @@ import numpy as np
 
 from edgeinfer.decoders import StagedDecoder
 from edgeinfer.errors import GenerationError
+from edgeinfer.package import GraphEntry
 
 from .base import PREFILL_CHUNK, Strategy
 
@@ -38,11 +39,11 @@ def max_probability(logits: np.ndarray) -> float:
     return float(1.0 / np.exp(z).sum())
 
 
-def _file_bytes(decoder: StagedDecoder, entry: dict) -> int:
+def _file_bytes(decoder: StagedDecoder, entry: GraphEntry) -> int:
     """Bytes of weights a graph reads per forward (recorded at export when graphs share a data file)."""
-    if "weight_bytes" in entry:
-        return int(entry["weight_bytes"])
-    path = decoder.package.path(entry["path"])
+    if entry.weight_bytes is not None:
+        return entry.weight_bytes
+    path = decoder.package.path(entry.path)
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
@@ -55,11 +56,11 @@ class Track:
         self.decoder = decoder
         self.stages = stages
         self.fed = [] if fed is None else fed  # shared between the two views of one decoder
-        graphs = decoder.package.stages or [g for g in decoder.package.manifest["graphs"]
-                                            if g.get("role") == "monolithic"]
+        spec = decoder.package.spec
+        graphs = spec.stages or spec.graphs_with_role("monolithic")
         self.stage_bytes = [_file_bytes(decoder, e) for e in graphs]
-        heads = [g for g in decoder.package.manifest["graphs"] if g.get("role") == "exit_head"]
-        head_bytes = _file_bytes(decoder, heads[0]) if heads and stages is not None else 0
+        head = spec.graph("exit_head")
+        head_bytes = _file_bytes(decoder, head) if head is not None and stages is not None else 0
         # Bytes of weights one forward of this view reads, whatever the number of positions it carries.
         self.weight_bytes = sum(self.stage_bytes[: stages or len(self.stage_bytes)]) + head_bytes
         self.calls = 0

@@ -10,9 +10,12 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
-from .errors import PackageError
+from edgeinfer.errors import PackageError
+
+from .manifest import GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
 
 MANIFEST = "edgeinfer.json"
 FORMAT_NAME = "edgeinfer-package"
@@ -52,30 +55,52 @@ def safe_member(root: Path, rel: str) -> Path:
 
 @dataclass
 class Package:
-    """A checked model package on disk."""
+    """A checked model package on disk: ``manifest`` is the JSON as written (its file table
+    checked), ``spec`` its typed view (edgeinfer.package.manifest), what the runtime reads."""
 
     root: Path
     manifest: dict
 
+    @cached_property
+    def spec(self) -> Manifest:
+        return Manifest.from_dict(self.manifest)
+
     @property
     def kind(self) -> str:
-        return self.manifest.get("kind", "decoder")
+        return self.spec.kind
 
     @property
     def family(self) -> str:
-        return self.manifest.get("family", "?")
+        return self.spec.family
 
     @property
-    def stages(self) -> list[dict]:
-        return [g for g in self.manifest["graphs"] if g.get("role") == "stage"]
+    def name(self) -> str:
+        return self.spec.name or self.root.name
 
     @property
-    def kv_cache(self) -> dict:
-        return self.manifest["kv_cache"]
+    def format_version(self) -> list[int]:
+        return list(self.manifest["format_version"])
 
     @property
-    def tokenizer(self) -> dict:
-        return self.manifest["tokenizer"]
+    def files(self) -> dict[str, dict]:
+        """The file table: relative path -> {"size", "sha256"} (checked by open_package)."""
+        return self.manifest["files"]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(int(meta.get("size", 0)) for meta in self.files.values())
+
+    @property
+    def stages(self) -> list[GraphEntry]:
+        return self.spec.stages
+
+    @property
+    def kv_cache(self) -> KVCacheSpec:
+        return self.spec.kv_cache
+
+    @property
+    def tokenizer(self) -> TokenizerSpec:
+        return self.spec.tokenizer
 
     def path(self, rel: str) -> Path:
         """A file of the package, confined to its folder; one the manifest's file table does not
@@ -124,6 +149,7 @@ def open_package(path: str | os.PathLike, verify: bool | None = None) -> Package
         raise PackageError(f"'{mpath}' is not valid JSON ({e}): the package is corrupt, re-export it.") from None
     check_manifest(manifest, mpath)
     pkg = Package(root, manifest)
+    pkg.spec  # noqa: B018  (parse the typed view now: a malformed section fails here, in one sentence)
     for rel in manifest["files"]:
         pkg.path(rel)  # refuse escaping paths before anything is opened
     _refuse_escaping_links(root)

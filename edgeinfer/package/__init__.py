@@ -1,0 +1,18 @@
+"""The model package: the manifest schema (manifest.py: written by export/, read by the
+runtime) and the reader that checks a package folder before anything is opened (reader.py)."""
+
+from .manifest import ExitEntry, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
+from .reader import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    Package,
+    check_manifest,
+    open_package,
+    safe_member,
+    sha256_file,
+)
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST", "MAX_MANIFEST_BYTES", "ExitEntry", "GraphEntry", "KVCacheSpec",
+           "Manifest", "Package", "TokenizerSpec", "check_manifest", "open_package", "safe_member", "sha256_file"]
