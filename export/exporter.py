@@ -16,6 +16,7 @@ from . import decoder_graph as dg
 from .aliases import is_alias
 from .blocks import DEFAULT_MAX_CONTEXT, PRECISIONS, Precision, checked_context_and_precision
 from .package_writer import staging_folder, write_manifest
+from .progress import progress_bar
 from .sources import SourceModel, load_source
 
 TARGETS = ("cpu", "gpu", "npu")
@@ -129,7 +130,7 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
     except ValueError as e:
         raise ExportError(f"{e} (exits and stage cuts are layer counts between 1 and {spec.layers - 1}).") from None
 
-    bar = _progress_bar(spec.layers, f"building {precision} graphs", progress)
+    bar = progress_bar(spec.layers, f"building {precision} graphs", progress)
     with staging_folder(out, force) as tmp:
         (tmp / "graphs").mkdir()
         graphs = []
@@ -314,21 +315,3 @@ def _source_types(src: SourceModel, prec: Precision) -> dict:
     if prec.name == "source" and src.requantized:
         out["requantized"] = {t: len(names) for t, names in src.requantized.items()}
     return out
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    if not enabled or not sys.stderr.isatty():
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr)

@@ -53,6 +53,7 @@ from .blocks import (
 from .expert_store import CHANNEL_INT8, ExpertStoreWriter
 from .onnx_graph import MS_DOMAIN, GraphBuilder
 from .package_writer import staging_folder, write_manifest
+from .progress import progress_bar
 
 STREAM = "stream"
 FFN_IN = "ffn_in"
@@ -290,28 +291,8 @@ def export_moe_source(src, out: Path, precision: str, *, max_context: int | None
     ctx, prec = checked_context_and_precision(d.max_position, d.hidden, max_context, precision,
                                               block_size=block_size, lm_head_bits=lm_head_bits,
                                               accuracy_level=accuracy_level, symmetric=symmetric)
-    bar = _progress(d.layers, progress)
+    bar = progress_bar(d.layers, "building MoE graphs and expert store", progress)
     try:
         return export_moe(src, Path(out), spec, prec, ctx, force, bar.update, expert_bits)
     finally:
         bar.close()
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    import sys
-
-    if not enabled or not sys.stderr.isatty():
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc="building MoE graphs and expert store", unit="layer", file=sys.stderr)

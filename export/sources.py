@@ -4,7 +4,8 @@ Hugging Face folder, or a hub id. Everything ends up as one :class:`SourceModel`
 and for GGUF files the quantized blocks as the file holds them).
 
 The hand-built families are read without torch: GGUF files with the ``gguf`` package
-(export/gguf_metadata.py for config and tokenizer, export/gguf_tensors.py for the weights),
+(export/gguf_header.py reads the header, export/gguf_metadata.py the config and tokenizer,
+export/gguf_tensors.py the weights),
 Hugging Face folders with ``safetensors`` (export/hf_folder.py). Other families, hub ids and
 other GGUF architectures go through transformers; the tests check the torch-free readers
 against transformers' reading of the same files.
@@ -105,7 +106,7 @@ def _model_type(folder: Path) -> str:
 
 
 def _gguf_source(path: Path, meta) -> SourceModel:
-    from .gguf_metadata import GGUFTensorTable
+    from .gguf_header import GGUFTensorTable
     from .gguf_tensors import read_gguf_tensors
 
     cfg = meta.config.get("text_config", meta.config)

@@ -236,7 +236,7 @@ def test_reading_needs_no_torch_and_is_fast(tmp_path):
 
 
 def test_damaged_gguf_is_a_clear_error(tmp_path):
-    from edgeinfer.export.gguf_metadata import read_gguf_header
+    from edgeinfer.export.gguf_header import read_gguf_header
 
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (1).to_bytes(8, "little") + (1 << 19).to_bytes(8, "little")
@@ -253,7 +253,7 @@ def test_tensor_table_is_gguf_readers(alias):
     """GGUFTensorTable stands in for gguf.GGUFReader's tensors: same names, types, shapes, bytes."""
     import gguf
     import numpy as np
-    from edgeinfer.export.gguf_metadata import GGUFTensorTable, read_gguf_header
+    from edgeinfer.export.gguf_header import GGUFTensorTable, read_gguf_header
 
     path = _alias_path(alias)
     mine = GGUFTensorTable(read_gguf_header(path)).tensors
@@ -267,7 +267,7 @@ def test_tensor_table_is_gguf_readers(alias):
 
 
 def test_tensor_table_refuses_truncated_file(tmp_path):
-    from edgeinfer.export.gguf_metadata import GGUFTensorTable, read_gguf_header
+    from edgeinfer.export.gguf_header import GGUFTensorTable, read_gguf_header
 
     path = _alias_path("smollm2-135m")
     cut = tmp_path / "cut.gguf"
