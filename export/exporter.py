@@ -6,8 +6,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeinfer.models import FAMILIES, spec_for_config
-from edgeinfer.models.moe import MODEL_TYPES as MOE_TYPES
+from edgeinfer.models import FAMILIES, kind_for, spec_for_config
 
 from edgeinfer.errors import ExportError
 from edgeinfer.package import ExitEntry, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
@@ -97,7 +96,7 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
         check_config_attention(src.config, target)
     if target == "npu":
         return _export_npu(src, out, max_context, force, prefill_chunk, calibration, activation_bits, precision)
-    if model_type in MOE_TYPES:  # sparse MoE: per-layer graphs + expert store (export/moe_graph.py)
+    if kind_for(model_type) == "moe":  # sparse MoE: per-layer graphs + expert store (export/moe_graph.py)
         from .moe_graph import export_moe_source
 
         manifest = export_moe_source(src, out, precision, max_context=max_context, stages=stages, exits=exits,
@@ -161,7 +160,7 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
 def _checked_precision(src: SourceModel, precision: str | None, target: str, model_type: str) -> str:
     """The precision to export at: the GGUF file's own blocks by default where they can be carried over,
     else int4 (cpu) / fp16 (gpu) / int8 (npu). Says which tensors a re-quantization changes."""
-    exact_ok = bool(src.blocks) and target == "cpu" and model_type in FAMILIES and model_type not in MOE_TYPES
+    exact_ok = bool(src.blocks) and target == "cpu" and kind_for(model_type) == "decoder"
     if precision is None:
         precision = "source" if exact_ok else {"cpu": "int4", "gpu": "fp16", "npu": "int8"}[target]
     if precision == "source" and not exact_ok:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from edgeinfer.models import bart, t5, whisper
+from edgeinfer.models import bart, kind_for, t5, whisper
 from edgeinfer.models.seq2seq_base import Seq2SeqSpec
 
 from edgeinfer.errors import ExportError
@@ -25,7 +25,6 @@ from .blocks import PRECISIONS, Precision
 from .ct2_reader import is_ct2_folder, read_ct2_folder
 from .package_writer import staging_folder, write_manifest
 
-SEQ2SEQ_FAMILIES = ("whisper", *t5.FAMILIES, *bart.FAMILIES)
 # Whisper's audio front-end (fixed by the model: 30 s windows of 16 kHz audio, 10 ms hops)
 AUDIO = {"sampling_rate": 16000, "n_fft": 400, "hop_length": 160}
 
@@ -58,7 +57,7 @@ def seq2seq_source_path(source: str) -> Path | None:
             model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
         except (ValueError, UnicodeDecodeError, AttributeError):
             return None
-        if model_type in SEQ2SEQ_FAMILIES:
+        if kind_for(model_type) == "encoder-decoder":
             return path
     return None
 
