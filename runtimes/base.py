@@ -30,6 +30,7 @@ import onnxruntime as ort
 from edgeinfer.errors import PackageError, ProviderError
 
 from . import coreml, cpu, cuda, directml, openvino, qnn, tensorrt, xnnpack
+from .provider import Provider
 
 log = logging.getLogger("edgeinfer")
 
@@ -52,15 +53,16 @@ class ExecutionTarget:
     @property
     def device_memory(self) -> str:
         """Where IO-bound buffers (the KV cache) live: on the GPU for CUDA/TensorRT, else host memory."""
-        return getattr(PROVIDERS[self.name], "DEVICE_MEMORY", "cpu")
+        return PROVIDERS[self.name].device_memory
 
     @property
     def description(self) -> str:
         return f"{self.name} ({self.reason})" if self.reason else self.name
 
 
-# short name -> module; the order is the one `info` lists
-PROVIDERS = {m.NAME: m for m in (cpu, cuda, tensorrt, directml, coreml, qnn, openvino, xnnpack)}
+# short name -> its Provider record (runtimes/provider.py); the order is the one `info` lists
+PROVIDERS: dict[str, Provider] = {m.PROVIDER.name: m.PROVIDER
+                                  for m in (cpu, cuda, tensorrt, directml, coreml, qnn, openvino, xnnpack)}
 # auto: preference by the package's target (the manifest's "target"; older packages are cpu)
 AUTO_ORDER = {
     "cpu": ["cpu"],
@@ -76,24 +78,24 @@ def package_target(manifest: dict | None) -> str:
     return (manifest or {}).get("target", "cpu")
 
 
-def plugin_devices(module) -> list:
-    """Register MODULE's plugin library once (if it ships one here) and return its devices."""
-    lib = module.plugin_library()
+def plugin_devices(p: Provider) -> list:
+    """Register P's plugin library once (if it ships one here) and return its devices."""
+    lib = p.plugin_library()
     if lib is None:
         return []
-    if module.ORT_NAME not in _registered_plugins:
+    if p.ort_name not in _registered_plugins:
         try:
-            ort.register_execution_provider_library(module.ORT_NAME, lib)
+            ort.register_execution_provider_library(p.ort_name, lib)
         except Exception as e:  # already registered by someone else in this process is fine
             if "already registered" not in str(e).lower():
-                log.debug("registering %s from %s failed: %s", module.ORT_NAME, lib, e)
+                log.debug("registering %s from %s failed: %s", p.ort_name, lib, e)
                 return []
-        _registered_plugins[module.ORT_NAME] = lib
-    return [d for d in ort.get_ep_devices() if d.ep_name == module.ORT_NAME]
+        _registered_plugins[p.ort_name] = lib
+    return [d for d in ort.get_ep_devices() if d.ep_name == p.ort_name]
 
 
-def _classic(module) -> bool:
-    return module.plugin_library() is None and module.ORT_NAME in ort.get_available_providers()
+def _classic(p: Provider) -> bool:
+    return p.plugin_library() is None and p.ort_name in ort.get_available_providers()
 
 
 def available_providers() -> list[str]:
@@ -108,9 +110,9 @@ def provider_report() -> list[dict]:
     for name, m in PROVIDERS.items():
         devices = plugin_devices(m)
         kind = "plugin" if m.plugin_library() else "classic"
-        rows.append({"name": name, "onnxruntime_name": m.ORT_NAME, "device": m.DEVICE_KIND,
+        rows.append({"name": name, "onnxruntime_name": m.ort_name, "device": m.device_kind,
                      "available": bool(devices) or _classic(m), "registration": kind,
-                     "devices": [_describe_device(d) for d in devices], "needs": m.NEEDS, "install": m.INSTALL})
+                     "devices": [_describe_device(d) for d in devices], "needs": m.needs, "install": m.install})
     return rows
 
 
@@ -160,14 +162,14 @@ def resolve_provider(name: str = "auto", threads: int | None = None, manifest: d
     refusal = _refusal(name, have, manifest)
     if refusal is not None:
         return _fallback_or_raise(refusal, threads, allow_fallback,
-                                  hint=PROVIDERS[name].INSTALL if name not in have else _target_hint(target))
+                                  hint=PROVIDERS[name].install if name not in have else _target_hint(target))
     return _target(name, threads, allow_fallback, cpu_fallback, "requested")
 
 
 def _emulated(short: str) -> bool:
     """A provider whose device is an emulation (QNN's HTP on x86): never chosen by auto."""
-    module = PROVIDERS[short]
-    return bool(getattr(module, "emulated", None)) and module.emulated(plugin_devices(module))
+    provider = PROVIDERS[short]
+    return provider.emulated(plugin_devices(provider))
 
 
 def _refusal(short: str, have: list[str], manifest: dict | None) -> str | None:
@@ -190,26 +192,26 @@ def _fallback_or_raise(why: str, threads, allow_fallback: bool, hint: str = "") 
 
 
 def _target(short: str, threads, allow_fallback: bool, cpu_fallback: bool, reason: str) -> ExecutionTarget:
-    module = PROVIDERS[short]
-    devices = tuple(plugin_devices(module))
-    return ExecutionTarget(short, module.ORT_NAME, module.provider_options(), threads, devices=devices,
+    provider = PROVIDERS[short]
+    devices = tuple(plugin_devices(provider))
+    return ExecutionTarget(short, provider.ort_name, provider.provider_options(), threads, devices=devices,
                            allow_fallback=allow_fallback, cpu_fallback=cpu_fallback, reason=reason)
 
 
 def create_session(path: Path, target: ExecutionTarget, manifest: dict | None = None) -> ort.InferenceSession:
     """One inference session for a graph of a (verified) package (MANIFEST: for package-specific settings)."""
-    module = PROVIDERS[target.name]
-    so = module.session_options(target.threads)
+    provider = PROVIDERS[target.name]
+    so = provider.session_options(target.threads)
     so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-    for key, value in getattr(module, "session_config", lambda m: {})(manifest or {}).items():
+    for key, value in provider.session_config(manifest or {}).items():
         so.add_session_config_entry(key, value)
     if target.name != "cpu" and not target.cpu_fallback:
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     try:
         if target.devices:
-            so.add_provider_for_devices(list(target.devices), module.provider_options())
+            so.add_provider_for_devices(list(target.devices), provider.provider_options())
             return ort.InferenceSession(os.fspath(path), sess_options=so)
-        providers = [(target.ort_name, target.options)] + module.companions()
+        providers = [(target.ort_name, target.options)] + provider.companions()
         if target.name != "cpu":
             providers.append(("CPUExecutionProvider", {}))
         return ort.InferenceSession(os.fspath(path), sess_options=so, providers=providers)

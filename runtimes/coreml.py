@@ -8,10 +8,9 @@ package would run almost entirely on the CPU fallback, so it is refused.
 
 from __future__ import annotations
 
-import onnxruntime as ort
-
 from . import cpu
 from ._common import needs_target
+from .provider import Provider
 
 NAME = "coreml"
 ORT_NAME = "CoreMLExecutionProvider"
@@ -21,21 +20,19 @@ NEEDS = {"static_shapes": True, "qdq": False, "fp16": True,
 INSTALL = "the onnxruntime package for macOS/iOS includes it"
 
 
-def plugin_library() -> str | None:
-    return None
-
-
 def provider_options() -> dict:
     return {"ModelFormat": "MLProgram", "MLComputeUnits": "ALL", "RequireStaticInputShapes": "1"}
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
-    return cpu.session_options(threads)
-
-
-def companions() -> list:
-    return []
-
-
 def accepts(manifest: dict) -> str | None:
     return needs_target(manifest, ("npu",), NAME, "needs static shapes and standard ops")
+
+
+PROVIDER = Provider(name=NAME,
+                    ort_name=ORT_NAME,
+                    device_kind=DEVICE_KIND,
+                    needs=NEEDS,
+                    install=INSTALL,
+                    session_options=cpu.session_options,
+                    provider_options=provider_options,
+                    accepts=accepts)

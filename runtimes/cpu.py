@@ -16,6 +16,8 @@ import warnings
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _C
 
+from .provider import Provider
+
 NAME = "cpu"
 ORT_NAME = "CPUExecutionProvider"
 DEVICE_KIND = "cpu"
@@ -35,18 +37,6 @@ def default_threads() -> int:
     except AttributeError:
         pass
     return max(1, n)
-
-
-def provider_options() -> dict:
-    return {}
-
-
-def plugin_library() -> str | None:
-    return None
-
-
-def companions() -> list:
-    return []
 
 
 def session_config(manifest: dict) -> dict:
@@ -107,3 +97,13 @@ def session_options(threads: int | None) -> ort.SessionOptions:
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "1")
     return so
+
+
+PROVIDER = Provider(name=NAME,
+                    ort_name=ORT_NAME,
+                    device_kind=DEVICE_KIND,
+                    needs=NEEDS,
+                    install=INSTALL,
+                    session_options=session_options,
+                    accepts=accepts,
+                    session_config=session_config)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import onnxruntime as ort
 
 from . import cpu
+from .provider import Provider
 
 NAME = "cuda"
 ORT_NAME = "CUDAExecutionProvider"
@@ -35,13 +36,12 @@ def provider_options() -> dict:
             "do_copy_in_default_stream": "1"}
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
-    return cpu.session_options(threads)
-
-
-def companions() -> list:
-    return []
-
-
-def accepts(manifest: dict) -> str | None:
-    return None  # cpu and gpu graphs run; npu (QDQ) graphs run too, dequantized
+PROVIDER = Provider(name=NAME,
+                    ort_name=ORT_NAME,
+                    device_kind=DEVICE_KIND,
+                    needs=NEEDS,
+                    install=INSTALL,
+                    device_memory=DEVICE_MEMORY,
+                    session_options=cpu.session_options,
+                    plugin_library=plugin_library,
+                    provider_options=provider_options)

@@ -10,16 +10,13 @@ from __future__ import annotations
 import onnxruntime as ort
 
 from . import cpu
+from .provider import Provider
 
 NAME = "directml"
 ORT_NAME = "DmlExecutionProvider"
 DEVICE_KIND = "gpu"
 NEEDS = {"static_shapes": False, "qdq": False, "fp16": True, "note": "Windows only; fp16 weights are fastest"}
 INSTALL = "pip install onnxruntime-directml (Windows only)"
-
-
-def plugin_library() -> str | None:
-    return None
 
 
 def provider_options() -> dict:
@@ -33,9 +30,10 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
-def companions() -> list:
-    return []
-
-
-def accepts(manifest: dict) -> str | None:
-    return None
+PROVIDER = Provider(name=NAME,
+                    ort_name=ORT_NAME,
+                    device_kind=DEVICE_KIND,
+                    needs=NEEDS,
+                    install=INSTALL,
+                    session_options=session_options,
+                    provider_options=provider_options)

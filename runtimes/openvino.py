@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import os
 
-import onnxruntime as ort
-
 from . import cpu
 from ._common import needs_target
+from .provider import Provider
 
 NAME = "openvino"
 ORT_NAME = "OpenVINOExecutionProvider"
@@ -25,10 +24,6 @@ DEVICE_KIND = "npu"
 NEEDS = {"static_shapes": True, "qdq": True, "fp16": False,
          "note": "standard ops; static shapes for its NPU; QDQ int8 runs as int8 on CPU/NPU"}
 INSTALL = "pip install onnxruntime-openvino in its own venv (runtimes/make_openvino_venv.sh)"
-
-
-def plugin_library() -> str | None:
-    return None
 
 
 def device_type() -> str:
@@ -51,13 +46,15 @@ def provider_options() -> dict:
     return {"device_type": device_type()}
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
-    return cpu.session_options(threads)
-
-
-def companions() -> list:
-    return []
-
-
 def accepts(manifest: dict) -> str | None:
     return needs_target(manifest, ("npu",), NAME, "takes only standard ops")
+
+
+PROVIDER = Provider(name=NAME,
+                    ort_name=ORT_NAME,
+                    device_kind=DEVICE_KIND,
+                    needs=NEEDS,
+                    install=INSTALL,
+                    session_options=cpu.session_options,
+                    provider_options=provider_options,
+                    accepts=accepts)

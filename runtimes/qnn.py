@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from . import cpu
 from ._common import needs_target
+from .provider import Provider
 
 NAME = "qnn"
 ORT_NAME = "QNNExecutionProvider"
@@ -46,14 +47,6 @@ def provider_options() -> dict:
     return {"backend_path": q.get_qnn_htp_path(), "htp_performance_mode": "burst"}
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
-    return cpu.session_options(threads)
-
-
-def companions() -> list:
-    return []
-
-
 def emulated(devices: list) -> bool:
     """True when the HTP is the emulator (the provider's devices are CPUs, as on x86-64 Linux): `auto` does
     not pick it — it is a correctness tool ~100x slower than the CPU provider; `--provider qnn` still runs it."""
@@ -62,3 +55,15 @@ def emulated(devices: list) -> bool:
 
 def accepts(manifest: dict) -> str | None:
     return needs_target(manifest, ("npu",), NAME, "(HTP) runs only static-shape QDQ graphs")
+
+
+PROVIDER = Provider(name=NAME,
+                    ort_name=ORT_NAME,
+                    device_kind=DEVICE_KIND,
+                    needs=NEEDS,
+                    install=INSTALL,
+                    session_options=cpu.session_options,
+                    plugin_library=plugin_library,
+                    provider_options=provider_options,
+                    accepts=accepts,
+                    emulated=emulated)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import onnxruntime as ort
-
 from . import cpu
+from .provider import Provider
 
 NAME = "tensorrt"
 ORT_NAME = "TensorrtExecutionProvider"
@@ -25,18 +24,10 @@ NEEDS = {"static_shapes": True, "qdq": False, "fp16": True,
 INSTALL = "pip install onnxruntime-gpu with TensorRT libraries (an NVIDIA GPU is needed)"
 
 
-def plugin_library() -> str | None:
-    return None
-
-
 def provider_options() -> dict:
     cache = Path(os.environ.get("EDGEINFER_CACHE", Path.home() / ".cache" / "edgeinfer")) / "tensorrt"
     return {"device_id": "0", "trt_fp16_enable": "True", "trt_engine_cache_enable": "True",
             "trt_engine_cache_path": str(cache)}
-
-
-def session_options(threads: int | None) -> ort.SessionOptions:
-    return cpu.session_options(threads)
 
 
 def companions() -> list:
@@ -45,5 +36,12 @@ def companions() -> list:
     return [(cuda.ORT_NAME, cuda.provider_options())]
 
 
-def accepts(manifest: dict) -> str | None:
-    return None
+PROVIDER = Provider(name=NAME,
+                    ort_name=ORT_NAME,
+                    device_kind=DEVICE_KIND,
+                    needs=NEEDS,
+                    install=INSTALL,
+                    device_memory=DEVICE_MEMORY,
+                    session_options=cpu.session_options,
+                    provider_options=provider_options,
+                    companions=companions)

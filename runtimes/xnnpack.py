@@ -10,6 +10,7 @@ from __future__ import annotations
 import onnxruntime as ort
 
 from . import cpu
+from .provider import Provider
 
 NAME = "xnnpack"
 ORT_NAME = "XnnpackExecutionProvider"
@@ -17,10 +18,6 @@ DEVICE_KIND = "cpu"
 NEEDS = {"static_shapes": False, "qdq": False, "fp16": False,
          "note": "standard ops; QDQ int8 MatMuls run as int8 kernels"}
 INSTALL = "onnxruntime builds with --use_xnnpack (Android/iOS packages include it)"
-
-
-def plugin_library() -> str | None:
-    return None
 
 
 def provider_options() -> dict:
@@ -36,9 +33,10 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
-def companions() -> list:
-    return []
-
-
-def accepts(manifest: dict) -> str | None:
-    return None
+PROVIDER = Provider(name=NAME,
+                    ort_name=ORT_NAME,
+                    device_kind=DEVICE_KIND,
+                    needs=NEEDS,
+                    install=INSTALL,
+                    session_options=session_options,
+                    provider_options=provider_options)

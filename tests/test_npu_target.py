@@ -9,6 +9,7 @@ token ids, teacher-forced: mean KL(fp32 || npu) below 1e-3 nats, largest absolut
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -244,12 +245,13 @@ def test_auto_skips_the_htp_emulator_and_says_so(npu_packages, monkeypatch):
     """auto prefers QNN for an npu package, but not its x86 emulator (100x slower than the CPU): it then
     runs on the CPU and says why; a QNN device that is not an emulation is picked."""
     _qnn_or_skip()
-    from edgeinfer.runtimes import qnn
+    from edgeinfer.runtimes import PROVIDERS
 
     model = edgeinfer.load(npu_packages("llama"))
     assert model.target.name == "cpu"
     assert model.target.reason == "auto for a npu package; qnn runs on an emulator here"
-    monkeypatch.setattr(qnn, "emulated", lambda devices: False)  # as on a phone: the HTP is real
+    real = dataclasses.replace(PROVIDERS["qnn"], emulated=lambda devices: False)  # as on a phone: the HTP is real
+    monkeypatch.setitem(PROVIDERS, "qnn", real)
     model = edgeinfer.load(npu_packages("llama"))
     assert model.target.name == "qnn" and model.target.reason == "auto for a npu package"
     assert len(model.complete(_prompt(6), max_new_tokens=3, ignore_eos=True).tokens) == 3

@@ -38,13 +38,13 @@ def gpu_package(tmp_path_factory, tiny_models):
 
 def test_every_provider_module_describes_itself():
     assert set(PROVIDERS) == EXPECTED
-    for name, module in PROVIDERS.items():
-        assert module.NAME == name and module.ORT_NAME.endswith("ExecutionProvider")
-        assert module.DEVICE_KIND in ("cpu", "gpu", "npu")
-        assert set(module.NEEDS) >= {"static_shapes", "qdq", "fp16", "note"} and module.INSTALL
-        assert isinstance(module.provider_options(), dict)
-    assert PROVIDERS["qnn"].NEEDS["static_shapes"] and PROVIDERS["qnn"].NEEDS["qdq"]
-    assert PROVIDERS["coreml"].NEEDS["static_shapes"] and not PROVIDERS["cpu"].NEEDS["static_shapes"]
+    for name, p in PROVIDERS.items():
+        assert p.name == name and p.ort_name.endswith("ExecutionProvider")
+        assert p.device_kind in ("cpu", "gpu", "npu")
+        assert set(p.needs) >= {"static_shapes", "qdq", "fp16", "note"} and p.install
+        assert isinstance(p.provider_options(), dict)
+    assert PROVIDERS["qnn"].needs["static_shapes"] and PROVIDERS["qnn"].needs["qdq"]
+    assert PROVIDERS["coreml"].needs["static_shapes"] and not PROVIDERS["cpu"].needs["static_shapes"]
 
 
 def test_available_providers_use_devices_for_plugins():
