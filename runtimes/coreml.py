@@ -28,11 +28,5 @@ def accepts(manifest: dict) -> str | None:
     return needs_target(manifest, ("npu",), NAME, "needs static shapes and standard ops")
 
 
-PROVIDER = Provider(name=NAME,
-                    ort_name=ORT_NAME,
-                    device_kind=DEVICE_KIND,
-                    needs=NEEDS,
-                    install=INSTALL,
-                    session_options=cpu.session_options,
-                    provider_options=provider_options,
-                    accepts=accepts)
+PROVIDER = Provider(name=NAME, ort_name=ORT_NAME, device_kind=DEVICE_KIND, needs=NEEDS, install=INSTALL,
+                    session_options=cpu.session_options, provider_options=provider_options, accepts=accepts)

@@ -99,11 +99,5 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
-PROVIDER = Provider(name=NAME,
-                    ort_name=ORT_NAME,
-                    device_kind=DEVICE_KIND,
-                    needs=NEEDS,
-                    install=INSTALL,
-                    session_options=session_options,
-                    accepts=accepts,
-                    session_config=session_config)
+PROVIDER = Provider(name=NAME, ort_name=ORT_NAME, device_kind=DEVICE_KIND, needs=NEEDS, install=INSTALL,
+                    session_options=session_options, accepts=accepts, session_config=session_config)

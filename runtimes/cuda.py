@@ -36,12 +36,6 @@ def provider_options() -> dict:
             "do_copy_in_default_stream": "1"}
 
 
-PROVIDER = Provider(name=NAME,
-                    ort_name=ORT_NAME,
-                    device_kind=DEVICE_KIND,
-                    needs=NEEDS,
-                    install=INSTALL,
-                    device_memory=DEVICE_MEMORY,
-                    session_options=cpu.session_options,
-                    plugin_library=plugin_library,
+PROVIDER = Provider(name=NAME, ort_name=ORT_NAME, device_kind=DEVICE_KIND, needs=NEEDS, install=INSTALL,
+                    device_memory=DEVICE_MEMORY, session_options=cpu.session_options, plugin_library=plugin_library,
                     provider_options=provider_options)

@@ -57,13 +57,6 @@ def accepts(manifest: dict) -> str | None:
     return needs_target(manifest, ("npu",), NAME, "(HTP) runs only static-shape QDQ graphs")
 
 
-PROVIDER = Provider(name=NAME,
-                    ort_name=ORT_NAME,
-                    device_kind=DEVICE_KIND,
-                    needs=NEEDS,
-                    install=INSTALL,
-                    session_options=cpu.session_options,
-                    plugin_library=plugin_library,
-                    provider_options=provider_options,
-                    accepts=accepts,
-                    emulated=emulated)
+PROVIDER = Provider(name=NAME, ort_name=ORT_NAME, device_kind=DEVICE_KIND, needs=NEEDS, install=INSTALL,
+                    session_options=cpu.session_options, plugin_library=plugin_library,
+                    provider_options=provider_options, accepts=accepts, emulated=emulated)

@@ -36,12 +36,6 @@ def companions() -> list:
     return [(cuda.ORT_NAME, cuda.provider_options())]
 
 
-PROVIDER = Provider(name=NAME,
-                    ort_name=ORT_NAME,
-                    device_kind=DEVICE_KIND,
-                    needs=NEEDS,
-                    install=INSTALL,
-                    device_memory=DEVICE_MEMORY,
-                    session_options=cpu.session_options,
-                    provider_options=provider_options,
-                    companions=companions)
+PROVIDER = Provider(name=NAME, ort_name=ORT_NAME, device_kind=DEVICE_KIND, needs=NEEDS, install=INSTALL,
+                    device_memory=DEVICE_MEMORY, session_options=cpu.session_options,
+                    provider_options=provider_options, companions=companions)
