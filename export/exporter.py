@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from edgeinfer.models import FAMILIES, kind_for, spec_for_config
@@ -13,24 +12,14 @@ from edgeinfer.package import ExitEntry, GraphEntry, KVCacheSpec, Manifest, Toke
 
 from . import decoder_graph as dg
 from .aliases import is_alias
+from .base import ExportResult
 from .blocks import DEFAULT_MAX_CONTEXT, PRECISIONS, Precision, checked_context_and_precision
+from .options import DEFAULTS, refuse_unused
 from .package_writer import staging_folder, write_manifest
 from .progress import progress_bar
 from .sources import SourceModel, load_source
 
 TARGETS = ("cpu", "gpu", "npu")
-
-
-@dataclass
-class ExportResult:
-    path: Path
-    manifest: dict  # as written
-    size_bytes: int
-
-    @property
-    def spec(self) -> Manifest:
-        """The typed view of the written manifest (edgeinfer.package.manifest)."""
-        return Manifest.from_dict(self.manifest)
 
 
 def export_model(source: str | SourceModel, out: str | Path, precision: str | None = None, *,
@@ -53,6 +42,7 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
     graph (no session per loaded expert: docs/moe.md); None keeps them at PRECISION.
     QUANT_METHOD, SYMMETRIC: how int4/int8 blocks are fitted (export/quant_methods.py; None = the default).
     """
+    given = {k: v for k, v in locals().items() if k in DEFAULTS}  # the caller's options, for refuse_unused
     if target not in TARGETS:
         raise ExportError(f"unknown target '{target}': choose one of {', '.join(TARGETS)}.")
     if precision is not None and precision not in PRECISIONS:
@@ -75,6 +65,7 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
             if precision == "source":
                 raise ExportError("--precision source keeps a GGUF file's own quantization; encoder-decoder "
                                   "sources are re-quantized: choose int4, int8, fp16 or fp32.")
+            refuse_unused("encoder-decoder", given)
             return export_seq2seq(seq2seq_folder, out, precision or "int4", force=force, block_size=block_size,
                                   accuracy_level=accuracy_level, stages=stages, exits=exits,
                                   name=source if is_alias(source) else None, quant_method=quant_method)
@@ -95,10 +86,12 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
 
         check_config_attention(src.config, target)
     if target == "npu":
+        refuse_unused("npu", given)
         return _export_npu(src, out, max_context, force, prefill_chunk, calibration, activation_bits, precision)
     if kind_for(model_type) == "moe":  # sparse MoE: per-layer graphs + expert store (export/moe_graph.py)
         from .moe_graph import export_moe_source
 
+        refuse_unused("moe", given)
         manifest = export_moe_source(src, out, precision, max_context=max_context, stages=stages, exits=exits,
                                      force=force, lm_head_bits=lm_head_bits, block_size=block_size,
                                      accuracy_level=accuracy_level, symmetric=symmetric, progress=progress,
@@ -110,7 +103,9 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
         if stages or exits:
             raise ExportError(f"model family '{model_type}' has no hand-built graph: stages and exits need one "
                               f"(hand-built: {', '.join(sorted(FAMILIES))}).")
+        refuse_unused("monolithic", given)
         return _export_monolithic(src, out, precision, max_context, force, block_size)
+    refuse_unused("decoder", given)
     try:
         spec = spec_for_config(src.config)
     except (ValueError, KeyError) as e:

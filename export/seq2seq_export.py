@@ -21,6 +21,7 @@ from edgeinfer.errors import ExportError
 from edgeinfer.package import ExitEntry, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
 
 from . import seq2seq_graph as sg
+from .base import ExportResult
 from .blocks import PRECISIONS, Precision
 from .ct2_reader import is_ct2_folder, read_ct2_folder
 from .package_writer import staging_folder, write_manifest
@@ -184,7 +185,6 @@ def export_seq2seq(folder: Path, out: str | Path, precision: str = "int8", *, fo
     STAGES and EXITS cut the decoder after those layers (see :func:`decoder_cuts`): one
     ``decoder_stage{i}`` graph per part instead of one ``decoder`` graph, and with exits an
     ``exit_head`` graph (final norm + LM head) that reads any stage's output."""
-    from .exporter import ExportResult
 
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}.")

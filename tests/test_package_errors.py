@@ -265,3 +265,23 @@ def test_external_data_outside_package_is_refused(pkg_copy, tmp_path, location):
         _rehash(pkg_copy)
     with pytest.raises(PackageError, match="outside the package|escapes model directory|Absolute path not allowed"):
         edgeinfer.load(pkg_copy, verify=True)
+
+
+def test_export_options_a_pipeline_does_not_use_are_refused(tiny_models, tmp_path):
+    """One set of export options for five pipelines: each refuses, in one sentence and before
+    anything is written, what it would otherwise ignore."""
+    from edgeinfer.export import export_model
+
+    from edgeinfer.errors import ExportError
+
+    hf = str(tiny_models("llama"))
+    cases = [(dict(prefill_chunk=64), "--prefill-chunk does not apply to a dense decoder package"),
+             (dict(activation_bits=8), "--activation-bits does not apply to a dense decoder package"),
+             (dict(target="npu", max_context=64, exits=[1], lm_head_bits=8),
+              "--exits, --lm-head-bits do not apply to an npu"),
+             (dict(target="npu", max_context=64, block_size=64), "--block-size does not apply to an npu")]
+    for options, message in cases:
+        out = tmp_path / "pkg"
+        with pytest.raises(ExportError, match=message):
+            export_model(hf, out, progress=False, **options)
+        assert not out.exists()

@@ -205,3 +205,16 @@ def test_text_api_cli_and_limits(text_models):
     long = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "run", str(pkg), "the fox " * 80],
                           capture_output=True, text=True, timeout=120)
     assert long.returncode == 2 and "encoder takes at most" in long.stderr
+
+
+def test_export_options_an_encoder_decoder_package_does_not_use_are_refused(text_models, tmp_path):
+    from edgeinfer.export import export_model
+
+    from edgeinfer.errors import ExportError
+
+    _, _, root = text_models("t5")
+    for options, message in ((dict(max_context=64), "--max-context does not apply to an encoder-decoder"),
+                             (dict(lm_head_bits=8, expert_bits=8), "--lm-head-bits, --expert-bits do not apply")):
+        with pytest.raises(ExportError, match=message):
+            export_model(str(root / "t5"), tmp_path / "pkg", "int8", progress=False, **options)
+        assert not (tmp_path / "pkg").exists()
