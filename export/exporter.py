@@ -5,19 +5,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from edgeinfer.export.decoder import graph as dg
+from edgeinfer.export.graph.blocks import DEFAULT_MAX_CONTEXT, PRECISIONS, Precision, checked_context_and_precision
+from edgeinfer.export.sources.aliases import is_alias
+from edgeinfer.export.sources.load import SourceModel, load_source
 from edgeinfer.models import FAMILIES, kind_for, spec_for_config
 
 from edgeinfer.errors import ExportError
 from edgeinfer.package import ExitEntry, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
 
-from . import decoder_graph as dg
-from .aliases import is_alias
 from .base import ExportResult
-from .blocks import DEFAULT_MAX_CONTEXT, PRECISIONS, Precision, checked_context_and_precision
 from .options import DEFAULTS, refuse_unused
 from .package_writer import staging_folder, write_manifest
 from .progress import progress_bar
-from .sources import SourceModel, load_source
 
 TARGETS = ("cpu", "gpu", "npu")
 
@@ -40,7 +40,7 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
     asked: MatMulNBits runs on CUDA), ``npu`` (static shapes, static QDQ int8: see npu_export.py).
     EXPERT_BITS (sparse MoE only): 8 stores the routed experts as per-channel int8 fed to one shared
     graph (no session per loaded expert: docs/moe.md); None keeps them at PRECISION.
-    QUANT_METHOD, SYMMETRIC: how int4/int8 blocks are fitted (export/quant_methods.py; None = the default).
+    QUANT_METHOD, SYMMETRIC: how int4/int8 blocks are fitted (export/quant/methods.py; None = the default).
     """
     given = {k: v for k, v in locals().items() if k in DEFAULTS}  # the caller's options, for refuse_unused
     if target not in TARGETS:
@@ -53,7 +53,7 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
     if out.exists() and not force:
         raise ExportError(f"'{out}' already exists: choose another -o or pass --force to replace it.")
     if isinstance(source, str):
-        from .seq2seq_export import export_seq2seq, seq2seq_source_path
+        from edgeinfer.export.seq2seq.export import export_seq2seq, seq2seq_source_path
 
         seq2seq_folder = seq2seq_source_path(source)
         if seq2seq_folder is not None:  # encoder-decoder: its own graphs and manifest
@@ -82,14 +82,14 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
         # SmolLM2's Q4_1, docs/quality.md) and hqq costs minutes on a 262k-row table: symmetric rtn, as before.
         quant_method, symmetric = "rtn", True
     if target != "npu":  # GroupQueryAttention's head-size limits: refuse what could not run
-        from .shape_checks import check_config_attention
+        from edgeinfer.export.graph.shape_checks import check_config_attention
 
         check_config_attention(src.config, target)
     if target == "npu":
         refuse_unused("npu", given)
         return _export_npu(src, out, max_context, force, prefill_chunk, calibration, activation_bits, precision)
-    if kind_for(model_type) == "moe":  # sparse MoE: per-layer graphs + expert store (export/moe_graph.py)
-        from .moe_graph import export_moe_source
+    if kind_for(model_type) == "moe":  # sparse MoE: per-layer graphs + expert store (export/moe/graph.py)
+        from edgeinfer.export.moe.graph import export_moe_source
 
         refuse_unused("moe", given)
         manifest = export_moe_source(src, out, precision, max_context=max_context, stages=stages, exits=exits,
@@ -189,7 +189,7 @@ def _share_stage_weights(tmp: Path, graphs: list[dict]) -> None:
     """Store the weights the stage graphs and the exit head have in common once (the tied
     embedding / LM head table sits in the first stage, the last one and the exit head):
     one ``graphs/weights.data``. Each entry keeps the bytes of weights its graph reads."""
-    from .shared_weights import share_weights
+    from edgeinfer.export.graph.shared_weights import share_weights
 
     for g in graphs:
         path = tmp / g["path"]
@@ -200,7 +200,7 @@ def _share_stage_weights(tmp: Path, graphs: list[dict]) -> None:
 
 def _add_exit_adapters(tmp: Path, src: SourceModel, graphs: list[dict], exit_entries: list[dict],
                        rank: int | None, calibration, progress: bool) -> None:
-    from .exit_adapters import fit_exit_adapters
+    from edgeinfer.export.decoder.exit_adapters import fit_exit_adapters
 
     texts = None
     if calibration is not None:
@@ -226,7 +226,7 @@ def _add_exit_adapters(tmp: Path, src: SourceModel, graphs: list[dict], exit_ent
 
 def _export_npu(src: SourceModel, out: Path, max_context: int | None, force: bool, prefill_chunk: int | None,
                 calibration, activation_bits: int, precision: str) -> ExportResult:
-    from .npu_export import export_npu
+    from edgeinfer.export.npu.export import export_npu
 
     if src.config.get("model_type", "") not in FAMILIES:
         raise ExportError(f"the npu target needs a hand-built family (one of {', '.join(sorted(FAMILIES))}).")
@@ -242,7 +242,7 @@ def _export_npu(src: SourceModel, out: Path, max_context: int | None, force: boo
 
 def _export_monolithic(src: SourceModel, out: Path, precision: str, max_context: int | None, force: bool,
                        block_size: int) -> ExportResult:
-    from .optimum_fallback import export_monolithic
+    from edgeinfer.export.optimum import export_monolithic
 
     cfg = src.config
     print(f"note: no hand-built graph for family '{cfg.get('model_type')}': exporting through optimum as one "

@@ -3,8 +3,8 @@ registry of every model type the hand-built exporters take, with the kind of pac
 becomes.
 
 ``spec_for_config(cfg)`` finds a dense decoder family by the config's ``model_type``;
-``kind_for(model_type)`` says which exporter takes it: ``decoder`` (export/decoder_graph.py),
-``moe`` (export/moe_graph.py) or ``encoder-decoder`` (export/seq2seq_export.py).
+``kind_for(model_type)`` says which exporter takes it: ``decoder`` (export/decoder/graph.py),
+``moe`` (export/moe/graph.py) or ``encoder-decoder`` (export/seq2seq/export.py).
 """
 
 from __future__ import annotations

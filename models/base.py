@@ -2,7 +2,7 @@
 
 A family module turns a Hugging Face config (as a dict) into a
 :class:`DecoderSpec` and maps a state dict onto per-layer weight groups. The
-graph builder in ``export/decoder_graph.py`` reads only these.
+graph builder in ``export/decoder/graph.py`` reads only these.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What an encoder-decoder graph needs to know about a family: dimensions and quirks.
 
 A family module (``whisper``, later ``t5``/``bart``) turns its source weights into
-the canonical names below, so the graph builder in ``export/seq2seq_graph.py``
+the canonical names below, so the graph builder in ``export/seq2seq/graph.py``
 never sees a family's own naming:
 
     enc.conv{1,2}.{w,b}, enc.pos                      (audio front-end, Whisper)

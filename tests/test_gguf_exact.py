@@ -9,9 +9,9 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from edgeinfer.export.blocks import Precision, embedding, linear, tied_lm_head  # noqa: E402
-from edgeinfer.export.gguf_tensors import EXACT_TYPES, BlockWeight, block_weight, concat_rows  # noqa: E402
-from edgeinfer.export.onnx_graph import GraphBuilder  # noqa: E402
+from edgeinfer.export.graph.blocks import Precision, embedding, linear, tied_lm_head  # noqa: E402
+from edgeinfer.export.graph.onnx_graph import GraphBuilder  # noqa: E402
+from edgeinfer.export.sources.gguf_tensors import EXACT_TYPES, BlockWeight, block_weight, concat_rows  # noqa: E402
 from edgeinfer.runtimes.cpu import compatible_session_options  # noqa: E402
 
 SOURCE = Precision("source")
@@ -121,8 +121,8 @@ def test_a_type_without_exact_form_is_requantized_and_said(tmp_path, capsys):
     """An IQ2_XXS tensor (no MatMulNBits form) is dequantized by the gguf package, re-quantized to int8
     blocks, and the exporter names the type and the tensor in one warning line."""
     from edgeinfer.export.exporter import _checked_precision
-    from edgeinfer.export.gguf_tensors import read_gguf_tensors
-    from edgeinfer.export.sources import SourceModel
+    from edgeinfer.export.sources.gguf_tensors import read_gguf_tensors
+    from edgeinfer.export.sources.load import SourceModel
 
     rng = np.random.default_rng(5)
     n, k = 8, 256

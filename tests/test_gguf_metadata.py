@@ -45,7 +45,7 @@ def _reference(path: Path):
 
 
 def _alias_path(name: str) -> Path:
-    from edgeinfer.export.aliases import resolve_alias
+    from edgeinfer.export.sources.aliases import resolve_alias
 
     try:
         return resolve_alias(name)
@@ -104,7 +104,7 @@ def _check_special(meta, ref_tok, ref_cfg):
 
 @pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
 def test_shipped_gguf_matches_transformers(alias):
-    from edgeinfer.export.gguf_metadata import read_gguf_metadata
+    from edgeinfer.export.sources.gguf_metadata import read_gguf_metadata
 
     path = _alias_path(alias)
     ref_tok, ref_cfg = _reference(path)
@@ -144,7 +144,7 @@ def test_qwen25_coder_gguf_matches_transformers():
     EDGEINFER_QWEN_GGUF or through its alias: qwen2 config, 151k byte-level vocabulary with Qwen's digit split."""
     import os
 
-    from edgeinfer.export.gguf_metadata import read_gguf_metadata
+    from edgeinfer.export.sources.gguf_metadata import read_gguf_metadata
 
     path = os.environ.get("EDGEINFER_QWEN_GGUF")
     if path and Path(path).is_file():
@@ -197,7 +197,7 @@ def _write_qwen2_gguf(path: Path, tokenizer, chat_template: str) -> None:
 
 
 def test_qwen2_gguf_matches_transformers(tmp_path):
-    from edgeinfer.export.gguf_metadata import read_gguf_metadata
+    from edgeinfer.export.sources.gguf_metadata import read_gguf_metadata
 
     pytest.importorskip("transformers")
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -226,7 +226,7 @@ def test_reading_needs_no_torch_and_is_fast(tmp_path):
             "    def find_spec(self, name, *a):\n"
             "        if name.split('.')[0] in ('torch', 'transformers'): raise ImportError('blocked ' + name)\n"
             "sys.meta_path.insert(0, Block())\n"
-            "from edgeinfer.export.gguf_metadata import read_gguf_metadata\n"
+            "from edgeinfer.export.sources.gguf_metadata import read_gguf_metadata\n"
             "t = time.perf_counter()\n"
             f"m = read_gguf_metadata({str(path)!r})\n"
             "print(m.config['num_hidden_layers'], round(time.perf_counter() - t, 2))\n")
@@ -236,7 +236,7 @@ def test_reading_needs_no_torch_and_is_fast(tmp_path):
 
 
 def test_damaged_gguf_is_a_clear_error(tmp_path):
-    from edgeinfer.export.gguf_header import read_gguf_header
+    from edgeinfer.export.sources.gguf_header import read_gguf_header
 
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (1).to_bytes(8, "little") + (1 << 19).to_bytes(8, "little")
@@ -253,7 +253,7 @@ def test_tensor_table_is_gguf_readers(alias):
     """GGUFTensorTable stands in for gguf.GGUFReader's tensors: same names, types, shapes, bytes."""
     import gguf
     import numpy as np
-    from edgeinfer.export.gguf_header import GGUFTensorTable, read_gguf_header
+    from edgeinfer.export.sources.gguf_header import GGUFTensorTable, read_gguf_header
 
     path = _alias_path(alias)
     mine = GGUFTensorTable(read_gguf_header(path)).tensors
@@ -267,7 +267,7 @@ def test_tensor_table_is_gguf_readers(alias):
 
 
 def test_tensor_table_refuses_truncated_file(tmp_path):
-    from edgeinfer.export.gguf_header import GGUFTensorTable, read_gguf_header
+    from edgeinfer.export.sources.gguf_header import GGUFTensorTable, read_gguf_header
 
     path = _alias_path("smollm2-135m")
     cut = tmp_path / "cut.gguf"

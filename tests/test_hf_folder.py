@@ -1,5 +1,5 @@
 """Hugging Face folders read without torch: the same weights, tokenizer and special ids as the
-transformers-based reader (export/sources.py's load_source) on the tiny random models."""
+transformers-based reader (export/sources/load.py's load_source) on the tiny random models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from edgeinfer.export.hf_folder import bf16_to_float32, read_hf_folder, read_safetensors
+from edgeinfer.export.sources.hf_folder import bf16_to_float32, read_hf_folder, read_safetensors
 
 from edgeinfer.errors import ExportError
 
@@ -18,7 +18,7 @@ FAMILIES = ["llama", "qwen2", "qwen3", "gemma3"]
 @pytest.mark.parametrize("family", FAMILIES)
 def test_folder_matches_transformers(tiny_models, family):
     pytest.importorskip("torch")
-    from edgeinfer.export.sources import load_source
+    from edgeinfer.export.sources.load import load_source
     from edgeinfer.models import spec_for_config
 
     folder = tiny_models(family)

@@ -226,7 +226,7 @@ def _gguf_cases(valid: bytes) -> list[tuple[bytes, str]]:
 
 
 def test_hostile_gguf_headers_get_one_clear_error(tmp_path):
-    from edgeinfer.export.gguf_check import check_gguf
+    from edgeinfer.export.sources.gguf_check import check_gguf
 
     from edgeinfer.errors import ExportError
 
@@ -255,7 +255,7 @@ def test_hostile_gguf_is_refused_by_export_before_any_reader(tmp_path):
 @given(data=st.binary(max_size=64), where=st.integers(min_value=0, max_value=400))
 def test_fuzz_gguf_header_only_raises_export_errors(tmp_path_factory, data, where):
     """Random bytes spliced into a valid header: accepted or one ExportError, never another exception."""
-    from edgeinfer.export.gguf_check import check_gguf
+    from edgeinfer.export.sources.gguf_check import check_gguf
 
     from edgeinfer.errors import ExportError
 
@@ -292,7 +292,7 @@ def test_ct2_zero_dimension_beside_a_huge_one_is_a_clear_error(tmp_path):
     and numpy refused the reshape with a ValueError."""
     import base64
 
-    from edgeinfer.export.ct2_reader import read_model_bin
+    from edgeinfer.export.sources.ct2_reader import read_model_bin
 
     from edgeinfer.errors import ExportError
 

@@ -213,7 +213,7 @@ BLOCK_TORCH = ("import sys\n"
 def test_run_alias_without_torch(home):
     """`edgeinfer run smollm2-135m` as `make run` does it, where torch and transformers cannot be imported:
     the first run exports into the cache, the second reuses it."""
-    from edgeinfer.export.aliases import resolve_alias
+    from edgeinfer.export.sources.aliases import resolve_alias
 
     try:
         resolve_alias("smollm2-135m")

@@ -1,4 +1,4 @@
-"""int4 from full-precision weights (export/quant_methods.py): the least-squares method fits
+"""int4 from full-precision weights (export/quant/methods.py): the least-squares method fits
 every block at least as well as round-to-nearest, hqq (the int4 default) and mse clearly beat
 the old symmetric default on realistic weights; their blocks run through onnxruntime's
 MatMulNBits / GatherBlockQuantized as the weights they stand for; the export options choose
@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from edgeinfer.export.blocks import Precision, embedding, linear, quantized_table, tied_lm_head
-from edgeinfer.export.onnx_graph import GraphBuilder
-from edgeinfer.export.quant_methods import quantize_with_method
-from edgeinfer.export.quantize import quantize_blockwise
+from edgeinfer.export.graph.blocks import Precision, embedding, linear, quantized_table, tied_lm_head
+from edgeinfer.export.graph.onnx_graph import GraphBuilder
+from edgeinfer.export.quant.methods import quantize_with_method
+from edgeinfer.export.quant.quantize import quantize_blockwise
 from edgeinfer.runtimes.cpu import compatible_session_options
 
 from edgeinfer.errors import ExportError

@@ -9,7 +9,7 @@ import struct
 
 import numpy as np
 import pytest
-from edgeinfer.export.ct2_reader import read_ct2_folder, read_model_bin
+from edgeinfer.export.sources.ct2_reader import read_ct2_folder, read_model_bin
 from test_whisper_parity import SOURCE_POSITIONS, START, _tiny_whisper
 
 import edgeinfer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from edgeinfer.export.shape_checks import (
+from edgeinfer.export.graph.shape_checks import (
     check_attention_shapes,
     check_config_attention,
     gqa_supports,

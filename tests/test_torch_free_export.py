@@ -20,8 +20,8 @@ BLOCKED = "import sys\nfor m in ('torch', 'transformers', 'optimum', 'accelerate
 @pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
 def test_every_tensor_equals_transformers_dequantization(alias):
     torch = pytest.importorskip("torch")
-    from edgeinfer.export.aliases import resolve_alias
-    from edgeinfer.export.sources import load_source
+    from edgeinfer.export.sources.aliases import resolve_alias
+    from edgeinfer.export.sources.load import load_source
     from transformers import AutoModelForCausalLM
 
     path = resolve_alias(alias)

@@ -261,7 +261,7 @@ def test_manifest_missing_io_is_a_package_error(whisper_pair, tmp_path):
 def test_language_and_task_tokens(whisper_pair, features):
     """English-only packages refuse other languages; a multilingual generation table puts
     start-of-transcript, language, task (and no-timestamps) first, as forced decoder ids."""
-    from edgeinfer.export.seq2seq_export import _whisper_generation
+    from edgeinfer.export.seq2seq.export import _whisper_generation
     from edgeinfer.models.whisper import spec_from_hf
 
     _, pkg, _ = whisper_pair

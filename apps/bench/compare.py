@@ -48,7 +48,7 @@ MODELS = {"smollm2-135m": ("smollm2", "llama.cpp-Q4_1", True), "gemma3-270m": ("
 
 
 def gguf_path(alias: str) -> Path:
-    out = subprocess.run([str(VENV_PY), "-c", "from edgeinfer.export.aliases import resolve_alias;"
+    out = subprocess.run([str(VENV_PY), "-c", "from edgeinfer.export.sources.aliases import resolve_alias;"
                           f"print(resolve_alias({alias!r}))"], capture_output=True, text=True, check=True)
     return Path(out.stdout.strip())
 

@@ -29,7 +29,7 @@ TEXT = ("Small language models now run on phones and laptops. The encoder reads 
 
 
 def _tokenizer_folder(work: Path) -> Path:
-    from edgeinfer.export.aliases import resolve_alias
+    from edgeinfer.export.sources.aliases import resolve_alias
     from transformers import PreTrainedTokenizerFast
 
     folder = work / "tokenizer"

@@ -1,6 +1,6 @@
 """int4 quantization methods on a real full-precision source: Whisper tiny.en (fp16 CTranslate2 weights).
 
-For each method (export/quant_methods.py: rtn, mse, hqq) and the fp32/int8 references, greedy word error
+For each method (export/quant/methods.py: rtn, mse, hqq) and the fp32/int8 references, greedy word error
 rate on espeak-ng speech of two sentence sets -- the 15 sentences of apps/bench/whisper.py and sentences
 of the Lee news corpus (gensim 4.4.0's test data: no one here wrote it) -- and the teacher-forced
 next-token KL divergence from the fp32 package (fed the fp32 transcript), export time, and decoder

@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                        "loadavg": f"{os.getloadavg()[0]:.2f}"},
            "threads": args.threads, "context": args.context, "versions": _versions(), "text": source,
            "models": {}}
-    from edgeinfer.export.aliases import ALIASES, resolve_alias
+    from edgeinfer.export.sources.aliases import ALIASES, resolve_alias
 
     for alias in [a.strip() for a in args.models.split(",") if a.strip()]:
         short, chat = MODELS[alias]

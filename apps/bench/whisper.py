@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from edgeinfer.export import export_model
-    from edgeinfer.export.aliases import resolve_alias
+    from edgeinfer.export.sources.aliases import resolve_alias
 
     sentences = [s.strip() for s in SENTENCES.read_text().splitlines() if s.strip()]
     files = speak(sentences, args.work / "audio")

@@ -37,8 +37,8 @@ def child(name: str, argv: list[str]) -> None:
     import tokenizers  # noqa: F401
 
     with atheris.instrument_imports(include=["edgeinfer", "jinja2", "apps"]):
-        import edgeinfer.export.ct2_reader  # noqa: F401
-        import edgeinfer.export.gguf_check  # noqa: F401
+        import edgeinfer.export.sources.ct2_reader  # noqa: F401
+        import edgeinfer.export.sources.gguf_check  # noqa: F401
 
         import edgeinfer.package  # noqa: F401
         import edgeinfer.seq2seq.whisper.audio  # noqa: F401
@@ -95,8 +95,8 @@ def write_docs(results: list[dict], seconds: int) -> None:
         "|---|---|---|---|---|",
     ]
     parsers = {"manifest": "`edgeinfer.package.open_package` (edgeinfer.json)",
-               "gguf": "`export/gguf_check.py` (GGUF header before the gguf package reads it)",
-               "ct2": "`export/ct2_reader.py` (CTranslate2 model.bin)",
+               "gguf": "`export/sources/gguf_check.py` (GGUF header before the gguf package reads it)",
+               "ct2": "`export/sources/ct2_reader.py` (CTranslate2 model.bin)",
                "wav": "`edgeinfer/audio.py` (WAV header + frames)",
                "tokenizer": "`edgeinfer.tokenizer.TextTokenizer` (tokenizer.json)",
                "chat_template": "`edgeinfer.tokenizer.render_chat_template` (Jinja sandbox)"}

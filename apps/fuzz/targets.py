@@ -69,7 +69,7 @@ def gguf_seed() -> bytes:
 
 
 def gguf_target(data: bytes) -> None:
-    from edgeinfer.export.gguf_check import check_gguf
+    from edgeinfer.export.sources.gguf_check import check_gguf
 
     check_gguf(_write("fuzz.gguf", data))
 
@@ -88,7 +88,7 @@ def ct2_seed() -> bytes:
 
 
 def ct2_target(data: bytes) -> None:
-    from edgeinfer.export.ct2_reader import read_model_bin
+    from edgeinfer.export.sources.ct2_reader import read_model_bin
 
     read_model_bin(_write("ct2/model.bin", data))
 

@@ -222,7 +222,7 @@ def _cmd_export(args) -> int:
 
     stages, exits = _layer_list(args.stages, "--stages"), _layer_list(args.exits, "--exits")
     if args.check:
-        from edgeinfer.export.seq2seq_export import seq2seq_source_path
+        from edgeinfer.export.seq2seq.export import seq2seq_source_path
 
         if seq2seq_source_path(args.source) is not None:
             raise EdgeInferError("--check compares decoder-only packages with transformers; encoder-decoder "

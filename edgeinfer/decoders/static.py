@@ -27,7 +27,7 @@ from edgeinfer.runtimes import ExecutionTarget, create_session
 
 from .base import Decoder
 
-# Additive mask value of hidden positions when the manifest does not give one (export/npu_graph.py).
+# Additive mask value of hidden positions when the manifest does not give one (export/npu/graph.py).
 MASK_VALUE = -80.0
 
 

@@ -17,7 +17,7 @@ def ffn_options(pkg: Path, runs: int = 100, rounds: int = 5) -> dict:
     one compute thread (as the streaming runs compute). Loading and calling are timed for every option
     in each of ROUNDS interleaved rounds; medians reported (the machine is shared)."""
     import onnxruntime as ort
-    from edgeinfer.export.quantize import BlockQuantized
+    from edgeinfer.export.quant.quantize import BlockQuantized
     from edgeinfer.runtimes import resolve_provider
 
     from edgeinfer.moe.decoder import MoEDecoder

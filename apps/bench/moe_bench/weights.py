@@ -64,7 +64,7 @@ def build(out: Path = PKG, expert_bits: int | None = None) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import make_tokenizer
     from edgeinfer.export import export_model
-    from edgeinfer.export.sources import SourceModel
+    from edgeinfer.export.sources.load import SourceModel
 
     tok = make_tokenizer(CONFIG["vocab_size"])
     src = SourceModel(name="random-qwen3-moe-24x48", kind="hf-folder", location="random (apps/bench/moe.py)",
@@ -127,7 +127,7 @@ class MoefiedWeights(Mapping):
 
 def build_moefied(out: Path = MOEFIED, expert_bits: int | None = None) -> None:
     from edgeinfer.export import export_model
-    from edgeinfer.export.sources import load_source
+    from edgeinfer.export.sources.load import load_source
 
     # The transformers folder if apps/bench/peers/prepare_hf.py made one, else the alias (the same GGUF).
     src = load_source(str(SMOL) if (SMOL / "config.json").exists() else "smollm2-135m")

@@ -20,7 +20,7 @@ from pathlib import Path
 def prepare(alias: str, out_dir: Path) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from edgeinfer.export.aliases import resolve_alias
+    from edgeinfer.export.sources.aliases import resolve_alias
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_alias(alias)

@@ -18,10 +18,9 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from edgeinfer.export.sources.load import SourceModel
 
 from edgeinfer.errors import ExportError
-
-from .sources import SourceModel
 
 MAX_HEADER = 100 * 1024 * 1024
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,

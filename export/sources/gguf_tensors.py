@@ -9,7 +9,7 @@ type of the common files is ``scale * q + offset`` per block of 16 or 32 weights
   zero point (8 for 4 bits, 128 for 8 bits) and need nothing else;
 - types with a per-block minimum (Q4_1, Q5_1, Q4_K, Q5_K) keep ``scale * (q - zp)``
   in MatMulNBits and carry ``offset`` per block; its product with the input is the
-  input's block sums times an (N, K/block) matrix (``export/blocks.py`` adds it).
+  input's block sums times an (N, K/block) matrix (``export/graph/blocks.py`` adds it).
 
 5- and 6-bit values sit in 8-bit blocks unchanged. Tensors of other types (IQ*,
 Q2_K, Q3_K, ...) have no exact form here: they are dequantized by the ``gguf``

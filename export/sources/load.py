@@ -4,9 +4,9 @@ Hugging Face folder, or a hub id. Everything ends up as one :class:`SourceModel`
 and for GGUF files the quantized blocks as the file holds them).
 
 The hand-built families are read without torch: GGUF files with the ``gguf`` package
-(export/gguf_header.py reads the header, export/gguf_metadata.py the config and tokenizer,
-export/gguf_tensors.py the weights),
-Hugging Face folders with ``safetensors`` (export/hf_folder.py). Other families, hub ids and
+(export/sources/gguf_header.py reads the header, export/sources/gguf_metadata.py the config and tokenizer,
+export/sources/gguf_tensors.py the weights),
+Hugging Face folders with ``safetensors`` (export/sources/hf_folder.py). Other families, hub ids and
 other GGUF architectures go through transformers; the tests check the torch-free readers
 against transformers' reading of the same files.
 """
@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from edgeinfer.export.sources.aliases import resolve_alias
 
 from edgeinfer.errors import ExportError
-
-from .aliases import resolve_alias
 
 
 @dataclass
@@ -36,7 +35,7 @@ class SourceModel:
     chat_template: str | None
     special: dict = field(default_factory=dict)
     generation: dict = field(default_factory=dict)
-    # GGUF sources: the quantized matrices as the file holds them (export/gguf_tensors.py), their
+    # GGUF sources: the quantized matrices as the file holds them (export/sources/gguf_tensors.py), their
     # ggml types by Hugging Face name, and the tensors whose type has no exact form
     blocks: dict = field(default_factory=dict)
     tensor_types: dict[str, str] = field(default_factory=dict)
@@ -69,8 +68,8 @@ def describe_source(source: str) -> tuple[str, Path | str, str | None]:
                       "(aliases: smollm2-135m, gemma3-270m).")
 
 
-# architectures read without torch (their tensors by export/gguf_tensors.py, their config and tokenizer by
-# export/gguf_metadata.py); model types whose Hugging Face folders export/hf_folder.py reads
+# architectures read without torch (their tensors by export/sources/gguf_tensors.py, their config and tokenizer by
+# export/sources/gguf_metadata.py); model types whose Hugging Face folders export/sources/hf_folder.py reads
 GGUF_TENSOR_ARCHS = ("llama", "qwen2", "gemma3")
 HF_FOLDER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text")
 
@@ -79,11 +78,11 @@ def load_source(source: str) -> SourceModel:
     """Load SOURCE into float32 numpy weights (and, for a GGUF file, its quantized blocks)."""
     kind, where, gguf_file = describe_source(source)
     if gguf_file:  # untrusted header: counts, lengths and extents checked against the file size first
-        from .gguf_check import check_gguf
+        from edgeinfer.export.sources.gguf_check import check_gguf
 
         path = Path(where) / gguf_file
         check_gguf(path)
-        from .gguf_metadata import read_gguf_metadata
+        from edgeinfer.export.sources.gguf_metadata import read_gguf_metadata
 
         try:
             meta = read_gguf_metadata(path)
@@ -92,7 +91,7 @@ def load_source(source: str) -> SourceModel:
         if meta is not None and meta.architecture in GGUF_TENSOR_ARCHS:
             return _gguf_source(path, meta)
     elif kind == "hf-folder" and _model_type(Path(where)) in HF_FOLDER_TYPES:
-        from .hf_folder import read_hf_folder
+        from edgeinfer.export.sources.hf_folder import read_hf_folder
 
         return read_hf_folder(where)
     return _load_with_transformers(source, kind, where, gguf_file)
@@ -106,8 +105,8 @@ def _model_type(folder: Path) -> str:
 
 
 def _gguf_source(path: Path, meta) -> SourceModel:
-    from .gguf_header import GGUFTensorTable
-    from .gguf_tensors import read_gguf_tensors
+    from edgeinfer.export.sources.gguf_header import GGUFTensorTable
+    from edgeinfer.export.sources.gguf_tensors import read_gguf_tensors
 
     cfg = meta.config.get("text_config", meta.config)
     heads = int(cfg["num_attention_heads"])

@@ -16,20 +16,19 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+from edgeinfer.export.graph.shared_weights import share_weights
+from edgeinfer.export.npu import graph as ng
+from edgeinfer.export.package_writer import staging_folder, write_manifest
+from edgeinfer.export.quant.calibrate import FeedReader, calibration_samples, decode_feeds, kv_ranges, prefill_feeds
+from edgeinfer.export.quant.qdq import quantize_qdq
+from edgeinfer.export.quant.quantized_io import quantize_graph_io
+from edgeinfer.export.sources.load import SourceModel
 from edgeinfer.models import spec_for_config
 from edgeinfer.runtimes.cpu import compatible_session_options
 
 from edgeinfer.decoders.static import StaticDecoder
 from edgeinfer.errors import ExportError
 from edgeinfer.package import GraphEntry, KVCacheSpec
-
-from . import npu_graph as ng
-from .calibrate import FeedReader, calibration_samples, decode_feeds, kv_ranges, prefill_feeds
-from .package_writer import staging_folder, write_manifest
-from .qdq import quantize_qdq
-from .quantized_io import quantize_graph_io
-from .shared_weights import share_weights
-from .sources import SourceModel
 
 DEFAULT_NPU_CONTEXT = 512
 DEFAULT_PREFILL_CHUNK = 32

@@ -21,8 +21,8 @@ a KV cache that grows inside the graph are out. So this graph:
   rotary from Gather, Split, Concat, Mul, Add (the sign of ``rotate_half`` is
   folded into the sin table, the softmax scale into the query weights).
 
-The graph is float32; ``export/qdq.py`` turns it into a static QDQ graph and
-``export/quantized_io.py`` makes its edges (KV cache, mask, logits) 16-bit values.
+The graph is float32; ``export/quant/qdq.py`` turns it into a static QDQ graph and
+``export/quant/quantized_io.py`` makes its edges (KV cache, mask, logits) 16-bit values.
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from edgeinfer.export.graph.blocks import rotary_cache
+from edgeinfer.export.graph.onnx_graph import GraphBuilder
 from edgeinfer.models.base import DecoderSpec, StateDict, embed_table, final_norm, layer_weights, lm_head
-
-from .blocks import rotary_cache
-from .onnx_graph import GraphBuilder
 
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"

@@ -3,8 +3,8 @@
 Parsed here rather than with ``gguf.GGUFReader``, which builds a numpy view per array
 element and takes ~12 s on Gemma-3's 262k-token vocabulary; this walk takes a fraction of
 a second. Every length is bounded by the file size (the file is untrusted input).
-export/gguf_metadata.py turns the metadata into a config and a tokenizer;
-export/gguf_tensors.py reads the tensors.
+export/sources/gguf_metadata.py turns the metadata into a config and a tokenizer;
+export/sources/gguf_tensors.py reads the tensors.
 """
 
 from __future__ import annotations

@@ -17,9 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from edgeinfer.models.base import DecoderSpec, StateDict, embed_table, final_norm, layer_weights, lm_head
-
-from .blocks import (
+from edgeinfer.export.graph.blocks import (
     AttentionIO,
     Precision,
     attention,
@@ -32,8 +30,9 @@ from .blocks import (
     skip_rms_norm,
     tied_lm_head,
 )
-from .gguf_tensors import BlockWeight
-from .onnx_graph import GraphBuilder
+from edgeinfer.export.graph.onnx_graph import GraphBuilder
+from edgeinfer.export.sources.gguf_tensors import BlockWeight
+from edgeinfer.models.base import DecoderSpec, StateDict, embed_table, final_norm, layer_weights, lm_head
 
 INPUT_IDS = "input_ids"
 HIDDEN_IN = "hidden_states"

@@ -25,6 +25,22 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from edgeinfer.export.decoder import graph as dg
+from edgeinfer.export.graph.blocks import (
+    AttentionIO,
+    Precision,
+    attention,
+    checked_context_and_precision,
+    embedding,
+    gated_mlp,
+    linear,
+    rms_norm,
+    rotary_cache,
+)
+from edgeinfer.export.graph.onnx_graph import MS_DOMAIN, GraphBuilder
+from edgeinfer.export.moe.expert_store import CHANNEL_INT8, ExpertStoreWriter
+from edgeinfer.export.package_writer import staging_folder, write_manifest
+from edgeinfer.export.progress import progress_bar
 from edgeinfer.models.moe import (
     LayerExperts,
     MoESpec,
@@ -37,23 +53,6 @@ from onnx import TensorProto
 
 from edgeinfer.errors import ExportError
 from edgeinfer.package import GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
-
-from . import decoder_graph as dg
-from .blocks import (
-    AttentionIO,
-    Precision,
-    attention,
-    checked_context_and_precision,
-    embedding,
-    gated_mlp,
-    linear,
-    rms_norm,
-    rotary_cache,
-)
-from .expert_store import CHANNEL_INT8, ExpertStoreWriter
-from .onnx_graph import MS_DOMAIN, GraphBuilder
-from .package_writer import staging_folder, write_manifest
-from .progress import progress_bar
 
 STREAM = "stream"
 FFN_IN = "ffn_in"

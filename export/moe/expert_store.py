@@ -26,8 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from .quantize import quantize_blockwise
+from edgeinfer.export.quant.quantize import quantize_blockwise
 
 ALIGNMENT = 4096
 _TENSOR_ALIGN = 64

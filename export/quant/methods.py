@@ -16,7 +16,7 @@ numbers in each block's scale, zero point and codes do.
   the bulk fits well; the fitted zero point is then rounded to an integer for the kernels.
   Asymmetric only.
 
-``hqq`` is the int4 default (export/blocks.py): on Whisper tiny.en it fits the teacher-forced
+``hqq`` is the int4 default (export/graph/blocks.py): on Whisper tiny.en it fits the teacher-forced
 distributions as well as ``mse`` and gives a far lower word error rate (greedy decoding punishes
 the few large errors that a squared-error fit accepts), at less than half the export time;
 ``mse`` has the lowest squared weight error (docs/quality.md, "int4 from full-precision weights").
@@ -25,8 +25,7 @@ the few large errors that a squared-error fit accepts), at less than half the ex
 from __future__ import annotations
 
 import numpy as np
-
-from .quantize import BlockQuantized, pack_bits
+from edgeinfer.export.quant.quantize import BlockQuantized, pack_bits
 
 METHODS = ("rtn", "mse", "hqq")
 
@@ -35,7 +34,7 @@ def quantize_with_method(weight: np.ndarray, bits: int, block_size: int, symmetr
                          method: str) -> BlockQuantized:
     """Quantize WEIGHT (N, K) in blocks of BLOCK_SIZE along K with METHOD (one of :data:`METHODS`)."""
     if method == "rtn":
-        from .quantize import quantize_blockwise
+        from edgeinfer.export.quant.quantize import quantize_blockwise
 
         return quantize_blockwise(weight, bits, block_size, symmetric)
     if method == "mse":

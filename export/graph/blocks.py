@@ -12,12 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from edgeinfer.export.graph.onnx_graph import MS_DOMAIN, GraphBuilder
+from edgeinfer.export.quant.quantize import pack_bits, quantize_blockwise
+from edgeinfer.export.sources.gguf_tensors import BlockWeight, concat_rows
 
-from .gguf_tensors import BlockWeight, concat_rows
-from .onnx_graph import MS_DOMAIN, GraphBuilder
-from .quantize import pack_bits, quantize_blockwise
-
-# "source": a GGUF file's own quantized weights, carried over exactly (export/gguf_tensors.py)
+# "source": a GGUF file's own quantized weights, carried over exactly (export/sources/gguf_tensors.py)
 PRECISIONS = ("source", "int4", "int8", "fp16", "fp32")
 
 
@@ -35,15 +34,15 @@ class Precision:
     # default int4 method (zero-point blocks run as fast at accuracy level 4, docs/quality.md),
     # symmetric for rtn.
     symmetric: bool | None = None
-    # How blocks are fitted (export/quant_methods.py): "hqq", "mse" or "rtn". None = the default:
+    # How blocks are fitted (export/quant/methods.py): "hqq", "mse" or "rtn". None = the default:
     # DEFAULT_INT4_METHOD for 4-bit weights (mse when symmetric blocks are asked for), rtn for
     # 8-bit ones (already near lossless).
     quant_method: str | None = None
 
     def __post_init__(self):
-        from edgeinfer.errors import ExportError
+        from edgeinfer.export.quant.methods import METHODS
 
-        from .quant_methods import METHODS
+        from edgeinfer.errors import ExportError
 
         if self.quant_method not in (None, *METHODS):
             raise ExportError(f"unknown --quant-method '{self.quant_method}': choose one of {', '.join(METHODS)}.")
@@ -144,7 +143,7 @@ def linear(g: GraphBuilder, x: str, weight: np.ndarray, name: str, precision: Pr
 def _block_linear(g: GraphBuilder, x: str, weight: BlockWeight, name: str, precision: Precision,
                   bias: np.ndarray | None) -> str:
     """A GGUF block weight as MatMulNBits at the kernel's implicit zero point, plus the block offsets'
-    product with the input when the type has them (see export/gguf_tensors.py)."""
+    product with the input when the type has them (see export/sources/gguf_tensors.py)."""
     n, k = weight.shape
     packed, scales = block_initializers(g, weight, name)
     inputs = [x, packed, scales]

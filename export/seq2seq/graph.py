@@ -17,11 +17,10 @@ half, computed in float) and fp32 all come from the same code.
 from __future__ import annotations
 
 import numpy as np
+from edgeinfer.export.graph.blocks import Precision, embedding, float_weight, linear, quantized_table, tied_lm_head
+from edgeinfer.export.graph.onnx_graph import MS_DOMAIN, GraphBuilder
 from edgeinfer.models.seq2seq_base import Seq2SeqSpec
 from onnx import numpy_helper
-
-from .blocks import Precision, embedding, float_weight, linear, quantized_table, tied_lm_head
-from .onnx_graph import MS_DOMAIN, GraphBuilder
 
 INPUT_FEATURES = "input_features"
 ENCODER_INPUT_IDS = "encoder_input_ids"

@@ -17,9 +17,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from edgeinfer.errors import ExportError
+from edgeinfer.export.sources.load import SourceModel
 
-from .sources import SourceModel
+from edgeinfer.errors import ExportError
 
 
 def optimum_python() -> Path:

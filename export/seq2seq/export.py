@@ -14,17 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from edgeinfer.export.base import ExportResult
+from edgeinfer.export.graph.blocks import PRECISIONS, Precision
+from edgeinfer.export.package_writer import staging_folder, write_manifest
+from edgeinfer.export.seq2seq import graph as sg
+from edgeinfer.export.sources.ct2_reader import is_ct2_folder, read_ct2_folder
 from edgeinfer.models import bart, kind_for, t5, whisper
 from edgeinfer.models.seq2seq_base import Seq2SeqSpec
 
 from edgeinfer.errors import ExportError
 from edgeinfer.package import ExitEntry, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
-
-from . import seq2seq_graph as sg
-from .base import ExportResult
-from .blocks import PRECISIONS, Precision
-from .ct2_reader import is_ct2_folder, read_ct2_folder
-from .package_writer import staging_folder, write_manifest
 
 # Whisper's audio front-end (fixed by the model: 30 s windows of 16 kHz audio, 10 ms hops)
 AUDIO = {"sampling_rate": 16000, "n_fft": 400, "hop_length": 160}
@@ -43,7 +42,7 @@ class Seq2SeqSource:
 
 def seq2seq_source_path(source: str) -> Path | None:
     """The folder of SOURCE if it is an encoder-decoder source this exporter reads, else None."""
-    from .aliases import resolve_alias
+    from edgeinfer.export.sources.aliases import resolve_alias
 
     if not isinstance(source, str):
         return None
@@ -180,7 +179,7 @@ def export_seq2seq(folder: Path, out: str | Path, precision: str = "int8", *, fo
                    quant_method: str | None = None):
     """Export the encoder-decoder model in FOLDER to a package at OUT.
 
-    QUANT_METHOD: how int4/int8 blocks are fitted (export/quant_methods.py; None = the default).
+    QUANT_METHOD: how int4/int8 blocks are fitted (export/quant/methods.py; None = the default).
 
     STAGES and EXITS cut the decoder after those layers (see :func:`decoder_cuts`): one
     ``decoder_stage{i}`` graph per part instead of one ``decoder`` graph, and with exits an
@@ -222,7 +221,7 @@ def export_seq2seq(folder: Path, out: str | Path, precision: str = "int8", *, fo
             save(sg.build_exit_head(spec, src.weights, prec),
                  {"name": "exit_head", "role": "exit_head", "path": "graphs/exit_head.onnx"})
         if len(cuts) > 2:  # the tied table and other shared tensors: stored once
-            from .shared_weights import share_weights
+            from edgeinfer.export.graph.shared_weights import share_weights
 
             share_weights([tmp / g["path"] for g in graphs if g["role"] in ("decoder_stage", "exit_head")],
                           "decoder_weights.data")

@@ -7,7 +7,7 @@ exporter needs: a Hugging Face style ``config`` dict for the family modules in `
 a ``tokenizers`` tokenizer that encodes exactly as transformers' GGUF loader does, the chat
 template, the special ids and generation defaults.
 
-The header itself is parsed by export/gguf_header.py.
+The header itself is parsed by export/sources/gguf_header.py.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeinfer.errors import ExportError
+from edgeinfer.export.sources.gguf_header import GGUFHeader, read_gguf_header
 
-from .gguf_header import GGUFHeader, read_gguf_header
+from edgeinfer.errors import ExportError
 
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 SENTENCEPIECE_SPACE = "\u2581"
@@ -29,7 +29,7 @@ ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
 @dataclass
 class GGUFMetadata:
-    """Everything but the weights, in the shapes ``export/sources.py``'s SourceModel takes."""
+    """Everything but the weights, in the shapes ``export/sources/load.py``'s SourceModel takes."""
 
     architecture: str
     name: str

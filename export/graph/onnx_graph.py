@@ -1,7 +1,7 @@
 """A small, explicit ONNX graph builder: nodes, initializers, inputs and outputs.
 
 The exporter builds graphs directly from numpy weights. This module knows
-nothing about transformers; ``export/blocks.py`` builds the shared vocabulary
+nothing about transformers; ``export/graph/blocks.py`` builds the shared vocabulary
 (norms, quantized linears, attention, MLPs) on top of it.
 """
 

@@ -72,13 +72,13 @@ def unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
 def quantize_blockwise(weight: np.ndarray, bits: int = 4, block_size: int = 32,
                        symmetric: bool = False, method: str = "rtn") -> BlockQuantized:
     """Quantization of ``weight`` (N, K) in blocks along K; round-to-nearest unless METHOD
-    names another of export/quant_methods.py (``mse``, ``hqq``), in the same layout.
+    names another of export/quant/methods.py (``mse``, ``hqq``), in the same layout.
 
     Asymmetric blocks carry a zero point each; symmetric ones use the kernels'
     implicit zero point ``2**(bits-1)`` and no zero-point tensor (``zero_points`` is empty).
     """
     if method != "rtn":
-        from .quant_methods import quantize_with_method
+        from edgeinfer.export.quant.methods import quantize_with_method
 
         return quantize_with_method(weight, bits, block_size, symmetric, method)
     w = np.asarray(weight, dtype=np.float32)

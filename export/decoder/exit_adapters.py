@@ -21,10 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from .decoder_graph import HIDDEN_IN, HIDDEN_OUT
-from .onnx_graph import GraphBuilder
-from .sources import SourceModel
+from edgeinfer.export.decoder.graph import HIDDEN_IN, HIDDEN_OUT
+from edgeinfer.export.graph.onnx_graph import GraphBuilder
+from edgeinfer.export.sources.load import SourceModel
 
 PROMPTS_FILE = Path(__file__).with_name("adapter_prompts.txt")
 

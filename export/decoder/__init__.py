@@ -1,0 +1,1 @@
+"""Dense decoder packages: the staged graphs, the exit head, exit adapters."""

@@ -1,0 +1,1 @@
+"""Sparse-MoE packages: per-layer graphs and the expert store."""

@@ -1,0 +1,1 @@
+"""npu packages: static-shape graphs and their QDQ export."""

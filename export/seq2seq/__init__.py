@@ -1,0 +1,1 @@
+"""Encoder-decoder packages (Whisper, T5, BART, Marian): graphs and export."""
