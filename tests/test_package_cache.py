@@ -147,7 +147,7 @@ def test_failed_export_leaves_no_half_package(home, tiny_models, monkeypatch, fa
 
 
 def test_missing_alias_package_names_pull(home, monkeypatch, capsys):
-    from edgeinfer.export import aliases
+    from edgeinfer.export.sources import aliases
 
     fake = aliases.Alias("nomodel-1m", "a model whose package is absent", "nomodel-weights==1.0", "nomodel_weights",
                          "x.gguf")
@@ -159,7 +159,7 @@ def test_missing_alias_package_names_pull(home, monkeypatch, capsys):
 
 
 def test_pull_installs_without_dependencies(home, monkeypatch, tiny_models):
-    from edgeinfer.export import aliases
+    from edgeinfer.export.sources import aliases
 
     seen = []
     src = tiny_models("llama")
@@ -236,7 +236,7 @@ def test_alias_split_across_packages_is_joined_and_checked(home, tmp_path, monke
     its sha256 checked; a wrong part is refused; a missing one names `edgeinfer pull`."""
     import hashlib
 
-    from edgeinfer.export import aliases
+    from edgeinfer.export.sources import aliases
 
     site = tmp_path / "site"
     chunks = [b"GGUF" + bytes(range(256)) * 40, b"middle" * 1000, b"end"]

@@ -116,7 +116,8 @@ def test_existing_output_needs_force(tiny_models, tiny_packages):
 
 
 def test_failed_export_leaves_nothing_and_keeps_old_package(tmp_path, tiny_models, monkeypatch):
-    from edgeinfer.export import decoder_graph, export_model
+    from edgeinfer.export import export_model
+    from edgeinfer.export.decoder import graph as decoder_graph
 
     out = tmp_path / "pkg"
     export_model(str(tiny_models("llama")), out, "int4", max_context=64, progress=False)
