@@ -47,17 +47,38 @@ def dense_needs(pkg: Package, max_context: int | None) -> dict:
             "total": weights + per_token * context}
 
 
-def check_dense_budget(pkg: Package, memory_budget, max_context: int | None) -> None:
+def check_dense_budget(pkg: Package, memory_budget, max_context: int | None, parallel: int = 1) -> None:
+    """PARALLEL sequences (continuous batching) each reserve a KV cache of the context. Without a
+    budget, the KV caches of parallel sequences must still fit this machine's memory."""
     budget = parse_memory_budget(memory_budget)
-    if budget is None:
-        return
     need = dense_needs(pkg, max_context)
-    if need["total"] <= budget:
+    kv = need["kv"] * max(1, parallel)
+    total = need["weights"] + kv
+    if budget is None:
+        physical = _physical_memory()
+        if parallel <= 1 or physical is None or total <= physical:
+            return
+        budget, whose = physical, "this machine's memory"
+    else:
+        whose = "the memory budget"
+    if total <= budget:
         return
-    fits = (budget - need["weights"]) // need["kv_per_token"] if need["kv_per_token"] else 0
+    per_token = need["kv_per_token"] * max(1, parallel)
+    fits = (budget - need["weights"]) // per_token if per_token else 0
     hint = (f"load with max_context={int(fits)} or less" if fits >= 16 else
             "the weights alone do not fit: use a smaller or more quantized package")
+    slots = f"{parallel} sequences × " if parallel > 1 else ""
     raise MemoryBudgetError(
-        f"this model needs {need['total'] / 1e6:.1f} MB ({need['weights'] / 1e6:.1f} MB of weights + "
-        f"{need['kv'] / 1e6:.1f} MB of KV cache for a context of {need['context']}) but the memory budget is "
-        f"{budget / 1e6:.1f} MB: raise the budget or {hint}.")
+        f"this model needs {total / 1e6:.1f} MB ({need['weights'] / 1e6:.1f} MB of weights + {slots}"
+        f"{need['kv'] / 1e6:.1f} MB of KV cache for a context of {need['context']}) but {whose} is "
+        f"{budget / 1e6:.1f} MB: {'raise the budget, ' if whose == 'the memory budget' else ''}"
+        f"{'lower parallel or ' if parallel > 1 else ''}{hint}.")
+
+
+def _physical_memory() -> int | None:
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -26,7 +26,7 @@ STRATEGY_OPTIONS = ("threshold", "draft_len", "exit_layer", "confidence", "tau",
 def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
          max_context: int | None = None, verify: bool | None = None,
          little: str | os.PathLike | Model | None = None, memory_budget: int | str | None = None,
-         allow_fallback: bool = False) -> Model:
+         allow_fallback: bool = False, parallel: int = 1) -> Model:
     """Load a model package.
 
     provider: ``auto`` (the best available for the package's target) or an execution provider's short
@@ -42,6 +42,9 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
     memory_budget: bytes (or "512MB") the expert cache of a sparse-MoE package
     may hold (default: all experts); for a dense package, what its weights and
     reserved KV cache may take (checked before anything is allocated).
+    parallel: sequences decoded together (continuous batching, edgeinfer/batching/): with N > 1,
+    up to N generations of this model run at once, from any threads, each with its own KV cache
+    slot (plain decoding); more wait for a free slot. 1 (the default): one generation at a time.
     path (and little) may also name an alias (``smollm2-135m``), a ``.gguf`` file or a Hugging Face
     folder: it is exported once into the package cache (edgeinfer/package_cache.py) and reused.
     """
@@ -53,15 +56,19 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
         from .seq2seq import Seq2SeqModel
 
         refused = [name for name, value in (("little", little), ("memory_budget", memory_budget),
-                                            ("max_context", max_context)) if value is not None]
+                                            ("max_context", max_context),
+                                            ("parallel", None if parallel == 1 else parallel)) if value is not None]
         if refused:
             raise PackageError(f"'{path}' is an encoder-decoder package: {', '.join(refused)} apply to decoder "
                                "packages (its decoder holds the positions its manifest gives).")
         return Seq2SeqModel(pkg, provider=provider, threads=threads, allow_fallback=allow_fallback)
     if pkg.kind != "decoder":
         raise PackageError(f"package '{path}' is a {pkg.kind} package; this runtime loads decoder packages.")
+    if little is not None and parallel != 1:
+        raise GenerationError("big/little decoding runs one sequence at a time: load with parallel=1 to use a "
+                              "little model.")
     model = Model(pkg, provider=provider, threads=threads, max_context=max_context, memory_budget=memory_budget,
-                  allow_fallback=allow_fallback)
+                  allow_fallback=allow_fallback, parallel=parallel)
     if little is not None:
         if not isinstance(little, Model):
             little = resolve_model(little)
@@ -77,11 +84,13 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
 class Model:
     def __init__(self, pkg: Package, provider: str = "auto", threads: int | None = None,
                  max_context: int | None = None, memory_budget: int | str | None = None,
-                 allow_fallback: bool = False):
+                 allow_fallback: bool = False, parallel: int = 1):
         self.package = pkg
         spec = pkg.spec
+        if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+            raise GenerationError(f"parallel must be an integer >= 1 (sequences decoded together), got {parallel!r}.")
         if spec.moe is None:  # MoE budgets bound the expert cache (edgeinfer/moe/)
-            check_dense_budget(pkg, memory_budget, max_context)
+            check_dense_budget(pkg, memory_budget, max_context, parallel)
         self.target = resolve_provider(provider, threads, manifest=pkg.manifest, allow_fallback=allow_fallback)
         self.tokenizer = TextTokenizer(pkg)
         if spec.graph("monolithic") is not None:
@@ -101,6 +110,15 @@ class Model:
         else:
             self.decoder = StagedDecoder(pkg, self.target, max_context=max_context)
         self.defaults = spec.generation
+        self.engine = None  # continuous batching (edgeinfer/batching/) when loaded with parallel > 1
+        if parallel > 1:
+            if not self.decoder.slots:
+                raise GenerationError(f"'{self.name}' cannot decode several sequences together (its decoder is "
+                                      "not the staged one: sparse-MoE, npu and optimum packages): load it with "
+                                      "parallel=1.")
+            from .batching import BatchEngine
+
+            self.engine = BatchEngine(self.decoder, parallel)
         self.little: Model | None = None  # the draft / little model of the big/little strategies
         self.cached_tokens: list[int] = []  # what the KV cache holds, for prefix reuse
         self._lock = threading.Lock()
@@ -173,6 +191,12 @@ class Model:
             remedy = self.decoder.context_remedy
             raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds {self.max_context}: "
                                      f"shorten the prompt or {remedy}.")
+        if self.engine is not None:
+            if strategy != "plain" or any(v is not None for v in strat_opts.values()):
+                raise GenerationError(f"strategy '{strategy}' decodes one sequence at a time; this model decodes "
+                                      f"{self.engine.slots} together (loaded with parallel): use strategy plain, "
+                                      "or load with parallel=1.")
+            return Generation(lambda gen: self._slot_run(gen, ids, config))
         runner = make_strategy(strategy, self.decoder, strat_opts,
                                self.little.decoder if self.little else None)  # validates first
         return Generation(lambda gen: self._locked_run(gen, runner, ids, config))
@@ -255,6 +279,21 @@ class Model:
                 raise
             finally:
                 self._owner, self._open = None, None
+
+    def _slot_run(self, gen: Generation, ids: list[int], config: GenerationConfig):
+        """One generation of a batched model (loaded with parallel > 1): a KV slot of the engine for
+        as long as it runs (waiting for one while all are busy), then the one decode loop."""
+        from .batching import SlotStrategy
+
+        slot = self.engine.acquire(lambda: gen.cancelled)
+        if slot is None:  # cancelled while waiting
+            gen.result = GenerationResult(text="", tokens=[], prompt_tokens=len(ids), new_tokens=0,
+                                          finish_reason="cancelled", ttft_s=0.0, decode_tok_s=0.0, total_s=0.0)
+            return
+        try:
+            yield from run_generation(gen, SlotStrategy(self.engine, slot), self.tokenizer, ids, config, 0)
+        finally:
+            self.engine.release(slot)
 
     def _end_open_generation(self) -> None:
         if self._owner == threading.get_ident() and self._open is not None:

@@ -2,8 +2,9 @@
 the ``serve`` extra).
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streaming SSE
-or not), ``GET /v1/models``, ``GET /health``. One model, one generation at a
-time (the model's lock); at most ``max_queue`` requests wait, the next gets 429.
+or not), ``GET /v1/models``, ``GET /health``. One model: one generation at a time (the
+model's lock), or with ``parallel`` N up to N decoded together (continuous batching,
+edgeinfer/batching/); at most ``max_queue`` requests run or wait, the next gets 429.
 A client that disconnects cancels its generation.
 """
 
@@ -290,16 +291,25 @@ async def _stream(gen, state: ServerState, rid: str, created: int, chat: bool, r
 
 def serve(package: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None, max_queue: int = 8,
           provider: str = "auto", threads: int | None = None, max_context: int | None = None,
-          little: str | None = None, strategy: str = "plain", strategy_options: dict | None = None) -> None:
+          little: str | None = None, strategy: str = "plain", strategy_options: dict | None = None,
+          parallel: int = 1) -> None:
     import uvicorn
 
     from . import load
 
+    if parallel > 1 and (strategy != "plain" or little):
+        raise EdgeInferError(f"--parallel decodes several requests together with plain decoding: drop --strategy "
+                             f"{strategy}{' and --little' if little else ''}, or serve with --parallel 1.")
+    if parallel > max_queue:
+        raise EdgeInferError(f"--max-queue {max_queue} is below --parallel {parallel}: the queue counts running "
+                             "requests too, so raise --max-queue.")
     if host not in LOOPBACK and not api_key:
         print(f"WARNING: serving on {host} without --api-key: anyone who can reach this address can use the "
               "model. Bind to 127.0.0.1 or set --api-key.", file=sys.stderr)
-    model = load(package, provider=provider, threads=threads, max_context=max_context, little=little)
+    model = load(package, provider=provider, threads=threads, max_context=max_context, little=little,
+                 parallel=parallel)
     app = create_app(model, api_key=api_key, max_queue=max_queue, strategy=strategy,
                      strategy_options=strategy_options)
-    print(f"edgeinfer: serving {model.name} on http://{host}:{port}/v1", file=sys.stderr)
+    together = f", {parallel} requests decoded together" if parallel > 1 else ""
+    print(f"edgeinfer: serving {model.name} on http://{host}:{port}/v1{together}", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -144,6 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     s.add_argument("--max-queue", type=int, default=8, help="requests queued or running before 429")
+    s.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="decode up to N requests together (continuous batching; plain decoding), queue the rest")
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--provider", default="auto")
     s.add_argument("--max-context", type=int, default=None)
@@ -408,7 +410,8 @@ def _cmd_serve(args) -> int:
 
     serve(args.package, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
           provider=args.provider, threads=args.threads, max_context=args.max_context, little=args.little,
-          strategy=args.strategy, strategy_options={"draft_len": args.draft_len, "tau": args.tau})
+          strategy=args.strategy, strategy_options={"draft_len": args.draft_len, "tau": args.tau},
+          parallel=args.parallel)
     return 0
 
 

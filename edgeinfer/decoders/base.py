@@ -15,6 +15,7 @@ class Decoder:
     """The base every back-end derives from; its defaults are those of a decoder without the capability."""
 
     staged = False  # per-stage caches with pending rows (edgeinfer.decoders.staged)
+    slots = False  # its graphs decode several sequences together (edgeinfer.batching)
     context_remedy = "load with a larger max_context"  # how to get a longer context, for the error message
 
     def __init__(self) -> None:

@@ -80,6 +80,7 @@ class StagedDecoder(Decoder):
     """A decoder package loaded for inference: stage sessions, caches, exit head."""
 
     staged = True
+    slots = True
 
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None):
         super().__init__()

@@ -1,0 +1,115 @@
+"""Continuous batching (edgeinfer/batching/): several generations of one model decoded together.
+
+Every batched generation must give what the same request gives decoded alone: greedy tokens,
+and sampled tokens for the same seed (each request keeps its own sampler). Requests join and
+leave between steps, a cancelled one frees its slot without disturbing the others, and more
+requests than slots wait for one. Two packages: the tiny random llama (fast; a 2-stage
+package too) and the real SmolLM2-135M int4 default package.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import edgeinfer
+from edgeinfer.errors import GenerationError, MemoryBudgetError
+from edgeinfer.memory import dense_needs
+
+PROMPTS = ["Paris is the capital of", "one two three four five six seven eight nine ten eleven twelve",
+           "hello", "The quick brown fox jumps over the lazy dog, and then the dog", "a b c d e f g"]
+
+
+def _concurrently(fn, items):
+    out = [None] * len(items)
+    errors = []
+
+    def run(i):
+        try:
+            out[i] = fn(items[i])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    return out
+
+
+@pytest.fixture(scope="module", params=[(), (2,)], ids=["one-stage", "two-stage"])
+def pair(request, tiny_packages):
+    pkg = tiny_packages("llama", "int4", request.param)
+    return edgeinfer.load(pkg), edgeinfer.load(pkg, parallel=3)
+
+
+def test_batched_greedy_and_seeded_sampling_equal_each_request_alone(pair):
+    solo, batched = pair
+    batched.engine.prefill_chunk = 5  # prompts prefill in several chunks, between batched steps
+    ref = [solo.complete(p, max_new_tokens=20, ignore_eos=True).tokens for p in PROMPTS]
+    got = _concurrently(lambda p: batched.complete(p, max_new_tokens=20, ignore_eos=True).tokens, PROMPTS)
+    assert got == ref  # five requests on three slots: two waited for a free one
+    assert batched.engine.stats["rows"] > batched.engine.stats["steps"]  # steps did carry several sequences
+    kw = dict(max_new_tokens=16, temperature=0.9, top_p=0.95, ignore_eos=True)
+    ref = [solo.complete(p, seed=i, **kw).tokens for i, p in enumerate(PROMPTS[:3])]
+    got = _concurrently(lambda ip: batched.complete(ip[1], seed=ip[0], **kw).tokens, list(enumerate(PROMPTS[:3])))
+    assert got == ref
+    assert sorted(batched.engine.free) == [0, 1, 2]
+
+
+def test_join_mid_stream_and_cancel_one_leave_the_others_intact(pair):
+    solo, batched = pair
+    ref = {p: solo.complete(p, max_new_tokens=24, ignore_eos=True).tokens for p in PROMPTS[:3]}
+    first = batched.generate(PROMPTS[0], max_new_tokens=24, ignore_eos=True)
+    head = [next(first).token_id for _ in range(6)]  # running alone
+    second = batched.generate(PROMPTS[1], max_new_tokens=24, ignore_eos=True)
+    doomed = batched.generate(PROMPTS[2], max_new_tokens=24, ignore_eos=True)
+
+    def drain(gen, stop_after=None):
+        ids = []
+        for ev in gen:
+            if ev.source != "flush":
+                ids.append(ev.token_id)
+            if stop_after is not None and len(ids) == stop_after:
+                gen.cancel()
+        return ids
+
+    rest, second_ids, doomed_ids = _concurrently(lambda a: drain(*a), [(first,), (second,), (doomed, 4)])
+    assert head + rest == ref[PROMPTS[0]]
+    assert second_ids == ref[PROMPTS[1]]
+    assert doomed.result.finish_reason == "cancelled" and doomed_ids == ref[PROMPTS[2]][:len(doomed_ids)]
+    abandoned = batched.generate(PROMPTS[3], max_new_tokens=24)
+    next(abandoned)
+    abandoned.close()  # a client gone: the slot comes back
+    assert sorted(batched.engine.free) == [0, 1, 2]
+
+
+def test_batching_refuses_what_it_cannot_do(tiny_packages):
+    pkg = tiny_packages("llama", "int4")
+    model = edgeinfer.load(pkg, parallel=2)
+    with pytest.raises(GenerationError, match="decodes one sequence at a time"):
+        model.complete("hi", max_new_tokens=2, strategy="lookup")
+    with pytest.raises(GenerationError, match="parallel must be an integer >= 1"):
+        edgeinfer.load(pkg, parallel=0)
+    need = dense_needs(model.package, None)
+    budget = need["weights"] + 3 * need["kv"]  # room for three sequences' caches
+    edgeinfer.load(pkg, parallel=3, memory_budget=budget)
+    with pytest.raises(MemoryBudgetError, match="8 sequences × .* lower parallel or load with max_context="):
+        edgeinfer.load(pkg, parallel=8, memory_budget=budget)
+
+
+@pytest.mark.slow
+def test_real_smollm2_batched_equals_alone(tmp_path_factory):
+    """The default SmolLM2-135M int4 package: four chat requests decoded together give each one's
+    own greedy reply."""
+    from edgeinfer.package_cache import resolve_model
+
+    path = resolve_model("smollm2-135m")
+    solo, batched = edgeinfer.load(path), edgeinfer.load(path, parallel=4)
+    questions = [[{"role": "user", "content": q}] for q in
+                 ("What is the opposite of hot?", "Name a planet.", "What color is the sky?", "Say hello.")]
+    ref = [solo.complete(q, max_new_tokens=24).tokens for q in questions]
+    assert _concurrently(lambda q: batched.complete(q, max_new_tokens=24).tokens, questions) == ref
