@@ -197,6 +197,7 @@ async def _complete(request: Request, state: ServerState, chat: bool):
         except EdgeInferError as e:
             raise ApiError(400, str(e)) from None
         prompt = tool_prompt if tool_prompt is not None else _prompt(data, chat)
+        include_usage = _include_usage(data)
         if state.in_flight >= state.max_queue:
             raise ApiError(429, f"the server is busy ({state.in_flight} requests queued or running): retry later.",
                            "rate_limit_error")
@@ -212,7 +213,7 @@ async def _complete(request: Request, state: ServerState, chat: bool):
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if data.get("stream"):
-        return StreamingResponse(_stream(gen, state, rid, created, chat, request, plan),
+        return StreamingResponse(_stream(gen, state, rid, created, chat, request, plan, include_usage),
                                  media_type="text/event-stream")
     try:
         async for _ in gen:
@@ -248,7 +249,19 @@ def _finish(state: ServerState, gen) -> None:
         state.served += 1
 
 
-async def _stream(gen, state: ServerState, rid: str, created: int, chat: bool, request: Request, plan=None):
+def _include_usage(data: dict) -> bool:
+    """``stream_options``: OpenAI's ``include_usage`` (a last chunk with the token counts) is the one option."""
+    options = data.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict) or set(options) - {"include_usage"} or not isinstance(
+            options.get("include_usage", False), bool):
+        raise ApiError(400, "'stream_options' takes only {\"include_usage\": true|false}.")
+    return bool(options.get("include_usage"))
+
+
+async def _stream(gen, state: ServerState, rid: str, created: int, chat: bool, request: Request, plan=None,
+                  include_usage: bool = False):
     def chunk(delta: str | None, finish: str | None, tool_calls: list | None = None) -> str:
         if chat:
             choice = {"index": 0, "delta": {} if delta is None else {"content": delta}, "finish_reason": finish}
@@ -284,6 +297,12 @@ async def _stream(gen, state: ServerState, rid: str, created: int, chat: bool, r
             elif calls.buffer:
                 yield chunk(calls.buffer, None)
         yield chunk(None, finish)
+        if include_usage:  # OpenAI's usage chunk: no choices
+            usage = {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.new_tokens,
+                     "total_tokens": res.prompt_tokens + res.new_tokens}
+            yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                                          "created": created, "model": state.model.name, "choices": [],
+                                          "usage": usage}) + "\n\n"
         yield "data: [DONE]\n\n"
     finally:  # also when the client went away (cancelled): the generation is closed with the iterator
         _finish(state, gen)

@@ -113,3 +113,26 @@ def test_real_smollm2_batched_equals_alone(tmp_path_factory):
                  ("What is the opposite of hot?", "Name a planet.", "What color is the sky?", "Say hello.")]
     ref = [solo.complete(q, max_new_tokens=24).tokens for q in questions]
     assert _concurrently(lambda q: batched.complete(q, max_new_tokens=24).tokens, questions) == ref
+
+
+def test_server_with_parallel_slots_serves_requests_together(tiny_packages):
+    """`serve --parallel`: concurrent HTTP requests are decoded together, each with its own reply."""
+    import httpx
+    from test_server import RunningServer
+
+    from edgeinfer.server import create_app
+
+    pkg = tiny_packages("llama", "int4")
+    solo, batched = edgeinfer.load(pkg), edgeinfer.load(pkg, parallel=3)
+    srv = RunningServer(create_app(batched, max_queue=4))
+    try:
+        def ask(prompt):
+            r = httpx.post(srv.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0},
+                           timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        assert _concurrently(ask, PROMPTS[:3]) == [solo.complete(p, max_new_tokens=12).text for p in PROMPTS[:3]]
+        assert batched.engine.stats["rows"] > batched.engine.stats["steps"]
+    finally:
+        srv.stop()

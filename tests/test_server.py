@@ -71,6 +71,15 @@ def test_streaming_chat_and_completions(server, model):
     assert r.choices[0].text == ref2.text
     models = client(srv).models.list()
     assert [m.id for m in models.data] == [model.name]
+    # stream_options.include_usage: a last chunk with the counts (OpenAI's shape: no choices)
+    stream = client(srv).chat.completions.create(model="x", messages=msgs, max_tokens=16, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == ref.new_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    bad = httpx.post(srv.url + "/v1/chat/completions", headers={"Authorization": "Bearer sekret"},
+                     json={"messages": msgs, "stream": True, "stream_options": {"include_obfuscation": True}})
+    assert bad.status_code == 400 and "stream_options" in bad.json()["error"]["message"]
 
 
 def test_auth_and_bad_requests(server):
