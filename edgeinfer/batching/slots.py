@@ -44,6 +44,7 @@ class SlotCaches:
         self.keys = {i: np.zeros(shape, np.float32) for i in layers}
         self.values = {i: np.zeros(shape, np.float32) for i in layers}
         self.lengths = np.zeros(self.slots, np.int64)
+        self._plans: dict[int, tuple] = {}  # rows -> the bindings of a batched step over rows [0, rows)
 
     def reset(self, slot: int) -> None:
         self.lengths[slot] = 0
@@ -84,18 +85,54 @@ class SlotCaches:
         self.lengths[slot] = start + n
         return x[0, -1]
 
+    def _plan(self, n: int) -> tuple:
+        """Bindings that run one token for each of rows [0, N) through every stage, over buffers
+        written in place before each step (as the one-sequence decoder's plans)."""
+        if n in self._plans:
+            return self._plans[n]
+        io = self.io
+        ids = np.zeros((n, 1), np.int64)
+        seqlens = np.zeros((n,), np.int32)
+        total = np.zeros((), np.int32)
+        keep = _ov(np.ones((1,), np.int64))
+        bindings, x, out = [], _ov(ids), None
+        for stage in self.decoder.stages:
+            b = stage.session.io_binding()
+            b.bind_ortvalue_input(io["input_ids"] if stage.embed else io["hidden_in"], x)
+            b.bind_ortvalue_input(io["seqlens_k"], _ov(seqlens))
+            b.bind_ortvalue_input(io["total_sequence_length"], _ov(total))
+            if stage.head:
+                out = np.zeros((n, 1, self.decoder.vocab_size), np.float32)
+                b.bind_ortvalue_input(io["logits_to_keep"], keep)
+                b.bind_ortvalue_output(io["logits"], _ov(out))
+            else:
+                out = np.zeros((n, 1, self.decoder.hidden_size), np.float32)
+                x = _ov(out)
+                b.bind_ortvalue_output(io["hidden_out"], x)
+            for i, pk, pv, ok, ov in stage.layer_names:
+                k, v = _ov(self.keys[i][:n]), _ov(self.values[i][:n])
+                b.bind_ortvalue_input(pk, k)
+                b.bind_ortvalue_input(pv, v)
+                b.bind_ortvalue_output(ok, k)
+                b.bind_ortvalue_output(ov, v)
+            bindings.append((stage.session, b))
+        self._plans[n] = (ids, seqlens, total, bindings, out)
+        return self._plans[n]
+
     def step(self, tokens: dict[int, int]) -> dict[int, np.ndarray]:
-        """One token for each slot in TOKENS, in one run of the graphs; each slot's logits (V,)."""
+        """One token for each slot in TOKENS, in one run of the graphs; each slot's logits (V,),
+        copies (the plan's output buffer is reused by the next step)."""
         n = max(tokens) + 1
         if any(self.lengths[s] + 1 > self.capacity for s in tokens):
             raise ContextLengthError(f"a sequence fills the context of {self.capacity} tokens.")
-        ids = np.zeros((n, 1), np.int64)
+        ids, seqlens, total, bindings, out = self._plan(n)
+        ids[:] = 0
         for s, t in tokens.items():
             ids[s, 0] = t
-        seqlens = np.minimum(self.lengths[:n], self.capacity - 1).astype(np.int32)
-        x = ids
-        for stage in self.decoder.stages:
-            x = self._run(stage, x, slice(0, n), seqlens, int(seqlens.max()) + 1)
+        np.minimum(self.lengths[:n], self.capacity - 1, out=seqlens, casting="unsafe")
+        total[...] = int(seqlens.max()) + 1
+        for session, b in bindings:
+            session.run_with_iobinding(b)
         for s in tokens:
             self.lengths[s] += 1
-        return {s: x[s, -1] for s in tokens}
+        return {s: out[s, -1].copy() for s in tokens}
