@@ -3,6 +3,7 @@ requests each (mixed streaming / non-streaming chat), then a report of status
 codes, latency, throughput and the server's memory before and after.
 
     .venv/bin/python apps/bench/server_load.py --package build/bench/smollm2-int4 --clients 8 --requests 50
+    .venv/bin/python apps/bench/server_load.py --clients 8 --requests 60 --parallel 4   # continuous batching
 
 Only 127.0.0.1 is ever contacted; the run stops by itself.
 """
@@ -40,13 +41,15 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=50)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-queue", type=int, default=6)
+    ap.add_argument("--parallel", type=int, default=1, help="requests decoded together (serve --parallel)")
     args = ap.parse_args(argv)
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "edgeinfer"), "serve", args.package, "--port", str(port),
-                             "--max-queue", str(args.max_queue)], stderr=subprocess.DEVNULL)
+                             "--max-queue", str(args.max_queue), "--parallel", str(args.parallel)],
+                            stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -109,7 +112,7 @@ def main(argv=None) -> int:
     lat = sorted(latencies)
     report = {
         "clients": args.clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
-        "max_queue": args.max_queue, "status_codes": dict(codes), "client_errors": errors[:5],
+        "max_queue": args.max_queue, "parallel": args.parallel, "status_codes": dict(codes), "client_errors": errors[:5],
         "client_error_count": len(errors), "wall_s": wall, "ok_per_s": codes[200] / wall,
         "latency_ok_s": {"p50": lat[len(lat) // 2], "p95": lat[int(len(lat) * 0.95)], "max": lat[-1]} if lat else {},
         "server_rss_mb": {"start": rss_start, "end": rss_end, "max": max(r for _, r in samples),
