@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     lat = sorted(latencies)
     report = {
         "clients": args.clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
-        "max_queue": args.max_queue, "parallel": args.parallel, "status_codes": dict(codes), "client_errors": errors[:5],
+        "max_queue": args.max_queue, "parallel": args.parallel, "status_codes": dict(codes),
+        "client_errors": errors[:5],
         "client_error_count": len(errors), "wall_s": wall, "ok_per_s": codes[200] / wall,
         "latency_ok_s": {"p50": lat[len(lat) // 2], "p95": lat[int(len(lat) * 0.95)], "max": lat[-1]} if lat else {},
         "server_rss_mb": {"start": rss_start, "end": rss_end, "max": max(r for _, r in samples),
