@@ -24,6 +24,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from edgeinfer.decoders.staged import StagedDecoder
+from edgeinfer.errors import GenerationError
 from edgeinfer.generation import Sampler
 from edgeinfer.strategies.base import Strategy
 
@@ -110,6 +111,7 @@ class BatchEngine:
     def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
         fut: Future = Future()
         with self.cond:
+            self._check_open()
             self.prefills.append([slot, list(ids), fut])
             self.cond.notify_all()
         return fut.result()
@@ -117,9 +119,15 @@ class BatchEngine:
     def step(self, slot: int, token: int) -> np.ndarray:
         fut: Future = Future()
         with self.cond:
+            self._check_open()
             self.steps[slot] = (token, fut)
             self.cond.notify_all()
         return fut.result()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise GenerationError("this model's batching engine has stopped (closed, or an error above): load the "
+                                  "model again.")
 
     def close(self) -> None:
         with self.cond:
@@ -128,6 +136,20 @@ class BatchEngine:
 
     # -- the engine's thread ---------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._run_loop()
+        except BaseException as e:  # noqa: BLE001 - a bug here must not leave generations waiting forever
+            with self.cond:
+                self.closed = True
+                waiting = [f for _, _, f in self.prefills] + [f for _, f in self.steps.values()]
+                self.prefills.clear()
+                self.steps.clear()
+            for fut in waiting:
+                if not fut.done():
+                    fut.set_exception(e)
+            raise
+
+    def _run_loop(self) -> None:
         while True:
             with self.cond:
                 while not self.closed and not self.prefills and not self.steps:
