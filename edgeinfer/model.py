@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import os
 import threading
+import time
 
 from edgeinfer.runtimes import resolve_provider
 
@@ -43,7 +44,7 @@ def make_strategy(name: str, decoder: StagedDecoder, options: dict, little: Mode
 def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
          max_context: int | None = None, verify: bool | None = None,
          little: str | os.PathLike | Model | None = None, memory_budget: int | str | None = None,
-         allow_fallback: bool = False) -> Model:
+         allow_fallback: bool = False, prompt_cache=None) -> Model:
     """Load a model package.
 
     provider: ``auto`` (the best available for the package's target) or an execution provider's short
@@ -61,6 +62,9 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
     reserved KV cache may take (checked before anything is allocated).
     path (and little) may also name an alias (``smollm2-135m``), a ``.gguf`` file or a Hugging Face
     folder: it is exported once into the package cache (edgeinfer/package_cache.py) and reused.
+    prompt_cache: save long prompts' KV to disk and restore it after a restart (docs/prompt-cache.md):
+    None/False = off, True = the default folder (``~/.cache/edgeinfer/prompts``), a folder, or an
+    ``edgeinfer.prompt_cache.PromptCache``.
     """
     from .package_cache import resolve_model
 
@@ -69,7 +73,12 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
     if pkg.kind == "encoder-decoder":  # Whisper and other encoder-decoder families
         from .seq2seq import Seq2SeqModel
 
-        return Seq2SeqModel(pkg, provider=provider, threads=threads)
+        model = Seq2SeqModel(pkg, provider=provider, threads=threads)
+        if prompt_cache:
+            from .prompt_cache import skip_unsupported
+
+            skip_unsupported(model.name, "an encoder-decoder package")
+        return model
     if pkg.kind != "decoder":
         raise PackageError(f"package '{path}' is a {pkg.kind} package; this runtime loads decoder packages.")
     model = Model(pkg, provider=provider, threads=threads, max_context=max_context, memory_budget=memory_budget,
@@ -83,6 +92,8 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
                                    "big/little decoding needs a decoder package of the same tokenizer.")
             little = Model(little_pkg, provider=provider, threads=threads, max_context=max_context)
         model.attach_little(little)
+    if prompt_cache:
+        model.use_prompt_cache(prompt_cache)
     return model
 
 
@@ -114,6 +125,7 @@ class Model:
         self.defaults = pkg.manifest.get("generation", {})
         self.little: Model | None = None  # the draft / little model of the big/little strategies
         self.cached_tokens: list[int] = []  # what the KV cache holds, for prefix reuse
+        self.prompt_cache = None  # prompt prefixes on disk (edgeinfer/prompt_cache.py): use_prompt_cache
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread running a generation
         self._open: Generation | None = None
@@ -139,6 +151,16 @@ class Model:
             raise PackageError(f"'{little.name}' has {little.decoder.vocab_size} logits and '{self.name}' "
                                f"{self.decoder.vocab_size}: big/little decoding needs the same output vocabulary.")
         self.little = little
+
+    def use_prompt_cache(self, cache) -> None:
+        """Save long prompts' KV to disk and restore the longest saved prefix of a new prompt (CACHE: True,
+        a folder or a PromptCache; None/False turns it off). A decoder whose KV cannot be saved keeps it
+        off, with a warning."""
+        from .prompt_cache import as_prompt_cache
+
+        cache = as_prompt_cache(cache)
+        with self._lock:
+            self.prompt_cache = cache.bind(self) if cache is not None else None
 
     def encode(self, prompt: str | Messages) -> list[int]:
         if isinstance(prompt, str):
@@ -239,6 +261,10 @@ class Model:
             self._owner, self._open = threading.get_ident(), gen
             try:
                 reuse = self._reusable_prefix(ids)
+                t_restore = time.perf_counter()
+                if self.prompt_cache is not None:  # a longer prefix saved on disk (edgeinfer/prompt_cache.py)
+                    reuse = self.prompt_cache.restore(ids, reuse)
+                t_restore = time.perf_counter() - t_restore
                 self.cached_tokens = []  # unknown while running; set when the loop ends cleanly
                 # big/little strategies: the whole prompt, the little's cache
                 strategy.begin(ids, little.cached_tokens if little else None)
@@ -250,6 +276,12 @@ class Model:
                     yield ev
                 fed = ids + out[:-1]  # the last sampled token was never fed to the model
                 self.cached_tokens = fed[: self.decoder.length]
+                if self.prompt_cache is not None:
+                    self.prompt_cache.save(ids)
+                    if gen.result is not None:  # the restore is part of the time to the first token
+                        gen.result.ttft_s += t_restore
+                        gen.result.total_s += t_restore
+                        gen.result.stats["prompt_cache"] = self.prompt_cache.report()
                 if experts_before is not None and gen.result is not None:  # MoE: expert cache counters
                     gen.result.stats["experts"] = self.decoder.expert_stats(experts_before).as_dict()
             except BaseException:
