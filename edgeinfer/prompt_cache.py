@@ -50,7 +50,7 @@ log = logging.getLogger("edgeinfer.prompt_cache")
 
 MAGIC = b"EIKVPC1\n"
 VERSION = 1
-_HEAD = struct.Struct("<8sIIII")  # magic, version, JSON length, token count, CRC-32 of JSON + tokens
+HEAD = struct.Struct("<8sIIII")  # magic, version, JSON length, token count, CRC-32 of JSON + tokens
 MAX_JSON = 1 << 20
 MAX_TOKENS = 1 << 22
 SUFFIX = ".kv"
@@ -114,10 +114,10 @@ class BadEntry(Exception):
 
 
 def _read_header(f, size: int) -> _Header:
-    raw = f.read(_HEAD.size)
-    if len(raw) < _HEAD.size:
+    raw = f.read(HEAD.size)
+    if len(raw) < HEAD.size:
         raise BadEntry("it is truncated")
-    magic, version, json_len, n_tokens, crc = _HEAD.unpack(raw)
+    magic, version, json_len, n_tokens, crc = HEAD.unpack(raw)
     if magic != MAGIC:
         raise BadEntry("it is not a prompt cache file")
     if version != VERSION:
@@ -133,7 +133,7 @@ def _read_header(f, size: int) -> _Header:
         meta = json.loads(body[:json_len].decode("utf-8"))
         tokens = np.frombuffer(body, dtype="<i4", offset=json_len, count=n_tokens)
         header = _Header(key=meta["key"], tokens=tokens, payload_bytes=int(meta["payload_bytes"]),
-                         payload_crc32=int(meta["payload_crc32"]), offset=_HEAD.size + len(body),
+                         payload_crc32=int(meta["payload_crc32"]), offset=HEAD.size + len(body),
                          model=str(meta.get("model", "?")))
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise BadEntry("its header is malformed") from None
@@ -283,7 +283,7 @@ class PromptCache:
         meta = dict(meta, payload_bytes=int(payload.nbytes), payload_crc32=zlib.crc32(payload))
         body = json.dumps(meta, sort_keys=True).encode("utf-8")
         toks = np.ascontiguousarray(tokens, dtype="<i4").tobytes()
-        head = _HEAD.pack(MAGIC, VERSION, len(body), len(tokens), zlib.crc32(body + toks))
+        head = HEAD.pack(MAGIC, VERSION, len(body), len(tokens), zlib.crc32(body + toks))
         if len(head) + len(body) + len(toks) + payload.nbytes > self.max_bytes:
             log.warning("edgeinfer: warning: a prompt of %d tokens needs %.1f MB of KV, more than the prompt "
                         "cache's bound of %.1f MB: it is not saved.", len(tokens), payload.nbytes / 1e6,
@@ -428,8 +428,15 @@ class BoundPromptCache:
             return reuse
         arr = np.asarray(ids, dtype=np.int64)
         candidates = self._candidates(arr)
-        self._covered = (list(ids), candidates[0][0] if candidates else 0,
-                         [p for common, p, h in candidates if common == len(h.tokens)])
+        unusable: set[Path] = set()
+        try:
+            return self._restore(ids, reuse, candidates, unusable)
+        finally:  # what save() needs: how much of IDS the usable entries hold, and which are prefixes of it
+            usable = [(common, p, h) for common, p, h in candidates if p not in unusable]
+            self._covered = (list(ids), usable[0][0] if usable else 0,
+                             [p for common, p, h in usable if common == len(h.tokens)])
+
+    def _restore(self, ids: list[int], reuse: int, candidates: list, unusable: set) -> int:
         # At least two tokens are left to prefill: a one-token pass runs other kernels (int8 activations,
         # accuracy level 4) whose logits differ slightly from a batched prefill's, so restoring all but
         # the last token would not reproduce a cold prompt's output; two or more reproduce it exactly.
@@ -442,8 +449,10 @@ class BoundPromptCache:
                 payload = self._read_payload(path, h)
             except BadEntry as e:
                 self.cache.discard(path, str(e))
+                unusable.add(path)
                 continue
             except OSError:
+                unusable.add(path)
                 continue
             self._load(payload, len(h.tokens), k)
             try:
