@@ -503,11 +503,13 @@ class BoundPromptCache:
         payload = np.empty(n * self.token_bytes, np.uint8)
         offset = 0
         for c in self.caches:
+            dtype = np.dtype(c.dtype)
+            size = c.kv_heads * n * c.head_dim * dtype.itemsize
             for i in c.layers:
-                for source in c.host_arrays()[i]:
-                    block = np.ascontiguousarray(source[0, :, :n, :])
-                    payload[offset: offset + block.nbytes] = block.reshape(-1).view(np.uint8)
-                    offset += block.nbytes
+                for source in c.host_arrays()[i]:  # one copy, straight into the payload
+                    payload[offset: offset + size].view(dtype).reshape(c.kv_heads, n, c.head_dim)[...] = \
+                        source[0, :, :n, :]
+                    offset += size
         tokens = np.asarray(ids[:n], dtype="<i4")
         name = f"{self.prefix}-{hashlib.sha256(tokens.tobytes()).hexdigest()[:24]}{SUFFIX}"
         meta = {"key": self.key, "model": self.model_name, "created": datetime.now(timezone.utc).isoformat()}
