@@ -324,3 +324,26 @@ def test_sparse_moe_restores_exactly(tmp_path):
     assert res.stats["prompt_cache"]["restored_tokens"] == 50
     assert tokens == cold_tokens
     np.testing.assert_allclose(lps, cold_lps, atol=1e-4)
+
+
+def test_every_stage_of_a_staged_package_is_restored(tiny_models, tmp_path):
+    """Three stages with exits, the saving run decoding with early exits (later stages lag behind): every
+    stage's cache is saved and restored, and the restored prompt's logprobs equal a cold prompt's."""
+    from edgeinfer.export import export_model
+
+    pkg = tmp_path / "pkg"
+    export_model(str(tiny_models("llama")), pkg, "fp32", stages=[1, 2], exits=[1, 2], max_context=256,
+                 progress=False)
+    rng = np.random.default_rng(1)
+    first = [int(t) for t in rng.integers(3, 300, 70)]
+    second = first[:55] + [int(t) for t in rng.integers(3, 300, 9)]
+    cold_tokens, cold_lps, _ = run(edgeinfer.load(pkg), second)
+    saver = edgeinfer.load(pkg, prompt_cache=cache_at(tmp_path / "pc", min_tokens=16))
+    gen = saver.generate(first, max_new_tokens=12, strategy="early-exit", threshold=0.0)
+    gen.text()
+    assert len(saver.decoder.kv_caches()) == 3 and gen.result.stats["prompt_cache"]["saved_tokens"] == 70
+    model = edgeinfer.load(pkg, prompt_cache=cache_at(tmp_path / "pc", min_tokens=16))
+    tokens, lps, res = run(model, second)
+    assert res.stats["prompt_cache"]["restored_tokens"] == 55
+    assert tokens == cold_tokens
+    np.testing.assert_allclose(lps, cold_lps, atol=1e-5)
