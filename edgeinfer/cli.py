@@ -324,7 +324,9 @@ def _cmd_run(args) -> int:
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
-        print(f"[{res.prompt_tokens} prompt tokens, {res.new_tokens} new, TTFT {res.ttft_s * 1000:.0f} ms, "
+        restored = res.stats.get("prompt_cache", {}).get("restored_tokens", 0)  # edgeinfer/prompt_cache.py
+        print(f"[{res.prompt_tokens} prompt tokens" + (f" ({restored} from the prompt cache)" if restored else "")
+              + f", {res.new_tokens} new, TTFT {res.ttft_s * 1000:.0f} ms, "
               f"{res.decode_tok_s:.1f} tok/s, {model.target.description}]", file=sys.stderr)
     return 0
 

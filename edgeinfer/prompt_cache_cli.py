@@ -96,7 +96,7 @@ def cmd_cache_list(args) -> int:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
     total = sum(e.size_bytes for e in entries)
-    print(f"{len(entries)} entries, {total / 1e6:.1f} MB in {cache.root}")
+    print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {total / 1e6:.1f} MB in {cache.root}")
     return 0
 
 

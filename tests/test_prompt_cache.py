@@ -243,7 +243,7 @@ def test_background_writes_and_cli_cache_list_clear(smollm2, tmp_path, monkeypat
     assert outs[0]["tokens"] == outs[1]["tokens"]
     assert main(["cache", "list"]) == 0
     listing = capsys.readouterr().out
-    assert "SmolLM2" in listing and f" {outs[0]['prompt_tokens']} " in listing and "1 entries" in listing
+    assert "SmolLM2" in listing and f" {outs[0]['prompt_tokens']} " in listing and "1 entry," in listing
     assert main(["cache", "list", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 1 and rows[0]["tokens"] == outs[0]["prompt_tokens"] and rows[0]["problem"] is None
