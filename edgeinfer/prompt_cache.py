@@ -12,7 +12,7 @@ KV of positions ``[0, k)`` depends only on tokens ``[0, k)``, so any entry that 
 prompt serves, whatever came after.
 
 Where: ``$EDGEINFER_HOME/prompts`` (default ``~/.cache/edgeinfer/prompts``), beside the package
-cache. One file per entry, named ``KEYHASH-TOKENSHASH.kv``::
+cache. One file per entry, named ``KEYHASH-TOKENSHASH.kv`` (edgeinfer/prompt_cache_file.py)::
 
     magic (8 bytes) | version u32 | JSON length u32 | token count u32 | CRC-32 of JSON + tokens u32
     | JSON (the key, the payload's length and CRC-32) | token ids (int32) | payload
@@ -31,11 +31,9 @@ import hashlib
 import json
 import logging
 import os
-import struct
 import tempfile
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,14 +43,10 @@ import numpy as np
 from .errors import EdgeInferError
 from .package import MANIFEST
 from .package_cache import cache_root
+from .prompt_cache_file import VERSION, BadEntry, EntryHeader, entry_head, key_difference, read_header, read_payload
 
 log = logging.getLogger("edgeinfer.prompt_cache")
 
-MAGIC = b"EIKVPC1\n"
-VERSION = 1
-HEAD = struct.Struct("<8sIIII")  # magic, version, JSON length, token count, CRC-32 of JSON + tokens
-MAX_JSON = 1 << 20
-MAX_TOKENS = 1 << 22
 SUFFIX = ".kv"
 TMP_PREFIX = ".tmp-"
 DEFAULT_MAX_BYTES = 1 << 30
@@ -99,61 +93,6 @@ class Entry:
     problem: str = ""  # why the file is unusable ("" when it reads fine)
 
 
-@dataclass
-class _Header:
-    key: dict
-    tokens: np.ndarray  # int32
-    payload_bytes: int
-    payload_crc32: int
-    offset: int  # where the payload starts
-    model: str
-
-
-class BadEntry(Exception):
-    """A file that cannot be used; the message is the reason, one clause."""
-
-
-def _read_header(f, size: int) -> _Header:
-    raw = f.read(HEAD.size)
-    if len(raw) < HEAD.size:
-        raise BadEntry("it is truncated")
-    magic, version, json_len, n_tokens, crc = HEAD.unpack(raw)
-    if magic != MAGIC:
-        raise BadEntry("it is not a prompt cache file")
-    if version != VERSION:
-        raise BadEntry(f"it was written by format version {version}, this edgeinfer reads {VERSION}")
-    if json_len > MAX_JSON or n_tokens > MAX_TOKENS:
-        raise BadEntry("its header is malformed")
-    body = f.read(json_len + 4 * n_tokens)
-    if len(body) < json_len + 4 * n_tokens:
-        raise BadEntry("it is truncated")
-    if zlib.crc32(body) != crc:
-        raise BadEntry("its header fails its CRC-32 (corrupt)")
-    try:
-        meta = json.loads(body[:json_len].decode("utf-8"))
-        tokens = np.frombuffer(body, dtype="<i4", offset=json_len, count=n_tokens)
-        header = _Header(key=meta["key"], tokens=tokens, payload_bytes=int(meta["payload_bytes"]),
-                         payload_crc32=int(meta["payload_crc32"]), offset=HEAD.size + len(body),
-                         model=str(meta.get("model", "?")))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise BadEntry("its header is malformed") from None
-    if size < header.offset + header.payload_bytes:
-        raise BadEntry("it is truncated")
-    if size > header.offset + header.payload_bytes:
-        raise BadEntry("it has trailing bytes (corrupt)")
-    return header
-
-
-def _key_difference(got: dict, want: dict) -> str:
-    names = {"manifest_sha256": "another package", "kv": "another KV layout or dtype", "provider": "another provider",
-             "decoder": "another decoder kind", "onnxruntime": "another onnxruntime version",
-             "format": "another format version"}
-    for field_name, what in names.items():
-        if got.get(field_name) != want.get(field_name):
-            return f"it belongs to {what}"
-    return "its key differs from its name"
-
-
 class PromptCache:
     """A folder of saved prompt prefixes. Pass one to ``edgeinfer.load(..., prompt_cache=...)``;
     several models may share it (their entries are keyed apart).
@@ -176,7 +115,7 @@ class PromptCache:
         self.min_tokens = min_tokens
         self.background = bool(background)
         self._writers: list[threading.Thread] = []
-        self._headers: dict[str, tuple[tuple, _Header]] = {}  # file name -> ((size, inode), header)
+        self._headers: dict[str, tuple[tuple, EntryHeader]] = {}  # file name -> ((size, inode), header)
         self._lock = threading.Lock()
         self.stats = {"hits": 0, "misses": 0, "saved": 0, "restored_tokens": 0, "bad_files": 0, "evicted": 0}
 
@@ -193,7 +132,7 @@ class PromptCache:
             try:
                 st = p.stat()
                 with open(p, "rb") as f:
-                    h = _read_header(f, st.st_size)
+                    h = read_header(f, st.st_size)
                 out.append(Entry(p, h.model, len(h.tokens), st.st_size, st.st_mtime))
             except BadEntry as e:
                 out.append(Entry(p, "?", 0, st.st_size, st.st_mtime, str(e)))
@@ -255,7 +194,7 @@ class PromptCache:
         return BoundPromptCache(self, key, caches, decoder, model.name)
 
     # -- files -----------------------------------------------------------------------------------------
-    def header(self, path: Path) -> _Header:
+    def header(self, path: Path) -> EntryHeader:
         """The header of PATH (memoized by size and inode); raises BadEntry or OSError."""
         st = path.stat()
         stamp = (st.st_size, st.st_ino, st.st_ctime_ns)
@@ -263,7 +202,7 @@ class PromptCache:
         if hit is not None and hit[0] == stamp:
             return hit[1]
         with open(path, "rb") as f:
-            h = _read_header(f, st.st_size)
+            h = read_header(f, st.st_size)
         self._headers[path.name] = (stamp, h)
         return h
 
@@ -280,11 +219,8 @@ class PromptCache:
 
     def write(self, name: str, meta: dict, tokens: np.ndarray, payload: np.ndarray) -> Path | None:
         """Write one entry atomically (temporary file + rename), then evict down to the bound."""
-        meta = dict(meta, payload_bytes=int(payload.nbytes), payload_crc32=zlib.crc32(payload))
-        body = json.dumps(meta, sort_keys=True).encode("utf-8")
-        toks = np.ascontiguousarray(tokens, dtype="<i4").tobytes()
-        head = HEAD.pack(MAGIC, VERSION, len(body), len(tokens), zlib.crc32(body + toks))
-        if len(head) + len(body) + len(toks) + payload.nbytes > self.max_bytes:
+        head = entry_head(meta, tokens, payload)
+        if len(head) + payload.nbytes > self.max_bytes:
             log.warning("edgeinfer: warning: a prompt of %d tokens needs %.1f MB of KV, more than the prompt "
                         "cache's bound of %.1f MB: it is not saved.", len(tokens), payload.nbytes / 1e6,
                         self.max_bytes / 1e6)
@@ -294,8 +230,6 @@ class PromptCache:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(head)
-                f.write(body)
-                f.write(toks)
                 f.write(memoryview(payload))
                 f.flush()
                 os.fsync(f.fileno())
@@ -399,7 +333,7 @@ class BoundPromptCache:
         self._covered: tuple[list[int], int, list[Path]] | None = None  # the last lookup: ids, match, prefixes
         self.last = {"restored_tokens": 0, "saved_tokens": 0}  # the last generation's, for its stats
 
-    def _candidates(self, ids: np.ndarray) -> list[tuple[int, Path, _Header]]:
+    def _candidates(self, ids: np.ndarray) -> list[tuple[int, Path, EntryHeader]]:
         out = []
         for p in self.cache.files(self.prefix + "-"):
             try:
@@ -410,7 +344,7 @@ class BoundPromptCache:
             except OSError:
                 continue  # evicted meanwhile
             if h.key != self.key:
-                self.cache.discard(p, _key_difference(h.key, self.key))
+                self.cache.discard(p, key_difference(h.key, self.key))
                 continue
             if h.payload_bytes != len(h.tokens) * self.token_bytes:
                 self.cache.discard(p, "its payload does not have the size its key implies (corrupt)")
@@ -446,7 +380,7 @@ class BoundPromptCache:
             if k <= reuse or k < self.cache.min_tokens:
                 break
             try:
-                payload = self._read_payload(path, h)
+                payload = read_payload(path, h)
             except BadEntry as e:
                 self.cache.discard(path, str(e))
                 unusable.add(path)
@@ -465,17 +399,6 @@ class BoundPromptCache:
             return k
         self.cache.stats["misses"] += 1
         return reuse
-
-    def _read_payload(self, path: Path, h: _Header) -> np.ndarray:
-        buf = np.empty(h.payload_bytes, np.uint8)
-        with open(path, "rb") as f:
-            f.seek(h.offset)
-            got = f.readinto(memoryview(buf))
-            if got != h.payload_bytes or f.read(1):
-                raise BadEntry("its payload is truncated" if got != h.payload_bytes else "it has trailing bytes")
-        if zlib.crc32(buf) != h.payload_crc32:
-            raise BadEntry("its payload fails its CRC-32 (corrupt)")
-        return buf
 
     def _load(self, payload: np.ndarray, n: int, k: int) -> None:
         """Write positions [0, K) of a payload of N positions into the decoder's caches."""

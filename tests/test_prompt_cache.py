@@ -93,6 +93,7 @@ def rewrite(data: bytes, meta=None, tokens=None, version=None) -> bytes:
         toks.tobytes() + payload
 
 
+@pytest.mark.slow  # exports the real SmolLM2 package
 @pytest.mark.parametrize("question", [ASK_B, ASK_A], ids=["shared-system-prompt", "same-prompt"])
 def test_restored_prefix_gives_the_cold_tokens_and_logprobs(smollm2, cold, saved_entry, tmp_path, question):
     data, name = saved_entry
@@ -109,6 +110,7 @@ def test_restored_prefix_gives_the_cold_tokens_and_logprobs(smollm2, cold, saved
     np.testing.assert_allclose(lps, cold[question][1], atol=1e-4)
 
 
+@pytest.mark.slow  # exports the real SmolLM2 package
 def test_the_logprob_check_sees_a_wrong_restore(smollm2, cold, saved_entry, tmp_path):
     """Control: another text's KV restored under chat(ASK_B)'s token ids changes the log-probabilities far
     beyond the tolerance above, so that comparison would catch a restore that loads the wrong KV."""
@@ -149,6 +151,7 @@ BAD = {
 }
 
 
+@pytest.mark.slow  # exports the real SmolLM2 package
 @pytest.mark.parametrize("kind", list(BAD))
 def test_a_bad_file_is_ignored_with_a_warning_and_gives_the_cold_output(smollm2, cold, saved_entry, tmp_path,
                                                                         caplog, kind):
@@ -193,6 +196,7 @@ def test_lru_eviction_keeps_the_folder_within_its_bound(tmp_path):
         PromptCache(tmp_path, min_tokens=0)
 
 
+@pytest.mark.slow  # exports the real SmolLM2 package
 def test_real_saves_respect_the_bound_and_an_entry_over_it_is_not_saved(smollm2, tmp_path, caplog):
     model = edgeinfer.load(smollm2, prompt_cache=cache_at(tmp_path, max_bytes="30MB"))
     for text in (DOC[:700], DOC[700:1400], DOC[1400:]):  # ~150-200 tokens each: ~8 MB of KV
@@ -206,6 +210,7 @@ def test_real_saves_respect_the_bound_and_an_entry_over_it_is_not_saved(smollm2,
     assert not list((tmp_path / "small").glob("*"))
 
 
+@pytest.mark.slow  # exports the real SmolLM2 package
 def test_a_failed_write_leaves_no_partial_file(smollm2, tmp_path, monkeypatch, caplog):
     import edgeinfer.prompt_cache as pc
 
@@ -229,6 +234,7 @@ def test_a_failed_write_leaves_no_partial_file(smollm2, tmp_path, monkeypatch, c
     assert [p.suffix for p in tmp_path.iterdir()] == [".kv"]
 
 
+@pytest.mark.slow  # exports the real SmolLM2 package
 def test_background_writes_and_cli_cache_list_clear(smollm2, tmp_path, monkeypatch, capsys):
     from edgeinfer.cli import main
 
@@ -255,6 +261,7 @@ def test_background_writes_and_cli_cache_list_clear(smollm2, tmp_path, monkeypat
     assert "add --prompt-cache" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # exports the real SmolLM2 package
 def test_server_saves_and_restores_and_serve_turns_it_on(smollm2, tmp_path, monkeypatch, capsys):
     from starlette.testclient import TestClient
 
