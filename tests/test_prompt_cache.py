@@ -354,3 +354,28 @@ def test_every_stage_of_a_staged_package_is_restored(tiny_models, tmp_path):
     assert res.stats["prompt_cache"]["restored_tokens"] == 55
     assert tokens == cold_tokens
     np.testing.assert_allclose(lps, cold_lps, atol=1e-5)
+
+
+def test_an_entry_that_extends_another_replaces_it(tiny_packages, tmp_path):
+    """A conversation that goes on: the longer prompt's entry replaces the one it extends, which it serves too."""
+    pkg = tiny_packages("llama", "fp32")
+    rng = np.random.default_rng(2)
+    first = [int(t) for t in rng.integers(3, 300, 40)]
+    longer = first + [int(t) for t in rng.integers(3, 300, 30)]
+    folder = tmp_path / "pc"
+    model = edgeinfer.load(pkg, prompt_cache=cache_at(folder, min_tokens=16))
+    run(model, first)
+    (only,) = folder.glob("*.kv")
+    model.reset()  # as a new process would: the disk, not the model's own cache, holds the prefix
+    _, _, res = run(model, longer)
+    assert res.stats["prompt_cache"] == {"restored_tokens": 40, "saved_tokens": 70}
+    (replacement,) = folder.glob("*.kv")
+    assert replacement != only
+    cold_tokens, cold_lps, _ = run(edgeinfer.load(pkg), first)
+    tokens, lps, res = run(edgeinfer.load(pkg, prompt_cache=cache_at(folder, min_tokens=16)), first)
+    assert res.stats["prompt_cache"]["restored_tokens"] == 38 and tokens == cold_tokens
+    np.testing.assert_allclose(lps, cold_lps, atol=1e-5)
+    # a prompt that adds fewer than min_tokens to what the cache holds is not saved again
+    _, _, res = run(edgeinfer.load(pkg, prompt_cache=cache_at(folder, min_tokens=16)), longer[:60] + [5, 6, 7])
+    assert res.stats["prompt_cache"] == {"restored_tokens": 60, "saved_tokens": 0}
+    assert list(folder.glob("*.kv")) == [replacement]
