@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import os
 import threading
+import time
 
 from edgeinfer.runtimes import resolve_provider
 
@@ -26,7 +27,7 @@ STRATEGY_OPTIONS = ("threshold", "draft_len", "exit_layer", "confidence", "tau",
 def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
          max_context: int | None = None, verify: bool | None = None,
          little: str | os.PathLike | Model | None = None, memory_budget: int | str | None = None,
-         allow_fallback: bool = False, parallel: int = 1) -> Model:
+         allow_fallback: bool = False, parallel: int = 1, prompt_cache=None) -> Model:
     """Load a model package.
 
     provider: ``auto`` (the best available for the package's target) or an execution provider's short
@@ -47,6 +48,9 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
     slot (plain decoding); more wait for a free slot. 1 (the default): one generation at a time.
     path (and little) may also name an alias (``smollm2-135m``), a ``.gguf`` file or a Hugging Face
     folder: it is exported once into the package cache (edgeinfer/package_cache.py) and reused.
+    prompt_cache: save long prompts' KV to disk and restore it after a restart (docs/prompt-cache.md):
+    None/False = off, True = the default folder (``~/.cache/edgeinfer/prompts``), a folder, or an
+    ``edgeinfer.prompt_cache.PromptCache``.
     """
     from .package_cache import resolve_model
 
@@ -61,7 +65,12 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
         if refused:
             raise PackageError(f"'{path}' is an encoder-decoder package: {', '.join(refused)} apply to decoder "
                                "packages (its decoder holds the positions its manifest gives).")
-        return Seq2SeqModel(pkg, provider=provider, threads=threads, allow_fallback=allow_fallback)
+        model = Seq2SeqModel(pkg, provider=provider, threads=threads, allow_fallback=allow_fallback)
+        if prompt_cache:
+            from .prompt_cache import skip_unsupported
+
+            skip_unsupported(model.name, "an encoder-decoder package")
+        return model
     if pkg.kind != "decoder":
         raise PackageError(f"package '{path}' is a {pkg.kind} package; this runtime loads decoder packages.")
     if little is not None and parallel != 1:
@@ -78,6 +87,14 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
                                    "big/little decoding needs a decoder package of the same tokenizer.")
             little = Model(little_pkg, provider=provider, threads=threads, max_context=max_context)
         model.attach_little(little)
+    if prompt_cache and model.engine is not None:
+        import logging
+
+        logging.getLogger("edgeinfer").warning(
+            "edgeinfer: warning: the prompt cache is off for '%s': loaded with parallel=%d, each generation "
+            "prefills its own KV slot (docs/batching.md).", model.name, parallel)
+    elif prompt_cache:
+        model.use_prompt_cache(prompt_cache)
     return model
 
 
@@ -121,6 +138,7 @@ class Model:
             self.engine = BatchEngine(self.decoder, parallel)
         self.little: Model | None = None  # the draft / little model of the big/little strategies
         self.cached_tokens: list[int] = []  # what the KV cache holds, for prefix reuse
+        self.prompt_cache = None  # prompt prefixes on disk (edgeinfer/prompt_cache/): use_prompt_cache
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread running a generation
         self._open: Generation | None = None
@@ -146,6 +164,16 @@ class Model:
             raise PackageError(f"'{little.name}' has {little.decoder.vocab_size} logits and '{self.name}' "
                                f"{self.decoder.vocab_size}: big/little decoding needs the same output vocabulary.")
         self.little = little
+
+    def use_prompt_cache(self, cache) -> None:
+        """Save long prompts' KV to disk and restore the longest saved prefix of a new prompt (CACHE: True,
+        a folder or a PromptCache; None/False turns it off). A decoder whose KV cannot be saved keeps it
+        off, with a warning."""
+        from .prompt_cache import as_prompt_cache
+
+        cache = as_prompt_cache(cache)
+        with self._lock:
+            self.prompt_cache = cache.bind(self) if cache is not None else None
 
     def encode(self, prompt: str | Messages) -> list[int]:
         if isinstance(prompt, str):
@@ -258,6 +286,10 @@ class Model:
             self._owner, self._open = threading.get_ident(), gen
             try:
                 reuse = self._reusable_prefix(ids)
+                t_restore = time.perf_counter()
+                if self.prompt_cache is not None:  # a longer prefix saved on disk (edgeinfer/prompt_cache/)
+                    reuse = self.prompt_cache.restore(ids, reuse)
+                t_restore = time.perf_counter() - t_restore
                 self.cached_tokens = []  # unknown while running; set when the loop ends cleanly
                 # big/little strategies: the whole prompt, the little's cache
                 strategy.begin(ids, little.cached_tokens if little else None)
@@ -269,6 +301,12 @@ class Model:
                     yield ev
                 fed = ids + out[:-1]  # the last sampled token was never fed to the model
                 self.cached_tokens = fed[: self.decoder.length]
+                if self.prompt_cache is not None:
+                    self.prompt_cache.save(ids)
+                    if gen.result is not None:  # the restore is part of the time to the first token
+                        gen.result.ttft_s += t_restore
+                        gen.result.total_s += t_restore
+                        gen.result.stats["prompt_cache"] = self.prompt_cache.report()
                 if experts_before is not None and gen.result is not None:  # MoE: expert cache counters
                     gen.result.stats["experts"] = self.decoder.expert_stats(experts_before).as_dict()
             except BaseException:

@@ -66,8 +66,10 @@ def create_app(model, api_key: str | None = None, max_queue: int = 8, max_tokens
         make_strategy(strategy, model.decoder, opts, little.decoder if little is not None else None)
 
     async def health(request: Request):
+        pc = getattr(model, "prompt_cache", None)  # edgeinfer/prompt_cache/: hits, misses, saved, ...
         return JSONResponse({"status": "ok", "model": model.name, "in_flight": state.in_flight,
-                             "served": state.served, "cancelled": state.cancelled})
+                             "served": state.served, "cancelled": state.cancelled,
+                             "prompt_cache": dict(pc.cache.stats) if pc is not None else None})
 
     async def models(request: Request):
         _auth(request, state)
@@ -311,10 +313,15 @@ async def _stream(gen, state: ServerState, rid: str, created: int, chat: bool, r
 def serve(package: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None, max_queue: int = 8,
           provider: str = "auto", threads: int | None = None, max_context: int | None = None,
           little: str | None = None, strategy: str = "plain", strategy_options: dict | None = None,
-          parallel: int = 1) -> None:
+          parallel: int = 1, prompt_cache: bool = True, prompt_cache_dir: str | None = None,
+          prompt_cache_bytes=None) -> None:
+    """Serve PACKAGE; long prompts' KV is saved to the prompt cache and restored after a restart unless
+    PROMPT_CACHE is False (docs/prompt-cache.md) or PARALLEL > 1 (each request then prefills its own KV
+    slot: docs/batching.md)."""
     import uvicorn
 
     from . import load
+    from .cli.cache import serve_option
 
     if parallel > 1 and (strategy != "plain" or little):
         raise EdgeInferError(f"--parallel decodes several requests together with plain decoding: drop --strategy "
@@ -325,10 +332,13 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8080, api_key: str 
     if host not in LOOPBACK and not api_key:
         print(f"WARNING: serving on {host} without --api-key: anyone who can reach this address can use the "
               "model. Bind to 127.0.0.1 or set --api-key.", file=sys.stderr)
+    cache = serve_option(prompt_cache, prompt_cache_dir, prompt_cache_bytes)  # before loading: bad options fail fast
+    if parallel > 1 and cache is not None and prompt_cache_dir is None and prompt_cache_bytes is None:
+        cache = None  # on by default, but batched requests prefill their own slots: off, and said below
     model = load(package, provider=provider, threads=threads, max_context=max_context, little=little,
-                 parallel=parallel)
+                 parallel=parallel, prompt_cache=cache)
     app = create_app(model, api_key=api_key, max_queue=max_queue, strategy=strategy,
                      strategy_options=strategy_options)
-    together = f", {parallel} requests decoded together" if parallel > 1 else ""
+    together = f", {parallel} requests decoded together (no prompt cache)" if parallel > 1 else ""
     print(f"edgeinfer: serving {model.name} on http://{host}:{port}/v1{together}", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning")

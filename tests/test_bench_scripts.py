@@ -187,3 +187,29 @@ def test_moe_bench_entry_script_and_tables():
     assert rows[("prefetch", 0.5)]["bound"] == 10.0 and abs(rows[("prefetch", 0.5)]["of_bound"] - 0.8) < 1e-9
     text = "\n".join(findings(result))
     assert "(**2.00x**)" in text and "reaches **0.80** of it" in text
+
+
+def test_prompt_cache_bench_page_and_target(tmp_path):
+    """apps/bench/prompt_cache.py's page states its ratio and verdict; the summary's target row reads its JSON."""
+    from apps.bench.prompt_cache import markdown
+    from apps.bench.summary import collect, targets
+
+    def side(ttft, restored):
+        return {"ttft_s": ttft, "load_s": 0.5, "restored_tokens": restored, "prompt_tokens": 1010, "tokens": [1, 2]}
+
+    rep = {"command": "python apps/bench/prompt_cache.py", "date": "2026-12-04", "machine": {"cpus": 2},
+           "package": "p", "prompt_tokens": 1010, "new_tokens": 8, "target": 5.0, "identical": True,
+           "text": {"file": "lee_background.cor", "package": "gensim", "version": "4.4.0", "sha256": "ab" * 32},
+           "rounds": [{"order": ["cold", "restored"], "cold": side(2.0, 0), "restored": side(0.5, 995),
+                       "identical": True}],
+           "median": {"cold_ttft_s": 2.0, "restored_ttft_s": 0.5, "ratio": 4.0, "cold_load_plus_ttft_s": 2.5,
+                      "restored_load_plus_ttft_s": 1.0, "ratio_with_load": 2.5},
+           "save": {"saved_tokens": 1010, "cache_bytes": 46e6, "save_copy_s": 0.05, "save_write_s": 0.2}}
+    md = markdown(rep)
+    assert "**4.0×** (target ≥ 5×: not met)" in md
+    assert "| 1 | cold then restored | 2000 ms | 500 ms | 995 | 4.0× |" in md
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "prompt-cache.json").write_text(json.dumps(rep))
+    got = {t: (m, d) for t, m, d in targets(collect(since=0.0, build=tmp_path))}
+    row = got["TTFT of a ~1,000-token system prompt after a restart, restored from disk ≥ 5× cold"]
+    assert row[0].startswith("4.0× (2000 ms cold, 500 ms restored") and row[1] == "short by 1.0×"

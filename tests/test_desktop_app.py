@@ -90,3 +90,29 @@ def test_stop_button_cancels(app, tiny_packages):
     assert wait_until(app, lambda: not win.busy, timeout=5)
     assert win.last_result["finish_reason"] == "cancelled" and win.last_result["new_tokens"] < 200
     win.close()
+
+
+def test_system_prompt_leads_the_chat_and_is_restored_after_a_restart(app, tiny_packages, tmp_path):
+    import edgeinfer
+    from edgeinfer.prompt_cache import PromptCache
+
+    pkg = str(tiny_packages("llama", "int4"))
+    system = "You answer questions about the story below.\n\n" + " ".join(["Once upon a time a fox met a crow."] * 8)
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "Who met the crow?"}]
+    ref = edgeinfer.load(pkg).complete(msgs, max_new_tokens=10, temperature=0.0)
+    assert ref.prompt_tokens > 40
+    results = []
+    for _ in range(2):  # the app started twice on the same cache folder
+        win = ChatWindow(pkg, max_new_tokens=10, prompt_cache=PromptCache(tmp_path, min_tokens=16))
+        win.show()
+        assert wait_until(app, lambda w=win: w.input.isEnabled())
+        win.system.setPlainText(system)
+        win.input.setText("Who met the crow?")
+        win.send()
+        assert wait_until(app, lambda w=win: w.last_result is not None and not w.busy)
+        results.append(win.last_result)
+        win.worker.model.prompt_cache.cache.wait()
+        win.close()
+    assert [r["text"] for r in results] == [ref.text, ref.text]
+    assert results[0]["restored_tokens"] == 0 and results[1]["restored_tokens"] == ref.prompt_tokens - 2
+    assert list(tmp_path.glob("*.kv"))

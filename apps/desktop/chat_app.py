@@ -6,7 +6,10 @@ Pick a package folder, type, press Enter: the reply streams into the window
 while the model runs on a worker thread (the UI thread never waits on it);
 Stop cancels; the status bar shows tokens/s. The conversation's KV cache is
 reused from turn to turn. "JSON output" constrains replies to JSON: any object, or
-the JSON Schema typed into the field beside it (docs/structured-output.md).
+the JSON Schema typed into the field beside it (docs/structured-output.md). The
+system prompt field leads every conversation; a long one (a document, instructions)
+is saved in the prompt cache and restored after a restart instead of being computed
+again (docs/prompt-cache.md).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
     QMainWindow,
+    QPlainTextEdit,
     QPushButton,
     QTextBrowser,
     QVBoxLayout,
@@ -43,15 +47,16 @@ class Worker(QObject):
     piece = Signal(str)
     finished = Signal(dict)
 
-    def __init__(self):
+    def __init__(self, prompt_cache=True):
         super().__init__()
         self.model = None
         self.generation = None
+        self.prompt_cache = prompt_cache  # what edgeinfer.load(prompt_cache=...) takes
 
     @Slot(str)
     def load(self, path: str) -> None:
         try:
-            self.model = edgeinfer.load(path)
+            self.model = edgeinfer.load(path, prompt_cache=self.prompt_cache)
             self.loaded.emit(self.model.name)
         except edgeinfer.EdgeInferError as e:
             self.failed.emit(str(e))
@@ -66,7 +71,8 @@ class Worker(QObject):
                     self.piece.emit(ev.text)
             r = self.generation.result
             self.finished.emit({"text": r.text, "new_tokens": r.new_tokens, "decode_tok_s": r.decode_tok_s,
-                                "ttft_s": r.ttft_s, "finish_reason": r.finish_reason})
+                                "ttft_s": r.ttft_s, "finish_reason": r.finish_reason,
+                                "restored_tokens": r.stats.get("prompt_cache", {}).get("restored_tokens", 0)})
         except edgeinfer.EdgeInferError as e:
             self.failed.emit(str(e))
             self.finished.emit({"text": "", "new_tokens": 0, "decode_tok_s": 0.0, "ttft_s": 0.0,
@@ -81,7 +87,7 @@ class ChatWindow(QMainWindow):
     request_load = Signal(str)
     request_generate = Signal(list, int, dict)
 
-    def __init__(self, package: str | None = None, max_new_tokens: int = 256):
+    def __init__(self, package: str | None = None, max_new_tokens: int = 256, prompt_cache=True):
         super().__init__()
         self.setWindowTitle("edgeinfer chat")
         self.resize(720, 520)
@@ -97,6 +103,9 @@ class ChatWindow(QMainWindow):
         top = QHBoxLayout()
         top.addWidget(open_button)
         top.addWidget(self.path_label, 1)
+        self.system = QPlainTextEdit()
+        self.system.setPlaceholderText("System prompt (optional): instructions or a document every reply sees")
+        self.system.setMaximumHeight(72)
         self.transcript = QTextBrowser()
         self.input = QLineEdit()
         self.input.setPlaceholderText("Ask something and press Enter")
@@ -120,6 +129,7 @@ class ChatWindow(QMainWindow):
         bottom.addWidget(self.stop_button)
         layout = QVBoxLayout()
         layout.addLayout(top)
+        layout.addWidget(self.system)
         layout.addWidget(self.transcript, 1)
         layout.addLayout(structured)
         layout.addLayout(bottom)
@@ -129,7 +139,7 @@ class ChatWindow(QMainWindow):
         self.statusBar().showMessage("open a model package to start")
 
         self.thread = QThread(self)
-        self.worker = Worker()
+        self.worker = Worker(prompt_cache)
         self.worker.moveToThread(self.thread)
         self.request_load.connect(self.worker.load)
         self.request_generate.connect(self.worker.generate)
@@ -170,7 +180,9 @@ class ChatWindow(QMainWindow):
         self.set_enabled(False)
         self.stop_button.setEnabled(True)
         self.statusBar().showMessage("generating…")
-        self.request_generate.emit(list(self.messages), self.max_new_tokens, constraint)
+        system = self.system.toPlainText().strip()
+        lead = [{"role": "system", "content": system}] if system else []
+        self.request_generate.emit(lead + self.messages, self.max_new_tokens, constraint)
 
     def stop(self) -> None:
         self.worker.stop()
@@ -217,8 +229,10 @@ class ChatWindow(QMainWindow):
         self.stop_button.setEnabled(False)
         if result["finish_reason"] == "error":  # on_failed already said what went wrong
             return
+        restored = result.get("restored_tokens", 0)
         self.statusBar().showMessage(f"{result['new_tokens']} tokens, {result['decode_tok_s']:.1f} tok/s, "
-                                     f"first token {result['ttft_s'] * 1000:.0f} ms ({result['finish_reason']})")
+                                     f"first token {result['ttft_s'] * 1000:.0f} ms ({result['finish_reason']})"
+                                     + (f", {restored} prompt tokens from the prompt cache" if restored else ""))
 
     def set_enabled(self, on: bool) -> None:
         self.input.setEnabled(on)

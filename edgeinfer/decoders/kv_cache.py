@@ -19,6 +19,8 @@ class KVCache:
         self.length = 0
         shape = (1, kv_heads, self.capacity, head_dim)
         self.layers = layers
+        self.kv_heads, self.head_dim, self.dtype, self.device = int(kv_heads), int(head_dim), np.dtype(dtype), device
+        self._arrays: dict | None = None
         if device != "cpu":
             # On the accelerator (CUDA): the buffers never cross the bus; attention reads only the first
             # `length` positions, so they need no zeroing.
@@ -30,6 +32,12 @@ class KVCache:
         self._arrays = {i: (np.zeros(shape, dtype), np.zeros(shape, dtype)) for i in self.layers}
         self.keys = {i: ort.OrtValue.ortvalue_from_numpy(k) for i, (k, _) in self._arrays.items()}
         self.values = {i: ort.OrtValue.ortvalue_from_numpy(v) for i, (_, v) in self._arrays.items()}
+
+    def host_arrays(self) -> dict[int, tuple[np.ndarray, np.ndarray]] | None:
+        """layer -> (keys, values): the host buffers (1, kv heads, capacity, head dim) the graphs read and
+        write in place (for the prompt cache, edgeinfer/prompt_cache/); None when they live on an
+        accelerator."""
+        return self._arrays
 
     def trim(self, n: int) -> int:
         """Forget the last N positions; returns how many were dropped."""

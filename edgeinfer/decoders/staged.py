@@ -124,6 +124,10 @@ class StagedDecoder(Decoder):
     def reset(self) -> None:
         self.truncate(0)
 
+    def kv_caches(self) -> list | None:
+        caches = [st.cache for st in self.stages]
+        return caches if all(c.host_arrays() is not None for c in caches) else None
+
     def _check_room(self, n: int) -> None:
         if self.length + n > self.capacity:
             limit = (f"the package allows up to {self.package_context}" if self.capacity < self.package_context

@@ -120,6 +120,9 @@ class MoEDecoder(Decoder):
     def reset(self) -> None:
         self.kv.reset()
 
+    def kv_caches(self) -> list:
+        return [self.kv]  # every layer's KV in one host cache; the expert cache holds weights only
+
     def expert_stats(self, since: CacheStats | None = None) -> CacheStats:
         """Cumulative expert-cache counters (minus SINCE); ``.as_dict()`` for reports."""
         if self.cache is None:
