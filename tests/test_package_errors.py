@@ -138,7 +138,8 @@ def test_disk_full_during_export_is_clear_and_leaves_nothing(tmp_path, tiny_mode
     a few real writes): one sentence, the old package untouched, no temporary folder left."""
     import errno
 
-    from edgeinfer.export import export_model, onnx_graph
+    from edgeinfer.export import export_model
+    from edgeinfer.export.graph import onnx_graph
 
     from edgeinfer.errors import ExportError
 
