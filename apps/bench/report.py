@@ -22,6 +22,8 @@ llama.cpp; install_whisper_peer.sh: faster-whisper; optimum's venv comes with
   8. sparse MoE under memory budgets (SmolLM2 cut into experts, real text) — apps/bench/moe.py
   9. quality: perplexity, top-1 agreement with fp32 and chat questions of every precision and of
      llama.cpp on the same GGUF (SmolLM2, Gemma-3) — apps/bench/quality.py
+ 10. KV cache precision: decode after 512 / 2048-token prompts with fp32 / fp16 / int8 KV, against
+     onnxruntime-genai, and int8's quality against fp32 KV — apps/bench/kv_dtype.py
 
 and then one table of every engine and strategy, the targets with the distance
 to each, and plots (apps/bench/summary.py).
@@ -29,7 +31,7 @@ to each, and plots (apps/bench/summary.py).
 Each step's own page keeps its detail; this script writes the index with the
 machine, the date, every command and its wall time, and the peer comparisons.
 Every speed figure on every page is a ratio measured in the same run.
---quick runs 1, 3, 4, 5, 6, 8 and 9 in their short forms and writes nothing under docs/.
+--quick runs 1, 3, 4, 5, 6, 8, 9 and 10 in their short forms and writes nothing under docs/.
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ def steps(quick: bool, out: Path) -> list[tuple[str, list[str], Path | None]]:
             ("Quality against llama.cpp (quick)", [PY, BENCH / "quality.py", "--models", "smollm2-135m",
                                                    "--windows", "4", "--out", out / "quality.md", "--json",
                                                    out / "quality.json"], out / "quality.md"),
+            ("KV cache precision (quick)", [PY, BENCH / "kv_dtype.py", "--quick", "--markdown",
+                                            out / "kv-cache-bench.md", "--json", out / "kv-dtype.json"],
+             out / "kv-cache-bench.md"),
         ]
     docs = ROOT / "docs"
     return [
@@ -95,6 +100,7 @@ def steps(quick: bool, out: Path) -> list[tuple[str, list[str], Path | None]]:
         ("Sparse MoE under memory budgets", [PY, BENCH / "moe.py", "all", "--models", "moefied,moefied-int8",
                                               "--repeats", "1", "--no-doc"], None),
         ("Quality against llama.cpp", [PY, BENCH / "quality.py"], docs / "quality.md"),
+        ("KV cache precision", [PY, BENCH / "kv_dtype.py"], docs / "kv-cache-bench.md"),
     ]
 
 
