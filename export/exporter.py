@@ -98,6 +98,9 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
                 else f"the '{model_type}' family (no hand-built graph)")
         raise ExportError(f"--kv-dtype {kv_dtype} is built for the cpu target's hand-built dense decoders, not "
                           f"{what}: drop --kv-dtype.")
+    if kv_dtype == "fp16":
+        print("note: onnxruntime's CPU attention converts an fp16 KV cache to fp32 at every step: it decodes slower "
+              "than fp32 KV (docs/kv-cache.md); --kv-dtype int8 is the fast one.", file=sys.stderr)
     if target != "npu":  # GroupQueryAttention's head-size limits: refuse what could not run
         from .shape_checks import check_config_attention
 

@@ -65,18 +65,6 @@ def test_kv_packages_load_and_decode(kv_packages, kv_dtype, numpy_dtype):
     assert edgeinfer.load(pkg).decoder.stages[0].cache.values[0].numpy().dtype == numpy_dtype  # the package's own
 
 
-def stepwise_predictions(model, ids: list[int], window: int = 128, lead: int = 4) -> np.ndarray:
-    """Teacher-forced argmax through the decode path: each window's first LEAD tokens prefilled, the
-    rest fed one step at a time, so every prediction reads the stored (fp16 / int8) cache."""
-    preds = []
-    for start in range(0, len(ids) - window + 1, window):
-        w = ids[start:start + window]
-        model.reset()
-        model.decoder.forward(w[:lead])
-        preds += [int(np.argmax(model.decoder.step(t))) for t in w[lead:]]
-    return np.array(preds)
-
-
 # Bounds measured on this text (docs/kv-cache.md), 4 windows of 128: at accuracy level 0 (float
 # activations in the matmuls) fp16 KV agreed on every prediction and int8 KV on 0.982 of them; at the
 # default level 4 (int8 activations) any perturbation of the cache, fp16's too, flips near-tied argmaxes
@@ -86,8 +74,10 @@ def stepwise_predictions(model, ids: list[int], window: int = 128, lead: int = 4
 def test_decode_agreement_with_fp32_kv(kv_packages, kv_dtype, accuracy_level, min_agreement):
     ref = edgeinfer.load(kv_packages("fp32", accuracy_level))
     model = edgeinfer.load(kv_packages(kv_dtype, accuracy_level))
+    from edgeinfer.perplexity import decode_path_argmax
+
     ids = ref.tokenizer.encode(real_text(), add_special_tokens=False)[:512]
-    mine, theirs = stepwise_predictions(model, ids), stepwise_predictions(ref, ids)
+    mine, theirs = decode_path_argmax(model, ids), decode_path_argmax(ref, ids)
     assert len(mine) == 496
     assert np.mean(mine == theirs) >= min_agreement
 
