@@ -27,7 +27,7 @@ STRATEGY_OPTIONS = ("threshold", "draft_len", "exit_layer", "confidence", "tau",
 def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = None,
          max_context: int | None = None, verify: bool | None = None,
          little: str | os.PathLike | Model | None = None, memory_budget: int | str | None = None,
-         allow_fallback: bool = False, parallel: int = 1, prompt_cache=None) -> Model:
+         allow_fallback: bool = False, parallel: int = 1, prompt_cache=None, kv_dtype: str | None = None) -> Model:
     """Load a model package.
 
     provider: ``auto`` (the best available for the package's target) or an execution provider's short
@@ -51,11 +51,16 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
     prompt_cache: save long prompts' KV to disk and restore it after a restart (docs/prompt-cache.md):
     None/False = off, True = the default folder (``~/.cache/edgeinfer/prompts``), a folder, or an
     ``edgeinfer.prompt_cache.PromptCache``.
+    kv_dtype: ``fp32``, ``fp16`` or ``int8`` KV cache (docs/kv-cache.md). It is fixed in a package's
+    graphs at export: a package of another KV dtype is refused; an alias, .gguf file or HF folder is
+    exported into the cache with that KV dtype. None: the package's own.
     """
+    from .decoders.kv_cache import check_package_kv_dtype, checked_kv_dtype
     from .package_cache import resolve_model
 
-    path = resolve_model(path)
+    path = resolve_model(path, kv_dtype=checked_kv_dtype(kv_dtype))
     pkg = open_package(path, verify=verify)
+    check_package_kv_dtype(pkg.spec, kv_dtype, str(path))
     if pkg.kind == "encoder-decoder":  # Whisper and other encoder-decoder families
         from .seq2seq import Seq2SeqModel
 

@@ -71,9 +71,10 @@ def is_cacheable_source(source: str) -> bool:
     return p.is_dir() and not (p / MANIFEST).exists() and (p / "config.json").is_file()
 
 
-def resolve_model(name_or_path: str | os.PathLike, progress: bool = True) -> Path:
+def resolve_model(name_or_path: str | os.PathLike, progress: bool = True, kv_dtype: str | None = None) -> Path:
     """What ``load``/``run``/``serve`` open: a package folder as is; a cache name (``edgeinfer list``) as its
-    package; an alias, .gguf file or Hugging Face folder exported into the cache on first use."""
+    package; an alias, .gguf file or Hugging Face folder exported into the cache on first use (with
+    KV_DTYPE KV buffers, under its own name, when that is fp16 or int8)."""
     text = os.fspath(name_or_path)
     p = Path(text).expanduser()
     if (p / MANIFEST).is_file():
@@ -84,12 +85,13 @@ def resolve_model(name_or_path: str | os.PathLike, progress: bool = True) -> Pat
             and not p.exists():
         return packages_dir() / text
     if is_cacheable_source(text):
-        return cached_package(text, progress=progress).path
+        return cached_package(text, progress=progress, kv_dtype=kv_dtype).path
     return p  # open_package explains what is wrong with it
 
 
-def cached_package(source: str, progress: bool = True) -> CachedPackage:
-    """The cached package of SOURCE, exported now if it is missing, stale or corrupt."""
+def cached_package(source: str, progress: bool = True, kv_dtype: str | None = None) -> CachedPackage:
+    """The cached package of SOURCE, exported now if it is missing, stale or corrupt. KV_DTYPE fp16/int8:
+    a variant of its own (NAME-kv-int8) whose graphs hold that KV dtype."""
     from edgeinfer.export.sources.aliases import is_alias
 
     alias = is_alias(source)
@@ -97,6 +99,8 @@ def cached_package(source: str, progress: bool = True) -> CachedPackage:
         raise ExportError(f"GGUF file '{source}' does not exist: check the path.")
     origin = _origin(source)
     name = _name_for(source, origin)
+    if kv_dtype not in (None, "fp32"):
+        name, origin = f"{name}-kv-{kv_dtype}", {**origin, "kv_dtype": kv_dtype}
     root = packages_dir()
     _writable(root)
     path = root / name
@@ -112,7 +116,7 @@ def cached_package(source: str, progress: bool = True) -> CachedPackage:
                     reason = f"it failed verification ({e})"
             print(f"edgeinfer: warning: the cached package '{name}' is exported again: {reason}",
                   file=sys.stderr)
-        _export(source, path, progress)
+        _export(source, path, progress, kv_dtype)
         _write_record(root, name, origin)
     return CachedPackage(name, path, origin["source"], True)
 
@@ -246,14 +250,14 @@ def _writable(root: Path) -> None:
                            "to a writable folder, or export by hand: edgeinfer export SOURCE -o FOLDER.") from None
 
 
-def _export(source: str, path: Path, progress: bool) -> None:
+def _export(source: str, path: Path, progress: bool, kv_dtype: str | None = None) -> None:
     from edgeinfer.export import export_model
 
     if progress:
         print(f"exporting {source} into {path} (once; later runs reuse it)...", file=sys.stderr)
     t0 = time.perf_counter()
     try:  # no precision: the exporter's default for this kind of source (the GGUF's own blocks, or int4)
-        res = export_model(source, path, force=True, progress=progress)
+        res = export_model(source, path, force=True, progress=progress, kv_dtype=kv_dtype)
     except EdgeInferError:
         raise
     except OSError as e:

@@ -162,6 +162,23 @@ def model_logits(model) -> LogitsFn:
     return run
 
 
+def decode_path_argmax(model, ids: Sequence[int], window: int = 128, lead: int = 4) -> np.ndarray:
+    """Teacher-forced argmax through the one-token decode path: each WINDOW of IDS from an empty cache,
+    its first LEAD tokens prefilled, the rest fed one step at a time, so that every prediction reads
+    what the cache stored (a batched pass can attend to fresh keys and values instead: an fp16 cache
+    changes no prefill logit). Predictions of positions LEAD..WINDOW-1 of each full window."""
+    preds = []
+    for start in range(0, len(ids) - window + 1, window):
+        w = [int(t) for t in ids[start:start + window]]
+        model.reset()
+        try:
+            model.decoder.forward(w[:lead])
+            preds += [int(np.argmax(model.decoder.step(t))) for t in w[lead:]]
+        finally:
+            model.reset()
+    return np.array(preds, dtype=np.int64)
+
+
 def check_same_vocabulary(model, other) -> None:
     """EvaluationError unless MODEL and OTHER tokenize alike and have the same output vocabulary."""
     a, b = model.tokenizer, other.tokenizer

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from edgeinfer.export.decoder import graph as dg
+from edgeinfer.export.decoder.kv_precision import KVPrecision
 from edgeinfer.export.graph.blocks import DEFAULT_MAX_CONTEXT, PRECISIONS, Precision, checked_context_and_precision
 from edgeinfer.export.sources.aliases import is_alias
 from edgeinfer.export.sources.load import SourceModel, load_source
@@ -30,7 +31,7 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
                  prefill_chunk: int | None = None, calibration: str | Path | None = None,
                  activation_bits: int = 16, exit_adapters: bool = False,
                  adapter_rank: int | None = None, expert_bits: int | None = None,
-                 quant_method: str | None = None) -> ExportResult:
+                 quant_method: str | None = None, kv_dtype: str | None = None) -> ExportResult:
     """Export SOURCE (alias, .gguf, HF folder, hub id, or a loaded SourceModel) to a package at OUT.
 
     PRECISION: ``source`` keeps a GGUF file's own quantized weights exactly (the default for GGUF sources
@@ -41,8 +42,13 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
     EXPERT_BITS (sparse MoE only): 8 stores the routed experts as per-channel int8 fed to one shared
     graph (no session per loaded expert: docs/moe.md); None keeps them at PRECISION.
     QUANT_METHOD, SYMMETRIC: how int4/int8 blocks are fitted (export/quant/methods.py; None = the default).
+    KV_DTYPE: ``fp32`` (default), ``fp16`` or ``int8`` KV buffers, fixed in the graphs (cpu target, hand-built
+    dense families; int8 scales are calibrated on CALIBRATION text: export/decoder/kv_precision.py).
     """
     given = {k: v for k, v in locals().items() if k in DEFAULTS}  # the caller's options, for refuse_unused
+    from edgeinfer.export.decoder.kv_precision import checked_kv_dtype
+
+    kv_dtype = checked_kv_dtype(kv_dtype)
     if target not in TARGETS:
         raise ExportError(f"unknown target '{target}': choose one of {', '.join(TARGETS)}.")
     if precision is not None and precision not in PRECISIONS:
@@ -57,6 +63,9 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
 
         seq2seq_folder = seq2seq_source_path(source)
         if seq2seq_folder is not None:  # encoder-decoder: its own graphs and manifest
+            if kv_dtype != "fp32":
+                raise ExportError(f"--kv-dtype {kv_dtype} is built for decoder-only cpu packages; encoder-decoder "
+                                  "packages keep an fp32 KV cache: drop --kv-dtype.")
             if exit_adapters:
                 raise ExportError("--exit-adapters is fitted for decoder-only packages; encoder-decoder exits "
                                   "use the plain exit head: drop --exit-adapters.")
@@ -81,6 +90,14 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
         # Re-quantizing a GGUF's blocks: no method repairs re-rounding them (hqq measured worse than rtn on
         # SmolLM2's Q4_1, docs/quality.md) and hqq costs minutes on a 262k-row table: symmetric rtn, as before.
         quant_method, symmetric = "rtn", True
+    if kv_dtype != "fp32" and (target != "cpu" or kind_for(model_type) == "moe" or model_type not in FAMILIES):
+        what = (f"the {target} target" if target != "cpu" else "sparse-MoE packages" if kind_for(model_type) == "moe"
+                else f"the '{model_type}' family (no hand-built graph)")
+        raise ExportError(f"--kv-dtype {kv_dtype} is built for the cpu target's hand-built dense decoders, not "
+                          f"{what}: drop --kv-dtype.")
+    if kv_dtype == "fp16":
+        print("note: onnxruntime's CPU attention converts an fp16 KV cache to fp32 at every step: it decodes slower "
+              "than fp32 KV (docs/kv-cache.md); --kv-dtype int8 is the fast one.", file=sys.stderr)
     if target != "npu":  # GroupQueryAttention's head-size limits: refuse what could not run
         from edgeinfer.export.graph.shape_checks import check_config_attention
 
@@ -129,11 +146,23 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
         (tmp / "graphs").mkdir()
         graphs = []
         weights = {**src.state_dict, **src.blocks} if precision == "source" else src.state_dict
-        for stage in dg.build_stages(spec, weights, prec, ctx, cuts[1:-1], progress=bar.update):
+        # int8 KV: fp32-KV graphs first, run over calibration text to fix the int8 scales, then rebuilt
+        first_kv = KVPrecision("fp32" if kv_dtype == "int8" else kv_dtype)
+        for stage in dg.build_stages(spec, weights, prec, ctx, cuts[1:-1], progress=bar.update, kv=first_kv):
             rel = f"graphs/{stage.name}.onnx"
             stage.builder.save(tmp / rel)
             graphs.append(stage.manifest_entry(rel))
         bar.close()
+        kv = first_kv
+        if kv_dtype == "int8":
+            kv = _int8_kv(tmp, src, spec, prec, ctx, graphs, calibration, progress)
+            for old in (tmp / "graphs").iterdir():  # onnx appends to an existing external-data file
+                old.unlink()
+            graphs = []
+            for stage in dg.build_stages(spec, weights, prec, ctx, cuts[1:-1], kv=kv):
+                rel = f"graphs/{stage.name}.onnx"
+                stage.builder.save(tmp / rel)
+                graphs.append(stage.manifest_entry(rel))
         exit_entries = []
         if exits:
             dg.build_exit_head(spec, weights, prec).save(tmp / "graphs" / "exit_head.onnx")
@@ -144,10 +173,10 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
         if len(graphs) > 1:
             _share_stage_weights(tmp, graphs)
         (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
-        manifest = write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs, exit_entries, target))
+        manifest = write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs, exit_entries, target, kv))
         if exit_adapters:  # fitted on the complete package in the staging folder, then listed in it
             _add_exit_adapters(tmp, src, graphs, exit_entries, adapter_rank, calibration, progress)
-            manifest = write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs, exit_entries, target))
+            manifest = write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs, exit_entries, target, kv))
     size = sum(m["size"] for m in manifest["files"].values())
     return ExportResult(out, manifest, size)
 
@@ -277,10 +306,11 @@ def _export_monolithic(src: SourceModel, out: Path, precision: str, max_context:
 
 
 def _manifest(src: SourceModel, spec, prec: Precision, ctx: int, graphs: list[dict], exits: list[dict],
-              target: str = "cpu") -> Manifest:
+              target: str = "cpu", kv: KVPrecision | None = None) -> Manifest:
     """The manifest of a dense decoder package (the npu exporter replaces what differs)."""
     from edgeinfer import __version__
 
+    kv = kv or KVPrecision()
     return Manifest(
         kind="decoder", family=spec.family, name=src.name,
         source={"kind": src.kind, "location": src.location, "model_type": src.config.get("model_type")},
@@ -288,14 +318,37 @@ def _manifest(src: SourceModel, spec, prec: Precision, ctx: int, graphs: list[di
         architecture=spec.as_manifest(),
         graphs=[GraphEntry.from_dict(g) for g in graphs],
         io=dg.decoder_io(),
-        kv_cache=KVCacheSpec(layout="BNSH", dtype="float32", num_layers=spec.layers, num_kv_heads=spec.kv_heads,
-                             head_dim=spec.head_dim, max_context=ctx, shared_buffer=True,
-                             sliding_windows=spec.windows),
+        kv_cache=KVCacheSpec.from_dict({"layout": "BNSH", "num_layers": spec.layers, "num_kv_heads": spec.kv_heads,
+                                        "head_dim": spec.head_dim, "max_context": ctx, "shared_buffer": True,
+                                        "sliding_windows": spec.windows, **kv.describe()}),
         quantization={**prec.describe(), **_source_types(src, prec)},
         tokenizer=TokenizerSpec.from_dict({"file": "tokenizer.json", "chat_template": src.chat_template,
                                            **src.special}),
         generation={"max_new_tokens": 256, **src.generation},
         exits=[ExitEntry.from_dict(e) for e in exits])
+
+
+def _int8_kv(tmp: Path, src: SourceModel, spec, prec: Precision, ctx: int, graphs: list[dict],
+             calibration, progress: bool) -> KVPrecision:
+    """int8 KV with scales measured by running the fp32-KV graphs just written to TMP over calibration
+    text (export/decoder/kv_precision.py)."""
+    from edgeinfer.export.decoder import kv_precision
+    from edgeinfer.export.quant.calibrate import calibration_samples
+    from edgeinfer.runtimes import resolve_provider
+
+    from edgeinfer.decoders.staged import StagedDecoder
+    from edgeinfer.package import open_package
+
+    if progress:
+        print("calibrating int8 KV scales on calibration text...", file=sys.stderr)
+    write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs, []))
+    pkg = open_package(tmp, verify=False)
+    decoder = StagedDecoder(pkg, resolve_provider("cpu", None, manifest=pkg.manifest), max_context=ctx)
+    samples = calibration_samples(src.tokenizer_json, calibration, min(ctx, 512))
+    keys, values = kv_precision.measure_kv_ranges(decoder, samples)
+    del decoder
+    quant = kv_precision.QUANT_TYPE
+    return KVPrecision("int8", kv_precision.scales_from_ranges(keys, values, quant), quant)
 
 
 def _source_types(src: SourceModel, prec: Precision) -> dict:

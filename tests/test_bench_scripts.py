@@ -213,3 +213,26 @@ def test_prompt_cache_bench_page_and_target(tmp_path):
     got = {t: (m, d) for t, m, d in targets(collect(since=0.0, build=tmp_path))}
     row = got["TTFT of a ~1,000-token system prompt after a restart, restored from disk ≥ 5× cold"]
     assert row[0].startswith("4.0× (2000 ms cold, 500 ms restored") and row[1] == "short by 1.0×"
+
+
+def test_kv_dtype_ratios_and_markdown():
+    from apps.bench.kv_dtype import markdown, summarize
+
+    def run(tok_s):
+        return {"runs": [{"decode_tok_s": tok_s, "ttft_s": 0.5}], "peak_rss_mb": 300.0, "version": "x"}
+
+    names = ["fp32", "int8", "onnxruntime-genai-int4"]
+    rounds = [{"fp32": run(50.0), "int8": run(70.0), "onnxruntime-genai-int4": run(40.0)},
+              {"fp32": run(40.0), "int8": run(60.0), "onnxruntime-genai-int4": run(50.0)}]
+    res = summarize(2048, rounds, names)
+    assert res["ratios"]["int8 / fp32"]["rounds"] == [1.4, 1.5]
+    assert res["ratios"]["int8 / onnxruntime-genai-int4"]["rounds"] == [1.75, 1.2]
+    assert "fp32 / int8" not in res["ratios"] and "onnxruntime-genai-int4 / fp32" not in res["ratios"]
+    rep = {"machine": {"cpu": "cpu", "cores": 2}, "argv": ["--quick"], "date": "2026-12-04T00:00:00",
+           "model": "smollm2-135m", "threads": 2, "new_tokens": 32, "rounds": 2, "repeats": 1, "speed": [res],
+           "quality": {"text": {"file": "t.cor", "package": "p", "version": "1"}, "settings": [
+               {"context": 256, "rows": {"int8": {"perplexity": 36.0, "fp32_perplexity": 35.9, "relative": 0.0028,
+                                                  "top1_agreement": 0.95, "windows": 4, "scored_tokens": 1020}}}]}}
+    md = markdown(rep)
+    assert "| int8 / fp32 | **1.45×** | 1.40, 1.50 |" in md and "edgeinfer, int8 KV x" in md
+    assert "| int8 | 256 | 4 × 255 | 36.000 | 35.900 | +0.28% | 0.9500 |" in md

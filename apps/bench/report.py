@@ -24,6 +24,8 @@ llama.cpp; install_whisper_peer.sh: faster-whisper; optimum's venv comes with
      llama.cpp on the same GGUF (SmolLM2, Gemma-3) — apps/bench/quality.py
  10. the persistent prompt cache: time to first token of a ~1,000-token system prompt after a
      restart, restored from disk vs cold, fresh processes — apps/bench/prompt_cache.py
+ 11. KV cache precision: decode after 512 / 2048-token prompts with fp32 / fp16 / int8 KV, against
+     onnxruntime-genai, and int8's quality against fp32 KV — apps/bench/kv_dtype.py
 
 and then one table of every engine and strategy, the targets with the distance
 to each, and plots (apps/bench/summary.py).
@@ -80,6 +82,9 @@ def steps(quick: bool, out: Path) -> list[tuple[str, list[str], Path | None]]:
             ("Prompt cache after a restart (quick)", [PY, BENCH / "prompt_cache.py", "--rounds", "2", "--new-tokens",
                                                       "8", "--json", b / "prompt-cache.json", "--markdown",
                                                       out / "prompt-cache.md"], out / "prompt-cache.md"),
+            ("KV cache precision (quick)", [PY, BENCH / "kv_dtype.py", "--quick", "--markdown",
+                                            out / "kv-cache-bench.md", "--json", out / "kv-dtype.json"],
+             out / "kv-cache-bench.md"),
         ]
     docs = ROOT / "docs"
     return [
@@ -102,6 +107,7 @@ def steps(quick: bool, out: Path) -> list[tuple[str, list[str], Path | None]]:
         ("Quality against llama.cpp", [PY, BENCH / "quality.py"], docs / "quality.md"),
         ("Prompt cache after a restart", [PY, BENCH / "prompt_cache.py", "--rounds", "5", "--markdown",
                                           out / "prompt-cache.md"], out / "prompt-cache.md"),
+        ("KV cache precision", [PY, BENCH / "kv_dtype.py"], docs / "kv-cache-bench.md"),
     ]
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from edgeinfer.decoders.kv_cache import kv_buffer_dtype
 from edgeinfer.decoders.staged import StagedDecoder
 from edgeinfer.errors import ContextLengthError
 
@@ -39,10 +40,11 @@ class SlotCaches:
         self.io = decoder.io
         kv = decoder.package.kv_cache
         shape = (self.slots, kv.num_kv_heads, self.capacity, kv.head_dim)
+        dtype = kv_buffer_dtype(kv)  # fp32, or the fp16 / int8 cache a package was exported with
         layers = [i for st in decoder.stages for i in range(st.first, st.last)]
         # np.zeros pages in lazily: memory is committed as contexts fill
-        self.keys = {i: np.zeros(shape, np.float32) for i in layers}
-        self.values = {i: np.zeros(shape, np.float32) for i in layers}
+        self.keys = {i: np.zeros(shape, dtype) for i in layers}
+        self.values = {i: np.zeros(shape, dtype) for i in layers}
         self.lengths = np.zeros(self.slots, np.int64)
         self._plans: dict[int, tuple] = {}  # rows -> the bindings of a batched step over rows [0, rows)
 

@@ -4,12 +4,31 @@ GroupQueryAttention writes new keys/values in place at positions
 ``[length, length + n)``, so the buffers never move or grow. Rolling back (a
 rejected speculative draft, a BiLD rollback, a chat turn that diverges) is just
 ``trim(n)``: positions past ``length`` are ignored and later overwritten.
+
+The buffers hold the dtype the package's graphs were exported with (manifest
+``kv_cache.dtype``: float32, float16, or int8 with per-layer scales that are
+constants of the graphs, so trimming an int8 cache is the same length change:
+docs/kv-cache.md).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+
+# manifest kv_cache.dtype -> what load(kv_dtype=...) and --kv-dtype call it
+KV_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "int8": "int8"}
+
+
+def kv_buffer_dtype(kv) -> np.dtype:
+    """The numpy dtype of a package's KV buffers (its manifest's kv_cache: an edgeinfer.package.KVCacheSpec)."""
+    name = kv.dtype
+    if name not in KV_DTYPE_NAMES:
+        from edgeinfer.errors import PackageError
+
+        raise PackageError(f"the package's KV cache dtype '{name}' is not one this runtime knows "
+                           f"({', '.join(KV_DTYPE_NAMES)}): upgrade edgeinfer or re-export the package.")
+    return np.dtype(name)
 
 
 class KVCache:
@@ -51,3 +70,31 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+
+KV_DTYPES = tuple(KV_DTYPE_NAMES.values())
+
+
+def checked_kv_dtype(value: str | None) -> str | None:
+    """VALUE if it is None (the package's own) or one of KV_DTYPES; else one PackageError sentence."""
+    if value is not None and value not in KV_DTYPES:
+        from edgeinfer.errors import PackageError
+
+        raise PackageError(f"unknown kv_dtype {value!r}: choose one of {', '.join(KV_DTYPES)} "
+                           "(or leave it out for the package's own).")
+    return value
+
+
+def check_package_kv_dtype(spec, requested: str | None, where: str) -> None:
+    """Refuse to load a package (SPEC: its edgeinfer.package.Manifest) whose KV dtype, fixed in its graphs
+    at export, is not REQUESTED."""
+    if checked_kv_dtype(requested) is None:
+        return
+    stored = spec.kv_cache.dtype
+    have = KV_DTYPE_NAMES.get(stored, stored)
+    if have != requested:
+        from edgeinfer.errors import PackageError
+
+        raise PackageError(f"package '{where}' stores its KV cache as {have}, fixed in its graphs at export, "
+                           f"so it cannot run with kv_dtype {requested}: export it with --kv-dtype {requested} "
+                           "(an alias, .gguf file or HF folder is exported so by itself).")

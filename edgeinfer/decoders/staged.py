@@ -22,7 +22,7 @@ from edgeinfer.package import GraphEntry, Package
 from edgeinfer.runtimes import ExecutionTarget, create_session
 
 from .base import Decoder
-from .kv_cache import KVCache
+from .kv_cache import KVCache, kv_buffer_dtype
 
 _ov = ort.OrtValue.ortvalue_from_numpy
 
@@ -45,7 +45,7 @@ class Stage:
                                "the package is inconsistent, re-export it.")
         kv, io = pkg.kv_cache, pkg.spec.io
         self.cache = KVCache(range(self.first, self.last), kv.num_kv_heads, kv.head_dim, capacity,
-                             device=target.device_memory)
+                             dtype=kv_buffer_dtype(kv), device=target.device_memory)
         self.layer_names = [(i, io["past_key"].format(layer=i), io["past_value"].format(layer=i),
                              io["present_key"].format(layer=i), io["present_value"].format(layer=i))
                             for i in range(self.first, self.last)]

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+from edgeinfer.export.decoder.kv_precision import KVPrecision
 from edgeinfer.export.graph.blocks import (
     AttentionIO,
     Precision,
@@ -93,20 +94,23 @@ def stage_cuts(num_layers: int, cuts: Iterable[int]) -> list[int]:
 
 
 def build_stages(spec: DecoderSpec, sd: StateDict, precision: Precision, max_context: int,
-                 cuts: Iterable[int] = (), progress: Callable[[int], None] | None = None) -> list[StageGraph]:
+                 cuts: Iterable[int] = (), progress: Callable[[int], None] | None = None,
+                 kv: KVPrecision | None = None) -> list[StageGraph]:
+    """KV: how the KV buffers are stored (default fp32; export/decoder/kv_precision.py)."""
+    kv = kv or KVPrecision()
     bounds = stage_cuts(spec.layers, cuts)
     stages = []
     for s in range(len(bounds) - 1):
         first, last = bounds[s], bounds[s + 1]
         stage = StageGraph(name=f"stage{s}", layers=(first, last), embed=(s == 0),
                            head=(s == len(bounds) - 2), builder=GraphBuilder(f"stage{s}"))
-        _build_stage(stage, spec, sd, precision, max_context, progress)
+        _build_stage(stage, spec, sd, precision, max_context, progress, kv)
         stages.append(stage)
     return stages
 
 
 def _build_stage(stage: StageGraph, spec: DecoderSpec, sd: StateDict, precision: Precision,
-                 max_context: int, progress: Callable[[int], None] | None) -> None:
+                 max_context: int, progress: Callable[[int], None] | None, kv: KVPrecision) -> None:
     g = stage.builder
     head_bits = precision.head_bits
     shared = None
@@ -130,17 +134,17 @@ def _build_stage(stage: StageGraph, spec: DecoderSpec, sd: StateDict, precision:
     delta = None  # the stream value is x + delta; kept apart so norms fuse the add
     for i in range(*stage.layers):
         kv_shape = ["batch", spec.kv_heads, "max_context", spec.head_dim]
-        g.input(past_key(i), "float32", kv_shape)
-        g.input(past_value(i), "float32", kv_shape)
-        g.output(present_key(i), "float32", kv_shape)
-        g.output(present_value(i), "float32", kv_shape)
+        g.input(past_key(i), kv.dtype, kv_shape)
+        g.input(past_value(i), kv.dtype, kv_shape)
+        g.output(present_key(i), kv.dtype, kv_shape)
+        g.output(present_value(i), kv.dtype, kv_shape)
         w = layer_weights(sd, i, spec)
         name = f"model.layers.{i}"
         h, x = _norm_stream(g, x, delta, w["input_norm"], spec.rms_eps, f"{name}.input_layernorm")
         window = spec.windows[i]
         theta = spec.rope_local_theta if (window > 0 and spec.rope_local_theta) else spec.rope_theta
         io = AttentionIO(past_key(i), past_value(i), present_key(i), present_value(i), seqlens, total,
-                         *caches[theta])
+                         *caches[theta], *_kv_scales(g, kv, i))
         a = attention(g, h, w, io, num_heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim,
                       eps=spec.rms_eps, scale=spec.attn_scale, window=window, softcap=spec.attn_softcap,
                       name=f"{name}.self_attn", precision=precision)
@@ -211,6 +215,14 @@ def build_exit_head(spec: DecoderSpec, sd: StateDict, precision: Precision) -> G
         shared = "model.embed_tokens"
     _append_head(g, x, None, spec, sd, precision, shared)
     return g
+
+
+def _kv_scales(g: GraphBuilder, kv: KVPrecision, layer: int) -> tuple[str, str, str]:
+    """(k_scale, v_scale, quant type) initializers of LAYER's int8 KV; empty names for float KV."""
+    if not kv.quantized:
+        return "", "", ""
+    k, v = kv.layer_scales(layer)
+    return g.initializer(f"k_scale.{layer}", k), g.initializer(f"v_scale.{layer}", v), kv.quant_type
 
 
 def _norm_stream(g: GraphBuilder, x: str, delta: str | None, weight: np.ndarray, eps: float,

@@ -268,6 +268,10 @@ class AttentionIO:
     total_seq_len: str
     cos_cache: str
     sin_cache: str
+    # int8 KV (export/decoder/kv_precision.py): the scale initializers and the kernel's quantization type
+    k_scale: str = ""
+    v_scale: str = ""
+    kv_quant_type: str = ""
 
 
 def attention(g: GraphBuilder, x: str, w: dict[str, np.ndarray], io: AttentionIO, *, num_heads: int,
@@ -276,6 +280,11 @@ def attention(g: GraphBuilder, x: str, w: dict[str, np.ndarray], io: AttentionIO
     """Self-attention with rotary, GQA and a KV buffer shared by past and present."""
     gqa_attrs = dict(num_heads=num_heads, kv_num_heads=kv_heads, do_rotary=1, scale=scale,
                      local_window_size=window, softcap=softcap)
+    scales = []
+    if io.kv_quant_type:  # int8 buffers: the kernel quantizes new rows and dequantizes as it reads
+        gqa_attrs.update(k_quant_type=io.kv_quant_type, v_quant_type=io.kv_quant_type, kv_cache_bit_width=8)
+        # inputs 9-11 (position_ids, attention_bias, head_sink) unused; 12, 13: k_scale, v_scale
+        scales = ["", "", "", io.k_scale, io.v_scale]
     if "q_norm" not in w:
         # One packed QKV matmul: fewer, larger kernels on the decode hot path.
         wqkv = concat_rows([w["q"], w["k"], w["v"]])
@@ -292,8 +301,8 @@ def attention(g: GraphBuilder, x: str, w: dict[str, np.ndarray], io: AttentionIO
         q = _per_head_rms_norm(g, q, w["q_norm"], head_dim, eps, f"{name}.q_norm")
         k = _per_head_rms_norm(g, k, w["k_norm"], head_dim, eps, f"{name}.k_norm")
     out = g.op("GroupQueryAttention",
-               [q, k, v, io.past_key, io.past_value, io.seqlens_k, io.total_seq_len, io.cos_cache, io.sin_cache],
-               3, domain=MS_DOMAIN, name=f"{name}.attn",
+               [q, k, v, io.past_key, io.past_value, io.seqlens_k, io.total_seq_len, io.cos_cache, io.sin_cache,
+                *scales], 3, domain=MS_DOMAIN, name=f"{name}.attn",
                outputs=[f"{name}.attn/out", io.present_key, io.present_value], **gqa_attrs)
     return linear(g, out[0], w["o"], f"{name}.o_proj", precision)
 
