@@ -64,13 +64,15 @@ def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
     raise SystemExit(f"the server at {url} did not come up in {seconds:.0f} s")
 
 
-def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> dict:
+def one_request(url: str, prompt: str, max_tokens: int) -> dict:
+    """One streaming completion on a connection of its own (llama-server closes its connection after a
+    stream, so a kept-alive client would reuse a dead one)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = None
     text, tokens = [], None
-    with client.stream("POST", url + "/v1/completions", json=body) as r:
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:200]!r}")
         for line in r.iter_lines():
@@ -97,12 +99,11 @@ def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     errors: list[str] = []
 
     def run(i: int) -> None:
-        with httpx.Client(timeout=600) as c:
-            for _ in range(requests):
-                try:
-                    results[i].append(one_request(c, url, PROMPTS[i % len(PROMPTS)], max_tokens))
-                except Exception as e:  # noqa: BLE001 - counted and reported
-                    errors.append(f"{type(e).__name__}: {e}")
+        for _ in range(requests):
+            try:
+                results[i].append(one_request(url, PROMPTS[i % len(PROMPTS)], max_tokens))
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                errors.append(f"{type(e).__name__}: {e}")
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
@@ -124,15 +125,22 @@ def start_servers(args) -> dict:
     port = free_port()
     cmd = [str(ROOT / ".venv" / "bin" / "edgeinfer"), "serve", args.package, "--port", str(port), "--parallel",
            str(args.parallel), "--max-queue", str(max(args.clients) + 1), "--threads", str(args.threads)]
-    servers["edgeinfer"] = (subprocess.Popen(cmd, stderr=subprocess.DEVNULL), f"http://127.0.0.1:{port}")
+    logs = ROOT / "build" / "bench"
+    logs.mkdir(parents=True, exist_ok=True)
+    servers["edgeinfer"] = (subprocess.Popen(cmd, stderr=open(logs / "batching-edgeinfer.log", "w")),
+                            f"http://127.0.0.1:{port}")
     if not args.no_peer:
         if not LLAMA_SERVER.exists():
             raise SystemExit(f"{LLAMA_SERVER} is missing: build it with apps/bench/peers/install_llama_server.sh "
                              "(or pass --no-peer).")
         port = free_port()
         cmd = [str(LLAMA_SERVER), "-m", args.gguf, "--port", str(port), "--parallel", str(args.parallel),
-               "-c", str(args.context * args.parallel), "-t", str(args.threads), "-tb", str(args.threads)]
-        servers["llama.cpp"] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+               "-c", str(args.context * args.parallel), "-t", str(args.threads), "-tb", str(args.threads),
+               # its AMX weight repacking dies of SIGILL on this VM (the CPU lists AMX, the kernel's tiles
+               # fault); the plain CPU kernels, as in the llama-cpp-python runner of compare.py
+               "--no-repack"]
+        servers["llama.cpp"] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                                 stderr=open(logs / "batching-llama.cpp.log", "w")),
                                 f"http://127.0.0.1:{port}")
     for proc, url in servers.values():
         wait_ready(url, proc)
@@ -187,8 +195,7 @@ def main(argv=None) -> int:
     try:
         order = list(servers)
         for e, (_, url) in servers.items():  # every prompt's greedy reply with no other request running
-            with httpx.Client(timeout=600) as c:
-                alone[e] = {p: one_request(c, url, p, args.max_tokens)["text"] for p in PROMPTS[:max(args.clients)]}
+            alone[e] = {p: one_request(url, p, args.max_tokens)["text"] for p in PROMPTS[:max(args.clients)]}
         for rnd in range(args.rounds):
             for e in (order if rnd % 2 == 0 else order[::-1]):
                 url = servers[e][1]
