@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -211,8 +212,7 @@ def main(argv=None) -> int:
             proc.wait(timeout=30)
 
     def median(xs):
-        xs = sorted(xs)
-        return xs[len(xs) // 2] if xs else 0.0
+        return statistics.median(xs) if xs else 0.0
 
     rep = {"clients": args.clients, "parallel": args.parallel, "requests": args.requests, "max_tokens": args.max_tokens,
            "threads": args.threads, "rounds": args.rounds, "package": args.package, "gguf": args.gguf, "engines": {}}
