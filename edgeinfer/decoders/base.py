@@ -5,7 +5,8 @@ decoder), with the optional capabilities declared here instead of probed for.
 Every decoder has ``length`` (tokens in its cache), ``capacity`` (the most it holds),
 ``vocab_size``, ``forward(ids, logits_to_keep)``, ``step(token)``, ``truncate(n)``,
 ``trim(n)`` and ``reset()``. Staged decoders (``staged``) also have per-stage caches with
-pending rows: ``step_partial``, ``catch_up``, ``exit_logits`` and their ``exits``.
+pending rows (the one stage chain, edgeinfer.decoders.chain): ``pending``, ``stage_length``,
+``step_partial``, ``catch_up``, ``exit_logits`` and their ``exits``.
 """
 
 from __future__ import annotations

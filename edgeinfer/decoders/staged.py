@@ -1,11 +1,9 @@
 """Run a decoder package's stage graphs over per-stage KV caches, with IO binding.
 
-Each stage owns the KV buffers of its layers and its own length, so a strategy
-can run only the first stages for some tokens (a draft, an early exit) and the
-rest later. Positions a stage has not processed yet wait as *pending* hidden
-states (the previous stage's outputs); the next run of that stage takes them
-first, so the skipped layers' KV is filled exactly before any later token needs
-it.
+Each stage owns the KV buffers of its layers and its own length; the pending rows
+between stages and the order they run in are the one stage chain's
+(:mod:`edgeinfer.decoders.chain`), so a strategy can run only the first stages for
+some tokens (a draft, an early exit) and the rest later.
 
 The one-token paths (full depth, and up to an exit) reuse bindings and
 preallocated buffers: a step costs one ``run_with_iobinding`` per stage, a few
@@ -22,13 +20,14 @@ from edgeinfer.package import GraphEntry, Package
 from edgeinfer.runtimes import ExecutionTarget, create_session
 
 from .base import Decoder
+from .chain import StageChain
 from .kv_cache import KVCache, kv_buffer_dtype
 
 _ov = ort.OrtValue.ortvalue_from_numpy
 
 
 class Stage:
-    """One stage graph: its session, its layers' KV cache, and its pending inputs."""
+    """One stage graph: its session and its layers' KV cache."""
 
     def __init__(self, pkg: Package, entry: GraphEntry, target: ExecutionTarget, capacity: int):
         self.name = entry.name
@@ -49,7 +48,6 @@ class Stage:
         self.layer_names = [(i, io["past_key"].format(layer=i), io["past_value"].format(layer=i),
                              io["present_key"].format(layer=i), io["present_value"].format(layer=i))
                             for i in range(self.first, self.last)]
-        self.pending: np.ndarray | None = None  # (P, hidden): inputs for positions [length, length + P)
         # Position inputs of the one-token plans, written in place before each step.
         self.step_seqlens = np.zeros((1,), np.int32)
         self.step_total = np.zeros((), np.int32)
@@ -65,18 +63,9 @@ class Stage:
             binding.bind_ortvalue_output(ok, self.cache.keys[i])
             binding.bind_ortvalue_output(ov, self.cache.values[i])
 
-    def add_pending(self, hidden: np.ndarray) -> None:
-        self.pending = hidden if self.pending is None else np.concatenate([self.pending, hidden])
-
-    def truncate(self, n: int) -> None:
-        """Keep positions [0, n): processed ones in the cache, the rest as pending."""
-        n_pending = 0 if self.pending is None else len(self.pending)
-        keep_pending = max(0, min(n_pending, n - self.length))
-        self.pending = self.pending[:keep_pending] if keep_pending else None
-        self.cache.truncate(min(self.length, n))
 
 
-class StagedDecoder(Decoder):
+class StagedDecoder(StageChain, Decoder):
     """A decoder package loaded for inference: stage sessions, caches, exit head."""
 
     staged = True
@@ -88,6 +77,7 @@ class StagedDecoder(Decoder):
         self.package_context = pkg.kv_cache.max_context
         self.capacity = min(int(max_context or self.package_context), self.package_context)
         self.stages = [Stage(pkg, e, target, self.capacity) for e in pkg.stages]
+        self._init_chain(len(self.stages))
         if not self.stages or not self.stages[0].embed or not self.stages[-1].head:
             raise PackageError(f"package '{pkg.root}' has no complete chain of stage graphs: re-export it.")
         spec = pkg.spec
@@ -114,9 +104,11 @@ class StagedDecoder(Decoder):
         """Tokens fed so far (processed by the first stage; later stages may lag)."""
         return self.stages[0].length
 
-    def truncate(self, n: int) -> None:
-        for stage in self.stages:
-            stage.truncate(n)
+    def stage_length(self, s: int) -> int:
+        return self.stages[s].length
+
+    def _cut_stage(self, s: int, n: int) -> None:
+        self.stages[s].cache.truncate(n)
 
     def trim(self, n: int) -> None:
         self.truncate(self.length - n)
@@ -147,16 +139,13 @@ class StagedDecoder(Decoder):
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         n = ids.shape[1]
         stop = len(self.stages) if stages is None else stages
-        if n == 1 and logits_to_keep == 1 and stop == len(self.stages) and not self._lagging():
+        if n == 1 and logits_to_keep == 1 and stop == len(self.stages) and not self.lagging():
             return self.step(int(ids[0, 0]))[None]
         self._check_room(n)
-        x = ids
-        for s in range(stop):
-            x = self._run_stage(s, x, logits_to_keep if s == len(self.stages) - 1 else None)
+        x = self.run_chain(ids, stop, logits_to_keep)[0]
         if stop == len(self.stages):
-            return x[0]
-        self.stages[stop].add_pending(x[0])
-        return self.exit_logits(x[0][-logits_to_keep:], stop)
+            return x
+        return self.exit_logits(x[-logits_to_keep:], stop)
 
     def catch_up(self, stages: int | None = None, logits_to_keep: int = 1) -> np.ndarray | None:
         """Run the pending positions of stages [1, STAGES) (all by default).
@@ -165,17 +154,8 @@ class StagedDecoder(Decoder):
         positions; otherwise the output rows of stage STAGES-1, which stay
         pending for stage STAGES. None if nothing was pending.
         """
-        stop = len(self.stages) if stages is None else stages
-        out = None
-        for s in range(1, stop):
-            st = self.stages[s]
-            if st.pending is None:
-                continue
-            x, st.pending = st.pending[None], None
-            out = self._run_stage(s, x, logits_to_keep if s == len(self.stages) - 1 else None)[0]
-            if s + 1 < len(self.stages):
-                self.stages[s + 1].add_pending(out)
-        return out
+        out = super().catch_up(stages, logits_to_keep)
+        return None if out is None else out[0]
 
     def exit_logits(self, hidden: np.ndarray, stages: int | None = None) -> np.ndarray:
         """Exit head on residual-stream states (P, hidden) → logits (P, vocab). STAGES: how many
@@ -189,15 +169,9 @@ class StagedDecoder(Decoder):
                                                         self.io["logits_to_keep"]: np.array([len(hidden)], np.int64)})
         return out[0][0]
 
-    def _lagging(self) -> bool:
-        return any(st.pending is not None for st in self.stages)
-
     def _run_stage(self, s: int, x: np.ndarray, logits_to_keep: int | None) -> np.ndarray:
-        """Run stage S on its pending positions followed by X; returns its main output (numpy)."""
+        """Run stage S on rows X (1, n, ...) after its cache; returns its main output (numpy)."""
         st = self.stages[s]
-        if s > 0 and st.pending is not None:
-            x = np.concatenate([st.pending[None], x], axis=1)
-            st.pending = None
         n = x.shape[1]
         start = st.length
         b = st.session.io_binding()
@@ -257,15 +231,15 @@ class StagedDecoder(Decoder):
 
     def step(self, token: int) -> np.ndarray:
         """Append one token at full depth; returns its logits (vocab,) — a view, valid until the next step."""
-        if self._lagging():
+        if self.lagging():
             return self.forward([token])[-1]
         return self._run_plan(len(self.stages), token)
 
     def step_partial(self, token: int, stages: int) -> np.ndarray:
         """Run one token through the first STAGES stages only; returns that stage's output
         (hidden,) and leaves it pending for the next stage."""
-        if any(self.stages[s].pending is not None for s in range(1, stages)):
+        if self.lagging(stages):
             raise RuntimeError("step_partial needs the first stages caught up")
         hidden = self._run_plan(stages, token).copy()
-        self.stages[stages].add_pending(hidden[None])
+        self.add_pending(stages, hidden[None, None])
         return hidden

@@ -43,6 +43,13 @@ class Seq2SeqDecoder(Decoder):
     def step(self, token: int) -> np.ndarray:
         return self.forward([token])[0]
 
+    @property
+    def pending(self) -> list:
+        return self.state.pending
+
+    def stage_length(self, s: int) -> int:
+        return self.state.stage_length(s)
+
     def step_partial(self, token: int, stages: int) -> np.ndarray:
         """One token through the first STAGES stages: that stage's output (D,), left pending."""
         return self.state.forward(np.asarray([[token]], np.int64), stages)[0, -1]

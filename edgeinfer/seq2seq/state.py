@@ -8,8 +8,8 @@ the cross_kv graph).
 self-attention cache and cross K/V. Every stage keeps its own cache length, so an
 early exit can run only the first stages for a token; the hidden states a later stage
 has not processed yet wait as *pending* rows and are run, batched in front of the next
-rows, before any later token reaches that stage. Its cache is therefore complete
-before anything attends to it.
+rows, before any later token reaches that stage (the one stage chain,
+edgeinfer.decoders.chain, which the decoder-only staged decoder runs too).
 
 Both have ``step``, ``forward``, ``reorder``, ``truncate`` and ``length`` (beam search,
 edgeinfer.generation.beam, drives them directly); the staged one also ``catch_up`` and
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgeinfer.decoders.chain import StageChain
 from edgeinfer.errors import GenerationError, PackageError
 
 
@@ -87,9 +88,10 @@ def check_chain(stages: list[DecoderStage], num_layers: int, root) -> None:
         raise PackageError(f"package '{root}' has no complete chain of decoder stages: re-export it.")
 
 
-class StagedDecoderState:
+class StagedDecoderState(StageChain):
     """Self-attention caches (one list per stage), cross K/V and pending rows of one
-    generation; batch = beams."""
+    generation; batch = beams. The pending rows and the order stages run them in are the
+    one stage chain's (edgeinfer.decoders.chain)."""
 
     def __init__(self, model, cross: list[np.ndarray], batch: int):
         self.model = model
@@ -100,27 +102,19 @@ class StagedDecoderState:
         empty = np.zeros((batch, heads, 0, head_dim), np.float32)
         self.past = [[empty] * (2 * (s.last - s.first)) for s in self.stages]
         self.cross = [cross[2 * s.first:2 * s.last] for s in self.stages]
-        self.pending: list[np.ndarray | None] = [None] * len(self.stages)  # (B, P, D) for positions after the cache
+        self._init_chain(len(self.stages))
 
     # -- state -------------------------------------------------------------------
     def stage_length(self, s: int) -> int:
         return self.past[s][0].shape[2]
 
+    def _cut_stage(self, s: int, n: int) -> None:
+        self.past[s] = [p[:, :, :n] for p in self.past[s]]
+
     @property
     def length(self) -> int:
         """Tokens fed so far (stage 0's cache; later stages may lag behind it)."""
         return self.stage_length(0)
-
-    def truncate(self, n: int) -> None:
-        """Keep positions [0, n) in every stage: cached ones in the caches, the rest pending."""
-        for s in range(len(self.stages)):
-            have = self.stage_length(s)
-            pending = self.pending[s]
-            if pending is not None:
-                keep = max(0, min(pending.shape[1], n - have))
-                self.pending[s] = pending[:, :keep] if keep else None
-            if have > n:
-                self.past[s] = [p[:, :, :n] for p in self.past[s]]
 
     def reorder(self, index: np.ndarray) -> None:
         if np.array_equal(index, np.arange(len(index))):
@@ -140,27 +134,7 @@ class StagedDecoderState:
         if self.length + ids.shape[1] > self.model.max_target_positions:
             raise GenerationError(f"the decoder holds {self.model.max_target_positions} positions: "
                                   "ask for fewer new tokens.")
-        stop = len(self.stages) if stages is None else stages
-        x = ids
-        for s in range(stop):
-            x = self._run(s, x)
-        if stop < len(self.stages):
-            self._add_pending(stop, x)
-        return x
-
-    def catch_up(self, stages: int | None = None) -> np.ndarray | None:
-        """Run the pending rows of stages [1, STAGES). Returns the output of stage STAGES - 1
-        for the rows it ran (logits at full depth, else hidden states left pending for stage
-        STAGES), or None if nothing was pending."""
-        stop = len(self.stages) if stages is None else stages
-        out = None
-        for s in range(1, stop):
-            if self.pending[s] is None:
-                continue
-            out = self._run(s, None)
-            if s + 1 < len(self.stages):
-                self._add_pending(s + 1, out)
-        return out
+        return self.run_chain(ids, stages)
 
     def exit_logits(self, hidden: np.ndarray) -> np.ndarray:
         """The exit head (final norm + LM head) on hidden states (B, rows, D) → (B, rows, V)."""
@@ -169,15 +143,10 @@ class StagedDecoderState:
             raise GenerationError(f"'{self.model.name}' has no early exits: export it with --exits.")
         return head.run(None, {self.model.io["hidden_in"]: np.ascontiguousarray(hidden, np.float32)})[0]
 
-    def _add_pending(self, s: int, rows: np.ndarray) -> None:
-        self.pending[s] = rows if self.pending[s] is None else np.concatenate([self.pending[s], rows], axis=1)
-
-    def _run(self, s: int, x: np.ndarray | None) -> np.ndarray:
-        """Stage S on its pending rows followed by X; its main output for all of them."""
+    def _run_stage(self, s: int, x: np.ndarray, logits_to_keep: int | None = None) -> np.ndarray:
+        """Stage S on rows X after its cache; its main output for all of them (the seq2seq
+        graphs return every row's logits, so LOGITS_TO_KEEP is the caller's to apply)."""
         st = self.stages[s]
-        if s > 0 and self.pending[s] is not None:
-            x = self.pending[s] if x is None else np.concatenate([self.pending[s], x], axis=1)
-            self.pending[s] = None
         feed = {st.input_name: np.ascontiguousarray(x)}
         feed.update(zip(st.past_names, self.past[s]))
         feed.update(zip(st.cross_names, self.cross[s]))

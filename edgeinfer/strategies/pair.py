@@ -83,10 +83,10 @@ class Track:
             n = next(i for i, (a, b) in enumerate(zip(self.fed, seq)) if a != b)
         dec = self.decoder
         t0 = time.perf_counter()
-        if dec.staged and self.stages is None and n == len(seq) and n - keep >= dec.stages[-1].length:
+        if dec.staged and self.stages is None and n == len(seq) and n - keep >= dec.stage_length(len(dec.stages) - 1):
             # The first stages have all of SEQ (an exit view fed it): finish the remaining stages.
             self.truncate(n)
-            self.bytes_read += sum(b for st, b in zip(dec.stages, self.stage_bytes) if st.pending is not None)
+            self.bytes_read += sum(b for p, b in zip(dec.pending, self.stage_bytes) if p is not None)
             out = dec.catch_up(logits_to_keep=keep)
         else:
             n = min(n, len(seq) - keep)

@@ -78,7 +78,7 @@ def exit_states(model, seq: list[int], stages: int) -> np.ndarray:
     dec = model.decoder
     dec.reset()
     dec.forward(seq, logits_to_keep=1, stages=stages)
-    hidden = dec.stages[stages].pending.astype(np.float64)
+    hidden = dec.pending[stages][0].astype(np.float64)
     dec.reset()
     return hidden
 
