@@ -14,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 
 from edgeinfer.errors import PackageError
+from edgeinfer.jsonfile import read_json_object
 
 from .manifest import GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
 
@@ -141,12 +142,8 @@ def open_package(path: str | os.PathLike, verify: bool | None = None) -> Package
     if not mpath.is_file():
         raise PackageError(f"'{path}' has no {MANIFEST}: it is not an edgeinfer package "
                            "(or its export did not finish).")
-    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
-        raise PackageError(f"'{mpath}' is larger than {MAX_MANIFEST_BYTES} bytes: not a valid manifest.")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PackageError(f"'{mpath}' is not valid JSON ({e}): the package is corrupt, re-export it.") from None
+    manifest = read_json_object(mpath, error=PackageError, remedy="the package is corrupt, re-export it",
+                                what="manifest", max_bytes=MAX_MANIFEST_BYTES)
     check_manifest(manifest, mpath)
     pkg = Package(root, manifest)
     pkg.spec  # noqa: B018  (parse the typed view now: a malformed section fails here, in one sentence)

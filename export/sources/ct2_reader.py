@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from edgeinfer.errors import ExportError
+from edgeinfer.jsonfile import read_json_object
 
 SUPPORTED_VERSIONS = (5, 6)
 MAX_RANK = 8
 MAX_NAME_BYTES = 4096
-MAX_JSON_BYTES = 64 * 1024 * 1024
 # CTranslate2's DataType enum
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 _BFLOAT16 = 5
@@ -170,15 +170,7 @@ def _parse(cur: _Cursor) -> tuple[str, int, dict[str, np.ndarray]]:
 
 
 def _read_json(path: Path) -> dict:
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise ExportError(f"'{path}' is larger than {MAX_JSON_BYTES} bytes: not a valid config.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ExportError(f"'{path}' is not valid JSON ({e}).") from None
-    if not isinstance(data, dict):
-        raise ExportError(f"'{path}' should hold a JSON object.")
-    return data
+    return read_json_object(path, error=ExportError, remedy="the CTranslate2 folder is damaged, convert it again")
 
 
 def is_ct2_folder(folder: str | Path) -> bool:

@@ -21,6 +21,7 @@ import numpy as np
 from edgeinfer.export.sources.load import SourceModel
 
 from edgeinfer.errors import ExportError
+from edgeinfer.jsonfile import read_json_object
 
 MAX_HEADER = 100 * 1024 * 1024
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
@@ -118,13 +119,10 @@ def read_state_dict(folder: str | Path) -> dict[str, np.ndarray]:
 
 
 def _read_json(path: Path) -> dict:
+    """A config file of the folder; {} where the folder has none."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ExportError(f"'{path}' is not valid JSON ({e}): the folder is damaged.") from None
-    return data if isinstance(data, dict) else {}
+    return read_json_object(path, error=ExportError, remedy="the folder is damaged, download it again")
 
 
 def _token_text(value) -> str | None:
