@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeinfer.decoders.kv_cache import kv_buffer_dtype
-from edgeinfer.decoders.staged import StagedDecoder
+from edgeinfer.decoders.staged import StagedDecoder, bind_step
 from edgeinfer.errors import ContextLengthError
 
 _ov = ort.OrtValue.ortvalue_from_numpy
@@ -64,12 +64,7 @@ class SlotCaches:
             b.bind_output(io["logits"], "cpu")
         else:
             b.bind_output(io["hidden_out"], "cpu")
-        for i, pk, pv, ok, ov in stage.layer_names:
-            k, v = _ov(self.keys[i][rows]), _ov(self.values[i][rows])
-            b.bind_ortvalue_input(pk, k)
-            b.bind_ortvalue_input(pv, v)
-            b.bind_ortvalue_output(ok, k)
-            b.bind_ortvalue_output(ov, v)
+        self._bind_rows(stage, b, rows)
         stage.session.run_with_iobinding(b)
         return b.get_outputs()[0].numpy()
 
@@ -87,38 +82,25 @@ class SlotCaches:
         self.lengths[slot] = start + n
         return x[0, -1]
 
+    def _bind_rows(self, stage, b: ort.IOBinding, rows: slice) -> None:
+        """Bind STAGE's KV inputs and outputs to the cache rows ROWS (written in place)."""
+        for i, pk, pv, ok, ov in stage.layer_names:
+            k, v = _ov(self.keys[i][rows]), _ov(self.values[i][rows])
+            b.bind_ortvalue_input(pk, k)
+            b.bind_ortvalue_input(pv, v)
+            b.bind_ortvalue_output(ok, k)
+            b.bind_ortvalue_output(ov, v)
+
     def _plan(self, n: int) -> tuple:
         """Bindings that run one token for each of rows [0, N) through every stage, over buffers
-        written in place before each step (as the one-sequence decoder's plans)."""
-        if n in self._plans:
-            return self._plans[n]
-        io = self.io
-        ids = np.zeros((n, 1), np.int64)
-        seqlens = np.zeros((n,), np.int32)
-        total = np.zeros((), np.int32)
-        keep = _ov(np.ones((1,), np.int64))
-        bindings, x, out = [], _ov(ids), None
-        for stage in self.decoder.stages:
-            b = stage.session.io_binding()
-            b.bind_ortvalue_input(io["input_ids"] if stage.embed else io["hidden_in"], x)
-            b.bind_ortvalue_input(io["seqlens_k"], _ov(seqlens))
-            b.bind_ortvalue_input(io["total_sequence_length"], _ov(total))
-            if stage.head:
-                out = np.zeros((n, 1, self.decoder.vocab_size), np.float32)
-                b.bind_ortvalue_input(io["logits_to_keep"], keep)
-                b.bind_ortvalue_output(io["logits"], _ov(out))
-            else:
-                out = np.zeros((n, 1, self.decoder.hidden_size), np.float32)
-                x = _ov(out)
-                b.bind_ortvalue_output(io["hidden_out"], x)
-            for i, pk, pv, ok, ov in stage.layer_names:
-                k, v = _ov(self.keys[i][:n]), _ov(self.values[i][:n])
-                b.bind_ortvalue_input(pk, k)
-                b.bind_ortvalue_input(pv, v)
-                b.bind_ortvalue_output(ok, k)
-                b.bind_ortvalue_output(ov, v)
-            bindings.append((stage.session, b))
-        self._plans[n] = (ids, seqlens, total, bindings, out)
+        written in place before each step (the one-sequence decoder's plans, N rows wide)."""
+        if n not in self._plans:
+            dec = self.decoder
+            seqlens, total = np.zeros((n,), np.int32), np.zeros((), np.int32)
+            ids, bindings, out = bind_step(dec.stages, self.io, dec.vocab_size, dec.hidden_size, n,
+                                           lambda st: (seqlens, total),
+                                           lambda st, b: self._bind_rows(st, b, slice(0, n)))
+            self._plans[n] = (ids, seqlens, total, list(zip((st.session for st in dec.stages), bindings)), out)
         return self._plans[n]
 
     def step(self, tokens: dict[int, int]) -> dict[int, np.ndarray]:

@@ -65,6 +65,34 @@ class Stage:
 
 
 
+def bind_step(stages: list[Stage], io: dict, vocab_size: int, hidden_size: int, rows: int, positions, bind_cache):
+    """IO bindings that run one token for each of ROWS rows through STAGES in order, over
+    buffers the caller writes in place before each run: returns (ids (ROWS, 1) to write the
+    tokens into, one binding per stage, the last stage's output buffer). POSITIONS(stage)
+    gives the stage's (seqlens_k, total_sequence_length) arrays; BIND_CACHE(stage, binding)
+    binds its KV buffers. The one-sequence decoder and the batched slots both build theirs here."""
+    ids = np.zeros((rows, 1), np.int64)
+    keep = _ov(np.ones((1,), np.int64))
+    bindings, x, out = [], _ov(ids), None
+    for st in stages:
+        seqlens, total = positions(st)
+        b = st.session.io_binding()
+        b.bind_ortvalue_input(io["input_ids"] if st.embed else io["hidden_in"], x)
+        b.bind_ortvalue_input(io["seqlens_k"], _ov(seqlens))
+        b.bind_ortvalue_input(io["total_sequence_length"], _ov(total))
+        if st.head:
+            out = np.zeros((rows, 1, vocab_size), np.float32)
+            b.bind_ortvalue_input(io["logits_to_keep"], keep)
+            b.bind_ortvalue_output(io["logits"], _ov(out))
+        else:
+            out = np.zeros((rows, 1, hidden_size), np.float32)
+            x = _ov(out)
+            b.bind_ortvalue_output(io["hidden_out"], x)
+        bind_cache(st, b)
+        bindings.append(b)
+    return ids, bindings, out
+
+
 class StagedDecoder(StageChain, Decoder):
     """A decoder package loaded for inference: stage sessions, caches, exit head."""
 
@@ -192,30 +220,13 @@ class StagedDecoder(StageChain, Decoder):
     # -- one-token hot paths -----------------------------------------------------
     def _plan(self, stop: int):
         """Bindings that run the first STOP stages on one token held in a buffer."""
-        if stop in self._plans:
-            return self._plans[stop]
-        ids = np.zeros((1, 1), np.int64)
-        keep = _ov(np.ones((1,), np.int64))
-        bindings, hidden, out = [], _ov(ids), None
-        for s in range(stop):
-            st = self.stages[s]
-            b = st.session.io_binding()
-            b.bind_ortvalue_input(self.io["input_ids"] if st.embed else self.io["hidden_in"], hidden)
-            b.bind_ortvalue_input(self.io["seqlens_k"], _ov(st.step_seqlens))
-            b.bind_ortvalue_input(self.io["total_sequence_length"], _ov(st.step_total))
-            if st.head:
-                out = np.zeros((1, 1, self.vocab_size), np.float32)
-                b.bind_ortvalue_input(self.io["logits_to_keep"], keep)
-                b.bind_ortvalue_output(self.io["logits"], _ov(out))
-            else:
-                out = np.zeros((1, 1, self.hidden_size), np.float32)
-                hidden = _ov(out)
-                b.bind_ortvalue_output(self.io["hidden_out"], hidden)
-            st.bind_cache(b)
-            bindings.append((st, b))
-        plan = (ids, bindings, out)
-        self._plans[stop] = plan
-        return plan
+        if stop not in self._plans:
+            stages = self.stages[:stop]
+            ids, bindings, out = bind_step(stages, self.io, self.vocab_size, self.hidden_size, 1,
+                                           lambda st: (st.step_seqlens, st.step_total),
+                                           lambda st, b: st.bind_cache(b))
+            self._plans[stop] = (ids, list(zip(stages, bindings)), out)
+        return self._plans[stop]
 
     def _run_plan(self, stop: int, token: int) -> np.ndarray:
         self._check_room(1)
