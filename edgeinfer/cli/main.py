@@ -15,6 +15,7 @@ from edgeinfer import __version__
 from edgeinfer.errors import EdgeInferError
 
 from .cache import add_cache_command, add_run_args, add_serve_args
+from .calibrate import add_calibrate_command, add_pair_arg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("alias", help="smollm2-135m | gemma3-270m | whisper-tiny.en")
     pl.set_defaults(func=_cmd_pull)
     add_cache_command(sub)
+    add_calibrate_command(sub)
     return p
 
 
@@ -227,6 +229,7 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
                    help="early-exit confidence / self-speculative draft-stop probability, in [0, 1]")
     p.add_argument("--draft-len", type=int, default=None, help="tokens drafted per verification")
     p.add_argument("--exit-layer", type=int, default=None, help="exit to draft from / exit at")
+    add_pair_arg(p)
 
 
 def _kv_dtype_arg(p: argparse.ArgumentParser, help_text: str) -> None:
@@ -313,7 +316,7 @@ def _cmd_run(args) -> int:
                   repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
                   threshold=args.threshold, draft_len=args.draft_len, exit_layer=args.exit_layer, tau=args.tau,
                   window=args.window, min_hold=args.min_hold, fallback_threshold=args.fallback_threshold,
-                  rollback_threshold=args.rollback_threshold)
+                  rollback_threshold=args.rollback_threshold, pair=args.pair)
     if (args.num_beams or 1) > 1 or args.length_penalty is not None:
         return _fail("beam search (--num-beams, --length-penalty) is for encoder-decoder packages: decoder "
                      "packages decode one sequence (greedy or sampled).")
