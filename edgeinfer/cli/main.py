@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="fit a least-squares adapter per exit (on the model's own continuations of shipped "
                         "prompts, or on --calibration text) so early exits agree more with the final layer")
     e.add_argument("--adapter-rank", type=int, default=None, help="low-rank exit adapters (default: full rank)")
+    e.add_argument("--exit-vocab", type=int, default=None, metavar="N",
+                   help="VocabTrim: the exit head scores only the N tokens the model uses most on calibration text "
+                        "(cheaper drafts; verification stays full). An exit at the last layer (--exits L) gives "
+                        "the whole model such a drafting head, for use as a little model")
     e.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=None,
                    help="quantize the LM head (and tied embedding) to this many bits")
     e.add_argument("--expert-bits", type=int, choices=[8], default=None,
@@ -252,7 +256,8 @@ def _cmd_export(args) -> int:
                        accuracy_level=args.accuracy_level, target=args.target, prefill_chunk=args.prefill_chunk,
                        calibration=args.calibration, activation_bits=args.activation_bits,
                        exit_adapters=args.exit_adapters, adapter_rank=args.adapter_rank,
-                       expert_bits=args.expert_bits, quant_method=args.quant_method, kv_dtype=args.kv_dtype)
+                       expert_bits=args.expert_bits, quant_method=args.quant_method, kv_dtype=args.kv_dtype,
+                       exit_vocab=args.exit_vocab)
     spec = res.spec
     precision = spec.quantization.get("weights", precision)
     print(f"wrote {res.path} ({res.size_bytes / 1e6:.1f} MB, {precision}, target {args.target}, "
