@@ -41,10 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pair_questions import QUESTIONS, answer_is_right  # noqa: E402
 
 
-def ensure_int4() -> Path:
-    pkg = BUILD / "qwen2.5-coder-0.5b-int4"
+def ensure_little(name: str, *args: str) -> Path:
+    """The 0.5B re-quantized to int4 (a cheaper drafter), optionally with a VocabTrim drafting head."""
+    pkg = BUILD / name
     if not (pkg / "edgeinfer.json").exists():
-        subprocess.run([EDGEINFER, "export", LITTLE, "-o", str(pkg), "--precision", "int4", "--force"], check=True)
+        subprocess.run([EDGEINFER, "export", LITTLE, "-o", str(pkg), "--precision", "int4", *args, "--force"],
+                       check=True)
     return pkg
 
 
@@ -58,12 +60,14 @@ def ensure_calibrated(big, little) -> dict:
 
 
 def configs(quick: bool) -> list[tuple[str, str | None, dict]]:
-    """(label, little: 'source' / 'int4' / None for the little model alone, options)."""
-    taus = [1.0, 3.0] if quick else [0.5, 1.0, 1.5, 2.0, 3.0, 4.0]
-    fbs = [0.5] if quick else [0.3, 0.5, 0.7, 0.9]
+    """(label, little: 'source' / 'int4' / 'trim' (int4, drafting head of 8,192 tokens) / None for the little
+    model alone, options)."""
+    taus = [1.0, 3.0] if quick else [0.5, 1.5, 3.0]
+    fbs = [0.5] if quick else [0.3, 0.9]
     out = [("little alone (0.5B)", None, {}),
            ("speculative, 0.5B drafts", "source", dict(strategy="speculative")),
            ("speculative, 0.5B int4 drafts", "int4", dict(strategy="speculative")),
+           ("speculative, 0.5B int4 drafts, 8k-token head", "trim", dict(strategy="speculative")),
            ("ead, calibrated tau", "source", dict(strategy="ead")),
            ("bild, calibrated", "source", dict(strategy="bild"))]
     out += [(f"ead tau={t}", "source", dict(strategy="ead", tau=t)) for t in taus]
@@ -115,7 +119,9 @@ def main() -> int:
     prompts = prompts[:3] if args.quick else prompts[: args.prompts]
     big = edgeinfer.load(BIG, threads=args.threads)
     littles = {"source": edgeinfer.load(LITTLE, threads=args.threads),
-               "int4": edgeinfer.load(ensure_int4(), threads=args.threads)}
+               "int4": edgeinfer.load(ensure_little("qwen2.5-coder-0.5b-int4"), threads=args.threads),
+               "trim": edgeinfer.load(ensure_little("qwen2.5-coder-0.5b-int4-trim8k", "--exits", "24",
+                                                    "--exit-vocab", "8192"), threads=args.threads)}
     pair = ensure_calibrated(big, littles["source"])
     cfgs = configs(args.quick)
     load0 = os.getloadavg()[0]

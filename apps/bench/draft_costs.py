@@ -36,6 +36,7 @@ from edgeinfer.strategies.cost_model import (  # noqa: E402
     run_lengths,
     simulate,
 )
+from edgeinfer.strategies.pair import drafting_head  # noqa: E402
 
 BUILD = ROOT / "build" / "bench"
 PROMPTS = ROOT / "apps" / "bench" / "prompts" / "qwen_pair.json"
@@ -58,34 +59,40 @@ def measure_costs(big, little, ids: list[int], max_rows: int, repeats: int) -> d
     return {"draft_s": draft_s, "verify_s": verify_s, "context": len(ids), "repeats": repeats}
 
 
-def agreement_trace(big, little, prompts: list[str], new_tokens: int) -> list[dict]:
-    """Per prompt: the big model's greedy tokens; the little model's argmax, top probability and entropy at
-    each of those positions given the big model's prefix; the big model's entropy and top-2 margin there,
-    and its log-probability of the little model's token (what EAD/BiLD calibration replays)."""
+def big_continuations(big, prompts: list[str], new_tokens: int) -> list[dict]:
+    """Per prompt: the big model's greedy tokens, and its entropy and top-2 margin at each of them."""
     out = []
     for i, text in enumerate(prompts):
         ids = big.encode([{"role": "user", "content": text}])
         res = big.complete(ids, max_new_tokens=new_tokens, ignore_eos=True)
-        seq = ids + res.tokens[:-1]
-        little.reset()
-        lo = little.decoder.forward(seq, logits_to_keep=len(res.tokens))
-        little.reset()
         big.reset()
-        bo = big.decoder.forward(seq, logits_to_keep=len(res.tokens))
+        bo = big.decoder.forward(ids + res.tokens[:-1], logits_to_keep=len(res.tokens))
         big.reset()
-        l_arg, l_top, l_ent = softmax_stats(lo)
         b_arg, _, b_ent = softmax_stats(bo)
         srt = np.sort(bo, -1)
-        x = bo.astype(np.float64) - bo.max(-1, keepdims=True)
-        logz = np.log(np.exp(x).sum(-1))
-        b_lp_little = x[np.arange(len(l_arg)), l_arg] - logz
-        out.append({"prompt": text, "prompt_tokens": len(ids), "big": res.tokens, "little": l_arg.tolist(),
-                    "little_top": l_top.tolist(), "little_entropy": l_ent.tolist(),
-                    "big_entropy": b_ent.tolist(), "big_margin": (srt[:, -1] - srt[:, -2]).tolist(),
-                    "big_logprob_of_little": b_lp_little.tolist(),
+        out.append({"prompt": text, "ids": ids, "big": res.tokens, "big_entropy": b_ent.tolist(),
+                    "big_margin": (srt[:, -1] - srt[:, -2]).tolist(), "logits": bo,
                     "big_batched_argmax_agrees": float((b_arg == np.array(res.tokens)).mean())})
-        print(f"[{i + 1}/{len(prompts)}] agreement {np.mean(np.array(res.tokens) == l_arg):.2f} {text[:50]!r}",
-              file=sys.stderr, flush=True)
+        print(f"[{i + 1}/{len(prompts)}] big: {text[:50]!r}", file=sys.stderr, flush=True)
+    return out
+
+
+def agreement_trace(little, conts: list[dict]) -> list[dict]:
+    """Per prompt: the little model's argmax, top probability and entropy at each of the big model's tokens
+    given the big model's prefix (through its drafting head if it has one), and the big model's
+    log-probability of the little model's token (what EAD/BiLD calibration replays)."""
+    head = drafting_head(little.decoder)
+    out = []
+    for c in conts:
+        little.reset()
+        lo = little.decoder.forward(c["ids"] + c["big"][:-1], logits_to_keep=len(c["big"]), stages=head)
+        little.reset()
+        l_arg, l_top, l_ent = softmax_stats(lo)
+        x = c["logits"].astype(np.float64) - c["logits"].max(-1, keepdims=True)
+        logz = np.log(np.exp(x).sum(-1))
+        out.append({**{k: v for k, v in c.items() if k not in ("logits", "ids")}, "prompt_tokens": len(c["ids"]),
+                    "little": l_arg.tolist(), "little_top": l_top.tolist(), "little_entropy": l_ent.tolist(),
+                    "big_logprob_of_little": (x[np.arange(len(l_arg)), l_arg] - logz).tolist()})
     return out
 
 
@@ -164,7 +171,7 @@ def replay_policy(trace: list[dict], m: CostModel, max_k: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--big", default="qwen2.5-coder-1.5b")
-    ap.add_argument("--little", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--little", default="qwen2.5-coder-0.5b", help="little packages, comma-separated")
     ap.add_argument("--label", default="qwen-pair")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -173,46 +180,43 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--max-k", type=int, default=8)
     ap.add_argument("--phone-memory", type=float, default=None,
-                    help="phone read bandwidth over this machine's (default: 60 GB/s LPDDR5X over the measured)")
+                    help="a phone's read bandwidth over this machine's (default 2.0: ~55 GB/s of LPDDR5X over the "
+                         "~27 GB/s measured here on a quiet machine)")
     ap.add_argument("--phone-compute", type=float, default=2.0,
-                    help="phone int8 arithmetic over this machine's 2 threads (default 2.0: 8 cores, 2 big + "
-                         "6 efficiency, each at a fraction of a server core)")
+                    help="a phone's int8 arithmetic over this machine's 2 threads (default 2.0: 8 cores, 1+5 big "
+                         "and mid with SDOT + 2 small, against 2 AVX-512 VNNI server cores)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--replay", type=Path, default=None, help="re-analyse an earlier run's JSON")
     args = ap.parse_args(argv)
-    out = BUILD / f"draft_costs-{args.label}.json"
     if args.replay:
-        rep = json.loads(args.replay.read_text())
+        reps = [json.loads(args.replay.read_text())]
     else:
         import edgeinfer
 
         prompts = json.loads(PROMPTS.read_text())[: 3 if args.quick else args.prompts]
         load0 = os.getloadavg()[0]
         big = edgeinfer.load(args.big, threads=args.threads)
-        little = edgeinfer.load(args.little, threads=args.threads)
-        ids = big.encode([{"role": "user", "content": prompts[0]}])
-        ids = ids + big.complete(ids, max_new_tokens=32, ignore_eos=True).tokens
-        costs = measure_costs(big, little, ids, args.max_rows, 4 if args.quick else args.repeats)
-        verify = ", ".join(f"{r}:{1e3 * s:.0f}" for r, s in costs["verify_s"].items())
-        print(f"costs: draft {1e3 * costs['draft_s']:.1f} ms, verify {verify}", file=sys.stderr, flush=True)
-        trace = agreement_trace(big, little, prompts, 16 if args.quick else args.new_tokens)
-        rep = {"date": datetime.datetime.now().isoformat(timespec="minutes"), "big": args.big,
-               "little": args.little, "threads": args.threads, "loadavg_start": load0,
-               "loadavg_end": os.getloadavg()[0], "costs": costs, "trace": trace,
-               "command": "apps/bench/draft_costs.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+        littles = [edgeinfer.load(p, threads=args.threads) for p in args.little.split(",")]
+        conts = big_continuations(big, prompts, 16 if args.quick else args.new_tokens)
+        ids = conts[0]["ids"] + conts[0]["big"][:32]
+        reps = []
+        for path, little in zip(args.little.split(","), littles):
+            costs = measure_costs(big, little, ids, args.max_rows, 4 if args.quick else args.repeats)
+            verify = ", ".join(f"{r}:{1e3 * s:.0f}" for r, s in costs["verify_s"].items())
+            print(f"{path}: draft {1e3 * costs['draft_s']:.1f} ms, verify {verify}", file=sys.stderr, flush=True)
+            reps.append({"date": datetime.datetime.now().isoformat(timespec="minutes"), "big": args.big,
+                         "little": path, "threads": args.threads, "loadavg_start": load0,
+                         "loadavg_end": os.getloadavg()[0], "costs": costs, "trace": agreement_trace(little, conts),
+                         "command": "apps/bench/draft_costs.py " + " ".join(argv if argv is not None else
+                                                                             sys.argv[1:])})
     if args.phone_memory is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from compare import memory_bandwidth_gbs
-
-        rep["bandwidth_gbs"] = rep.get("bandwidth_gbs") or memory_bandwidth_gbs()
-        args.phone_memory = 60.0 / rep["bandwidth_gbs"]
-    rep["analysis"] = analyse(rep["costs"], rep["trace"], args.max_k, (args.phone_memory, args.phone_compute))
-    BUILD.mkdir(parents=True, exist_ok=True)
-    if not args.replay:
+        args.phone_memory = 2.0
+    for rep in reps:
+        rep["analysis"] = analyse(rep["costs"], rep["trace"], args.max_k, (args.phone_memory, args.phone_compute))
+        BUILD.mkdir(parents=True, exist_ok=True)
+        out = args.replay or BUILD / f"draft_costs-{args.label}-{Path(rep['little']).name}.json"
         out.write_text(json.dumps(rep))
-    else:
-        args.replay.write_text(json.dumps(rep))
-    print_report(rep)
+        print_report(rep)
     return 0
 
 

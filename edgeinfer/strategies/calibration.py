@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .cost_model import CostModel, run_lengths
+from .pair import drafting_head
 from .pair_file import PairSettings, package_identity
 
 PROMPTS_FILE = Path(__file__).with_name("calibration_prompts.txt")
@@ -94,15 +95,15 @@ class Calibration:
 
     def evaluate(self, strategy: str, **options) -> Evaluation:
         tokens = big = 0
-        nll = 0.0
-        t0 = time.perf_counter()
+        nll = seconds = 0.0
         for ids in self.ids:
+            t0 = time.perf_counter()
             res = self.big.complete(ids, max_new_tokens=self.new_tokens, ignore_eos=True, strategy=strategy,
                                     **options)
+            seconds += time.perf_counter() - t0
             tokens += res.new_tokens
             big += res.stats["tokens"]["big"]
             nll += self.nll(ids, res.tokens)
-        seconds = time.perf_counter() - t0
         total = sum(len(r) for r in self.reference)
         ev = Evaluation(dict(options), math.exp((self.reference_nll - nll) / total), big / max(1, tokens),
                         seconds, tokens)
@@ -115,12 +116,8 @@ class Calibration:
         """The grid value furthest towards the little model whose quality still meets TARGET, by bisection.
         RISING: quality rises along GRID (BiLD's fallback), else falls (EAD's tau)."""
         grid = list(grid) if rising else list(grid)[::-1]  # now quality rises along grid: want the first ok
-        lo, hi = -1, len(grid) - 1  # grid[hi] assumed ok until measured; grid[lo] known to fail
-        results: dict[int, Evaluation] = {}
-        top = self.evaluate(strategy, **fixed, **{key: grid[hi]})
-        results[hi] = top
-        if top.quality < target:  # even the most careful setting falls short: take it, say so
-            return grid[hi], top
+        lo, hi = -1, len(grid) - 1  # grid[lo] known to fail; grid[hi], the most careful, assumed ok (unmeasured:
+        results: dict[int, Evaluation] = {}  # it is all but the big model alone)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             ev = self.evaluate(strategy, **fixed, **{key: grid[mid]})
@@ -129,6 +126,8 @@ class Calibration:
                 hi = mid
             else:
                 lo = mid
+        if hi not in results:  # every other setting fell short: measure the most careful one (it may too)
+            results[hi] = self.evaluate(strategy, **fixed, **{key: grid[hi]})
         return grid[hi], results[hi]
 
 
@@ -144,10 +143,15 @@ def measure_pair_costs(big_decoder, little_decoder, ids: list[int], max_rows: in
     toks = (ids * max_rows)[-max_rows:]
     draft: list[float] = []
     verify: dict[int, list[float]] = {r: [] for r in range(1, max_rows + 1)}
+    head = drafting_head(ld)
     for _ in range(repeats):
         t0 = time.perf_counter()
         for t in toks[:4]:
-            ld.step(t)
+            if head is None:
+                ld.step(t)
+            else:  # drafts go through the little model's drafting head (pair.Track does the same)
+                ld.exit_logits(ld.step_partial(t, head)[None], head)
+                ld.pending[head] = None
         draft.append((time.perf_counter() - t0) / 4)
         ld.truncate(n)
         for r in range(1, max_rows + 1):
@@ -169,7 +173,7 @@ def acceptance_along(cal: Calibration, max_k: int = 8) -> list[float]:
     dec = cal.little.decoder
     for ids, ref in zip(cal.ids, cal.reference):
         dec.reset()
-        little = dec.forward(ids + ref[:-1], logits_to_keep=len(ref)).argmax(-1)
+        little = dec.forward(ids + ref[:-1], logits_to_keep=len(ref), stages=drafting_head(dec)).argmax(-1)
         runs = run_lengths([int(a) == b for a, b in zip(little, ref)])
         for j in range(1, max_k + 1):
             counts[j - 1] += [sum(r >= j for r in runs), sum(r >= j - 1 for r in runs)]

@@ -77,25 +77,24 @@ def kept_tokens(weights: np.ndarray, n: int, always: list[int]) -> np.ndarray:
     return np.array(sorted(chosen), dtype=np.int64)
 
 
-def token_weights(model, texts: list[str] | None) -> tuple[np.ndarray, list[list[int]]]:
-    """How much the model itself uses each token: over its own continuations of the shipped prompts (or
-    over TEXTS), each position's top predictions counted 1, 1/2, 1/3, ... Returns (weights, sequences)."""
+def calibration_token_sequences(model, texts: list[str] | None) -> list[list[int]]:
+    """The model's own greedy continuations of the shipped prompts (or TEXTS as given), prompt included."""
     from edgeinfer.export.decoder.exit_adapters import PROMPTS_FILE, calibration_sequences
 
-    if texts is None:
-        lines = [ln.strip() for ln in PROMPTS_FILE.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        step = max(1, len(lines) // PROMPTS)
-        texts_used, generated = lines[::step][:PROMPTS], True
-    else:
-        texts_used, generated = texts, False
-    if generated:
-        seqs = []
-        for line in texts_used:
-            prompt = [{"role": "user", "content": line}] if model.tokenizer.chat_template else line
-            ids = model.encode(prompt)
-            seqs.append(ids + model.complete(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True).tokens)
-    else:
-        seqs = calibration_sequences(model, texts_used, NEW_TOKENS)
+    if texts is not None:
+        return calibration_sequences(model, texts, NEW_TOKENS)
+    lines = [ln.strip() for ln in PROMPTS_FILE.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    seqs = []
+    for line in lines[:: max(1, len(lines) // PROMPTS)][:PROMPTS]:
+        prompt = [{"role": "user", "content": line}] if model.tokenizer.chat_template else line
+        ids = model.encode(prompt)
+        seqs.append(ids + model.complete(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True).tokens)
+    return seqs
+
+
+def token_weights(model, seqs: list[list[int]]) -> np.ndarray:
+    """How much the model itself uses each token over SEQS: each token counted once, and each position's
+    top predictions counted 1, 1/2, 1/3, ..."""
     weights = np.zeros(model.decoder.vocab_size, np.float64)
     rank = 1.0 / np.arange(1, TOP + 1)
     for seq in seqs:
@@ -106,21 +105,22 @@ def token_weights(model, texts: list[str] | None) -> tuple[np.ndarray, list[list
         order = np.take_along_axis(logits, top, -1).argsort(-1)[:, ::-1]
         np.add.at(weights, np.take_along_axis(top, order, -1), rank[None, :])
     model.decoder.reset()
-    return weights, seqs
+    return weights
 
 
 def trim_exit_head(package_dir: Path, spec: DecoderSpec, sd: StateDict, precision: Precision, n: int,
                    texts: list[str] | None = None) -> dict:
     """Replace the exit head of the complete package in PACKAGE_DIR by one keeping N tokens; returns
-    {kept, coverage}: coverage = the share of the model's own greedy tokens (over the calibration
-    sequences' generated parts and the text) that the kept set holds."""
+    {kept, coverage, weight_bytes}: coverage = the share of the tokens of held-out calibration sequences
+    (a quarter, not counted) that the kept set holds."""
     import edgeinfer
 
     model = edgeinfer.load(package_dir, verify=False)
-    weights, seqs = token_weights(model, texts)
-    keep = kept_tokens(weights, n, sorted(model.tokenizer.eos_token_ids))
+    seqs = calibration_token_sequences(model, texts)
+    held = max(1, len(seqs) // 4) if len(seqs) > 1 else 0  # coverage is measured on sequences not counted
+    keep = kept_tokens(token_weights(model, seqs[: len(seqs) - held]), n, sorted(model.tokenizer.eos_token_ids))
     kept = set(keep.tolist())
-    tokens = [t for s in seqs for t in s]
+    tokens = [t for s in (seqs[len(seqs) - held:] if held else seqs) for t in s]
     coverage = sum(t in kept for t in tokens) / max(1, len(tokens))
     del model
     path = package_dir / "graphs" / "exit_head.onnx"
@@ -155,7 +155,7 @@ def add_trimmed_exit_head(tmp: Path, spec: DecoderSpec, sd: StateDict, precision
             g["weight_bytes"] = info["weight_bytes"]
     if progress:
         print(f"  kept {info['kept']} of {spec.vocab} tokens; they cover {100 * info['coverage']:.1f}% of the "
-              "calibration tokens", file=sys.stderr)
+              "tokens of held-out calibration sequences", file=sys.stderr)
 
 
 def check_exit_vocab(n: int | None, exits: list[int], vocab: int) -> None:
