@@ -87,6 +87,11 @@ def nll(scorer, ids: list[int], out: list[int]) -> tuple[float, np.ndarray]:
     return float(-logp[np.arange(len(out)), out].sum()), top2[:, 1] - top2[:, 0]
 
 
+def decode_seconds(res) -> float:
+    """Seconds after the first token (the prefill, and for a pair the little model's too, excluded)."""
+    return res.total_s - res.ttft_s
+
+
 def timed(model, ids, n, **opts):
     model.reset()
     if model.little is not None:
@@ -125,7 +130,8 @@ def main() -> int:
     pair = ensure_calibrated(big, littles["source"])
     cfgs = configs(args.quick)
     load0 = os.getloadavg()[0]
-    rows = {label: {"tokens": 0, "seconds": 0.0, "plain_seconds": 0.0, "big": 0, "agree": 0, "nll": 0.0,
+    rows = {label: {"tokens": 0, "seconds": 0.0, "plain_seconds": 0.0, "decode_s": 0.0, "plain_decode_s": 0.0,
+                    "big": 0, "agree": 0, "nll": 0.0,
                     "ref_nll": 0.0, "exact": 0, "divergence_margins": [], "stats": []} for label, *_ in cfgs}
     plain_rate = []
     chat = lambda text: big.encode([{"role": "user", "content": text}])  # noqa: E731
@@ -140,14 +146,17 @@ def main() -> int:
                 continue
             big.attach_little(littles[lit])
             results.append((label, *timed(big, ids, args.new_tokens, **opts)))
-        _, end_s = timed(big, ids, args.new_tokens)
+        end, end_s = timed(big, ids, args.new_tokens)
         plain_s = (ref_s + end_s) / 2
+        plain_decode = (decode_seconds(ref) + decode_seconds(end)) / 2
         plain_rate.append(ref.new_tokens / plain_s)
         for label, res, s in results:
             r = rows[label]
             r["tokens"] += res.new_tokens
             r["seconds"] += s
             r["plain_seconds"] += plain_s
+            r["decode_s"] += decode_seconds(res)
+            r["plain_decode_s"] += plain_decode
             r["big"] += res.stats.get("tokens", {}).get("big", 0)
             same = [a == b for a, b in zip(res.tokens, ref.tokens)]
             r["agree"] += sum(same)
@@ -170,6 +179,7 @@ def main() -> int:
                 **opts, "strategy": opts.get("strategy", "little alone")},
             "big_share": r["big"] / r["tokens"] if lit else 0.0,
             "speed_vs_big": r["plain_seconds"] / r["seconds"],
+            "decode_speed_vs_big": r["plain_decode_s"] / r["decode_s"],
             "agreement": r["agree"] / r["tokens"], "identical_outputs": r["exact"] / len(prompts),
             "divergence_margins": r["divergence_margins"],
             "quality_kept": math.exp((r["ref_nll"] - r["nll"]) / r["tokens"]),
@@ -196,6 +206,7 @@ def main() -> int:
     plot(report, args.out)
     for row in table:
         print(f"{row['strategy']:32s} big {row['big_share']:.2f} speed {row['speed_vs_big']:.2f}x "
+              f"(decode {row['decode_speed_vs_big']:.2f}x) "
               f"quality {row['quality_kept']:.3f} agree {row['agreement']:.2f} same {row['identical_outputs']:.2f}")
     return 0
 
@@ -211,13 +222,15 @@ def write_markdown(report: dict, out: Path) -> None:
         f"defaults from the pair file ({Path(pf['path']).name}): tau {pf['ead']['tau']}, BiLD fallback "
         f"{pf['bild']['fallback_threshold']} / rollback {pf['bild']['rollback_threshold']}.",
         "",
-        "| configuration | big share | speed vs 1.5B alone | agreement | identical outputs | quality kept | PPL_big |",
-        "|---|---|---|---|---|---|---|",
+        "| configuration | big share | speed vs 1.5B alone (prefill included) | decode only | agreement | "
+        "identical outputs | quality kept | PPL_big |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        lines.append(f"| {r['strategy']} | {r['big_share']:.2f} | {r['speed_vs_big']:.2f}× | {r['agreement']:.2f} | "
-                     f"{r['identical_outputs']:.2f} | {r['quality_kept']:.3f} | {r['ppl']:.3f} |")
-    lines.append(f"| 1.5B alone | 1.00 | 1.00× | 1.00 | 1.00 | 1.000 | {report['results'][0]['ppl_big']:.3f} |")
+        lines.append(f"| {r['strategy']} | {r['big_share']:.2f} | {r['speed_vs_big']:.2f}× | "
+                     f"{r['decode_speed_vs_big']:.2f}× | {r['agreement']:.2f} | {r['identical_outputs']:.2f} | "
+                     f"{r['quality_kept']:.3f} | {r['ppl']:.3f} |")
+    lines.append(f"| 1.5B alone | 1.00 | 1.00× | 1.00× | 1.00 | 1.00 | 1.000 | {report['results'][0]['ppl_big']:.3f} |")
     spec = [r for r in report["results"] if r["options"]["strategy"] == "speculative"]
     for r in spec:
         if r["divergence_margins"]:
