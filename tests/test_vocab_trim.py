@@ -38,19 +38,29 @@ def test_exit_after_the_last_layer_keeps_the_models_output(trimmed):
             plain.complete(p, max_new_tokens=N, ignore_eos=True).tokens
 
 
-def test_trimmed_head_scores_kept_tokens_like_the_full_head(trimmed):
+def test_trimmed_head_scores_kept_and_context_tokens_like_the_full_head(trimmed):
     full = edgeinfer.load(trimmed["full-exits"]).decoder
     trim = edgeinfer.load(trimmed["trimmed"]).decoder
     ids = edgeinfer.load(trimmed["plain"]).tokenizer.encode(PROMPTS[1])
+    outside = [t for t in range(trim.vocab_size) if t not in set(ids)]
     for layer in (2, 4):
         stages = trim.exits[layer]
         a = full.forward(ids, logits_to_keep=len(ids), stages=stages)
-        b = trim.forward(ids, logits_to_keep=len(ids), stages=stages)
         full.reset()
+        trim.set_exit_context([outside[-1]])  # one token that is not in the prompt
+        base = trim.forward(ids, logits_to_keep=len(ids), stages=stages)
         trim.reset()
-        kept = b[0] > -1e8
-        assert kept.sum() == KEEP and np.all(b[:, ~kept] == -1e9)
-        np.testing.assert_allclose(b[:, kept], a[:, kept], rtol=1e-4, atol=1e-4)
+        probe = outside[-1]
+        listed = set(np.flatnonzero(base[0] > -1e8).tolist())
+        assert probe in listed and np.all(base[0][base[0] <= -1e8] == -1e9)
+        kept_list = listed - {probe} if len(listed) == KEEP + 1 else listed
+        assert len(kept_list) == KEEP
+        trim.set_exit_context(ids)  # the prompt's tokens are scored too, whether listed or not
+        b = trim.forward(ids, logits_to_keep=len(ids), stages=stages)
+        trim.reset()
+        assert set(np.flatnonzero(b[0] > -1e8).tolist()) == kept_list | set(ids)
+        scored = b[0] > -1e8
+        np.testing.assert_allclose(b[:, scored], a[:, scored], rtol=1e-4, atol=1e-4)
 
 
 def test_self_speculative_with_a_trimmed_exit_is_lossless(trimmed):

@@ -85,6 +85,7 @@ def agreement_trace(little, conts: list[dict]) -> list[dict]:
     out = []
     for c in conts:
         little.reset()
+        little.decoder.set_exit_context(c["ids"])  # a VocabTrim head also scores the prompt's tokens
         lo = little.decoder.forward(c["ids"] + c["big"][:-1], logits_to_keep=len(c["big"]), stages=head)
         little.reset()
         l_arg, l_top, l_ent = softmax_stats(lo)

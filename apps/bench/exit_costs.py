@@ -61,6 +61,7 @@ def agreement(model, conts) -> dict[int, dict]:
         agree_all, counts = [], np.zeros((8, 2))
         for ids, toks in conts:
             dec.reset()
+            dec.set_exit_context(ids)  # a VocabTrim exit head also scores the prompt's tokens
             exit_top = dec.forward(ids + toks[:-1], logits_to_keep=len(toks), stages=stages).argmax(-1)
             dec.reset()
             agree = [int(a) == b for a, b in zip(exit_top, toks)]
@@ -80,6 +81,7 @@ def costs(model, ids: list[int], max_k: int, repeats: int) -> dict:
     verification of k = 1..MAX_K drafts (the remaining stages over k pending rows + LM head)."""
     dec = model.decoder
     dec.reset()
+    dec.set_exit_context(ids)
     dec.forward(ids, logits_to_keep=1)
     n = len(ids)
     toks = (ids * max_k)[-max_k:]

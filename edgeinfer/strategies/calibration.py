@@ -144,6 +144,7 @@ def measure_pair_costs(big_decoder, little_decoder, ids: list[int], max_rows: in
     draft: list[float] = []
     verify: dict[int, list[float]] = {r: [] for r in range(1, max_rows + 1)}
     head = drafting_head(ld)
+    ld.set_exit_context(ids)
     for _ in range(repeats):
         t0 = time.perf_counter()
         for t in toks[:4]:
@@ -173,6 +174,7 @@ def acceptance_along(cal: Calibration, max_k: int = 8) -> list[float]:
     dec = cal.little.decoder
     for ids, ref in zip(cal.ids, cal.reference):
         dec.reset()
+        dec.set_exit_context(ids)  # a VocabTrim drafting head also scores the prompt's tokens
         little = dec.forward(ids + ref[:-1], logits_to_keep=len(ref), stages=drafting_head(dec)).argmax(-1)
         runs = run_lengths([int(a) == b for a, b in zip(little, ref)])
         for j in range(1, max_k + 1):

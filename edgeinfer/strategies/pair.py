@@ -177,6 +177,7 @@ class PairStrategy(Strategy):
         """Called by the model before prefill: the whole prompt (the big cache holds a prefix
         of it) and, for a separate little model, the list of tokens its cache holds (kept up
         to date in place, so the little model's own prefix reuse stays right)."""
+        super().begin(prompt_ids, little_fed)
         self.prompt = list(prompt_ids)
         self.big.fed[:] = self.prompt[: self.big.decoder.length]
         if little_fed is not None and self.little.fed is not self.big.fed:
