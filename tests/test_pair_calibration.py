@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import build_tiny_model
 
@@ -66,6 +67,19 @@ def test_trace_replay_and_oracle():
     assert oracle_speedup(agree, m) >= max(simulate(agree, m, k)[0] / simulate(agree, m, k)[1] for k in (1, 2, 3))
 
 
+def test_ead_replay_and_window_choice():
+    from edgeinfer.strategies.calibration import choose_window, replay_ead
+
+    # the little model is unsure exactly where it is wrong: a one-token window hands those tokens over alone
+    trace = [{"agree": [True, False] * 10, "little_entropy": [0.1, 1.5] * 10, "big_entropy": [0.1] * 20,
+              "big_logprob_of_little": [-0.01, -4.0] * 10}]
+    assert replay_ead(trace, 1e9, 1) == (0.0, pytest.approx(np.exp(-2.0)))  # the little model alone
+    share, quality = replay_ead(trace, 1.0, 1)
+    assert share == 0.5 and quality == 1.0
+    assert replay_ead(trace, 1.0, 5)[1] < 1.0  # a rolling mean lets some unsure (wrong) tokens through
+    assert choose_window(trace, 0.99) == 1
+
+
 def test_per_step_rule_drafts_while_it_pays():
     cheap = CostModel(draft_s=0.05, verify_s={1: 1.0, 2: 1.05, 3: 1.1, 4: 1.15, 5: 1.2}, acceptance=[])
     online = OnlineCosts(max_k=6, prior=cheap)
@@ -100,9 +114,10 @@ def test_calibrate_stores_the_pairs_defaults(pair, home, tmp_path, capsys):
     assert path.parent == home / "pairs" and path.is_file()
     stored = read_pair_file(path, model.package, model.little.package)
     ead = model.complete("hello", max_new_tokens=N, ignore_eos=True, strategy="ead")
-    assert ead.stats["tau"] == stored.tau and ead.stats["calibration"] == {"file": str(path), "used": ["tau"]}
+    assert stored.window in (1, 3, 5) and (ead.stats["tau"], ead.stats["window"]) == (stored.tau, stored.window)
+    assert ead.stats["calibration"] == {"file": str(path), "used": ["tau", "window"]}
     explicit = model.complete("hello", max_new_tokens=N, ignore_eos=True, strategy="ead", tau=0.0)
-    assert explicit.stats["tau"] == 0.0 and explicit.stats["calibration"]["used"] == []
+    assert explicit.stats["tau"] == 0.0 and explicit.stats["calibration"]["used"] == ["window"]
     bild = model.complete("hello", max_new_tokens=N, ignore_eos=True, strategy="bild")
     assert (bild.stats["fallback_threshold"], bild.stats["rollback_threshold"]) == (stored.fallback_threshold,
                                                                                    stored.rollback_threshold)
@@ -128,6 +143,7 @@ def test_foreign_or_damaged_pair_files_are_refused(pair, home, tmp_path):
     cases = [("{ not json", "cannot be read as JSON"), (json.dumps({"kind": "other"}), "not an edgeinfer pair file"),
              (json.dumps({**data, "format": 99}), "has format 99"),
              (json.dumps({**data, "ead": {"tau": "high"}}), "is damaged"),
+             (json.dumps({**data, "ead": {"tau": 1.0, "window": 0}}), "is damaged"),
              (json.dumps({**data, "bild": {"fallback_threshold": 7, "rollback_threshold": 1}}), "out-of-range")]
     for text, match in cases:
         pair_file.write_text(text)

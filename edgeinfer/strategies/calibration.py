@@ -6,8 +6,9 @@ On a short calibration text (a few prompts, shipped in ``calibration_prompts.txt
 - quality of a strategy's output = PPL_big(reference) / PPL_big(output), PPL_big the big model's perplexity
   of the generated tokens (the measure of the EAD and BiLD papers: how likely the big model finds the text;
   1.0 = as good as its own greedy text);
-- EAD's ``tau``: the largest entropy threshold whose output keeps QUALITY (a bisection over a grid: quality
-  falls as tau rises and the little model writes more);
+- EAD's rolling window: the one of 1, 3, 5 tokens with the smallest big-model share at QUALITY when EAD's rule is
+  replayed along the reference (teacher-forced, seconds); then its ``tau``: the largest entropy threshold whose
+  output keeps QUALITY (a bisection over a grid, by real generation: quality falls as tau rises);
 - BiLD's fallback threshold (at a fixed rollback threshold): the smallest whose output keeps QUALITY
   (quality rises with it: the big model takes over sooner);
 - speculative decoding's cost model: the measured cost of a draft and of a verifying pass per number of
@@ -35,6 +36,7 @@ PROMPTS_FILE = Path(__file__).with_name("calibration_prompts.txt")
 TAU_GRID = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)
 FALLBACK_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 ROLLBACK = 3.0  # nats: BiLD's rollback threshold while its fallback threshold is calibrated
+WINDOWS = (1, 3, 5)  # EAD's rolling-entropy windows tried (in a teacher-forced replay)
 
 
 def calibration_prompts(path: str | Path | None = None) -> list[str]:
@@ -168,19 +170,76 @@ def measure_pair_costs(big_decoder, little_decoder, ids: list[int], max_rows: in
     return statistics.median(draft), {r: statistics.median(v) for r, v in verify.items()}
 
 
-def acceptance_along(cal: Calibration, max_k: int = 8) -> list[float]:
-    """α_j along the reference: the little model's greedy token against the big model's, given the big prefix."""
-    counts = np.zeros((max_k, 2))
-    dec = cal.little.decoder
+def teacher_forced(cal: Calibration) -> list[dict]:
+    """Along each reference: the little model's greedy token and entropy given the big model's prefix (through
+    its drafting head if it has one), and the big model's entropy and log-probability of that token."""
+    from .pair import entropy
+
+    out = []
     for ids, ref in zip(cal.ids, cal.reference):
-        dec.reset()
-        dec.set_exit_context(ids)  # a VocabTrim drafting head also scores the prompt's tokens
-        little = dec.forward(ids + ref[:-1], logits_to_keep=len(ref), stages=drafting_head(dec)).argmax(-1)
-        runs = run_lengths([int(a) == b for a, b in zip(little, ref)])
+        rows = {}
+        for name, dec, stages in (("little", cal.little.decoder, drafting_head(cal.little.decoder)),
+                                  ("big", cal.big.decoder, None)):
+            dec.reset()
+            dec.set_exit_context(ids)  # a VocabTrim drafting head also scores the prompt's tokens
+            rows[name] = dec.forward(ids + ref[:-1], logits_to_keep=len(ref), stages=stages)
+            dec.reset()
+        little = rows["little"].argmax(-1)
+        big = rows["big"].astype(np.float64)
+        big -= big.max(-1, keepdims=True)
+        logp = big[np.arange(len(ref)), little] - np.log(np.exp(big).sum(-1))
+        out.append({"agree": [int(a) == b for a, b in zip(little, ref)],
+                    "little_entropy": [entropy(r) for r in rows["little"]],
+                    "big_entropy": [entropy(r) for r in rows["big"]], "big_logprob_of_little": logp.tolist()})
+    return out
+
+
+def acceptance_along(trace: list[dict], max_k: int = 8) -> list[float]:
+    """α_j along the references: the little model's greedy token against the big model's, given the big prefix."""
+    counts = np.zeros((max_k, 2))
+    for t in trace:
+        runs = run_lengths(t["agree"])
         for j in range(1, max_k + 1):
             counts[j - 1] += [sum(r >= j for r in runs), sum(r >= j - 1 for r in runs)]
-    dec.reset()
     return (counts[:, 0] / np.maximum(counts[:, 1], 1)).tolist()
+
+
+def replay_ead(trace: list[dict], tau: float, window: int, min_hold: int = 1) -> tuple[float, float]:
+    """EAD's switching rule replayed along the references (teacher-forced): (big share, quality), quality
+    approximated as exp(-mean extra NLL under the big model of the little model's differing tokens)."""
+    from collections import deque
+
+    big = n = 0
+    extra = 0.0
+    for t in trace:
+        ent: deque[float] = deque(maxlen=window)
+        active, held = "little", 0
+        for i, agree in enumerate(t["agree"]):
+            n += 1
+            if active == "little":
+                ent.append(t["little_entropy"][i])
+                if sum(ent) / len(ent) <= tau:
+                    extra += 0.0 if agree else -t["big_logprob_of_little"][i]
+                    continue
+                active, held = "big", 0
+                ent.clear()
+            big += 1
+            held += 1
+            ent.append(t["big_entropy"][i])
+            if held >= min_hold and sum(ent) / len(ent) <= tau:
+                active = "little"
+                ent.clear()
+    return big / max(1, n), math.exp(-extra / max(1, n))
+
+
+def choose_window(trace: list[dict], target: float, windows=WINDOWS) -> int:
+    """The rolling-entropy window with the smallest big-model share at TARGET quality in the replay (a cheap,
+    teacher-forced guide: the tau for it is then searched by real generation)."""
+    def share_at_target(w: int) -> float:
+        ok = [share for share, q in (replay_ead(trace, tau, w) for tau in np.linspace(0.05, 6.0, 120))
+              if q >= target]
+        return min(ok) if ok else 1.0
+    return min(windows, key=share_at_target)
 
 
 def calibrate_pair(big, little, quality: float = 0.95, prompts: list[str] | None = None, new_tokens: int = 32,
@@ -190,12 +249,16 @@ def calibrate_pair(big, little, quality: float = 0.95, prompts: list[str] | None
     cal = Calibration(big, little, prompts or calibration_prompts(), new_tokens, log)
     cal.say(f"reference: {len(cal.prompts)} prompts x {new_tokens} tokens by the big model alone "
             f"({sum(map(len, cal.reference)) / cal.reference_s:.1f} tok/s)")
+    trace = teacher_forced(cal)
+    window = choose_window(trace, quality)
+    cal.say(f"EAD: rolling window {window} (of {', '.join(map(str, WINDOWS))}: the smallest big-model share at the "
+            "target in a teacher-forced replay)")
     little_alone = cal.evaluate("ead", tau=1e9)  # tau never reached: the little model writes every token
-    tau, ead = cal.search("ead", "tau", TAU_GRID, quality, rising=False)
+    tau, ead = cal.search("ead", "tau", TAU_GRID, quality, rising=False, window=window)
     fallback, bild = cal.search("bild", "fallback_threshold", FALLBACK_GRID, quality, rising=True,
                                 rollback_threshold=rollback)
     draft_s, verify_s = measure_pair_costs(big.decoder, little.decoder, cal.ids[0] + cal.reference[0])
-    model = CostModel(draft_s, verify_s, acceptance_along(cal))
+    model = CostModel(draft_s, verify_s, acceptance_along(trace))
     k, speedup = model.best()
     cal.say(f"speculative: draft {1e3 * draft_s:.1f} ms, one-row pass {1e3 * verify_s[1]:.1f} ms; acceptance by "
             f"position {' '.join(f'{a:.2f}' for a in model.acceptance)}; best fixed draft length {k}: "
@@ -204,7 +267,8 @@ def calibrate_pair(big, little, quality: float = 0.95, prompts: list[str] | None
         "prompts": len(cal.prompts), "new_tokens": new_tokens,
         "reference_tok_s": sum(map(len, cal.reference)) / cal.reference_s,
         "little_alone": {"quality": little_alone.quality},
-        "ead": {"tau": tau, "quality": ead.quality, "big_share": ead.big_share, "meets_target": ead.quality >= quality},
+        "ead": {"tau": tau, "window": window, "quality": ead.quality, "big_share": ead.big_share,
+                "meets_target": ead.quality >= quality},
         "bild": {"fallback_threshold": fallback, "rollback_threshold": rollback, "quality": bild.quality,
                  "big_share": bild.big_share, "meets_target": bild.quality >= quality},
         "speculative": {"best_fixed_draft_len": k, "modelled_speedup": speedup},
@@ -213,5 +277,6 @@ def calibrate_pair(big, little, quality: float = 0.95, prompts: list[str] | None
     }
     return PairSettings(big={"name": big.package.root.name, "identity": package_identity(big.package)},
                         little={"name": little.package.root.name, "identity": package_identity(little.package)},
-                        quality_target=quality, tau=tau, fallback_threshold=fallback, rollback_threshold=rollback,
+                        quality_target=quality, tau=tau, window=window, fallback_threshold=fallback,
+                        rollback_threshold=rollback,
                         cost_model=model, measured=measured)

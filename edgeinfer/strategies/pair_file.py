@@ -52,6 +52,7 @@ class PairSettings:
     little: dict
     quality_target: float
     tau: float | None = None  # EAD
+    window: int | None = None
     fallback_threshold: float | None = None  # BiLD
     rollback_threshold: float | None = None
     cost_model: CostModel | None = None  # speculative: seeds its online estimates
@@ -61,7 +62,7 @@ class PairSettings:
     def defaults(self, strategy: str) -> dict:
         """The options STRATEGY takes from this file."""
         if strategy == "ead" and self.tau is not None:
-            return {"tau": self.tau}
+            return {"tau": self.tau, **({"window": self.window} if self.window else {})}
         if strategy == "bild" and self.fallback_threshold is not None:
             return {"fallback_threshold": self.fallback_threshold, "rollback_threshold": self.rollback_threshold}
         if strategy == "speculative" and self.cost_model is not None:
@@ -70,7 +71,7 @@ class PairSettings:
 
     def to_dict(self) -> dict:
         return {"kind": KIND, "format": FORMAT, "big": self.big, "little": self.little,
-                "quality_target": self.quality_target, "ead": {"tau": self.tau},
+                "quality_target": self.quality_target, "ead": {"tau": self.tau, "window": self.window},
                 "bild": {"fallback_threshold": self.fallback_threshold,
                          "rollback_threshold": self.rollback_threshold},
                 "speculative": {"cost_model": self.cost_model.to_dict() if self.cost_model else None},
@@ -109,7 +110,8 @@ def read_pair_file(path: str | os.PathLike, big_pkg, little_pkg) -> PairSettings
         cm = (data.get("speculative") or {}).get("cost_model")
         settings = PairSettings(
             big=big, little=little, quality_target=float(data["quality_target"]),
-            tau=_number(data["ead"].get("tau")), fallback_threshold=_number(data["bild"].get("fallback_threshold")),
+            tau=_number(data["ead"].get("tau")), window=_window(data["ead"].get("window")),
+            fallback_threshold=_number(data["bild"].get("fallback_threshold")),
             rollback_threshold=_number(data["bild"].get("rollback_threshold")),
             cost_model=CostModel.from_dict(cm) if cm else None, measured=data.get("measured") or {}, path=path)
     except PackageError:
@@ -136,3 +138,11 @@ def _number(x) -> float | None:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise ValueError(f"{x!r} is not a number")
     return float(x)
+
+
+def _window(x) -> int | None:
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+        raise ValueError(f"window {x!r} is not an integer >= 1")
+    return x
