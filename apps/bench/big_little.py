@@ -117,6 +117,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--no-questions", action="store_true")
+    ap.add_argument("--sweep-prompts", type=int, default=8,
+                    help="the threshold sweeps (for the plot) run on the first N prompts only")
     ap.add_argument("--out", type=Path, default=DOCS, help="folder for big-little-results.md and big-little.png")
     args = ap.parse_args()
     BUILD.mkdir(parents=True, exist_ok=True)
@@ -132,7 +134,9 @@ def main() -> int:
     load0 = os.getloadavg()[0]
     rows = {label: {"tokens": 0, "seconds": 0.0, "plain_seconds": 0.0, "decode_s": 0.0, "plain_decode_s": 0.0,
                     "big": 0, "agree": 0, "nll": 0.0,
-                    "ref_nll": 0.0, "exact": 0, "divergence_margins": [], "stats": []} for label, *_ in cfgs}
+                    "ref_nll": 0.0, "exact": 0, "prompts": 0, "divergence_margins": [], "stats": []}
+            for label, *_ in cfgs}
+    sweep = {label for label, *_ in cfgs if label.startswith(("ead tau=", "bild fb="))}
     plain_rate = []
     chat = lambda text: big.encode([{"role": "user", "content": text}])  # noqa: E731
     for i, text in enumerate(prompts):
@@ -141,6 +145,8 @@ def main() -> int:
         ref_nll, margins = nll(big, ids, ref.tokens)
         results = []
         for label, lit, opts in cfgs:
+            if label in sweep and i >= args.sweep_prompts:
+                continue
             if lit is None:
                 results.append((label, *timed(littles["source"], ids, args.new_tokens)))
                 continue
@@ -153,6 +159,7 @@ def main() -> int:
         for label, res, s in results:
             r = rows[label]
             r["tokens"] += res.new_tokens
+            r["prompts"] += 1
             r["seconds"] += s
             r["plain_seconds"] += plain_s
             r["decode_s"] += decode_seconds(res)
@@ -180,7 +187,8 @@ def main() -> int:
             "big_share": r["big"] / r["tokens"] if lit else 0.0,
             "speed_vs_big": r["plain_seconds"] / r["seconds"],
             "decode_speed_vs_big": r["plain_decode_s"] / r["decode_s"],
-            "agreement": r["agree"] / r["tokens"], "identical_outputs": r["exact"] / len(prompts),
+            "agreement": r["agree"] / r["tokens"], "identical_outputs": r["exact"] / r["prompts"],
+            "prompts": r["prompts"],
             "divergence_margins": r["divergence_margins"],
             "quality_kept": math.exp((r["ref_nll"] - r["nll"]) / r["tokens"]),
             "ppl": math.exp(r["nll"] / r["tokens"]), "ppl_big": math.exp(r["ref_nll"] / r["tokens"]),
@@ -222,15 +230,16 @@ def write_markdown(report: dict, out: Path) -> None:
         f"defaults from the pair file ({Path(pf['path']).name}): tau {pf['ead']['tau']}, BiLD fallback "
         f"{pf['bild']['fallback_threshold']} / rollback {pf['bild']['rollback_threshold']}.",
         "",
-        "| configuration | big share | speed vs 1.5B alone (prefill included) | decode only | agreement | "
+        "| configuration | prompts | big share | speed vs 1.5B alone (prefill included) | decode only | agreement | "
         "identical outputs | quality kept | PPL_big |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        lines.append(f"| {r['strategy']} | {r['big_share']:.2f} | {r['speed_vs_big']:.2f}× | "
+        lines.append(f"| {r['strategy']} | {r['prompts']} | {r['big_share']:.2f} | {r['speed_vs_big']:.2f}× | "
                      f"{r['decode_speed_vs_big']:.2f}× | {r['agreement']:.2f} | {r['identical_outputs']:.2f} | "
                      f"{r['quality_kept']:.3f} | {r['ppl']:.3f} |")
-    lines.append(f"| 1.5B alone | 1.00 | 1.00× | 1.00× | 1.00 | 1.00 | 1.000 | {report['results'][0]['ppl_big']:.3f} |")
+    lines.append(f"| 1.5B alone | {report['prompts']} | 1.00 | 1.00× | 1.00× | 1.00 | 1.00 | 1.000 | "
+                 f"{report['results'][0]['ppl_big']:.3f} |")
     spec = [r for r in report["results"] if r["options"]["strategy"] == "speculative"]
     for r in spec:
         if r["divergence_margins"]:
