@@ -227,7 +227,8 @@ def write_markdown(report: dict, out: Path) -> None:
         f"{report['loadavg_end']:.1f} at the end; {report['prompts']} chat prompts (apps/bench/prompts/"
         f"qwen_pair.json: 12 general, 12 code), {report['new_tokens']} new tokens each, greedy, from empty caches "
         f"(prefill included). Big alone: {report['big_plain_tok_s_median']:.2f} tok/s (median). Calibrated "
-        f"defaults from the pair file ({Path(pf['path']).name}): tau {pf['ead']['tau']}, BiLD fallback "
+        f"defaults from the pair file ({Path(pf['path']).name}): tau {pf['ead']['tau']} (window "
+        f"{pf['ead'].get('window') or 5}), BiLD fallback "
         f"{pf['bild']['fallback_threshold']} / rollback {pf['bild']['rollback_threshold']}.",
         "",
         "| configuration | prompts | big share | speed vs 1.5B alone (prefill included) | decode only | agreement | "
@@ -242,6 +243,11 @@ def write_markdown(report: dict, out: Path) -> None:
                  f"{report['results'][0]['ppl_big']:.3f} |")
     spec = [r for r in report["results"] if r["options"]["strategy"] == "speculative"]
     for r in spec:
+        st = [x for x in r["stats"] if x.get("acceptance_rate") is not None]
+        if st:
+            lines += ["", f"{r['strategy']}: acceptance {np.mean([x['acceptance_rate'] for x in st]):.2f}, "
+                      f"{np.mean([x['tokens_per_verify'] for x in st]):.2f} tokens per verification (means over "
+                      "prompts)."]
         if r["divergence_margins"]:
             lines += ["", f"{r['strategy']}: the outputs that differ from the big model's part at top-2 logit margins "
                       f"of {', '.join(f'{m:.2f}' for m in r['divergence_margins'])} (the big model's own, batched)."]
