@@ -156,12 +156,17 @@ class OnlineCosts:
     verify_s: dict[int, float] = field(default_factory=dict)
     # per confidence bin of the drafter: [accepted, drafted] (decayed), seeded with the bin's centre
     by_confidence: list[list[float]] = field(default_factory=list)
+    # a round's first draft, before its confidence is known: [accepted, drafted] (decayed), seeded with α_1
+    first: list[float] = field(default_factory=list)
 
     def __post_init__(self):
+        alpha_1 = 0.7
         if self.prior is not None:
             self.draft_s = self.prior.draft_s
             self.verify_s = dict(self.prior.verify_s)
+            alpha_1 = self.prior.alpha(1) if self.prior.acceptance else alpha_1
         self.by_confidence = [[(b + 0.5) / CONFIDENCE_BINS, 1.0] for b in range(CONFIDENCE_BINS)]
+        self.first = [2.0 * alpha_1, 2.0]
 
     @property
     def ready(self) -> bool:
@@ -186,6 +191,8 @@ class OnlineCosts:
 
     def record_acceptance(self, confidences: list[float], accepted: int) -> None:
         """The drafts of one round (their drafter confidences) and how many were accepted (a prefix)."""
+        if confidences:
+            self.first = [self.decay * self.first[0] + (1.0 if accepted else 0.0), self.decay * self.first[1] + 1.0]
         for j, c in enumerate(confidences):
             if j > accepted:  # after the first rejection nothing was tested
                 break
@@ -197,7 +204,8 @@ class OnlineCosts:
         """After drafting len(CONFIDENCES) tokens: is one more draft expected to raise tokens per second?
 
         E and C of the round so far use each draft's own acceptance estimate; the next draft is expected
-        to be accepted as often as the last one was likely to be (confidence runs in streaks). Looking up
+        to be accepted as often as the last one was likely to be (confidence runs in streaks), a round's
+        first as often as first drafts have been. Looking up
         to three drafts ahead lets a run of confident drafts outgrow a step in the verification cost."""
         i = len(confidences)
         if i >= self.max_k:
@@ -210,7 +218,7 @@ class OnlineCosts:
             e += p
         cost = i * self.draft_s + self.verify(i + 1)
         rate = e / cost
-        a_next = self.acceptance(confidences[-1]) if confidences else self.mean_acceptance()
+        a_next = self.acceptance(confidences[-1]) if confidences else self.first[0] / self.first[1]
         gain, q = 0.0, p
         for h in range(1, min(3, self.max_k - i) + 1):
             q *= a_next
@@ -218,11 +226,6 @@ class OnlineCosts:
             if (e + gain) / (cost + h * self.draft_s + self.verify(i + 1 + h) - self.verify(i + 1)) > rate:
                 return True
         return False
-
-    def mean_acceptance(self) -> float:
-        acc = sum(r[0] for r in self.by_confidence)
-        n = sum(r[1] for r in self.by_confidence)
-        return acc / n if n else 0.5
 
 
 def _bin(confidence: float) -> int:
