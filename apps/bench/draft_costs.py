@@ -131,9 +131,12 @@ def analyse(costs: dict, trace: list[dict], max_k: int, phone: tuple[float, floa
 
     rep["here"] = replay(model)
     mem, comp = phone
-    phone_model = model.project(mem, comp)
-    rep["phone"] = {"memory_ratio": mem, "compute_ratio": comp, "cost_model": phone_model.to_dict(),
-                    **replay(phone_model)}
+    rep["phone"] = {}
+    for c in sorted({comp / 2, comp, comp * 2}):  # the arithmetic ratio is the uncertain one: a band around it
+        phone_model = model.project(mem, c)
+        rep["phone"][f"memory {mem:g}x, compute {c:g}x"] = {"memory_ratio": mem, "compute_ratio": c,
+                                                             "cost_model": phone_model.to_dict(),
+                                                             **replay(phone_model)}
     return rep
 
 
@@ -230,8 +233,7 @@ def print_report(rep: dict) -> None:
           + ", ".join(f"{r}: {1e3 * s:.0f}" for r, s in c["verify_s"].items()))
     print(f"agreement {a['agreement']:.3f}; acceptance by position " + " ".join(f"{x:.2f}"
                                                                                for x in a["acceptance_by_position"]))
-    for where in ("here", "phone"):
-        r = a[where]
+    for where, r in [("here", a["here"]), *a["phone"].items()]:
         print(f"[{where}] fixed k: " + " ".join(f"{k}:{s:.2f}" for k, s in r["fixed"].items())
               + f" | best fixed k={r['best_fixed_k']} {r['best_fixed']:.2f}x | oracle {r['oracle']:.2f}x | "
               f"per-step rule {r['per_step_rule']['speedup']:.2f}x | closed form best k={r['model_best']['k']} "
