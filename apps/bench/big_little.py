@@ -60,14 +60,14 @@ def ensure_calibrated(big, little) -> dict:
 
 
 def configs(quick: bool) -> list[tuple[str, str | None, dict]]:
-    """(label, little: 'source' / 'int4' / 'trim' (int4, drafting head of 8,192 tokens) / None for the little
+    """(label, little: 'source' / 'int4' / 'trim' (int4, VocabTrim drafting head of 32,768 tokens) / None for the little
     model alone, options)."""
     taus = [1.0, 3.0] if quick else [0.5, 1.5, 3.0]
     fbs = [0.5] if quick else [0.3, 0.9]
     out = [("little alone (0.5B)", None, {}),
            ("speculative, 0.5B drafts", "source", dict(strategy="speculative")),
            ("speculative, 0.5B int4 drafts", "int4", dict(strategy="speculative")),
-           ("speculative, 0.5B int4 drafts, 8k-token head", "trim", dict(strategy="speculative")),
+           ("speculative, 0.5B int4 drafts, 32k-token head", "trim", dict(strategy="speculative")),
            ("ead, calibrated tau", "source", dict(strategy="ead")),
            ("bild, calibrated", "source", dict(strategy="bild"))]
     out += [(f"ead tau={t}", "source", dict(strategy="ead", tau=t)) for t in taus]
@@ -127,8 +127,8 @@ def main() -> int:
     big = edgeinfer.load(BIG, threads=args.threads)
     littles = {"source": edgeinfer.load(LITTLE, threads=args.threads),
                "int4": edgeinfer.load(ensure_little("qwen2.5-coder-0.5b-int4"), threads=args.threads),
-               "trim": edgeinfer.load(ensure_little("qwen2.5-coder-0.5b-int4-trim8k", "--exits", "24",
-                                                    "--exit-vocab", "8192"), threads=args.threads)}
+               "trim": edgeinfer.load(ensure_little("qwen2.5-coder-0.5b-int4-trim32k", "--exits", "24",
+                                                    "--exit-vocab", "32768"), threads=args.threads)}
     pair = ensure_calibrated(big, littles["source"])
     cfgs = configs(args.quick)
     load0 = os.getloadavg()[0]
