@@ -136,7 +136,8 @@ def predict(agree: dict, cost: dict, max_k: int) -> dict:
         plain = cost["plain_s"]
         trace = a["trace"]
         runs = run_lengths(trace)
-        fixed = {k: replay_self(trace, c, plain, lambda t, k=k: k) for k in range(1, max_k + 1)}
+        # k = 1 is left out: a round of one draft yields exactly one token, never more than a plain step
+        fixed = {k: replay_self(trace, c, plain, lambda t, k=k: k) for k in range(2, max_k + 1)}
         best = max(fixed, key=fixed.get)
         oracle = replay_self(trace, c, plain, lambda t, runs=runs: max(1, min(runs[t] + 1, max_k)))
         model = CostModel(c["draft_s"], {1: plain, **{k + 1: c["verify_s"][k] for k in c["verify_s"]}},

@@ -33,7 +33,7 @@ from .pair import drafting_head
 from .pair_file import PairSettings, package_identity
 
 PROMPTS_FILE = Path(__file__).with_name("calibration_prompts.txt")
-TAU_GRID = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)
+TAU_GRID = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0)
 FALLBACK_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 ROLLBACK = 3.0  # nats: BiLD's rollback threshold while its fallback threshold is calibrated
 WINDOWS = (1, 3, 5)  # EAD's rolling-entropy windows tried (in a teacher-forced replay)
