@@ -129,12 +129,21 @@ def test_calibrate_stores_the_pairs_defaults(pair, home, tmp_path, capsys):
     assert "calibration" not in other.complete("hello", max_new_tokens=4, strategy="ead").stats
 
 
-def test_foreign_or_damaged_pair_files_are_refused(pair, home, tmp_path):
+def test_foreign_or_damaged_pair_files_are_refused(pair, home, tmp_path, capsys):
     pair_file = tmp_path / "pair.json"
     assert _calibrate(pair, tmp_path, "--out", str(pair_file)) == 0
     assert not (home / "pairs").exists()  # --out: nothing in the cache
     right = edgeinfer.load(pair["big"], little=pair["other"])
     assert right.complete("hi", max_new_tokens=4, strategy="ead", pair=str(pair_file)).stats["calibration"]
+    from edgeinfer.cli import main
+
+    assert main(["run", str(pair["big"]), "hi", "--little", str(pair["other"]), "--strategy", "bild", "--pair",
+                 str(pair_file), "--max-new-tokens", "4", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli["stats"]["calibration"]["used"] == ["fallback_threshold", "rollback_threshold"]
+    assert main(["run", str(pair["big"]), "hi", "--little", str(pair["int4"]), "--strategy", "ead", "--pair",
+                 str(pair_file), "--max-new-tokens", "4"]) == 2
+    assert "not for these packages" in capsys.readouterr().err
     wrong = edgeinfer.load(pair["big"], little=pair["int4"])
     with pytest.raises(PackageError, match=r"calibrated for '.*' with little 'other', not for these packages.*"
                                            r"edgeinfer calibrate"):
