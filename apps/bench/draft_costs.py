@@ -59,12 +59,16 @@ def measure_costs(big, little, ids: list[int], max_rows: int, repeats: int) -> d
     return {"draft_s": draft_s, "verify_s": verify_s, "context": len(ids), "repeats": repeats}
 
 
-def big_continuations(big, prompts: list[str], new_tokens: int) -> list[dict]:
-    """Per prompt: the big model's greedy tokens, and its entropy and top-2 margin at each of them."""
+def big_continuations(big, prompts: list[str], new_tokens: int, earlier: dict | None = None) -> list[dict]:
+    """Per prompt: the big model's greedy tokens (from EARLIER, a prompt -> tokens map of an earlier run, when
+    it has them), and its entropy and top-2 margin at each of them."""
     out = []
     for i, text in enumerate(prompts):
         ids = big.encode([{"role": "user", "content": text}])
-        res = big.complete(ids, max_new_tokens=new_tokens, ignore_eos=True)
+        tokens = (earlier or {}).get(text)
+        if tokens is None:
+            tokens = big.complete(ids, max_new_tokens=new_tokens, ignore_eos=True).tokens
+        res = type("Greedy", (), {"tokens": tokens[:new_tokens]})
         big.reset()
         bo = big.decoder.forward(ids + res.tokens[:-1], logits_to_keep=len(res.tokens))
         big.reset()
@@ -191,6 +195,8 @@ def main(argv=None) -> int:
                          "and mid with SDOT + 2 small, against 2 AVX-512 VNNI server cores)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--replay", type=Path, default=None, help="re-analyse an earlier run's JSON")
+    ap.add_argument("--continuations", type=Path, default=None,
+                    help="take the big model's greedy continuations from an earlier run's JSON (same big model)")
     args = ap.parse_args(argv)
     if args.replay:
         reps = [json.loads(args.replay.read_text())]
@@ -201,7 +207,9 @@ def main(argv=None) -> int:
         load0 = os.getloadavg()[0]
         big = edgeinfer.load(args.big, threads=args.threads)
         littles = [edgeinfer.load(p, threads=args.threads) for p in args.little.split(",")]
-        conts = big_continuations(big, prompts, 16 if args.quick else args.new_tokens)
+        earlier = ({r["prompt"]: r["big"] for r in json.loads(args.continuations.read_text())["trace"]}
+                   if args.continuations else None)
+        conts = big_continuations(big, prompts, 16 if args.quick else args.new_tokens, earlier)
         ids = conts[0]["ids"] + conts[0]["big"][:32]
         reps = []
         for path, little in zip(args.little.split(","), littles):
