@@ -124,7 +124,12 @@ def main() -> int:
     BUILD.mkdir(parents=True, exist_ok=True)
     prompts = json.loads((ROOT / "apps" / "bench" / "prompts" / "qwen_pair.json").read_text())
     prompts = prompts[:3] if args.quick else prompts[: args.prompts]
-    big = edgeinfer.load(BIG, threads=args.threads)
+    try:
+        big = edgeinfer.load(BIG, threads=args.threads)
+    except edgeinfer.EdgeInferError as e:  # the optional pair is not installed
+        print(f"big_little.py needs the Qwen2.5-Coder pair ({e}): edgeinfer pull {LITTLE}; edgeinfer pull {BIG}",
+              file=sys.stderr)
+        return 2
     littles = {"source": edgeinfer.load(LITTLE, threads=args.threads),
                "int4": edgeinfer.load(ensure_little("qwen2.5-coder-0.5b-int4"), threads=args.threads),
                "trim": edgeinfer.load(ensure_little("qwen2.5-coder-0.5b-int4-trim32k", "--exits", "24",
