@@ -120,7 +120,13 @@ def main() -> int:
     ap.add_argument("--sweep-prompts", type=int, default=8,
                     help="the threshold sweeps (for the plot) run on the first N prompts only")
     ap.add_argument("--out", type=Path, default=DOCS, help="folder for big-little-results.md and big-little.png")
+    ap.add_argument("--render", type=Path, default=None, help="only write the page and plot from an earlier JSON")
     args = ap.parse_args()
+    if args.render:
+        report = json.loads(args.render.read_text())
+        write_markdown(report, args.out)
+        plot(report, args.out)
+        return 0
     BUILD.mkdir(parents=True, exist_ok=True)
     prompts = json.loads((ROOT / "apps" / "bench" / "prompts" / "qwen_pair.json").read_text())
     prompts = prompts[:3] if args.quick else prompts[: args.prompts]
@@ -278,13 +284,15 @@ def plot(report: dict, out: Path) -> None:
 
     res = report["results"]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for prefix, marker, name in (("ead tau=", "o-", "EAD (tau sweep)"), ("bild fb=", "^-", "BiLD (fallback sweep)")):
-        pts = sorted((r["big_share"], r["quality_kept"]) for r in res if r["strategy"].startswith(prefix))
+    for prefix, marker, name in (("ead tau=", "o-", "EAD, tau sweep"), ("bild fb=", "^-", "BiLD, fallback sweep")):
+        rows = [r for r in res if r["strategy"].startswith(prefix)]
+        pts = sorted((r["big_share"], r["quality_kept"]) for r in rows)
         if pts:
-            ax.plot(*zip(*pts), marker, label=name)
+            ax.plot(*zip(*pts), marker, label=f"{name} ({rows[0]['prompts']} prompts)")
     for r in res:
         if "calibrated" in r["strategy"]:
-            ax.plot(r["big_share"], r["quality_kept"], "*", markersize=12, label=r["strategy"])
+            ax.plot(r["big_share"], r["quality_kept"], "*", markersize=12,
+                    label=f"{r['strategy']} ({r['prompts']} prompts)")
     little = next(r for r in res if r["little"] == "alone")
     ax.plot(0.0, little["quality_kept"], "s", color="black", label="0.5B alone")
     ax.plot(1.0, 1.0, "D", color="black", label="1.5B alone")
