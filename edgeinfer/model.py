@@ -113,7 +113,7 @@ class Model:
             raise GenerationError(f"parallel must be an integer >= 1 (sequences decoded together), got {parallel!r}.")
         if spec.moe is None:  # MoE budgets bound the expert cache (edgeinfer/moe/)
             check_dense_budget(pkg, memory_budget, max_context, parallel)
-        self.target = resolve_provider(provider, threads, manifest=pkg.manifest, allow_fallback=allow_fallback)
+        self.target = resolve_provider(provider, threads, spec=pkg.spec, allow_fallback=allow_fallback)
         self.tokenizer = TextTokenizer(pkg)
         if spec.graph("monolithic") is not None:
             from .decoders.monolithic import MonolithicDecoder

@@ -314,11 +314,9 @@ def _cmd_run(args) -> int:
                   threshold=args.threshold, draft_len=args.draft_len, exit_layer=args.exit_layer, tau=args.tau,
                   window=args.window, min_hold=args.min_hold, fallback_threshold=args.fallback_threshold,
                   rollback_threshold=args.rollback_threshold)
-    if (args.num_beams or 1) > 1 or args.length_penalty is not None:
-        return _fail("beam search (--num-beams, --length-penalty) is for encoder-decoder packages: decoder "
-                     "packages decode one sequence (greedy or sampled).")
-    if args.no_repeat_ngram_size is not None:
-        params["no_repeat_ngram_size"] = args.no_repeat_ngram_size
+    for name in ("num_beams", "length_penalty", "no_repeat_ngram_size"):  # the model refuses what it cannot do
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
     if args.max_new_tokens is not None:
         params["max_new_tokens"] = args.max_new_tokens
     else:
