@@ -334,7 +334,8 @@ class Model:
                                           finish_reason="cancelled", ttft_s=0.0, decode_tok_s=0.0, total_s=0.0)
             return
         try:
-            yield from run_generation(gen, SlotStrategy(self.engine, slot), self.tokenizer, ids, config, 0)
+            yield from run_generation(gen, SlotStrategy(self.engine, slot, self.tokenizer.eos_token_ids),
+                                      self.tokenizer, ids, config, 0)
         finally:
             self.engine.release(slot)
 
