@@ -142,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("--memory-budget", default=None, help="sparse-MoE packages: memory for cached experts, e.g. "
                    "512MB (default: all experts)")
+    _kv_dtype_arg(b, "KV cache precision the package must have (an alias / .gguf / HF folder is exported so "
+                     "into the cache); default: the package's own")
     b.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("serve", help="serve a package with an OpenAI-compatible HTTP API")
@@ -159,6 +161,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--little", default=None, metavar="PACKAGE", help="little model for speculative|ead|bild")
     s.add_argument("--draft-len", type=int, default=None)
     s.add_argument("--tau", type=float, default=None)
+    _kv_dtype_arg(s, "KV cache precision the package must have (an alias / .gguf / HF folder is exported so "
+                     "into the cache); default: the package's own")
     add_serve_args(s)
     s.set_defaults(func=_cmd_serve)
 
@@ -401,7 +405,7 @@ def _cmd_bench(args) -> int:
     report = bench_package(args.package, prompt=args.prompt, chat=args.chat, prompt_tokens=args.prompt_tokens,
                            new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
                            threads=args.threads, provider=args.provider, memory_budget=args.memory_budget,
-                           allow_fallback=args.fallback)
+                           allow_fallback=args.fallback, kv_dtype=args.kv_dtype)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -429,7 +433,7 @@ def _cmd_serve(args) -> int:
           provider=args.provider, threads=args.threads, max_context=args.max_context, little=args.little,
           strategy=args.strategy, strategy_options={"draft_len": args.draft_len, "tau": args.tau},
           parallel=args.parallel, prompt_cache=args.prompt_cache, prompt_cache_dir=args.prompt_cache_dir,
-          prompt_cache_bytes=args.prompt_cache_bytes)
+          prompt_cache_bytes=args.prompt_cache_bytes, kv_dtype=args.kv_dtype)
     return 0
 
 
