@@ -36,7 +36,7 @@ from moe_bench.decode import run_one
 from moe_bench.disk import disk_bandwidth, drop_page_cache
 from moe_bench.markdown import write_doc
 from moe_bench.micro import ffn_options
-from moe_bench.models import CONFIG, EXPERT_BITS, MODELS, OUT, PKG
+from moe_bench.models import CONFIG, MODELS, OUT, PKG
 from moe_bench.weights import build_model, build_moefied
 
 
@@ -63,13 +63,12 @@ def bench_configs(model: str, mode: str) -> list[tuple[str, float, int | None]]:
     # second spinning compute thread takes the core the loads need (measured: docs/moe.md, "compute
     # threads"); all-resident keeps every core.
     streaming = max(1, (os.cpu_count() or 2) - 1)
-    configs = [("resident", 1.0, None), ("prefetch", 0.9, streaming), ("prefetch", 0.75, streaming),
-               ("prefetch", 0.5, streaming), ("prefetch_build", 0.5, streaming), ("naive", 0.5, streaming),
-               ("prefetch", 0.25, streaming), ("prefetch_build", 0.25, streaming), ("naive", 0.25, streaming)]
-    if mode == "full" and EXPERT_BITS[model] is None:
-        return configs
-    keep = (1.0, 0.5, 0.25) if mode == "quick" else (1.0, 0.75, 0.5, 0.25)
-    return [c for c in configs if c[0] != "prefetch_build" and c[1] in keep]
+    configs = [("resident", 1.0, None)]
+    for frac in (0.9, 0.75, 0.5, 0.25):
+        configs += [("prefetch", frac, streaming), ("naive", frac, streaming)]
+    keep = (1.0, 0.5, 0.25) if mode == "quick" else (1.0, 0.9, 0.75, 0.5, 0.25) if mode == "full" else (
+        1.0, 0.75, 0.5, 0.25)
+    return [c for c in configs if c[1] in keep]
 
 
 def measure_all(models: list[str], tokens: int, warmup: int, repeats: int, mode: str = "default") -> None:
@@ -93,7 +92,7 @@ def measure_all(models: list[str], tokens: int, warmup: int, repeats: int, mode:
             for exp_mode, frac, threads in bench_configs(model, mode):
                 runs[model].append(_subprocess_run(model, exp_mode, frac, tokens, warmup, threads))
             (OUT / f"runs-{model}.json").write_text(json.dumps(runs[model], indent=1))  # kept if what follows fails
-    from edgeinfer.moe.budget import resident_records
+    from edgeinfer.moe.budget import expert_memory
 
     for model in models:
         pkg = MODELS[model]
@@ -109,7 +108,7 @@ def measure_all(models: list[str], tokens: int, warmup: int, repeats: int, mode:
             print("expert FFN options")
             options = ffn_options(pkg)
         store = manifest["moe"]["expert_store"]
-        result = {"model": model, "expert_format": store["precision"], "resident_records": resident_records(store),
+        result = {"model": model, "expert_format": store["precision"], "expert_memory": expert_memory(store),
                   "loadavg": loadavg, "config": CONFIG if model.startswith("random") else manifest["moe"],
                   "expert_store_bytes": store["total_bytes"], "record_bytes": store["record_size"],
                   "disk": disks[model], "runs": runs[model], "ffn_options": options, "cpu_count": os.cpu_count(),
@@ -134,12 +133,12 @@ def main(argv: list[str] | None = None) -> int:
                     "building ahead in the reader")
     ap.add_argument("--no-doc", action="store_true",
                     help="for 'all': leave docs/moe.md alone (the benchmark report reads results-*.json)")
-    ap.add_argument("--mode", default="prefetch", choices=["resident", "prefetch", "prefetch_build", "naive"])
+    ap.add_argument("--mode", default="prefetch", choices=["resident", "prefetch", "naive", "serial"])
     ap.add_argument("--frac", type=float, default=0.5)
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--warmup", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--readers", type=int, default=1, help="background reader threads of 'prefetch'")
+    ap.add_argument("--readers", type=int, default=3, help="reader threads (prefetch, naive)")
     ap.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     args = ap.parse_args(argv)
     if args.command == "build":  # --model picks which (default: the random int4 one)

@@ -1,17 +1,22 @@
 """Run a sparse-MoE package: per-layer graphs up to the router, experts from the
-expert cache in between, and a background reader that fetches the next layer's
-likely experts while this layer computes.
+expert cache in between, and reader threads that fetch the next layer's likely
+experts while this layer computes.
 
 Same interface as :class:`edgeinfer.decoders.staged.StagedDecoder` for the decode loop
 and the strategies that need no stages (plain, lookup): ``forward``, ``step``,
 ``truncate``, ``trim``, ``reset``, ``length``, ``capacity``, ``vocab_size``,
 ``exits`` (none).
 
-Prediction: after layer i's attention, the stream is normalized with layer
-i+1's pre-feed-forward norm and scored by layer i+1's router (numpy, hidden x
-experts: microseconds). Between the two only layer i's experts and layer i+1's
-attention change the stream, and those are small updates to a large residual
-stream, so the top-k of these scores is usually the set layer i+1 will choose.
+Prediction (routing ahead): layer j's experts are ranked before layer j runs by
+scoring a stream vector with layer j's router (numpy, hidden x experts: microseconds).
+``predict_from="stream"`` (the default) uses the stream after the previous sparse
+layer's attention, normalized with layer j's pre-feed-forward norm; ``"input"`` uses
+the previous layer's input, before its attention, which gives the reads one more
+attention's time but guesses worse (docs/moe.md has both measured). Between the two
+points only small updates to a large residual stream happen, so the top-k of these
+scores is usually the set layer j will choose. prefetch.py decides which guesses to read.
+
+Sessions and the KV cache follow the package's execution target (provider, device).
 """
 
 from __future__ import annotations
@@ -20,15 +25,19 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeinfer.runtimes import ExecutionTarget, create_session
-from edgeinfer.runtimes import cpu as cpu_runtime
 
 from ..decoders.base import Decoder
 from ..decoders.kv_cache import KVCache
 from ..errors import ContextLengthError, PackageError
 from ..package import Package
 from .cache import CacheStats, ExpertCache
-from .prefetch import Prefetcher
+from .experts import expert_loader
+from .prefetch import ReadAhead
+from .reader import ReaderPool
+from .residency import ResidencyPlan
 from .store import ExpertStore
+
+PREDICT_FROM = ("stream", "input")
 
 _ov = ort.OrtValue.ortvalue_from_numpy
 
@@ -50,8 +59,13 @@ class MoEDecoder(Decoder):
 
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None,
                  memory_budget: int | None = None, prefetch: bool = True, direct_io: bool = False,
-                 readers: int = 1):
+                 readers: int = 3, predict_from: str = "stream", resident_fraction: float | None = None):
+        """READERS: reader threads (0: every read on the decode thread, one at a time). PREDICT_FROM:
+        where read-ahead's guesses come from (module docstring). RESIDENT_FRACTION: of each layer's
+        share of the budget, the part kept for its most frequent experts (residency.py; None: default)."""
         super().__init__()
+        if predict_from not in PREDICT_FROM:
+            raise ValueError(f"predict_from is one of {', '.join(PREDICT_FROM)}, not {predict_from!r}")
         spec = pkg.spec
         moe, kv = spec.moe, pkg.kv_cache
         self.io = spec.io
@@ -72,34 +86,37 @@ class MoEDecoder(Decoder):
         self.layers = [create_session(pkg.path(g.path), target) for g in layers]
         self.sparse = [bool(g.sparse) for g in layers]
         self.has_shared = bool(moe.get("shared_expert_intermediate"))
-        self.kv = KVCache(range(self.num_layers), kv.num_kv_heads, kv.head_dim, self.capacity)
+        self.kv = KVCache(range(self.num_layers), kv.num_kv_heads, kv.head_dim, self.capacity,
+                          device=target.device_memory)
         sparse_layers = [i for i, s in enumerate(self.sparse) if s]
         self.cache: ExpertCache | None = None
-        self.prefetcher: Prefetcher | None = None
+        self.pool: ReaderPool | None = None
+        self.readahead: ReadAhead | None = None
+        self.predict_from = predict_from
+        self.trace = None  # a callable(layer, input, stream, experts) the exporter's calibration sets
         if sparse_layers:
             router = moe["router"]
             self.routers = _load_array(pkg, router["weights"], (self.num_layers, int(moe["num_experts"]),
                                                                 self.hidden_size))
             self.router_norms = _load_array(pkg, router["norms"], (self.num_layers, self.hidden_size))
             self.eps = float(router["eps"])
-            if "expert_ffn" not in graphs:
+            if graphs["expert_ffn"] is None:
                 raise PackageError(f"package '{pkg.root}' has no expert_ffn graph: re-export it.")
             ffn_graph = pkg.path(graphs["expert_ffn"].path).read_bytes()
             store = ExpertStore(pkg, moe["expert_store"], direct_io=direct_io)
             missing = [i for i in sparse_layers if str(i) not in moe["expert_store"]["layers"]]
             if missing:
                 raise PackageError(f"the expert store index has no experts for layer {missing[0]}: re-export it.")
+            loader = expert_loader(store, ffn_graph, target)
 
-            def expert_session_options() -> ort.SessionOptions:
-                so = cpu_runtime.session_options(target.threads)
-                # The graph is already fused; optimizing it again per expert only slows loading.
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-                return so
+            def plan_for(capacity: int) -> ResidencyPlan:
+                return ResidencyPlan.from_manifest(moe, sparse_layers, capacity, self.top_k, resident_fraction)
 
-            self.cache = ExpertCache(store, ffn_graph, expert_session_options, memory_budget, sparse_layers,
-                                     self.top_k)
-            if prefetch:
-                self.prefetcher = Prefetcher(self.cache, readers)
+            self.cache = ExpertCache(loader, memory_budget, sparse_layers, self.top_k, plan_for)
+            if readers > 0 and self.cache.capacity < len(store.records):
+                self.pool = ReaderPool(self.cache, readers)
+                if prefetch:
+                    self.readahead = ReadAhead(self.cache, self.pool, self.top_k)
         self._next_sparse = {i: next((j for j in range(i + 1, self.num_layers) if self.sparse[j]), None)
                              for i in range(self.num_layers)}
         self._predicted: dict[int, list[int]] = {}
@@ -129,16 +146,19 @@ class MoEDecoder(Decoder):
             return CacheStats()
         with self.cache.lock:
             now = CacheStats(**self.cache.stats.__dict__)
+        now.read_s, now.build_s = self.cache.loader.timer.read_s, self.cache.loader.timer.build_s
         return now.minus(since) if since is not None else now
 
     def stop_prefetch(self) -> None:
-        """Stop the background reader: from now on experts are read only when needed (naive on-demand)."""
-        if self.prefetcher is not None:
-            self.prefetcher.close()
-            self.prefetcher = None
+        """Stop reading ahead: from now on experts are read only when needed (a layer's misses together)."""
+        self.readahead = None
 
     def close(self) -> None:
         self.stop_prefetch()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+            self.cache.reader = None
         if self.cache is not None:
             self.cache.store.close()
 
@@ -180,13 +200,17 @@ class MoEDecoder(Decoder):
         plan.token[0, 0] = token
         self.embed.run_with_iobinding(plan.embed)
         x = plan.x[0, 0]
+        ahead = self.readahead is not None
         for i in range(self.num_layers):
+            if ahead and self.predict_from == "input" and self.sparse[i]:
+                self._predict_next(i, plan.x[0])
             self.layers[i].run_with_iobinding(plan.layers[i])
             if not self.sparse[i]:
                 x[:] = plan.dense_out[0, 0]
                 continue
             stream = plan.stream[0]
-            self._predict_next(i, stream)
+            if ahead and self.predict_from == "stream":
+                self._predict_next(i, stream)
             experts, weights = top_experts(plan.logits[0], self.top_k, self.renormalize)
             chosen = experts[0].tolist()
             self._score_prediction(i, chosen)
@@ -233,8 +257,7 @@ class MoEDecoder(Decoder):
         return plan
 
     def _experts_one_token(self, i: int, chosen: list[int], weights: np.ndarray, plan: _StepPlan) -> np.ndarray:
-        if self.prefetcher is not None:
-            self.prefetcher.position = (self._step, i)
+        self.cache.position = (self._step, i)
         y = np.zeros(self.hidden_size, np.float32)
         entries = self.cache.acquire(i, chosen)
         try:
@@ -277,28 +300,35 @@ class MoEDecoder(Decoder):
         outs = [v.numpy() for v in b.get_outputs()[: len(names)]]
         stream, h, logits = outs[0][0], outs[1][0], outs[2][0]
         experts, weights = top_experts(logits, self.top_k, self.renormalize)
+        if self.trace is not None:
+            self.trace(i, x[0], stream, experts)
         out = stream + self._experts_rows(i, h, experts, weights)
         if self.has_shared:
             out += outs[3][0]
         return out[None]
 
+    def rank_experts(self, j: int, v: np.ndarray) -> np.ndarray:
+        """Layer J's experts ranked (best first) for the stream vector V: its router on V normalized
+        with its pre-feed-forward norm."""
+        normed = v / np.sqrt(np.mean(v * v) + self.eps) * self.router_norms[j]
+        return np.argsort(-(self.routers[j] @ normed), kind="stable")
+
     def _predict_next(self, i: int, stream: np.ndarray) -> None:
         j = self._next_sparse[i]
-        if j is None or self.prefetcher is None:
+        if j is None or self.readahead is None:
             return
-        v = stream[-1]
-        normed = v / np.sqrt(np.mean(v * v) + self.eps) * self.router_norms[j]
-        scores = self.routers[j] @ normed
-        guess = np.argsort(-scores, kind="stable")[: self.top_k].tolist()
-        self._predicted[j] = guess
-        self.prefetcher.request(self._step, j, guess)
+        ranked = self.rank_experts(j, stream[-1])[: self.readahead.depth].tolist()
+        self._predicted[j] = ranked
+        self.readahead.request(self._step, j, ranked)
 
     def _score_prediction(self, i: int, chosen: list[int]) -> None:
-        guess = self._predicted.pop(i, None)
-        if guess is not None and self.cache is not None:
+        ranked = self._predicted.pop(i, None)
+        if ranked is not None and self.cache is not None:
             with self.cache.lock:
-                self.cache.stats.predicted += len(guess)
-                self.cache.stats.predicted_right += len(set(guess) & set(chosen))
+                self.cache.stats.predicted += self.top_k
+                self.cache.stats.predicted_right += len(set(ranked[: self.top_k]) & set(chosen))
+            if self.readahead is not None:
+                self.readahead.observe(i, ranked, chosen)
 
     def _experts_rows(self, i: int, h: np.ndarray, experts: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Prompt rows: each expert once over the rows that chose it, pinned one at a time (the
