@@ -15,8 +15,13 @@ residency.py says how the budget is split. The rules:
   own layer's other guesses; if there is no such victim it is skipped.
 - Evicted keys are remembered for a while: a demand miss on one of them is a *regret*, the
   measured cost of an eviction that read-ahead weighs (prefetch.py).
-- A layer's misses are read together: one job per run of records adjacent on disk, all but one
-  handed to the reader threads, the last read by the decode thread itself, then it waits for all.
+- A layer's misses are read together: one job per run of records adjacent on disk; with reader
+  threads all but one are handed to them and the decode thread reads the last, then waits for all;
+  without, the kernel is asked for all of them at once (POSIX_FADV_WILLNEED) and the decode thread
+  copies each from the page cache as it arrives.
+- Kernel read-ahead (no reader threads): guesses are asked of the kernel (``advise_ahead``), which
+  takes no slot and evicts nothing; the chosen ones are then read from the page cache, the others
+  dropped from it.
 
 Correctness never depends on prediction: an expert that is neither cached nor in flight is read.
 """
@@ -67,6 +72,21 @@ class CacheStats:
         return CacheStats(**{k: getattr(self, k) - getattr(other, k) for k in self.__dict__})
 
 
+class ReadTimes:
+    """Seconds per record the decode thread spent reading records asked ahead and cold ones (smoothed)."""
+
+    def __init__(self):
+        self.ahead = self.cold = None
+
+    def observe(self, ahead: bool, seconds: float) -> None:
+        prev = self.ahead if ahead else self.cold
+        value = seconds if prev is None else 0.9 * prev + 0.1 * seconds
+        if ahead:
+            self.ahead = value
+        else:
+            self.cold = value
+
+
 @dataclass
 class _InFlight:
     slot: int | None
@@ -103,6 +123,8 @@ class ExpertCache:
         self._ghosts: dict[int, OrderedDict] = {i: OrderedDict() for i in sparse_layers}
         self.position = (0, -1)  # (token step, layer) the decoder is at: read-ahead behind it is stale
         self.reader = None  # reader.ReaderPool, when reads run on other threads
+        self.advised: dict[tuple[int, int], bool] = {}  # kernel read-ahead: records asked of the kernel ahead
+        self.read_times = ReadTimes()
 
     @property
     def resident_bytes(self) -> int:
@@ -221,6 +243,14 @@ class ExpertCache:
                     misses.append(e)
                     if self._ghosts[layer].pop(e, None) is not None:
                         self.stats.regrets += 1
+            ahead = [e for e in misses if self.advised.pop((layer, e), None)]
+            self.stats.prefetch_used += len(ahead)  # their reads were started ahead: from the page cache
+            self.stats.hits += len(ahead)
+            self.stats.bytes_read -= len(ahead) * self.store.record_size  # counted when asked of the kernel
+            self.stats.misses += len(misses) - len(ahead)
+            wrong = [k for k in self.advised if k[0] == layer and k[1] not in experts]
+            for k in wrong:
+                del self.advised[k]
             jobs = []
             for run in self._runs(layer, misses):
                 flights = []
@@ -232,13 +262,23 @@ class ExpertCache:
                     flights.append(flight)
                     waits.append((e, flight))
                 jobs.append(([(layer, e) for e in run], flights))
-            self.stats.misses += len(misses)
-        if jobs:
-            if self.reader is not None and len(jobs) > 1:
+        if wrong:
+            self.store.forget(wrong)  # guessed for this layer, not chosen: out of the page cache
+        if len(jobs) > 1 and self.reader is None:
+            self.store.advise([k for keys, _ in jobs for k in keys])  # the kernel reads them all at once
+        if jobs and self.reader is not None:
+            if len(jobs) > 1:
                 self.reader.submit(jobs[:-1])
-                self.run_loads(jobs[-1:])
-            else:
-                self.run_loads(jobs)
+            self.run_loads(jobs[-1:])
+        elif jobs:  # on this thread: time reads of records asked ahead against cold ones (what a guess saves)
+            ahead_keys = {(layer, e) for e in ahead}
+            timer = self.loader.timer
+            for job in jobs:
+                r0 = timer.read_s
+                self.run_loads([job])
+                kinds = {k in ahead_keys for k in job[0]}
+                if len(kinds) == 1:
+                    self.read_times.observe(kinds.pop(), (timer.read_s - r0) / len(job[0]))
         error = None
         for e, flight in waits:
             flight.done.wait()
@@ -293,10 +333,37 @@ class ExpertCache:
                 jobs.append(([(layer, e) for e in run], [self.inflight[(layer, e)] for e in run]))
             return jobs
 
-    def has(self, layer: int, expert: int) -> bool:
-        """Cached or being read."""
+    def advise_needed(self, layer: int, experts: list[int]) -> None:
+        """Kernel read-ahead: start reading the experts of LAYER that are not cached (before guessing the
+        next layer's, whose reads then queue behind these)."""
         with self.lock:
-            return expert in self.layers[layer] or (layer, expert) in self.inflight
+            keys = [(layer, e) for e in experts if e not in self.layers[layer] and (layer, e) not in self.advised]
+        if keys:
+            self.store.advise(keys)
+
+    def advise_ahead(self, layer: int, experts: list[int]) -> list[int]:
+        """Kernel read-ahead: ask the kernel for guessed experts of LAYER (no slot taken, nothing evicted:
+        a wrong guess costs disk time only, and its pages are dropped once the layer has chosen)."""
+        with self.lock:
+            todo = [e for e in experts if e not in self.layers[layer] and (layer, e) not in self.advised]
+            for e in todo:
+                self.advised[(layer, e)] = True
+            self.stats.prefetched += len(todo)
+            self.stats.bytes_read += len(todo) * self.store.record_size  # the kernel reads them from disk
+        self.store.advise([(layer, e) for e in todo])
+        return todo
+
+    def uncached(self, layer: int, experts: list[int]) -> list[int]:
+        """EXPERTS of LAYER neither cached, nor being read, nor asked of the kernel."""
+        with self.lock:
+            cached, inflight, advised = self.layers[layer], self.inflight, self.advised
+            return [e for e in experts if e not in cached and (layer, e) not in inflight
+                    and (layer, e) not in advised]
+
+    def has(self, layer: int, expert: int) -> bool:
+        """Cached, being read, or asked of the kernel."""
+        with self.lock:
+            return expert in self.layers[layer] or (layer, expert) in self.inflight or (layer, expert) in self.advised
 
     def free_slots(self) -> int:
         return len(self._free)

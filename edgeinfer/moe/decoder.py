@@ -59,8 +59,10 @@ class MoEDecoder(Decoder):
 
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None,
                  memory_budget: int | None = None, prefetch: bool = True, direct_io: bool = False,
-                 readers: int = 3, predict_from: str = "stream", resident_fraction: float | None = None):
-        """READERS: reader threads (0: every read on the decode thread, one at a time). PREDICT_FROM:
+                 readers: int = 0, predict_from: str = "stream", resident_fraction: float | None = None):
+        """READERS: reader threads that read and widen experts (guesses into slots, a layer's misses in
+        parallel); 0: the kernel reads ahead (POSIX_FADV_WILLNEED) and the decode thread copies records
+        from the page cache -- no thread to schedule, nothing evicted for a guess. PREDICT_FROM:
         where read-ahead's guesses come from (module docstring). RESIDENT_FRACTION: of each layer's
         share of the budget, the part kept for its most frequent experts (residency.py; None: default)."""
         super().__init__()
@@ -103,7 +105,7 @@ class MoEDecoder(Decoder):
             if graphs["expert_ffn"] is None:
                 raise PackageError(f"package '{pkg.root}' has no expert_ffn graph: re-export it.")
             ffn_graph = pkg.path(graphs["expert_ffn"].path).read_bytes()
-            store = ExpertStore(pkg, moe["expert_store"], direct_io=direct_io)
+            store = ExpertStore(pkg, moe["expert_store"], direct_io=direct_io, kernel_readahead=readers == 0)
             missing = [i for i in sparse_layers if str(i) not in moe["expert_store"]["layers"]]
             if missing:
                 raise PackageError(f"the expert store index has no experts for layer {missing[0]}: re-export it.")
@@ -113,10 +115,11 @@ class MoEDecoder(Decoder):
                 return ResidencyPlan.from_manifest(moe, sparse_layers, capacity, self.top_k, resident_fraction)
 
             self.cache = ExpertCache(loader, memory_budget, sparse_layers, self.top_k, plan_for)
-            if readers > 0 and self.cache.capacity < len(store.records):
+            streaming = self.cache.capacity < len(store.records)
+            if readers > 0 and streaming:
                 self.pool = ReaderPool(self.cache, readers)
-                if prefetch:
-                    self.readahead = ReadAhead(self.cache, self.pool, self.top_k)
+            if prefetch and streaming:
+                self.readahead = ReadAhead(self.cache, self.pool, self.top_k)
         self._next_sparse = {i: next((j for j in range(i + 1, self.num_layers) if self.sparse[j]), None)
                              for i in range(self.num_layers)}
         self._predicted: dict[int, list[int]] = {}
@@ -209,10 +212,12 @@ class MoEDecoder(Decoder):
                 x[:] = plan.dense_out[0, 0]
                 continue
             stream = plan.stream[0]
-            if ahead and self.predict_from == "stream":
-                self._predict_next(i, stream)
             experts, weights = top_experts(plan.logits[0], self.top_k, self.renormalize)
             chosen = experts[0].tolist()
+            if ahead and self.predict_from == "stream":
+                if self.pool is None:
+                    self.cache.advise_needed(i, chosen)  # this layer's reads first, the next layer's behind
+                self._predict_next(i, stream)
             self._score_prediction(i, chosen)
             plan.h[:] = plan.ffn_in[0]
             y = self._experts_one_token(i, chosen, weights[0], plan)
@@ -315,7 +320,7 @@ class MoEDecoder(Decoder):
 
     def _predict_next(self, i: int, stream: np.ndarray) -> None:
         j = self._next_sparse[i]
-        if j is None or self.readahead is None:
+        if j is None or self.readahead is None or not self.readahead.wants(self._step, j):
             return
         ranked = self.rank_experts(j, stream[-1])[: self.readahead.depth].tolist()
         self._predicted[j] = ranked

@@ -6,6 +6,9 @@ the index since the layout/checksum change) is checked the first time this proce
 a store whose bytes do not match the manifest is refused with one sentence, and at most once per
 record does the check cost CPU. Reads are ``preadv`` calls (O_DIRECT possible: records are
 4096-aligned and padded); records that lie next to each other on disk are read with one call.
+With kernel read-ahead, ``advise`` asks the kernel to start reading records (POSIX_FADV_WILLNEED:
+asynchronous, several in flight, no thread of ours) and every record read is dropped from the page
+cache again, so the page cache holds at most what was advised and not yet read.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ _KNOWN_DTYPES = {"uint8", "int8", "float32"}
 class ExpertStore:
     """Reads expert records from ``experts.bin`` by (layer, expert), checked against the file at open."""
 
-    def __init__(self, pkg: Package, index: dict, direct_io: bool = False):
+    def __init__(self, pkg: Package, index: dict, direct_io: bool = False, kernel_readahead: bool = False):
+        """DIRECT_IO: records never stay in the page cache (O_DIRECT reads; with KERNEL_READAHEAD they
+        always are dropped after being read). KERNEL_READAHEAD: ``advise`` starts reads in the kernel."""
         self.index = index
         self.path = pkg.path(index["file"])
         if not self.path.is_file():
@@ -60,7 +65,13 @@ class ExpertStore:
         self._verified: set[tuple[int, int]] = set()
         self.direct_io = direct_io
         self._scratch = threading.local()
-        self._fd = os.open(self.path, os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct_io else 0))
+        # kernel: no O_DIRECT (reads come from the page cache that POSIX_FADV_WILLNEED fills), no kernel
+        # read-ahead around a record, and every record dropped from the page cache once read.
+        self.kernel = kernel_readahead and hasattr(os, "posix_fadvise")
+        direct = direct_io and not self.kernel
+        self._fd = os.open(self.path, os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0))
+        if self.kernel:
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
 
     def _checked(self, layer: int, e: int, rec) -> tuple[int, int]:
         if not (isinstance(rec, list) and len(rec) == 2 and all(isinstance(v, int) for v in rec)):
@@ -93,6 +104,30 @@ class ExpertStore:
             buf = self._scratch.buf = mmap.mmap(-1, n * self.record_size)
         return buf
 
+    def _ranges(self, keys: list[tuple[int, int]]):
+        """(offset, length) of KEYS' records, adjacent ones merged (KEYS in disk order)."""
+        out: list[list[int]] = []
+        for key in keys:
+            offset = self.records[key][0]
+            if out and out[-1][0] + out[-1][1] == offset:
+                out[-1][1] += self.record_size
+            else:
+                out.append([offset, self.record_size])
+        return out
+
+    def advise(self, keys: list[tuple[int, int]]) -> None:
+        """Start reading KEYS' records into the page cache (the kernel reads them, several in flight; no
+        thread of ours waits); a later ``read_into`` then copies them from memory."""
+        if self.kernel:
+            for offset, length in self._ranges(sorted(keys, key=lambda k: self.records[k][0])):
+                os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def forget(self, keys: list[tuple[int, int]]) -> None:
+        """Drop KEYS' records from the page cache (advised but not needed, or read already)."""
+        if self.kernel:
+            for offset, length in self._ranges(sorted(keys, key=lambda k: self.records[k][0])):
+                os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_DONTNEED)
+
     def read_into(self, keys: list[tuple[int, int]], buffers: list) -> None:
         """Read the records of KEYS into BUFFERS (one writable, page-aligned buffer of record_size each):
         runs of records adjacent on disk with one ``preadv``; checks each record's checksum once."""
@@ -108,6 +143,8 @@ class ExpertStore:
                 layer, e = keys[i]
                 raise PackageError(f"expert {e} of layer {layer}: read {got} of {want} bytes from the expert "
                                    "store: it is truncated, re-export the package.")
+            if self.kernel:  # read: the page cache need not keep it (our slot does)
+                os.posix_fadvise(self._fd, offset, want, os.POSIX_FADV_DONTNEED)
             i = j
         if self.checksums is not None:
             for key, buf in zip(keys, buffers):
