@@ -237,8 +237,9 @@ def test_corrupt_record_is_refused_by_its_checksum(moe_models, tmp_path):
     (lambda idx: idx.update(precision="int3-channel"), "format 'int3-channel' is unknown"),
 ])
 def test_store_layout_that_does_not_match_is_refused(moe_models, tmp_path, change, message):
-    import edgeinfer
     from edgeinfer.export import export_model
+
+    import edgeinfer
 
     _, hf, _ = moe_models("olmoe")
     pkg = tmp_path / "pkg"

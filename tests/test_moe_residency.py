@@ -42,9 +42,10 @@ def test_budget_split_follows_miss_cost():
 
 
 def _loaded(pkg, slots: int, **kw):
+    from edgeinfer.runtimes import resolve_provider
+
     from edgeinfer.moe.decoder import MoEDecoder
     from edgeinfer.package import open_package
-    from edgeinfer.runtimes import resolve_provider
 
     probe = MoEDecoder(open_package(pkg), resolve_provider("cpu"), prefetch=False, readers=0)
     per = probe.cache.expert_bytes
@@ -119,3 +120,35 @@ def test_read_ahead_policies_compute_the_same_tokens(moe_models, predict_from): 
     a = model.complete(PROMPT, max_new_tokens=10, ignore_eos=True)
     b = plain.complete(PROMPT, max_new_tokens=10, ignore_eos=True)
     assert a.tokens == b.tokens and a.stats["experts"]["predicted"] > 0
+
+
+def test_kernel_read_ahead_keeps_only_pending_guesses(moe_models):  # noqa: F811
+    import edgeinfer
+
+    _, _, pkg = moe_models("qwen3_moe")
+    model = edgeinfer.load(pkg, memory_budget=few_experts_budget(pkg))
+    dec = model.decoder
+    assert dec.pool is None and dec.readahead is not None and dec.cache.store.kernel  # the default: no threads
+    stats = model.complete(PROMPT, max_new_tokens=12, ignore_eos=True).stats["experts"]
+    assert stats["prefetched"] > 0 and 0 < stats["prefetch_used"] <= stats["prefetched"]
+    assert stats["hits"] + stats["late_prefetches"] + stats["misses"] == stats["needed"]
+    # guesses for layers already run were dropped: at most the next layer's are pending
+    assert len({layer for layer, _ in dec.cache.advised}) <= 1
+    assert len(dec.cache.advised) <= dec.readahead.depth
+    dec.close()
+
+
+def test_expert_sessions_and_kv_follow_the_execution_target(moe_models):  # noqa: F811
+    from edgeinfer.runtimes import resolve_provider
+
+    from edgeinfer.moe.decoder import MoEDecoder
+    from edgeinfer.package import open_package
+
+    for family in ("olmoe", "mixtral"):
+        pkg = moe_models(family)[2]
+        target = resolve_provider("cpu")
+        dec = MoEDecoder(open_package(pkg), target, memory_budget=few_experts_budget(pkg))
+        assert dec.kv.device == target.device_memory
+        entry = dec.cache.acquire(0, [0])[0]
+        assert entry.session.get_providers() == [target.ort_name]
+        dec.close()

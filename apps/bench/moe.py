@@ -1,24 +1,24 @@
 """Sparse-MoE benchmark: decode speed under expert-memory budgets, with reads that hit the disk.
 
-    python apps/bench/moe.py all          # build the models if needed, measure, write docs/moe.md
-    python apps/bench/moe.py all --quick  # 100/50/25% budgets, one round, 12 tokens (2.6 min measured)
+    python apps/bench/moe.py all --full   # build the models if needed, measure, write docs/moe.md
+    python apps/bench/moe.py all --quick  # 100/50/25% budgets, one round, 12 tokens
     python apps/bench/moe.py build --model random-int8  # only export one package
-    python apps/bench/moe.py ffn-options  # how to run an expert from cached weights: the options, timed
+    python apps/bench/moe.py ffn-options  # how to run an expert from loaded weights: the options, timed
+    python apps/bench/moe.py routing-ahead --models moefied-int4ch,random-int4ch  # guessing ahead, evaluated
+    python apps/bench/moe.py doc          # docs/moe.md and docs/moe-budget.png from the results
 
-The model is a Qwen3-MoE-shaped decoder with random weights, built from a config
-without transformers (a lazy state dict generates each tensor when the exporter
-asks for it, so the fp32 experts never sit in memory together): 24 layers x 48
-experts, top-4, int4 experts of ~1.5 MB; ~1.7 GB of expert store. Random routers
-route near-uniformly: the worst case for a cache. Each model comes twice: int4
-experts (``random``, ``moefied``: a prepacked session per loaded expert) and
-int8-channel experts (``random-int8``, ``moefied-int8``: ``--expert-bits 8``, fed to
-one shared graph), everything else equal. The MoEfied model needs SmolLM2-135M's
-transformers folder in build/smollm2-hf.
+The models (moe_bench/models.py): a Qwen3-MoE-shaped decoder with random weights, built
+from a config without transformers (a lazy state dict generates each tensor when the
+exporter asks for it): 24 layers x 48 experts, top-4 -- random routers route near-uniformly,
+the worst case for a cache; and SmolLM2-135M with its MLPs cut into 16 experts (MoEfied),
+fed real text: routing with real locality. Each comes with int4 experts in a session per
+expert (``random``, ``moefied``), int8-channel (``-int8``) and int4-channel (``-int4ch``,
+the streaming default) experts fed to one shared graph, everything else equal.
 
-Every configuration runs in its own process (so peak RSS is its own), after the
-page cache is dropped, with experts read through O_DIRECT: every miss is a real
-disk read. Tokens are a fixed random sequence fed one at a time (a random model
-decoding greedily would repeat itself and flatter the cache).
+Every configuration runs in its own process (so peak RSS is its own), after the page cache is
+dropped; records never stay in the page cache (O_DIRECT, or dropped after each read), so every
+miss is a real disk read. Random models get a fixed random token sequence fed one at a time (a
+random model decoding greedily would repeat itself and flatter the cache).
 """
 
 # This script parses the arguments and orders the runs; the parts live in apps/bench/moe_bench/
@@ -37,7 +37,8 @@ from moe_bench.decode import run_one
 from moe_bench.disk import disk_bandwidth, disk_bandwidth_batched, drop_page_cache
 from moe_bench.markdown import write_doc
 from moe_bench.micro import ffn_options
-from moe_bench.models import CONFIG, MODELS, OUT, PKG
+from moe_bench.models import CONFIG, MODELS, OUT
+from moe_bench.routing import routing_ahead
 from moe_bench.weights import build_model, build_moefied
 
 
@@ -79,7 +80,8 @@ def bench_configs(model: str, mode: str) -> list[tuple[str, float, int | None, t
     return configs
 
 
-def measure_all(models: list[str], tokens: int, warmup: int, repeats: int, mode: str = "default") -> None:
+def measure_all(models: list[str], tokens: int, warmup: int, repeats: int, mode: str = "default",
+                tag: str = "") -> None:
     """Every configuration of every model once per round, rounds interleaved, each run its own
     process after the page cache is dropped; writes results-<model>.json."""
     OUT.mkdir(parents=True, exist_ok=True)
@@ -102,7 +104,8 @@ def measure_all(models: list[str], tokens: int, warmup: int, repeats: int, mode:
             print(f"== {model}")
             for exp_mode, frac, threads, extra in bench_configs(model, mode):
                 runs[model].append(_subprocess_run(model, exp_mode, frac, tokens, warmup, threads, extra))
-            (OUT / f"runs-{model}.json").write_text(json.dumps(runs[model], indent=1))  # kept if what follows fails
+            # kept if what follows fails
+            (OUT / f"runs-{model}{tag}.json").write_text(json.dumps(runs[model], indent=1))
     from edgeinfer.moe.budget import expert_memory
 
     for model in models:
@@ -125,17 +128,19 @@ def measure_all(models: list[str], tokens: int, warmup: int, repeats: int, mode:
                   "expert_store_bytes": store["total_bytes"], "record_bytes": store["record_size"],
                   "disk": disks[model], "runs": runs[model], "cpu_count": os.cpu_count(),
                   "tokens": tokens, "warmup": warmup, "date": time.strftime("%Y-%m-%d %H:%M")}
-        (OUT / f"results-{model}.json").write_text(json.dumps(result, indent=1))
+        (OUT / f"results-{model}{tag}.json").write_text(json.dumps(result, indent=1))
 
 
-def _load_results() -> dict[str, dict]:
-    files = {m: OUT / f"results-{m}.json" for m in MODELS}
+def _load_results(models: list[str]) -> dict[str, dict]:
+    files = {m: OUT / f"results-{m}.json" for m in models}
     return {m: json.loads(f.read_text()) for m, f in files.items() if f.is_file()}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["all", "build", "build-moefied", "run-one", "ffn-options", "doc"])
+    ap.add_argument("command", choices=["all", "build", "build-moefied", "run-one", "ffn-options", "routing-ahead",
+                                        "doc"])
+    ap.add_argument("--tag", default="", help="for 'all': suffix of the results files (side experiments)")
     ap.add_argument("--model", default="random", choices=list(MODELS))
     ap.add_argument("--models", default="moefied-int4ch,random-int4ch",
                     help="for 'all': which models to measure")
@@ -165,16 +170,25 @@ def main(argv: list[str] | None = None) -> int:
                                  text=args.model.startswith("moefied"), readers=args.readers, threads=args.threads,
                                  predict_from=args.predict_from, resident_fraction=args.resident_fraction)))
     elif args.command == "ffn-options":
-        print(json.dumps(ffn_options(PKG), indent=1))
+        OUT.mkdir(parents=True, exist_ok=True)
+        res = ffn_options()
+        (OUT / "ffn-options.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
+    elif args.command == "routing-ahead":
+        OUT.mkdir(parents=True, exist_ok=True)
+        res = {m: routing_ahead(m) for m in args.models.split(",")}
+        (OUT / "routing-ahead.json").write_text(json.dumps(res, indent=1))
+        for m, r in res.items():
+            print(m, json.dumps(r["mean"]))
     elif args.command == "doc":
-        write_doc(_load_results())
+        write_doc(_load_results(args.models.split(",")))
     else:
         if args.quick:
             args.repeats, args.tokens, args.warmup = 1, min(args.tokens, 12), min(args.warmup, 8)
         measure_all(args.models.split(","), args.tokens, args.warmup, args.repeats,
-                    "quick" if args.quick else "full" if args.full else "default")
+                    "quick" if args.quick else "full" if args.full else "default", args.tag)
         if not args.no_doc:
-            write_doc(_load_results())
+            write_doc(_load_results(args.models.split(",")))
     return 0
 
 
