@@ -29,11 +29,11 @@ def test_budget_split_follows_miss_cost():
 
     concentrated = np.array([1.0, 0.9, 0.05, 0.05] + [0.0] * 12)  # two experts take almost every token
     spread = np.full(16, 2 / 16)
-    plan = ResidencyPlan.from_frequencies({0: concentrated, 1: spread}, capacity=12, top_k=2)
+    plan = ResidencyPlan.from_frequencies({0: concentrated, 1: spread}, capacity=12, top_k=2, resident_fraction=0.5)
     # beyond one token's experts each slot goes where it saves most: the spread layer
     assert plan.quotas == {0: 2.0, 1: 10.0}
     assert not plan.resident[0] and len(plan.resident[1]) == 5  # half its share; room left for top-k
-    plan = ResidencyPlan.from_frequencies({0: concentrated, 1: spread}, capacity=24, top_k=2)
+    plan = ResidencyPlan.from_frequencies({0: concentrated, 1: spread}, capacity=24, top_k=2, resident_fraction=0.5)
     assert plan.quotas[0] == 8 and plan.resident[0] == frozenset({0, 1, 2, 3})
     equal = ResidencyPlan.equal([0, 1], 12, 2)
     assert equal.quotas == {0: 6.0, 1: 6.0} and not any(equal.resident.values())
@@ -122,19 +122,30 @@ def test_read_ahead_policies_compute_the_same_tokens(moe_models, predict_from): 
     assert a.tokens == b.tokens and a.stats["experts"]["predicted"] > 0
 
 
-def test_kernel_read_ahead_keeps_only_pending_guesses(moe_models):  # noqa: F811
+@pytest.mark.parametrize("mode", ["aio", "kernel"])
+def test_reads_started_ahead_without_threads(moe_models, mode):  # noqa: F811
     import edgeinfer
+    from edgeinfer.moe.reads import ReadQueue
 
     _, _, pkg = moe_models("qwen3_moe")
+    plain = edgeinfer.load(pkg).complete(PROMPT, max_new_tokens=12, ignore_eos=True).tokens
     model = edgeinfer.load(pkg, memory_budget=few_experts_budget(pkg))
     dec = model.decoder
-    assert dec.pool is None and dec.readahead is not None and dec.cache.store.kernel  # the default: no threads
-    stats = model.complete(PROMPT, max_new_tokens=12, ignore_eos=True).stats["experts"]
+    assert dec.pool is None and dec.readahead is not None  # the default: no reader threads
+    if mode == "kernel":  # what a file system without O_DIRECT (or a kernel without AIO) gets
+        dec.cache.store.use_page_cache()
+        dec.cache.reads = ReadQueue(dec.cache.store)
+    assert dec.cache.reads.mode == mode
+    res = model.complete(PROMPT, max_new_tokens=12, ignore_eos=True)
+    stats = res.stats["experts"]
+    assert res.tokens == plain
     assert stats["prefetched"] > 0 and 0 < stats["prefetch_used"] <= stats["prefetched"]
     assert stats["hits"] + stats["late_prefetches"] + stats["misses"] == stats["needed"]
-    # guesses for layers already run were dropped: at most the next layer's are pending
-    assert len({layer for layer, _ in dec.cache.advised}) <= 1
-    assert len(dec.cache.advised) <= dec.readahead.depth
+    # guesses for layers already run were dropped: at most the next layer's are pending, within the pool
+    pending = dec.cache.reads.pending
+    assert len({layer for layer, _ in pending}) <= 1 and len(pending) <= dec.readahead.depth
+    n = dec.cache.reads.buffers()
+    assert n["free"] + n["pending"] + n["dropped"] == n["all"]  # every scratch buffer accounted for
     dec.close()
 
 

@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--readers", type=int, default=0, help="reader threads (0: the kernel reads ahead)")
     ap.add_argument("--predict-from", default="stream", choices=["stream", "input"], help="routing-ahead source")
+    ap.add_argument("--budget-split", default="miss-cost", choices=["miss-cost", "equal"])
     ap.add_argument("--resident-fraction", type=float, default=None, help="of each layer's share, the part kept "
                     "for its most frequent experts (default: the runtime's)")
     ap.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "run-one":
         print(json.dumps(run_one(MODELS[args.model], args.mode, args.frac, args.tokens, args.warmup,
                                  text=args.model.startswith("moefied"), readers=args.readers, threads=args.threads,
-                                 predict_from=args.predict_from, resident_fraction=args.resident_fraction)))
+                                 predict_from=args.predict_from, resident_fraction=args.resident_fraction,
+                                 budget_split=args.budget_split)))
     elif args.command == "ffn-options":
         OUT.mkdir(parents=True, exist_ok=True)
         res = ffn_options()

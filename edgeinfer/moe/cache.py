@@ -123,7 +123,7 @@ class ExpertCache:
         self._ghosts: dict[int, OrderedDict] = {i: OrderedDict() for i in sparse_layers}
         self.position = (0, -1)  # (token step, layer) the decoder is at: read-ahead behind it is stale
         self.reader = None  # reader.ReaderPool, when reads run on other threads
-        self.advised: dict[tuple[int, int], bool] = {}  # kernel read-ahead: records asked of the kernel ahead
+        self.reads = None  # reads.ReadQueue: reads started ahead on the decode thread (no reader threads)
         self.read_times = ReadTimes()
 
     @property
@@ -152,11 +152,11 @@ class ExpertCache:
             at = order.index(layer)
             ranked = sorted((i for i in self.layers if len(self.layers[i]) + self._reserved[i] >= self.quota[i]),
                             key=lambda i: (order.index(i) - at) % len(order), reverse=True)
-            candidates = [(i, self._evictable(i, keep if i == layer else frozenset())) for i in ranked]
+            candidates = ((i, self._evictable(i, keep if i == layer else frozenset())) for i in ranked)
         else:
             ranked = sorted(self.layers, key=lambda i: len(self.layers[i]) + self._reserved[i] - self.quota[i],
                             reverse=True)
-            candidates = [(i, self._evictable(i, frozenset())) for i in ranked]
+            candidates = ((i, self._evictable(i, frozenset())) for i in ranked)
         victim = next(((i, e) for i, e in candidates if e is not None), None)
         if victim is None:
             return False
@@ -224,6 +224,8 @@ class ExpertCache:
     # -- decode thread -----------------------------------------------------------
     def acquire(self, layer: int, experts: list[int], _retry: bool = True) -> list[CachedExpert]:
         """EXPERTS of LAYER, loading what is missing (all at once); pinned until ``release``."""
+        if self.reads is not None:
+            return self._acquire_started(layer, experts)
         waits, misses, found = [], [], {}
         t0 = time.perf_counter()
         with self.lock:
@@ -243,14 +245,7 @@ class ExpertCache:
                     misses.append(e)
                     if self._ghosts[layer].pop(e, None) is not None:
                         self.stats.regrets += 1
-            ahead = [e for e in misses if self.advised.pop((layer, e), None)]
-            self.stats.prefetch_used += len(ahead)  # their reads were started ahead: from the page cache
-            self.stats.hits += len(ahead)
-            self.stats.bytes_read -= len(ahead) * self.store.record_size  # counted when asked of the kernel
-            self.stats.misses += len(misses) - len(ahead)
-            wrong = [k for k in self.advised if k[0] == layer and k[1] not in experts]
-            for k in wrong:
-                del self.advised[k]
+            self.stats.misses += len(misses)
             jobs = []
             for run in self._runs(layer, misses):
                 flights = []
@@ -262,23 +257,12 @@ class ExpertCache:
                     flights.append(flight)
                     waits.append((e, flight))
                 jobs.append(([(layer, e) for e in run], flights))
-        if wrong:
-            self.store.forget(wrong)  # guessed for this layer, not chosen: out of the page cache
-        if len(jobs) > 1 and self.reader is None:
-            self.store.advise([k for keys, _ in jobs for k in keys])  # the kernel reads them all at once
         if jobs and self.reader is not None:
             if len(jobs) > 1:
                 self.reader.submit(jobs[:-1])
             self.run_loads(jobs[-1:])
-        elif jobs:  # on this thread: time reads of records asked ahead against cold ones (what a guess saves)
-            ahead_keys = {(layer, e) for e in ahead}
-            timer = self.loader.timer
-            for job in jobs:
-                r0 = timer.read_s
-                self.run_loads([job])
-                kinds = {k in ahead_keys for k in job[0]}
-                if len(kinds) == 1:
-                    self.read_times.observe(kinds.pop(), (timer.read_s - r0) / len(job[0]))
+        elif jobs:  # reads on this thread, one run at a time
+            self.run_loads(jobs)
         error = None
         for e, flight in waits:
             flight.done.wait()
@@ -333,37 +317,101 @@ class ExpertCache:
                 jobs.append(([(layer, e) for e in run], [self.inflight[(layer, e)] for e in run]))
             return jobs
 
-    def advise_needed(self, layer: int, experts: list[int]) -> None:
-        """Kernel read-ahead: start reading the experts of LAYER that are not cached (before guessing the
-        next layer's, whose reads then queue behind these)."""
+    def _acquire_started(self, layer: int, experts: list[int]) -> list[CachedExpert]:
+        """``acquire`` with the reads queue: hits; misses whose reads were started ahead (guesses, or this
+        layer's own reads started before the next layer's guesses) or start now, all finished together,
+        then made runnable in their slots. Wrong guesses for this layer are dropped."""
+        t0 = time.perf_counter()
+        reads, size = self.reads, self.store.record_size
+        found, misses = {}, []
         with self.lock:
-            keys = [(layer, e) for e in experts if e not in self.layers[layer] and (layer, e) not in self.advised]
-        if keys:
-            self.store.advise(keys)
+            for e in experts:
+                key = (layer, e)
+                self.pinned[key] += 1
+                entry = self.layers[layer].get(e)
+                if entry is not None:
+                    self.layers[layer].move_to_end(e)
+                    self.stats.hits += 1
+                    found[e] = entry
+                else:
+                    misses.append(e)
+                    if self._ghosts[layer].pop(e, None) is not None:
+                        self.stats.regrets += 1
+            ahead = {e for e in misses if reads.pending.get((layer, e), (0, 0, False))[2]}
+            self.stats.hits += len(ahead)  # read ahead: started before the layer asked
+            self.stats.prefetch_used += len(ahead)
+            self.stats.misses += len(misses) - len(ahead)
+            self.stats.bytes_read += sum(size for e in misses if (layer, e) not in reads.pending)
+            slots = []
+            for _ in misses:
+                slot = self._take_slot(layer, speculative=False)
+                if slot is False:  # everything else is pinned: used once, not cached
+                    self._reserved[layer] += 1
+                slots.append(None if slot is False else slot)
+        wrong = [k for k, v in reads.pending.items() if k[0] == layer and v[2] and k[1] not in experts]
+        reads.drop(wrong)
+        keys = [(layer, e) for e in misses]
+        slot_of = dict(zip(keys, slots))
+        done = set()
+        read_s = 0.0
+        try:
+            for key, buf, waited in reads.finish(keys):  # each made runnable while the others still read
+                read_s += waited
+                self.read_times.observe(key[1] in ahead, waited)
+                try:
+                    entry = self.loader.fill([key], [reads.view(buf)], [slot_of[key]])[0]
+                finally:
+                    reads.give_back([buf])
+                with self.lock:
+                    self._finish(key, _InFlight(slot_of[key]), entry, None)
+                done.add(key)
+                found[key[1]] = entry
+        except BaseException:
+            with self.lock:
+                for key in keys:
+                    if key not in done:
+                        self._finish(key, _InFlight(slot_of[key]), None, None)
+            self.release(layer, experts)
+            raise
+        self.loader.timer.add(read_s, 0.0)
+        with self.lock:
+            self.stats.wait_s += time.perf_counter() - t0
+        return [found[e] for e in experts]
+
+    def end_token(self) -> None:
+        """Between tokens (reads queue): take back the buffers of finished dropped reads."""
+        if self.reads is not None:
+            self.reads.end_token()
+
+    def advise_needed(self, layer: int, experts: list[int]) -> None:
+        """Start reading the experts of LAYER that are not cached (before guessing the next layer's, whose
+        reads then queue behind these)."""
+        with self.lock:
+            keys = [(layer, e) for e in experts if e not in self.layers[layer]]
+        started = self.reads.start(keys, speculative=False)
+        with self.lock:
+            self.stats.bytes_read += len(started) * self.store.record_size
 
     def advise_ahead(self, layer: int, experts: list[int]) -> list[int]:
-        """Kernel read-ahead: ask the kernel for guessed experts of LAYER (no slot taken, nothing evicted:
-        a wrong guess costs disk time only, and its pages are dropped once the layer has chosen)."""
+        """Start reading guessed experts of LAYER (no slot taken, nothing evicted: a wrong guess costs disk
+        time and a scratch buffer until the disk is done with it)."""
+        started = self.reads.start([(layer, e) for e in self.uncached(layer, experts)], speculative=True)
         with self.lock:
-            todo = [e for e in experts if e not in self.layers[layer] and (layer, e) not in self.advised]
-            for e in todo:
-                self.advised[(layer, e)] = True
-            self.stats.prefetched += len(todo)
-            self.stats.bytes_read += len(todo) * self.store.record_size  # the kernel reads them from disk
-        self.store.advise([(layer, e) for e in todo])
-        return todo
+            self.stats.prefetched += len(started)
+            self.stats.bytes_read += len(started) * self.store.record_size
+        return [e for _, e in started]
 
     def uncached(self, layer: int, experts: list[int]) -> list[int]:
-        """EXPERTS of LAYER neither cached, nor being read, nor asked of the kernel."""
+        """EXPERTS of LAYER neither cached nor being read."""
+        pending = self.reads.pending if self.reads is not None else {}
         with self.lock:
-            cached, inflight, advised = self.layers[layer], self.inflight, self.advised
+            cached, inflight = self.layers[layer], self.inflight
             return [e for e in experts if e not in cached and (layer, e) not in inflight
-                    and (layer, e) not in advised]
+                    and (layer, e) not in pending]
 
     def has(self, layer: int, expert: int) -> bool:
-        """Cached, being read, or asked of the kernel."""
-        with self.lock:
-            return expert in self.layers[layer] or (layer, expert) in self.inflight or (layer, expert) in self.advised
+        """Cached or being read."""
+        return not self.uncached(layer, [expert])
 
     def free_slots(self) -> int:
         return len(self._free)

@@ -21,6 +21,8 @@ Sessions and the KV cache follow the package's execution target (provider, devic
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnxruntime as ort
 
@@ -34,6 +36,7 @@ from .cache import CacheStats, ExpertCache
 from .experts import expert_loader
 from .prefetch import ReadAhead
 from .reader import ReaderPool
+from .reads import ReadQueue
 from .residency import ResidencyPlan
 from .store import ExpertStore
 
@@ -59,15 +62,20 @@ class MoEDecoder(Decoder):
 
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None,
                  memory_budget: int | None = None, prefetch: bool = True, direct_io: bool = False,
-                 readers: int = 0, predict_from: str = "stream", resident_fraction: float | None = None):
+                 readers: int = 0, predict_from: str = "stream", resident_fraction: float | None = None,
+                 budget_split: str = "miss-cost"):
         """READERS: reader threads that read and widen experts (guesses into slots, a layer's misses in
-        parallel); 0: the kernel reads ahead (POSIX_FADV_WILLNEED) and the decode thread copies records
-        from the page cache -- no thread to schedule, nothing evicted for a guess. PREDICT_FROM:
+        parallel); 0: reads are started ahead without threads (native AIO, else the page cache: reads.py) and
+        finished by the decode thread when it needs them -- no thread to schedule, nothing evicted for a
+        guess. DIRECT_IO: synchronous reads bypass the page cache. PREDICT_FROM:
         where read-ahead's guesses come from (module docstring). RESIDENT_FRACTION: of each layer's
-        share of the budget, the part kept for its most frequent experts (residency.py; None: default)."""
+        share of the budget, the part kept for its most frequent experts (residency.py; None: default).
+        BUDGET_SPLIT: "miss-cost" (by the package's measured routing frequencies, residency.py) or "equal"."""
         super().__init__()
         if predict_from not in PREDICT_FROM:
             raise ValueError(f"predict_from is one of {', '.join(PREDICT_FROM)}, not {predict_from!r}")
+        if budget_split not in ("miss-cost", "equal"):
+            raise ValueError(f"budget_split is 'miss-cost' or 'equal', not {budget_split!r}")
         spec = pkg.spec
         moe, kv = spec.moe, pkg.kv_cache
         self.io = spec.io
@@ -105,24 +113,29 @@ class MoEDecoder(Decoder):
             if graphs["expert_ffn"] is None:
                 raise PackageError(f"package '{pkg.root}' has no expert_ffn graph: re-export it.")
             ffn_graph = pkg.path(graphs["expert_ffn"].path).read_bytes()
-            store = ExpertStore(pkg, moe["expert_store"], direct_io=direct_io, kernel_readahead=readers == 0)
+            store = ExpertStore(pkg, moe["expert_store"], direct_io=direct_io, async_reads=readers == 0)
             missing = [i for i in sparse_layers if str(i) not in moe["expert_store"]["layers"]]
             if missing:
                 raise PackageError(f"the expert store index has no experts for layer {missing[0]}: re-export it.")
             loader = expert_loader(store, ffn_graph, target)
 
             def plan_for(capacity: int) -> ResidencyPlan:
+                if budget_split == "equal":
+                    return ResidencyPlan.equal(sparse_layers, capacity, self.top_k)
                 return ResidencyPlan.from_manifest(moe, sparse_layers, capacity, self.top_k, resident_fraction)
 
             self.cache = ExpertCache(loader, memory_budget, sparse_layers, self.top_k, plan_for)
             streaming = self.cache.capacity < len(store.records)
             if readers > 0 and streaming:
                 self.pool = ReaderPool(self.cache, readers)
+            elif streaming:
+                self.cache.reads = ReadQueue(store)
             if prefetch and streaming:
                 self.readahead = ReadAhead(self.cache, self.pool, self.top_k)
         self._next_sparse = {i: next((j for j in range(i + 1, self.num_layers) if self.sparse[j]), None)
                              for i in range(self.num_layers)}
-        self._predicted: dict[int, list[int]] = {}
+        self._predicted: dict[int, tuple] = {}  # layer -> (ranked guesses, those not cached)
+        self._overhead = 0.0
         self._step = 0
         self._plan: _StepPlan | None = None
 
@@ -163,6 +176,8 @@ class MoEDecoder(Decoder):
             self.pool = None
             self.cache.reader = None
         if self.cache is not None:
+            if self.cache.reads is not None:
+                self.cache.reads.close()
             self.cache.store.close()
 
     # -- running ----------------------------------------------------------------
@@ -181,6 +196,7 @@ class MoEDecoder(Decoder):
         self.kv.length = start + n
         if self.cache is not None:
             self.cache.stats.tokens += n
+            self.cache.end_token()
         keep = np.array([min(logits_to_keep, n)], np.int64)
         out = self.head.run([self.io["logits"]], {self.io["hidden_in"]: x, self.io["logits_to_keep"]: keep})[0]
         return out[0]
@@ -227,6 +243,7 @@ class MoEDecoder(Decoder):
         self.kv.length = pos + 1
         if self.cache is not None:
             self.cache.stats.tokens += 1
+            self.cache.end_token()
         self.head.run_with_iobinding(plan.head)
         return plan.out[0, 0]
 
@@ -322,18 +339,22 @@ class MoEDecoder(Decoder):
         j = self._next_sparse[i]
         if j is None or self.readahead is None or not self.readahead.wants(self._step, j):
             return
+        t0 = time.thread_time()  # CPU time: a preemption on a busy machine is not the policy's cost
         ranked = self.rank_experts(j, stream[-1])[: self.readahead.depth].tolist()
-        self._predicted[j] = ranked
-        self.readahead.request(self._step, j, ranked)
+        self._predicted[j] = (ranked, self.readahead.request(self._step, j, ranked))
+        self._overhead = time.thread_time() - t0
 
     def _score_prediction(self, i: int, chosen: list[int]) -> None:
-        ranked = self._predicted.pop(i, None)
-        if ranked is not None and self.cache is not None:
+        guess = self._predicted.pop(i, None)
+        if guess is not None and self.cache is not None:
+            ranked, uncached = guess
+            t0 = time.thread_time()
             with self.cache.lock:
                 self.cache.stats.predicted += self.top_k
                 self.cache.stats.predicted_right += len(set(ranked[: self.top_k]) & set(chosen))
             if self.readahead is not None:
-                self.readahead.observe(i, ranked, chosen)
+                self.readahead.observe(i, ranked, chosen, uncached)
+                self.readahead.add_overhead(self._overhead + time.thread_time() - t0)
 
     def _experts_rows(self, i: int, h: np.ndarray, experts: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Prompt rows: each expert once over the rows that chose it, pinned one at a time (the

@@ -99,14 +99,20 @@ class SessionExperts:
         pass  # sessions own their memory
 
     def load(self, keys: list[tuple[int, int]], slots: list[int | None]) -> list[CachedExpert]:
+        """Read KEYS' records and make them runnable (reader threads, or reads on the decode thread)."""
         t0 = time.perf_counter()
         size = self.store.record_size
         scratch = self.store.scratch(len(keys))
         bufs = [memoryview(scratch)[i * size:(i + 1) * size] for i in range(len(keys))]
         self.store.read_into(keys, bufs)
-        # A copy into allocator memory: the session keeps referring to it.
-        records = [self.store.views(np.frombuffer(b, np.uint8).copy()) for b in bufs]
+        self.timer.add(time.perf_counter() - t0, 0.0)
+        return self.fill(keys, bufs, slots)
+
+    def fill(self, keys: list[tuple[int, int]], records: list, slots: list[int | None]) -> list[CachedExpert]:
+        """Make read RECORDS (buffers) runnable: a session each."""
         t1 = time.perf_counter()
+        # A copy into allocator memory: the session keeps referring to it.
+        records = [self.store.views(np.frombuffer(b, np.uint8).copy()) for b in records]
         out = []
         for (layer, e), tensors in zip(keys, records):
             names = list(tensors)
@@ -116,7 +122,7 @@ class SessionExperts:
                 so.add_external_initializers(names, values)
 
             out.append(CachedExpert(expert_session(self.graph, self.target, prepare, f"expert {e} of layer {layer}")))
-        self.timer.add(t1 - t0, time.perf_counter() - t1)
+        self.timer.add(0.0, time.perf_counter() - t1)
         return out
 
 
@@ -154,25 +160,37 @@ class SharedGraphExperts:
                 for name, off, dt, shape in self.layout}
 
     def load(self, keys: list[tuple[int, int]], slots: list[int | None]) -> list[CachedExpert]:
+        """Read KEYS' records into their slots and make them runnable (reader threads, or reads on the
+        decode thread)."""
         t0 = time.perf_counter()
         targets = [self._slot_buffer(s) for s in slots]
         size = self.store.record_size
         if self.in_place:
             self.store.read_into(keys, [b[:size] for b in targets])
-            t1 = time.perf_counter()
-        else:
-            scratch = self.store.scratch(len(keys))
-            bufs = [memoryview(scratch)[i * size:(i + 1) * size] for i in range(len(keys))]
-            self.store.read_into(keys, bufs)
-            t1 = time.perf_counter()
-            for buf, target in zip(bufs, targets):
-                fill_slot(self.store.index, self.store.views(buf), self._arrays(target))
+            self.timer.add(time.perf_counter() - t0, 0.0)
+            return self._entries(slots, targets, time.perf_counter())
+        scratch = self.store.scratch(len(keys))
+        bufs = [memoryview(scratch)[i * size:(i + 1) * size] for i in range(len(keys))]
+        self.store.read_into(keys, bufs)
+        self.timer.add(time.perf_counter() - t0, 0.0)
+        return self.fill(keys, bufs, slots, targets)
+
+    def fill(self, keys: list[tuple[int, int]], records: list, slots: list[int | None],
+             targets: list | None = None) -> list[CachedExpert]:
+        """Make read RECORDS (buffers) runnable in SLOTS: widen (int4-channel) or copy into the slot."""
+        t1 = time.perf_counter()
+        targets = targets or [self._slot_buffer(s) for s in slots]
+        for buf, target in zip(records, targets):
+            fill_slot(self.store.index, self.store.views(buf), self._arrays(target))
+        return self._entries(slots, targets, t1)
+
+    def _entries(self, slots: list[int | None], targets: list, t1: float) -> list[CachedExpert]:
         out = []
         for slot, target in zip(slots, targets):
             arrays = self._arrays(target)
             weights = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
             out.append(CachedExpert(self.shared_session, tensors=arrays, weights=weights, slot=slot))
-        self.timer.add(t1 - t0, time.perf_counter() - t1)
+        self.timer.add(0.0, time.perf_counter() - t1)
         return out
 
 

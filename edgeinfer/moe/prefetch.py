@@ -1,29 +1,29 @@
 """Read-ahead that never loses: per layer, fetch a guessed expert only when it pays.
 
 The decoder ranks each layer's experts before the layer runs (decoder.py: the layer's router on
-the current stream). For every layer and guess rank this keeps the measured probability that
-the guess of that rank is then chosen (smoothed over tokens). A guess is read ahead when
+the current stream). For every layer and guess rank this keeps the measured probability p that
+a guess of that rank is then chosen when it was not cached (smoothed over tokens; the likely
+experts are usually cached already, so an uncached guess is right less often than the top-k guess
+as a whole). Costs are in seconds, measured:
 
-    p * saved  >  (1 - p) * wasted
+- *saved*, what a right guess takes off the decode thread's critical path. With reader threads, a
+  record's read (they read and widen it into a slot ahead). With the kernel's read-ahead (the
+  default: the guess is asked of the kernel, POSIX_FADV_WILLNEED, and lands in the page cache,
+  not in a slot; the decode thread still copies and widens it when needed), the decode thread's
+  seconds per record read cold minus per record asked ahead (cache.read_times) -- which is
+  nothing when the disk keeps up and the CPU is the bottleneck;
+- *wasted*, a wrong guess's disk time, which costs as much as the disk is busy (u: the readers'
+  busy share, or the share of time the decode thread waited for reads), plus, with reader threads
+  and no free slot, the eviction it causes: a later demand read with the measured probability h
+  that an evicted expert is asked for again soon (cache.regret_rate). Kernel guesses evict nothing;
+- *overhead*, the decode thread's own time for ranking, asking and scoring per layer.
 
-where a right guess saves a demand read on the decode thread's critical path (one record's read
-time) and a wrong one wastes the disk's time for one record -- which costs only as much as the
-readers are busy (measured utilization u: an idle disk's time is free) -- plus, when the cache
-has no free slot, the eviction it causes, which costs a later demand read with the measured
-probability h that an evicted expert is asked for again soon (cache.regret_rate). Both sides are
-in units of one record's read, so a guess is fetched when p > (u + h) / (1 + u + h).
-
-With kernel read-ahead (no reader threads: the guess is asked of the kernel, POSIX_FADV_WILLNEED,
-and lands in the page cache, not in a slot) a wrong guess evicts nothing (h = 0) and the decode
-thread still copies (and widens) every record it uses, so what a right guess saves is measured
-rather than assumed: the decode thread's seconds per record read cold minus per record asked
-ahead (cache.read_times), against a wrong guess's disk time u * cold (u: the share of time the
-decode thread waited for reads). When guesses save nothing -- the disk keeps up and the CPU is
-the bottleneck -- the threshold goes to 1 and read-ahead stops, but for one token in 16 that
-keeps the measurement fresh. Guesses
-beyond top_k are considered too (a layer whose guesses are often off by one rank gets the next
-ones when they pay). Speculative reads never evict the running layer's experts nor the other
-guesses for their own layer (cache.py), and demand reads overtake them (reader.py).
+A guess of rank r pays when p * saved > (1 - p) * wasted; a layer is ranked and read ahead at all
+only when the guesses that pay are expected to save more than the overhead, counting only the
+share m of needed experts that had to come from disk (guesses already cached save nothing).
+Otherwise the layer is not even ranked, but for one token in 16 that keeps the measurements
+fresh. Speculative reads into slots never evict the running layer's experts nor the other guesses
+for their own layer (cache.py), and demand reads overtake them (reader.py).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class ReadAhead:
         self.depth = depth or top_k + 2  # guesses considered per layer
         self.p: dict[int, list[float]] = {}
         self._util, self._last = 0.0, (time.perf_counter(), 0.0)
-        self._tau_step, self._tau = None, 0.0
+        self._cost_step, self._costs = None, (0.0, 0.0)
+        self.overhead = 0.0  # seconds per layer read ahead for (smoothed)
         self.enabled = True
 
     def _probs(self, layer: int) -> list[float]:
@@ -68,44 +69,65 @@ class ReadAhead:
             self._last = (now, busy)
         return self._util
 
-    def threshold(self, step: int = -1) -> float:
-        """The hit probability above which a guess pays, wasted / (saved + wasted); once per STEP."""
-        if step == self._tau_step:
-            return self._tau
-        if self.pool is not None:  # in units of one record's read: a right guess saves one
-            wasted = self.utilization() + (self.cache.regret_rate() if self.cache.free_slots() == 0 else 0.0)
-            tau = wasted / (1.0 + wasted)
+    def costs(self, step: int = -1) -> tuple[float, float]:
+        """(saved, wasted) seconds of a right and of a wrong guess; computed once per STEP."""
+        if step == self._cost_step:
+            return self._costs
+        if self.pool is not None:
+            t = self.pool.read_s_per_record or 1e-3
+            evicts = self.cache.free_slots() == 0
+            costs = (t, (self.utilization() + (self.cache.regret_rate() if evicts else 0.0)) * t)
         else:
             times = self.cache.read_times
             if times.ahead is None or times.cold is None:
-                tau = 0.0  # nothing measured yet: read ahead, and measure
+                costs = (1.0, 0.0)  # nothing measured yet: read ahead, and measure
             else:
-                saved = max(0.0, times.cold - times.ahead)  # the wait a right guess took off the decode thread
-                wasted = self.utilization() * times.cold  # a wrong guess's disk time, when the disk is busy
-                tau = wasted / (saved + wasted) if saved + wasted > 0 else 0.0
-                if step % _EXPLORE == 0:  # keep measuring what a guess saves even while it does not pay
-                    tau = min(tau, 0.5)
-        self._tau_step, self._tau = step, tau
-        return tau
+                costs = (max(0.0, times.cold - times.ahead), self.utilization() * times.cold)
+        self._cost_step, self._costs = step, costs
+        return costs
+
+    def threshold(self, step: int = -1) -> float:
+        """The hit probability above which a guess pays: wasted / (saved + wasted)."""
+        saved, wasted = self.costs(step)
+        tau = wasted / (saved + wasted) if saved + wasted > 0 else 1.0
+        return min(tau, 0.5) if step % _EXPLORE == 0 else tau
 
     def wants(self, step: int, layer: int) -> bool:
-        """Whether any guess for LAYER could pay now (else the decoder need not rank its experts)."""
-        return self.enabled and max(self._probs(layer)) > self.threshold(step)
+        """Whether reading ahead for LAYER is expected to save more than it costs the decode thread (else the
+        decoder does not even rank its experts)."""
+        if not self.enabled:
+            return False
+        if step % _EXPLORE == 0:
+            return True
+        saved, wasted = self.costs(step)
+        gain = sum(max(0.0, q * saved - (1 - q) * wasted) for q in self._probs(layer))
+        s = self.cache.stats
+        needed = s.hits + s.late_prefetches + s.misses
+        m = (s.misses + s.prefetch_used) / needed if needed else 1.0  # needed experts that came from disk
+        return m * gain > self.overhead
 
-    def request(self, step: int, layer: int, ranked: list[int]) -> list[int]:
-        """Read ahead the guesses of RANKED (best first) for LAYER that pay; returns them."""
+    def add_overhead(self, seconds: float) -> None:
+        """The decode thread spent SECONDS ranking, asking and scoring for one layer."""
+        self.overhead = 0.95 * self.overhead + 0.05 * seconds
+
+    def request(self, step: int, layer: int, ranked: list[int]) -> frozenset:
+        """Read ahead the guesses of RANKED (best first) for LAYER that pay; returns the guesses that were not
+        cached (what ``observe`` learns from: a cached guess needs no read, right or wrong)."""
         p = self._probs(layer)
         tau = self.threshold(step)
         guesses = ranked[: self.depth]
-        fetch = self.cache.uncached(layer, [e for r, e in enumerate(guesses) if p[r] > tau])
+        uncached = self.cache.uncached(layer, guesses)
+        fetch = [e for r, e in enumerate(guesses) if p[r] > tau and e in uncached]
         if fetch and self.pool is not None:
             self.pool.speculate(step, layer, fetch, frozenset(guesses[: self.top_k]) | frozenset(fetch))
         elif fetch:
             self.cache.advise_ahead(layer, fetch)
-        return fetch
+        return frozenset(uncached)
 
-    def observe(self, layer: int, ranked: list[int], chosen: list[int]) -> None:
-        """The router chose CHOSEN where RANKED was guessed: update the per-rank probabilities."""
+    def observe(self, layer: int, ranked: list[int], chosen: list[int], uncached: frozenset) -> None:
+        """The router chose CHOSEN where RANKED was guessed: update the per-rank probabilities that an uncached
+        guess is chosen."""
         p = self._probs(layer)
         for r, e in enumerate(ranked[: self.depth]):
-            p[r] += _ALPHA * ((e in chosen) - p[r])
+            if e in uncached:
+                p[r] += _ALPHA * ((e in chosen) - p[r])

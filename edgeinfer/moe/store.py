@@ -6,9 +6,9 @@ the index since the layout/checksum change) is checked the first time this proce
 a store whose bytes do not match the manifest is refused with one sentence, and at most once per
 record does the check cost CPU. Reads are ``preadv`` calls (O_DIRECT possible: records are
 4096-aligned and padded); records that lie next to each other on disk are read with one call.
-With kernel read-ahead, ``advise`` asks the kernel to start reading records (POSIX_FADV_WILLNEED:
-asynchronous, several in flight, no thread of ours) and every record read is dropped from the page
-cache again, so the page cache holds at most what was advised and not yet read.
+Reads started ahead (reads.py) use native AIO on an O_DIRECT descriptor, or, where the file system
+refuses O_DIRECT, the page cache: ``advise`` asks the kernel to start reading (POSIX_FADV_WILLNEED)
+and the decoder drops the store from the page cache after every token.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ _KNOWN_DTYPES = {"uint8", "int8", "float32"}
 class ExpertStore:
     """Reads expert records from ``experts.bin`` by (layer, expert), checked against the file at open."""
 
-    def __init__(self, pkg: Package, index: dict, direct_io: bool = False, kernel_readahead: bool = False):
-        """DIRECT_IO: records never stay in the page cache (O_DIRECT reads; with KERNEL_READAHEAD they
-        always are dropped after being read). KERNEL_READAHEAD: ``advise`` starts reads in the kernel."""
+    def __init__(self, pkg: Package, index: dict, direct_io: bool = False, async_reads: bool = False):
+        """DIRECT_IO: synchronous reads bypass the page cache (O_DIRECT). ASYNC_READS: reads are started
+        ahead (reads.py): through an O_DIRECT descriptor for native AIO where the file system takes it, else
+        through the page cache (``advise``), which is then dropped after every token."""
         self.index = index
         self.path = pkg.path(index["file"])
         if not self.path.is_file():
@@ -65,13 +66,29 @@ class ExpertStore:
         self._verified: set[tuple[int, int]] = set()
         self.direct_io = direct_io
         self._scratch = threading.local()
-        # kernel: no O_DIRECT (reads come from the page cache that POSIX_FADV_WILLNEED fills), no kernel
-        # read-ahead around a record, and every record dropped from the page cache once read.
-        self.kernel = kernel_readahead and hasattr(os, "posix_fadvise")
-        direct = direct_io and not self.kernel
-        self._fd = os.open(self.path, os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0))
-        if self.kernel:
-            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self.direct_fd: int | None = None  # for native AIO
+        if async_reads and hasattr(os, "O_DIRECT"):
+            try:
+                self.direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            except OSError:  # a file system without O_DIRECT (tmpfs): through the page cache
+                self.direct_fd = None
+        self.kernel = False
+        self._fd = os.open(self.path, os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct_io else 0))
+        if async_reads and self.direct_fd is None:
+            self.use_page_cache()
+
+    def use_page_cache(self) -> None:
+        """Read ahead through the page cache (POSIX_FADV_WILLNEED) instead of native AIO."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
+            self.direct_fd = None
+        os.close(self._fd)
+        # no O_DIRECT (reads come from the page cache the kernel fills), no read-ahead around a record
+        self._fd = os.open(self.path, os.O_RDONLY)
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self.kernel = True
 
     def _checked(self, layer: int, e: int, rec) -> tuple[int, int]:
         if not (isinstance(rec, list) and len(rec) == 2 and all(isinstance(v, int) for v in rec)):
@@ -128,6 +145,12 @@ class ExpertStore:
             for offset, length in self._ranges(sorted(keys, key=lambda k: self.records[k][0])):
                 os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_DONTNEED)
 
+    def forget_all(self) -> None:
+        """Drop every record of the store from the page cache (one call per token: records read are in
+        their slots, the page cache need not keep them)."""
+        if self.kernel:
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
     def read_into(self, keys: list[tuple[int, int]], buffers: list) -> None:
         """Read the records of KEYS into BUFFERS (one writable, page-aligned buffer of record_size each):
         runs of records adjacent on disk with one ``preadv``; checks each record's checksum once."""
@@ -140,19 +163,24 @@ class ExpertStore:
             want = (j - i) * self.record_size
             got = os.preadv(self._fd, buffers[i:j], offset)
             if got != want:
-                layer, e = keys[i]
-                raise PackageError(f"expert {e} of layer {layer}: read {got} of {want} bytes from the expert "
-                                   "store: it is truncated, re-export the package.")
-            if self.kernel:  # read: the page cache need not keep it (our slot does)
-                os.posix_fadvise(self._fd, offset, want, os.POSIX_FADV_DONTNEED)
+                self.short_read(keys[i], got, want)
             i = j
-        if self.checksums is not None:
-            for key, buf in zip(keys, buffers):
-                if key not in self._verified:
-                    if zlib.crc32(buf[: self.record_size]) != self.checksums[key]:
-                        raise PackageError(f"expert {key[1]} of layer {key[0]} does not match its checksum in the "
-                                           "manifest: the expert store is corrupt, re-export the package.")
-                    self._verified.add(key)
+        self.verify(keys, buffers)
+
+    def short_read(self, key: tuple[int, int], got: int, want: int | None = None) -> None:
+        raise PackageError(f"expert {key[1]} of layer {key[0]}: read {got} of {want or self.record_size} bytes from "
+                           "the expert store: it is truncated or unreadable, re-export the package.")
+
+    def verify(self, keys: list[tuple[int, int]], buffers: list) -> None:
+        """Check each record's checksum the first time this process reads it."""
+        if self.checksums is None:
+            return
+        for key, buf in zip(keys, buffers):
+            if key not in self._verified:
+                if zlib.crc32(buf[: self.record_size]) != self.checksums[key]:
+                    raise PackageError(f"expert {key[1]} of layer {key[0]} does not match its checksum in the "
+                                       "manifest: the expert store is corrupt, re-export the package.")
+                self._verified.add(key)
 
     def views(self, buf) -> dict[str, np.ndarray]:
         """The record tensors inside BUF (views, no copy)."""
@@ -175,6 +203,9 @@ class ExpertStore:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
+            self.direct_fd = None
 
 
 def record_checksums(path, index: dict) -> dict[str, list[int]]:

@@ -26,7 +26,7 @@ MODES = ("resident", "prefetch", "naive")  # all in memory; read-ahead; on deman
 
 def run_one(pkg: Path, mode: str, frac: float, tokens: int, warmup: int, text: bool = False,
             readers: int = 0, threads: int | None = None, predict_from: str = "stream",
-            resident_fraction: float | None = None) -> dict:
+            resident_fraction: float | None = None, budget_split: str = "miss-cost") -> dict:
     """One configuration, in this process: decode WARMUP then TOKENS tokens one at a time."""
     from edgeinfer.runtimes import resolve_provider
 
@@ -41,7 +41,7 @@ def run_one(pkg: Path, mode: str, frac: float, tokens: int, warmup: int, text: b
     budget = int(total * frac)
     dec = MoEDecoder(pkg_, resolve_provider("cpu", threads), max_context=512, memory_budget=budget,
                      prefetch=mode == "prefetch", direct_io=True, readers=readers,
-                     predict_from=predict_from, resident_fraction=resident_fraction)
+                     predict_from=predict_from, resident_fraction=resident_fraction, budget_split=budget_split)
     rss_loaded = peak_rss_mb()
     # Start from a full cache: the resident sets, then the first experts of every layer up to the budget;
     # the warm-up then only has to adapt it, and the timed tokens see the steady state.
@@ -74,7 +74,7 @@ def run_one(pkg: Path, mode: str, frac: float, tokens: int, warmup: int, text: b
     dense_bytes = sum(f["size"] for rel, f in pkg_.manifest["files"].items() if not rel.startswith("experts/"))
     dec.close()
     return {"mode": mode, "threads": threads, "readers": readers, "predict_from": predict_from,
-            "resident_fraction": resident_fraction, "loadavg": os.getloadavg(),
+            "resident_fraction": resident_fraction, "budget_split": budget_split, "loadavg": os.getloadavg(),
             "budget_fraction": frac, "budget_bytes": budget, "tokens": tokens, "tok_s": tokens / dt,
             "ms_per_token": dt / tokens * 1e3, "stats": s,
             # needed experts whose bytes came from disk for this use (read on demand or ahead): what the
