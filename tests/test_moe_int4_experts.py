@@ -42,16 +42,16 @@ def test_widening_is_exact_and_close_to_the_weights():
     w = rng.standard_normal((96, 128)).astype(np.float32)
     w[:, :3] *= 8  # outlier input features: block multipliers must follow them
     q4, mult, scale = channel_int4(w, 32)
-    assert q4.shape == (64, 96) and mult.shape == (4, 96) and mult.min() >= 1 and mult.max() <= 15
+    assert q4.shape == (64, 96) and mult.shape == (4, 96) and 1 <= np.abs(mult).min() and np.abs(mult).max() <= 15
     q8 = np.empty((128, 96), np.int8)
     widen_int4(q4, mult, q8)
     lo = (q4.view(np.int8) * np.int8(16)) >> 4
     hi = q4.view(np.int8) >> 4
     expected = np.concatenate([lo, hi]).astype(np.int32) * np.repeat(mult, 32, axis=0)
-    assert np.array_equal(q8.astype(np.int32), expected) and np.abs(expected).max() <= 105
+    assert np.array_equal(q8.astype(np.int32), expected) and np.abs(expected).max() <= 120
     err = np.linalg.norm((q8 * scale).T - w) / np.linalg.norm(w)
     block = quantize_blockwise(w, bits=4, block_size=32, symmetric=True).dequantize()
-    assert err < 1.25 * np.linalg.norm(block - w) / np.linalg.norm(w), err  # near int4 with fp32 block scales
+    assert err < 1.05 * np.linalg.norm(block - w) / np.linalg.norm(w), err  # as close as symmetric int4 blocks
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])

@@ -38,6 +38,7 @@ from moe_bench.disk import disk_bandwidth, disk_bandwidth_batched, drop_page_cac
 from moe_bench.markdown import write_doc
 from moe_bench.micro import ffn_options
 from moe_bench.models import CONFIG, MODELS, OUT
+from moe_bench.quality import store_quality
 from moe_bench.routing import routing_ahead
 from moe_bench.weights import build_model, build_moefied
 
@@ -139,7 +140,7 @@ def _load_results(models: list[str]) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["all", "build", "build-moefied", "run-one", "ffn-options", "routing-ahead",
-                                        "doc"])
+                                        "quality", "doc"])
     ap.add_argument("--tag", default="", help="for 'all': suffix of the results files (side experiments)")
     ap.add_argument("--model", default="random", choices=list(MODELS))
     ap.add_argument("--models", default="moefied-int4ch,random-int4ch",
@@ -182,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         (OUT / "routing-ahead.json").write_text(json.dumps(res, indent=1))
         for m, r in res.items():
             print(m, json.dumps(r["mean"]))
+    elif args.command == "quality":
+        OUT.mkdir(parents=True, exist_ok=True)
+        res = store_quality()
+        (OUT / "quality.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
     elif args.command == "doc":
         write_doc(_load_results(args.models.split(",")))
     else:

@@ -15,13 +15,14 @@ residency.py says how the budget is split. The rules:
   own layer's other guesses; if there is no such victim it is skipped.
 - Evicted keys are remembered for a while: a demand miss on one of them is a *regret*, the
   measured cost of an eviction that read-ahead weighs (prefetch.py).
-- A layer's misses are read together: one job per run of records adjacent on disk; with reader
-  threads all but one are handed to them and the decode thread reads the last, then waits for all;
-  without, the kernel is asked for all of them at once (POSIX_FADV_WILLNEED) and the decode thread
-  copies each from the page cache as it arrives.
-- Kernel read-ahead (no reader threads): guesses are asked of the kernel (``advise_ahead``), which
-  takes no slot and evicts nothing; the chosen ones are then read from the page cache, the others
-  dropped from it.
+- A layer's misses are read together. Without reader threads (the default) their reads are all
+  started at once (reads.py: native AIO, one system call) before the next layer's guesses, and the
+  decode thread makes each record runnable as its read completes; with reader threads, one job per
+  run of records adjacent on disk, all but one handed to the threads, the last read by the decode
+  thread, which then waits for all.
+- Read-ahead without threads: a guess's read is started into a scratch buffer (``advise_ahead``): it
+  takes no slot and evicts nothing; a right guess is made runnable when its layer needs it, a wrong
+  one is dropped.
 
 Correctness never depends on prediction: an expert that is neither cached nor in flight is read.
 """
@@ -388,7 +389,7 @@ class ExpertCache:
         reads then queue behind these)."""
         with self.lock:
             keys = [(layer, e) for e in experts if e not in self.layers[layer]]
-        started = self.reads.start(keys, speculative=False)
+        started = self.reads.start(keys[: max(1, self.reads.buffers()["free"])], speculative=False)
         with self.lock:
             self.stats.bytes_read += len(started) * self.store.record_size
 

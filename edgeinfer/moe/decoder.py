@@ -1,6 +1,6 @@
 """Run a sparse-MoE package: per-layer graphs up to the router, experts from the
-expert cache in between, and reader threads that fetch the next layer's likely
-experts while this layer computes.
+expert cache in between, and reads of the next layer's likely experts started
+while this layer computes (reads.py, prefetch.py).
 
 Same interface as :class:`edgeinfer.decoders.staged.StagedDecoder` for the decode loop
 and the strategies that need no stages (plain, lookup): ``forward``, ``step``,
@@ -361,7 +361,10 @@ class MoEDecoder(Decoder):
         union of a prompt's experts may be larger than the budget)."""
         name_in, name_out = self.io["expert_in"], self.io["expert_out"]
         y = np.zeros_like(h)
-        for e in np.unique(experts).tolist():
+        unique = np.unique(experts).tolist()
+        if self.cache.reads is not None:  # start the reads of the layer's experts at once
+            self.cache.advise_needed(i, unique)
+        for e in unique:
             rows, slot = np.nonzero(experts == e)
             entry = self.cache.acquire(i, [e])[0]
             try:

@@ -7,10 +7,10 @@
   channel, bound as inputs of one shared ``DynamicQuantizeMatMul`` graph. The record is what
   the graph reads: loading is reading.
 - ``int4-channel`` (``expert_bits=4``): the same graph inputs, stored at half the bytes. A weight
-  is int4 in [-7, 7] with, per block of ``block_size`` rows along K, a 4-bit integer multiplier
-  (1..15) of its channel's fp32 scale (double quantization, as in k-quants): ``q4 * mult`` is
-  exactly an int8 weight of the int8-channel format (|q4 * mult| <= 105). Loading widens the
-  nibbles to int8 in numpy (a few passes over the record, GIL released) into a preallocated slot.
+  is int4 in [-8, 7] with, per block of ``block_size`` rows along K, a signed 4-bit integer
+  multiplier (|m| in 1..15) of its channel's fp32 scale (double quantization, as in k-quants):
+  ``q4 * mult`` is exactly an int8 weight of the int8-channel format (|q4 * mult| <= 120). Loading
+  widens the nibbles to int8 in numpy (four passes over the record) into a preallocated slot.
 
 Nibble layout (``{name}.q4``, uint8 (K/2, N)): byte ``[k, n]`` holds row ``k`` in its low nibble
 and row ``k + K/2`` in its high nibble, two's complement; as int8, ``byte >> 4`` is the high row

@@ -37,8 +37,8 @@ ALIGNMENT = 4096
 _TENSOR_ALIGN = 64
 
 
-_MAX_MULT = 15  # block multipliers are 4-bit
-_Q4 = 7  # int4 values in [-7, 7]: |q4 * mult| <= 105 fits int8
+_MAX_MULT = 15  # block multipliers are 4-bit (and a sign)
+_Q4 = 8  # int4 values in [-8, 7]: |q4 * mult| <= 120 fits int8
 
 
 def channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -52,32 +52,36 @@ def channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def channel_int4(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """W (N, K), PyTorch layout, as ``int4-channel``: packed nibbles (K/2, N) uint8 (row k low, row
-    k + K/2 high), block multipliers (K/B, N) int8 in 1..15, channel scales (N,) fp32, such that
-    ``W.T ~= widen(q4) * mult * scale`` with the int8 ``q4 * mult`` exact."""
+    k + K/2 high), signed block multipliers (K/B, N) int8 with |m| in 1..15, channel scales (N,) fp32,
+    such that ``W.T ~= widen(q4) * mult * scale`` with the int8 ``q4 * mult`` exact (|q4 * m| <= 120).
+
+    Each block uses all 16 int4 levels: the sign of its multiplier maps the block's largest-magnitude
+    weight to -8 (as symmetric MatMulNBits blocks do with a signed scale), and of the smallest
+    multiplier that does not clip and the one or two below it, the one with the least squared error
+    is kept (clipping the extremes can cost less than coarser steps)."""
     wt = np.ascontiguousarray(np.asarray(w, np.float32).T)  # (K, N)
     k, n = wt.shape
     if k % block_size or k % 2:
         raise ValueError(f"int4-channel experts need K ({k}) divisible by the block size {block_size}")
     blocks = wt.reshape(k // block_size, block_size, n)
     amax = np.abs(blocks).max(axis=1)  # (K/B, N)
+    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None, :], axis=1)[:, 0, :]
+    sign = np.where(extreme > 0, -1.0, 1.0)
     scale = amax.max(axis=0) / (_Q4 * _MAX_MULT)
     scale[scale == 0] = 1.0
-    # The smallest multiplier that does not clip, or one or two below it where clipping the block's
-    # extremes costs less than the coarser steps (chosen per block by squared error).
     ceil = np.clip(np.ceil(amax / (_Q4 * scale) - 1e-6), 1, _MAX_MULT)
     best, best_err = None, None
     for m in (ceil, np.maximum(ceil - 1, 1), np.maximum(ceil - 2, 1)):
-        step = (scale[None, :] * m)[:, None, :]
-        q = np.clip(np.rint(blocks / step), -_Q4, _Q4)
-        err = ((q * step - blocks) ** 2).sum(axis=1)
+        step = (sign * scale[None, :] * m)[:, None, :]
+        err = ((np.clip(np.rint(blocks / step), -_Q4, _Q4 - 1) * step - blocks) ** 2).sum(axis=1)
         if best is None:
             best, best_err = m.copy(), err
         else:
             better = err < best_err
             best[better], best_err[better] = m[better], err[better]
-    mult = best.astype(np.int8)
-    step = scale[None, :] * mult  # (K/B, N): the block's effective scale
-    q = np.clip(np.rint(blocks / step[:, None, :]), -_Q4, _Q4).astype(np.int8).reshape(k, n)
+    mult = (sign * best).astype(np.int8)
+    step = scale[None, :] * mult  # (K/B, N): the block's effective (signed) scale
+    q = np.clip(np.rint(blocks / step[:, None, :]), -_Q4, _Q4 - 1).astype(np.int8).reshape(k, n)
     half = k // 2
     packed = ((q[half:].view(np.uint8) & 0xF) << 4) | (q[:half].view(np.uint8) & 0xF)
     return packed.astype(np.uint8), mult, scale.astype(np.float32)
