@@ -1,6 +1,8 @@
 """Sparse MoE: tiny random Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE packages match
 transformers (logits and greedy tokens) with every expert cached and with a cache
-that holds only a few; the expert store and the budget refuse bad input."""
+that holds only a few -- the store laid out by co-activation, reads started ahead,
+guesses from either routing-ahead source; the expert store and the budget refuse
+bad input."""
 
 from __future__ import annotations
 
@@ -95,9 +97,11 @@ def test_parity_with_transformers(moe_models, family):
     hf_model, _, pkg = moe_models(family)
     ref = reference_logits(hf_model, PROMPT)
     greedy = reference_greedy(hf_model, PROMPT, 8)
-    for budget in (None, few_experts_budget(pkg)):
+    few = few_experts_budget(pkg)
+    for budget, predict_from in ((None, "stream"), (few, "stream"), (few, "input")):
         model = edgeinfer.load(pkg, memory_budget=budget)
         dec = model.decoder
+        dec.predict_from = predict_from  # where read-ahead's guesses come from: never what is computed
         got = dec.forward(PROMPT, logits_to_keep=len(PROMPT))
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
         dec.reset()  # one token at a time: the decode path (routing per token, prefetch)

@@ -70,6 +70,9 @@ def bench_configs(model: str, mode: str) -> list[tuple[str, float, int | None, t
     # Streaming configurations compute on one thread: on 2 cores the second is the kernel's and the
     # other processes' (measured: docs/moe.md); all-resident keeps every core.
     streaming = max(1, (os.cpu_count() or 2) - 1)
+    if mode == "formats":  # the store formats side by side: all resident and streaming on the same thread
+        return [("resident", 1.0, streaming, ())] + [(m, f, streaming, ()) for f in (0.5, 0.25)
+                                                      for m in ("prefetch", "naive")]
     keep = (1.0, 0.5, 0.25) if mode == "quick" else (1.0, 0.75, 0.5, 0.25)
     # All resident on the streaming runs' threads too: the bound's compute side, measured the same way.
     configs = [("resident", 1.0, None, ()), ("resident", 1.0, streaming, ())]
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                     "12 tokens")
     ap.add_argument("--full", action="store_true", help="for 'all': also, at 50%%, reader threads instead of "
                     "the kernel's read-ahead and routing ahead from the layer input")
+    ap.add_argument("--formats", action="store_true", help="for 'all': the store formats side by side (all "
+                    "resident, 50%% and 25%%), results tagged -formats")
     ap.add_argument("--no-doc", action="store_true",
                     help="for 'all': leave docs/moe.md alone (the benchmark report reads results-*.json)")
     ap.add_argument("--mode", default="prefetch", choices=["resident", "prefetch", "naive"])
@@ -193,9 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.quick:
             args.repeats, args.tokens, args.warmup = 1, min(args.tokens, 12), min(args.warmup, 8)
+        if args.formats:
+            args.tag = args.tag or "-formats"
         measure_all(args.models.split(","), args.tokens, args.warmup, args.repeats,
-                    "quick" if args.quick else "full" if args.full else "default", args.tag)
-        if not args.no_doc:
+                    "quick" if args.quick else "full" if args.full else "formats" if args.formats else "default",
+                    args.tag)
+        if not args.no_doc and not args.tag:
             write_doc(_load_results(args.models.split(",")))
     return 0
 

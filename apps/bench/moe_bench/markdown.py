@@ -183,6 +183,47 @@ def _routing_table(data: dict) -> list[str]:
     return lines
 
 
+FORMAT_NAMES = {"int4": "int4 blocks, a session per expert", "int8-channel": "int8-channel (`--expert-bits 8`)",
+                "int4-channel": "int4-channel (`--expert-bits 4`)"}
+
+
+def _formats_table() -> list[str]:
+    """The store formats side by side (results-<model>-formats.json), with their quality (quality.json)."""
+    found = {}
+    for family in ("moefied", "random"):
+        for suffix in ("", "-int8", "-int4ch"):
+            f = OUT / f"results-{family}{suffix}-formats.json"
+            if f.is_file():
+                found[family + suffix] = json.loads(f.read_text())
+    if not found:
+        return []
+    quality = _side("quality.json") or {}
+    qname = {"int4": "int4 blocks, session per expert", "int8-channel": "int8-channel", "int4-channel": "int4-channel"}
+    lines = ["| model | experts | record | cached expert | all resident tok/s | 50%: ahead / on demand tok/s | "
+             "25%: ahead / on demand tok/s | perplexity (all 16 experts, docs) |", "|---|---|---|---|---|---|---|---|"]
+    for model, result in found.items():
+        rows = summarize(result)
+        th = _streaming_threads(rows) or 1
+        res = rows.get(("resident", 1.0, th, ""))
+
+        def pair(frac, rows=rows, th=th):
+            p, n = rows.get(("prefetch", frac, th, "")), rows.get(("naive", frac, th, ""))
+            return f"{p['tok_s']:.2f} / {n['tok_s']:.2f}" if p and n else "–"
+
+        fmt = result["expert_format"]
+        q = quality.get(qname.get(fmt, fmt), {})
+        lines.append(f"| {model.split('-')[0]} | {FORMAT_NAMES.get(fmt, fmt)} | "
+                     f"{result['record_bytes'] / 1e6:.2f} MB | "
+                     f"{result['expert_memory'] / 1e6:.2f} MB | {res['tok_s'] if res else float('nan'):.2f} | "
+                     f"{pair(0.5)} | {pair(0.25)} | {q.get('perplexity', float('nan')):.1f} |")
+    loads = sorted({r["loadavg"] for r in found.values()})
+    return lines + ["", f"One compute thread throughout; {len(next(iter(found.values()))['runs']) // 5} interleaved "
+                    f"rounds; load average at the start: {', '.join(loads)} (`python apps/bench/moe.py all --formats "
+                    "--models moefied,moefied-int8,moefied-int4ch,random,random-int8,random-int4ch`). Perplexity: "
+                    "`python apps/bench/moe.py quality` (SmolLM2 with all 16 experts active, the rest int4; "
+                    "top-1 agreement with int8-channel in `build/moe-bench/quality.json`)."]
+
+
 def write_doc(results: dict[str, dict]) -> None:
     """docs/moe.md (the measured parts; the prose around them is in NOTES)."""
     from .notes import INTRO, NOTES
@@ -192,6 +233,9 @@ def write_doc(results: dict[str, dict]) -> None:
              *_summary_table(results), "", f"![tok/s against budget]({PLOT.name})", ""]
     for model, result in results.items():
         lines += [f"### {model}: every configuration", "", *_detail_table(result), ""]
+    formats = _formats_table()
+    if formats:
+        lines += ["## The store formats under a budget", "", *formats, ""]
     opt = _side("ffn-options.json")
     if opt:
         lines += ["## Expert compute that loads cheaply: the options measured", "", *_ffn_table(opt), ""]
