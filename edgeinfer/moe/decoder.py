@@ -213,6 +213,7 @@ class MoEDecoder(Decoder):
         self._check_room(1)
         plan = self._plan or self._make_plan()
         self._step += 1
+        wall0, cpu0 = time.perf_counter(), time.thread_time()
         pos = self.length
         plan.seqlens[0] = pos
         plan.total[...] = pos + 1
@@ -244,6 +245,8 @@ class MoEDecoder(Decoder):
         if self.cache is not None:
             self.cache.stats.tokens += 1
             self.cache.end_token()
+            if self.readahead is not None:
+                self.readahead.observe_token(time.perf_counter() - wall0, time.thread_time() - cpu0)
         self.head.run_with_iobinding(plan.head)
         return plan.out[0, 0]
 

@@ -13,14 +13,20 @@ as a whole). Costs are in seconds, measured:
   seconds per record read cold minus per record asked ahead (cache.read_times) -- which is
   nothing when the disk keeps up and the CPU is the bottleneck;
 - *wasted*, a wrong guess's disk time, which costs as much as the disk is busy (u: the readers'
-  busy share, or the share of time the decode thread waited for reads), plus, with reader threads
-  and no free slot, the eviction it causes: a later demand read with the measured probability h
-  that an evicted expert is asked for again soon (cache.regret_rate). Kernel guesses evict nothing;
-- *overhead*, the decode thread's own time for ranking, asking and scoring per layer.
+  busy share, or the share of time the decode thread waited for reads), plus the decode thread's
+  CPU time to start the read, plus, with reader threads and no free slot, the eviction it causes: a
+  later demand read with the measured probability h that an evicted expert is asked for again soon
+  (cache.regret_rate). Reads started without threads evict nothing;
+- *overhead*, the decode thread's own CPU time for ranking, asking and scoring per layer.
+
+CPU time is charged at what it costs in wall time: the ratio of a token's wall time to the decode
+thread's CPU time for it (1 with a core to itself; 3-4 measured while two other agents' jobs held
+this 2-core machine at load 9), so on a machine short of CPU read-ahead stays off where the waits
+it would remove are worth less than the CPU it would take.
 
 A guess of rank r pays when p * saved > (1 - p) * wasted; a layer is ranked and read ahead at all
-only when the guesses that pay are expected to save more than the overhead, counting only the
-share m of needed experts that had to come from disk (guesses already cached save nothing).
+only when the guesses that pay are expected to save more than the overhead, each rank weighted by
+how often its guess was not cached (a cached guess saves nothing; the likely experts usually are).
 Otherwise the layer is not even ranked, but for one token in 16 that keeps the measurements
 fresh. Speculative reads into slots never evict the running layer's experts nor the other guesses
 for their own layer (cache.py), and demand reads overtake them (reader.py).
@@ -47,10 +53,19 @@ class ReadAhead:
         self.cache, self.pool, self.top_k = cache, pool, top_k
         self.depth = depth or top_k + 2  # guesses considered per layer
         self.p: dict[int, list[float]] = {}
+        self.q: dict[int, list[float]] = {}
         self._util, self._last = 0.0, (time.perf_counter(), 0.0)
         self._cost_step, self._costs = None, (0.0, 0.0)
         self.overhead = 0.0  # seconds per layer read ahead for (smoothed)
+        self.start_cpu = 0.0  # CPU seconds to start one read ahead (smoothed)
+        self.contention = 1.0  # wall seconds a CPU second of the decode thread costs (smoothed; 1: a free core)
         self.enabled = True
+
+    def _uncached(self, layer: int) -> list[float]:
+        """Per guess rank: how often that guess was not cached (only those can save a read)."""
+        if layer not in self.q:
+            self.q[layer] = [0.5] * self.depth
+        return self.q[layer]
 
     def _probs(self, layer: int) -> list[float]:
         if layer not in self.p:  # prior: top-k guesses mostly right, the rest mostly wrong
@@ -81,8 +96,9 @@ class ReadAhead:
             times = self.cache.read_times
             if times.ahead is None or times.cold is None:
                 costs = (1.0, 0.0)  # nothing measured yet: read ahead, and measure
-            else:
-                costs = (max(0.0, times.cold - times.ahead), self.utilization() * times.cold)
+            else:  # a wrong guess: its disk time when the disk is busy, and the CPU to start and drop it
+                costs = (max(0.0, times.cold - times.ahead),
+                         self.utilization() * times.cold + self.start_cpu * self.contention)
         self._cost_step, self._costs = step, costs
         return costs
 
@@ -100,11 +116,14 @@ class ReadAhead:
         if step % _EXPLORE == 0:
             return True
         saved, wasted = self.costs(step)
-        gain = sum(max(0.0, q * saved - (1 - q) * wasted) for q in self._probs(layer))
-        s = self.cache.stats
-        needed = s.hits + s.late_prefetches + s.misses
-        m = (s.misses + s.prefetch_used) / needed if needed else 1.0  # needed experts that came from disk
-        return m * gain > self.overhead
+        p, q = self._probs(layer), self._uncached(layer)
+        gain = sum(qr * max(0.0, pr * saved - (1 - pr) * wasted) for pr, qr in zip(p, q))
+        return gain > self.overhead * self.contention
+
+    def observe_token(self, wall: float, cpu: float) -> None:
+        """One token took WALL seconds, CPU of them on the decode thread: how dear the CPU is."""
+        if cpu > 0:
+            self.contention = 0.9 * self.contention + 0.1 * min(10.0, max(1.0, wall / cpu))
 
     def add_overhead(self, seconds: float) -> None:
         """The decode thread spent SECONDS ranking, asking and scoring for one layer."""
@@ -121,13 +140,17 @@ class ReadAhead:
         if fetch and self.pool is not None:
             self.pool.speculate(step, layer, fetch, frozenset(guesses[: self.top_k]) | frozenset(fetch))
         elif fetch:
-            self.cache.advise_ahead(layer, fetch)
+            t0 = time.thread_time()
+            started = self.cache.advise_ahead(layer, fetch)
+            if started:
+                self.start_cpu = 0.9 * self.start_cpu + 0.1 * (time.thread_time() - t0) / len(started)
         return frozenset(uncached)
 
     def observe(self, layer: int, ranked: list[int], chosen: list[int], uncached: frozenset) -> None:
         """The router chose CHOSEN where RANKED was guessed: update the per-rank probabilities that an uncached
         guess is chosen."""
-        p = self._probs(layer)
+        p, q = self._probs(layer), self._uncached(layer)
         for r, e in enumerate(ranked[: self.depth]):
+            q[r] += _ALPHA * ((e in uncached) - q[r])
             if e in uncached:
                 p[r] += _ALPHA * ((e in chosen) - p[r])
