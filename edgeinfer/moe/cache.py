@@ -38,6 +38,20 @@ from .budget import cache_budget
 from .experts import CachedExpert
 from .residency import ResidencyPlan
 
+_TRIM_EVERY = 64 << 20
+
+
+def _find_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
+
 
 @dataclass
 class CacheStats:
@@ -125,6 +139,7 @@ class ExpertCache:
         self.position = (0, -1)  # (token step, layer) the decoder is at: read-ahead behind it is stale
         self.reader = None  # reader.ReaderPool, when reads run on other threads
         self.reads = None  # reads.ReadQueue: reads started ahead on the decode thread (no reader threads)
+        self._freed = 0  # bytes of evicted sessions since memory was last handed back
         self.read_times = ReadTimes()
 
     @property
@@ -164,6 +179,8 @@ class ExpertCache:
         i, e = victim
         entry = self.layers[i].pop(e)
         self._free.append(entry.slot)
+        if entry.weights is None:  # a session of its own: its memory goes back to the allocator
+            self._freed += self.expert_bytes
         self.count -= 1
         self.stats.evictions += 1
         ghosts = self._ghosts[i]
@@ -380,9 +397,13 @@ class ExpertCache:
         return [found[e] for e in experts]
 
     def end_token(self) -> None:
-        """Between tokens (reads queue): take back the buffers of finished dropped reads."""
+        """Between tokens: take back the buffers of finished dropped reads; give evicted sessions' memory back
+        to the system now and then (freed by the allocator, it otherwise stays resident in its arenas)."""
         if self.reads is not None:
             self.reads.end_token()
+        if self._freed >= _TRIM_EVERY and _malloc_trim is not None:
+            self._freed = 0
+            _malloc_trim(0)
 
     def advise_needed(self, layer: int, experts: list[int]) -> None:
         """Start reading the experts of LAYER that are not cached (before guessing the next layer's, whose

@@ -7,11 +7,10 @@ experts are usually cached already, so an uncached guess is right less often tha
 as a whole). Costs are in seconds, measured:
 
 - *saved*, what a right guess takes off the decode thread's critical path. With reader threads, a
-  record's read (they read and widen it into a slot ahead). With the kernel's read-ahead (the
-  default: the guess is asked of the kernel, POSIX_FADV_WILLNEED, and lands in the page cache,
-  not in a slot; the decode thread still copies and widens it when needed), the decode thread's
-  seconds per record read cold minus per record asked ahead (cache.read_times) -- which is
-  nothing when the disk keeps up and the CPU is the bottleneck;
+  record's read (they read and widen it into a slot ahead). Without (the default: the guess's read
+  is started into a scratch buffer, reads.py, and the decode thread widens it when its layer needs
+  it), the decode thread's measured wait per record read cold minus per record started ahead
+  (cache.read_times);
 - *wasted*, a wrong guess's disk time, which costs as much as the disk is busy (u: the readers'
   busy share, or the share of time the decode thread waited for reads), plus the decode thread's
   CPU time to start the read, plus, with reader threads and no free slot, the eviction it causes: a
@@ -40,16 +39,17 @@ from .cache import ExpertCache
 from .reader import ReaderPool
 
 _ALPHA = 0.05  # smoothing of the per-rank hit probabilities (~20 tokens)
-_EXPLORE = 16  # kernel read-ahead: every this many tokens, read ahead anyway (to keep measuring)
+_EXPLORE = 16  # every this many tokens, read ahead anyway (to keep measuring what it saves)
 
 
 class ReadAhead:
-    """Decides, per layer, which guessed experts to read ahead, and asks the reader pool (or the kernel)
-    for them. Cheap on the decode thread: the threshold is computed once per token, and a layer whose
+    """Decides, per layer, which guessed experts to read ahead, and starts their reads (or asks the reader
+    pool for them). Cheap on the decode thread: the threshold is computed once per token, and a layer whose
     guesses do not pay is not even ranked (but on exploration tokens)."""
 
     def __init__(self, cache: ExpertCache, pool: ReaderPool | None, top_k: int, depth: int | None = None):
-        """POOL: reader threads that read guesses into slots; None: the kernel reads them (cache.advise_ahead)."""
+        """POOL: reader threads that read guesses into slots; None: reads started by this thread
+        (cache.advise_ahead)."""
         self.cache, self.pool, self.top_k = cache, pool, top_k
         self.depth = depth or top_k + 2  # guesses considered per layer
         self.p: dict[int, list[float]] = {}

@@ -211,11 +211,12 @@ def _formats_table() -> list[str]:
             return f"{p['tok_s']:.2f} / {n['tok_s']:.2f}" if p and n else "–"
 
         fmt = result["expert_format"]
-        q = quality.get(qname.get(fmt, fmt), {})
+        q = quality.get(qname.get(fmt, fmt), {}) if model.startswith("moefied") else {}  # random weights: no text
+        ppl = f"{q['perplexity']:.1f}" if q else "–"
         lines.append(f"| {model.split('-')[0]} | {FORMAT_NAMES.get(fmt, fmt)} | "
                      f"{result['record_bytes'] / 1e6:.2f} MB | "
                      f"{result['expert_memory'] / 1e6:.2f} MB | {res['tok_s'] if res else float('nan'):.2f} | "
-                     f"{pair(0.5)} | {pair(0.25)} | {q.get('perplexity', float('nan')):.1f} |")
+                     f"{pair(0.5)} | {pair(0.25)} | {ppl} |")
     loads = sorted({r["loadavg"] for r in found.values()})
     return lines + ["", f"One compute thread throughout; {len(next(iter(found.values()))['runs']) // 5} interleaved "
                     f"rounds; load average at the start: {', '.join(loads)} (`python apps/bench/moe.py all --formats "
@@ -231,6 +232,12 @@ def write_doc(results: dict[str, dict]) -> None:
     write_plot(results)
     lines = [*INTRO, "", "## Read-ahead against on demand, and against the read bound", "",
              *_summary_table(results), "", f"![tok/s against budget]({PLOT.name})", ""]
+    loaded = {m: json.loads(f.read_text()) for m in results if (f := OUT / f"results-{m}-loaded.json").is_file()}
+    if loaded:
+        loads = [r["loadavg"][0] for res in loaded.values() for r in res["runs"] if "loadavg" in r]
+        lines += ["The same commands and code, three rounds, on the same machine while the other agents' jobs held it "
+                  f"busier (1-minute load average {min(loads):.1f}-{max(loads):.1f} during the runs; "
+                  "`build/moe-bench/results-*-loaded.json`):", "", *_summary_table(loaded), ""]
     for model, result in results.items():
         lines += [f"### {model}: every configuration", "", *_detail_table(result), ""]
     formats = _formats_table()

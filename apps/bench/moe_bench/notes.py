@@ -47,6 +47,57 @@ INTRO = [
 ]
 
 NOTES = [
+    "## What the measurements say",
+    "",
+    "- **Read-ahead against on demand.** At load 2-4 (five rounds) read-ahead was faster at every budget on "
+    "both models (medians 1.01-1.20x; 26 of 30 rounds at 1.0x or more, the others 0.86-0.97x, on MoEfied at "
+    "75% and 25% and the random model at 75%). With the machine busier (load 5-10, three rounds, same code) it lost "
+    "at four budgets of six (0.73-0.91x): on a saturated machine a token's wall time follows its CPU time "
+    "(4-6x the CPU time measured at load 9), a wait for the disk overlaps time the process would not have "
+    "had a core anyway, so removing waits gains little while the CPU read-ahead takes (ranking, starting "
+    "reads, wrong guesses) costs several times its CPU time. The policy charges CPU at the measured "
+    "wall/CPU ratio and stops where it does not pay; what remains is its measurement and exploration (one "
+    "token in 16) and reads started for guesses that do not pay after all.",
+    "- **0.8x of the read bound: missed** (0.72 / 0.51 / 0.34 on MoEfied, 0.57 / 0.44 / 0.30 on the random "
+    "model at 75 / 50 / 25%). The bound counts compute and disk; what it leaves out is the CPU each needed "
+    "record costs the decode thread: widening an int4-channel record (0.33 ms alone for 1.3 MB, 0.85 ms per "
+    "record in these runs) and starting and finishing its read. At 25% the random model needs 55 records a "
+    "token from disk: 47 ms/token of widening beside 44 ms/token of compute, so even with no wait at all it "
+    "could reach about 1000 / (44 + 47) = 11 tok/s, 0.49 of the bound; the rest is waiting for the 16% of "
+    "needed records no guess covered and for wrong guesses' reads (81 MB/token read against 70 needed). "
+    "Closing the gap needs that CPU off the decode thread -- on a core that is free (reader threads: they "
+    "lost here, 0.77-0.90x, work handed to a thread waits for it to be scheduled) -- or records that need no "
+    "widening (int8-channel: no widening but 1.87x the bytes, see the formats table).",
+    "- **The store formats.** int4-channel is the smallest record (1.27 MB against 1.51 MB for int4 blocks "
+    "with their sessions and 2.37 MB int8-channel) and under a budget faster than int4 blocks with a session "
+    "per expert (random: 1.8x at 50%, 2.2x at 25%; MoEfied: 1.0x / 1.2x); against int8-channel it is faster "
+    "where reads dominate (random model at 25%: 8.51 against 7.60 tok/s) and not where widening does (random "
+    "at 50%: 0.97x; MoEfied, whose 0.1 MB records read in a fraction of a millisecond: 1.01x at 50%, 0.89x "
+    "at 25%). All experts resident, int4 blocks with prepacked sessions stay the fastest (0.062 ms per "
+    "expert call against 0.227 ms for DynamicQuantizeMatMul, which packs its weight input on every call). "
+    "Quality (SmolLM2, all 16 experts, int4 elsewhere): perplexity 291 int8-channel, 317 int4 blocks "
+    "(asymmetric, a zero point per block), 337 int4-channel (symmetric blocks: its weight error equals "
+    "symmetric int4 blocks', 1.1x the asymmetric ones').",
+    "- **Cheap int4 loads, the options.** onnxruntime 1.32's MatMulNBits with the weights as inputs unpacks "
+    "them on every call (9 ms for one expert) and its QMoE, which could take a layer's slot arena as its "
+    "input, dequantizes the chosen experts on every call (2.4 ms per int4 expert, 0.7 ms int8): both lose to "
+    "widening once at load and calling DynamicQuantizeMatMul.",
+    "- **Routing ahead.** Guessing from the stream after the previous layer's attention (kept) is right more "
+    "often than from the previous layer's input, one attention earlier (0.80 against 0.74 on MoEfied, 0.87 "
+    "against 0.84 random), and decodes faster (read-ahead 0.91x / 0.94x with the input guess at 50%); a small "
+    "router fitted on ~500 calibration tokens does worse than the layer's own router (0.67 / 0.37: too little "
+    "text to fit hidden x experts weights), and two layers ahead loses too.",
+    "- **Residency** (hit rates on demand, deterministic for a given text; `run-one --mode naive "
+    "--resident-fraction F`): resident sets chosen on the calibration text raised the MoEfied model's hit "
+    "rate on the docs from 0.877 (per-layer LRU) to 0.879 / 0.882 / 0.882 (a quarter / half / three quarters "
+    "of each layer's share resident) at 50% and left 25% unchanged (a layer's share is then one token's "
+    "experts); on the random model they lowered it from 0.679 to 0.661 / 0.645 at 50% and from 0.417 to "
+    "0.378 at 25%, its calibration tokens being distributed unlike the benchmark's random ones. So they are "
+    "off by default. The budget split by miss cost against equal shares: 0.877 against 0.875 (MoEfied, 50%). "
+    "Random routers route near-uniformly; the MoEfied routing is skewed (on calibration text the most "
+    "frequent half of a layer's experts takes 74-96% of its routing, median 84%), but per-layer LRU already "
+    "keeps those experts.",
+    "",
     "## Reading the numbers",
     "",
     "- *hit rate*: needed experts that were in memory or whose read had been started ahead; *needed MB/token*: "
@@ -54,29 +105,12 @@ NOTES = [
     "wrong guesses included; *read ahead (used)*: reads started for guesses and how many were then needed; "
     "*wait*: what the decode thread stood still for experts, the widening included; *widen ms/token*: making "
     "records runnable (int4-channel: widening; int8-channel: a copy; int4 blocks: a session each).",
-    "- What keeps read-ahead from the bound here is CPU, not the disk. With the load average at 6-11 on 2 cores "
-    "every process gets a fraction of a core: all resident on 2 threads ran slower than on 1 (a spinning "
-    "onnxruntime pool loses its timeslices), and the work of a miss that a guess cannot hide -- widening the "
-    "record (~0.3 ms for a 1.3 MB record measured alone, 1-1.5 ms in these runs) and submitting its read -- "
-    "sits on the decode thread. A guess only removes the disk's latency. Reader threads, which would widen on "
-    "the other core of a quiet machine, lose here: work handed to a thread waits for it to be scheduled "
-    "(the *reader threads* rows).",
-    "- The routing-ahead table: guessing a layer's experts from the stream after the previous layer's attention "
-    "(the decoder's default) is right more often than guessing from the previous layer's input, one attention "
-    "earlier; a small router fitted on the exporter's calibration text (~500 tokens) from that input does "
-    "worse than applying the layer's own router (too little text to fit hidden x experts weights without "
-    "overfitting), and two layers ahead loses more. The decoder keeps the stream guess; `predict_from=\"input\"` "
-    "is the option, measured in the *guess from layer input* rows.",
-    "- Residency (hit rates on demand, deterministic for a given text; `run-one --mode naive --tokens 64` for "
-    "MoEfied, `--tokens 24` for random): resident sets chosen on the calibration text raised the MoEfied "
-    "model's hit rate on the docs from 0.877 (per-layer LRU) to 0.879 / 0.882 / 0.882 (a quarter / half / three "
-    "quarters of each layer's share resident) at 50%, and left 25% unchanged (0.632: a layer's share is then "
-    "one token's experts); on the random model they lowered it from 0.679 to 0.661 / 0.645 at 50% and from "
-    "0.417 to 0.378 at 25%, its calibration tokens being distributed unlike the benchmark's. The budget split "
-    "by miss cost against equal shares: 0.877 against 0.875 (MoEfied, 50%). Random routers route "
-    "near-uniformly; the MoEfied model's routing is skewed (on calibration text the most frequent half of a "
-    "layer's experts takes 74-96% of its routing, median 84%) but per-layer LRU already keeps those.",
+    "- All resident ran on 1 and on 2 compute threads; on this shared machine 1 was faster (a spinning "
+    "onnxruntime pool loses its timeslices), and the bound uses the all-resident run on the streaming runs' "
+    "own thread count. Peak RSS follows the budget (the arena of slots plus dense weights plus ~150 MB).",
     "- The MoEfied model (top-4 of 16) is for routing, not text: dropping 12 of 16 MLP clusters without "
     "fine-tuning breaks SmolLM2's language model. Store-format quality is measured on the same cut with all 16 "
     "experts active (the dense model again).",
+    "- The disk speed is measured before and after the runs, one O_DIRECT read at a time and 8 in flight; it "
+    "varied 0.3-1.7 GB/s between measurements (the disk is shared too), and the bound uses the fastest.",
 ]
