@@ -64,7 +64,7 @@ def headline(result: dict) -> list[dict]:
     return out
 
 
-def _summary_table(results: dict[str, dict]) -> list[str]:
+def summary_table(results: dict[str, dict]) -> list[str]:
     lines = ["| model | budget | read-ahead tok/s (runs) | on demand tok/s (runs) | read-ahead / on demand "
              "(per round) | read bound tok/s | read-ahead of bound | hit rate ahead / on demand | read MB/token "
              "ahead / on demand | wait ms/token ahead / on demand | peak RSS MB |",
@@ -231,13 +231,13 @@ def write_doc(results: dict[str, dict]) -> None:
 
     write_plot(results)
     lines = [*INTRO, "", "## Read-ahead against on demand, and against the read bound", "",
-             *_summary_table(results), "", f"![tok/s against budget]({PLOT.name})", ""]
+             *summary_table(results), "", f"![tok/s against budget]({PLOT.name})", ""]
     loaded = {m: json.loads(f.read_text()) for m in results if (f := OUT / f"results-{m}-loaded.json").is_file()}
     if loaded:
         loads = [r["loadavg"][0] for res in loaded.values() for r in res["runs"] if "loadavg" in r]
         lines += ["The same commands and code, three rounds, on the same machine while the other agents' jobs held it "
                   f"busier (1-minute load average {min(loads):.1f}-{max(loads):.1f} during the runs; "
-                  "`build/moe-bench/results-*-loaded.json`):", "", *_summary_table(loaded), ""]
+                  "`build/moe-bench/results-*-loaded.json`):", "", *summary_table(loaded), ""]
     for model, result in results.items():
         lines += [f"### {model}: every configuration", "", *_detail_table(result), ""]
     formats = _formats_table()
