@@ -2,12 +2,13 @@
 
 - ``decoder``: ``MoEDecoder``, the per-layer graphs with the routed experts in between, and the
   guesses of the next layer's experts (routing ahead);
-- ``store``: ``ExpertStore``, the expert records of ``experts.bin`` (index and checksums checked);
+- ``store``: ``ExpertStore``, the expert records of ``experts.bin`` (index, format, checksums checked);
 - ``formats``: what a record holds and what a cached expert holds (int4/int8-channel, sessions);
 - ``experts``: making records runnable on the package's execution target (slots, shared graph);
 - ``cache``: ``ExpertCache``, the loaded experts within the budget, its eviction rules, ``CacheStats``;
-- ``reader``: ``ReaderPool``, reader threads with several reads in flight, demand reads first;
+- ``reads`` / ``aio``: reads started ahead and finished when needed, without threads (native AIO);
+- ``reader``: ``ReaderPool``, the reader-thread option (demand reads first);
 - ``prefetch``: ``ReadAhead``, which guesses are worth reading ahead, per layer, from measured costs;
-- ``residency``: the budget split across layers by miss cost, and the resident experts;
+- ``residency``: the budget split across layers by miss cost, and optional resident experts;
 - ``budget``: what a cached expert costs and the smallest budget the cache accepts.
 """
