@@ -163,3 +163,22 @@ def test_expert_sessions_and_kv_follow_the_execution_target(moe_models):  # noqa
         entry = dec.cache.acquire(0, [0])[0]
         assert entry.session.get_providers() == [target.ort_name]
         dec.close()
+
+
+def test_reads_fall_back_when_the_kernel_refuses_aio(moe_models):  # noqa: F811
+    import edgeinfer
+
+    _, _, pkg = moe_models("qwen3_moe")
+    plain = edgeinfer.load(pkg).complete(PROMPT, max_new_tokens=8, ignore_eos=True).tokens
+    model = edgeinfer.load(pkg, memory_budget=few_experts_budget(pkg))
+    reads = model.decoder.cache.reads
+    if reads.mode != "aio":
+        pytest.skip("no native AIO here")
+
+    def refuse(fd, batch):
+        raise OSError(22, "Invalid argument")
+
+    reads.aio.submit = refuse
+    res = model.complete(PROMPT, max_new_tokens=8, ignore_eos=True)
+    assert res.tokens == plain and reads.mode in ("kernel", "sync") and res.stats["experts"]["misses"] > 0
+    model.decoder.close()

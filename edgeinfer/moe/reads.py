@@ -92,13 +92,29 @@ class ReadQueue:
         bufs = [bufs[i] for i in order]
         tags: list = [None] * len(started)
         if self.aio is not None:
-            tags = self.aio.submit(self.store.direct_fd, [(self.store.records[k][0], self.size, self._addresses[b])
-                                                          for k, b in zip(started, bufs)])
-        elif self.mode == "kernel":
+            try:
+                tags = self.aio.submit(self.store.direct_fd, [(self.store.records[k][0], self.size,
+                                                               self._addresses[b]) for k, b in zip(started, bufs)])
+            except OSError:  # the kernel refuses AIO on this file after all: read through the page cache
+                self._without_aio()
+        if self.mode == "kernel":
             self.store.advise(started)
         for k, b, t in zip(started, bufs, tags):
             self.pending[k] = (b, t, speculative)
         return started
+
+    def _without_aio(self) -> None:
+        """Fall back to reads through the page cache (reads already submitted are waited for first)."""
+        in_flight = [tag for _, tag, _ in self.pending.values() if tag is not None]
+        in_flight += [tag for _, tag in self._abandoned]
+        self.aio.wait([t for t in in_flight if t not in self.aio.done])  # the disk is done with every buffer
+        self.aio.close()
+        self.aio = None
+        self.pending = {k: (b, None, spec) for k, (b, _, spec) in self.pending.items()}
+        self._free.extend(b for b, _ in self._abandoned)
+        self._abandoned = []
+        self.store.use_page_cache()
+        self.mode = "kernel" if self.store.kernel else "sync"
 
     def _extra(self) -> int:
         """A buffer beyond the pool's bound, for a demand read (the pool shrinks back as they return)."""
@@ -128,7 +144,9 @@ class ReadQueue:
                     for t in done:
                         k = tags[t]
                         got = self.aio.done.pop(t)
-                        if got != self.size:
+                        if got < 0:  # the kernel refused this read (say EAGAIN): do it now
+                            self.store.read_into([k], [self._views[entries[k][0]]])
+                        elif got != self.size:
                             self.store.short_read(k, got)
                         ready.append(k)
                 else:
@@ -148,8 +166,8 @@ class ReadQueue:
     def _settle(self, entries: list[tuple]) -> None:
         """Buffers of reads that will not be used (an error): back to the pool once the disk is done."""
         for b, tag, _ in entries:
-            if tag is None or tag in self.aio.done:
-                if tag is not None:
+            if tag is None or self.aio is None or tag in self.aio.done:
+                if tag is not None and self.aio is not None:
                     self.aio.done.pop(tag)
                 self._free.append(b)
             else:
