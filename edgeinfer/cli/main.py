@@ -76,9 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter-rank", type=int, default=None, help="low-rank exit adapters (default: full rank)")
     e.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=None,
                    help="quantize the LM head (and tied embedding) to this many bits")
-    e.add_argument("--expert-bits", type=int, choices=[8], default=None,
-                   help="sparse MoE: store routed experts as per-channel int8 fed to one shared graph (no "
-                   "session per loaded expert: cheap to stream; docs/moe.md)")
+    e.add_argument("--expert-bits", type=int, choices=[4, 8], default=None,
+                   help="sparse MoE: store routed experts as per-channel int8 (8) or int4 with block "
+                   "multipliers (4), fed to one shared graph (no session per loaded expert: cheap to stream; "
+                   "docs/moe.md)")
     e.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128])
     e.add_argument("--quant-method", default=None, choices=["hqq", "mse", "rtn"],
                    help="how int4/int8 blocks are fitted to float weights (default: hqq for 4-bit weights -- a "
