@@ -107,11 +107,10 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
         from edgeinfer.export.moe.graph import export_moe_source
 
         refuse_unused("moe", given)
-        manifest = export_moe_source(src, out, precision, max_context=max_context, stages=stages, exits=exits,
-                                     force=force, lm_head_bits=lm_head_bits, block_size=block_size,
-                                     accuracy_level=accuracy_level, symmetric=symmetric, progress=progress,
-                                     expert_bits=expert_bits)
-        return ExportResult(out, manifest, sum(m["size"] for m in manifest["files"].values()))
+        return export_moe_source(src, out, precision, max_context=max_context, stages=stages, exits=exits,
+                                 force=force, lm_head_bits=lm_head_bits, block_size=block_size,
+                                 accuracy_level=accuracy_level, symmetric=symmetric, progress=progress,
+                                 expert_bits=expert_bits)
     if expert_bits is not None:
         raise ExportError(f"--expert-bits applies to sparse-MoE models only, not {model_type or 'this model'}.")
     if model_type not in FAMILIES:

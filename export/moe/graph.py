@@ -21,10 +21,12 @@ stream to predict — and prefetch — the next layer's experts.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from edgeinfer.export.base import ExportResult, PackageBuild
 from edgeinfer.export.decoder import graph as dg
 from edgeinfer.export.graph.blocks import (
     AttentionIO,
@@ -40,7 +42,6 @@ from edgeinfer.export.graph.blocks import (
 from edgeinfer.export.graph.onnx_graph import MS_DOMAIN, GraphBuilder
 from edgeinfer.export.moe.calibrate import calibrate
 from edgeinfer.export.moe.expert_store import ExpertStoreWriter
-from edgeinfer.export.package_writer import staging_folder, write_manifest
 from edgeinfer.export.progress import progress_bar
 from edgeinfer.models.moe import (
     LayerExperts,
@@ -200,8 +201,8 @@ def _placeholder(g: GraphBuilder, t: dict) -> None:
 
 
 def export_moe(src, out: Path, spec: MoESpec, prec: Precision, ctx: int, force: bool, progress,
-               expert_bits: int | None = None, calibrate_routing: bool = True) -> dict:
-    """Write the package; returns its manifest. ``src`` is a SourceModel (its state dict may be lazy).
+               expert_bits: int | None = None, calibrate_routing: bool = True) -> ExportResult:
+    """Write the package. ``src`` is a SourceModel (its state dict may be lazy).
 
     EXPERT_BITS=8/4 stores the routed experts as ``int8-channel``/``int4-channel`` records (fed to
     one shared graph); None stores them at the package precision. CALIBRATE_ROUTING runs the package
@@ -216,16 +217,8 @@ def export_moe(src, out: Path, spec: MoESpec, prec: Precision, ctx: int, force: 
             if k % prec.block_size or (expert_bits and k % 2):
                 raise ExportError(f"--block-size {prec.block_size} does not divide the {what} {k}: "
                                   "choose a smaller power of two.")
-    with staging_folder(out, force) as tmp:
-        (tmp / "graphs").mkdir()
-        graphs = []
-
-        def save(builder: GraphBuilder, entry: dict) -> None:
-            rel = f"graphs/{builder.name}.onnx"
-            builder.save(tmp / rel)
-            graphs.append({**entry, "name": builder.name, "path": rel,
-                           "inputs": [v.name for v in builder.inputs], "outputs": [v.name for v in builder.outputs]})
-
+    with PackageBuild(out, force) as build:
+        tmp, save, graphs = build.folder, build.save_graph, build.graphs
         save(build_embed(spec, sd, prec), {"role": "embed"})
         store = ExpertStoreWriter(tmp / STORE_FILE, STORE_FILE, d.layers, spec.num_experts,
                                   {None: prec.name, 4: CHANNEL_INT4, 8: CHANNEL_INT8}[expert_bits], prec.block_size,
@@ -249,11 +242,12 @@ def export_moe(src, out: Path, spec: MoESpec, prec: Precision, ctx: int, force: 
         save(_renamed(dg.build_exit_head(d, sd, prec), "head"), {"role": "head"})
         np.save(tmp / ROUTERS_FILE, routers)
         np.save(tmp / ROUTER_NORMS_FILE, norms)
-        (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
-        manifest = write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs, index))
+        build.write_tokenizer(src.tokenizer_json)
+        manifest = _manifest(src, spec, prec, ctx, graphs, index)
+        build.write_manifest(manifest)
         if index["layers"] and calibrate_routing:  # routing on calibration text: residency and layout
-            manifest = write_manifest(tmp, {**manifest, "moe": calibrate(tmp, manifest["moe"], STORE_FILE)})
-        return manifest
+            build.write_manifest(dataclasses.replace(manifest, moe=calibrate(tmp, manifest.moe, STORE_FILE)))
+    return build.result()
 
 
 def _renamed(g: GraphBuilder, name: str) -> GraphBuilder:
@@ -285,8 +279,8 @@ def _manifest(src, spec: MoESpec, prec: Precision, ctx: int, graphs: list[dict],
 
 def export_moe_source(src, out: Path, precision: str, *, max_context: int | None, stages, exits, force: bool,
                       lm_head_bits: int | None, block_size: int, accuracy_level: int, symmetric: bool,
-                      progress: bool, expert_bits: int | None = None) -> dict:
-    """``export_model`` for MoE families: checks the options, then writes the package; returns its manifest."""
+                      progress: bool, expert_bits: int | None = None) -> ExportResult:
+    """``export_model`` for MoE families: checks the options, then writes the package."""
     from edgeinfer.models.moe import spec_from_config
 
     if stages or exits:
