@@ -49,13 +49,14 @@ def synthetic_prompt(model, n: int) -> list[int]:
 def bench_package(path: str, prompt: str = "What is the capital of France?", chat: bool = True,
                   prompt_tokens: int | None = None, new_tokens: int = 128, repeats: int = 5, warmup: int = 1,
                   threads: int | None = None, provider: str = "auto", model=None,
-                  memory_budget: int | str | None = None, allow_fallback: bool = False) -> dict:
+                  memory_budget: int | str | None = None, allow_fallback: bool = False,
+                  kv_dtype: str | None = None) -> dict:
     from . import load
 
     t0 = time.perf_counter()
     if model is None:
         model = load(path, provider=provider, threads=threads, memory_budget=memory_budget,
-                     allow_fallback=allow_fallback)
+                     allow_fallback=allow_fallback, kv_dtype=kv_dtype)
     load_s = time.perf_counter() - t0
     if prompt_tokens:
         ids = synthetic_prompt(model, prompt_tokens)

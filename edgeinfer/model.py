@@ -113,7 +113,7 @@ class Model:
             raise GenerationError(f"parallel must be an integer >= 1 (sequences decoded together), got {parallel!r}.")
         if spec.moe is None:  # MoE budgets bound the expert cache (edgeinfer/moe/)
             check_dense_budget(pkg, memory_budget, max_context, parallel)
-        self.target = resolve_provider(provider, threads, manifest=pkg.manifest, allow_fallback=allow_fallback)
+        self.target = resolve_provider(provider, threads, spec=pkg.spec, allow_fallback=allow_fallback)
         self.tokenizer = TextTokenizer(pkg)
         if spec.graph("monolithic") is not None:
             from .decoders.monolithic import MonolithicDecoder
@@ -334,7 +334,8 @@ class Model:
                                           finish_reason="cancelled", ttft_s=0.0, decode_tok_s=0.0, total_s=0.0)
             return
         try:
-            yield from run_generation(gen, SlotStrategy(self.engine, slot), self.tokenizer, ids, config, 0)
+            yield from run_generation(gen, SlotStrategy(self.engine, slot, self.tokenizer.eos_token_ids),
+                                      self.tokenizer, ids, config, 0)
         finally:
             self.engine.release(slot)
 

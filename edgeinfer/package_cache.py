@@ -131,16 +131,16 @@ def list_cache() -> list[CacheEntry]:
         if not p.is_dir() or p.name.startswith(".") or not (p / MANIFEST).is_file():
             continue
         try:
-            manifest = json.loads((p / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
+            pkg = open_package(p, verify=False)
+            spec = pkg.spec
+        except (EdgeInferError, OSError):
+            continue  # a damaged package: `run` says what is wrong with it
         record = _read_record(root, p.name)
-        size = sum(int(f.get("size", 0)) for f in (manifest.get("files") or {}).values() if isinstance(f, dict))
         created = record.get("created") or datetime.fromtimestamp((p / MANIFEST).stat().st_mtime,
                                                                    timezone.utc).isoformat(timespec="seconds")
-        source = record.get("source") or (manifest.get("source") or {}).get("location", "?")
-        out.append(CacheEntry(p.name, p, str(source), str((manifest.get("quantization") or {}).get("weights", "?")),
-                              size, created))
+        source = record.get("source") or spec.source.get("location", "?")
+        out.append(CacheEntry(p.name, p, str(source), str(spec.quantization.get("weights", "?")),
+                              pkg.size_bytes, created))
     return sorted(out, key=lambda e: e.created, reverse=True)
 
 

@@ -314,7 +314,7 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8080, api_key: str 
           provider: str = "auto", threads: int | None = None, max_context: int | None = None,
           little: str | None = None, strategy: str = "plain", strategy_options: dict | None = None,
           parallel: int = 1, prompt_cache: bool = True, prompt_cache_dir: str | None = None,
-          prompt_cache_bytes=None) -> None:
+          prompt_cache_bytes=None, kv_dtype: str | None = None) -> None:
     """Serve PACKAGE; long prompts' KV is saved to the prompt cache and restored after a restart unless
     PROMPT_CACHE is False (docs/prompt-cache.md) or PARALLEL > 1 (each request then prefills its own KV
     slot: docs/batching.md)."""
@@ -336,7 +336,7 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8080, api_key: str 
     if parallel > 1 and cache is not None and prompt_cache_dir is None and prompt_cache_bytes is None:
         cache = None  # on by default, but batched requests prefill their own slots: off, and said below
     model = load(package, provider=provider, threads=threads, max_context=max_context, little=little,
-                 parallel=parallel, prompt_cache=cache)
+                 parallel=parallel, prompt_cache=cache, kv_dtype=kv_dtype)
     app = create_app(model, api_key=api_key, max_queue=max_queue, strategy=strategy,
                      strategy_options=strategy_options)
     together = f", {parallel} requests decoded together (no prompt cache)" if parallel > 1 else ""

@@ -16,9 +16,9 @@ from edgeinfer.models import FAMILIES, kind_for, spec_for_config
 from edgeinfer.errors import ExportError
 from edgeinfer.package import ExitEntry, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
 
-from .base import ExportResult
+from .base import ExportResult, PackageBuild, refuse_existing
 from .options import DEFAULTS, refuse_unused
-from .package_writer import staging_folder, write_manifest
+from .package_writer import write_manifest
 from .progress import progress_bar
 
 TARGETS = ("cpu", "gpu", "npu")
@@ -57,9 +57,7 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
         raise ExportError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}.")
     if lm_head_bits not in (None, 4, 8) or (lm_head_bits and precision not in (None, "source", "int4", "int8")):
         raise ExportError("--lm-head-bits takes 4 or 8 and applies to source/int4/int8 packages only.")
-    out = Path(out)
-    if out.exists() and not force:
-        raise ExportError(f"'{out}' already exists: choose another -o or pass --force to replace it.")
+    out = refuse_existing(out, force)
     if isinstance(source, str):
         from edgeinfer.export.seq2seq.export import export_seq2seq, seq2seq_source_path
 
@@ -111,11 +109,10 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
         from edgeinfer.export.moe.graph import export_moe_source
 
         refuse_unused("moe", given)
-        manifest = export_moe_source(src, out, precision, max_context=max_context, stages=stages, exits=exits,
-                                     force=force, lm_head_bits=lm_head_bits, block_size=block_size,
-                                     accuracy_level=accuracy_level, symmetric=symmetric, progress=progress,
-                                     expert_bits=expert_bits)
-        return ExportResult(out, manifest, sum(m["size"] for m in manifest["files"].values()))
+        return export_moe_source(src, out, precision, max_context=max_context, stages=stages, exits=exits,
+                                 force=force, lm_head_bits=lm_head_bits, block_size=block_size,
+                                 accuracy_level=accuracy_level, symmetric=symmetric, progress=progress,
+                                 expert_bits=expert_bits)
     if expert_bits is not None:
         raise ExportError(f"--expert-bits applies to sparse-MoE models only, not {model_type or 'this model'}.")
     if model_type not in FAMILIES:
@@ -145,46 +142,40 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
     check_exit_vocab(exit_vocab, exits, spec.vocab)
 
     bar = progress_bar(spec.layers, f"building {precision} graphs", progress)
-    with staging_folder(out, force) as tmp:
-        (tmp / "graphs").mkdir()
-        graphs = []
+    with PackageBuild(out, force) as build:
+        tmp = build.folder
         weights = {**src.state_dict, **src.blocks} if precision == "source" else src.state_dict
         # int8 KV: fp32-KV graphs first, run over calibration text to fix the int8 scales, then rebuilt
         first_kv = KVPrecision("fp32" if kv_dtype == "int8" else kv_dtype)
         for stage in dg.build_stages(spec, weights, prec, ctx, cuts[1:-1], progress=bar.update, kv=first_kv):
-            rel = f"graphs/{stage.name}.onnx"
-            stage.builder.save(tmp / rel)
-            graphs.append(stage.manifest_entry(rel))
+            build.save_graph(stage.builder, stage.manifest_entry(f"graphs/{stage.name}.onnx"))
         bar.close()
         kv = first_kv
         if kv_dtype == "int8":
-            kv = _int8_kv(tmp, src, spec, prec, ctx, graphs, calibration, progress)
+            kv = _int8_kv(tmp, src, spec, prec, ctx, build.graphs, calibration, progress)
             for old in (tmp / "graphs").iterdir():  # onnx appends to an existing external-data file
                 old.unlink()
-            graphs = []
+            build.graphs.clear()
             for stage in dg.build_stages(spec, weights, prec, ctx, cuts[1:-1], kv=kv):
-                rel = f"graphs/{stage.name}.onnx"
-                stage.builder.save(tmp / rel)
-                graphs.append(stage.manifest_entry(rel))
+                build.save_graph(stage.builder, stage.manifest_entry(f"graphs/{stage.name}.onnx"))
         exit_entries = []
         if exits:
-            dg.build_exit_head(spec, weights, prec).save(tmp / "graphs" / "exit_head.onnx")
-            graphs.append({"name": "exit_head", "role": "exit_head", "path": "graphs/exit_head.onnx",
-                           "inputs": [dg.HIDDEN_IN, dg.LOGITS_TO_KEEP], "outputs": [dg.LOGITS]})
+            build.save_graph(dg.build_exit_head(spec, weights, prec),
+                             {"name": "exit_head", "role": "exit_head",
+                              "inputs": [dg.HIDDEN_IN, dg.LOGITS_TO_KEEP], "outputs": [dg.LOGITS]})
             exit_entries = [{"layer": e, "after_stage": cuts.index(e) - 1, "head": "exit_head", "adapter": None}
                             for e in exits]
-        if len(graphs) > 1:
-            _share_stage_weights(tmp, graphs)
-        (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
-        manifest = write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs, exit_entries, target, kv))
+        if len(build.graphs) > 1:
+            _share_stage_weights(tmp, build.graphs)
+        build.write_tokenizer(src.tokenizer_json)
+        build.write_manifest(_manifest(src, spec, prec, ctx, build.graphs, exit_entries, target, kv))
         if exit_adapters:  # fitted on the complete package in the staging folder, then listed in it
-            _add_exit_adapters(tmp, src, graphs, exit_entries, adapter_rank, calibration, progress)
-            manifest = write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs, exit_entries, target, kv))
+            _add_exit_adapters(tmp, src, build.graphs, exit_entries, adapter_rank, calibration, progress)
+            build.write_manifest(_manifest(src, spec, prec, ctx, build.graphs, exit_entries, target, kv))
         if exit_vocab:  # VocabTrim: the exit head keeps the tokens the model uses (export/decoder/vocab_trim.py)
-            add_trimmed_exit_head(tmp, spec, weights, prec, graphs, exit_vocab, calibration, progress)
-            manifest = write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs, exit_entries, target, kv))
-    size = sum(m["size"] for m in manifest["files"].values())
-    return ExportResult(out, manifest, size)
+            add_trimmed_exit_head(tmp, spec, weights, prec, build.graphs, exit_vocab, calibration, progress)
+            build.write_manifest(_manifest(src, spec, prec, ctx, build.graphs, exit_entries, target, kv))
+    return build.result()
 
 
 def _checked_precision(src: SourceModel, precision: str | None, target: str, model_type: str) -> str:
@@ -268,11 +259,10 @@ def _export_npu(src: SourceModel, out: Path, max_context: int | None, force: boo
     if precision not in ("int8", "int4"):
         raise ExportError(f"the npu target stores int8 (or int4) weights, not {precision}: pass --precision int8.")
     weight_bits = 4 if precision == "int4" else 8
-    manifest, size = export_npu(
+    return export_npu(
         src, out, max_context=max_context, force=force, prefill_chunk=prefill_chunk, calibration=calibration,
         activation_bits=activation_bits, weight_bits=weight_bits,
         manifest_base=lambda spec: _manifest(src, spec, Precision("fp32"), 0, [], []))
-    return ExportResult(out, manifest, size)
 
 
 def _export_monolithic(src: SourceModel, out: Path, precision: str, max_context: int | None, force: bool,
@@ -284,13 +274,12 @@ def _export_monolithic(src: SourceModel, out: Path, precision: str, max_context:
           "monolithic graph (plain and lookup decoding only; no stages or exits).", file=sys.stderr)
     limit = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or DEFAULT_MAX_CONTEXT)
     ctx = int(max_context or min(limit, DEFAULT_MAX_CONTEXT))
-    with staging_folder(out, force) as tmp:
-        (tmp / "graphs").mkdir()
-        entry, io, kv = export_monolithic(src, tmp / "graphs", precision, block_size)
-        (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
+    with PackageBuild(out, force) as build:
+        entry, io, kv = export_monolithic(src, build.folder / "graphs", precision, block_size)
+        build.write_tokenizer(src.tokenizer_json)
         from edgeinfer import __version__
 
-        manifest = write_manifest(tmp, Manifest(
+        build.write_manifest(Manifest(
             kind="decoder", family=cfg.get("model_type"), name=src.name,
             source={"kind": src.kind, "location": src.location, "model_type": cfg.get("model_type")},
             exporter={"edgeinfer": __version__, "via": "optimum"},
@@ -308,7 +297,7 @@ def _export_monolithic(src: SourceModel, out: Path, precision: str, max_context:
             tokenizer=TokenizerSpec.from_dict({"file": "tokenizer.json", "chat_template": src.chat_template,
                                                **src.special}),
             generation={"max_new_tokens": 256, **src.generation}))
-    return ExportResult(out, manifest, sum(m["size"] for m in manifest["files"].values()))
+    return build.result()
 
 
 def _manifest(src: SourceModel, spec, prec: Precision, ctx: int, graphs: list[dict], exits: list[dict],
@@ -349,7 +338,7 @@ def _int8_kv(tmp: Path, src: SourceModel, spec, prec: Precision, ctx: int, graph
         print("calibrating int8 KV scales on calibration text...", file=sys.stderr)
     write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs, []))
     pkg = open_package(tmp, verify=False)
-    decoder = StagedDecoder(pkg, resolve_provider("cpu", None, manifest=pkg.manifest), max_context=ctx)
+    decoder = StagedDecoder(pkg, resolve_provider("cpu", None, spec=pkg.spec), max_context=ctx)
     samples = calibration_samples(src.tokenizer_json, calibration, min(ctx, 512))
     keys, values = kv_precision.measure_kv_ranges(decoder, samples)
     del decoder

@@ -44,7 +44,7 @@ def spec_from_hf(config: dict) -> Seq2SeqSpec:
 
 def weights_from_hf(sd: dict[str, np.ndarray], spec: Seq2SeqSpec) -> dict[str, np.ndarray]:
     m = WeightMap(sd)
-    w, take, attn = m.w, m.linear, m.attention
+    w, take = m.w, m.linear
     offset = _POSITION_OFFSET[spec.family]
 
     for side, layers in (("enc", spec.encoder_layers), ("dec", spec.decoder_layers)):
@@ -57,18 +57,7 @@ def weights_from_hf(sd: dict[str, np.ndarray], spec: Seq2SeqSpec) -> dict[str, n
         if f"{root}.layer_norm.weight" in sd:
             take(f"{side}.norm", f"{root}.layer_norm")
         for i in range(layers):
-            s = f"{root}.layers.{i}"
-            if side == "enc":
-                take(f"enc.{i}.attn_norm", f"{s}.self_attn_layer_norm")
-                attn(f"enc.{i}.attn", f"{s}.self_attn")
-            else:
-                take(f"dec.{i}.self_norm", f"{s}.self_attn_layer_norm")
-                attn(f"dec.{i}.self", f"{s}.self_attn")
-                take(f"dec.{i}.cross_norm", f"{s}.encoder_attn_layer_norm")
-                attn(f"dec.{i}.cross", f"{s}.encoder_attn")
-            take(f"{side}.{i}.mlp_norm", f"{s}.final_layer_norm")
-            take(f"{side}.{i}.fc1", f"{s}.fc1")
-            take(f"{side}.{i}.fc2", f"{s}.fc2")
+            m.bart_layer(side, i, f"{root}.layers.{i}")
     head = sd.get("lm_head.weight")
     if head is not None and not np.array_equal(head, w["dec.embed"]):
         w["lm_head.w"] = head

@@ -82,3 +82,19 @@ class WeightMap:
     def attention(self, dst: str, src: str) -> None:
         for a, b in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
             self.linear(f"{dst}.{a}", f"{src}.{b}")
+
+    def bart_layer(self, side: str, i: int, src: str) -> None:
+        """Layer I of the encoder (SIDE "enc") or decoder ("dec") from a BART-style layer SRC
+        (self_attn, encoder_attn on the decoder side, fc1/fc2, one layer norm each): BART,
+        mBART, Marian and Whisper name their layers alike in transformers."""
+        if side == "enc":
+            self.linear(f"enc.{i}.attn_norm", f"{src}.self_attn_layer_norm")
+            self.attention(f"enc.{i}.attn", f"{src}.self_attn")
+        else:
+            self.linear(f"dec.{i}.self_norm", f"{src}.self_attn_layer_norm")
+            self.attention(f"dec.{i}.self", f"{src}.self_attn")
+            self.linear(f"dec.{i}.cross_norm", f"{src}.encoder_attn_layer_norm")
+            self.attention(f"dec.{i}.cross", f"{src}.encoder_attn")
+        self.linear(f"{side}.{i}.mlp_norm", f"{src}.final_layer_norm")
+        self.linear(f"{side}.{i}.fc1", f"{src}.fc1")
+        self.linear(f"{side}.{i}.fc2", f"{src}.fc2")

@@ -105,30 +105,18 @@ def spec_from_hf(config: dict) -> Seq2SeqSpec:
 
 def weights_from_hf(sd: dict[str, np.ndarray], spec: Seq2SeqSpec) -> dict[str, np.ndarray]:
     m = WeightMap(sd)
-    w, take, attn = m.w, m.linear, m.attention
+    w, take = m.w, m.linear
     e, d = "model.encoder", "model.decoder"
     take("enc.conv1", f"{e}.conv1")
     take("enc.conv2", f"{e}.conv2")
     w["enc.pos"] = sd[f"{e}.embed_positions.weight"]
     for i in range(spec.encoder_layers):
-        s = f"{e}.layers.{i}"
-        take(f"enc.{i}.attn_norm", f"{s}.self_attn_layer_norm")
-        attn(f"enc.{i}.attn", f"{s}.self_attn")
-        take(f"enc.{i}.mlp_norm", f"{s}.final_layer_norm")
-        take(f"enc.{i}.fc1", f"{s}.fc1")
-        take(f"enc.{i}.fc2", f"{s}.fc2")
+        m.bart_layer("enc", i, f"{e}.layers.{i}")
     take("enc.norm", f"{e}.layer_norm")
     w["dec.embed"] = sd[f"{d}.embed_tokens.weight"]
     w["dec.pos"] = sd[f"{d}.embed_positions.weight"]
     for i in range(spec.decoder_layers):
-        s = f"{d}.layers.{i}"
-        take(f"dec.{i}.self_norm", f"{s}.self_attn_layer_norm")
-        attn(f"dec.{i}.self", f"{s}.self_attn")
-        take(f"dec.{i}.cross_norm", f"{s}.encoder_attn_layer_norm")
-        attn(f"dec.{i}.cross", f"{s}.encoder_attn")
-        take(f"dec.{i}.mlp_norm", f"{s}.final_layer_norm")
-        take(f"dec.{i}.fc1", f"{s}.fc1")
-        take(f"dec.{i}.fc2", f"{s}.fc2")
+        m.bart_layer("dec", i, f"{d}.layers.{i}")
     take("dec.norm", f"{d}.layer_norm")
     head = sd.get("proj_out.weight")
     if head is not None and not np.array_equal(head, w["dec.embed"]):

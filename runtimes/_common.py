@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def needs_target(manifest: dict, targets: tuple[str, ...], provider: str, why: str) -> str | None:
+if TYPE_CHECKING:
+    from edgeinfer.package import Manifest
+
+
+def needs_target(spec: Manifest | None, targets: tuple[str, ...], provider: str, why: str) -> str | None:
     """A refusal unless the package was exported for one of TARGETS."""
-    target = manifest.get("target", "cpu") if manifest else "cpu"
+    target = spec.target if spec is not None else "cpu"
     if target in targets:
         return None
     wanted = " or ".join(f"--target {t}" for t in targets)

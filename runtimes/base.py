@@ -28,6 +28,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edgeinfer.errors import PackageError, ProviderError
+from edgeinfer.package import Manifest
 
 from . import coreml, cpu, cuda, directml, openvino, qnn, tensorrt, xnnpack
 from .provider import Provider
@@ -74,8 +75,8 @@ AUTO_ORDER = {
 _registered_plugins: dict[str, str] = {}  # ort name -> library path, once per process
 
 
-def package_target(manifest: dict | None) -> str:
-    return (manifest or {}).get("target", "cpu")
+def package_target(spec: Manifest | None) -> str:
+    return spec.target if spec is not None else "cpu"
 
 
 def plugin_devices(p: Provider) -> list:
@@ -129,7 +130,7 @@ def _describe_device(d) -> dict:
             "vendor": hw.vendor, "metadata": dict(d.ep_metadata)}
 
 
-def resolve_provider(name: str = "auto", threads: int | None = None, manifest: dict | None = None,
+def resolve_provider(name: str = "auto", threads: int | None = None, spec: Manifest | None = None,
                      allow_fallback: bool = False, cpu_fallback: bool = True) -> ExecutionTarget:
     """The provider a package runs on.
 
@@ -139,7 +140,7 @@ def resolve_provider(name: str = "auto", threads: int | None = None, manifest: d
     CPU_FALLBACK: False makes every node run on the provider (a session it cannot fully take fails).
     """
     name = (name or "auto").lower()
-    target = package_target(manifest)
+    target = package_target(spec)
     if name != "auto" and name not in PROVIDERS:
         raise ProviderError(f"unknown execution provider '{name}': choose one of auto, {', '.join(PROVIDERS)}.")
     have = available_providers()
@@ -147,7 +148,7 @@ def resolve_provider(name: str = "auto", threads: int | None = None, manifest: d
         order = AUTO_ORDER.get(target, ["cpu"])
         skipped = []
         for short in order:
-            refusal = _refusal(short, have, manifest)
+            refusal = _refusal(short, have, spec)
             if refusal is None and _emulated(short):
                 refusal = f"{short} runs on an emulator here"
                 skipped.append(refusal)
@@ -159,7 +160,7 @@ def resolve_provider(name: str = "auto", threads: int | None = None, manifest: d
         return _fallback_or_raise(f"this package was exported for {target} and none of its providers "
                                   f"({', '.join(order)}) is available here (available: {', '.join(have)})",
                                   threads, allow_fallback, hint=_target_hint(target))
-    refusal = _refusal(name, have, manifest)
+    refusal = _refusal(name, have, spec)
     if refusal is not None:
         return _fallback_or_raise(refusal, threads, allow_fallback,
                                   hint=PROVIDERS[name].install if name not in have else _target_hint(target))
@@ -172,10 +173,10 @@ def _emulated(short: str) -> bool:
     return provider.emulated(plugin_devices(provider))
 
 
-def _refusal(short: str, have: list[str], manifest: dict | None) -> str | None:
+def _refusal(short: str, have: list[str], spec: Manifest | None) -> str | None:
     if short not in have:
         return f"{short} is not available here (available: {', '.join(have)})"
-    return PROVIDERS[short].accepts(manifest or {})
+    return PROVIDERS[short].accepts(spec)
 
 
 def _target_hint(target: str) -> str:
@@ -198,12 +199,12 @@ def _target(short: str, threads, allow_fallback: bool, cpu_fallback: bool, reaso
                            allow_fallback=allow_fallback, cpu_fallback=cpu_fallback, reason=reason)
 
 
-def create_session(path: Path, target: ExecutionTarget, manifest: dict | None = None) -> ort.InferenceSession:
+def create_session(path: Path, target: ExecutionTarget, spec: Manifest | None = None) -> ort.InferenceSession:
     """One inference session for a graph of a (verified) package (MANIFEST: for package-specific settings)."""
     provider = PROVIDERS[target.name]
     so = provider.session_options(target.threads)
     so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-    for key, value in provider.session_config(manifest or {}).items():
+    for key, value in provider.session_config(spec).items():
         so.add_session_config_entry(key, value)
     if target.name != "cpu" and not target.cpu_fallback:
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
@@ -224,7 +225,7 @@ def create_session(path: Path, target: ExecutionTarget, manifest: dict | None = 
             log.warning("edgeinfer: the %s provider could not load '%s' (%s): falling back to the cpu provider",
                         target.name, path.name, msg)
             target.fallbacks.append(path.name)
-            return create_session(path, _target("cpu", target.threads, False, True, "fallback"), manifest)
+            return create_session(path, _target("cpu", target.threads, False, True, "fallback"), spec)
         raise ProviderError(f"the {target.name} provider could not load graph '{path.name}' ({msg}): pass "
                             "--fallback (allow_fallback=True) to run on the cpu instead.") from None
 

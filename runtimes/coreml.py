@@ -8,6 +8,11 @@ package would run almost entirely on the CPU fallback, so it is refused.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edgeinfer.package import Manifest
+
 from . import cpu
 from ._common import needs_target
 from .provider import Provider
@@ -24,8 +29,8 @@ def provider_options() -> dict:
     return {"ModelFormat": "MLProgram", "MLComputeUnits": "ALL", "RequireStaticInputShapes": "1"}
 
 
-def accepts(manifest: dict) -> str | None:
-    return needs_target(manifest, ("npu",), NAME, "needs static shapes and standard ops")
+def accepts(spec: Manifest | None) -> str | None:
+    return needs_target(spec, ("npu",), NAME, "needs static shapes and standard ops")
 
 
 PROVIDER = Provider(name=NAME, ort_name=ORT_NAME, device_kind=DEVICE_KIND, needs=NEEDS, install=INSTALL,

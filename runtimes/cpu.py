@@ -10,6 +10,11 @@ decoded at 23 tok/s with per-session pools and 143 tok/s with the shared pool.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edgeinfer.package import Manifest
+
 import os
 import warnings
 
@@ -39,19 +44,19 @@ def default_threads() -> int:
     return max(1, n)
 
 
-def session_config(manifest: dict) -> dict:
+def session_config(spec: Manifest | None) -> dict:
     """Session config entries for a package. A static QDQ package with 16-bit activations has no integer
     kernels on the CPU: its weights' DequantizeLinear nodes would run on every call (SmolLM2-135M: 0.9
     tok/s). Treating QDQ as float lets onnxruntime fold them into fp32 weights once at load (5.0 tok/s,
     the same tokens: the activations' Quantize/Dequantize pairs still run, so quantization is simulated
     exactly); it costs fp32 weight memory, acceptable for a fallback."""
-    quant = (manifest or {}).get("quantization", {})
+    quant = spec.quantization if spec is not None else {}
     if quant.get("scheme") == "static-qdq" and str(quant.get("activations", "")).startswith("uint16"):
         return {"session.disable_quant_qdq": "1"}
     return {}
 
 
-def accepts(manifest: dict) -> str | None:
+def accepts(spec: Manifest | None) -> str | None:
     """None: the CPU runs every package (a gpu or npu one more slowly than its own device)."""
     return None
 

@@ -12,6 +12,11 @@ OpenVINO reports.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edgeinfer.package import Manifest
+
 import os
 
 from . import cpu
@@ -46,8 +51,8 @@ def provider_options() -> dict:
     return {"device_type": device_type()}
 
 
-def accepts(manifest: dict) -> str | None:
-    return needs_target(manifest, ("npu",), NAME, "takes only standard ops")
+def accepts(spec: Manifest | None) -> str | None:
+    return needs_target(spec, ("npu",), NAME, "takes only standard ops")
 
 
 PROVIDER = Provider(name=NAME, ort_name=ORT_NAME, device_kind=DEVICE_KIND, needs=NEEDS, install=INSTALL,

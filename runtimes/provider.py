@@ -5,17 +5,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edgeinfer.package import Manifest
 
 
 def _no_library() -> str | None:
     return None
 
 
-def _takes_every_package(manifest: dict) -> str | None:
+def _takes_every_package(spec) -> str | None:
     return None
 
 
-def _no_config(manifest: dict) -> dict:
+def _no_config(spec) -> dict:
     return {}
 
 
@@ -35,6 +39,6 @@ class Provider:
     plugin_library: Callable[[], str | None] = _no_library  # a plugin provider's library, if it ships here
     provider_options: Callable[[], dict] = dict
     companions: Callable[[], list] = list  # other providers its sessions list after it
-    accepts: Callable[[dict], str | None] = _takes_every_package  # a refusal of a package's manifest, or None
-    session_config: Callable[[dict], dict] = _no_config  # session config entries for a package
+    accepts: Callable[[Manifest | None], str | None] = _takes_every_package  # why it refuses a package, or None
+    session_config: Callable[[Manifest | None], dict] = _no_config  # session config entries for a package
     emulated: Callable[[list], bool] = _not_emulated  # its devices are an emulation: auto never picks it

@@ -13,6 +13,11 @@ asks for the highest clocks on a real device (ignored by the emulator).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edgeinfer.package import Manifest
+
 import onnxruntime as ort
 
 from . import cpu
@@ -53,8 +58,8 @@ def emulated(devices: list) -> bool:
     return bool(devices) and all(d.device.type == ort.OrtHardwareDeviceType.CPU for d in devices)
 
 
-def accepts(manifest: dict) -> str | None:
-    return needs_target(manifest, ("npu",), NAME, "(HTP) runs only static-shape QDQ graphs")
+def accepts(spec: Manifest | None) -> str | None:
+    return needs_target(spec, ("npu",), NAME, "(HTP) runs only static-shape QDQ graphs")
 
 
 PROVIDER = Provider(name=NAME, ort_name=ORT_NAME, device_kind=DEVICE_KIND, needs=NEEDS, install=INSTALL,

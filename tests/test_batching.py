@@ -87,6 +87,42 @@ def test_join_mid_stream_and_cancel_one_leave_the_others_intact(pair):
     assert sorted(batched.engine.free) == [0, 1, 2]
 
 
+def test_a_slow_consumer_stop_strings_and_a_full_context_match_decoding_alone(tiny_packages):
+    """The engine samples ahead of a generation's thread (at most LOOKAHEAD tokens): a consumer that
+    takes its time still gets its own tokens, a stop string ends a stream as it does alone, and a
+    sequence that fills its context ends there with "length", as alone."""
+    import time
+
+    from edgeinfer.batching.engine import LOOKAHEAD
+
+    pkg = tiny_packages("llama", "int4")
+    solo, batched = edgeinfer.load(pkg, max_context=96), edgeinfer.load(pkg, max_context=96, parallel=2)
+    ref = solo.complete(PROMPTS[1], max_new_tokens=20, ignore_eos=True)
+    stop = ref.text[len(ref.text) // 2:][:3]
+    stopped = solo.complete(PROMPTS[1], max_new_tokens=20, ignore_eos=True, stop=[stop])
+    full = solo.complete(PROMPTS[3], max_new_tokens=200, ignore_eos=True)
+    assert full.finish_reason == "length" and full.prompt_tokens + full.new_tokens == 97
+
+    def slow(p):
+        ids = []
+        for ev in batched.generate(p, max_new_tokens=20, ignore_eos=True):
+            if ev.source != "flush":
+                ids.append(ev.token_id)
+                time.sleep(0.02)
+        return ids
+
+    def fast(p):
+        return batched.complete(p, max_new_tokens=200, ignore_eos=True)
+
+    got_slow, got_full = _concurrently(lambda f: f[0](f[1]), [(slow, PROMPTS[1]), (fast, PROMPTS[3])])
+    assert got_slow == ref.tokens
+    assert (got_full.tokens, got_full.finish_reason) == (full.tokens, "length")
+    got_stop = batched.complete(PROMPTS[1], max_new_tokens=20, ignore_eos=True, stop=[stop])
+    assert (got_stop.text, got_stop.finish_reason) == (stopped.text, "stop")
+    assert got_stop.tokens == stopped.tokens and LOOKAHEAD >= 1
+    assert sorted(batched.engine.free) == [0, 1] and not batched.engine.runs
+
+
 def test_batching_refuses_what_it_cannot_do(tiny_packages):
     pkg = tiny_packages("llama", "int4")
     model = edgeinfer.load(pkg, parallel=2)

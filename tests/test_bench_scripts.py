@@ -167,26 +167,27 @@ def test_quality_scores_every_engine_alike_and_writes_the_page(tiny_packages, tm
 
 
 def test_moe_bench_entry_script_and_tables():
-    """apps/bench/moe.py finds its parts (apps/bench/moe_bench/); the page's rows and findings come from
-    the runs: bound = min(all-resident, disk bandwidth / missed bytes per token)."""
+    """apps/bench/moe.py finds its parts (apps/bench/moe_bench/); the page's rows come from the runs: bound =
+    min(all resident on the same threads, disk bandwidth / needed bytes per token), read-ahead against on
+    demand per round."""
     r = subprocess.run([sys.executable, str(ROOT / "apps" / "bench" / "moe.py"), "--help"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "run-one" in r.stdout, r.stderr[-2000:]
-    from apps.bench.moe_bench.markdown import findings, summarize
+    from apps.bench.moe_bench.markdown import headline, summarize, summary_table
 
-    def run(mode, frac, tok_s, missed):
-        stats = {"hit_rate": 0.5, "bytes_read_per_token": missed, "prefetch_accuracy": 0.8, "wait_s": 0.1,
-                 "read_s": 0.24, "build_s": 0.0, "late_prefetches": 0, "misses": 1}
-        return {"mode": mode, "budget_fraction": frac, "tok_s": tok_s, "missed_bytes_per_token": missed,
-                "threads": 1, "tokens": 24, "peak_rss_mb": 100.0, "budget_bytes": 10**8, "dense_bytes": 10**7,
-                "stats": stats}
+    def run(mode, frac, tok_s, needed, threads=1):
+        stats = {"hit_rate": 0.5, "bytes_read_per_token": needed, "prefetch_accuracy": 0.8, "wait_s": 0.1,
+                 "read_s": 0.24, "build_s": 0.0, "prefetch_used": 0, "prefetched": 0}
+        return {"mode": mode, "budget_fraction": frac, "tok_s": tok_s, "missed_bytes_per_token": needed,
+                "threads": threads, "tokens": 24, "peak_rss_mb": 100.0, "budget_bytes": 10**8, "stats": stats}
 
-    result = {"disk": {"gb_s": 1.0}, "runs": [run("resident", 1.0, 40.0, 0.0), run("prefetch", 0.5, 8.0, 1e8),
-                                              run("naive", 0.5, 4.0, 1e8)]}
-    rows = {(r["mode"], r["frac"]): r for r in summarize(result)}
-    assert rows[("prefetch", 0.5)]["bound"] == 10.0 and abs(rows[("prefetch", 0.5)]["of_bound"] - 0.8) < 1e-9
-    text = "\n".join(findings(result))
-    assert "(**2.00x**)" in text and "reaches **0.80** of it" in text
+    result = {"disk": {"gb_s": 1.0}, "runs": [run("resident", 1.0, 20.0, 0.0, None), run("resident", 1.0, 40.0, 0.0),
+                                              run("prefetch", 0.5, 8.0, 1e8), run("naive", 0.5, 4.0, 1e8)]}
+    ahead = summarize(result)[("prefetch", 0.5, 1, "")]
+    assert ahead["bound"] == 10.0 and abs(ahead["of_bound"] - 0.8) < 1e-9  # the 1-thread all-resident run
+    (h,) = headline(result)
+    assert h["ratio"] == 2.0 and h["ratios"] == [2.0]
+    assert "| **2.00x** (2.00) | 10.0 | **0.80** |" in "\n".join(summary_table({"m": result}))
 
 
 def test_prompt_cache_bench_page_and_target(tmp_path):

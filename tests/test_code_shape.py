@@ -65,3 +65,14 @@ def test_the_check_sees_a_foreign_private_use(tmp_path, monkeypatch):
                     "        return other._n == self._n\n")
     assert foreign_private_uses(bad) == ["bad.py:2: ._search", "bad.py:4: imports _helper"]
     assert foreign_private_uses(good) == []
+
+
+MAX_LINES = 500
+LONGER_WITH_A_REASON: dict[str, str] = {}  # path -> why it is one module (none today)
+
+
+def test_no_module_is_over_500_lines_without_a_reason():
+    long = [f"{p.relative_to(ROOT)}: {n} lines" for folder in FOLDERS for p in sorted((ROOT / folder).rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+            and str(p.relative_to(ROOT)) not in LONGER_WITH_A_REASON]
+    assert not long, "split these modules (or give the reason in LONGER_WITH_A_REASON):\n" + "\n".join(long)

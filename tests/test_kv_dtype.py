@@ -156,3 +156,7 @@ def test_kv_dtype_mismatch_and_bad_values_are_refused(kv_packages, tmp_path, cap
     assert main(["run", str(fp32), "hi", "--kv-dtype", "int8", "--max-new-tokens", "2"]) != 0
     err = capsys.readouterr().err
     assert "stores its KV cache as fp32" in err and err.count("\n") == 1
+    for argv in (["bench", str(fp32), "--kv-dtype", "int8", "--repeats", "1"],
+                 ["serve", str(fp32), "--kv-dtype", "int8", "--port", "1"]):  # refused at load, before serving
+        assert main(argv) == 2
+        assert "stores its KV cache as fp32" in capsys.readouterr().err

@@ -1,6 +1,8 @@
 """Sparse MoE: tiny random Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE packages match
 transformers (logits and greedy tokens) with every expert cached and with a cache
-that holds only a few; the expert store and the budget refuse bad input."""
+that holds only a few -- the store laid out by co-activation, reads started ahead,
+guesses from either routing-ahead source; the expert store and the budget refuse
+bad input."""
 
 from __future__ import annotations
 
@@ -95,9 +97,11 @@ def test_parity_with_transformers(moe_models, family):
     hf_model, _, pkg = moe_models(family)
     ref = reference_logits(hf_model, PROMPT)
     greedy = reference_greedy(hf_model, PROMPT, 8)
-    for budget in (None, few_experts_budget(pkg)):
+    few = few_experts_budget(pkg)
+    for budget, predict_from in ((None, "stream"), (few, "stream"), (few, "input")):
         model = edgeinfer.load(pkg, memory_budget=budget)
         dec = model.decoder
+        dec.predict_from = predict_from  # where read-ahead's guesses come from: never what is computed
         got = dec.forward(PROMPT, logits_to_keep=len(PROMPT))
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
         dec.reset()  # one token at a time: the decode path (routing per token, prefetch)
@@ -209,6 +213,47 @@ def test_index_outside_the_store_is_refused(moe_models, tmp_path, entry, message
     (pkg / "edgeinfer.json").write_text(json.dumps(manifest))
     with pytest.raises(PackageError, match=message):
         edgeinfer.load(pkg, verify=False)
+
+
+def test_corrupt_record_is_refused_by_its_checksum(moe_models, tmp_path):
+    import edgeinfer
+
+    pkg = _copy(moe_models("qwen3_moe")[2], tmp_path)
+    index = json.loads((pkg / "edgeinfer.json").read_text())["moe"]["expert_store"]
+    offset = index["layers"]["2"][5][0]
+    with open(pkg / "experts" / "experts.bin", "r+b") as f:  # same size: only the bytes differ
+        f.seek(offset + 100)
+        byte = f.read(1)
+        f.seek(offset + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(PackageError, match="does not match its sha256"):
+        edgeinfer.load(pkg, verify=True)
+    dec = edgeinfer.load(pkg, verify=False).decoder  # unverified at open: the record's own checksum refuses it
+    with pytest.raises(PackageError, match="expert 5 of layer 2 does not match its checksum"):
+        dec.cache.acquire(2, [5])
+    dec.close()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda idx: idx["tensors"][0].update(name="gate_up.other"), "not an input of the expert graph"),
+    (lambda idx: idx["checksums"]["0"].pop(), "checksums do not match its index"),
+    (lambda idx: idx["layers"]["0"].__setitem__(1, list(idx["layers"]["0"][0])), "share one record"),
+    (lambda idx: idx.update(precision="int3-channel"), "format 'int3-channel' is unknown"),
+])
+def test_store_layout_that_does_not_match_is_refused(moe_models, tmp_path, change, message):
+    from edgeinfer.export import export_model
+
+    import edgeinfer
+
+    _, hf, _ = moe_models("olmoe")
+    pkg = tmp_path / "pkg"
+    export_model(str(hf), pkg, "fp32", max_context=64, expert_bits=8, progress=False)
+    manifest = json.loads((pkg / "edgeinfer.json").read_text())
+    change(manifest["moe"]["expert_store"])
+    (pkg / "edgeinfer.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackageError, match=message) as e:
+        edgeinfer.load(pkg, verify=False)
+    assert "re-export" in str(e.value) or "upgrade" in str(e.value)
 
 
 def test_cache_never_exceeds_budget_and_keeps_pinned(moe_models):

@@ -200,13 +200,13 @@ def test_npu_package_runs_entirely_on_qnn_htp(npu_packages, tiny_models):
     from edgeinfer.package import open_package
 
     pkg = open_package(npu_packages("llama"))
-    target = resolve_provider("qnn", manifest=pkg.manifest, cpu_fallback=False)
+    target = resolve_provider("qnn", spec=pkg.spec, cpu_fallback=False)
     decoder = StaticDecoder(pkg, target)
     for graph in (decoder.prefill_graph, decoder.decode_graph):
         placement = node_placement(graph.session)
         assert set(placement) == {"QNNExecutionProvider"} and placement["QNNExecutionProvider"] > 100, placement
     # with CPU fallback allowed (the default) QNN takes every node too: no float conversions at the edges
-    default = StaticDecoder(pkg, resolve_provider("qnn", manifest=pkg.manifest))
+    default = StaticDecoder(pkg, resolve_provider("qnn", spec=pkg.spec))
     assert set(node_placement(default.decode_graph.session)) == {"QNNExecutionProvider"}
     assert decoder.keys[0].dtype == np.uint16
     ids = _prompt(12)
@@ -232,7 +232,7 @@ def test_int4_weights_run_entirely_on_qnn_htp(tiny_models, tmp_path):
     assert {i.data_type for i in m.graph.initializer if i.name.endswith("weight_t_quantized")} == {
         onnx.TensorProto.INT4}
     pkg = open_package(res.path)
-    decoder = StaticDecoder(pkg, resolve_provider("qnn", manifest=pkg.manifest, cpu_fallback=False))
+    decoder = StaticDecoder(pkg, resolve_provider("qnn", spec=pkg.spec, cpu_fallback=False))
     assert set(node_placement(decoder.decode_graph.session)) == {"QNNExecutionProvider"}
     ids = _prompt(8)
     got, ref = _run(decoder, ids, 6), _hf_logits(tiny_models("llama"), ids)

@@ -129,7 +129,7 @@ def test_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch, tiny_models):
 
 @pytest.mark.parametrize("failure", ["disk-full", "crash"])
 def test_failed_export_leaves_no_half_package(home, tiny_models, monkeypatch, failure):
-    from edgeinfer.export import exporter, package_writer
+    from edgeinfer.export import package_writer
 
     real_write = package_writer.write_manifest
 
@@ -138,12 +138,12 @@ def test_failed_export_leaves_no_half_package(home, tiny_models, monkeypatch, fa
             raise OSError(errno.ENOSPC, "No space left on device")
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(exporter, "write_manifest", failing)
+    monkeypatch.setattr(package_writer, "write_manifest", failing)
     with pytest.raises(ExportError if failure == "disk-full" else RuntimeError,
                        match="disk is full" if failure == "disk-full" else "killed"):
         package_cache.cached_package(str(tiny_models("llama")), progress=False)
     assert _leftovers(home) == [] and package_cache.list_cache() == []
-    monkeypatch.setattr(exporter, "write_manifest", real_write)
+    monkeypatch.setattr(package_writer, "write_manifest", real_write)
     assert package_cache.cached_package(str(tiny_models("llama")), progress=False).exported  # lock released
 
 

@@ -67,6 +67,15 @@ def test_bad_processor_parameters_are_refused(llama):
             model.complete("hi", max_new_tokens=2, **kw)
 
 
+def test_cli_refuses_beam_search_on_a_decoder_package(tiny_packages, capsys):
+    from edgeinfer.cli import main
+
+    pkg = str(tiny_packages("llama", "fp32"))
+    for flags in (["--num-beams", "2"], ["--length-penalty", "0.5"]):
+        assert main(["run", pkg, "hi", "--max-new-tokens", "2", *flags]) == 2
+        assert "decodes one sequence" in capsys.readouterr().err
+
+
 def test_the_chain_is_a_no_op_unless_asked():
     from edgeinfer.generation import GenerationConfig
 

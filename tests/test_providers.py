@@ -3,6 +3,7 @@ error, or a logged CPU fallback when allowed), session-creation failures, and ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -14,6 +15,7 @@ from edgeinfer.runtimes import base as runtimes_base
 import edgeinfer
 from edgeinfer.cli import main
 from edgeinfer.errors import ProviderError
+from edgeinfer.package import open_package
 
 EXPECTED = {"cpu", "cuda", "tensorrt", "directml", "coreml", "qnn", "openvino", "xnnpack"}
 
@@ -133,7 +135,8 @@ def test_strict_qnn_refuses_a_graph_it_cannot_take_whole(tiny_packages):
     strict = runtimes_base._target("qnn", None, False, False, "requested")
     with pytest.raises(ProviderError, match="qnn provider could not load graph 'stage0.onnx'"):
         create_session(graph, strict)
-    assert resolve_provider("qnn", manifest={"target": "npu"}).name == "qnn"
+    npu_spec = dataclasses.replace(open_package(tiny_packages("llama", "fp32"), verify=False).spec, target="npu")
+    assert resolve_provider("qnn", spec=npu_spec).name == "qnn"
 
 
 def test_info_lists_providers_and_devices(capsys, tmp_path):

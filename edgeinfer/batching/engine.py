@@ -3,23 +3,33 @@
 Each generation runs the one decode loop (``edgeinfer.generation.loop.run_generation``) in
 the thread that consumes it, with its own sampler (its seed, its logits processors, its
 constraint), stop strings and detokenizer, exactly as an unbatched one. Its strategy,
-:class:`SlotStrategy`, does not run the graphs itself: it hands its prompt or its next
-token to the :class:`BatchEngine` and waits. The engine's thread runs, in turn, one chunk
-of a waiting prompt (PREFILL_CHUNK tokens: a new request never stalls the running streams
-for longer) and one batched step for every sequence that has handed in its token, then
-gives each its logits. A generation takes a slot when it starts (waiting while all slots
-are busy: the queue) and frees it when it ends, is cancelled or is abandoned.
+:class:`SlotStrategy`, does not run the graphs itself: it hands its prompt to the
+:class:`BatchEngine`, then its first token and its sampler, and from then on takes the
+tokens the engine samples for it.
 
-Greedy outputs are those of the same request decoded alone: the rows of a batched step
-are bit-identical to one-sequence steps (tested; measured in apps/bench/batching.py).
+The engine's thread runs, in turn, one chunk of a waiting prompt (PREFILL_CHUNK tokens: a
+new request never stalls the running streams for longer) and one batched step for every
+running sequence; right after the step it samples each sequence's next token with that
+sequence's own sampler and history, queues it for the generation's thread, and feeds it to
+the next step. So a step never waits for the threads that detokenize and stream the tokens
+(they run while the next step computes); a sequence may be at most LOOKAHEAD tokens ahead of
+its consumer. A sequence stops stepping at its end of sequence, at its token budget, when
+its cache is full, or when its generation finishes. A generation takes a slot when it starts
+(waiting while all slots are busy: the queue) and frees it when it ends, is cancelled or is
+abandoned.
+
+Greedy outputs are those of the same request decoded alone, and seeded sampling draws the same
+tokens: the rows of a batched step are bit-identical to one-sequence steps (tested; measured in
+apps/bench/batching.py), and each sequence's sampler sees the same logits and history in the
+same order.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,20 +40,31 @@ from edgeinfer.strategies.base import Strategy
 
 from .slots import PREFILL_CHUNK, SlotCaches
 
-GATHER_S = 0.002  # how long a step waits for the other running sequences to hand in their tokens
+LOOKAHEAD = 4  # tokens the engine may sample ahead of the thread that consumes them
 
 
 class SlotView:
-    """What the decode loop asks of a decoder (length, capacity) for one slot."""
+    """What the decode loop asks of a decoder (length, capacity) for one slot: the length as the
+    generation sees it (its prompt and the tokens it has fed), not the engine's, which runs ahead."""
 
-    def __init__(self, engine: BatchEngine, slot: int):
-        self.engine, self.slot = engine, slot
+    def __init__(self, engine: BatchEngine):
         self.capacity = engine.caches.capacity
         self.vocab_size = engine.decoder.vocab_size
+        self.length = 0
 
-    @property
-    def length(self) -> int:
-        return int(self.engine.caches.lengths[self.slot])
+
+@dataclass
+class SlotRun:
+    """A sequence the engine samples for: its sampler and history, the token it feeds next, and the
+    tokens sampled and not yet taken by its generation (or the error that ended it)."""
+
+    sampler: Sampler
+    history: list[int]
+    eos: set[int]
+    budget: int  # tokens still to sample
+    next_token: int | None
+    out: deque = field(default_factory=deque)
+    done: bool = False
 
 
 class SlotStrategy(Strategy):
@@ -51,17 +72,29 @@ class SlotStrategy(Strategy):
 
     name = "plain"
 
-    def __init__(self, engine: BatchEngine, slot: int):
-        self.engine, self.slot = engine, slot
-        self.decoder = SlotView(engine, slot)
+    def __init__(self, engine: BatchEngine, slot: int, eos_token_ids: set[int]):
+        self.engine, self.slot, self.eos = engine, slot, set(eos_token_ids)
+        self.decoder = SlotView(engine)
+        self.started = False
         self.stats: dict = {"strategy": self.name, "batched": True, "slot": slot}
 
     def prefill(self, ids: list[int]) -> np.ndarray:
-        return self.engine.prefill(self.slot, ids)
+        logits = self.engine.prefill(self.slot, ids)
+        self.decoder.length += len(ids)
+        return logits
 
     def advance(self, token: int, sampler: Sampler, history: list[int]):
-        tok, lp = sampler(self.engine.step(self.slot, token), history)
+        if not self.started:  # from here on the engine samples for this sequence, with its sampler
+            eos = set() if sampler.config.ignore_eos else self.eos
+            budget = self.tokens_left if self.tokens_left is not None else self.decoder.capacity
+            self.engine.start(self.slot, SlotRun(sampler, list(history), eos, budget, token))
+            self.started = True
+        self.decoder.length += 1  # TOKEN is in the cache once the engine has stepped it
+        tok, lp = self.engine.next_token(self.slot)
         return [(tok, lp, "model")]
+
+    def finish(self, sources: dict[str, int]) -> None:
+        self.engine.stop(self.slot)  # before the loop reads the sampler's constraint state
 
 
 class BatchEngine:
@@ -72,9 +105,9 @@ class BatchEngine:
         self.caches = SlotCaches(decoder, slots)
         self.prefill_chunk = PREFILL_CHUNK  # prompt tokens per prefill run, between batched steps
         self.free = list(range(slots))
-        self.decoding: set[int] = set()  # slots whose prompt is in: they step
         self.prefills: deque = deque()  # (slot, ids, future) in arrival order
-        self.steps: dict[int, tuple[int, Future]] = {}  # slot -> (token, future) for the next step
+        self.runs: dict[int, SlotRun] = {}  # slot -> the sequence the engine samples for
+        self.stepping: set[int] = set()  # slots of the step (and sampling) in progress
         self.cond = threading.Condition()
         self.closed = False
         self.stats = {"steps": 0, "rows": 0, "prefill_chunks": 0}  # rows: sequences advanced by those steps
@@ -99,9 +132,8 @@ class BatchEngine:
             return slot
 
     def release(self, slot: int) -> None:
+        self.stop(slot)
         with self.cond:
-            self.decoding.discard(slot)
-            self.steps.pop(slot, None)
             self.prefills = deque(p for p in self.prefills if p[0] != slot)
             self.caches.reset(slot)
             if slot not in self.free:
@@ -116,13 +148,36 @@ class BatchEngine:
             self.cond.notify_all()
         return fut.result()
 
-    def step(self, slot: int, token: int) -> np.ndarray:
-        fut: Future = Future()
+    def start(self, slot: int, run: SlotRun) -> None:
+        """From now on the engine steps SLOT and samples its tokens (RUN.next_token is fed first)."""
         with self.cond:
             self._check_open()
-            self.steps[slot] = (token, fut)
+            if run.budget <= 0:
+                run.done = True
+            self.runs[slot] = run
             self.cond.notify_all()
-        return fut.result()
+
+    def next_token(self, slot: int) -> tuple[int, float | None]:
+        """The next token the engine sampled for SLOT (waiting for the step that makes it)."""
+        with self.cond:
+            run = self.runs.get(slot)
+            while run is not None and not run.out and not run.done and not self.closed:
+                self.cond.wait()
+            if run is None or not run.out:
+                raise GenerationError("this model's batching engine has stopped (closed, or an error above): load "
+                                      "the model again.")
+            item = run.out.popleft()
+            self.cond.notify_all()  # room in the lookahead
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def stop(self, slot: int) -> None:
+        """SLOT is no longer stepped; returns once no step in progress uses its sampler."""
+        with self.cond:
+            self.runs.pop(slot, None)
+            while slot in self.stepping:
+                self.cond.wait()
 
     def _check_open(self) -> None:
         if self.closed:
@@ -141,32 +196,38 @@ class BatchEngine:
         except BaseException as e:  # noqa: BLE001 - a bug here must not leave generations waiting forever
             with self.cond:
                 self.closed = True
-                waiting = [f for _, _, f in self.prefills] + [f for _, f in self.steps.values()]
+                waiting = [f for _, _, f in self.prefills]
                 self.prefills.clear()
-                self.steps.clear()
+                for run in self.runs.values():
+                    run.out.append(e)
+                self.stepping.clear()
+                self.cond.notify_all()
             for fut in waiting:
                 if not fut.done():
                     fut.set_exception(e)
             raise
 
+    def _ready(self) -> dict[int, SlotRun]:
+        return {s: r for s, r in self.runs.items()
+                if r.next_token is not None and not r.done and len(r.out) < LOOKAHEAD}
+
     def _run_loop(self) -> None:
         while True:
             with self.cond:
-                while not self.closed and not self.prefills and not self.steps:
+                while not self.closed and not self.prefills and not self._ready():
                     self.cond.wait()
                 if self.closed:
                     return
-                # let the other running sequences hand in their tokens, briefly, so one step takes them all
-                deadline = time.perf_counter() + GATHER_S
-                while (not self.prefills and len(self.steps) < len(self.decoding)
-                       and (left := deadline - time.perf_counter()) > 0):
-                    self.cond.wait(left)
-                batch, self.steps = self.steps, {}
+                batch = self._ready()
+                self.stepping = set(batch)
                 job = self.prefills[0] if self.prefills else None
             if job is not None:
                 self._prefill_chunk(job)
             if batch:
                 self._step(batch)
+            with self.cond:
+                self.stepping = set()
+                self.cond.notify_all()
 
     def _prefill_chunk(self, job: list) -> None:
         slot, ids, fut = job
@@ -182,8 +243,6 @@ class BatchEngine:
             job[1] = rest
             return
         self._drop_prefill(job)
-        with self.cond:
-            self.decoding.add(slot)
         fut.set_result(np.array(logits, np.float32))
 
     def _drop_prefill(self, job: list) -> None:
@@ -191,14 +250,31 @@ class BatchEngine:
             if self.prefills and self.prefills[0] is job:
                 self.prefills.popleft()
 
-    def _step(self, batch: dict[int, tuple[int, Future]]) -> None:
+    def _step(self, batch: dict[int, SlotRun]) -> None:
+        """One batched step over BATCH's next tokens, then each sequence's next token sampled."""
         try:
-            logits = self.caches.step({s: t for s, (t, _) in batch.items()})
-        except BaseException as e:  # noqa: BLE001 - handed to every waiting generation
-            for _, fut in batch.values():
-                fut.set_exception(e)
+            logits = self.caches.step({s: r.next_token for s, r in batch.items()})
+            sampled = {}
+            for s, r in batch.items():  # each with its own sampler: the same calls as decoding alone
+                tok, lp = r.sampler(logits[s], r.history)
+                r.history.append(tok)
+                sampled[s] = (tok, lp)
+        except BaseException as e:  # noqa: BLE001 - handed to every generation of the step
+            with self.cond:
+                for r in batch.values():
+                    r.out.append(e)
+                    r.done = True
+                self.cond.notify_all()
             return
         self.stats["steps"] += 1
         self.stats["rows"] += len(batch)
-        for s, (_, fut) in batch.items():
-            fut.set_result(logits[s])
+        room = self.caches.capacity
+        with self.cond:
+            for s, r in batch.items():
+                tok, lp = sampled[s]
+                r.out.append((tok, lp))
+                r.budget -= 1
+                r.next_token = tok
+                # the end of the sequence, its budget, or a full cache (TOK could not be fed): no more steps
+                r.done = tok in r.eos or r.budget <= 0 or self.caches.lengths[s] >= room
+            self.cond.notify_all()

@@ -104,8 +104,8 @@ class SlotCaches:
         return self._plans[n]
 
     def step(self, tokens: dict[int, int]) -> dict[int, np.ndarray]:
-        """One token for each slot in TOKENS, in one run of the graphs; each slot's logits (V,),
-        copies (the plan's output buffer is reused by the next step)."""
+        """One token for each slot in TOKENS, in one run of the graphs; each slot's logits (V,), views of
+        the plan's output buffer, valid until the next step (the engine samples from them at once)."""
         n = max(tokens) + 1
         if any(self.lengths[s] + 1 > self.capacity for s in tokens):
             raise ContextLengthError(f"a sequence fills the context of {self.capacity} tokens.")
@@ -119,4 +119,4 @@ class SlotCaches:
             session.run_with_iobinding(b)
         for s in tokens:
             self.lengths[s] += 1
-        return {s: out[s, -1].copy() for s in tokens}
+        return {s: out[s, -1] for s in tokens}

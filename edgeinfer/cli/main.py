@@ -81,9 +81,10 @@ def _parser() -> argparse.ArgumentParser:
                         "the whole model such a drafting head, for use as a little model")
     e.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=None,
                    help="quantize the LM head (and tied embedding) to this many bits")
-    e.add_argument("--expert-bits", type=int, choices=[8], default=None,
-                   help="sparse MoE: store routed experts as per-channel int8 fed to one shared graph (no "
-                   "session per loaded expert: cheap to stream; docs/moe.md)")
+    e.add_argument("--expert-bits", type=int, choices=[4, 8], default=None,
+                   help="sparse MoE: store routed experts as per-channel int8 (8) or int4 with block "
+                   "multipliers (4), fed to one shared graph (no session per loaded expert: cheap to stream; "
+                   "docs/moe.md)")
     e.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128])
     e.add_argument("--quant-method", default=None, choices=["hqq", "mse", "rtn"],
                    help="how int4/int8 blocks are fitted to float weights (default: hqq for 4-bit weights -- a "
@@ -147,6 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("--memory-budget", default=None, help="sparse-MoE packages: memory for cached experts, e.g. "
                    "512MB (default: all experts)")
+    _kv_dtype_arg(b, "KV cache precision the package must have (an alias / .gguf / HF folder is exported so "
+                     "into the cache); default: the package's own")
     b.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("serve", help="serve a package with an OpenAI-compatible HTTP API")
@@ -164,6 +167,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--little", default=None, metavar="PACKAGE", help="little model for speculative|ead|bild")
     s.add_argument("--draft-len", type=int, default=None)
     s.add_argument("--tau", type=float, default=None)
+    _kv_dtype_arg(s, "KV cache precision the package must have (an alias / .gguf / HF folder is exported so "
+                     "into the cache); default: the package's own")
     add_serve_args(s)
     s.set_defaults(func=_cmd_serve)
 
@@ -322,11 +327,9 @@ def _cmd_run(args) -> int:
                   threshold=args.threshold, draft_len=args.draft_len, exit_layer=args.exit_layer, tau=args.tau,
                   window=args.window, min_hold=args.min_hold, fallback_threshold=args.fallback_threshold,
                   rollback_threshold=args.rollback_threshold, pair=args.pair)
-    if (args.num_beams or 1) > 1 or args.length_penalty is not None:
-        return _fail("beam search (--num-beams, --length-penalty) is for encoder-decoder packages: decoder "
-                     "packages decode one sequence (greedy or sampled).")
-    if args.no_repeat_ngram_size is not None:
-        params["no_repeat_ngram_size"] = args.no_repeat_ngram_size
+    for name in ("num_beams", "length_penalty", "no_repeat_ngram_size"):  # the model refuses what it cannot do
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
     if args.max_new_tokens is not None:
         params["max_new_tokens"] = args.max_new_tokens
     else:
@@ -411,7 +414,7 @@ def _cmd_bench(args) -> int:
     report = bench_package(args.package, prompt=args.prompt, chat=args.chat, prompt_tokens=args.prompt_tokens,
                            new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
                            threads=args.threads, provider=args.provider, memory_budget=args.memory_budget,
-                           allow_fallback=args.fallback)
+                           allow_fallback=args.fallback, kv_dtype=args.kv_dtype)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -439,7 +442,7 @@ def _cmd_serve(args) -> int:
           provider=args.provider, threads=args.threads, max_context=args.max_context, little=args.little,
           strategy=args.strategy, strategy_options={"draft_len": args.draft_len, "tau": args.tau},
           parallel=args.parallel, prompt_cache=args.prompt_cache, prompt_cache_dir=args.prompt_cache_dir,
-          prompt_cache_bytes=args.prompt_cache_bytes)
+          prompt_cache_bytes=args.prompt_cache_bytes, kv_dtype=args.kv_dtype)
     return 0
 
 

@@ -62,7 +62,7 @@ class StaticDecoder(Decoder):
         graphs = {role: spec.graph(role) for role in ("static_prefill", "static_decode")}
         if None in graphs.values():
             raise PackageError(f"package '{pkg.root}' lacks its prefill or decode graph: re-export it.")
-        sessions = {role: create_session(pkg.path(g.path), target, pkg.manifest) for role, g in graphs.items()}
+        sessions = {role: create_session(pkg.path(g.path), target, pkg.spec) for role, g in graphs.items()}
         self._setup(sessions["static_prefill"], sessions["static_decode"], static, spec.io,
                     vocab_size=spec.vocab_size, max_context=max_context,
                     quant=(graphs["static_prefill"].io_quantization, graphs["static_decode"].io_quantization))

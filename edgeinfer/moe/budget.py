@@ -1,22 +1,34 @@
 """What the expert cache may hold under a memory budget.
 
-A cached expert's memory is counted in store records: with a session per expert,
-onnxruntime keeps the record's arrays (they are the session's initializers)
-beside its prepacked copy of them (measured on the 1.5 MB int4 experts of
-apps/bench/moe.py: 2.3-2.6 MB per loaded expert; counting two records keeps the
-budget); with the weights fed as graph inputs, the record alone. A budget that
-cannot hold one layer's top-k experts is refused with the minimum.
+A cached expert's memory: with a session per expert, onnxruntime keeps the record's arrays
+(they are the session's initializers) beside its prepacked copy of them (measured on the 1.5 MB
+int4 experts of apps/bench/moe.py: 2.3-2.6 MB per loaded expert; counting two records keeps the
+budget); with the weights fed as graph inputs, one slot of a preallocated arena that holds the
+graph inputs (page-rounded; for int8-channel experts the record itself, read straight into it).
+A budget that cannot hold one layer's top-k experts is refused with the minimum.
 """
 
 from __future__ import annotations
 
 from ..errors import MemoryBudgetError
+from .formats import CHANNEL_INT8, resident_bytes
+
+PAGE = 4096
 
 
-def resident_records(index: dict) -> int:
-    """What one cached expert of this store costs in memory, in store records: the record alone when
-    its weights are graph inputs; the record and onnxruntime's prepacked copy of it otherwise."""
-    return 1 if index.get("weights_as_inputs") else 2
+def expert_memory(index: dict) -> int:
+    """The bytes one cached expert of the store described by INDEX costs (what the budget counts)."""
+    if not index.get("weights_as_inputs"):
+        return resident_bytes(index)
+    need = resident_bytes(index)
+    if index.get("precision") == CHANNEL_INT8:  # read straight into its slot: room for the padded record
+        need = max(need, int(index["record_size"]))
+    return (need + PAGE - 1) // PAGE * PAGE
+
+
+def all_experts_memory(index: dict) -> int:
+    """The bytes every expert of the store costs cached (a budget of 100%)."""
+    return expert_memory(index) * sum(len(recs) for recs in index["layers"].values())
 
 
 def cache_budget(budget: int | None, expert_bytes: int, experts: int, top_k: int) -> int:

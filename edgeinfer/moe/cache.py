@@ -1,31 +1,30 @@
 """The expert cache: loaded experts by (layer, expert), within a byte budget.
 
-How a read record becomes runnable depends on the store's format:
+Bookkeeping only; experts.py makes records runnable, reader.py reads them on other threads,
+residency.py says how the budget is split. The rules:
 
-- int4/int8 block-quantized (or fp32) records: a small onnxruntime session of the
-  package's ``expert_ffn`` graph whose weights are that record (handed over as
-  external initializers, so nothing is copied into a model proto). onnxruntime
-  prepacks the weights when it creates the session, which is what the cache holds.
-  Measured on the benchmark's 1.5 MB int4 experts (docs/moe.md, ``apps/bench/moe.py
-  ffn-options``): fast calls, about 100x faster than MatMulNBits fed the same weights
-  as graph inputs (it unpacks them on every call); its price is the build, 3-6 ms of
-  CPU per load, and memory for the record plus its prepacked copy.
-- ``int8-channel`` records (exported with ``expert_bits=8``, flagged
-  ``weights_as_inputs`` in the index): no session per expert. One shared session of
-  ``expert_ffn`` takes the weights as inputs (DynamicQuantizeMatMul); "building" an
-  expert only wraps its record's arrays in OrtValues (no copy), and the cache holds
-  the record alone. A call costs about twice a prepacked int4 call (the int8 GEMM
-  packs its operand each time), a load only its read.
+- Each layer has a share of the budget (``quota``: equal, or split by measured miss cost) and
+  may have a resident set (its most frequently routed experts on calibration text): a resident
+  expert, once loaded, is never evicted.
+- A demand load (the decoder needs the expert now) evicts the least recently used expert of the
+  layer furthest above its share; experts in use (pinned: the current layer's, and those being
+  read) are never evicted.
+- A speculative load (read ahead for a layer about to run) takes a free slot, or evicts from a
+  layer at or above its share -- the one whose next use is furthest away first, its own layer
+  last -- never a pinned expert (the running layer's chosen ones), a resident one, or one of its
+  own layer's other guesses; if there is no such victim it is skipped.
+- Evicted keys are remembered for a while: a demand miss on one of them is a *regret*, the
+  measured cost of an eviction that read-ahead weighs (prefetch.py).
+- A layer's misses are read together. Without reader threads (the default) their reads are all
+  started at once (reads.py: native AIO, one system call) before the next layer's guesses, and the
+  decode thread makes each record runnable as its read completes; with reader threads, one job per
+  run of records adjacent on disk, all but one handed to the threads, the last read by the decode
+  thread, which then waits for all.
+- Read-ahead without threads: a guess's read is started into a scratch buffer (``advise_ahead``): it
+  takes no slot and evicts nothing; a right guess is made runnable when its layer needs it, a wrong
+  one is dropped.
 
-The budget counts a cached expert as ``store.resident_records`` store records
-(budget.py). Layers are visited in a fixed cycle, which makes plain LRU evict
-exactly the layer about to run; instead each layer gets an equal share of the
-budget and the victim is the least recently used expert of the layer furthest
-above its share. Experts in use (the current layer's) and those being prefetched
-(prefetch.py reads them ahead through ``prefetch_one``) are pinned.
-
-Correctness never depends on prediction: an expert that is neither cached nor
-in flight is read synchronously.
+Correctness never depends on prediction: an expert that is neither cached nor in flight is read.
 """
 
 from __future__ import annotations
@@ -35,11 +34,9 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
-import onnxruntime as ort
-
-from ..errors import PackageError
 from .budget import cache_budget
-from .store import ExpertStore
+from .experts import CachedExpert
+from .residency import ResidencyPlan
 
 _TRIM_EVERY = 64 << 20
 
@@ -58,14 +55,18 @@ _malloc_trim = _find_malloc_trim()
 
 @dataclass
 class CacheStats:
-    hits: int = 0  # needed and already cached
-    late_prefetches: int = 0  # needed while its prefetch was still reading: waited for it
-    misses: int = 0  # needed, neither cached nor in flight: read synchronously
-    prefetched: int = 0  # experts the background reader loaded
+    hits: int = 0  # needed and already cached (including read ahead in time)
+    late_prefetches: int = 0  # needed while its read was in flight: waited for it
+    misses: int = 0  # needed, neither cached nor in flight: read on demand
+    prefetched: int = 0  # experts read ahead
     prefetch_used: int = 0  # ... of which were used before being evicted
+    prefetch_skipped: int = 0  # speculative reads dropped: stale, or no slot they may take
+    regrets: int = 0  # demand misses on an expert evicted not long before
+    evictions: int = 0
+    reads: int = 0  # read calls (a run of adjacent records is one)
     bytes_read: int = 0
-    read_s: float = 0.0  # time spent reading expert records (both threads)
-    build_s: float = 0.0  # time spent turning records into sessions (onnxruntime prepacks the weights)
+    read_s: float = 0.0  # time spent reading expert records (all threads)
+    build_s: float = 0.0  # time spent making records runnable (sessions, or widening into slots)
     wait_s: float = 0.0  # time the decode thread stood still for experts
     predicted: int = 0  # experts predicted for the next layer
     predicted_right: int = 0  # ... that the router then chose
@@ -75,6 +76,8 @@ class CacheStats:
         needed = self.hits + self.late_prefetches + self.misses
         d = dict(self.__dict__)
         d.update(needed=needed, hit_rate=round(self.hits / needed, 4) if needed else None,
+                 # needed experts that came from disk for this use: what a read bound counts
+                 needed_reads=self.misses + self.prefetch_used,
                  prefetch_accuracy=round(self.predicted_right / self.predicted, 4) if self.predicted else None,
                  bytes_read_per_token=round(self.bytes_read / self.tokens) if self.tokens else None,
                  read_s=round(self.read_s, 4), build_s=round(self.build_s, 4), wait_s=round(self.wait_s, 4))
@@ -84,201 +87,215 @@ class CacheStats:
         return CacheStats(**{k: getattr(self, k) - getattr(other, k) for k in self.__dict__})
 
 
-@dataclass(eq=False)  # identity: it holds a session and arrays
-class CachedExpert:
-    """A loaded expert: its session (or, read ahead but not built yet, its record's arrays), and a
-    binding the decoder may attach for one-token runs. With weights as graph inputs the session is
-    the shared one, ``tensors`` stay (the prompt path feeds them) and ``weights`` are OrtValues over
-    them (the one-token binding binds them)."""
+class ReadTimes:
+    """Seconds per record the decode thread spent reading records asked ahead and cold ones (smoothed)."""
 
-    session: ort.InferenceSession | None
-    prefetched: bool = False
-    used: bool = False
-    binding: ort.IOBinding | None = None
-    tensors: dict | None = None
-    weights: dict | None = None
+    def __init__(self):
+        self.ahead = self.cold = None
 
-    def feeds(self) -> dict:
-        """The weight inputs ``session.run`` needs besides the expert input (none for a prepacked session)."""
-        return self.tensors if self.weights is not None else {}
+    def observe(self, ahead: bool, seconds: float) -> None:
+        prev = self.ahead if ahead else self.cold
+        value = seconds if prev is None else 0.9 * prev + 0.1 * seconds
+        if ahead:
+            self.ahead = value
+        else:
+            self.cold = value
 
 
 @dataclass
 class _InFlight:
+    slot: int | None
     done: threading.Event = field(default_factory=threading.Event)
     entry: CachedExpert | None = None
     error: BaseException | None = None
 
 
 class ExpertCache:
-    """Expert sessions by (layer, expert), within ``budget`` bytes of store records."""
+    """Loaded experts by (layer, expert), within ``budget`` bytes (None: all of them)."""
 
-    def __init__(self, store: ExpertStore, ffn_graph: bytes, session_options, budget: int | None,
-                 sparse_layers: list[int], top_k: int):
-        self.store = store
-        self.ffn_graph = ffn_graph
-        self.session_options = session_options
-        # Weights as graph inputs: one session for every expert, made once.
-        self.shared_session = self._session(ffn_graph, session_options()) if store.weights_as_inputs else None
-        self.record = store.record_size
+    def __init__(self, loader, budget: int | None, sparse_layers: list[int], top_k: int, plan_for=None):
+        """PLAN_FOR(capacity) -> ResidencyPlan (None: equal shares, nothing resident)."""
+        self.loader = loader
+        self.store = loader.store
+        self.shared_session = loader.shared_session
+        self.expert_bytes = loader.expert_bytes
+        self.top_k = top_k
+        self.budget = cache_budget(budget, self.expert_bytes, len(self.store.records), top_k)
+        self.capacity = self.budget // self.expert_bytes  # experts that fit
+        loader.allocate(self.capacity)
+        self._free = list(range(self.capacity - 1, -1, -1))
         self.layers: dict[int, OrderedDict] = {i: OrderedDict() for i in sparse_layers}
-        self.count = 0
+        self._order = sorted(sparse_layers)
+        self.plan = plan_for(self.capacity) if plan_for else ResidencyPlan.equal(sparse_layers, self.capacity, top_k)
+        self.quota = self.plan.quotas
+        self.resident = self.plan.resident
+        self.count = 0  # slots taken: cached experts and reads in flight
+        self._reserved: Counter = Counter()  # per layer: slots taken by reads in flight
         self.stats = CacheStats()
         self.lock = threading.Lock()
-        self.expert_bytes = store.resident_records * self.record  # what a cached expert costs in memory
-        self.budget = cache_budget(budget, self.expert_bytes, len(store.records), top_k)
-        self.capacity = self.budget // self.expert_bytes  # experts that fit
-        self.quota = self.capacity / max(1, len(sparse_layers))
         self.pinned: Counter = Counter()
         self.inflight: dict[tuple[int, int], _InFlight] = {}
-        self._freed = 0  # bytes evicted since memory was last handed back
-        # Whether the background reader also builds sessions. On a machine whose cores are all busy
-        # computing, building in the reader only moves CPU work around (and wastes it on wrong
-        # guesses); reading ahead alone hides the disk and never competes for a core.
-        self.build_ahead = False
+        self._ghosts: dict[int, OrderedDict] = {i: OrderedDict() for i in sparse_layers}
+        self.position = (0, -1)  # (token step, layer) the decoder is at: read-ahead behind it is stale
+        self.reader = None  # reader.ReaderPool, when reads run on other threads
+        self.reads = None  # reads.ReadQueue: reads started ahead on the decode thread (no reader threads)
+        self._freed = 0  # bytes of evicted sessions since memory was last handed back
+        self.read_times = ReadTimes()
 
     @property
     def resident_bytes(self) -> int:
-        return self.count * self.expert_bytes
+        return sum(len(e) for e in self.layers.values()) * self.expert_bytes
 
-    # -- loading ---------------------------------------------------------------
-    def load(self, layer: int, expert: int, build: bool = True) -> CachedExpert:
-        """Read one record and (if BUILD) build its session (no cache bookkeeping)."""
-        t0 = time.perf_counter()
-        tensors = self.store.read(layer, expert)
-        with self.lock:
-            self.stats.bytes_read += self.record
-            self.stats.read_s += time.perf_counter() - t0
-        entry = CachedExpert(None, tensors=tensors)
-        if build:
-            self.build(entry, layer, expert)
-        return entry
-
-    def build(self, entry: CachedExpert, layer: int, expert: int) -> None:
-        """Make a read record runnable: its own session (onnxruntime prepacks the weights: CPU work),
-        or, when the weights are graph inputs, OrtValues over its arrays for the shared session."""
-        if entry.session is not None:
-            return
-        t1 = time.perf_counter()
-        if self.shared_session is not None:
-            entry.weights = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in entry.tensors.items()}
-            entry.session = self.shared_session
-        else:
-            tensors, entry.tensors = entry.tensors, None
-            names = list(tensors)
-            values = [ort.OrtValue.ortvalue_from_numpy(tensors[n]) for n in names]
-            so = self.session_options()
-            so.add_external_initializers(names, values)
-            entry.session = self._session(self.ffn_graph, so, f"expert {expert} of layer {layer}")
-        with self.lock:
-            self.stats.build_s += time.perf_counter() - t1
-
-    @staticmethod
-    def _session(graph: bytes, so: ort.SessionOptions, what: str = "the expert graph") -> ort.InferenceSession:
-        try:
-            return ort.InferenceSession(graph, sess_options=so, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0][:200]
-            raise PackageError(f"{what} could not be loaded ({msg}): the package is corrupt, re-export it.") from None
-
-    # -- bookkeeping (callers hold self.lock) ------------------------------------
-    def _lookup(self, key: tuple[int, int]) -> CachedExpert | None:
-        entries = self.layers[key[0]]
-        entry = entries.get(key[1])
-        if entry is not None:
-            entries.move_to_end(key[1])
-        return entry
-
-    def _make_room(self) -> bool:
-        """Evict until one more expert fits; False if only pinned experts are left."""
-        while self.count + 1 > self.capacity:
-            best, best_over = None, None
-            for layer, entries in self.layers.items():
-                over = len(entries) - self.quota
-                if best_over is not None and over <= best_over:
-                    continue
-                victim = next((e for e in entries if (layer, e) not in self.pinned), None)
-                if victim is not None:
-                    best, best_over = (layer, victim), over
-            if best is None:
-                return False
-            self.layers[best[0]].pop(best[1])
-            self.count -= 1
-            self._freed += self.expert_bytes
-        return True
-
-    def return_freed_memory(self) -> None:
-        """Give evicted experts' memory back to the system now and then: freed by one thread and
-        reused by another, it otherwise stays in the allocator's per-thread arenas (resident)."""
-        if self._freed >= _TRIM_EVERY and _malloc_trim is not None:
-            self._freed = 0
-            _malloc_trim(0)
-
-    def _insert(self, key: tuple[int, int], entry: CachedExpert) -> bool:
-        if key[1] in self.layers[key[0]]:
-            return True
-        if not self._make_room():
+    # -- slots (callers hold self.lock) ------------------------------------------
+    def _take_slot(self, layer: int, speculative: bool, keep: frozenset = frozenset()) -> int | None | bool:
+        """A free slot for an expert of LAYER, evicting if needed; False if none may be taken."""
+        if not self._free and not self._evict(layer, speculative, keep):
             return False
-        self.layers[key[0]][key[1]] = entry
         self.count += 1
+        self._reserved[layer] += 1
+        return self._free.pop()
+
+    def _evictable(self, layer: int, keep: frozenset):
+        resident = self.resident.get(layer, ())
+        return next((e for e in self.layers[layer]
+                     if (layer, e) not in self.pinned and e not in resident and e not in keep), None)
+
+    def _evict(self, layer: int, speculative: bool, keep: frozenset) -> bool:
+        if speculative:
+            # Only layers at or above their share, the one whose next use is furthest away first (layers
+            # run in a cycle: the running one, then the one before it, ..., the layer read for last).
+            order = self._order
+            at = order.index(layer)
+            ranked = sorted((i for i in self.layers if len(self.layers[i]) + self._reserved[i] >= self.quota[i]),
+                            key=lambda i: (order.index(i) - at) % len(order), reverse=True)
+            candidates = ((i, self._evictable(i, keep if i == layer else frozenset())) for i in ranked)
+        else:
+            ranked = sorted(self.layers, key=lambda i: len(self.layers[i]) + self._reserved[i] - self.quota[i],
+                            reverse=True)
+            candidates = ((i, self._evictable(i, frozenset())) for i in ranked)
+        victim = next(((i, e) for i, e in candidates if e is not None), None)
+        if victim is None:
+            return False
+        i, e = victim
+        entry = self.layers[i].pop(e)
+        self._free.append(entry.slot)
+        if entry.weights is None:  # a session of its own: its memory goes back to the allocator
+            self._freed += self.expert_bytes
+        self.count -= 1
+        self.stats.evictions += 1
+        ghosts = self._ghosts[i]
+        ghosts[e] = True
+        while len(ghosts) > max(2, int(self.quota[i])):
+            ghosts.popitem(last=False)
         return True
+
+    def _finish(self, key: tuple[int, int], flight: _InFlight, entry: CachedExpert | None,
+                error: BaseException | None) -> None:
+        layer = key[0]
+        self._reserved[layer] -= 1
+        if entry is not None and flight.slot is not None:
+            entry.slot = flight.slot  # (a session per expert: the slot only counts the budget)
+            self.layers[layer][key[1]] = entry
+        elif flight.slot is not None:  # failed: give the slot back
+            self._free.append(flight.slot)
+            self.count -= 1
+        if self.inflight.get(key) is flight:
+            del self.inflight[key]
+        flight.entry, flight.error = entry, error
+
+    # -- loading -----------------------------------------------------------------
+    def run_loads(self, jobs: list[tuple[list[tuple[int, int]], list[_InFlight]]], prefetched: bool = False) -> None:
+        """Read and make runnable each job's keys (one run of adjacent records per job) into their reserved
+        slots, then publish them (any thread)."""
+        for keys, flights in jobs:
+            t0 = time.perf_counter()
+            try:
+                entries, error = self.loader.load(keys, [f.slot for f in flights]), None
+            except BaseException as err:  # the decode thread reports it
+                entries, error = [None] * len(keys), err
+            dt = time.perf_counter() - t0
+            with self.lock:
+                self.stats.reads += 1
+                self.stats.bytes_read += len(keys) * self.store.record_size
+                for key, flight, entry in zip(keys, flights, entries):
+                    if entry is not None:
+                        entry.prefetched = prefetched
+                        self.stats.prefetched += prefetched
+                    self._finish(key, flight, entry, error)
+            for flight in flights:
+                flight.done.set()
+            if self.reader is not None:
+                self.reader.observe_read(dt / len(keys))
+
+    def _runs(self, layer: int, experts: list[int]) -> list[list[int]]:
+        """EXPERTS of LAYER grouped into runs of records adjacent on disk (in disk order)."""
+        recs = self.store.records
+        ordered = sorted(experts, key=lambda e: recs[(layer, e)][0])
+        runs: list[list[int]] = []
+        for e in ordered:
+            if runs and recs[(layer, e)][0] == recs[(layer, runs[-1][-1])][0] + self.store.record_size:
+                runs[-1].append(e)
+            else:
+                runs.append([e])
+        return runs
 
     # -- decode thread -----------------------------------------------------------
-    def acquire(self, layer: int, experts: list[int]) -> list[CachedExpert]:
-        """EXPERTS of LAYER, loading what is missing; they stay pinned until ``release``."""
+    def acquire(self, layer: int, experts: list[int], _retry: bool = True) -> list[CachedExpert]:
+        """EXPERTS of LAYER, loading what is missing (all at once); pinned until ``release``."""
+        if self.reads is not None:
+            return self._acquire_started(layer, experts)
         waits, misses, found = [], [], {}
+        t0 = time.perf_counter()
         with self.lock:
             for e in experts:
                 key = (layer, e)
                 self.pinned[key] += 1
-                entry = self._lookup(key)
+                entry = self.layers[layer].get(e)
                 if entry is not None:
+                    self.layers[layer].move_to_end(e)
                     self.stats.hits += 1
                     self._mark_used(entry)
                     found[e] = entry
                 elif key in self.inflight:
                     waits.append((e, self.inflight[key]))
+                    self.stats.late_prefetches += 1
                 else:
                     misses.append(e)
-                    self.inflight[key] = _InFlight()
-        t0 = time.perf_counter()
-        for e in misses:
-            key = (layer, e)
-            try:
-                entry = self.load(layer, e)
-            except BaseException as err:
-                with self.lock:
-                    flight = self.inflight.pop(key)
-                flight.error = err
-                flight.done.set()
-                self.release(layer, experts)
-                raise
-            with self.lock:
-                self.stats.misses += 1
-                self._insert(key, entry)  # may not fit beside pinned ones: then used once, uncached
-                flight = self.inflight.pop(key)
-            flight.entry = entry
-            flight.done.set()
-            found[e] = entry
+                    if self._ghosts[layer].pop(e, None) is not None:
+                        self.stats.regrets += 1
+            self.stats.misses += len(misses)
+            jobs = []
+            for run in self._runs(layer, misses):
+                flights = []
+                for e in run:
+                    slot = self._take_slot(layer, speculative=False)
+                    flight = self.inflight[(layer, e)] = _InFlight(None if slot is False else slot)
+                    if slot is False:  # everything else is pinned: used once, not cached
+                        self._reserved[layer] += 1
+                    flights.append(flight)
+                    waits.append((e, flight))
+                jobs.append(([(layer, e) for e in run], flights))
+        if jobs and self.reader is not None:
+            if len(jobs) > 1:
+                self.reader.submit(jobs[:-1])
+            self.run_loads(jobs[-1:])
+        elif jobs:  # reads on this thread, one run at a time
+            self.run_loads(jobs)
+        error = None
         for e, flight in waits:
             flight.done.wait()
-            if flight.error is not None or flight.entry is None:  # the reader failed or dropped it: read here
-                entry = self.load(layer, e)
-                with self.lock:
-                    self.stats.misses += 1
-                    self._insert((layer, e), entry)
-            else:
-                entry = flight.entry
-                with self.lock:
-                    self.stats.late_prefetches += 1
-                    self._mark_used(entry)
-            found[e] = entry
-        for e in experts:  # read ahead, not built yet: the build is this thread's
-            self.build(found[e], layer, e)
+            if flight.error is not None and error is None:
+                error = flight.error
+            found[e] = flight.entry
+        self.stats.wait_s += time.perf_counter() - t0
+        if error is not None:
+            self.release(layer, experts)
+            if not _retry:
+                raise error
+            return self.acquire(layer, experts, _retry=False)  # a read ahead failed: read it here (or fail)
         with self.lock:
-            self.stats.wait_s += time.perf_counter() - t0
-        if misses:
-            self.return_freed_memory()
+            for e in experts:
+                self._mark_used(found[e])
         return [found[e] for e in experts]
 
     def _mark_used(self, entry: CachedExpert) -> None:
@@ -294,29 +311,155 @@ class ExpertCache:
                 if self.pinned[key] <= 0:
                     del self.pinned[key]
 
-    # -- reader thread -------------------------------------------------------------
-    def prefetch_one(self, layer: int, expert: int) -> None:
-        key = (layer, expert)
+    # -- read-ahead (reader threads) ---------------------------------------------
+    def start_speculative(self, step: int, layer: int, experts: list[int], keep: frozenset):
+        """Reserve slots for reading EXPERTS of LAYER ahead (for decode step STEP): the jobs to run, or
+        [] when they are stale, cached, in flight, or have no slot they may take."""
         with self.lock:
-            if expert in self.layers[layer] or key in self.inflight:
-                return
-            # Room must come from experts nobody is using; otherwise skip (the decode thread will read it).
-            if self.count + 1 > self.capacity and not self._make_room():
-                return
-            flight = self.inflight[key] = _InFlight()
-            self.pinned[key] += 1
+            if (step, layer) <= self.position:
+                self.stats.prefetch_skipped += len(experts)
+                return []
+            todo = []
+            for e in experts:
+                key = (layer, e)
+                if e in self.layers[layer] or key in self.inflight:
+                    continue
+                slot = self._take_slot(layer, speculative=True, keep=keep)
+                if slot is False:
+                    self.stats.prefetch_skipped += 1
+                    continue
+                self.inflight[key] = _InFlight(slot)
+                todo.append(e)
+            jobs = []
+            for run in self._runs(layer, todo):
+                jobs.append(([(layer, e) for e in run], [self.inflight[(layer, e)] for e in run]))
+            return jobs
+
+    def _acquire_started(self, layer: int, experts: list[int]) -> list[CachedExpert]:
+        """``acquire`` with the reads queue: hits; misses whose reads were started ahead (guesses, or this
+        layer's own reads started before the next layer's guesses) or start now, all finished together,
+        then made runnable in their slots. Wrong guesses for this layer are dropped."""
+        t0 = time.perf_counter()
+        reads, size = self.reads, self.store.record_size
+        found, misses = {}, []
+        with self.lock:
+            for e in experts:
+                key = (layer, e)
+                self.pinned[key] += 1
+                entry = self.layers[layer].get(e)
+                if entry is not None:
+                    self.layers[layer].move_to_end(e)
+                    self.stats.hits += 1
+                    found[e] = entry
+                else:
+                    misses.append(e)
+                    if self._ghosts[layer].pop(e, None) is not None:
+                        self.stats.regrets += 1
+            ahead = {e for e in misses if reads.pending.get((layer, e), (0, 0, False))[2]}
+            self.stats.hits += len(ahead)  # read ahead: started before the layer asked
+            self.stats.prefetch_used += len(ahead)
+            self.stats.misses += len(misses) - len(ahead)
+            self.stats.bytes_read += sum(size for e in misses if (layer, e) not in reads.pending)
+            slots = []
+            for _ in misses:
+                slot = self._take_slot(layer, speculative=False)
+                if slot is False:  # everything else is pinned: used once, not cached
+                    self._reserved[layer] += 1
+                slots.append(None if slot is False else slot)
+        wrong = [k for k, v in reads.pending.items() if k[0] == layer and v[2] and k[1] not in experts]
+        reads.drop(wrong)
+        keys = [(layer, e) for e in misses]
+        slot_of = dict(zip(keys, slots))
+        done = set()
+        read_s = 0.0
         try:
-            entry = self.load(layer, expert, build=self.build_ahead)
-            entry.prefetched = True
-        except BaseException as err:  # the decode thread reads it again and reports the error
-            flight.error = err
-            entry = None
+            for key, buf, waited in reads.finish(keys):  # each made runnable while the others still read
+                read_s += waited
+                self.read_times.observe(key[1] in ahead, waited)
+                try:
+                    entry = self.loader.fill([key], [reads.view(buf)], [slot_of[key]])[0]
+                finally:
+                    reads.give_back([buf])
+                with self.lock:
+                    self._finish(key, _InFlight(slot_of[key]), entry, None)
+                done.add(key)
+                found[key[1]] = entry
+        except BaseException:
+            with self.lock:
+                for key in keys:
+                    if key not in done:
+                        self._finish(key, _InFlight(slot_of[key]), None, None)
+            self.release(layer, experts)
+            raise
+        self.loader.timer.add(read_s, 0.0)
         with self.lock:
-            self.pinned[key] -= 1
-            if self.pinned[key] <= 0:
-                del self.pinned[key]
-            if entry is not None and self._insert(key, entry):
-                self.stats.prefetched += 1
-            self.inflight.pop(key, None)
-        flight.entry = entry
-        flight.done.set()
+            self.stats.wait_s += time.perf_counter() - t0
+        return [found[e] for e in experts]
+
+    def end_token(self) -> None:
+        """Between tokens: take back the buffers of finished dropped reads; give evicted sessions' memory back
+        to the system now and then (freed by the allocator, it otherwise stays resident in its arenas)."""
+        if self.reads is not None:
+            self.reads.end_token()
+        if self._freed >= _TRIM_EVERY and _malloc_trim is not None:
+            self._freed = 0
+            _malloc_trim(0)
+
+    def advise_needed(self, layer: int, experts: list[int]) -> None:
+        """Start reading the experts of LAYER that are not cached (before guessing the next layer's, whose
+        reads then queue behind these)."""
+        with self.lock:
+            keys = [(layer, e) for e in experts if e not in self.layers[layer]]
+        started = self.reads.start(keys[: max(1, self.reads.buffers()["free"])], speculative=False)
+        with self.lock:
+            self.stats.bytes_read += len(started) * self.store.record_size
+
+    def advise_ahead(self, layer: int, experts: list[int]) -> list[int]:
+        """Start reading guessed experts of LAYER (no slot taken, nothing evicted: a wrong guess costs disk
+        time and a scratch buffer until the disk is done with it)."""
+        started = self.reads.start([(layer, e) for e in self.uncached(layer, experts)], speculative=True)
+        with self.lock:
+            self.stats.prefetched += len(started)
+            self.stats.bytes_read += len(started) * self.store.record_size
+        return [e for _, e in started]
+
+    def uncached(self, layer: int, experts: list[int]) -> list[int]:
+        """EXPERTS of LAYER neither cached nor being read."""
+        pending = self.reads.pending if self.reads is not None else {}
+        with self.lock:
+            cached, inflight = self.layers[layer], self.inflight
+            return [e for e in experts if e not in cached and (layer, e) not in inflight
+                    and (layer, e) not in pending]
+
+    def has(self, layer: int, expert: int) -> bool:
+        """Cached or being read."""
+        return not self.uncached(layer, [expert])
+
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def regret_rate(self) -> float:
+        """Demand misses on recently evicted experts, per eviction: what an eviction has cost."""
+        s = self.stats
+        return s.regrets / s.evictions if s.evictions else 0.0
+
+    # -- warm start --------------------------------------------------------------
+    def warm(self) -> int:
+        """Load every layer's resident set (runs of adjacent records per read); returns how many."""
+        n = 0
+        for layer, experts in self.resident.items():
+            todo = [e for e in experts if not self.has(layer, e)]
+            jobs = []
+            with self.lock:
+                for run in self._runs(layer, todo):
+                    flights = []
+                    for e in run:
+                        slot = self._take_slot(layer, speculative=False)
+                        if slot is False:
+                            break
+                        flights.append(self.inflight.setdefault((layer, e), _InFlight(slot)))
+                    if flights:
+                        jobs.append(([(layer, e) for e in run[:len(flights)]], flights))
+            self.run_loads(jobs)
+            n += sum(len(k) for k, _ in jobs)
+        return n

@@ -1,34 +1,46 @@
 """Run a sparse-MoE package: per-layer graphs up to the router, experts from the
-expert cache in between, and a background reader that fetches the next layer's
-likely experts while this layer computes.
+expert cache in between, and reads of the next layer's likely experts started
+while this layer computes (reads.py, prefetch.py).
 
 Same interface as :class:`edgeinfer.decoders.staged.StagedDecoder` for the decode loop
 and the strategies that need no stages (plain, lookup): ``forward``, ``step``,
 ``truncate``, ``trim``, ``reset``, ``length``, ``capacity``, ``vocab_size``,
 ``exits`` (none).
 
-Prediction: after layer i's attention, the stream is normalized with layer
-i+1's pre-feed-forward norm and scored by layer i+1's router (numpy, hidden x
-experts: microseconds). Between the two only layer i's experts and layer i+1's
-attention change the stream, and those are small updates to a large residual
-stream, so the top-k of these scores is usually the set layer i+1 will choose.
+Prediction (routing ahead): layer j's experts are ranked before layer j runs by
+scoring a stream vector with layer j's router (numpy, hidden x experts: microseconds).
+``predict_from="stream"`` (the default) uses the stream after the previous sparse
+layer's attention, normalized with layer j's pre-feed-forward norm; ``"input"`` uses
+the previous layer's input, before its attention, which gives the reads one more
+attention's time but guesses worse (docs/moe.md has both measured). Between the two
+points only small updates to a large residual stream happen, so the top-k of these
+scores is usually the set layer j will choose. prefetch.py decides which guesses to read.
+
+Sessions and the KV cache follow the package's execution target (provider, device).
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import onnxruntime as ort
 
 from edgeinfer.runtimes import ExecutionTarget, create_session
-from edgeinfer.runtimes import cpu as cpu_runtime
 
 from ..decoders.base import Decoder
 from ..decoders.kv_cache import KVCache
 from ..errors import ContextLengthError, PackageError
 from ..package import Package
 from .cache import CacheStats, ExpertCache
-from .prefetch import Prefetcher
+from .experts import expert_loader
+from .prefetch import ReadAhead
+from .reader import ReaderPool
+from .reads import ReadQueue
+from .residency import ResidencyPlan
 from .store import ExpertStore
+
+PREDICT_FROM = ("stream", "input")
 
 _ov = ort.OrtValue.ortvalue_from_numpy
 
@@ -50,8 +62,20 @@ class MoEDecoder(Decoder):
 
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None,
                  memory_budget: int | None = None, prefetch: bool = True, direct_io: bool = False,
-                 readers: int = 1):
+                 readers: int = 0, predict_from: str = "stream", resident_fraction: float | None = None,
+                 budget_split: str = "miss-cost"):
+        """READERS: reader threads that read and widen experts (guesses into slots, a layer's misses in
+        parallel); 0: reads are started ahead without threads (native AIO, else the page cache: reads.py) and
+        finished by the decode thread when it needs them -- no thread to schedule, nothing evicted for a
+        guess. DIRECT_IO: synchronous reads bypass the page cache. PREDICT_FROM:
+        where read-ahead's guesses come from (module docstring). RESIDENT_FRACTION: of each layer's
+        share of the budget, the part kept for its most frequent experts (residency.py; None: default).
+        BUDGET_SPLIT: "miss-cost" (by the package's measured routing frequencies, residency.py) or "equal"."""
         super().__init__()
+        if predict_from not in PREDICT_FROM:
+            raise ValueError(f"predict_from is one of {', '.join(PREDICT_FROM)}, not {predict_from!r}")
+        if budget_split not in ("miss-cost", "equal"):
+            raise ValueError(f"budget_split is 'miss-cost' or 'equal', not {budget_split!r}")
         spec = pkg.spec
         moe, kv = spec.moe, pkg.kv_cache
         self.io = spec.io
@@ -72,37 +96,46 @@ class MoEDecoder(Decoder):
         self.layers = [create_session(pkg.path(g.path), target) for g in layers]
         self.sparse = [bool(g.sparse) for g in layers]
         self.has_shared = bool(moe.get("shared_expert_intermediate"))
-        self.kv = KVCache(range(self.num_layers), kv.num_kv_heads, kv.head_dim, self.capacity)
+        self.kv = KVCache(range(self.num_layers), kv.num_kv_heads, kv.head_dim, self.capacity,
+                          device=target.device_memory)
         sparse_layers = [i for i, s in enumerate(self.sparse) if s]
         self.cache: ExpertCache | None = None
-        self.prefetcher: Prefetcher | None = None
+        self.pool: ReaderPool | None = None
+        self.readahead: ReadAhead | None = None
+        self.predict_from = predict_from
+        self.trace = None  # a callable(layer, input, stream, experts) the exporter's calibration sets
         if sparse_layers:
             router = moe["router"]
             self.routers = _load_array(pkg, router["weights"], (self.num_layers, int(moe["num_experts"]),
                                                                 self.hidden_size))
             self.router_norms = _load_array(pkg, router["norms"], (self.num_layers, self.hidden_size))
             self.eps = float(router["eps"])
-            if "expert_ffn" not in graphs:
+            if graphs["expert_ffn"] is None:
                 raise PackageError(f"package '{pkg.root}' has no expert_ffn graph: re-export it.")
             ffn_graph = pkg.path(graphs["expert_ffn"].path).read_bytes()
-            store = ExpertStore(pkg, moe["expert_store"], direct_io=direct_io)
+            store = ExpertStore(pkg, moe["expert_store"], direct_io=direct_io, async_reads=readers == 0)
             missing = [i for i in sparse_layers if str(i) not in moe["expert_store"]["layers"]]
             if missing:
                 raise PackageError(f"the expert store index has no experts for layer {missing[0]}: re-export it.")
+            loader = expert_loader(store, ffn_graph, target)
 
-            def expert_session_options() -> ort.SessionOptions:
-                so = cpu_runtime.session_options(target.threads)
-                # The graph is already fused; optimizing it again per expert only slows loading.
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-                return so
+            def plan_for(capacity: int) -> ResidencyPlan:
+                if budget_split == "equal":
+                    return ResidencyPlan.equal(sparse_layers, capacity, self.top_k)
+                return ResidencyPlan.from_manifest(moe, sparse_layers, capacity, self.top_k, resident_fraction)
 
-            self.cache = ExpertCache(store, ffn_graph, expert_session_options, memory_budget, sparse_layers,
-                                     self.top_k)
-            if prefetch:
-                self.prefetcher = Prefetcher(self.cache, readers)
+            self.cache = ExpertCache(loader, memory_budget, sparse_layers, self.top_k, plan_for)
+            streaming = self.cache.capacity < len(store.records)
+            if readers > 0 and streaming:
+                self.pool = ReaderPool(self.cache, readers)
+            elif streaming:
+                self.cache.reads = ReadQueue(store)
+            if prefetch and streaming:
+                self.readahead = ReadAhead(self.cache, self.pool, self.top_k)
         self._next_sparse = {i: next((j for j in range(i + 1, self.num_layers) if self.sparse[j]), None)
                              for i in range(self.num_layers)}
-        self._predicted: dict[int, list[int]] = {}
+        self._predicted: dict[int, tuple] = {}  # layer -> (ranked guesses, those not cached)
+        self._overhead = 0.0
         self._step = 0
         self._plan: _StepPlan | None = None
 
@@ -129,17 +162,22 @@ class MoEDecoder(Decoder):
             return CacheStats()
         with self.cache.lock:
             now = CacheStats(**self.cache.stats.__dict__)
+        now.read_s, now.build_s = self.cache.loader.timer.read_s, self.cache.loader.timer.build_s
         return now.minus(since) if since is not None else now
 
     def stop_prefetch(self) -> None:
-        """Stop the background reader: from now on experts are read only when needed (naive on-demand)."""
-        if self.prefetcher is not None:
-            self.prefetcher.close()
-            self.prefetcher = None
+        """Stop reading ahead: from now on experts are read only when needed (a layer's misses together)."""
+        self.readahead = None
 
     def close(self) -> None:
         self.stop_prefetch()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+            self.cache.reader = None
         if self.cache is not None:
+            if self.cache.reads is not None:
+                self.cache.reads.close()
             self.cache.store.close()
 
     # -- running ----------------------------------------------------------------
@@ -158,6 +196,7 @@ class MoEDecoder(Decoder):
         self.kv.length = start + n
         if self.cache is not None:
             self.cache.stats.tokens += n
+            self.cache.end_token()
         keep = np.array([min(logits_to_keep, n)], np.int64)
         out = self.head.run([self.io["logits"]], {self.io["hidden_in"]: x, self.io["logits_to_keep"]: keep})[0]
         return out[0]
@@ -174,21 +213,28 @@ class MoEDecoder(Decoder):
         self._check_room(1)
         plan = self._plan or self._make_plan()
         self._step += 1
+        wall0, cpu0 = time.perf_counter(), time.thread_time()
         pos = self.length
         plan.seqlens[0] = pos
         plan.total[...] = pos + 1
         plan.token[0, 0] = token
         self.embed.run_with_iobinding(plan.embed)
         x = plan.x[0, 0]
+        ahead = self.readahead is not None
         for i in range(self.num_layers):
+            if ahead and self.predict_from == "input" and self.sparse[i]:
+                self._predict_next(i, plan.x[0])
             self.layers[i].run_with_iobinding(plan.layers[i])
             if not self.sparse[i]:
                 x[:] = plan.dense_out[0, 0]
                 continue
             stream = plan.stream[0]
-            self._predict_next(i, stream)
             experts, weights = top_experts(plan.logits[0], self.top_k, self.renormalize)
             chosen = experts[0].tolist()
+            if ahead and self.predict_from == "stream":
+                if self.pool is None:
+                    self.cache.advise_needed(i, chosen)  # this layer's reads first, the next layer's behind
+                self._predict_next(i, stream)
             self._score_prediction(i, chosen)
             plan.h[:] = plan.ffn_in[0]
             y = self._experts_one_token(i, chosen, weights[0], plan)
@@ -198,6 +244,9 @@ class MoEDecoder(Decoder):
         self.kv.length = pos + 1
         if self.cache is not None:
             self.cache.stats.tokens += 1
+            self.cache.end_token()
+            if self.readahead is not None:
+                self.readahead.observe_token(time.perf_counter() - wall0, time.thread_time() - cpu0)
         self.head.run_with_iobinding(plan.head)
         return plan.out[0, 0]
 
@@ -233,8 +282,7 @@ class MoEDecoder(Decoder):
         return plan
 
     def _experts_one_token(self, i: int, chosen: list[int], weights: np.ndarray, plan: _StepPlan) -> np.ndarray:
-        if self.prefetcher is not None:
-            self.prefetcher.position = (self._step, i)
+        self.cache.position = (self._step, i)
         y = np.zeros(self.hidden_size, np.float32)
         entries = self.cache.acquire(i, chosen)
         try:
@@ -277,35 +325,49 @@ class MoEDecoder(Decoder):
         outs = [v.numpy() for v in b.get_outputs()[: len(names)]]
         stream, h, logits = outs[0][0], outs[1][0], outs[2][0]
         experts, weights = top_experts(logits, self.top_k, self.renormalize)
+        if self.trace is not None:
+            self.trace(i, x[0], stream, experts)
         out = stream + self._experts_rows(i, h, experts, weights)
         if self.has_shared:
             out += outs[3][0]
         return out[None]
 
+    def rank_experts(self, j: int, v: np.ndarray) -> np.ndarray:
+        """Layer J's experts ranked (best first) for the stream vector V: its router on V normalized
+        with its pre-feed-forward norm."""
+        normed = v / np.sqrt(np.mean(v * v) + self.eps) * self.router_norms[j]
+        return np.argsort(-(self.routers[j] @ normed), kind="stable")
+
     def _predict_next(self, i: int, stream: np.ndarray) -> None:
         j = self._next_sparse[i]
-        if j is None or self.prefetcher is None:
+        if j is None or self.readahead is None or not self.readahead.wants(self._step, j):
             return
-        v = stream[-1]
-        normed = v / np.sqrt(np.mean(v * v) + self.eps) * self.router_norms[j]
-        scores = self.routers[j] @ normed
-        guess = np.argsort(-scores, kind="stable")[: self.top_k].tolist()
-        self._predicted[j] = guess
-        self.prefetcher.request(self._step, j, guess)
+        t0 = time.thread_time()  # CPU time: a preemption on a busy machine is not the policy's cost
+        ranked = self.rank_experts(j, stream[-1])[: self.readahead.depth].tolist()
+        self._predicted[j] = (ranked, self.readahead.request(self._step, j, ranked))
+        self._overhead = time.thread_time() - t0
 
     def _score_prediction(self, i: int, chosen: list[int]) -> None:
         guess = self._predicted.pop(i, None)
         if guess is not None and self.cache is not None:
+            ranked, uncached = guess
+            t0 = time.thread_time()
             with self.cache.lock:
-                self.cache.stats.predicted += len(guess)
-                self.cache.stats.predicted_right += len(set(guess) & set(chosen))
+                self.cache.stats.predicted += self.top_k
+                self.cache.stats.predicted_right += len(set(ranked[: self.top_k]) & set(chosen))
+            if self.readahead is not None:
+                self.readahead.observe(i, ranked, chosen, uncached)
+                self.readahead.add_overhead(self._overhead + time.thread_time() - t0)
 
     def _experts_rows(self, i: int, h: np.ndarray, experts: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Prompt rows: each expert once over the rows that chose it, pinned one at a time (the
         union of a prompt's experts may be larger than the budget)."""
         name_in, name_out = self.io["expert_in"], self.io["expert_out"]
         y = np.zeros_like(h)
-        for e in np.unique(experts).tolist():
+        unique = np.unique(experts).tolist()
+        if self.cache.reads is not None:  # start the reads of the layer's experts at once
+            self.cache.advise_needed(i, unique)
+        for e in unique:
             rows, slot = np.nonzero(experts == e)
             entry = self.cache.acquire(i, [e])[0]
             try:

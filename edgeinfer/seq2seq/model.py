@@ -69,7 +69,7 @@ class Seq2SeqModel:
     def __init__(self, pkg: Package, provider: str = "auto", threads: int | None = None,
                  allow_fallback: bool = False):
         self.package = pkg
-        self.target = resolve_provider(provider, threads, manifest=pkg.manifest, allow_fallback=allow_fallback)
+        self.target = resolve_provider(provider, threads, spec=pkg.spec, allow_fallback=allow_fallback)
         m = pkg.spec
         self.arch = m.architecture
         self.io = m.io

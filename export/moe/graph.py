@@ -12,19 +12,21 @@ Around the layers: an ``embed`` graph (ids → stream), a ``head`` graph (final
 norm + LM head on the last positions), and ``expert_ffn``: one expert's
 gated MLP whose weights are initializers the runtime supplies from the expert
 store (declared as external data; the runtime replaces them, so the graph
-file holds no weights) or, for ``int8-channel`` experts (``expert_bits=8``),
-graph inputs the runtime binds to the cached record (one session for all
-experts). ``experts/routers.npy`` and ``experts/router_norms.npy`` give the runtime
+file holds no weights) or, for ``int8-channel`` and ``int4-channel`` experts
+(``expert_bits=8`` / ``4``), graph inputs the runtime binds to the cached expert
+(one session for all experts). ``experts/routers.npy`` and ``experts/router_norms.npy`` give the runtime
 every layer's router and pre-feed-forward norm, which it applies to the current
 stream to predict — and prefetch — the next layer's experts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from edgeinfer.export.base import ExportResult, PackageBuild
 from edgeinfer.export.decoder import graph as dg
 from edgeinfer.export.graph.blocks import (
     AttentionIO,
@@ -38,8 +40,8 @@ from edgeinfer.export.graph.blocks import (
     rotary_cache,
 )
 from edgeinfer.export.graph.onnx_graph import MS_DOMAIN, GraphBuilder
-from edgeinfer.export.moe.expert_store import CHANNEL_INT8, ExpertStoreWriter
-from edgeinfer.export.package_writer import staging_folder, write_manifest
+from edgeinfer.export.moe.calibrate import calibrate
+from edgeinfer.export.moe.expert_store import ExpertStoreWriter
 from edgeinfer.export.progress import progress_bar
 from edgeinfer.models.moe import (
     LayerExperts,
@@ -52,6 +54,7 @@ from edgeinfer.models.moe import (
 from onnx import TensorProto
 
 from edgeinfer.errors import ExportError
+from edgeinfer.moe.formats import CHANNEL_INT4, CHANNEL_INT8, graph_inputs
 from edgeinfer.package import GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
 
 STREAM = "stream"
@@ -198,32 +201,28 @@ def _placeholder(g: GraphBuilder, t: dict) -> None:
 
 
 def export_moe(src, out: Path, spec: MoESpec, prec: Precision, ctx: int, force: bool, progress,
-               expert_bits: int | None = None) -> dict:
-    """Write the package; returns its manifest. ``src`` is a SourceModel (its state dict may be lazy).
+               expert_bits: int | None = None, calibrate_routing: bool = True) -> ExportResult:
+    """Write the package. ``src`` is a SourceModel (its state dict may be lazy).
 
-    EXPERT_BITS=8 stores the routed experts as ``int8-channel`` records (fed to one shared
-    graph); None stores them at the package precision."""
+    EXPERT_BITS=8/4 stores the routed experts as ``int8-channel``/``int4-channel`` records (fed to
+    one shared graph); None stores them at the package precision. CALIBRATE_ROUTING runs the package
+    over calibration text to record routing frequencies and lay the store out (calibrate.py)."""
+    sd, d = src.state_dict, spec.dense
     if prec.name not in ("int4", "int8", "fp32"):
         raise ExportError(f"MoE packages are int4, int8 or fp32 (got {prec.name}): choose one of those.")
-    if expert_bits not in (None, 8):
-        raise ExportError(f"--expert-bits takes 8 (int8 experts fed to one shared graph), not {expert_bits}.")
-    if prec.bits and not expert_bits and spec.expert_intermediate % prec.block_size:
-        raise ExportError(f"--block-size {prec.block_size} does not divide the expert width "
-                          f"{spec.expert_intermediate}: choose a smaller power of two.")
-    sd, d = src.state_dict, spec.dense
-    with staging_folder(out, force) as tmp:
-        (tmp / "graphs").mkdir()
-        graphs = []
-
-        def save(builder: GraphBuilder, entry: dict) -> None:
-            rel = f"graphs/{builder.name}.onnx"
-            builder.save(tmp / rel)
-            graphs.append({**entry, "name": builder.name, "path": rel,
-                           "inputs": [v.name for v in builder.inputs], "outputs": [v.name for v in builder.outputs]})
-
+    if expert_bits not in (None, 4, 8):
+        raise ExportError(f"--expert-bits takes 4 or 8 (int4/int8 experts fed to one shared graph), not {expert_bits}.")
+    if (prec.bits and not expert_bits) or expert_bits == 4:
+        for what, k in (("expert width", spec.expert_intermediate), ("hidden size", d.hidden)):
+            if k % prec.block_size or (expert_bits and k % 2):
+                raise ExportError(f"--block-size {prec.block_size} does not divide the {what} {k}: "
+                                  "choose a smaller power of two.")
+    with PackageBuild(out, force) as build:
+        tmp, save, graphs = build.folder, build.save_graph, build.graphs
         save(build_embed(spec, sd, prec), {"role": "embed"})
         store = ExpertStoreWriter(tmp / STORE_FILE, STORE_FILE, d.layers, spec.num_experts,
-                                  CHANNEL_INT8 if expert_bits else prec.name, prec.block_size, prec.symmetric)
+                                  {None: prec.name, 4: CHANNEL_INT4, 8: CHANNEL_INT8}[expert_bits], prec.block_size,
+                                  prec.symmetric)
         routers = np.zeros((d.layers, spec.num_experts, d.hidden), np.float32)
         norms = np.zeros((d.layers, d.hidden), np.float32)
         for i in range(d.layers):
@@ -238,13 +237,17 @@ def export_moe(src, out: Path, spec: MoESpec, prec: Precision, ctx: int, force: 
             progress(1)
         index = store.close()
         if index["layers"]:
-            save(build_expert_ffn(spec, index["tensors"], prec, weights_as_inputs=bool(expert_bits)),
-                 {"role": "expert_ffn"})
+            layout = graph_inputs(index) if expert_bits else index["tensors"]
+            save(build_expert_ffn(spec, layout, prec, weights_as_inputs=bool(expert_bits)), {"role": "expert_ffn"})
         save(_renamed(dg.build_exit_head(d, sd, prec), "head"), {"role": "head"})
         np.save(tmp / ROUTERS_FILE, routers)
         np.save(tmp / ROUTER_NORMS_FILE, norms)
-        (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
-        return write_manifest(tmp, _manifest(src, spec, prec, ctx, graphs, index))
+        build.write_tokenizer(src.tokenizer_json)
+        manifest = _manifest(src, spec, prec, ctx, graphs, index)
+        build.write_manifest(manifest)
+        if index["layers"] and calibrate_routing:  # routing on calibration text: residency and layout
+            build.write_manifest(dataclasses.replace(manifest, moe=calibrate(tmp, manifest.moe, STORE_FILE)))
+    return build.result()
 
 
 def _renamed(g: GraphBuilder, name: str) -> GraphBuilder:
@@ -276,8 +279,8 @@ def _manifest(src, spec: MoESpec, prec: Precision, ctx: int, graphs: list[dict],
 
 def export_moe_source(src, out: Path, precision: str, *, max_context: int | None, stages, exits, force: bool,
                       lm_head_bits: int | None, block_size: int, accuracy_level: int, symmetric: bool,
-                      progress: bool, expert_bits: int | None = None) -> dict:
-    """``export_model`` for MoE families: checks the options, then writes the package; returns its manifest."""
+                      progress: bool, expert_bits: int | None = None) -> ExportResult:
+    """``export_model`` for MoE families: checks the options, then writes the package."""
     from edgeinfer.models.moe import spec_from_config
 
     if stages or exits:

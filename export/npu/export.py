@@ -16,9 +16,9 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+from edgeinfer.export.base import ExportResult, PackageBuild
 from edgeinfer.export.graph.shared_weights import share_weights
 from edgeinfer.export.npu import graph as ng
-from edgeinfer.export.package_writer import staging_folder, write_manifest
 from edgeinfer.export.quant.calibrate import FeedReader, calibration_samples, decode_feeds, kv_ranges, prefill_feeds
 from edgeinfer.export.quant.qdq import quantize_qdq
 from edgeinfer.export.quant.quantized_io import quantize_graph_io
@@ -43,8 +43,8 @@ IO = {"input_ids": ng.INPUT_IDS, "position_ids": ng.POSITION_IDS, "attention_mas
 
 def export_npu(src: SourceModel, out: Path, *, max_context: int | None, force: bool, prefill_chunk: int | None = None,
                calibration: str | Path | None = None, activation_bits: int = 16, weight_bits: int = 8,
-               manifest_base) -> tuple[dict, int]:
-    """Build the npu package of SRC at OUT; returns (manifest, size in bytes).
+               manifest_base) -> ExportResult:
+    """Build the npu package of SRC at OUT.
 
     MANIFEST_BASE(spec) gives the fields shared with the other targets (name, source, tokenizer, ...).
     """
@@ -63,13 +63,13 @@ def export_npu(src: SourceModel, out: Path, *, max_context: int | None, force: b
     static = {"chunk": chunk, "max_context": ctx, "kv_heads": spec.kv_heads, "head_dim": spec.head_dim,
               "heads": spec.heads, "num_layers": spec.layers, "sliding_windows": spec.windows,
               "mask_value": ng.MASK_VALUE, "kv_update": "host"}
-    with tempfile.TemporaryDirectory(prefix="edgeinfer-npu-") as float_dir, staging_folder(out, force) as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgeinfer-npu-") as float_dir, PackageBuild(out, force) as build:
         float_paths = {}
         for name, c in (("prefill", chunk), ("decode", 1)):
             float_paths[name] = Path(float_dir) / f"{name}.onnx"
             _save_with_shapes(ng.build_static_decoder(spec, src.state_dict, c, ctx, name), float_paths[name])
         decoder = _float_decoder(float_paths, static, spec.vocab)
-        (tmp / "graphs").mkdir()
+        tmp = build.folder
         readers = {"prefill": FeedReader(prefill_feeds(decoder, samples, CALIBRATION_PREFILL_RUNS)),
                    "decode": FeedReader(decode_feeds(decoder, samples, CALIBRATION_DECODE_RUNS))}
         kv = kv_ranges(decoder, samples)  # before the readers run: they leave the decoder mid-sample
@@ -77,7 +77,7 @@ def export_npu(src: SourceModel, out: Path, *, max_context: int | None, force: b
                     *[IO[f"past_{kind}"].format(layer=i) for i in range(spec.layers) for kind in ("key", "value")]]
         edges_out = [IO["logits"], *[IO[f"new_{kind}"].format(layer=i) for i in range(spec.layers)
                                      for kind in ("key", "value")]]
-        graphs = []
+        graphs = build.graphs  # quantize_qdq writes each graph itself
         for name, role in (("prefill", "static_prefill"), ("decode", "static_decode")):
             rel = f"graphs/{name}.onnx"
             quantize_qdq(float_paths[name], tmp / rel, readers[name], activation_bits, weight_bits, fixed_ranges=kv)
@@ -86,8 +86,8 @@ def export_npu(src: SourceModel, out: Path, *, max_context: int | None, force: b
                            "io_quantization": io_q})
         static["kv_dtype"] = graphs[0]["io_quantization"][IO["past_key"].format(layer=0)]["dtype"]
         share_weights([tmp / g["path"] for g in graphs])
-        (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
-        manifest = dataclasses.replace(
+        build.write_tokenizer(src.tokenizer_json)
+        build.write_manifest(dataclasses.replace(
             manifest_base(spec), target="npu", graphs=[GraphEntry.from_dict(g) for g in graphs], io=dict(IO),
             static=static, exits=[],
             kv_cache=KVCacheSpec(layout="BNSH", dtype=static["kv_dtype"], num_layers=spec.layers,
@@ -98,9 +98,8 @@ def export_npu(src: SourceModel, out: Path, *, max_context: int | None, force: b
                           "activations": f"uint{activation_bits} calibrated (MinMax)",
                           "calibration": {"text": Path(calibration).name if calibration else "built-in",
                                           "samples": len(samples)}},
-            requires={"static_shapes": True, "qdq": True})
-        manifest = write_manifest(tmp, manifest)
-    return manifest, sum(m["size"] for m in manifest["files"].values())
+            requires={"static_shapes": True, "qdq": True}))
+    return build.result()
 
 
 def _float_decoder(paths: dict[str, Path], static: dict, vocab: int) -> StaticDecoder:

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from edgeinfer.export.base import ExportResult
+from edgeinfer.export.base import ExportResult, PackageBuild, refuse_existing
 from edgeinfer.export.graph.blocks import PRECISIONS, Precision
-from edgeinfer.export.package_writer import staging_folder, write_manifest
 from edgeinfer.export.seq2seq import graph as sg
 from edgeinfer.export.sources.ct2_reader import is_ct2_folder, read_ct2_folder
 from edgeinfer.models import bart, kind_for, t5, whisper
@@ -176,7 +175,7 @@ def _whisper_generation(spec: Seq2SeqSpec, ids: dict[str, int], suppress: list[i
 def export_seq2seq(folder: Path, out: str | Path, precision: str = "int8", *, force: bool = False,
                    block_size: int = 32, accuracy_level: int = 4, name: str | None = None,
                    stages: list[int] | None = None, exits: list[int] | None = None,
-                   quant_method: str | None = None):
+                   quant_method: str | None = None) -> ExportResult:
     """Export the encoder-decoder model in FOLDER to a package at OUT.
 
     QUANT_METHOD: how int4/int8 blocks are fitted (export/quant/methods.py; None = the default).
@@ -187,9 +186,7 @@ def export_seq2seq(folder: Path, out: str | Path, precision: str = "int8", *, fo
 
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}.")
-    out = Path(out)
-    if out.exists() and not force:
-        raise ExportError(f"'{out}' already exists: choose another -o or pass --force to replace it.")
+    out = refuse_existing(out, force)
     src = load_seq2seq_source(Path(folder), name)
     spec = src.spec
     if precision in ("int4", "int8") and (spec.d_model % block_size or spec.ffn % block_size
@@ -199,37 +196,29 @@ def export_seq2seq(folder: Path, out: str | Path, precision: str = "int8", *, fo
     prec = Precision(precision, block_size=block_size, accuracy_level=accuracy_level, quant_method=quant_method)
     exits = [int(e) for e in exits or []]
     cuts = decoder_cuts(spec.decoder_layers, stages or [], exits)
-    with staging_folder(out, force) as tmp:
-        (tmp / "graphs").mkdir()
-        graphs = []
-
-        def save(g, entry: dict) -> None:
-            g.save(tmp / entry["path"])
-            graphs.append({**entry, "inputs": [i.name for i in g.inputs], "outputs": [o.name for o in g.outputs]})
-
-        for role, build in (("encoder", sg.build_encoder), ("cross_kv", sg.build_cross_kv)):
-            save(build(spec, src.weights, prec), {"name": role, "role": role, "path": f"graphs/{role}.onnx"})
+    with PackageBuild(out, force) as build:
+        save, graphs = build.save_graph, build.graphs
+        for role, build_graph in (("encoder", sg.build_encoder), ("cross_kv", sg.build_cross_kv)):
+            save(build_graph(spec, src.weights, prec), {"name": role, "role": role})
         if len(cuts) == 2:
-            save(sg.build_decoder(spec, src.weights, prec),
-                 {"name": "decoder", "role": "decoder", "path": "graphs/decoder.onnx"})
+            save(sg.build_decoder(spec, src.weights, prec), {"name": "decoder", "role": "decoder"})
         for s, (first, last) in enumerate(zip(cuts, cuts[1:])) if len(cuts) > 2 else ():
             stage = f"decoder_stage{s}"
             save(sg.build_decoder_stage(spec, src.weights, prec, first, last, stage),
-                 {"name": stage, "role": "decoder_stage", "path": f"graphs/{stage}.onnx", "layers": [first, last],
+                 {"name": stage, "role": "decoder_stage", "layers": [first, last],
                   "embed": first == 0, "head": last == spec.decoder_layers})
         if exits:
-            save(sg.build_exit_head(spec, src.weights, prec),
-                 {"name": "exit_head", "role": "exit_head", "path": "graphs/exit_head.onnx"})
+            save(sg.build_exit_head(spec, src.weights, prec), {"name": "exit_head", "role": "exit_head"})
         if len(cuts) > 2:  # the tied table and other shared tensors: stored once
             from edgeinfer.export.graph.shared_weights import share_weights
 
-            share_weights([tmp / g["path"] for g in graphs if g["role"] in ("decoder_stage", "exit_head")],
+            share_weights([build.folder / g["path"] for g in graphs if g["role"] in ("decoder_stage", "exit_head")],
                           "decoder_weights.data")
-        (tmp / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
+        build.write_tokenizer(src.tokenizer_json)
         exit_entries = [{"layer": e, "after_stage": cuts.index(e) - 1, "head": "exit_head", "adapter": None}
                         for e in exits]
-        manifest = write_manifest(tmp, _manifest(src, prec, graphs, exit_entries))
-    return ExportResult(out, manifest, sum(m["size"] for m in manifest["files"].values()))
+        build.write_manifest(_manifest(src, prec, graphs, exit_entries))
+    return build.result()
 
 
 def decoder_cuts(num_layers: int, stages: list[int], exits: list[int]) -> list[int]:

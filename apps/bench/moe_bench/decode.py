@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -20,28 +21,32 @@ def real_text_ids(pkg: Path, n: int) -> list[int]:
     return ids[:n]
 
 
+MODES = ("resident", "prefetch", "naive")  # all in memory; read-ahead; on demand (a layer's misses together)
+
+
 def run_one(pkg: Path, mode: str, frac: float, tokens: int, warmup: int, text: bool = False,
-            readers: int = 1, threads: int | None = None) -> dict:
-    """One configuration, in this process: decode WARMUP then TOKENS random tokens one at a time."""
+            readers: int = 0, threads: int | None = None, predict_from: str = "stream",
+            resident_fraction: float | None = None, budget_split: str = "miss-cost") -> dict:
+    """One configuration, in this process: decode WARMUP then TOKENS tokens one at a time."""
     from edgeinfer.runtimes import resolve_provider
 
     from edgeinfer.bench import peak_rss_mb
+    from edgeinfer.moe.budget import all_experts_memory
     from edgeinfer.moe.decoder import MoEDecoder
     from edgeinfer.package import open_package
 
     pkg_ = open_package(pkg, verify=False)
     store = pkg_.manifest["moe"]["expert_store"]
-    from edgeinfer.moe.budget import resident_records
-
-    total = store["total_bytes"] * resident_records(store)  # all experts in memory, as the cache counts them
+    total = all_experts_memory(store)  # all experts in memory, as the cache counts them
     budget = int(total * frac)
     dec = MoEDecoder(pkg_, resolve_provider("cpu", threads), max_context=512, memory_budget=budget,
-                     prefetch=mode.startswith("prefetch"), direct_io=True, readers=readers)
-    dec.cache.build_ahead = mode == "prefetch_build"  # the reader also builds sessions
+                     prefetch=mode == "prefetch", direct_io=True, readers=readers,
+                     predict_from=predict_from, resident_fraction=resident_fraction, budget_split=budget_split)
     rss_loaded = peak_rss_mb()
-    # Start from a full cache (all experts when resident, else the first ones of every layer up to the
-    # budget): the warm-up then only has to adapt it, and the timed tokens see the steady state.
+    # Start from a full cache: the resident sets, then the first experts of every layer up to the budget;
+    # the warm-up then only has to adapt it, and the timed tokens see the steady state.
     cache = dec.cache
+    cache.warm()
     per_layer = min(len(r) for r in store["layers"].values())
     for e in range(per_layer):
         for layer in store["layers"]:
@@ -68,9 +73,13 @@ def run_one(pkg: Path, mode: str, frac: float, tokens: int, warmup: int, text: b
     record = store["record_size"]
     dense_bytes = sum(f["size"] for rel, f in pkg_.manifest["files"].items() if not rel.startswith("experts/"))
     dec.close()
-    return {"mode": mode, "threads": threads, "readers": readers,
+    return {"mode": mode, "threads": threads, "readers": readers, "predict_from": predict_from,
+            "resident_fraction": resident_fraction, "budget_split": budget_split, "loadavg": os.getloadavg(),
             "budget_fraction": frac, "budget_bytes": budget, "tokens": tokens, "tok_s": tokens / dt,
             "ms_per_token": dt / tokens * 1e3, "stats": s,
-            "missed_bytes_per_token": (s["needed"] - s["hits"]) * record / tokens,
+            # needed experts whose bytes came from disk for this use (read on demand or ahead): what the
+            # disk must deliver per token under this cache; the read bound divides the disk's speed by it
+            "missed_bytes_per_token": s["needed_reads"] * record / tokens,
+            "record_bytes": record,
             "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": rss_loaded, "dense_bytes": dense_bytes,
             "resident_expert_bytes": dec.cache.resident_bytes}

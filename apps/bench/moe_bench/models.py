@@ -17,7 +17,11 @@ PKG = OUT / "pkg-int4"
 PKG_INT8 = OUT / "pkg-int4-int8experts"
 MOEFIED = OUT / "pkg-smollm2-moefied-int4"
 MOEFIED_INT8 = OUT / "pkg-smollm2-moefied-int4-int8experts"
-# name -> package: int4 experts (a prepacked session per loaded expert) and int8-channel experts
-# (weights fed to one shared graph), on the same weights; EXPERT_BITS: the export's expert_bits.
-MODELS = {"random": PKG, "random-int8": PKG_INT8, "moefied": MOEFIED, "moefied-int8": MOEFIED_INT8}
-EXPERT_BITS = {"random": None, "random-int8": 8, "moefied": None, "moefied-int8": 8}
+PKG_INT4CH = OUT / "pkg-int4-int4chexperts"
+MOEFIED_INT4CH = OUT / "pkg-smollm2-moefied-int4-int4chexperts"
+# name -> package: int4 experts (a prepacked session per loaded expert), int8-channel and int4-channel
+# experts (weights fed to one shared graph), on the same weights; EXPERT_BITS: the export's expert_bits.
+MODELS = {"random": PKG, "random-int8": PKG_INT8, "random-int4ch": PKG_INT4CH,
+          "moefied": MOEFIED, "moefied-int8": MOEFIED_INT8, "moefied-int4ch": MOEFIED_INT4CH}
+EXPERT_BITS = {"random": None, "random-int8": 8, "random-int4ch": 4, "moefied": None, "moefied-int8": 8,
+               "moefied-int4ch": 4}

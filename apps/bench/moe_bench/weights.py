@@ -125,7 +125,8 @@ class MoefiedWeights(Mapping):
         return len(self.keys)
 
 
-def build_moefied(out: Path = MOEFIED, expert_bits: int | None = None) -> None:
+def build_moefied(out: Path = MOEFIED, expert_bits: int | None = None, top_k: int = MOEFY_TOP_K) -> None:
+    """TOP_K: experts per token (all 16: the dense model again, cut into experts -- for quality checks)."""
     from edgeinfer.export import export_model
     from edgeinfer.export.sources.load import load_source
 
@@ -136,12 +137,12 @@ def build_moefied(out: Path = MOEFIED, expert_bits: int | None = None) -> None:
     src.config = dict(model_type="mixtral", hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
                       num_attention_heads=cfg["num_attention_heads"], num_key_value_heads=cfg["num_key_value_heads"],
                       head_dim=cfg.get("head_dim"), intermediate_size=inter, num_local_experts=MOEFY_EXPERTS,
-                      num_experts_per_tok=MOEFY_TOP_K, vocab_size=cfg["vocab_size"], rms_norm_eps=cfg["rms_norm_eps"],
+                      num_experts_per_tok=top_k, vocab_size=cfg["vocab_size"], rms_norm_eps=cfg["rms_norm_eps"],
                       max_position_embeddings=cfg["max_position_embeddings"],
                       rope_parameters=cfg.get("rope_parameters"),
                       rope_theta=cfg.get("rope_theta", 100000.0), tie_word_embeddings=cfg["tie_word_embeddings"],
                       hidden_act="silu")
-    src.state_dict = MoefiedWeights(src.state_dict, int(cfg["num_hidden_layers"]), MOEFY_EXPERTS, MOEFY_TOP_K)
+    src.state_dict = MoefiedWeights(src.state_dict, int(cfg["num_hidden_layers"]), MOEFY_EXPERTS, top_k)
     src.name = "smollm2-135m-moefied"
     res = export_model(src, out, PRECISION, max_context=1024, force=True, progress=True, expert_bits=expert_bits)
     store = res.manifest["moe"]["expert_store"]

@@ -1,0 +1,199 @@
+"""Loaded experts: how read records become runnable, on the package's execution target.
+
+- ``SessionExperts`` (the package-precision formats): a small onnxruntime session of the
+  ``expert_ffn`` graph per loaded expert, the record handed over as external initializers;
+  onnxruntime prepacks them when the session is made (fast calls, ~2 ms of CPU per load).
+- ``SharedGraphExperts`` (``int8-channel``, ``int4-channel``): one session of ``expert_ffn`` for
+  every expert, its weights bound as inputs. Cached experts live in the slots of one arena
+  allocated for the budget (page-aligned, committed as it fills, never freed and reallocated):
+  an int8-channel record is read straight into its slot, an int4-channel one into a scratch
+  buffer and widened into its slot (formats.py). Loading costs no session and no allocation.
+
+Sessions get their provider and options from the package's execution target, like the dense
+decoder's graphs (runtimes/): the expert graphs are small and already fused, so they skip graph
+optimization.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from edgeinfer.runtimes import PROVIDERS, ExecutionTarget
+
+from ..errors import PackageError
+from .budget import expert_memory
+from .formats import CHANNEL_INT8, fill_slot, slot_layout
+from .store import ExpertStore
+
+
+@dataclass(eq=False)  # identity: it holds a session and arrays
+class CachedExpert:
+    """A loaded expert: its session (the shared one when weights are inputs), the weights as OrtValues
+    (bound per call) and as arrays (fed by the prompt path), its arena slot (None: a session per expert,
+    or loaded once past the budget), and a binding the decoder may attach for one-token runs."""
+
+    session: ort.InferenceSession | None
+    tensors: dict | None = None
+    weights: dict | None = None
+    slot: int | None = None
+    prefetched: bool = False
+    used: bool = False
+    binding: ort.IOBinding | None = None
+
+    def feeds(self) -> dict:
+        """The weight inputs ``session.run`` needs besides the expert input (none for a prepacked session)."""
+        return self.tensors if self.weights is not None else {}
+
+
+def expert_session(graph: bytes, target: ExecutionTarget, prepare=None, what: str = "the expert graph"):
+    """A session of an expert graph (bytes) on TARGET; PREPARE(session_options) adds to its options."""
+    provider = PROVIDERS[target.name]
+    so = provider.session_options(target.threads)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # fused at export already
+    if prepare is not None:
+        prepare(so)
+    try:
+        if target.devices:
+            so.add_provider_for_devices(list(target.devices), provider.provider_options())
+            return ort.InferenceSession(graph, sess_options=so)
+        providers = [(target.ort_name, target.options)] + provider.companions()
+        if target.name != "cpu":
+            providers.append(("CPUExecutionProvider", {}))
+        return ort.InferenceSession(graph, sess_options=so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise PackageError(f"{what} could not be loaded on the {target.name} provider ({msg}): the package is "
+                           "corrupt or was built for another runtime.") from None
+
+
+class _Timer:
+    """Read and build seconds, added up over the threads that load experts."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.read_s = self.build_s = 0.0
+
+    def add(self, read: float, build: float) -> None:
+        with self.lock:
+            self.read_s += read
+            self.build_s += build
+
+
+class SessionExperts:
+    """A prepacked session per loaded expert (int4/int8 block-quantized and fp32 records)."""
+
+    shared_session = None
+
+    def __init__(self, store: ExpertStore, graph: bytes, target: ExecutionTarget):
+        self.store, self.graph, self.target = store, graph, target
+        self.expert_bytes = expert_memory(store.index)
+        self.timer = _Timer()
+
+    def allocate(self, slots: int) -> None:
+        pass  # sessions own their memory
+
+    def load(self, keys: list[tuple[int, int]], slots: list[int | None]) -> list[CachedExpert]:
+        """Read KEYS' records and make them runnable (reader threads, or reads on the decode thread)."""
+        t0 = time.perf_counter()
+        size = self.store.record_size
+        scratch = self.store.scratch(len(keys))
+        bufs = [memoryview(scratch)[i * size:(i + 1) * size] for i in range(len(keys))]
+        self.store.read_into(keys, bufs)
+        self.timer.add(time.perf_counter() - t0, 0.0)
+        return self.fill(keys, bufs, slots)
+
+    def fill(self, keys: list[tuple[int, int]], records: list, slots: list[int | None]) -> list[CachedExpert]:
+        """Make read RECORDS (buffers) runnable: a session each."""
+        t1 = time.perf_counter()
+        # A copy into allocator memory: the session keeps referring to it.
+        records = [self.store.views(np.frombuffer(b, np.uint8).copy()) for b in records]
+        out = []
+        for (layer, e), tensors in zip(keys, records):
+            names = list(tensors)
+            values = [ort.OrtValue.ortvalue_from_numpy(tensors[n]) for n in names]
+
+            def prepare(so, names=names, values=values):
+                so.add_external_initializers(names, values)
+
+            out.append(CachedExpert(expert_session(self.graph, self.target, prepare, f"expert {e} of layer {layer}")))
+        self.timer.add(0.0, time.perf_counter() - t1)
+        return out
+
+
+class SharedGraphExperts:
+    """One shared session; cached experts' weights in the slots of one preallocated arena."""
+
+    def __init__(self, store: ExpertStore, graph: bytes, target: ExecutionTarget):
+        self.store = store
+        self.shared_session = expert_session(graph, target)
+        self.expert_bytes = expert_memory(store.index)  # the slot stride
+        self.layout = slot_layout(store.index)
+        record_layout = [(t["name"], int(t["offset"])) for t in store.tensors]
+        # int8-channel records are laid out as the slots are: read them in place.
+        self.in_place = store.precision == CHANNEL_INT8 and record_layout == [(n, o) for n, o, _, _ in self.layout]
+        self.arena: mmap.mmap | None = None
+        self.timer = _Timer()
+        names = {i.name for i in self.shared_session.get_inputs()}
+        missing = [n for n, *_ in self.layout if n not in names]
+        if missing:
+            raise PackageError(f"the expert store's tensor '{missing[0]}' is not an input of the expert graph: the "
+                               "store's layout does not match the package, re-export it.")
+
+    def allocate(self, slots: int) -> None:
+        """Reserve the arena for SLOTS cached experts (anonymous memory: committed as slots are filled)."""
+        self.arena = mmap.mmap(-1, max(1, slots) * self.expert_bytes)
+
+    def _slot_buffer(self, slot: int | None):
+        if slot is None:  # past the budget: loaded once, not cached
+            return memoryview(mmap.mmap(-1, self.expert_bytes))
+        return memoryview(self.arena)[slot * self.expert_bytes:(slot + 1) * self.expert_bytes]
+
+    def _arrays(self, buf) -> dict[str, np.ndarray]:
+        raw = np.frombuffer(buf, np.uint8)
+        return {name: raw[off:off + int(np.prod(shape)) * dt.itemsize].view(dt).reshape(shape)
+                for name, off, dt, shape in self.layout}
+
+    def load(self, keys: list[tuple[int, int]], slots: list[int | None]) -> list[CachedExpert]:
+        """Read KEYS' records into their slots and make them runnable (reader threads, or reads on the
+        decode thread)."""
+        t0 = time.perf_counter()
+        targets = [self._slot_buffer(s) for s in slots]
+        size = self.store.record_size
+        if self.in_place:
+            self.store.read_into(keys, [b[:size] for b in targets])
+            self.timer.add(time.perf_counter() - t0, 0.0)
+            return self._entries(slots, targets, time.perf_counter())
+        scratch = self.store.scratch(len(keys))
+        bufs = [memoryview(scratch)[i * size:(i + 1) * size] for i in range(len(keys))]
+        self.store.read_into(keys, bufs)
+        self.timer.add(time.perf_counter() - t0, 0.0)
+        return self.fill(keys, bufs, slots, targets)
+
+    def fill(self, keys: list[tuple[int, int]], records: list, slots: list[int | None],
+             targets: list | None = None) -> list[CachedExpert]:
+        """Make read RECORDS (buffers) runnable in SLOTS: widen (int4-channel) or copy into the slot."""
+        t1 = time.perf_counter()
+        targets = targets or [self._slot_buffer(s) for s in slots]
+        for buf, target in zip(records, targets):
+            fill_slot(self.store.index, self.store.views(buf), self._arrays(target))
+        return self._entries(slots, targets, t1)
+
+    def _entries(self, slots: list[int | None], targets: list, t1: float) -> list[CachedExpert]:
+        out = []
+        for slot, target in zip(slots, targets):
+            arrays = self._arrays(target)
+            weights = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
+            out.append(CachedExpert(self.shared_session, tensors=arrays, weights=weights, slot=slot))
+        self.timer.add(0.0, time.perf_counter() - t1)
+        return out
+
+
+def expert_loader(store: ExpertStore, graph: bytes, target: ExecutionTarget):
+    """The loader for this store's format."""
+    return (SharedGraphExperts if store.weights_as_inputs else SessionExperts)(store, graph, target)

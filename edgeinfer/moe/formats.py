@@ -1,0 +1,95 @@
+"""Expert record formats: what a store record holds, and what a cached expert holds in memory.
+
+- ``session`` formats (the package precision: int4/int8 blocks, fp32): the record is a small
+  onnxruntime session's initializers; the session prepacks them (CPU work per load) and the
+  cache holds the record beside onnxruntime's copy (two records of memory).
+- ``int8-channel`` (``expert_bits=8``): int8 weights (K, N) with one fp32 scale per output
+  channel, bound as inputs of one shared ``DynamicQuantizeMatMul`` graph. The record is what
+  the graph reads: loading is reading.
+- ``int4-channel`` (``expert_bits=4``): the same graph inputs, stored at half the bytes. A weight
+  is int4 in [-8, 7] with, per block of ``block_size`` rows along K, a signed 4-bit integer
+  multiplier (|m| in 1..15) of its channel's fp32 scale (double quantization, as in k-quants):
+  ``q4 * mult`` is exactly an int8 weight of the int8-channel format (|q4 * mult| <= 120). Loading
+  widens the nibbles to int8 in numpy (four passes over the record) into a preallocated slot.
+
+Nibble layout (``{name}.q4``, uint8 (K/2, N)): byte ``[k, n]`` holds row ``k`` in its low nibble
+and row ``k + K/2`` in its high nibble, two's complement; as int8, ``byte >> 4`` is the high row
+and ``(byte * 16) >> 4`` the low one (arithmetic shifts; numpy's int8 multiply is vectorized, its
+left shift is not), each written into one contiguous half of the int8 weight.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CHANNEL_INT8 = "int8-channel"
+CHANNEL_INT4 = "int4-channel"
+INPUT_FORMATS = (CHANNEL_INT8, CHANNEL_INT4)
+
+
+def graph_inputs(index: dict) -> list[dict]:
+    """The weight inputs (name, dtype, shape) of the shared expert graph of a weights-as-inputs store,
+    in record order; what a cached expert holds."""
+    if index.get("precision") != CHANNEL_INT4:
+        return [{"name": t["name"], "dtype": t["dtype"], "shape": list(t["shape"])} for t in index["tensors"]]
+    out = []
+    for t in index["tensors"]:
+        if t["name"].endswith(".q4"):
+            half, n = t["shape"]
+            out.append({"name": t["name"][:-3] + ".qweight", "dtype": "int8", "shape": [2 * half, n]})
+        elif t["name"].endswith(".scales"):
+            out.append({"name": t["name"], "dtype": t["dtype"], "shape": list(t["shape"])})
+    return out
+
+
+def resident_bytes(index: dict) -> int:
+    """The memory one cached expert of this store holds, in bytes: its graph inputs (weights-as-inputs
+    formats, 64-byte aligned each), else its record and onnxruntime's prepacked copy (two records)."""
+    if not index.get("weights_as_inputs"):
+        return 2 * int(index["record_size"])
+    return sum(_round_up(_nbytes(t), 64) for t in graph_inputs(index))
+
+
+def slot_layout(index: dict) -> list[tuple[str, int, np.dtype, tuple]]:
+    """(name, offset, dtype, shape) of each graph input inside one slot of ``resident_bytes``."""
+    out, pos = [], 0
+    for t in graph_inputs(index):
+        out.append((t["name"], pos, np.dtype(t["dtype"]), tuple(t["shape"])))
+        pos = _round_up(pos + _nbytes(t), 64)
+    return out
+
+
+def widen_int4(q4: np.ndarray, mult: np.ndarray, out: np.ndarray) -> None:
+    """int4 nibbles Q4 (K/2, N) with block multipliers MULT (K/B, N) into the int8 weight OUT (K, N)."""
+    k, n = out.shape
+    half = k // 2
+    b = q4.view(np.int8)
+    np.right_shift(b, 4, out=out[half:])
+    lo = out[:half]
+    np.multiply(b, np.int8(16), out=lo)
+    np.right_shift(lo, 4, out=lo)
+    blocks = out.reshape(mult.shape[0], k // mult.shape[0], n)
+    np.multiply(blocks, mult[:, None, :], out=blocks)
+
+
+def fill_slot(index: dict, record: dict[str, np.ndarray], slot: dict[str, np.ndarray]) -> None:
+    """Make a slot's graph inputs from a read record (views into the read buffer): widen int4-channel
+    weights, copy the rest."""
+    if index.get("precision") == CHANNEL_INT4:
+        for name, dst in slot.items():
+            if name.endswith(".qweight"):
+                base = name[: -len(".qweight")]
+                widen_int4(record[base + ".q4"], record[base + ".mult"], dst)
+            else:
+                dst[...] = record[name]
+        return
+    for name, dst in slot.items():
+        dst[...] = record[name]
+
+
+def _nbytes(t: dict) -> int:
+    return int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize
+
+
+def _round_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a

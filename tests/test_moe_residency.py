@@ -1,0 +1,184 @@
+"""Expert residency and read-ahead rules: routing measured at export (frequencies, co-activation
+layout), the budget split by miss cost, resident experts, speculative reads that never evict
+what the running layer or their own layer needs, a layer's misses read together."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_moe import PROMPT, few_experts_budget, moe_models  # noqa: F401
+
+
+def test_export_records_routing_and_lays_out_the_store(moe_models):  # noqa: F811
+    _, _, pkg = moe_models("qwen3_moe")
+    moe = json.loads((pkg / "edgeinfer.json").read_text())["moe"]
+    routing, index = moe["routing"], moe["expert_store"]
+    assert routing["calibration_tokens"] > 100 and index["layout"] == "co-activation"
+    for layer, freqs in routing["frequencies"].items():
+        assert len(freqs) == moe["num_experts"] and abs(sum(freqs) - moe["top_k"]) < 1e-3
+        offsets = [off for off, _ in index["layers"][layer]]
+        assert len(set(offsets)) == len(offsets) and len(index["checksums"][layer]) == len(offsets)
+        # the most frequent expert comes first in its layer's stretch of the store
+        assert offsets[int(np.argmax(freqs))] == min(offsets)
+
+
+def test_budget_split_follows_miss_cost():
+    from edgeinfer.moe.residency import ResidencyPlan
+
+    concentrated = np.array([1.0, 0.9, 0.05, 0.05] + [0.0] * 12)  # two experts take almost every token
+    spread = np.full(16, 2 / 16)
+    plan = ResidencyPlan.from_frequencies({0: concentrated, 1: spread}, capacity=12, top_k=2, resident_fraction=0.5)
+    # beyond one token's experts each slot goes where it saves most: the spread layer
+    assert plan.quotas == {0: 2.0, 1: 10.0}
+    assert not plan.resident[0] and len(plan.resident[1]) == 5  # half its share; room left for top-k
+    plan = ResidencyPlan.from_frequencies({0: concentrated, 1: spread}, capacity=24, top_k=2, resident_fraction=0.5)
+    assert plan.quotas[0] == 8 and plan.resident[0] == frozenset({0, 1, 2, 3})
+    equal = ResidencyPlan.equal([0, 1], 12, 2)
+    assert equal.quotas == {0: 6.0, 1: 6.0} and not any(equal.resident.values())
+    full = ResidencyPlan.from_frequencies({0: concentrated, 1: spread}, capacity=32, top_k=2)
+    assert full.quotas == {0: 16.0, 1: 16.0}
+
+
+def _loaded(pkg, slots: int, **kw):
+    from edgeinfer.runtimes import resolve_provider
+
+    from edgeinfer.moe.decoder import MoEDecoder
+    from edgeinfer.package import open_package
+
+    probe = MoEDecoder(open_package(pkg), resolve_provider("cpu"), prefetch=False, readers=0)
+    per = probe.cache.expert_bytes
+    probe.close()
+    return MoEDecoder(open_package(pkg), resolve_provider("cpu"), memory_budget=slots * per, **kw)
+
+
+def test_speculative_reads_never_evict_the_running_layer_or_their_own_guesses(moe_models):  # noqa: F811
+    _, _, pkg = moe_models("qwen3_moe")
+    dec = _loaded(pkg, 6, prefetch=False, resident_fraction=0)
+    cache = dec.cache
+    for layer, experts in ((0, [0, 1]), (1, [0, 1]), (2, [0, 1])):
+        cache.acquire(layer, experts)
+        cache.release(layer, experts)
+    assert cache.count == cache.capacity == 6 and cache.free_slots() == 0
+    cache.position = (5, 0)  # the decoder runs layer 0 with experts 0 and 1
+    running = cache.acquire(0, [0, 1])
+    jobs = cache.start_speculative(5, 1, [4, 5], keep=frozenset({0, 4, 5}))  # guesses for layer 1
+    cache.run_loads(jobs, prefetched=True)
+    assert set(cache.layers[0]) == {0, 1}  # the running layer's experts stay
+    assert 0 in cache.layers[1] and {4, 5} <= set(cache.layers[1]) | set(cache.layers[2])
+    assert [e.session for e in cache.acquire(0, [0, 1])] == [e.session for e in running]
+    assert cache.start_speculative(4, 2, [6], keep=frozenset()) == []  # behind the decoder: stale
+    assert cache.stats.prefetch_skipped >= 1
+    dec.close()
+
+
+def test_resident_experts_are_never_evicted(moe_models):  # noqa: F811
+    _, _, pkg = moe_models("qwen3_moe")
+    dec = _loaded(pkg, 9, prefetch=False, resident_fraction=0.4)
+    cache = dec.cache
+    resident = {layer: set(r) for layer, r in cache.resident.items()}
+    assert any(resident.values())
+    assert cache.warm() == sum(len(r) for r in resident.values())
+    for _ in range(3):
+        for layer in cache.layers:
+            for e in range(8):
+                cache.acquire(layer, [e])
+                cache.release(layer, [e])
+                assert cache.count <= cache.capacity
+    for layer, r in resident.items():
+        assert r <= set(cache.layers[layer])
+    dec.close()
+
+
+def test_a_layers_misses_are_read_together(moe_models):  # noqa: F811
+    _, _, pkg = moe_models("qwen3_moe")
+    dec = _loaded(pkg, 8, prefetch=False, readers=3, resident_fraction=0)
+    cache = dec.cache
+    index = cache.store.index
+    by_offset = sorted(range(8), key=lambda e: index["layers"]["1"][e][0])
+    adjacent = by_offset[2:5]  # three records next to each other on disk: one read
+    cache.acquire(1, adjacent)
+    cache.release(1, adjacent)
+    assert cache.stats.misses == 3 and cache.stats.reads == 1
+    apart = [by_offset[0], by_offset[6]]
+    cache.acquire(1, apart)
+    cache.release(1, apart)
+    assert cache.stats.misses == 5 and cache.stats.reads == 3
+    dec.close()
+
+
+@pytest.mark.parametrize("predict_from", ["stream", "input"])
+def test_read_ahead_policies_compute_the_same_tokens(moe_models, predict_from):  # noqa: F811
+    import edgeinfer
+
+    _, _, pkg = moe_models("qwen2_moe")
+    budget = few_experts_budget(pkg)
+    model = edgeinfer.load(pkg, memory_budget=budget)
+    model.decoder.predict_from = predict_from
+    plain = edgeinfer.load(pkg)
+    a = model.complete(PROMPT, max_new_tokens=10, ignore_eos=True)
+    b = plain.complete(PROMPT, max_new_tokens=10, ignore_eos=True)
+    assert a.tokens == b.tokens and a.stats["experts"]["predicted"] > 0
+
+
+@pytest.mark.parametrize("mode", ["aio", "kernel"])
+def test_reads_started_ahead_without_threads(moe_models, mode):  # noqa: F811
+    import edgeinfer
+    from edgeinfer.moe.reads import ReadQueue
+
+    _, _, pkg = moe_models("qwen3_moe")
+    plain = edgeinfer.load(pkg).complete(PROMPT, max_new_tokens=12, ignore_eos=True).tokens
+    model = edgeinfer.load(pkg, memory_budget=few_experts_budget(pkg))
+    dec = model.decoder
+    assert dec.pool is None and dec.readahead is not None  # the default: no reader threads
+    if mode == "kernel":  # what a file system without O_DIRECT (or a kernel without AIO) gets
+        dec.cache.store.use_page_cache()
+        dec.cache.reads = ReadQueue(dec.cache.store)
+    assert dec.cache.reads.mode == mode
+    res = model.complete(PROMPT, max_new_tokens=12, ignore_eos=True)
+    stats = res.stats["experts"]
+    assert res.tokens == plain
+    assert stats["prefetched"] > 0 and 0 < stats["prefetch_used"] <= stats["prefetched"]
+    assert stats["hits"] + stats["late_prefetches"] + stats["misses"] == stats["needed"]
+    # guesses for layers already run were dropped: at most the next layer's are pending, within the pool
+    pending = dec.cache.reads.pending
+    assert len({layer for layer, _ in pending}) <= 1 and len(pending) <= dec.readahead.depth
+    n = dec.cache.reads.buffers()
+    assert n["free"] + n["pending"] + n["dropped"] == n["all"]  # every scratch buffer accounted for
+    dec.close()
+
+
+def test_expert_sessions_and_kv_follow_the_execution_target(moe_models):  # noqa: F811
+    from edgeinfer.runtimes import resolve_provider
+
+    from edgeinfer.moe.decoder import MoEDecoder
+    from edgeinfer.package import open_package
+
+    for family in ("olmoe", "mixtral"):
+        pkg = moe_models(family)[2]
+        target = resolve_provider("cpu")
+        dec = MoEDecoder(open_package(pkg), target, memory_budget=few_experts_budget(pkg))
+        assert dec.kv.device == target.device_memory
+        entry = dec.cache.acquire(0, [0])[0]
+        assert entry.session.get_providers() == [target.ort_name]
+        dec.close()
+
+
+def test_reads_fall_back_when_the_kernel_refuses_aio(moe_models):  # noqa: F811
+    import edgeinfer
+
+    _, _, pkg = moe_models("qwen3_moe")
+    plain = edgeinfer.load(pkg).complete(PROMPT, max_new_tokens=8, ignore_eos=True).tokens
+    model = edgeinfer.load(pkg, memory_budget=few_experts_budget(pkg))
+    reads = model.decoder.cache.reads
+    if reads.mode != "aio":
+        pytest.skip("no native AIO here")
+
+    def refuse(fd, batch):
+        raise OSError(22, "Invalid argument")
+
+    reads.aio.submit = refuse
+    res = model.complete(PROMPT, max_new_tokens=8, ignore_eos=True)
+    assert res.tokens == plain and reads.mode in ("kernel", "sync") and res.stats["experts"]["misses"] > 0
+    model.decoder.close()
