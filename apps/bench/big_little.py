@@ -121,6 +121,9 @@ def main() -> int:
                     help="the threshold sweeps (for the plot) run on the first N prompts only")
     ap.add_argument("--out", type=Path, default=DOCS, help="folder for big-little-results.md and big-little.png")
     ap.add_argument("--render", type=Path, default=None, help="only write the page and plot from an earlier JSON")
+    ap.add_argument("--only", default=None, help="configurations whose label contains one of these (comma-separated), "
+                    "e.g. speculative; the page and plot are then not written")
+    ap.add_argument("--json", type=Path, default=BUILD / "big_little.json", help="raw results to write")
     args = ap.parse_args()
     if args.render:
         report = json.loads(args.render.read_text())
@@ -141,7 +144,7 @@ def main() -> int:
                "trim": edgeinfer.load(ensure_little("qwen2.5-coder-0.5b-int4-trim32k", "--exits", "24",
                                                     "--exit-vocab", "32768"), threads=args.threads)}
     pair = ensure_calibrated(big, littles["source"])
-    cfgs = configs(args.quick)
+    cfgs = [c for c in configs(args.quick) if not args.only or any(o in c[0] for o in args.only.split(","))]
     load0 = os.getloadavg()[0]
     rows = {label: {"tokens": 0, "seconds": 0.0, "plain_seconds": 0.0, "decode_s": 0.0, "plain_decode_s": 0.0,
                     "big": 0, "agree": 0, "nll": 0.0,
@@ -218,11 +221,13 @@ def main() -> int:
               "new_tokens": args.new_tokens, "loadavg_start": load0, "loadavg_end": os.getloadavg()[0],
               "pair_file": pair, "big_plain_tok_s_median": float(np.median(plain_rate)), "results": table,
               "questions": questions,
-              "command": "apps/bench/big_little.py" + (" --quick" if args.quick else "")}
-    (BUILD / "big_little.json").write_text(json.dumps(report, indent=1))
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_markdown(report, args.out)
-    plot(report, args.out)
+              "command": "apps/bench/big_little.py" + (" --quick" if args.quick else "") +
+                         (f" --only {args.only}" if args.only else "")}
+    args.json.write_text(json.dumps(report, indent=1))
+    if not args.only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_markdown(report, args.out)
+        plot(report, args.out)
     for row in table:
         print(f"{row['strategy']:32s} big {row['big_share']:.2f} speed {row['speed_vs_big']:.2f}x "
               f"(decode {row['decode_speed_vs_big']:.2f}x) "
