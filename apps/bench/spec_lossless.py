@@ -30,8 +30,9 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default="acc0")
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=24)
     args = ap.parse_args(argv)
-    prompts = json.loads((ROOT / "apps" / "bench" / "prompts" / "qwen_pair.json").read_text())
+    prompts = json.loads((ROOT / "apps" / "bench" / "prompts" / "qwen_pair.json").read_text())[: args.prompts]
     big = edgeinfer.load(args.big, threads=args.threads, little=args.little)
     rows = []
     for text in prompts:
