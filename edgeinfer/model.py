@@ -21,7 +21,7 @@ from .tokenizer import TextTokenizer
 
 Messages = list[dict]
 STRATEGY_OPTIONS = ("threshold", "draft_len", "exit_layer", "confidence", "tau", "window", "min_hold",
-                    "fallback_threshold", "rollback_threshold")
+                    "fallback_threshold", "rollback_threshold", "pair")
 
 
 def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = None,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from edgeinfer.export.decoder import graph as dg
 from edgeinfer.export.decoder.kv_precision import KVPrecision
+from edgeinfer.export.decoder.vocab_trim import add_trimmed_exit_head, check_exit_vocab
 from edgeinfer.export.graph.blocks import DEFAULT_MAX_CONTEXT, PRECISIONS, Precision, checked_context_and_precision
 from edgeinfer.export.sources.aliases import is_alias
 from edgeinfer.export.sources.load import SourceModel, load_source
@@ -31,7 +32,8 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
                  prefill_chunk: int | None = None, calibration: str | Path | None = None,
                  activation_bits: int = 16, exit_adapters: bool = False,
                  adapter_rank: int | None = None, expert_bits: int | None = None,
-                 quant_method: str | None = None, kv_dtype: str | None = None) -> ExportResult:
+                 quant_method: str | None = None, kv_dtype: str | None = None,
+                 exit_vocab: int | None = None) -> ExportResult:
     """Export SOURCE (alias, .gguf, HF folder, hub id, or a loaded SourceModel) to a package at OUT.
 
     PRECISION: ``source`` keeps a GGUF file's own quantized weights exactly (the default for GGUF sources
@@ -136,7 +138,8 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
     try:
         cuts = dg.stage_cuts(spec.layers, [*(stages or []), *exits])
     except ValueError as e:
-        raise ExportError(f"{e} (exits and stage cuts are layer counts between 1 and {spec.layers - 1}).") from None
+        raise ExportError(f"{e} (exits and stage cuts are layer counts between 1 and {spec.layers}).") from None
+    check_exit_vocab(exit_vocab, exits, spec.vocab)
 
     bar = progress_bar(spec.layers, f"building {precision} graphs", progress)
     with PackageBuild(out, force) as build:
@@ -168,6 +171,9 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
         build.write_manifest(_manifest(src, spec, prec, ctx, build.graphs, exit_entries, target, kv))
         if exit_adapters:  # fitted on the complete package in the staging folder, then listed in it
             _add_exit_adapters(tmp, src, build.graphs, exit_entries, adapter_rank, calibration, progress)
+            build.write_manifest(_manifest(src, spec, prec, ctx, build.graphs, exit_entries, target, kv))
+        if exit_vocab:  # VocabTrim: the exit head keeps the tokens the model uses (export/decoder/vocab_trim.py)
+            add_trimmed_exit_head(tmp, spec, weights, prec, build.graphs, exit_vocab, calibration, progress)
             build.write_manifest(_manifest(src, spec, prec, ctx, build.graphs, exit_entries, target, kv))
     return build.result()
 

@@ -230,7 +230,7 @@ def test_bad_layer_list_on_cli(tmp_path):
 def test_exit_outside_model_is_refused(tiny_models, tmp_path):
     from edgeinfer.export import export_model
 
-    with pytest.raises(ExportError, match="stage cut 9 is outside 1..3"):
+    with pytest.raises(ExportError, match="stage cut 9 is outside 1..4"):
         export_model(str(tiny_models("llama")), tmp_path / "o", "fp32", exits=[9])
     assert not (tmp_path / "o").exists()
 

@@ -1,21 +1,19 @@
-"""Big/little decoding on real weights, side by side in one process.
+"""Big/little decoding on a real pair: Qwen2.5-Coder-1.5B (big) and -0.5B (little), same tokenizer.
 
-    .venv/bin/python apps/bench/big_little.py            # 24 prompts, every strategy and threshold
-    .venv/bin/python apps/bench/big_little.py --quick    # 3 prompts, fewer thresholds (a minute or two)
+    .venv/bin/python apps/bench/big_little.py            # 24 prompts, every strategy (about an hour on 2 cores)
+    .venv/bin/python apps/bench/big_little.py --quick    # 3 prompts, fewer settings
 
-The pairs MODELS.md allows on a machine without a model hub: big = SmolLM2-135M
-fp32; little = the same model at int8 or int4, or the big package's own first
-24 layers + head (an early exit). For every prompt (apps/bench/prompts/big_little.json)
-the big model decodes alone, then every strategy, then the big model alone
-again: each speed figure is a ratio to the mean of the two plain runs that
-bracket it, on the same prompt.
+Needs ``edgeinfer pull qwen2.5-coder-0.5b`` and ``...-1.5b``; the little model is also exported at int4
+(build/bench/qwen2.5-coder-0.5b-int4). EAD and BiLD run with the pair's calibrated defaults (the pair file
+``edgeinfer calibrate`` writes; this script runs it first if the cache holds none) and over a sweep of
+thresholds for the plot. For every prompt (apps/bench/prompts/qwen_pair.json) the big model decodes alone,
+then every configuration, then the big model alone again, each from empty caches (prefill included): a
+speed figure is a ratio to the mean of the two plain runs that bracket it, on the same prompt.
 
-Per strategy and threshold: the share of tokens the big model wrote, wall-clock
-tokens/s against the big model alone, the weights read against the big model
-alone, agreement with the big model's greedy output (token by token, aligned),
-and quality kept = PPL_big(big's own greedy text) / PPL_big(the strategy's text),
-where PPL_big is the big model's perplexity of the generated tokens.
-Writes build/bench/big_little.json, docs/big-little.md and docs/big-little.png.
+Per configuration: share of tokens the big model wrote, speed against the big model alone, agreement with
+the big model's greedy output (token by token), identical outputs, quality kept = PPL_big(big's own greedy
+text) / PPL_big(this text), and answers to questions with one right answer (general and code). Writes
+build/bench/big_little.json, docs/big-little-results.md (the tables) and docs/big-little.png.
 """
 
 from __future__ import annotations
@@ -24,8 +22,9 @@ import argparse
 import datetime
 import json
 import math
-import platform
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,152 +36,249 @@ ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "build" / "bench"
 DOCS = ROOT / "docs"
 EDGEINFER = str(ROOT / ".venv" / "bin" / "edgeinfer")
+BIG, LITTLE = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pair_questions import QUESTIONS, answer_is_right  # noqa: E402
 
 
-def ensure(name: str, *args: str) -> Path:
+def ensure_little(name: str, *args: str) -> Path:
+    """The 0.5B re-quantized to int4 (a cheaper drafter), optionally with a VocabTrim drafting head."""
     pkg = BUILD / name
     if not (pkg / "edgeinfer.json").exists():
-        subprocess.run([EDGEINFER, "export", "smollm2-135m", "-o", str(pkg), *args, "--force"], check=True)
+        subprocess.run([EDGEINFER, "export", LITTLE, "-o", str(pkg), "--precision", "int4", *args, "--force"],
+                       check=True)
     return pkg
 
 
-def configs(quick: bool) -> list[tuple[str, str, str, dict]]:
-    """(label, big, little, strategy options): big 'fp32' or 'exits' (fp32 with exits at 15 and 24),
-    little 'int8', 'int4' (packages) or 'exit' (the big package's own exit)."""
-    taus = [1.0, 3.0] if quick else [0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0]
-    out = [(f"speculative {lit}", "fp32", lit, dict(strategy="speculative")) for lit in ("int8", "int4")]
-    out += [("speculative exit24", "exits", "exit", dict(strategy="speculative", exit_layer=24))]
-    out += [(f"ead int4 tau={t}", "fp32", "int4", dict(strategy="ead", tau=t)) for t in taus]
-    out += [(f"ead int8 tau={t}", "fp32", "int8", dict(strategy="ead", tau=t)) for t in taus[1::2]]
-    out += [(f"ead exit24 tau={t}", "exits", "exit", dict(strategy="ead", tau=t, exit_layer=24)) for t in taus]
-    bild = [(0.6, 5.0)] if quick else [(0.3, 5.0), (0.6, 5.0), (0.8, 5.0), (0.6, 2.0), (0.6, 8.0)]
-    out += [(f"bild int4 fb={f} rb={r}", "fp32", "int4", dict(strategy="bild", fallback_threshold=f,
-                                                              rollback_threshold=r)) for f, r in bild]
-    out += [("bild int8 fb=0.6 rb=5.0", "fp32", "int8", dict(strategy="bild"))]
-    out += [("bild exit24 fb=0.6 rb=5.0", "exits", "exit", dict(strategy="bild", exit_layer=24))]
+def ensure_calibrated(big, little) -> dict:
+    from edgeinfer.strategies.pair_file import pair_file_path
+
+    path = pair_file_path(big.package, little.package)
+    if not path.is_file():
+        subprocess.run([EDGEINFER, "calibrate", BIG, "--little", LITTLE, "--quality", "0.95"], check=True)
+    return json.loads(path.read_text()) | {"path": str(path)}
+
+
+def configs(quick: bool) -> list[tuple[str, str | None, dict]]:
+    """(label, little: 'source' / 'int4' / 'trim' (int4, VocabTrim drafting head of 32,768 tokens) / None for the little
+    model alone, options)."""
+    taus = [1.0, 3.0] if quick else [0.5, 1.5, 3.0]
+    fbs = [0.5] if quick else [0.3, 0.9]
+    out = [("little alone (0.5B)", None, {}),
+           ("speculative, 0.5B drafts", "source", dict(strategy="speculative")),
+           ("speculative, 0.5B int4 drafts", "int4", dict(strategy="speculative")),
+           ("speculative, 0.5B int4 drafts, 32k-token head", "trim", dict(strategy="speculative")),
+           ("ead, calibrated tau", "source", dict(strategy="ead")),
+           ("bild, calibrated", "source", dict(strategy="bild"))]
+    out += [(f"ead tau={t}", "source", dict(strategy="ead", tau=t)) for t in taus]
+    out += [(f"bild fb={f} rb=3.0", "source", dict(strategy="bild", fallback_threshold=f, rollback_threshold=3.0))
+            for f in fbs]
     return out
 
 
-def nll(scorer, ids: list[int], out: list[int]) -> float:
-    """Sum of -log p_big(out[i] | ids + out[:i])."""
+def nll(scorer, ids: list[int], out: list[int]) -> tuple[float, np.ndarray]:
+    """Sum of -log p_big(out[i] | ids + out[:i]) and the big model's top-2 margins there."""
     scorer.reset()
     logits = scorer.decoder.forward(ids + out[:-1], logits_to_keep=len(out)).astype(np.float64)
+    scorer.reset()
     m = logits.max(-1, keepdims=True)
     logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
-    return float(-logp[np.arange(len(out)), out].sum())
+    top2 = np.sort(logits, -1)[:, -2:]
+    return float(-logp[np.arange(len(out)), out].sum()), top2[:, 1] - top2[:, 0]
+
+
+def decode_seconds(res) -> float:
+    """Seconds after the first token (the prefill, and for a pair the little model's too, excluded)."""
+    return res.total_s - res.ttft_s
 
 
 def timed(model, ids, n, **opts):
+    model.reset()
+    if model.little is not None:
+        model.little.reset()
     t = time.perf_counter()
     res = model.complete(ids, max_new_tokens=n, ignore_eos=True, **opts)
     return res, time.perf_counter() - t
+
+
+def ask(model, opts: dict, chat) -> list[dict]:
+    rows = []
+    for q, accepted in QUESTIONS:
+        model.reset()
+        res = model.complete(chat(q), max_new_tokens=40, **opts)
+        rows.append({"question": q, "answer": res.text.strip(), "right": answer_is_right(res.text, accepted)})
+    return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=DOCS, help="folder for big-little.md and big-little.png")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=24)
+    ap.add_argument("--no-questions", action="store_true")
+    ap.add_argument("--sweep-prompts", type=int, default=8,
+                    help="the threshold sweeps (for the plot) run on the first N prompts only")
+    ap.add_argument("--out", type=Path, default=DOCS, help="folder for big-little-results.md and big-little.png")
+    ap.add_argument("--render", type=Path, default=None, help="only write the page and plot from an earlier JSON")
+    ap.add_argument("--only", default=None, help="configurations whose label contains one of these (comma-separated), "
+                    "e.g. speculative; the page and plot are then not written")
+    ap.add_argument("--json", type=Path, default=BUILD / "big_little.json", help="raw results to write")
     args = ap.parse_args()
+    if args.render:
+        report = json.loads(args.render.read_text())
+        write_markdown(report, args.out)
+        plot(report, args.out)
+        return 0
     BUILD.mkdir(parents=True, exist_ok=True)
-    prompts = json.loads((ROOT / "apps" / "bench" / "prompts" / "big_little.json").read_text())
-    if args.quick:
-        prompts = prompts[:3]
-    paths = {"fp32": ensure("smollm2-135m-fp32", "--precision", "fp32"),
-             "exits": ensure("smollm2-135m-fp32-exits", "--precision", "fp32", "--exits", "15,24"),
-             "int8": ensure("smollm2-135m-int8", "--precision", "int8"),
-             "int4": ensure("smollm2-135m-int4", "--precision", "int4")}
-    littles = {k: edgeinfer.load(paths[k], threads=args.threads) for k in ("int8", "int4")}
-    bigs = {"fp32": edgeinfer.load(paths["fp32"], threads=args.threads),
-            "exits": edgeinfer.load(paths["exits"], threads=args.threads)}
-    scorer = bigs["fp32"]
-    cfgs = configs(args.quick)
-    rows = {label: {"tokens": 0, "seconds": 0.0, "plain_tokens": 0, "plain_seconds": 0.0, "big": 0, "agree": 0,
-                    "nll": 0.0, "ref_nll": 0.0, "exact": 0, "compute": []} for label, *_ in cfgs}
+    prompts = json.loads((ROOT / "apps" / "bench" / "prompts" / "qwen_pair.json").read_text())
+    prompts = prompts[:3] if args.quick else prompts[: args.prompts]
+    try:
+        big = edgeinfer.load(BIG, threads=args.threads)
+    except edgeinfer.EdgeInferError as e:  # the optional pair is not installed
+        print(f"big_little.py needs the Qwen2.5-Coder pair ({e}): edgeinfer pull {LITTLE}; edgeinfer pull {BIG}",
+              file=sys.stderr)
+        return 2
+    littles = {"source": edgeinfer.load(LITTLE, threads=args.threads),
+               "int4": edgeinfer.load(ensure_little("qwen2.5-coder-0.5b-int4"), threads=args.threads),
+               "trim": edgeinfer.load(ensure_little("qwen2.5-coder-0.5b-int4-trim32k", "--exits", "24",
+                                                    "--exit-vocab", "32768"), threads=args.threads)}
+    pair = ensure_calibrated(big, littles["source"])
+    cfgs = [c for c in configs(args.quick) if not args.only or any(o in c[0] for o in args.only.split(","))]
+    load0 = os.getloadavg()[0]
+    rows = {label: {"tokens": 0, "seconds": 0.0, "plain_seconds": 0.0, "decode_s": 0.0, "plain_decode_s": 0.0,
+                    "big": 0, "agree": 0, "nll": 0.0,
+                    "ref_nll": 0.0, "exact": 0, "prompts": 0, "divergence_margins": [], "stats": []}
+            for label, *_ in cfgs}
+    sweep = {label for label, *_ in cfgs if label.startswith(("ead tau=", "bild fb="))}
     plain_rate = []
+    chat = lambda text: big.encode([{"role": "user", "content": text}])  # noqa: E731
     for i, text in enumerate(prompts):
-        ids = scorer.encode([{"role": "user", "content": text}])
-        ref, ref_s = timed(scorer, ids, args.new_tokens)
-        ref_nll = nll(scorer, ids, ref.tokens)
+        ids = chat(text)
+        ref, ref_s = timed(big, ids, args.new_tokens)
+        ref_nll, margins = nll(big, ids, ref.tokens)
         results = []
-        for label, big, lit, opts in cfgs:
-            if lit in littles:
-                bigs[big].attach_little(littles[lit])
-            results.append((label, *timed(bigs[big], ids, args.new_tokens, **opts)))
-        _, end_s = timed(scorer, ids, args.new_tokens)  # plain again: the round is bracketed by the baseline
+        for label, lit, opts in cfgs:
+            if label in sweep and i >= args.sweep_prompts:
+                continue
+            if lit is None:
+                results.append((label, *timed(littles["source"], ids, args.new_tokens)))
+                continue
+            big.attach_little(littles[lit])
+            results.append((label, *timed(big, ids, args.new_tokens, **opts)))
+        end, end_s = timed(big, ids, args.new_tokens)
         plain_s = (ref_s + end_s) / 2
+        plain_decode = (decode_seconds(ref) + decode_seconds(end)) / 2
         plain_rate.append(ref.new_tokens / plain_s)
         for label, res, s in results:
             r = rows[label]
             r["tokens"] += res.new_tokens
+            r["prompts"] += 1
             r["seconds"] += s
-            r["plain_tokens"] += ref.new_tokens
             r["plain_seconds"] += plain_s
-            r["big"] += res.stats["tokens"]["big"]
-            r["agree"] += sum(a == b for a, b in zip(res.tokens, ref.tokens))
+            r["decode_s"] += decode_seconds(res)
+            r["plain_decode_s"] += plain_decode
+            r["big"] += res.stats.get("tokens", {}).get("big", 0)
+            same = [a == b for a, b in zip(res.tokens, ref.tokens)]
+            r["agree"] += sum(same)
             r["exact"] += res.tokens == ref.tokens
-            r["nll"] += nll(scorer, ids, res.tokens)
+            if res.tokens != ref.tokens:
+                r["divergence_margins"].append(float(margins[same.index(False)]))
+            r["nll"] += nll(big, ids, res.tokens)[0]
             r["ref_nll"] += ref_nll
-            r["compute"].append(res.stats["compute_vs_big_alone"])
-        print(f"[{i + 1}/{len(prompts)}] {text[:50]!r}: plain {plain_rate[-1]:.1f} tok/s "
-              f"(start {ref.new_tokens / ref_s:.1f}, end {ref.new_tokens / end_s:.1f})", flush=True)
+            r["stats"].append({k: res.stats.get(k) for k in ("acceptance_rate", "tokens_per_verify", "draft_lengths",
+                                                            "tau", "fallback_threshold", "rollback_threshold",
+                                                            "calibration")})
+        print(f"[{i + 1}/{len(prompts)}] {text[:50]!r}: plain {plain_rate[-1]:.2f} tok/s (start "
+              f"{ref.new_tokens / ref_s:.2f}, end {ref.new_tokens / end_s:.2f}), load {os.getloadavg()[0]:.1f}",
+              flush=True)
     table = []
-    for label, big, lit, opts in cfgs:
+    for label, lit, opts in cfgs:
         r = rows[label]
         table.append({
-            "strategy": label, "big": big, "little": lit, "options": opts,
-            "big_share": r["big"] / r["tokens"],
-            "speed_vs_big": (r["tokens"] / r["seconds"]) / (r["plain_tokens"] / r["plain_seconds"]),
-            "weights_read_vs_big": float(np.mean(r["compute"])),
-            "agreement": r["agree"] / r["tokens"],
-            "identical_outputs": r["exact"] / len(prompts),
+            "strategy": label, "big": "qwen2.5-coder-1.5b", "little": lit or "alone", "options": {
+                **opts, "strategy": opts.get("strategy", "little alone")},
+            "big_share": r["big"] / r["tokens"] if lit else 0.0,
+            "speed_vs_big": r["plain_seconds"] / r["seconds"],
+            "decode_speed_vs_big": r["plain_decode_s"] / r["decode_s"],
+            "agreement": r["agree"] / r["tokens"], "identical_outputs": r["exact"] / r["prompts"],
+            "prompts": r["prompts"],
+            "divergence_margins": r["divergence_margins"],
             "quality_kept": math.exp((r["ref_nll"] - r["nll"]) / r["tokens"]),
             "ppl": math.exp(r["nll"] / r["tokens"]), "ppl_big": math.exp(r["ref_nll"] / r["tokens"]),
+            "stats": r["stats"],
         })
-    report = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-              "cpus": len(__import__("os").sched_getaffinity(0)), "prompts": len(prompts),
-              "new_tokens": args.new_tokens, "packages": {k: str(v.relative_to(ROOT)) for k, v in paths.items()},
-              "big_plain_tok_s_median": float(np.median(plain_rate)), "results": table,
-              "command": "apps/bench/big_little.py" + (" --quick" if args.quick else "")}
-    (BUILD / "big_little.json").write_text(json.dumps(report, indent=1))
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_markdown(report, args.out)
-    plot(report, args.out)
+    questions = None
+    if not args.no_questions:
+        questions = {"big alone": ask(big, {}, chat), "little alone (0.5B)": ask(littles["source"], {}, chat)}
+        big.attach_little(littles["source"])
+        for label in ("ead, calibrated tau", "bild, calibrated", "speculative, 0.5B drafts"):
+            questions[label] = ask(big, dict(next(o for lb, _, o in cfgs if lb == label)), chat)
+        print("questions right: " + ", ".join(f"{k} {sum(a['right'] for a in v)}/{len(v)}"
+                                               for k, v in questions.items()), flush=True)
+    report = {"date": datetime.datetime.now().isoformat(timespec="minutes"),
+              "cpus": len(os.sched_getaffinity(0)), "threads": args.threads, "prompts": len(prompts),
+              "new_tokens": args.new_tokens, "loadavg_start": load0, "loadavg_end": os.getloadavg()[0],
+              "pair_file": pair, "big_plain_tok_s_median": float(np.median(plain_rate)), "results": table,
+              "questions": questions,
+              "command": "apps/bench/big_little.py" + (" --quick" if args.quick else "") +
+                         (f" --only {args.only}" if args.only else "")}
+    args.json.write_text(json.dumps(report, indent=1))
+    if not args.only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_markdown(report, args.out)
+        plot(report, args.out)
     for row in table:
-        print(f"{row['strategy']:28s} big {row['big_share']:.2f} speed {row['speed_vs_big']:.2f}x "
-              f"quality {row['quality_kept']:.3f} agree {row['agreement']:.2f}")
+        print(f"{row['strategy']:32s} big {row['big_share']:.2f} speed {row['speed_vs_big']:.2f}x "
+              f"(decode {row['decode_speed_vs_big']:.2f}x) "
+              f"quality {row['quality_kept']:.3f} agree {row['agreement']:.2f} same {row['identical_outputs']:.2f}")
     return 0
 
 
 def write_markdown(report: dict, out: Path) -> None:
+    pf = report["pair_file"]
     lines = [
-        "# Big/little decoding on real weights",
+        f"Measured {report['date']} (`{report['command']}`), {report['cpus']} shared CPU cores, {report['threads']} "
+        f"threads per model, load average {report['loadavg_start']:.1f} at the start and "
+        f"{report['loadavg_end']:.1f} at the end; {report['prompts']} chat prompts (apps/bench/prompts/"
+        f"qwen_pair.json: 12 general, 12 code), {report['new_tokens']} new tokens each, greedy, from empty caches "
+        f"(prefill included). Big alone: {report['big_plain_tok_s_median']:.2f} tok/s (median). Calibrated "
+        f"defaults from the pair file ({Path(pf['path']).name}): tau {pf['ead']['tau']} (window "
+        f"{pf['ead'].get('window') or 5}), BiLD fallback "
+        f"{pf['bild']['fallback_threshold']} / rollback {pf['bild']['rollback_threshold']}.",
         "",
-        f"Measured {report['date']} on this machine ({report['cpus']} CPU threads, shared), "
-        f"`{report['command']}`: {report['prompts']} chat prompts (apps/bench/prompts/big_little.json), "
-        f"{report['new_tokens']} new tokens each, greedy. Big = SmolLM2-135M fp32 "
-        f"({report['big_plain_tok_s_median']:.1f} tok/s alone, median); little = the same model int4 "
-        "or int8 (`int4`, `int8`) or the big package's own first 24 layers + head (`exit24`, from a "
-        "package exported with `--exits 15,24`). On each prompt the big model ran alone, then every "
-        "strategy, then alone again: speed is the ratio to the mean of those two plain runs "
-        "(noise on this shared machine: ±10–30%).",
-        "",
-        "*big share*: tokens written by the big model. *weights read*: bytes of weights the forwards read, "
-        "over the big model decoding alone. *agreement*: tokens equal to the big model's greedy output at "
-        "the same position. *quality kept*: PPL_big(big greedy text) / PPL_big(this text), PPL_big the big "
-        "model's perplexity of the generated tokens.",
-        "",
-        "| strategy | big share | speed vs big | weights read vs big | agreement | identical outputs | "
-        "quality kept |",
-        "|---|---|---|---|---|---|---|",
+        "| configuration | prompts | big share | speed vs 1.5B alone (prefill included) | decode only | agreement | "
+        "identical outputs | quality kept | PPL_big |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        lines.append(f"| {r['strategy']} | {r['big_share']:.2f} | {r['speed_vs_big']:.2f}× | "
-                     f"{r['weights_read_vs_big']:.2f} | {r['agreement']:.2f} | {r['identical_outputs']:.2f} | "
-                     f"{r['quality_kept']:.3f} |")
-    lines += ["", "![quality kept vs big-model share](big-little.png)", ""]
-    (out / "big-little.md").write_text("\n".join(lines))
+        lines.append(f"| {r['strategy']} | {r['prompts']} | {r['big_share']:.2f} | {r['speed_vs_big']:.2f}× | "
+                     f"{r['decode_speed_vs_big']:.2f}× | {r['agreement']:.2f} | {r['identical_outputs']:.2f} | "
+                     f"{r['quality_kept']:.3f} | {r['ppl']:.3f} |")
+    lines.append(f"| 1.5B alone | {report['prompts']} | 1.00 | 1.00× | 1.00× | 1.00 | 1.00 | 1.000 | "
+                 f"{report['results'][0]['ppl_big']:.3f} |")
+    spec = [r for r in report["results"] if r["options"]["strategy"] == "speculative"]
+    for r in spec:
+        st = [x for x in r["stats"] if x.get("acceptance_rate") is not None]
+        if st:
+            lines += ["", f"{r['strategy']}: acceptance {np.mean([x['acceptance_rate'] for x in st]):.2f}, "
+                      f"{np.mean([x['tokens_per_verify'] for x in st]):.2f} tokens per verification (means over "
+                      "prompts)."]
+        if r["divergence_margins"]:
+            lines += ["", f"{r['strategy']}: the outputs that differ from the big model's part at top-2 logit margins "
+                      f"of {', '.join(f'{m:.2f}' for m in r['divergence_margins'])} (the big model's own, batched)."]
+    q = report.get("questions")
+    if q:
+        names = list(q)
+        lines += ["", "Questions with one right answer (apps/bench/pair_questions.py), greedy, at most 40 tokens:", "",
+                  "| question | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for i, row in enumerate(q[names[0]]):
+            cells = [("✓ " if q[n][i]["right"] else "✗ ") + q[n][i]["answer"][:40].replace("|", "\\|")
+                     .replace("\n", " ") for n in names]
+            lines.append(f"| {row['question']} | " + " | ".join(cells) + " |")
+        lines.append("| **right** | " + " | ".join(f"**{sum(a['right'] for a in q[n])}/{len(q[n])}**"
+                                                     for n in names) + " |")
+    (out / "big-little-results.md").write_text("\n".join(lines) + "\n")
 
 
 def plot(report: dict, out: Path) -> None:
@@ -191,23 +287,25 @@ def plot(report: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    res = report["results"]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for prefix, marker in (("ead int4", "o-"), ("ead int8", "d-"), ("ead exit24", "s-")):
-        pts = sorted((r["big_share"], r["quality_kept"]) for r in report["results"]
-                     if r["strategy"].startswith(prefix))
+    for prefix, marker, name in (("ead tau=", "o-", "EAD, tau sweep"), ("bild fb=", "^-", "BiLD, fallback sweep")):
+        rows = [r for r in res if r["strategy"].startswith(prefix)]
+        pts = sorted((r["big_share"], r["quality_kept"]) for r in rows)
         if pts:
-            ax.plot(*zip(*pts), marker, label=f"EAD, little = {prefix.split()[1]} (τ sweep)")
-    for r in report["results"]:
-        if r["strategy"].startswith(("bild", "speculative")):
-            ax.plot(r["big_share"], r["quality_kept"], "^" if r["strategy"].startswith("bild") else "*",
-                    markersize=9)
-            ax.annotate(r["strategy"], (r["big_share"], r["quality_kept"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.plot(*zip(*pts), marker, label=f"{name} ({rows[0]['prompts']} prompts)")
+    for r in res:
+        if "calibrated" in r["strategy"]:
+            ax.plot(r["big_share"], r["quality_kept"], "*", markersize=12,
+                    label=f"{r['strategy']} ({r['prompts']} prompts)")
+    little = next(r for r in res if r["little"] == "alone")
+    ax.plot(0.0, little["quality_kept"], "s", color="black", label="0.5B alone")
+    ax.plot(1.0, 1.0, "D", color="black", label="1.5B alone")
     ax.axhline(0.95, color="grey", lw=0.8, ls="--")
     ax.axvline(0.40, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("share of tokens written by the big model")
-    ax.set_ylabel("quality kept (PPL_big ratio)")
-    ax.set_title("SmolLM2-135M: big fp32, little int8 / int4 / exit 24")
+    ax.set_xlabel("share of tokens written by the big model (1.5B)")
+    ax.set_ylabel("quality kept (PPL under the 1.5B, ratio)")
+    ax.set_title("Qwen2.5-Coder 1.5B / 0.5B: quality against big-model share")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "big-little.png", dpi=120)

@@ -4,6 +4,12 @@ and the memory-bandwidth roofline.
 
     .venv/bin/python apps/bench/mobile.py --package packages/smollm2-135m-int4            # 10-minute sustained run
     .venv/bin/python apps/bench/mobile.py --package packages/smollm2-135m-int4 --quick    # < 1 minute
+    .venv/bin/python apps/bench/mobile.py --package qwen2.5-coder-1.5b --threads 1,2 \
+        --mem-cap-mb 1800,2200,2600 --sustained-s 300          # the 1.5B (docs/big-little.md)
+
+--package takes a folder, a cached name or an alias. Every --mem-cap-mb value is one capped run (RLIMIT_AS: the
+address space, which also counts what onnxruntime reserves beyond the weights), so a list brackets the
+smallest cap the model runs under.
 
 Each measurement runs in a child process (so a memory cap applies to it alone and
 peak RSS is its own). Writes OUT/mobile.json and OUT/mobile-*.png (default OUT:
@@ -127,22 +133,29 @@ def main(argv=None) -> int:
     ap.add_argument("--package", required=True)
     ap.add_argument("--quick", action="store_true", help="short runs: the whole script in under a minute")
     ap.add_argument("--sustained-s", type=float, default=600.0)
-    ap.add_argument("--mem-cap-mb", type=int, default=1024, help="address-space cap for the capped run")
+    ap.add_argument("--mem-cap-mb", default="1024", help="address-space cap(s) in MB, comma-separated: one capped "
+                    "run each")
+    ap.add_argument("--threads", default=None, help="thread counts, comma-separated (default 1,2,4 up to the cores)")
     ap.add_argument("--out", default=str(ROOT / "build" / "bench"))
     args = ap.parse_args(argv)
-    pkg = Path(args.package)
+    from edgeinfer.package_cache import resolve_model
+
+    pkg = resolve_model(args.package)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
-    thread_counts = [t for t in (1, 2, 4) if t <= cores]
+    thread_counts = ([int(t) for t in args.threads.split(",")] if args.threads
+                     else [t for t in (1, 2, 4) if t <= cores])
+    caps = [int(c) for c in str(args.mem_cap_mb).split(",")]
     short, sustained = (3.0, 10.0) if args.quick else (20.0, args.sustained_s)
     window = 2.0 if args.quick else 10.0
     report = {"package": str(pkg), "cores": cores, "date": time.strftime("%Y-%m-%d %H:%M"),
               "bandwidth_gbs": bandwidth_gbs(), "weight_bytes": weight_bytes(pkg)}
     report["roofline_tok_s"] = report["bandwidth_gbs"] * 1e9 / report["weight_bytes"]
     report["threads"] = [child(str(pkg), t, short, 32, window) for t in thread_counts]
-    report["memory_cap"] = child(str(pkg), max(thread_counts), short, 32, window, mem_cap_mb=args.mem_cap_mb)
-    report["memory_cap"]["cap_mb"] = args.mem_cap_mb
+    report["memory_caps"] = [{**child(str(pkg), max(thread_counts), short, 32, window, mem_cap_mb=c), "cap_mb": c}
+                             for c in caps]
+    report["memory_cap"] = report["memory_caps"][0]
     report["sustained"] = [child(str(pkg), max(thread_counts), sustained, 64, window)]
     report["plots"] = plot(report, out)
     (out / "mobile.json").write_text(json.dumps(report, indent=1))
@@ -151,9 +164,10 @@ def main(argv=None) -> int:
             print(f"{r['threads']} thread(s): {r['decode_tok_s_median']:.1f} tok/s, "
                   f"TTFT {1000 * r['ttft_s_median']:.0f} ms, {1000 * r['cpu_s_per_token']:.1f} CPU-ms/token, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB")
-    cap = report["memory_cap"]
-    print(f"under a {args.mem_cap_mb} MB address-space cap: " + (f"ok, {cap['decode_tok_s_median']:.1f} tok/s"
-                                                                if cap.get("ok") else f"failed: {cap.get('error')}"))
+    for cap in report["memory_caps"]:
+        print(f"under a {cap['cap_mb']} MB address-space cap: " + (
+            f"ok, {cap['decode_tok_s_median']:.1f} tok/s, peak RSS {cap['peak_rss_mb']:.0f} MB" if cap.get("ok")
+            else f"failed: {cap.get('error')}"))
     s = report["sustained"][0]
     if s.get("windows"):
         rates = [w["tok_s"] for w in s["windows"]]

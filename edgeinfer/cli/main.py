@@ -15,6 +15,7 @@ from edgeinfer import __version__
 from edgeinfer.errors import EdgeInferError
 
 from .cache import add_cache_command, add_run_args, add_serve_args
+from .calibrate import add_calibrate_command, add_pair_arg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="fit a least-squares adapter per exit (on the model's own continuations of shipped "
                         "prompts, or on --calibration text) so early exits agree more with the final layer")
     e.add_argument("--adapter-rank", type=int, default=None, help="low-rank exit adapters (default: full rank)")
+    e.add_argument("--exit-vocab", type=int, default=None, metavar="N",
+                   help="VocabTrim: the exit head scores only the N tokens the model uses most on calibration text "
+                        "(cheaper drafts; verification stays full). An exit at the last layer (--exits L) gives "
+                        "the whole model such a drafting head, for use as a little model")
     e.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=None,
                    help="quantize the LM head (and tied embedding) to this many bits")
     e.add_argument("--expert-bits", type=int, choices=[4, 8], default=None,
@@ -196,6 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("alias", help="smollm2-135m | gemma3-270m | whisper-tiny.en")
     pl.set_defaults(func=_cmd_pull)
     add_cache_command(sub)
+    add_calibrate_command(sub)
     return p
 
 
@@ -232,6 +238,7 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
                    help="early-exit confidence / self-speculative draft-stop probability, in [0, 1]")
     p.add_argument("--draft-len", type=int, default=None, help="tokens drafted per verification")
     p.add_argument("--exit-layer", type=int, default=None, help="exit to draft from / exit at")
+    add_pair_arg(p)
 
 
 def _kv_dtype_arg(p: argparse.ArgumentParser, help_text: str) -> None:
@@ -254,7 +261,8 @@ def _cmd_export(args) -> int:
                        accuracy_level=args.accuracy_level, target=args.target, prefill_chunk=args.prefill_chunk,
                        calibration=args.calibration, activation_bits=args.activation_bits,
                        exit_adapters=args.exit_adapters, adapter_rank=args.adapter_rank,
-                       expert_bits=args.expert_bits, quant_method=args.quant_method, kv_dtype=args.kv_dtype)
+                       expert_bits=args.expert_bits, quant_method=args.quant_method, kv_dtype=args.kv_dtype,
+                       exit_vocab=args.exit_vocab)
     spec = res.spec
     precision = spec.quantization.get("weights", precision)
     print(f"wrote {res.path} ({res.size_bytes / 1e6:.1f} MB, {precision}, target {args.target}, "
@@ -318,7 +326,7 @@ def _cmd_run(args) -> int:
                   repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
                   threshold=args.threshold, draft_len=args.draft_len, exit_layer=args.exit_layer, tau=args.tau,
                   window=args.window, min_hold=args.min_hold, fallback_threshold=args.fallback_threshold,
-                  rollback_threshold=args.rollback_threshold)
+                  rollback_threshold=args.rollback_threshold, pair=args.pair)
     for name in ("num_beams", "length_penalty", "no_repeat_ngram_size"):  # the model refuses what it cannot do
         if getattr(args, name) is not None:
             params[name] = getattr(args, name)

@@ -24,6 +24,9 @@ from .chain import StageChain
 from .kv_cache import KVCache, kv_buffer_dtype
 
 _ov = ort.OrtValue.ortvalue_from_numpy
+# A VocabTrim exit head (export --exit-vocab) also scores these tokens: the context's own (set_exit_context).
+EXIT_EXTRA_TOKENS = "extra_token_ids"
+MAX_EXIT_CONTEXT = 2048
 
 
 class Stage:
@@ -114,6 +117,8 @@ class StagedDecoder(StageChain, Decoder):
         self.hidden_size = int(spec.architecture["hidden_size"])
         head = spec.graph("exit_head")
         self.exit_head = create_session(pkg.path(head.path), target) if head else None
+        takes = {i.name for i in self.exit_head.get_inputs()} if self.exit_head else set()
+        self.exit_context = np.zeros((1,), np.int64) if EXIT_EXTRA_TOKENS in takes else None
         # exit layer -> number of stages to run before applying the exit head
         self.exits = spec.exit_stages
         # Fitted exit adapters (export --exit-adapters), keyed like exit_logits' STAGES argument.
@@ -193,9 +198,19 @@ class StagedDecoder(StageChain, Decoder):
         adapter = self.adapters.get(stages)
         if adapter is not None:
             hidden = adapter.run(None, {self.io["hidden_in"]: hidden[None].astype(np.float32)})[0][0]
-        out = self.exit_head.run([self.io["logits"]], {self.io["hidden_in"]: hidden[None].astype(np.float32),
-                                                        self.io["logits_to_keep"]: np.array([len(hidden)], np.int64)})
-        return out[0][0]
+        feeds = {self.io["hidden_in"]: hidden[None].astype(np.float32),
+                 self.io["logits_to_keep"]: np.array([len(hidden)], np.int64)}
+        if self.exit_context is not None:
+            feeds[EXIT_EXTRA_TOKENS] = self.exit_context
+        return self.exit_head.run([self.io["logits"]], feeds)[0][0]
+
+    def set_exit_context(self, tokens) -> None:
+        """The context's tokens (a prompt) that a VocabTrim exit head scores besides its own list; no-op for
+        a full exit head."""
+        if self.exit_context is not None:
+            ids = np.unique(np.asarray(list(tokens)[-MAX_EXIT_CONTEXT:], np.int64))
+            ids = ids[(ids >= 0) & (ids < self.vocab_size)]
+            self.exit_context = ids if len(ids) else np.zeros((1,), np.int64)
 
     def _run_stage(self, s: int, x: np.ndarray, logits_to_keep: int | None) -> np.ndarray:
         """Run stage S on rows X (1, n, ...) after its cache; returns its main output (numpy)."""

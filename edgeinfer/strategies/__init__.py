@@ -18,6 +18,7 @@ from .ead import EntropyAdaptive
 from .early_exit import EarlyExit
 from .lookup import PromptLookup
 from .pair import PairStrategy
+from .pair_file import stored_settings
 from .plain import Plain
 from .self_speculative import AdaptiveSelfSpeculative, SelfSpeculative
 from .speculative import Speculative
@@ -37,11 +38,22 @@ def make_strategy(name: str, decoder, options: dict, little_decoder=None) -> Str
     if cls is None:
         raise GenerationError(f"unknown strategy '{name}': choose one of {', '.join(STRATEGIES)}.")
     opts = {k: v for k, v in options.items() if v is not None}
+    pair = opts.pop("pair", None)
     unknown = sorted(set(opts) - set(inspect.signature(cls).parameters))
     if unknown:
         raise GenerationError(f"strategy '{name}' does not take {', '.join(unknown)}.")
     if issubclass(cls, PairStrategy) and little_decoder is not None:
-        return cls(decoder, little_decoder, **opts)
+        # A calibration of this pair (edgeinfer calibrate) gives the defaults; explicit options win.
+        packages = getattr(decoder, "package", None), getattr(little_decoder, "package", None)
+        stored = stored_settings(*packages, pair) if None not in packages else None
+        defaults = stored.defaults(name) if stored else {}
+        strategy = cls(decoder, little_decoder, **{**defaults, **opts})
+        if stored:
+            strategy.stats["calibration"] = {"file": str(stored.path), "used": sorted(set(defaults) - set(opts))}
+        return strategy
+    if pair is not None:
+        raise GenerationError("a pair file holds the settings of a big/little pair: it applies to strategies "
+                              "speculative, ead and bild with a little model.")
     return cls(decoder, **opts)
 
 

@@ -31,7 +31,12 @@ class Strategy:
         raise NotImplementedError
 
     def begin(self, prompt_ids: list[int], little_fed: list[int] | None = None) -> None:
-        """Before the prefill: the whole prompt, and which tokens the little model's cache holds."""
+        """Before the prefill: the whole prompt, and which tokens the little model's cache holds. A
+        VocabTrim exit head scores the prompt's tokens besides its own list."""
+        for dec in {id(d): d for d in (getattr(self, "decoder", None), getattr(self.little, "decoder", None))
+                    if d is not None}.values():
+            if hasattr(dec, "set_exit_context"):
+                dec.set_exit_context(prompt_ids)
 
     def finish(self, sources: dict[str, int]) -> None:
         """After the last token: the number of emitted tokens per producing model / exit."""

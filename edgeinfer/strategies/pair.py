@@ -48,13 +48,26 @@ def _file_bytes(decoder: StagedDecoder, entry: GraphEntry) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-class Track:
-    """A decoder (up to STAGES stages + exit head, or full depth) and the tokens it holds."""
+def drafting_head(decoder: StagedDecoder) -> int | None:
+    """Stages before an exit after DECODER's last layer (``--exits L``, usually with ``--exit-vocab``: a
+    trimmed drafting head), or None: a little model with one drafts through it."""
+    stages = getattr(decoder, "stages", None)
+    exits = getattr(decoder, "exits", None) or {}
+    return exits.get(stages[-1].last) if stages else None
 
-    def __init__(self, name: str, decoder: StagedDecoder, fed: list[int] | None = None, stages: int | None = None):
+
+class Track:
+    """A decoder (up to STAGES stages + exit head, or full depth) and the tokens it holds.
+
+    OWN_EXIT: STAGES stop before a head-only last stage of a little model's own package (its drafting
+    head), whose rows are never needed later: they are not kept pending."""
+
+    def __init__(self, name: str, decoder: StagedDecoder, fed: list[int] | None = None, stages: int | None = None,
+                 own_exit: bool = False):
         self.name = name
         self.decoder = decoder
         self.stages = stages
+        self.own_exit = own_exit
         self.fed = [] if fed is None else fed  # shared between the two views of one decoder
         spec = decoder.package.spec
         graphs = spec.stages or spec.graphs_with_role("monolithic")
@@ -114,8 +127,12 @@ class Track:
             return dec.forward(ids, logits_to_keep=keep)
         if len(ids) == 1 and keep == 1:
             hidden = dec.step_partial(ids[0], self.stages)
-            return dec.exit_logits(hidden[None], self.stages)
-        return dec.forward(ids, logits_to_keep=keep, stages=self.stages)
+            out = dec.exit_logits(hidden[None], self.stages)
+        else:
+            out = dec.forward(ids, logits_to_keep=keep, stages=self.stages)
+        if self.own_exit:  # the head-only stage caches nothing: its rows need no catching up
+            dec.pending[self.stages] = None
+        return out
 
     def report(self) -> dict:
         return {"calls": self.calls, "weight_bytes_read": self.bytes_read,
@@ -149,7 +166,9 @@ class PairStrategy(Strategy):
                 raise GenerationError("exit_layer applies when the little model is the package's own exit; "
                                       "a separate little package was given.")
             self.big = Track("big", big)
-            self.little = Track("little", little)
+            head = drafting_head(little)
+            self.little = Track("little" if head is None else "little/drafting-head", little, stages=head,
+                                own_exit=head is not None)
         self.prompt: list[int] = []
         self.source = "big"  # which model wrote the last token handed to the decode loop
         self.stats: dict = {"strategy": self.name, "little": self.little.name, "tokens": {"big": 0, "little": 0}}
@@ -158,6 +177,7 @@ class PairStrategy(Strategy):
         """Called by the model before prefill: the whole prompt (the big cache holds a prefix
         of it) and, for a separate little model, the list of tokens its cache holds (kept up
         to date in place, so the little model's own prefix reuse stays right)."""
+        super().begin(prompt_ids, little_fed)
         self.prompt = list(prompt_ids)
         self.big.fed[:] = self.prompt[: self.big.decoder.length]
         if little_fed is not None and self.little.fed is not self.big.fed:

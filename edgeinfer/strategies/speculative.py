@@ -1,16 +1,16 @@
 """Speculative decoding with a little model (lossless).
 
-The little model drafts up to k tokens; the big model verifies them in one
-pass and :func:`accept_draft` keeps the longest prefix it agrees with
-(greedy) or applies the speculative sampling rule with residual resampling
-(sampling), so the output is the big model's. Both caches are trimmed to what
-was accepted.
+The little model drafts tokens; the big model verifies them in one pass and :func:`accept_draft` keeps
+the longest prefix it agrees with (greedy) or applies the speculative sampling rule with residual
+resampling (sampling), so the output is the big model's. Both caches are trimmed to what was accepted.
 
-k adapts online: with per-token acceptance α, a round of k drafts yields
-E(α, k) = (1 − α^(k+1)) / (1 − α) tokens and costs k·c_little + c_verify
-(both timed as we go); k is the one with the most tokens per second.
-Drafting also stops early when the little model's top probability falls
-below ``threshold``.
+How many tokens to draft is decided per step by the cost model (:mod:`.cost_model`): after each drafted
+token, one more is drafted only if it is expected to raise tokens per second, given the measured cost of
+a draft, the measured cost of a verifying pass as a function of its rows, and the acceptance expected of
+drafts as confident as the ones so far (all estimated online, seeded by ``cost_model`` when a calibration
+stored one). When no draft pays, the round is a plain step of the big model. ``adaptive=False`` drafts
+``draft_len`` tokens every round; ``threshold`` stops drafting when the little model's top probability
+falls below it.
 """
 
 from __future__ import annotations
@@ -24,49 +24,70 @@ from edgeinfer.errors import GenerationError
 from edgeinfer.generation import Sampler
 
 from .base import accept_draft
+from .cost_model import CostModel, OnlineCosts
 from .pair import PairStrategy, max_probability
 from .self_speculative import check_threshold
 
-
-def expected_tokens(alpha: float, k: int) -> float:
-    """Tokens per round when each draft is accepted with probability ALPHA (the bonus included)."""
-    alpha = min(max(alpha, 0.0), 0.999)
-    return (1 - alpha ** (k + 1)) / (1 - alpha)
+# Draft lengths of the first rounds when no stored cost model seeds the estimates: a plain step (the
+# cost of one row) and rounds of several lengths (the cost of a draft and of passes over 2..6 rows).
+WARMUP = (0, 2, 4, 1, 5, 3)
+PROBE_EVERY = 12  # rounds without a draft before one draft is tried again (acceptance keeps being measured)
 
 
 class Speculative(PairStrategy):
     name = "speculative"
 
     def __init__(self, big: StagedDecoder, little: StagedDecoder | None = None,
-                 exit_layer: int | None = None, draft_len: int = 6, threshold: float = 0.0,
-                 adaptive: bool = True):
+                 exit_layer: int | None = None, draft_len: int = 8, threshold: float = 0.0,
+                 adaptive: bool = True, cost_model: CostModel | None = None):
         if not isinstance(draft_len, int) or draft_len < 1:
             raise GenerationError(f"draft length must be an integer >= 1, got {draft_len!r}.")
         super().__init__(big, little, exit_layer)
         self.threshold = check_threshold(threshold)
-        self.max_k, self.k, self.adaptive = draft_len, min(draft_len, 4) if adaptive else draft_len, adaptive
-        self.alpha = 0.7  # prior per-token acceptance, refined by EMA
-        self.c_little: float | None = None
-        self.c_verify: float | None = None
-        self.stats.update(rounds=0, drafted=0, accepted=0)
+        self.max_k, self.adaptive = draft_len, adaptive
+        self.online = OnlineCosts(max_k=draft_len, prior=cost_model)
+        self.warmup = [] if cost_model is not None else [min(k, draft_len) for k in WARMUP]
+        self.idle = 0
+        self.stats.update(rounds=0, drafted=0, accepted=0, draft_lengths={},
+                          cost_model="stored" if cost_model is not None else "measured online")
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         self.count("big")
-        return self.big.logits(self.prompt or list(ids))[-1]
+        prompt = self.prompt or list(ids)
+        logits = self.big.logits(prompt)[-1]
+        if self.little.decoder is not self.big.decoder:  # the little model reads the prompt now, not in the
+            self.little.logits(prompt)  # first draft's timing (an exit of the big model shares its cache)
+        return logits
+
+    def _draft_limit(self, seq: list[int]) -> int:
+        room = min(self.big.decoder.capacity, self.little.decoder.capacity) - len(seq) - 1
+        left = self.tokens_left - 1 if self.tokens_left else self.max_k  # a round emits accepted + 1 tokens
+        return max(0, min(self.max_k, room, left))
+
+    def _wants_more(self, confidences: list[float]) -> bool:
+        if not self.adaptive:
+            return True
+        if self.warmup:
+            return len(confidences) < self.warmup[0]
+        if self.online.keep_drafting(confidences):
+            return True
+        if not confidences and self.idle >= PROBE_EVERY:  # keep measuring acceptance while not drafting
+            return True
+        return False
 
     def advance(self, token: int, sampler: Sampler, history: list[int]):
         seq = history
-        room = min(self.big.decoder.capacity, self.little.decoder.capacity) - len(seq) - 1
-        k = max(0, min(self.k, room))
+        k_max = self._draft_limit(seq)
         drafts: list[int] = []
+        confidences: list[float] = []
         dists: list[np.ndarray] = []
         t0 = time.perf_counter()
-        while len(drafts) < k:
+        while len(drafts) < k_max and self._wants_more(confidences):
             ctx = seq + drafts
             logits = self.little.logits(ctx)[-1]
             if sampler.greedy:
-                conf = max_probability(logits) if self.threshold > 0 else 1.0
                 d = int(np.argmax(sampler.penalized(logits, ctx)))
+                conf = max_probability(logits)
             else:
                 q = sampler.probabilities(logits, ctx)
                 conf = float(q.max())
@@ -74,34 +95,40 @@ class Speculative(PairStrategy):
             if conf < self.threshold:
                 break
             drafts.append(d)
+            confidences.append(conf)
             if not sampler.greedy:
                 dists.append(q)
         t1 = time.perf_counter()
+        fed_before = self.big.length
         rows = self.big.logits(seq + drafts, keep=len(drafts) + 1)
+        verify_rows = len(seq) + len(drafts) - fed_before
         out = accept_draft(sampler, rows, drafts, None if sampler.greedy else dists, history, bonus=True)
         t2 = time.perf_counter()
         accepted = len(out) - 1
         self.big.truncate(len(seq) + accepted)
         self.little.truncate(len(seq) + accepted)
-        self._learn(len(drafts), accepted, t1 - t0, t2 - t1)
+        self._learn(drafts, confidences, accepted, t1 - t0, verify_rows, t2 - t1)
         self.count("little", accepted)
         self.count("big")
         return [(t, lp, "little" if i < accepted else "big") for i, (t, lp) in enumerate(out)]
 
-    def _learn(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+    def _learn(self, drafts: list[int], confidences: list[float], accepted: int, draft_s: float,
+               verify_rows: int, verify_s: float) -> None:
         st = self.stats
+        k = len(drafts)
+        if self.warmup:
+            self.warmup.pop(0)
+        self.idle = 0 if k else self.idle + 1
         st["rounds"] += 1
-        st["drafted"] += drafted
+        st["drafted"] += k
         st["accepted"] += accepted
+        st["draft_lengths"][k] = st["draft_lengths"].get(k, 0) + 1
         st["acceptance_rate"] = st["accepted"] / st["drafted"] if st["drafted"] else None
         st["tokens_per_verify"] = (st["accepted"] + st["rounds"]) / st["rounds"]
-        if drafted:
-            ema = lambda old, new: new if old is None else 0.8 * old + 0.2 * new  # noqa: E731
-            self.alpha = ema(self.alpha, accepted / drafted)
-            self.c_little = ema(self.c_little, draft_s / drafted)
-            self.c_verify = ema(self.c_verify, verify_s)
-        if self.adaptive and self.c_little and self.c_verify:
-            self.k = max(range(1, self.max_k + 1),
-                         key=lambda k: expected_tokens(self.alpha, k) / (k * self.c_little + self.c_verify))
-        st["draft_len"] = self.k
+        self.online.record_timing(k, draft_s, max(1, verify_rows), verify_s)
+        if k:
+            self.online.record_acceptance(confidences, accepted)
+        on = self.online
+        st["estimates"] = {"draft_ms": round(1e3 * on.draft_s, 2) if on.draft_s else None,
+                           "verify_ms": {r: round(1e3 * s, 2) for r, s in sorted(on.verify_s.items())}}
         self._refresh()

