@@ -28,6 +28,10 @@ class Decoder:
         saved (fixed-shape NPU graphs, the monolithic graph's growing tensors, KV on an accelerator)."""
         return None
 
+    def set_exit_context(self, tokens) -> None:
+        """The context's tokens (a prompt), which a vocabulary-trimmed exit head (export --exit-vocab)
+        scores besides its own list; a no-op for every other decoder."""
+
     def expert_stats(self, since=None):
         """Expert-cache counters of a sparse-MoE decoder (since an earlier snapshot); None for dense ones."""
         return None

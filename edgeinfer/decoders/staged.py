@@ -24,9 +24,7 @@ from .chain import StageChain
 from .kv_cache import KVCache, kv_buffer_dtype
 
 _ov = ort.OrtValue.ortvalue_from_numpy
-# A VocabTrim exit head (export --exit-vocab) also scores these tokens: the context's own (set_exit_context).
-EXIT_EXTRA_TOKENS = "extra_token_ids"
-MAX_EXIT_CONTEXT = 2048
+MAX_EXIT_CONTEXT = 2048  # the most context tokens a VocabTrim exit head scores besides its own list
 
 
 class Stage:
@@ -117,8 +115,9 @@ class StagedDecoder(StageChain, Decoder):
         self.hidden_size = int(spec.architecture["hidden_size"])
         head = spec.graph("exit_head")
         self.exit_head = create_session(pkg.path(head.path), target) if head else None
-        takes = {i.name for i in self.exit_head.get_inputs()} if self.exit_head else set()
-        self.exit_context = np.zeros((1,), np.int64) if EXIT_EXTRA_TOKENS in takes else None
+        # A VocabTrim exit head (export --exit-vocab) also scores the context's own tokens (set_exit_context).
+        extra = self.io.get("exit_extra_tokens")
+        self.exit_context = np.zeros((1,), np.int64) if head and extra and extra in head.inputs else None
         # exit layer -> number of stages to run before applying the exit head
         self.exits = spec.exit_stages
         # Fitted exit adapters (export --exit-adapters), keyed like exit_logits' STAGES argument.
@@ -201,7 +200,7 @@ class StagedDecoder(StageChain, Decoder):
         feeds = {self.io["hidden_in"]: hidden[None].astype(np.float32),
                  self.io["logits_to_keep"]: np.array([len(hidden)], np.int64)}
         if self.exit_context is not None:
-            feeds[EXIT_EXTRA_TOKENS] = self.exit_context
+            feeds[self.io["exit_extra_tokens"]] = self.exit_context
         return self.exit_head.run([self.io["logits"]], feeds)[0][0]
 
     def set_exit_context(self, tokens) -> None:

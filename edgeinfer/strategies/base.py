@@ -20,6 +20,7 @@ class Strategy:
     name: str
     stats: dict
     prefill_source = "model"  # which model produced the token sampled from the prefill logits
+    decoder = None  # the decoder whose capacity the decode loop checks
     little = None  # the little model's track (big/little strategies), whose cache the model reuses
     # new tokens the loop still takes, set before each advance: drafting strategies draft no further
     tokens_left: int | None = None
@@ -33,10 +34,9 @@ class Strategy:
     def begin(self, prompt_ids: list[int], little_fed: list[int] | None = None) -> None:
         """Before the prefill: the whole prompt, and which tokens the little model's cache holds. A
         VocabTrim exit head scores the prompt's tokens besides its own list."""
-        for dec in {id(d): d for d in (getattr(self, "decoder", None), getattr(self.little, "decoder", None))
-                    if d is not None}.values():
-            if hasattr(dec, "set_exit_context"):
-                dec.set_exit_context(prompt_ids)
+        decoders = (self.decoder, self.little.decoder if self.little is not None else None)
+        for dec in {id(d): d for d in decoders if d is not None}.values():
+            dec.set_exit_context(prompt_ids)
 
     def finish(self, sources: dict[str, int]) -> None:
         """After the last token: the number of emitted tokens per producing model / exit."""

@@ -42,6 +42,7 @@ SEQLENS_K = "seqlens_k"
 TOTAL_SEQ_LEN = "total_sequence_length"
 LOGITS_TO_KEEP = "logits_to_keep"
 LOGITS = "logits"
+EXIT_EXTRA_TOKENS = "extra_token_ids"  # a VocabTrim exit head also scores these (vocab_trim.py)
 
 
 def decoder_io() -> dict:
@@ -50,7 +51,8 @@ def decoder_io() -> dict:
     return {"input_ids": INPUT_IDS, "hidden_in": HIDDEN_IN, "hidden_out": HIDDEN_OUT, "seqlens_k": SEQLENS_K,
             "total_sequence_length": TOTAL_SEQ_LEN, "logits_to_keep": LOGITS_TO_KEEP, "logits": LOGITS,
             "past_key": "past_key.{layer}", "past_value": "past_value.{layer}",
-            "present_key": "present_key.{layer}", "present_value": "present_value.{layer}"}
+            "present_key": "present_key.{layer}", "present_value": "present_value.{layer}",
+            "exit_extra_tokens": EXIT_EXTRA_TOKENS}
 
 
 def past_key(i: int) -> str:

@@ -24,13 +24,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from edgeinfer.export.decoder.graph import HIDDEN_IN, LOGITS, LOGITS_TO_KEEP
+from edgeinfer.export.decoder.graph import EXIT_EXTRA_TOKENS, HIDDEN_IN, LOGITS, LOGITS_TO_KEEP
 from edgeinfer.export.graph.blocks import Precision, embedding, linear, rms_norm
 from edgeinfer.export.graph.onnx_graph import GraphBuilder
 from edgeinfer.export.sources.gguf_tensors import BlockWeight
 from edgeinfer.models.base import DecoderSpec, StateDict, final_norm, lm_head
-
-from edgeinfer.decoders.staged import EXIT_EXTRA_TOKENS
 
 DROPPED = -1e9  # the logit of a token the trimmed head does not score: finite, so softmax and entropy stay exact
 TOP = 16  # predictions per position counted, weighted 1, 1/2, 1/3, ...
@@ -169,6 +167,7 @@ def add_trimmed_exit_head(tmp: Path, spec: DecoderSpec, sd: StateDict, precision
     for g in graphs:
         if g.get("role") == "exit_head":
             g["weight_bytes"] = info["weight_bytes"]
+            g["inputs"] = [*g["inputs"], EXIT_EXTRA_TOKENS]  # the runtime feeds it the context's tokens
     if progress:
         print(f"  kept {info['kept']} of {spec.vocab} tokens; they cover {100 * info['coverage']:.1f}% of the "
               "tokens of held-out calibration sequences", file=sys.stderr)
