@@ -12,6 +12,7 @@ from edgeinfer.runtimes import resolve_provider
 
 from .constraints import compile_constraint, constraint_params
 from .decoders import StagedDecoder
+from .decoders.base import PREFILL_TAIL
 from .errors import ContextLengthError, GenerationError, PackageError
 from .generation import Generation, GenerationConfig, GenerationResult, run_generation
 from .memory import check_dense_budget
@@ -271,10 +272,11 @@ class Model:
         return config
 
     def _reusable_prefix(self, ids: list[int]) -> int:
-        """Keep the cache's common prefix with IDS (at least one token is always recomputed)."""
+        """Keep the cache's common prefix with IDS, less the last PREFILL_TAIL tokens of IDS (which keeps
+        the output that of a cold prompt)."""
         cached = self.cached_tokens
         n = 0
-        limit = min(len(cached), len(ids) - 1, self.decoder.length)
+        limit = min(len(cached), len(ids) - PREFILL_TAIL, self.decoder.length)
         while n < limit and cached[n] == ids[n]:
             n += 1
         self.decoder.truncate(n)

@@ -163,12 +163,16 @@ def test_server_with_parallel_slots_serves_requests_together(tiny_packages):
     srv = RunningServer(create_app(batched, max_queue=4))
     try:
         def ask(prompt):
-            r = httpx.post(srv.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0},
+            r = httpx.post(srv.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 32, "temperature": 0},
                            timeout=60)
             assert r.status_code == 200, r.text
             return r.json()["choices"][0]["text"]
 
-        assert _concurrently(ask, PROMPTS[:3]) == [solo.complete(p, max_new_tokens=12).text for p in PROMPTS[:3]]
-        assert batched.engine.stats["rows"] > batched.engine.stats["steps"]
+        alone = [solo.complete(p, max_new_tokens=32).text for p in PROMPTS[:3]]
+        for _ in range(3):  # whether HTTP requests overlap is up to the scheduler: one round of three must
+            assert _concurrently(ask, PROMPTS[:3]) == alone
+            if batched.engine.stats["rows"] > batched.engine.stats["steps"]:
+                break
+        assert batched.engine.stats["rows"] > batched.engine.stats["steps"]  # some steps ran several rows
     finally:
         srv.stop()

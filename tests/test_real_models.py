@@ -150,6 +150,19 @@ def test_second_chat_turn_reuses_the_first_turns_cache(real_packages, record_pro
           f"TTFT {second.ttft_s * 1000:.1f} ms warm vs {cold.ttft_s * 1000:.1f} ms cold")
 
 
+def test_the_same_prompt_again_reuses_its_cache_and_gives_the_same_tokens(real_packages):
+    """The second run keeps the cached prompt but for its last PREFILL_TAIL tokens: a one-token
+    prefill (other kernels at accuracy level 4) turned this prompt's greedy output at token 12."""
+    from edgeinfer.decoders.base import PREFILL_TAIL
+
+    model = edgeinfer.load(real_packages("smollm2-135m", None))
+    prompt = "Write a short story about a robot who learns to paint."
+    first = model.complete(prompt, max_new_tokens=32, ignore_eos=True)
+    again = model.complete(prompt, max_new_tokens=32, ignore_eos=True)
+    assert again.reused_prompt_tokens == first.prompt_tokens - PREFILL_TAIL
+    assert again.tokens == first.tokens
+
+
 def test_speculative_with_int4_little_gives_fp32_big_models_tokens(real_packages, record_property):
     """Real pair (MODELS.md): big = SmolLM2 fp32, little = SmolLM2 int4. Greedy speculative output equals
     the big model's plain greedy output; a divergence is only allowed at a numerical near-tie of the big

@@ -11,6 +11,12 @@ pending rows (the one stage chain, edgeinfer.decoders.chain): ``pending``, ``sta
 
 from __future__ import annotations
 
+# A reused prompt prefix (the previous turn's cache, a restored prompt-cache entry) leaves at least
+# this many prompt tokens to prefill: a one-token pass runs other kernels (int8 activations at
+# accuracy level 4) whose logits differ from a batched prefill's, so keeping all but the last token
+# can flip a near-tie; with two or more left, the output is the cold prompt's, bit for bit (SmolLM2).
+PREFILL_TAIL = 2
+
 
 class Decoder:
     """The base every back-end derives from; its defaults are those of a decoder without the capability."""

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeinfer.decoders.base import PREFILL_TAIL
 from edgeinfer.errors import EdgeInferError
 from edgeinfer.package import MANIFEST
 from edgeinfer.package_cache import cache_root
@@ -372,10 +373,7 @@ class BoundPromptCache:
                              [p for common, p, h in usable if common == len(h.tokens)])
 
     def _restore(self, ids: list[int], reuse: int, candidates: list, unusable: set) -> int:
-        # At least two tokens are left to prefill: a one-token pass runs other kernels (int8 activations,
-        # accuracy level 4) whose logits differ slightly from a batched prefill's, so restoring all but
-        # the last token would not reproduce a cold prompt's output; two or more reproduce it exactly.
-        limit = min(len(ids) - 2, self.decoder.capacity - 2)
+        limit = min(len(ids), self.decoder.capacity) - PREFILL_TAIL  # reproduces a cold prompt's output
         for common, path, h in candidates:
             k = min(common, limit)
             if k <= reuse or k < self.cache.min_tokens:
