@@ -193,12 +193,15 @@ def _exported(src: Path, out: Path) -> Path:
     return out
 
 
-def test_cache_names_resolve_and_packages_pass_through(home, tiny_models, tiny_packages):
+def test_cache_names_resolve_and_packages_pass_through(home, tiny_models, tiny_packages, capsys):
     pkg = tiny_packages("llama", "int4")
     assert package_cache.resolve_model(pkg) == pkg  # a package folder is opened where it is
     assert not (home / "packages").exists()
     cached = package_cache.cached_package(str(tiny_models("llama")), progress=False)
     assert package_cache.resolve_model("llama") == cached.path  # the NAME `edgeinfer list` shows
+    capsys.readouterr()
+    assert main(["info", "llama", "--json"]) == 0  # info takes the names run takes
+    assert json.loads(capsys.readouterr().out)["package"]["path"] == str(cached.path)
     with pytest.raises(PackageError, match="no model package"):
         edgeinfer.load("no-such-name")
 

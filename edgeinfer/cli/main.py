@@ -366,8 +366,9 @@ def _cmd_info(args) -> int:
                   "devices": ep_devices()}
     if args.package:
         from edgeinfer.package import open_package
+        from edgeinfer.package_cache import resolve_model
 
-        pkg = open_package(args.package, verify=False)
+        pkg = open_package(resolve_model(args.package), verify=False)  # a folder, cache name or alias, as run
         m = pkg.spec
         info["package"] = {
             "path": str(pkg.root), "name": m.name, "kind": m.kind, "family": m.family,
