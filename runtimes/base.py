@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnxruntime as ort
 
-from edgeinfer.errors import PackageError, ProviderError
+from edgeinfer.errors import MemoryBudgetError, PackageError, ProviderError
 from edgeinfer.package import Manifest
 
 from . import coreml, cpu, cuda, directml, openvino, qnn, tensorrt, xnnpack
@@ -218,6 +219,9 @@ def create_session(path: Path, target: ExecutionTarget, spec: Manifest | None = 
         return ort.InferenceSession(os.fspath(path), sess_options=so, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        if OUT_OF_MEMORY.search(msg):  # not the package's fault: say so, and what to do
+            raise MemoryBudgetError(f"the machine ran out of memory loading graph '{path.name}' ({msg}): close "
+                                    "other programs, or load a smaller model or a shorter max_context.") from None
         if target.name == "cpu":
             raise PackageError(f"graph '{path.name}' could not be loaded by onnxruntime ({msg}): "
                                "the package is corrupt or was built for another runtime.") from None
@@ -228,6 +232,9 @@ def create_session(path: Path, target: ExecutionTarget, spec: Manifest | None = 
             return create_session(path, _target("cpu", target.threads, False, True, "fallback"), spec)
         raise ProviderError(f"the {target.name} provider could not load graph '{path.name}' ({msg}): pass "
                             "--fallback (allow_fallback=True) to run on the cpu instead.") from None
+
+
+OUT_OF_MEMORY = re.compile(r"bad_alloc|bad allocation|failed to allocate|out of memory", re.IGNORECASE)
 
 
 def node_placement(session: ort.InferenceSession) -> dict[str, int]:

@@ -14,7 +14,7 @@ from edgeinfer.runtimes import base as runtimes_base
 
 import edgeinfer
 from edgeinfer.cli import main
-from edgeinfer.errors import ProviderError
+from edgeinfer.errors import MemoryBudgetError, ProviderError
 from edgeinfer.package import open_package
 
 EXPECTED = {"cpu", "cuda", "tensorrt", "directml", "coreml", "qnn", "openvino", "xnnpack"}
@@ -125,6 +125,16 @@ def test_session_creation_failure_falls_back_only_when_allowed(tiny_packages, mo
         session = create_session(graph, allowed)
     assert session.get_providers() == ["CPUExecutionProvider"] and allowed.fallbacks == ["stage0.onnx"]
     assert any("could not load 'stage0.onnx'" in r.getMessage() for r in caplog.records)
+
+
+def test_running_out_of_memory_while_loading_is_not_called_a_corrupt_package(tiny_packages, monkeypatch):
+    def starved(path, sess_options=None, providers=None, **kw):
+        raise RuntimeError("std::bad_alloc")
+
+    monkeypatch.setattr(runtimes_base.ort, "InferenceSession", starved)
+    graph = tiny_packages("llama", "fp32") / "graphs" / "stage0.onnx"
+    with pytest.raises(MemoryBudgetError, match="ran out of memory loading graph 'stage0.onnx'.*smaller model"):
+        create_session(graph, runtimes_base._target("cpu", None, False, True, "requested"))
 
 
 def test_strict_qnn_refuses_a_graph_it_cannot_take_whole(tiny_packages):
