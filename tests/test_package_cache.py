@@ -259,6 +259,9 @@ def test_alias_split_across_packages_is_joined_and_checked(home, tmp_path, monke
     joined = aliases.resolve_alias("fake-parts")
     assert joined == home / "sources" / "fake-parts.gguf" and joined.read_bytes() == b"".join(chunks)
     assert aliases.resolve_alias("fake-parts") == joined  # joined once
+    (site / "fakeparts_part3").rename(tmp_path / "uninstalled")
+    assert aliases.resolve_alias("fake-parts") == joined  # a part uninstalled: the checked joined file serves
+    (tmp_path / "uninstalled").rename(site / "fakeparts_part3")
     joined.unlink()
     (site / "fakeparts_part2" / "data" / "part02.bin").write_bytes(b"MIDDLE" * 1000)
     with pytest.raises(ExportError, match="sha256 is not the expected one.*--no-deps fakeparts-part1==1"):

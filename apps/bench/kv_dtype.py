@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.new_tokens, args.prompt_tokens = 2, 32, "2048"
-        args.short_chars, args.long_chars, args.decode_tokens = 4000, 9000, 256
+        args.short_chars, args.long_chars, args.decode_tokens = 4000, 12000, 256  # one 2048 window
     args.short = compare.MODELS[args.model][0]
     BUILD.mkdir(parents=True, exist_ok=True)
 

