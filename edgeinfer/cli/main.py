@@ -16,6 +16,7 @@ from edgeinfer.errors import EdgeInferError
 
 from .cache import add_cache_command, add_run_args, add_serve_args
 from .calibrate import add_calibrate_command, add_pair_arg
+from .package_info import add_info_command, add_verify_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,10 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     add_run_args(r)
     r.set_defaults(func=_cmd_run)
 
-    i = sub.add_parser("info", help="show a package's manifest summary and the execution providers here")
-    i.add_argument("package", nargs="?")
-    i.add_argument("--json", action="store_true")
-    i.set_defaults(func=_cmd_info)
+    add_info_command(sub)
 
     b = sub.add_parser("bench", help="measure TTFT, decode tokens/s and peak RSS")
     b.add_argument("package")
@@ -172,9 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     add_serve_args(s)
     s.set_defaults(func=_cmd_serve)
 
-    v = sub.add_parser("verify", help="check every file of a package against its sha256")
-    v.add_argument("package")
-    v.set_defaults(func=_cmd_verify)
+    add_verify_command(sub)
 
     q = sub.add_parser("perplexity", help="perplexity of a package on a text, top-1 agreement with another package")
     q.add_argument("package")
@@ -275,21 +271,6 @@ def _cmd_export(args) -> int:
     return 0
 
 
-def _describe_weights(q: dict) -> str:
-    """One line on how a package stores its weights (``info``)."""
-    if q.get("weights") != "source":
-        return json.dumps(q)
-    types = ", ".join(f"{t} x{n}" for t, n in q.get("source_types", {}).items())
-    line = f"source: the GGUF file's own weights, carried over exactly ({types})"
-    if q.get("requantized"):
-        line += "; re-quantized to int8 (no exact form): " + ", ".join(f"{t} x{n}" for t, n in q["requantized"].items())
-    if q.get("lm_head_scheme"):
-        line += f"; LM head re-quantized to {q.get('lm_head_bits')}-bit blocks (--lm-head-bits)"
-    level = q.get("accuracy_level")
-    return line + ("; int8 activations in the matmuls (accuracy level 4)" if level == 4 else
-                   f"; accuracy level {level}")
-
-
 def _layer_list(text: str, flag: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
@@ -353,59 +334,6 @@ def _cmd_run(args) -> int:
         print(f"[{res.prompt_tokens} prompt tokens" + (f" ({restored} from the prompt cache)" if restored else "")
               + f", {res.new_tokens} new, TTFT {res.ttft_s * 1000:.0f} ms, "
               f"{res.decode_tok_s:.1f} tok/s, {model.target.description}]", file=sys.stderr)
-    return 0
-
-
-def _cmd_info(args) -> int:
-    import onnxruntime as ort
-
-    from edgeinfer.runtimes import available_providers, ep_devices, provider_report
-
-    info: dict = {"edgeinfer": __version__, "onnxruntime": ort.__version__, "providers": available_providers(),
-                  "onnxruntime_providers": ort.get_available_providers(), "provider_details": provider_report(),
-                  "devices": ep_devices()}
-    if args.package:
-        from edgeinfer.package import open_package
-        from edgeinfer.package_cache import resolve_model
-
-        pkg = open_package(resolve_model(args.package), verify=False)  # a folder, cache name or alias, as run
-        m = pkg.spec
-        info["package"] = {
-            "path": str(pkg.root), "name": m.name, "kind": m.kind, "family": m.family,
-            "format_version": pkg.format_version, "quantization": m.quantization,
-            "architecture": {k: v for k, v in m.architecture.items() if k != "sliding_windows"},
-            "max_context": m.kv_cache.max_context,
-            "graphs": [{"path": g.path, "role": g.role, "layers": list(g.layers) if g.layers else None}
-                       for g in m.graphs],
-            "exits": [e.to_dict() for e in m.exits], "size_mb": round(pkg.size_bytes / 1e6, 1),
-            "chat_template": bool(m.tokenizer.chat_template), "target": m.target, "static": m.static,
-        }
-    if args.json:
-        print(json.dumps(info, indent=1))
-        return 0
-    if "package" in info:
-        p = info["package"]
-        print(f"package      {p['path']}")
-        print(f"model        {p['name']} ({p['family']}, {p['kind']})")
-        print(f"format       {p['format_version']}")
-        print(f"weights      {_describe_weights(p['quantization'] or {})}")
-        print(f"architecture {json.dumps(p['architecture'])}")
-        print(f"context      {p['max_context']}")
-        print("graphs       " + ", ".join(f"{g['path']} " + (f"layers {g['layers']}" if g["layers"] else g["role"])
-                                          for g in p["graphs"]))
-        print(f"size         {p['size_mb']} MB")
-        static = p.get("static") or {}
-        print(f"target       {p['target']}" + (f" (fixed shapes: prefill chunk {static['chunk']}, context "
-                                                f"{static['max_context']})" if static else ""))
-    print(f"edgeinfer    {info['edgeinfer']} (onnxruntime {info['onnxruntime']})")
-    print(f"providers    {', '.join(info['providers'])}  (onnxruntime lists: "
-          f"{', '.join(info['onnxruntime_providers'])})")
-    for row in info["provider_details"]:
-        state = "available" if row["available"] else "not here"
-        print(f"  {row['name']:<9} {row['onnxruntime_name']:<26} {row['device']:<4} {row['registration']:<8} "
-              f"{state:<10} needs: {row['needs']['note']}" + ("" if row["available"] else f"  [{row['install']}]"))
-    print("devices      " + ("; ".join(f"{d['ep']} on {d['type']} ({d['vendor']})" for d in info["devices"])
-                             or "none reported"))
     return 0
 
 
@@ -478,14 +406,6 @@ def _cmd_pull(args) -> int:
 
     res = pull(args.alias)
     print(f"{res.name}: {res.path} ({'exported' if res.exported else 'already cached'})")
-    return 0
-
-
-def _cmd_verify(args) -> int:
-    from edgeinfer.package import open_package
-
-    pkg = open_package(args.package, verify=True)
-    print(f"{args.package}: {len(pkg.files)} files match their sha256")
     return 0
 
 
