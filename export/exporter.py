@@ -226,14 +226,10 @@ def _share_stage_weights(tmp: Path, graphs: list[dict]) -> None:
 
 def _add_exit_adapters(tmp: Path, src: SourceModel, graphs: list[dict], exit_entries: list[dict],
                        rank: int | None, calibration, progress: bool) -> None:
+    from edgeinfer.export.calibration_text import read_paragraphs
     from edgeinfer.export.decoder.exit_adapters import fit_exit_adapters
 
-    texts = None
-    if calibration is not None:
-        try:
-            texts = [t for t in Path(calibration).read_text(encoding="utf-8").split("\n\n") if t.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise ExportError(f"cannot read the calibration text '{calibration}': {e}.") from None
+    texts = read_paragraphs(calibration) if calibration is not None else None
     if progress:
         print("fitting exit adapters on calibration text...", file=sys.stderr)
     fitted = {f["layer"]: f for f in fit_exit_adapters(tmp, src, rank=rank, texts=texts)}

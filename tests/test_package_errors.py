@@ -287,3 +287,16 @@ def test_export_options_a_pipeline_does_not_use_are_refused(tiny_models, tmp_pat
         with pytest.raises(ExportError, match=message):
             export_model(hf, out, progress=False, **options)
         assert not out.exists()
+
+
+def test_calibration_text_is_read_one_way_with_a_clear_error(tmp_path):
+    """export --calibration: npu calibration, exit adapters and trimmed exit heads read FILE the same way."""
+    from edgeinfer.export.calibration_text import read_paragraphs
+
+    text = tmp_path / "cal.txt"
+    text.write_text("First paragraph.\nStill the first.\n\n\n\nSecond one.\n\n   \n", encoding="utf-8")
+    assert read_paragraphs(text) == ["First paragraph.\nStill the first.", "Second one."]
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00bad")
+    for bad in (tmp_path / "bad.txt", tmp_path / "missing.txt"):
+        with pytest.raises(ExportError, match=r"cannot read the calibration text .*give a UTF-8 text file"):
+            read_paragraphs(bad)

@@ -27,14 +27,8 @@ from pathlib import Path
 import edgeinfer
 from edgeinfer.batching.slots import SlotCaches
 
-PROMPTS = ["It was the best of times, it was the worst of times, it was the age of wisdom,",
-           "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money",
-           "It is a truth universally acknowledged, that a single man in possession of a good fortune,",
-           "Happy families are all alike; every unhappy family is unhappy in its own way.",
-           "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole,",
-           "The sky above the port was the color of television, tuned to a dead channel.",
-           "All this happened, more or less. The war parts, anyway, are pretty much true.",
-           "Whether I shall turn out to be the hero of my own life, or whether that station"]
+sys.path.insert(0, str(Path(__file__).parent))
+from batching import PROMPTS  # noqa: E402  (the server benchmark's prompts)
 
 
 def step_ms(caches: SlotCaches, rows: int, context: int, steps: int) -> float:

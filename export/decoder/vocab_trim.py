@@ -153,14 +153,9 @@ def add_trimmed_exit_head(tmp: Path, spec: DecoderSpec, sd: StateDict, precision
     update its graph entry (GRAPHS, the manifest's list) with the bytes it now reads."""
     import sys
 
-    from edgeinfer.errors import ExportError
+    from edgeinfer.export.calibration_text import read_paragraphs
 
-    texts = None
-    if calibration is not None:
-        try:
-            texts = [t for t in Path(calibration).read_text(encoding="utf-8").split("\n\n") if t.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise ExportError(f"cannot read the calibration text '{calibration}': {e}.") from None
+    texts = read_paragraphs(calibration) if calibration is not None else None
     if progress:
         print(f"trimming the exit head to {n} tokens (VocabTrim) on calibration text...", file=sys.stderr)
     info = trim_exit_head(tmp, spec, sd, precision, n, texts)

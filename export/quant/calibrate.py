@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from edgeinfer.export.calibration_text import read_paragraphs
 
 from edgeinfer.decoders.static import StaticDecoder
 from edgeinfer.errors import ExportError
@@ -28,13 +29,8 @@ def calibration_samples(tokenizer_json: str, path: str | Path | None, max_tokens
     from tokenizers import Tokenizer
 
     path = Path(path) if path else DEFAULT_CALIBRATION
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ExportError(f"cannot read the calibration text '{path}' ({e}): give a UTF-8 text file.") from None
     tok = Tokenizer.from_str(tokenizer_json)
-    samples = [tok.encode(p.strip(), add_special_tokens=False).ids[:max_tokens]
-               for p in text.split("\n\n") if p.strip()]
+    samples = [tok.encode(p.strip(), add_special_tokens=False).ids[:max_tokens] for p in read_paragraphs(path)]
     samples = [s for s in samples if len(s) >= 2]
     if not samples:
         raise ExportError(f"the calibration text '{path}' has no paragraph of two tokens or more.")
