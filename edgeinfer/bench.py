@@ -72,7 +72,7 @@ def bench_package(path: str, prompt: str = "What is the capital of France?", cha
 
     return {
         "engine": "edgeinfer", "version": __version__, "onnxruntime": ort.__version__, "package": str(path),
-        "precision": model.package.spec.quantization.get("weights"),
+        "precision": model.package.spec.weights,
         "provider": model.target.name, "provider_reason": model.target.reason,
         "threads": threads or default_threads(), "prompt_tokens": len(ids),
         "new_tokens": new_tokens, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "pid": os.getpid(),

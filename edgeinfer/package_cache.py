@@ -139,7 +139,7 @@ def list_cache() -> list[CacheEntry]:
         created = record.get("created") or datetime.fromtimestamp((p / MANIFEST).stat().st_mtime,
                                                                    timezone.utc).isoformat(timespec="seconds")
         source = record.get("source") or spec.source.get("location", "?")
-        out.append(CacheEntry(p.name, p, str(source), str(spec.quantization.get("weights", "?")),
+        out.append(CacheEntry(p.name, p, str(source), spec.weights,
                               pkg.size_bytes, created))
     return sorted(out, key=lambda e: e.created, reverse=True)
 
@@ -263,7 +263,7 @@ def _export(source: str, path: Path, progress: bool, kv_dtype: str | None = None
     except OSError as e:
         raise ExportError(f"could not write the package to '{path}': {e.strerror or e}.") from None
     if progress:
-        weights = res.spec.quantization.get("weights", "?")
+        weights = res.spec.weights
         print(f"exported {path.name} ({res.size_bytes / 1e6:.1f} MB, {weights}) in {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)
 

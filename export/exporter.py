@@ -14,7 +14,7 @@ from edgeinfer.export.sources.load import SourceModel, load_source
 from edgeinfer.models import FAMILIES, kind_for, spec_for_config
 
 from edgeinfer.errors import ExportError
-from edgeinfer.package import ExitEntry, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
+from edgeinfer.package import ExitEntry, GenerationSpec, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
 
 from .base import ExportResult, PackageBuild, refuse_existing
 from .options import DEFAULTS, refuse_unused
@@ -292,7 +292,7 @@ def _export_monolithic(src: SourceModel, out: Path, precision: str, max_context:
                                                    if precision in ("int4", "int8") else {})},
             tokenizer=TokenizerSpec.from_dict({"file": "tokenizer.json", "chat_template": src.chat_template,
                                                **src.special}),
-            generation={"max_new_tokens": 256, **src.generation}))
+            generation=GenerationSpec.from_dict({"max_new_tokens": 256, **src.generation})))
     return build.result()
 
 
@@ -315,7 +315,7 @@ def _manifest(src: SourceModel, spec, prec: Precision, ctx: int, graphs: list[di
         quantization={**prec.describe(), **_source_types(src, prec)},
         tokenizer=TokenizerSpec.from_dict({"file": "tokenizer.json", "chat_template": src.chat_template,
                                            **src.special}),
-        generation={"max_new_tokens": 256, **src.generation},
+        generation=GenerationSpec.from_dict({"max_new_tokens": 256, **src.generation}),
         exits=[ExitEntry.from_dict(e) for e in exits])
 
 

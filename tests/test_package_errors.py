@@ -300,3 +300,26 @@ def test_calibration_text_is_read_one_way_with_a_clear_error(tmp_path):
     for bad in (tmp_path / "bad.txt", tmp_path / "missing.txt"):
         with pytest.raises(ExportError, match=r"cannot read the calibration text .*give a UTF-8 text file"):
             read_paragraphs(bad)
+
+
+def test_generation_and_audio_sections_are_typed_records(tiny_packages):
+    """manifest `generation` and `audio` are read into GenerationSpec / AudioSpec: a wrong type is a clear
+    PackageError at load, and what export wrote reads back unchanged."""
+    from edgeinfer.package import AudioSpec, GenerationSpec, Manifest
+
+    whisper = {"decoder_start_ids": [1, 9], "decoder_start_ids_timestamps": [1], "eos_token_id": 2,
+               "no_timestamps_token_id": 9, "timestamp_begin": 10, "suppress_tokens": [3],
+               "begin_suppress_tokens": [], "max_new_tokens": 224, "english_only": True, "custom": "kept"}
+    spec = GenerationSpec.from_dict(whisper)
+    assert spec.timestamp_begin == 10 and spec.extra == {"custom": "kept"}
+    assert spec.to_dict() == {k: v for k, v in whisper.items() if v != []}
+    audio = AudioSpec.from_dict({"sampling_rate": 16000, "n_fft": 400, "hop_length": 160, "num_mel_bins": 80,
+                                 "frames": 3000})
+    assert audio.window_s == 30.0
+    base = Manifest.from_dict(json.loads((tiny_packages("llama", "int4") / MANIFEST).read_text())).to_dict()
+    for section, bad, what in (("generation", {"eos_token_id": "2"}, "generation eos_token_id"),
+                               ("generation", {"suppress_tokens": [1, "x"]}, "generation suppress_tokens"),
+                               ("generation", {"language_ids": {"en": 1.5}}, "generation language_ids"),
+                               ("audio", {"sampling_rate": 16000}, "audio n_fft")):
+        with pytest.raises(PackageError, match=f"invalid {what}"):
+            Manifest.from_dict({**base, section: bad})

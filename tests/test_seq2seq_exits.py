@@ -63,7 +63,7 @@ def _inputs(model, features):  # noqa: F811
 def _reference(family, hf, model, inputs, **kw):
     if family == "whisper":
         return _hf_generate_speech(hf, inputs, [START], **kw)
-    return _hf_generate_text(hf, list(inputs[0]), model.generation["decoder_start_ids"][0], **kw)
+    return _hf_generate_text(hf, list(inputs[0]), model.generation.decoder_start_ids[0], **kw)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -79,7 +79,7 @@ def test_staged_package_matches_transformers(staged, features, family):  # noqa:
     assert m["exits"] == [{"layer": 1, "after_stage": 0, "head": "exit_head", "adapter": None}]
     inputs, prompt, _ = _inputs(model, features)
     hidden = model.encode(inputs)
-    dec = [prompt[0] if prompt else model.generation["decoder_start_ids"][0], 17, 45, 99, 3]
+    dec = [prompt[0] if prompt else model.generation.decoder_start_ids[0], 17, 45, 99, 3]
     with torch.no_grad():
         if family == "whisper":
             ref = hf(input_features=torch.from_numpy(inputs), decoder_input_ids=torch.tensor([dec])).logits[0]
@@ -105,7 +105,7 @@ def test_exit_head_applies_the_family_head(staged, features, family):  # noqa: F
     hf, pkg, _, _ = staged(family)
     model = edgeinfer.load(pkg)
     inputs, prompt, _ = _inputs(model, features)
-    dec = [prompt[0] if prompt else model.generation["decoder_start_ids"][0], 17, 45, 99]
+    dec = [prompt[0] if prompt else model.generation.decoder_start_ids[0], 17, 45, 99]
     with torch.no_grad():
         key = "input_features" if family == "whisper" else "input_ids"
         out = hf(**{key: torch.from_numpy(inputs)}, decoder_input_ids=torch.tensor([dec]), output_hidden_states=True)

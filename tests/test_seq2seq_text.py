@@ -96,7 +96,7 @@ def test_encoder_and_logits_match_transformers(text_models, family):
     hf, pkg, _ = text_models(family)
     model = edgeinfer.load(pkg)
     assert model.package.manifest["kind"] == "encoder-decoder"
-    start = model.generation["decoder_start_ids"][0]
+    start = model.generation.decoder_start_ids[0]
     dec = [start, 12, 40, 77, 3]
     with torch.no_grad():
         enc = hf.get_encoder()(input_ids=torch.tensor([INPUT])).last_hidden_state.numpy()
@@ -112,7 +112,7 @@ def test_encoder_and_logits_match_transformers(text_models, family):
 def test_greedy_and_beam_tokens_identical(text_models, family):
     hf, pkg, _ = text_models(family)
     model = edgeinfer.load(pkg)
-    start = model.generation["decoder_start_ids"][0]
+    start = model.generation.decoder_start_ids[0]
     ids = np.asarray([INPUT], np.int64)
     assert model.generate_ids(ids, max_new_tokens=16) == _hf_generate(hf, INPUT, start, max_new_tokens=16)
     kw = dict(max_new_tokens=12, num_beams=3, length_penalty=0.8, no_repeat_ngram_size=3)
@@ -124,9 +124,9 @@ def test_repetition_penalty_matches_transformers(text_models, family):
     """The decoder packages' repetition penalty, through the same chain of logits processors."""
     hf, pkg, _ = text_models(family)
     model = edgeinfer.load(pkg)
-    start = model.generation["decoder_start_ids"][0]
+    start = model.generation.decoder_start_ids[0]
     ids = np.asarray([INPUT], np.int64)
-    base = dict(max_new_tokens=16, suppress_tokens=[int(model.generation["eos_token_id"])])  # all 16 tokens
+    base = dict(max_new_tokens=16, suppress_tokens=[int(model.generation.eos_token_id)])  # all 16 tokens
     free = model.generate_ids(ids, **base)
     outs = []
     for kw in (dict(repetition_penalty=1.8), dict(repetition_penalty=1.8, num_beams=3), dict(repetition_penalty=20.0)):
@@ -141,9 +141,9 @@ def test_lookup_decoding_gives_transformers_tokens(text_models, family):
     one decode loop and the same processors; lossless, so transformers' greedy tokens."""
     hf, pkg, _ = text_models(family)
     model = edgeinfer.load(pkg)
-    start = model.generation["decoder_start_ids"][0]
+    start = model.generation.decoder_start_ids[0]
     ids = np.asarray([INPUT], np.int64)
-    base = dict(max_new_tokens=24, suppress_tokens=[int(model.generation["eos_token_id"])])
+    base = dict(max_new_tokens=24, suppress_tokens=[int(model.generation.eos_token_id)])
     for kw in (base, dict(base, repetition_penalty=1.3)):
         ref = _hf_generate(hf, INPUT, start, **kw)
         assert model.generate_ids(ids, strategy="lookup", **kw) == ref == model.generate_ids(ids, **kw)
@@ -180,7 +180,7 @@ def test_quantized_packages_stay_close(text_models, family, precision, bound):
     export_model(str(root / family), out, precision, progress=False, block_size=16)
     ref_model, q_model = edgeinfer.load(pkg), edgeinfer.load(out)
     ids = np.asarray([INPUT], np.int64)
-    dec = [ref_model.generation["decoder_start_ids"][0], 12, 40]
+    dec = [ref_model.generation.decoder_start_ids[0], 12, 40]
     ref = ref_model.decoder_logits(dec, ref_model.encode(ids))
     got = q_model.decoder_logits(dec, q_model.encode(ids))
     assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > bound

@@ -4,6 +4,7 @@ probability, conditioning on previous text (the decoder's input ids), option err
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def wav(tmp_path_factory):
 
 def _model(package):
     model = edgeinfer.load(package)
-    model.generation = {**model.generation, "start_of_prev_id": PREV, "no_speech_token_id": NO_SPEECH}
+    model.generation = dataclasses.replace(model.generation, start_of_prev_id=PREV, no_speech_token_id=NO_SPEECH)
     return model
 
 

@@ -4,6 +4,7 @@ packages stay close; transcription of a WAV goes through the same search."""
 
 from __future__ import annotations
 
+import dataclasses
 import wave
 
 import numpy as np
@@ -160,7 +161,7 @@ def test_suppressed_tokens_never_appear(whisper_pair, features):
 def test_repetition_penalty_matches_transformers(whisper_pair, features):
     hf, pkg, _ = whisper_pair
     model = edgeinfer.load(pkg)
-    base = dict(max_new_tokens=12, suppress_tokens=[int(model.generation["eos_token_id"])])  # all 12 tokens
+    base = dict(max_new_tokens=12, suppress_tokens=[int(model.generation.eos_token_id)])  # all 12 tokens
     free = model.generate_ids(features, [START], **base)
     out = model.generate_ids(features, [START], **base, repetition_penalty=20.0)
     assert out == _hf_generate(hf, features, [START], **base, repetition_penalty=20.0)
@@ -170,7 +171,7 @@ def test_repetition_penalty_matches_transformers(whisper_pair, features):
 def test_lookup_decoding_gives_the_plain_tokens(whisper_pair, features):
     hf, pkg, _ = whisper_pair
     model = edgeinfer.load(pkg)
-    base = dict(max_new_tokens=16, suppress_tokens=[int(model.generation["eos_token_id"])])
+    base = dict(max_new_tokens=16, suppress_tokens=[int(model.generation.eos_token_id)])
     ref = _hf_generate(hf, features, [START], **base)
     assert model.generate_ids(features, [START], strategy="lookup", **base) == ref
     assert model.strategy_stats["drafted"] > 0
@@ -280,8 +281,8 @@ def test_language_and_task_tokens(whisper_pair, features):
     assert gen["task_ids"] == {"translate": 50358, "transcribe": 50359}
     assert gen["decoder_start_ids"] == [50258, 50259, 50359, 50363]
     # the same table on the tiny model's ids: the prompt is built and generation starts from it
-    model.generation = {**model.generation, "start_of_transcript_id": START, "no_timestamps_token_id": 9,
-                        "language_ids": {"en": 5, "fr": 6}, "task_ids": {"transcribe": 7, "translate": 8}}
+    model.generation = dataclasses.replace(model.generation, start_of_transcript_id=START, no_timestamps_token_id=9,
+                                           language_ids={"en": 5, "fr": 6}, task_ids={"transcribe": 7, "translate": 8})
     assert model.decoder_prompt(language="fr", task="translate") == [START, 6, 8, 9]
     assert model.decoder_prompt(timestamps=True, language="fr") == [START, 6, 7]
     assert model.generate_ids(features, language="fr", task="translate", max_new_tokens=6) == \

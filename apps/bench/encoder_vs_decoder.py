@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     enc_dec = edgeinfer.load(built["t5"]["path"], threads=args.threads)
     dec = edgeinfer.load(built["llama"]["path"], threads=args.threads)
     ids = [t for t in enc_dec.tokenizer.encode(TEXT * args.input_repeats, add_special_tokens=False)]
-    eos = enc_dec.generation["eos_token_id"]
+    eos = enc_dec.generation.eos_token_id
     runs = {"encoder-decoder": [], "decoder-only": []}
 
     def run_enc_dec():

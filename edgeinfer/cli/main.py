@@ -260,7 +260,7 @@ def _cmd_export(args) -> int:
                        expert_bits=args.expert_bits, quant_method=args.quant_method, kv_dtype=args.kv_dtype,
                        exit_vocab=args.exit_vocab)
     spec = res.spec
-    precision = spec.quantization.get("weights", precision)
+    precision = spec.weights if spec.weights != "?" else precision
     print(f"wrote {res.path} ({res.size_bytes / 1e6:.1f} MB, {precision}, target {args.target}, "
           f"{len(spec.graphs)} graph(s), context {spec.kv_cache.max_context})")
     if args.check:
@@ -314,7 +314,7 @@ def _cmd_run(args) -> int:
     if args.max_new_tokens is not None:
         params["max_new_tokens"] = args.max_new_tokens
     else:
-        params["max_new_tokens"] = int(model.defaults.get("max_new_tokens", 256))
+        params["max_new_tokens"] = model.defaults.max_new_tokens or 256
     source = [{"role": "user", "content": prompt}] if args.chat else prompt
     gen = model.generate(source, strategy=args.strategy, **params, **constraint)
     for ev in gen:

@@ -112,7 +112,7 @@ class StagedDecoder(StageChain, Decoder):
         spec = pkg.spec
         self.io = spec.io
         self.vocab_size = spec.vocab_size
-        self.hidden_size = int(spec.architecture["hidden_size"])
+        self.hidden_size = spec.dimension("hidden_size")
         head = spec.graph("exit_head")
         self.exit_head = create_session(pkg.path(head.path), target) if head else None
         # A VocabTrim exit head (export --exit-vocab) also scores the context's own tokens (set_exit_context).

@@ -82,7 +82,7 @@ class MoEDecoder(Decoder):
         self.package_context = kv.max_context
         self.capacity = min(int(max_context or self.package_context), self.package_context)
         self.vocab_size = spec.vocab_size
-        self.hidden_size = int(spec.architecture["hidden_size"])
+        self.hidden_size = spec.dimension("hidden_size")
         self.top_k = int(moe["top_k"])
         self.renormalize = bool(moe["norm_topk_prob"])
         graphs = {role: spec.graph(role) for role in ("embed", "head", "expert_ffn")}

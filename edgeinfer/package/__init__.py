@@ -1,7 +1,7 @@
 """The model package: the manifest schema (manifest.py: written by export/, read by the
 runtime) and the reader that checks a package folder before anything is opened (reader.py)."""
 
-from .manifest import ExitEntry, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
+from .manifest import AudioSpec, ExitEntry, GenerationSpec, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
 from .reader import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -14,5 +14,6 @@ from .reader import (
     sha256_file,
 )
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST", "MAX_MANIFEST_BYTES", "ExitEntry", "GraphEntry", "KVCacheSpec",
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST", "MAX_MANIFEST_BYTES", "AudioSpec", "ExitEntry",
+           "GenerationSpec", "GraphEntry", "KVCacheSpec",
            "Manifest", "Package", "TokenizerSpec", "check_manifest", "open_package", "safe_member", "sha256_file"]

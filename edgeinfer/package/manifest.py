@@ -2,10 +2,13 @@
 
 export/ builds a :class:`Manifest` and writes ``to_dict()`` (export/package_writer.py adds
 the format and the file table last); the runtime reads ``Package.spec``, the same classes
-parsed by :meth:`Manifest.from_dict`, instead of indexing the raw JSON. Sections whose keys
-depend on the family or the kind (``architecture``, ``generation``, ``quantization``,
-``source``, ``moe``, ``static``) stay mappings inside a typed record; everything the
-runtime acts on across kinds is a field here. Unknown keys are kept (``extra``), so a newer
+parsed by :meth:`Manifest.from_dict`, instead of indexing the raw JSON. The generation
+defaults and special tokens (:class:`GenerationSpec`) and a speech model's front end
+(:class:`AudioSpec`) are records too; the sizes in ``architecture`` are read through
+:meth:`Manifest.dimension` (checked integers). Sections whose keys depend on the family or
+the kind and that the runtime hands on whole (``architecture`` to the family code,
+``quantization`` to ``info``, ``source``, ``moe`` to the MoE store's own parser, ``static``)
+stay mappings inside the typed record. Unknown keys are kept (``extra``), so a newer
 minor format version reads.
 
 ``from_dict`` raises one-sentence PackageErrors on a wrong type; what a section must hold
@@ -213,6 +216,105 @@ class TokenizerSpec:
         return _plain(self, skip_none=skip)
 
 
+def _ints(value: Any, what: str) -> list[int]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise _bad(what, value)
+    return list(value)
+
+
+def _number(value: Any, what: str) -> float | int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise _bad(what, value)
+    return value
+
+
+def _token_table(value: Any, what: str) -> dict[str, int]:
+    table = _mapping(value, what)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in table.values()):
+        raise _bad(what, table)
+    return table
+
+
+@dataclass
+class GenerationSpec:
+    """The model's decoding defaults and the special tokens decoding needs (manifest ``generation``).
+    Decoder packages carry the source's sampling defaults; encoder-decoder packages their start,
+    end and suppressed tokens, and Whisper's timestamp and language tokens. Unset fields are not
+    written."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    num_beams: int | None = None
+    length_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    decoder_start_ids: list[int] = field(default_factory=list)
+    decoder_start_ids_timestamps: list[int] = field(default_factory=list)
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+    suppress_tokens: list[int] = field(default_factory=list)
+    begin_suppress_tokens: list[int] = field(default_factory=list)
+    no_timestamps_token_id: int | None = None  # Whisper
+    timestamp_begin: int | None = None
+    english_only: bool | None = None
+    start_of_transcript_id: int | None = None
+    start_of_prev_id: int | None = None
+    no_speech_token_id: int | None = None
+    language_ids: dict[str, int] = field(default_factory=dict)
+    task_ids: dict[str, int] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GenerationSpec:
+        known, extra = _known(cls, _mapping(d, "generation"))
+        ints = ("max_new_tokens", "top_k", "num_beams", "no_repeat_ngram_size", "eos_token_id", "pad_token_id",
+                "forced_bos_token_id", "forced_eos_token_id", "no_timestamps_token_id", "timestamp_begin",
+                "start_of_transcript_id", "start_of_prev_id", "no_speech_token_id")
+        lists = ("decoder_start_ids", "decoder_start_ids_timestamps", "suppress_tokens", "begin_suppress_tokens")
+        values = {k: _int(known.get(k), f"generation {k}", optional=True) for k in ints}
+        values.update({k: _number(known.get(k), f"generation {k}")
+                       for k in ("temperature", "top_p", "repetition_penalty", "length_penalty")})
+        values.update({k: _ints(known.get(k), f"generation {k}") for k in lists})
+        values.update({k: _token_table(known.get(k), f"generation {k}") for k in ("language_ids", "task_ids")})
+        english = known.get("english_only")
+        return cls(**values, english_only=None if english is None else bool(english), extra=extra)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in _plain(self).items() if v is not None and v != [] and v != {}}
+
+
+@dataclass
+class AudioSpec:
+    """A speech model's log-mel front end (manifest ``audio``)."""
+
+    sampling_rate: int
+    n_fft: int
+    hop_length: int
+    num_mel_bins: int
+    frames: int  # mel frames in one encoder window
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AudioSpec:
+        known, extra = _known(cls, _mapping(d, "audio"))
+        return cls(**{f.name: _int(known.get(f.name), f"audio {f.name}") for f in fields(cls) if f.name != "extra"},
+                   extra=extra)
+
+    @property
+    def window_s(self) -> float:
+        """Seconds of audio in one encoder window (30 for Whisper)."""
+        return self.frames * self.hop_length / self.sampling_rate
+
+    def to_dict(self) -> dict:
+        return _plain(self)
+
+
 @dataclass
 class Manifest:
     """``edgeinfer.json`` without its format header and file table (Package checks those)."""
@@ -229,12 +331,12 @@ class Manifest:
     target: str = "cpu"
     architecture: dict = field(default_factory=dict)
     quantization: dict = field(default_factory=dict)
-    generation: dict = field(default_factory=dict)
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
     exits: list[ExitEntry] = field(default_factory=list)
     moe: dict | None = None  # sparse MoE: experts, routers, the expert store's index
     static: dict | None = None  # npu packages: prefill chunk, fixed context, ...
     requires: dict | None = None
-    audio: dict | None = None  # speech encoder-decoder packages: the log-mel front end
+    audio: AudioSpec | None = None  # speech encoder-decoder packages: the log-mel front end
     text: dict | None = None  # text encoder-decoder packages: max_source_tokens
     extra: dict = field(default_factory=dict)
 
@@ -248,7 +350,8 @@ class Manifest:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in io.items()):
             raise _bad("io table", io)
         optional = {k: _mapping(known[k], k) if known.get(k) is not None else None
-                    for k in ("moe", "static", "requires", "audio", "text")}
+                    for k in ("moe", "static", "requires", "text")}
+        optional["audio"] = AudioSpec.from_dict(known["audio"]) if known.get("audio") is not None else None
         return cls(kind=_str(known.get("kind", "decoder"), "kind"), family=_str(known.get("family", "?"), "family"),
                    name=_str(known.get("name", ""), "name"),
                    graphs=[GraphEntry.from_dict(g) for g in _records(known.get("graphs"), "graph list")],
@@ -258,7 +361,7 @@ class Manifest:
                    target=_str(known.get("target") or "cpu", "target"),
                    architecture=_mapping(known.get("architecture"), "architecture"),
                    quantization=_mapping(known.get("quantization"), "quantization"),
-                   generation=_mapping(known.get("generation"), "generation"),
+                   generation=GenerationSpec.from_dict(known.get("generation")),
                    exits=[ExitEntry.from_dict(e) for e in _records(known.get("exits"), "exit list")],
                    **optional, extra=extra)
 
@@ -277,9 +380,18 @@ class Manifest:
         """The decoder stage graphs of a decoder package, in order."""
         return self.graphs_with_role("stage")
 
+    def dimension(self, key: str) -> int:
+        """A size the model's ``architecture`` section must give (hidden_size, heads, decoder_layers, ...)."""
+        return _int(self.architecture.get(key), f"architecture {key}")
+
     @property
     def vocab_size(self) -> int:
-        return _int(self.architecture.get("vocab_size"), "architecture vocab_size")
+        return self.dimension("vocab_size")
+
+    @property
+    def weights(self) -> str:
+        """How the weights are stored: source (the GGUF's own blocks), int4, int8, fp16 or fp32."""
+        return str(self.quantization.get("weights", "?"))
 
     @property
     def exit_stages(self) -> dict[int, int]:
@@ -294,6 +406,9 @@ class Manifest:
         out["kv_cache"] = self.kv_cache.to_dict()
         out["tokenizer"] = self.tokenizer.to_dict(every_token=self.kind == "decoder")
         out["exits"] = [e.to_dict() for e in self.exits]
+        out["generation"] = self.generation.to_dict()
+        if self.audio is not None:
+            out["audio"] = self.audio.to_dict()
         if self.kind == "decoder":  # audio/text belong to encoder-decoder packages
             out.pop("audio")
             out.pop("text")

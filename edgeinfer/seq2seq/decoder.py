@@ -21,7 +21,7 @@ class Seq2SeqDecoder(Decoder):
         self.model, self.cross, self.logits_log = model, cross, logits_log
         self.state = model.new_state(cross, 1)
         self.capacity = model.max_target_positions
-        self.vocab_size = int(model.arch["vocab_size"])
+        self.vocab_size = model.vocab_size
         self.stages = model.stages
         self.staged = bool(self.stages)
         self.exits = dict(model.exits)

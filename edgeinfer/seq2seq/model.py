@@ -71,14 +71,15 @@ class Seq2SeqModel:
         self.package = pkg
         self.target = resolve_provider(provider, threads, spec=pkg.spec, allow_fallback=allow_fallback)
         m = pkg.spec
-        self.arch = m.architecture
         self.io = m.io
         try:
             graphs = {g.role: g for g in m.graphs}
             stage_entries = m.graphs_with_role("decoder_stage")
             roles = ("encoder", "cross_kv") + (() if stage_entries else ("decoder",))
             self.sessions = {role: create_session(pkg.path(graphs[role].path), self.target) for role in roles}
-            self.layers = int(self.arch["decoder_layers"])
+            self.layers = m.dimension("decoder_layers")
+            self.vocab_size = m.vocab_size
+            self.heads, self.head_dim = m.dimension("heads"), m.dimension("head_dim")
             # a staged decoder (export --exits/--stages): stage graphs, the exit head, exit layer -> stages to run
             self.stages = [DecoderStage(e, create_session(pkg.path(e.path), self.target), self.io)
                            for e in stage_entries]
@@ -90,12 +91,13 @@ class Seq2SeqModel:
             if self.exits and (self.exit_head is None or not self.stages
                                or any(self.stages[n - 1].last != layer for layer, n in self.exits.items())):
                 raise PackageError(f"package '{pkg.root}' lists exits its decoder stages do not match: re-export it.")
-            self.max_target_positions = int(self.arch["max_target_positions"])
+            self.max_target_positions = m.dimension("max_target_positions")
             self.generation = m.generation
             self.audio = m.audio
-            self.window_s = (int(self.audio["frames"]) * int(self.audio["hop_length"])
-                              / int(self.audio["sampling_rate"]) if self.audio else 0.0)
-            self.eos = {int(self.generation["eos_token_id"])}
+            self.window_s = self.audio.window_s if self.audio else 0.0
+            if self.generation.eos_token_id is None:
+                raise PackageError(f"package '{pkg.root}' names no end-of-sequence token: re-export it.")
+            self.eos = {self.generation.eos_token_id}
             self._cross_names = [n.format(layer=i) for i in range(self.layers)
                                  for n in (self.io["cross_key"], self.io["cross_value"])]
             self._past_names = [n.format(layer=i) for i in range(self.layers)
@@ -159,14 +161,12 @@ class Seq2SeqModel:
         """The package's decoding defaults (manifest ``generation``) updated by PARAMS (those of
         SEQ2SEQ_PARAMS), validated; TIMESTAMPS switches Whisper's timestamp grammar on."""
         gen = self.generation
-        base = dict(max_new_tokens=int(gen.get("max_new_tokens", 224)),
-                    suppress_tokens=list(gen.get("suppress_tokens", [])),
-                    begin_suppress_tokens=list(gen.get("begin_suppress_tokens", [])),
-                    forced_bos_token_id=gen.get("forced_bos_token_id"),
-                    forced_eos_token_id=gen.get("forced_eos_token_id"))
+        base = dict(max_new_tokens=gen.max_new_tokens or 224, suppress_tokens=list(gen.suppress_tokens),
+                    begin_suppress_tokens=list(gen.begin_suppress_tokens),
+                    forced_bos_token_id=gen.forced_bos_token_id, forced_eos_token_id=gen.forced_eos_token_id)
         for key in ("num_beams", "length_penalty", "no_repeat_ngram_size"):
-            if key in gen:
-                base[key] = gen[key]
+            if getattr(gen, key) is not None:
+                base[key] = getattr(gen, key)
         unknown = sorted(set(params) - set(SEQ2SEQ_PARAMS))
         if unknown:
             raise GenerationError(f"unknown generation parameter(s) for an encoder-decoder package: "
@@ -200,8 +200,8 @@ class Seq2SeqModel:
         if limit and len(ids) > limit:
             raise ContextLengthError(f"the input has {len(ids)} tokens but this model's encoder takes at most "
                                      f"{limit}: shorten it or split it into parts.")
-        if any(t < 0 or t >= int(self.arch["vocab_size"]) for t in ids):
-            raise GenerationError(f"token ids must be in 0..{int(self.arch['vocab_size']) - 1}.")
+        if any(t < 0 or t >= self.vocab_size for t in ids):
+            raise GenerationError(f"token ids must be in 0..{self.vocab_size - 1}.")
         stream = self.tokenizer.stream()
         first: list[float] = []
         t0 = time.perf_counter()
@@ -248,7 +248,7 @@ class Seq2SeqModel:
             if config.num_beams > 1 or timestamps:
                 raise GenerationError("constraints (json_schema, regex, grammar, choices) apply to greedy or "
                                       "sampled decoding here: use num_beams 1 and no timestamps.")
-            config.constraint = compile_constraint(self.tokenizer, int(self.arch["vocab_size"]), **constraint,
+            config.constraint = compile_constraint(self.tokenizer, self.vocab_size, **constraint,
                                                    eos_token_ids=sorted(self.eos))
         if prompt is None:
             prompt = self.decoder_prompt(timestamps, language, task)
@@ -278,11 +278,10 @@ class Seq2SeqModel:
         """The forced decoder start: Whisper's start-of-transcript, then (multilingual models)
         the language and task tokens, then no-timestamps unless timestamps are kept."""
         gen = self.generation
-        key = "decoder_start_ids_timestamps" if timestamps else "decoder_start_ids"
-        default = list(gen.get(key) or gen["decoder_start_ids"])
+        default = list((gen.decoder_start_ids_timestamps if timestamps else None) or gen.decoder_start_ids)
         if language is None and task is None:
             return default
-        languages, tasks = gen.get("language_ids") or {}, gen.get("task_ids") or {}
+        languages, tasks = gen.language_ids, gen.task_ids
         if not languages:
             if language in (None, "en") and task in (None, "transcribe"):
                 return default
@@ -294,15 +293,14 @@ class Seq2SeqModel:
                                   f"{', '.join(sorted(languages)[:8])}.")
         if task not in tasks:
             raise GenerationError(f"unknown task '{task}': choose {' or '.join(sorted(tasks))}.")
-        prompt = [int(gen["start_of_transcript_id"]), int(languages[language]), int(tasks[task])]
-        return prompt if timestamps else prompt + [int(gen["no_timestamps_token_id"])]
+        prompt = [gen.start_of_transcript_id, languages[language], tasks[task]]
+        return prompt if timestamps else prompt + [gen.no_timestamps_token_id]
 
     def timestamp_rules(self) -> TimestampRules:
         gen = self.generation
-        if "timestamp_begin" not in gen:
+        if gen.timestamp_begin is None or gen.no_timestamps_token_id is None:
             raise GenerationError(f"model '{self.name}' has no timestamp tokens.")
-        return TimestampRules(int(gen["timestamp_begin"]), int(gen["no_timestamps_token_id"]),
-                              int(gen["eos_token_id"]))
+        return TimestampRules(gen.timestamp_begin, gen.no_timestamps_token_id, gen.eos_token_id)
 
     def transcribe(self, path: str | os.PathLike, **options):
         """Transcribe a WAV file (a speech package): see edgeinfer.seq2seq.whisper.transcribe."""

@@ -31,7 +31,7 @@ class DecoderState:
     def __init__(self, model, cross: list[np.ndarray], batch: int):
         self.model = model
         self.cross = [np.ascontiguousarray(np.repeat(c, batch, axis=0)) if batch > 1 else c for c in cross]
-        heads, head_dim = model.arch["heads"], model.arch["head_dim"]
+        heads, head_dim = model.heads, model.head_dim
         empty = np.zeros((batch, heads, 0, head_dim), np.float32)
         self.past = [empty] * (2 * model.layers)
 
@@ -98,7 +98,7 @@ class StagedDecoderState(StageChain):
         self.stages: list[DecoderStage] = model.stages
         if batch > 1:
             cross = [np.ascontiguousarray(np.repeat(c, batch, axis=0)) for c in cross]
-        heads, head_dim = model.arch["heads"], model.arch["head_dim"]
+        heads, head_dim = model.heads, model.head_dim
         empty = np.zeros((batch, heads, 0, head_dim), np.float32)
         self.past = [[empty] * (2 * (s.last - s.first)) for s in self.stages]
         self.cross = [cross[2 * s.first:2 * s.last] for s in self.stages]

@@ -55,7 +55,7 @@ from onnx import TensorProto
 
 from edgeinfer.errors import ExportError
 from edgeinfer.moe.formats import CHANNEL_INT4, CHANNEL_INT8, graph_inputs
-from edgeinfer.package import GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
+from edgeinfer.package import GenerationSpec, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
 
 STREAM = "stream"
 FFN_IN = "ffn_in"
@@ -274,7 +274,7 @@ def _manifest(src, spec: MoESpec, prec: Precision, ctx: int, graphs: list[dict],
              "router": {"weights": ROUTERS_FILE, "norms": ROUTER_NORMS_FILE, "eps": d.rms_eps}},
         tokenizer=TokenizerSpec.from_dict({"file": "tokenizer.json", "chat_template": src.chat_template,
                                            **src.special}),
-        generation={"max_new_tokens": 256, **src.generation})
+        generation=GenerationSpec.from_dict({"max_new_tokens": 256, **src.generation}))
 
 
 def export_moe_source(src, out: Path, precision: str, *, max_context: int | None, stages, exits, force: bool,

@@ -22,7 +22,7 @@ from edgeinfer.models import bart, kind_for, t5, whisper
 from edgeinfer.models.seq2seq_base import Seq2SeqSpec
 
 from edgeinfer.errors import ExportError
-from edgeinfer.package import ExitEntry, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
+from edgeinfer.package import AudioSpec, ExitEntry, GenerationSpec, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
 
 # Whisper's audio front-end (fixed by the model: 30 s windows of 16 kHz audio, 10 ms hops)
 AUDIO = {"sampling_rate": 16000, "n_fft": 400, "hop_length": 160}
@@ -259,8 +259,8 @@ def _manifest(src: Seq2SeqSource, prec: Precision, graphs: list[dict], exits: li
                       **({"encoder_and_cross_kv": "int8 per output channel, activations quantized on the fly "
                           "(DynamicQuantizeMatMul)"} if precision == "int8" and spec.frontend == "audio" else {})},
         tokenizer=TokenizerSpec(file="tokenizer.json", eos_token_ids=[src.generation["eos_token_id"]]),
-        generation=src.generation,
-        audio={**AUDIO, "num_mel_bins": spec.num_mel_bins,
-               "frames": 2 * spec.max_source_positions} if spec.frontend == "audio" else None,
+        generation=GenerationSpec.from_dict(src.generation),
+        audio=AudioSpec(**AUDIO, num_mel_bins=spec.num_mel_bins,
+                        frames=2 * spec.max_source_positions) if spec.frontend == "audio" else None,
         text={"max_source_tokens": spec.max_source_positions} if spec.frontend == "tokens" else None,
         exits=[ExitEntry.from_dict(e) for e in exits])

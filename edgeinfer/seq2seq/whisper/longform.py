@@ -92,8 +92,8 @@ def compression_ratio(text: str) -> float:
 def special_token(model, key: str, names: tuple[str, ...]) -> int | None:
     """A special token's id: from the manifest's generation table when it names it, else
     from the tokenizer's vocabulary (packages exported before these keys existed)."""
-    if model.generation.get(key) is not None:
-        return int(model.generation[key])
+    if getattr(model.generation, key) is not None:
+        return getattr(model.generation, key)
     for name in names:
         tid = model.tokenizer.tokenizer.token_to_id(name)
         if tid is not None:
@@ -145,7 +145,7 @@ def decode_window(model, hidden: np.ndarray, prompt: list[int], sot_index: int, 
                   options: LongFormOptions, seed: int) -> WindowDecode:
     """Decode one window with temperature fallback (see the module's docstring)."""
     no_speech = special_token(model, "no_speech_token_id", ("<|nocaptions|>", "<|nospeech|>"))
-    begin = int(model.generation.get("timestamp_begin", 1 << 62))
+    begin = model.generation.timestamp_begin or 1 << 62
     tried: list[WindowDecode] = []
     cross = model.cross_kv(hidden)  # once per window, shared by every attempt and its scoring
     for i, temperature in enumerate(options.temperatures):

@@ -97,13 +97,13 @@ def transcribe(model, path: str | os.PathLike, *, timestamps: bool = False, on_t
                               no_speech_threshold, bool(condition_on_previous_text)).validate()
     sot_sequence = model.decoder_prompt(timestamps, params.get("language"), params.get("task"))
     start_of_prev = special_token(model, "start_of_prev_id", ("<|startofprev|>",))
-    begin = int(model.generation.get("timestamp_begin", 1 << 62))
+    begin = model.generation.timestamp_begin or 1 << 62
     base_seed = int(params.get("seed") or 0)
     history: list[int] = []
     info = read_wav_info(path)
-    rate, n_mels = int(model.audio["sampling_rate"]), int(model.audio["num_mel_bins"])
-    hop, n_fft = int(model.audio["hop_length"]), int(model.audio["n_fft"])
-    n_samples = int(model.audio["frames"]) * hop  # the encoder's window: 30 s for Whisper
+    rate, n_mels = model.audio.sampling_rate, model.audio.num_mel_bins
+    hop, n_fft = model.audio.hop_length, model.audio.n_fft
+    n_samples = model.audio.frames * hop  # the encoder's window: 30 s for Whisper
     n_total = resampled_length(info, rate)
     resampler = Resampler(info.sample_rate, rate) if info.sample_rate != rate else None
     res = TranscriptionResult(text="", audio_s=info.duration_s)
@@ -166,7 +166,7 @@ def window_text(model, tokens: list[int], offset_s: float, timestamps: bool,
     """Text of a window's tokens and, with timestamps, its segments (times in the file),
     and where to resume (seconds into the window) when the last segment was cut off by the
     window's end and more audio follows — None: go on after the whole window."""
-    begin = int(model.generation.get("timestamp_begin", 1 << 62))
+    begin = model.generation.timestamp_begin or 1 << 62
     tokens = [t for t in tokens if t not in model.eos]
     if not timestamps:
         return model.tokenizer.decode([t for t in tokens if t < begin]).strip(), [], None
