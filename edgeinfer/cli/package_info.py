@@ -44,7 +44,8 @@ def cmd_info(args) -> int:
             "graphs": [{"path": g.path, "role": g.role, "layers": list(g.layers) if g.layers else None}
                        for g in m.graphs],
             "exits": [e.to_dict() for e in m.exits], "size_mb": round(pkg.size_bytes / 1e6, 1),
-            "chat_template": bool(m.tokenizer.chat_template), "target": m.target, "static": m.static,
+            "chat_template": bool(m.tokenizer.chat_template), "target": m.target,
+            "static": m.static.to_dict() if m.static else None,
         }
     if args.json:
         print(json.dumps(info, indent=1))

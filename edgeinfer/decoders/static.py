@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeinfer.errors import ContextLengthError, PackageError
-from edgeinfer.package import Package
+from edgeinfer.package import Package, StaticSpec
 from edgeinfer.runtimes import ExecutionTarget, create_session
 
 from .base import Decoder
@@ -68,27 +68,27 @@ class StaticDecoder(Decoder):
                     quant=(graphs["static_prefill"].io_quantization, graphs["static_decode"].io_quantization))
 
     @classmethod
-    def from_sessions(cls, prefill: ort.InferenceSession, decode: ort.InferenceSession, static: dict,
+    def from_sessions(cls, prefill: ort.InferenceSession, decode: ort.InferenceSession, static: StaticSpec,
                       io: dict, vocab_size: int) -> StaticDecoder:
         """For the exporter's calibration and checks: sessions not read from a package."""
         self = cls.__new__(cls)
         self._setup(prefill, decode, static, io, vocab_size=vocab_size, max_context=None)
         return self
 
-    def _setup(self, prefill, decode, static: dict, io: dict, vocab_size: int, max_context: int | None,
+    def _setup(self, prefill, decode, static: StaticSpec, io: dict, vocab_size: int, max_context: int | None,
                quant: tuple = (None, None)) -> None:
-        self.package_context = int(static["max_context"])
+        self.package_context = static.max_context
         # Shapes are fixed: a smaller max_context only lowers the limit, it saves no memory.
         self.capacity = min(int(max_context or self.package_context), self.package_context)
         self.vocab_size = vocab_size
         self.io = io
-        kvh, hd, heads = int(static["kv_heads"]), int(static["head_dim"]), int(static["heads"])
-        self.num_layers = int(static["num_layers"])
-        self.mask_value = float(static.get("mask_value", MASK_VALUE))
-        self.sliding_windows = [int(w) for w in static.get("sliding_windows", [])]
+        kvh, hd, heads = static.kv_heads, static.head_dim, static.heads
+        self.num_layers = static.num_layers
+        self.mask_value = float(MASK_VALUE if static.mask_value is None else static.mask_value)
+        self.sliding_windows = list(static.sliding_windows)
         self.window = max([w for w in self.sliding_windows if w > 0], default=0)
         groups = heads // kvh
-        self.prefill_graph = StaticGraph(prefill, int(static["chunk"]), self.package_context, groups,
+        self.prefill_graph = StaticGraph(prefill, static.chunk, self.package_context, groups,
                                          self.window > 0, quant[0])
         self.decode_graph = StaticGraph(decode, 1, self.package_context, groups, self.window > 0, quant[1])
         shape = (1, kvh, self.package_context, hd)

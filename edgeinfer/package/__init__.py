@@ -1,7 +1,7 @@
 """The model package: the manifest schema (manifest.py: written by export/, read by the
 runtime) and the reader that checks a package folder before anything is opened (reader.py)."""
 
-from .manifest import AudioSpec, ExitEntry, GenerationSpec, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
+from .manifest import AudioSpec, ExitEntry, GenerationSpec, GraphEntry, KVCacheSpec, Manifest, StaticSpec, TokenizerSpec
 from .reader import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -15,5 +15,5 @@ from .reader import (
 )
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST", "MAX_MANIFEST_BYTES", "AudioSpec", "ExitEntry",
-           "GenerationSpec", "GraphEntry", "KVCacheSpec",
+           "GenerationSpec", "GraphEntry", "KVCacheSpec", "StaticSpec",
            "Manifest", "Package", "TokenizerSpec", "check_manifest", "open_package", "safe_member", "sha256_file"]

@@ -316,6 +316,36 @@ class AudioSpec:
 
 
 @dataclass
+class StaticSpec:
+    """The fixed shapes an npu package's graphs were built with (manifest ``static``)."""
+
+    chunk: int  # prompt tokens per prefill run
+    max_context: int
+    kv_heads: int
+    head_dim: int
+    heads: int
+    num_layers: int
+    sliding_windows: list[int] = field(default_factory=list)  # per layer, 0 for global attention
+    mask_value: float | None = None  # the additive mask of a hidden position
+    kv_update: str = "host"  # who writes the new K/V into the cache
+    kv_dtype: str | None = None  # the quantized cache's element type
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StaticSpec:
+        known, extra = _known(cls, _mapping(d, "static"))
+        sizes = ("chunk", "max_context", "kv_heads", "head_dim", "heads", "num_layers")
+        return cls(**{k: _int(known.get(k), f"static {k}") for k in sizes},
+                   sliding_windows=_ints(known.get("sliding_windows"), "static sliding_windows"),
+                   mask_value=_number(known.get("mask_value"), "static mask_value"),
+                   kv_update=_str(known.get("kv_update", "host"), "static kv_update"),
+                   kv_dtype=_str(known.get("kv_dtype"), "static kv_dtype", optional=True), extra=extra)
+
+    def to_dict(self) -> dict:
+        return _plain(self, skip_none=("mask_value", "kv_dtype"))
+
+
+@dataclass
 class Manifest:
     """``edgeinfer.json`` without its format header and file table (Package checks those)."""
 
@@ -334,7 +364,7 @@ class Manifest:
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     exits: list[ExitEntry] = field(default_factory=list)
     moe: dict | None = None  # sparse MoE: experts, routers, the expert store's index
-    static: dict | None = None  # npu packages: prefill chunk, fixed context, ...
+    static: StaticSpec | None = None  # npu packages: prefill chunk, fixed context, ...
     requires: dict | None = None
     audio: AudioSpec | None = None  # speech encoder-decoder packages: the log-mel front end
     text: dict | None = None  # text encoder-decoder packages: max_source_tokens
@@ -350,7 +380,8 @@ class Manifest:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in io.items()):
             raise _bad("io table", io)
         optional = {k: _mapping(known[k], k) if known.get(k) is not None else None
-                    for k in ("moe", "static", "requires", "text")}
+                    for k in ("moe", "requires", "text")}
+        optional["static"] = StaticSpec.from_dict(known["static"]) if known.get("static") is not None else None
         optional["audio"] = AudioSpec.from_dict(known["audio"]) if known.get("audio") is not None else None
         return cls(kind=_str(known.get("kind", "decoder"), "kind"), family=_str(known.get("family", "?"), "family"),
                    name=_str(known.get("name", ""), "name"),
@@ -409,6 +440,8 @@ class Manifest:
         out["generation"] = self.generation.to_dict()
         if self.audio is not None:
             out["audio"] = self.audio.to_dict()
+        if self.static is not None:
+            out["static"] = self.static.to_dict()
         if self.kind == "decoder":  # audio/text belong to encoder-decoder packages
             out.pop("audio")
             out.pop("text")

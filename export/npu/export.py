@@ -28,7 +28,7 @@ from edgeinfer.runtimes.cpu import compatible_session_options
 
 from edgeinfer.decoders.static import StaticDecoder
 from edgeinfer.errors import ExportError
-from edgeinfer.package import GraphEntry, KVCacheSpec
+from edgeinfer.package import GraphEntry, KVCacheSpec, StaticSpec
 
 DEFAULT_NPU_CONTEXT = 512
 DEFAULT_PREFILL_CHUNK = 32
@@ -60,9 +60,9 @@ def export_npu(src: SourceModel, out: Path, *, max_context: int | None, force: b
     if not 2 <= chunk <= ctx:
         raise ExportError(f"the prefill chunk {chunk} must be between 2 and the context ({ctx}).")
     samples = calibration_samples(src.tokenizer_json, calibration, max_tokens=ctx)
-    static = {"chunk": chunk, "max_context": ctx, "kv_heads": spec.kv_heads, "head_dim": spec.head_dim,
-              "heads": spec.heads, "num_layers": spec.layers, "sliding_windows": spec.windows,
-              "mask_value": ng.MASK_VALUE, "kv_update": "host"}
+    static = StaticSpec(chunk=chunk, max_context=ctx, kv_heads=spec.kv_heads, head_dim=spec.head_dim,
+                        heads=spec.heads, num_layers=spec.layers, sliding_windows=list(spec.windows),
+                        mask_value=ng.MASK_VALUE, kv_update="host")
     with tempfile.TemporaryDirectory(prefix="edgeinfer-npu-") as float_dir, PackageBuild(out, force) as build:
         float_paths = {}
         for name, c in (("prefill", chunk), ("decode", 1)):
@@ -84,13 +84,13 @@ def export_npu(src: SourceModel, out: Path, *, max_context: int | None, force: b
             io_q = quantize_graph_io(tmp / rel, edges_in, edges_out)
             graphs.append({"name": name, "role": role, "path": rel, "chunk": chunk if name == "prefill" else 1,
                            "io_quantization": io_q})
-        static["kv_dtype"] = graphs[0]["io_quantization"][IO["past_key"].format(layer=0)]["dtype"]
+        static.kv_dtype = graphs[0]["io_quantization"][IO["past_key"].format(layer=0)]["dtype"]
         share_weights([tmp / g["path"] for g in graphs])
         build.write_tokenizer(src.tokenizer_json)
         build.write_manifest(dataclasses.replace(
             manifest_base(spec), target="npu", graphs=[GraphEntry.from_dict(g) for g in graphs], io=dict(IO),
             static=static, exits=[],
-            kv_cache=KVCacheSpec(layout="BNSH", dtype=static["kv_dtype"], num_layers=spec.layers,
+            kv_cache=KVCacheSpec(layout="BNSH", dtype=static.kv_dtype, num_layers=spec.layers,
                                  num_kv_heads=spec.kv_heads, head_dim=spec.head_dim, max_context=ctx,
                                  shared_buffer=False, sliding_windows=spec.windows),
             quantization={"weights": f"int{weight_bits}", "scheme": "static-qdq",
@@ -102,7 +102,7 @@ def export_npu(src: SourceModel, out: Path, *, max_context: int | None, force: b
     return build.result()
 
 
-def _float_decoder(paths: dict[str, Path], static: dict, vocab: int) -> StaticDecoder:
+def _float_decoder(paths: dict[str, Path], static: StaticSpec, vocab: int) -> StaticDecoder:
     so = compatible_session_options()
     sessions = {k: ort.InferenceSession(str(p), sess_options=so, providers=["CPUExecutionProvider"])
                 for k, p in paths.items()}
