@@ -323,3 +323,22 @@ def test_generation_and_audio_sections_are_typed_records(tiny_packages):
                                ("audio", {"sampling_rate": 16000}, "audio n_fft")):
         with pytest.raises(PackageError, match=f"invalid {what}"):
             Manifest.from_dict({**base, section: bad})
+
+
+def test_moe_and_static_sections_are_typed_records():
+    """manifest `moe` and `static`: ExpertsSpec / StaticSpec, a wrong type refused in one sentence."""
+    from edgeinfer.package import ExpertsSpec, StaticSpec
+
+    moe = {"num_experts": 8, "top_k": 2, "expert_intermediate": 64, "norm_topk_prob": True, "dense_layers": [],
+           "shared_expert_intermediate": None, "expert_store": {"file": "experts/experts.bin"},
+           "router": {"weights": "routers.npy", "norms": "router_norms.npy", "eps": 1e-6}}
+    assert ExpertsSpec.from_dict(moe).to_dict() == moe
+    for bad, what in (({"top_k": "2"}, "moe top_k"), ({"router": {"weights": "r.npy"}}, "moe router"),
+                      ({"dense_layers": [0.5]}, "moe dense_layers")):
+        with pytest.raises(PackageError, match=f"invalid {what}"):
+            ExpertsSpec.from_dict({**moe, **bad})
+    static = {"chunk": 64, "max_context": 512, "kv_heads": 2, "head_dim": 32, "heads": 4, "num_layers": 2,
+              "sliding_windows": [-1, -1], "mask_value": -10000.0, "kv_update": "host", "kv_dtype": "uint8"}
+    assert StaticSpec.from_dict(static).to_dict() == static
+    with pytest.raises(PackageError, match="invalid static chunk"):
+        StaticSpec.from_dict({**static, "chunk": None})

@@ -83,8 +83,8 @@ class MoEDecoder(Decoder):
         self.capacity = min(int(max_context or self.package_context), self.package_context)
         self.vocab_size = spec.vocab_size
         self.hidden_size = spec.dimension("hidden_size")
-        self.top_k = int(moe["top_k"])
-        self.renormalize = bool(moe["norm_topk_prob"])
+        self.top_k = moe.top_k
+        self.renormalize = moe.norm_topk_prob
         graphs = {role: spec.graph(role) for role in ("embed", "head", "expert_ffn")}
         layers = sorted(spec.graphs_with_role("moe_layer"), key=lambda g: g.layer if g.layer is not None else -1)
         self.num_layers = kv.num_layers
@@ -95,7 +95,7 @@ class MoEDecoder(Decoder):
         self.head = create_session(pkg.path(graphs["head"].path), target)
         self.layers = [create_session(pkg.path(g.path), target) for g in layers]
         self.sparse = [bool(g.sparse) for g in layers]
-        self.has_shared = bool(moe.get("shared_expert_intermediate"))
+        self.has_shared = bool(moe.shared_expert_intermediate)
         self.kv = KVCache(range(self.num_layers), kv.num_kv_heads, kv.head_dim, self.capacity,
                           device=target.device_memory)
         sparse_layers = [i for i, s in enumerate(self.sparse) if s]
@@ -105,16 +105,16 @@ class MoEDecoder(Decoder):
         self.predict_from = predict_from
         self.trace = None  # a callable(layer, input, stream, experts) the exporter's calibration sets
         if sparse_layers:
-            router = moe["router"]
-            self.routers = _load_array(pkg, router["weights"], (self.num_layers, int(moe["num_experts"]),
+            router = moe.router
+            self.routers = _load_array(pkg, router["weights"], (self.num_layers, moe.num_experts,
                                                                 self.hidden_size))
             self.router_norms = _load_array(pkg, router["norms"], (self.num_layers, self.hidden_size))
             self.eps = float(router["eps"])
             if graphs["expert_ffn"] is None:
                 raise PackageError(f"package '{pkg.root}' has no expert_ffn graph: re-export it.")
             ffn_graph = pkg.path(graphs["expert_ffn"].path).read_bytes()
-            store = ExpertStore(pkg, moe["expert_store"], direct_io=direct_io, async_reads=readers == 0)
-            missing = [i for i in sparse_layers if str(i) not in moe["expert_store"]["layers"]]
+            store = ExpertStore(pkg, moe.expert_store, direct_io=direct_io, async_reads=readers == 0)
+            missing = [i for i in sparse_layers if (i, 0) not in store.records]
             if missing:
                 raise PackageError(f"the expert store index has no experts for layer {missing[0]}: re-export it.")
             loader = expert_loader(store, ffn_graph, target)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PackageError
+from ..package import ExpertsSpec
 
 # Off by default: measured (docs/moe.md), resident sets chosen on calibration text raised the MoEfied
 # model's hit rate on other real text by 0.2-0.5 points over per-layer LRU and lowered the random
@@ -71,16 +72,16 @@ class ResidencyPlan:
         return cls({i: float(q) for i, q in quotas.items()}, resident)
 
     @classmethod
-    def from_manifest(cls, moe: dict, layers: list[int], capacity: int, top_k: int,
+    def from_manifest(cls, moe: ExpertsSpec, layers: list[int], capacity: int, top_k: int,
                       resident_fraction: float | None = None) -> ResidencyPlan:
         """The plan for this package's recorded routing frequencies (equal shares if it has none)."""
-        freqs = (moe.get("routing") or {}).get("frequencies")
+        freqs = (moe.routing or {}).get("frequencies")
         if not freqs:
             return cls.equal(layers, capacity, top_k)
         try:
             by_layer = {int(k): np.asarray(v, np.float64) for k, v in freqs.items()}
             ok = sorted(by_layer) == sorted(layers) and all(
-                v.shape == (int(moe["num_experts"]),) and np.isfinite(v).all() and (v >= 0).all()
+                v.shape == (moe.num_experts,) and np.isfinite(v).all() and (v >= 0).all()
                 for v in by_layer.values())
         except (TypeError, ValueError, AttributeError):
             ok = False

@@ -3,12 +3,14 @@
 export/ builds a :class:`Manifest` and writes ``to_dict()`` (export/package_writer.py adds
 the format and the file table last); the runtime reads ``Package.spec``, the same classes
 parsed by :meth:`Manifest.from_dict`, instead of indexing the raw JSON. The generation
-defaults and special tokens (:class:`GenerationSpec`) and a speech model's front end
-(:class:`AudioSpec`) are records too; the sizes in ``architecture`` are read through
-:meth:`Manifest.dimension` (checked integers). Sections whose keys depend on the family or
-the kind and that the runtime hands on whole (``architecture`` to the family code,
-``quantization`` to ``info``, ``source``, ``moe`` to the MoE store's own parser, ``static``)
-stay mappings inside the typed record. Unknown keys are kept (``extra``), so a newer
+defaults and special tokens (:class:`GenerationSpec`), a speech model's front end
+(:class:`AudioSpec`), an npu package's fixed shapes (:class:`StaticSpec`) and a sparse-MoE
+package's experts (:class:`ExpertsSpec`) are records too; the sizes in ``architecture`` are
+read through :meth:`Manifest.dimension` (checked integers) and the weights' storage through
+:attr:`Manifest.weights`. What stays a mapping is either a format of its own with its own
+checked parser (the expert store's index: edgeinfer/moe/store.py; routing frequencies:
+edgeinfer/moe/residency.py) or only reported (``quantization``'s scheme details, ``source``,
+``exporter``). Unknown keys are kept (``extra``), so a newer
 minor format version reads.
 
 ``from_dict`` raises one-sentence PackageErrors on a wrong type; what a section must hold
@@ -316,6 +318,46 @@ class AudioSpec:
 
 
 @dataclass
+class ExpertsSpec:
+    """A sparse-MoE package's experts (manifest ``moe``). ``expert_store`` is the store's own index
+    (edgeinfer/moe/store.py parses and checks it) and ``routing`` the routing frequencies measured
+    at export (edgeinfer/moe/residency.py checks them against the layers and experts)."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate: int
+    norm_topk_prob: bool
+    expert_store: dict
+    dense_layers: list[int] = field(default_factory=list)
+    shared_expert_intermediate: int | None = None
+    router: dict = field(default_factory=dict)  # weights, norms: files of the package; eps
+    routing: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ExpertsSpec:
+        known, extra = _known(cls, _mapping(d, "moe"))
+        router = _mapping(known.get("router"), "moe router")
+        if router and not (isinstance(router.get("weights"), str) and isinstance(router.get("norms"), str)
+                           and _number(router.get("eps"), "moe router eps") is not None):
+            raise _bad("moe router", router)
+        return cls(num_experts=_int(known.get("num_experts"), "moe num_experts"),
+                   top_k=_int(known.get("top_k"), "moe top_k"),
+                   expert_intermediate=_int(known.get("expert_intermediate"), "moe expert_intermediate"),
+                   norm_topk_prob=bool(known.get("norm_topk_prob", False)),
+                   expert_store=_mapping(known.get("expert_store"), "moe expert_store"),
+                   dense_layers=_ints(known.get("dense_layers"), "moe dense_layers"),
+                   shared_expert_intermediate=_int(known.get("shared_expert_intermediate"),
+                                                   "moe shared_expert_intermediate", optional=True),
+                   router=router,
+                   routing=_mapping(known["routing"], "moe routing") if known.get("routing") is not None else None,
+                   extra=extra)
+
+    def to_dict(self) -> dict:
+        return _plain(self, skip_none=("routing",))
+
+
+@dataclass
 class StaticSpec:
     """The fixed shapes an npu package's graphs were built with (manifest ``static``)."""
 
@@ -363,7 +405,7 @@ class Manifest:
     quantization: dict = field(default_factory=dict)
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     exits: list[ExitEntry] = field(default_factory=list)
-    moe: dict | None = None  # sparse MoE: experts, routers, the expert store's index
+    moe: ExpertsSpec | None = None  # sparse MoE: experts, routers, the expert store's index
     static: StaticSpec | None = None  # npu packages: prefill chunk, fixed context, ...
     requires: dict | None = None
     audio: AudioSpec | None = None  # speech encoder-decoder packages: the log-mel front end
@@ -380,7 +422,8 @@ class Manifest:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in io.items()):
             raise _bad("io table", io)
         optional = {k: _mapping(known[k], k) if known.get(k) is not None else None
-                    for k in ("moe", "requires", "text")}
+                    for k in ("requires", "text")}
+        optional["moe"] = ExpertsSpec.from_dict(known["moe"]) if known.get("moe") is not None else None
         optional["static"] = StaticSpec.from_dict(known["static"]) if known.get("static") is not None else None
         optional["audio"] = AudioSpec.from_dict(known["audio"]) if known.get("audio") is not None else None
         return cls(kind=_str(known.get("kind", "decoder"), "kind"), family=_str(known.get("family", "?"), "family"),
@@ -442,6 +485,8 @@ class Manifest:
             out["audio"] = self.audio.to_dict()
         if self.static is not None:
             out["static"] = self.static.to_dict()
+        if self.moe is not None:
+            out["moe"] = self.moe.to_dict()
         if self.kind == "decoder":  # audio/text belong to encoder-decoder packages
             out.pop("audio")
             out.pop("text")

@@ -19,12 +19,15 @@ out equal. The calibration text is the exporter's ``calibration.txt`` (English p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
 from pathlib import Path
 
 import numpy as np
 from edgeinfer.export.quant.calibrate import calibration_samples
+
+from edgeinfer.package import ExpertsSpec
 
 MAX_TOKENS = 2048  # calibration tokens in all
 CALIBRATION_BUDGET = 256 << 20  # expert memory while calibrating (the prompt path pins one expert at a time)
@@ -41,9 +44,9 @@ def measure_routing(folder: Path, max_tokens: int = MAX_TOKENS) -> dict:
 
     pkg = open_package(folder, verify=False)
     moe = pkg.spec.moe
-    n_exp, top_k = int(moe["num_experts"]), int(moe["top_k"])
+    n_exp, top_k = moe.num_experts, moe.top_k
     ctx = int(pkg.kv_cache.max_context)
-    budget = max(CALIBRATION_BUDGET, (top_k + 1) * expert_memory(moe["expert_store"]))
+    budget = max(CALIBRATION_BUDGET, (top_k + 1) * expert_memory(moe.expert_store))
     dec = MoEDecoder(pkg, resolve_provider("cpu"), max_context=ctx, memory_budget=budget, prefetch=False, readers=0)
     counts: dict[int, np.ndarray] = {}
     co: dict[int, np.ndarray] = {}
@@ -107,7 +110,7 @@ def rewrite_store(path: Path, index: dict, orders: dict[str, list[int]]) -> dict
     return {**index, "layers": layers, "checksums": sums, "total_bytes": offset}
 
 
-def calibrate(folder: Path, moe: dict, store_rel: str) -> dict:
+def calibrate(folder: Path, moe: ExpertsSpec, store_rel: str) -> ExpertsSpec:
     """Measure routing on calibration text, lay the store out by co-activation; returns the manifest's
     moe section with ``routing`` and the new ``expert_store`` index."""
     routing = measure_routing(folder)
@@ -115,8 +118,8 @@ def calibrate(folder: Path, moe: dict, store_rel: str) -> dict:
         return moe
     n = routing["tokens"]
     orders = {str(layer): coactivation_order(c, routing["co"][layer]) for layer, c in routing["counts"].items()}
-    index = rewrite_store(folder / store_rel, moe["expert_store"], orders)
+    index = rewrite_store(folder / store_rel, moe.expert_store, orders)
     freqs = {str(layer): [round(float(v) / n, 5) for v in c] for layer, c in sorted(routing["counts"].items())}
-    return {**moe, "expert_store": {**index, "layout": "co-activation"},
-            "routing": {"frequencies": freqs, "calibration_tokens": routing["tokens"],
-                        "calibration_text": "calibration.txt"}}
+    return dataclasses.replace(moe, expert_store={**index, "layout": "co-activation"},
+                               routing={"frequencies": freqs, "calibration_tokens": routing["tokens"],
+                                        "calibration_text": "calibration.txt"})

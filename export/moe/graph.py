@@ -55,7 +55,7 @@ from onnx import TensorProto
 
 from edgeinfer.errors import ExportError
 from edgeinfer.moe.formats import CHANNEL_INT4, CHANNEL_INT8, graph_inputs
-from edgeinfer.package import GenerationSpec, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
+from edgeinfer.package import ExpertsSpec, GenerationSpec, GraphEntry, KVCacheSpec, Manifest, TokenizerSpec
 
 STREAM = "stream"
 FFN_IN = "ffn_in"
@@ -270,8 +270,8 @@ def _manifest(src, spec: MoESpec, prec: Precision, ctx: int, graphs: list[dict],
         kv_cache=KVCacheSpec(layout="BNSH", dtype="float32", num_layers=d.layers, num_kv_heads=d.kv_heads,
                              head_dim=d.head_dim, max_context=ctx, shared_buffer=True, sliding_windows=d.windows),
         quantization=prec.describe(),
-        moe={**spec.as_manifest(), "expert_store": index,
-             "router": {"weights": ROUTERS_FILE, "norms": ROUTER_NORMS_FILE, "eps": d.rms_eps}},
+        moe=ExpertsSpec.from_dict({**spec.as_manifest(), "expert_store": index,
+                               "router": {"weights": ROUTERS_FILE, "norms": ROUTER_NORMS_FILE, "eps": d.rms_eps}}),
         tokenizer=TokenizerSpec.from_dict({"file": "tokenizer.json", "chat_template": src.chat_template,
                                            **src.special}),
         generation=GenerationSpec.from_dict({"max_new_tokens": 256, **src.generation}))
