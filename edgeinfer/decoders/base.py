@@ -24,6 +24,7 @@ class Decoder:
     staged = False  # per-stage caches with pending rows (edgeinfer.decoders.staged)
     slots = False  # its graphs decode several sequences together (edgeinfer.batching)
     context_remedy = "load with a larger max_context"  # how to get a longer context, for the error message
+    package = None  # the Package it runs (set by back-ends loaded from one)
 
     def __init__(self) -> None:
         self.exits: dict[int, int] = {}  # exit layer -> stages run before the exit head (staged decoders)

@@ -44,7 +44,7 @@ def make_strategy(name: str, decoder, options: dict, little_decoder=None) -> Str
         raise GenerationError(f"strategy '{name}' does not take {', '.join(unknown)}.")
     if issubclass(cls, PairStrategy) and little_decoder is not None:
         # A calibration of this pair (edgeinfer calibrate) gives the defaults; explicit options win.
-        packages = getattr(decoder, "package", None), getattr(little_decoder, "package", None)
+        packages = decoder.package, little_decoder.package
         stored = stored_settings(*packages, pair) if None not in packages else None
         defaults = stored.defaults(name) if stored else {}
         strategy = cls(decoder, little_decoder, **{**defaults, **opts})

@@ -51,9 +51,9 @@ def _file_bytes(decoder: StagedDecoder, entry: GraphEntry) -> int:
 def drafting_head(decoder: StagedDecoder) -> int | None:
     """Stages before an exit after DECODER's last layer (``--exits L``, usually with ``--exit-vocab``: a
     trimmed drafting head), or None: a little model with one drafts through it."""
-    stages = getattr(decoder, "stages", None)
-    exits = getattr(decoder, "exits", None) or {}
-    return exits.get(stages[-1].last) if stages else None
+    if not decoder.staged or not decoder.stages:
+        return None
+    return decoder.exits.get(decoder.stages[-1].last)
 
 
 class Track:
