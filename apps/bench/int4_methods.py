@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from whisper import SENTENCES, speak, wer  # noqa: E402
 
 import edgeinfer  # noqa: E402
-from edgeinfer.seq2seq.whisper.audio import Resampler, log_mel_spectrogram, read_wav_info, read_window, resampled_length  # noqa: E402
+from edgeinfer.seq2seq.whisper.audio import first_window_features  # noqa: E402
 
 VARIANTS = {"fp32": ("fp32", None), "int8": ("int8", None), "int4-rtn": ("int4", "rtn"),
             "int4-mse": ("int4", "mse"), "int4-hqq": ("int4", "hqq")}
@@ -58,11 +58,7 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def features(model, path: Path) -> np.ndarray:
-    a = model.audio
-    info, rate = read_wav_info(path), int(a["sampling_rate"])
-    w = read_window(info, 0, resampled_length(info, rate), rate, Resampler(info.sample_rate, rate))
-    return log_mel_spectrogram(w, n_mels=int(a["num_mel_bins"]), n_samples=int(a["frames"]) * int(a["hop_length"]),
-                               n_fft=int(a["n_fft"]), hop=int(a["hop_length"]), sample_rate=rate)[None]
+    return first_window_features(model.audio, path)
 
 
 def main(argv=None) -> int:

@@ -35,22 +35,9 @@ from apps.bench.whisper import SENTENCES, speak, wer  # noqa: E402
 
 def window_features(model, path: Path) -> np.ndarray:
     """Log-mel features of the first (only) 30 s window of PATH, as transcribe() computes them."""
-    from edgeinfer.seq2seq.whisper.audio import (
-        Resampler,
-        log_mel_spectrogram,
-        read_wav_info,
-        read_window,
-        resampled_length,
-    )
+    from edgeinfer.seq2seq.whisper.audio import first_window_features
 
-    a = model.audio
-    rate, hop = int(a["sampling_rate"]), int(a["hop_length"])
-    info = read_wav_info(path)
-    n = min(int(a["frames"]) * hop, resampled_length(info, rate))
-    resampler = Resampler(info.sample_rate, rate) if info.sample_rate != rate else None
-    window = read_window(info, 0, n, rate, resampler)
-    return log_mel_spectrogram(window, n_mels=int(a["num_mel_bins"]), n_samples=int(a["frames"]) * hop,
-                               n_fft=int(a["n_fft"]), hop=hop, sample_rate=rate)[None]
+    return first_window_features(model.audio, path)
 
 
 def teacher_forced_agreement(model, hidden: np.ndarray, prompt: list[int], tokens: list[int]) -> dict[int, list]:

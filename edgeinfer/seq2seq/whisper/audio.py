@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeinfer.errors import EdgeInferError
+from edgeinfer.package import AudioSpec
 
 
 class AudioError(EdgeInferError):
@@ -298,3 +299,17 @@ def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, n_samples: int = 48
     log_spec = np.log10(np.maximum(mel, 1e-10)).T[:, :-1]
     log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
     return ((log_spec + 4.0) / 4.0).astype(np.float32)
+
+
+def window_features(front: AudioSpec, window: np.ndarray) -> np.ndarray:
+    """The encoder's input (1, n_mels, frames) for one window of audio at the package's sampling rate
+    (FRONT: the manifest's log-mel front end)."""
+    return log_mel_spectrogram(window, n_mels=front.num_mel_bins, n_samples=front.frames * front.hop_length,
+                               n_fft=front.n_fft, hop=front.hop_length, sample_rate=front.sampling_rate)[None]
+
+
+def first_window_features(front: AudioSpec, path: str | os.PathLike) -> np.ndarray:
+    """window_features of the first window of the WAV file at PATH (resampled to FRONT's rate)."""
+    info, rate = read_wav_info(path), front.sampling_rate
+    count = min(front.frames * front.hop_length, resampled_length(info, rate))
+    return window_features(front, read_window(info, 0, count, rate))

@@ -15,7 +15,7 @@ import numpy as np
 from edgeinfer.errors import GenerationError
 
 from ..strategies import SEQ2SEQ_STRATEGY_OPTIONS, merge_stats
-from .audio import Resampler, log_mel_spectrogram, read_wav_info, read_window, resampled_length
+from .audio import Resampler, read_wav_info, read_window, resampled_length, window_features
 from .longform import (
     RESET_TEMPERATURE,
     LongFormOptions,
@@ -101,9 +101,8 @@ def transcribe(model, path: str | os.PathLike, *, timestamps: bool = False, on_t
     base_seed = int(params.get("seed") or 0)
     history: list[int] = []
     info = read_wav_info(path)
-    rate, n_mels = model.audio.sampling_rate, model.audio.num_mel_bins
-    hop, n_fft = model.audio.hop_length, model.audio.n_fft
-    n_samples = model.audio.frames * hop  # the encoder's window: 30 s for Whisper
+    rate = model.audio.sampling_rate
+    n_samples = model.audio.frames * model.audio.hop_length  # the encoder's window: 30 s for Whisper
     n_total = resampled_length(info, rate)
     resampler = Resampler(info.sample_rate, rate) if info.sample_rate != rate else None
     res = TranscriptionResult(text="", audio_s=info.duration_s)
@@ -118,8 +117,7 @@ def transcribe(model, path: str | os.PathLike, *, timestamps: bool = False, on_t
             res.silent_windows += 1
             seek += n
             continue
-        feats = log_mel_spectrogram(window, n_mels=n_mels, n_samples=n_samples, n_fft=n_fft, hop=hop,
-                                    sample_rate=rate)[None]
+        feats = window_features(model.audio, window)
         te = time.perf_counter()
         hidden = model.encode(feats)
         res.encoder_s += time.perf_counter() - te
