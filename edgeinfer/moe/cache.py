@@ -244,25 +244,9 @@ class ExpertCache:
         """EXPERTS of LAYER, loading what is missing (all at once); pinned until ``release``."""
         if self.reads is not None:
             return self._acquire_started(layer, experts)
-        waits, misses, found = [], [], {}
         t0 = time.perf_counter()
         with self.lock:
-            for e in experts:
-                key = (layer, e)
-                self.pinned[key] += 1
-                entry = self.layers[layer].get(e)
-                if entry is not None:
-                    self.layers[layer].move_to_end(e)
-                    self.stats.hits += 1
-                    self._mark_used(entry)
-                    found[e] = entry
-                elif key in self.inflight:
-                    waits.append((e, self.inflight[key]))
-                    self.stats.late_prefetches += 1
-                else:
-                    misses.append(e)
-                    if self._ghosts[layer].pop(e, None) is not None:
-                        self.stats.regrets += 1
+            found, waits, misses = self._pin_and_look_up(layer, experts)
             self.stats.misses += len(misses)
             jobs = []
             for run in self._runs(layer, misses):
@@ -297,6 +281,28 @@ class ExpertCache:
             for e in experts:
                 self._mark_used(found[e])
         return [found[e] for e in experts]
+
+    def _pin_and_look_up(self, layer: int, experts: list[int]) -> tuple[dict, list, list[int]]:
+        """Under the lock: pin EXPERTS of LAYER; the cached ones (expert -> entry, marked used), the ones a
+        reader thread is loading ((expert, flight)), and the misses (counted as regrets if lately evicted)."""
+        found, waits, misses = {}, [], []
+        for e in experts:
+            key = (layer, e)
+            self.pinned[key] += 1
+            entry = self.layers[layer].get(e)
+            if entry is not None:
+                self.layers[layer].move_to_end(e)
+                self.stats.hits += 1
+                self._mark_used(entry)
+                found[e] = entry
+            elif key in self.inflight:
+                waits.append((e, self.inflight[key]))
+                self.stats.late_prefetches += 1
+            else:
+                misses.append(e)
+                if self._ghosts[layer].pop(e, None) is not None:
+                    self.stats.regrets += 1
+        return found, waits, misses
 
     def _mark_used(self, entry: CachedExpert) -> None:
         if entry.prefetched and not entry.used:
@@ -341,20 +347,8 @@ class ExpertCache:
         then made runnable in their slots. Wrong guesses for this layer are dropped."""
         t0 = time.perf_counter()
         reads, size = self.reads, self.store.record_size
-        found, misses = {}, []
         with self.lock:
-            for e in experts:
-                key = (layer, e)
-                self.pinned[key] += 1
-                entry = self.layers[layer].get(e)
-                if entry is not None:
-                    self.layers[layer].move_to_end(e)
-                    self.stats.hits += 1
-                    found[e] = entry
-                else:
-                    misses.append(e)
-                    if self._ghosts[layer].pop(e, None) is not None:
-                        self.stats.regrets += 1
+            found, _, misses = self._pin_and_look_up(layer, experts)  # nothing is in flight with the reads queue
             ahead = {e for e in misses if reads.pending.get((layer, e), (0, 0, False))[2]}
             self.stats.hits += len(ahead)  # read ahead: started before the layer asked
             self.stats.prefetch_used += len(ahead)
