@@ -201,7 +201,7 @@ def _target(short: str, threads, allow_fallback: bool, cpu_fallback: bool, reaso
 
 
 def create_session(path: Path, target: ExecutionTarget, spec: Manifest | None = None) -> ort.InferenceSession:
-    """One inference session for a graph of a (verified) package (MANIFEST: for package-specific settings)."""
+    """One inference session for a graph of a (verified) package (SPEC, its manifest: for package-specific settings)."""
     provider = PROVIDERS[target.name]
     so = provider.session_options(target.threads)
     so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
