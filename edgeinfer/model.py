@@ -253,6 +253,8 @@ class Model:
         with self._lock:
             self.decoder.reset()
             self.cached_tokens = []
+        if self.engine is not None:
+            self.engine.forget()
 
     # -- internals -------------------------------------------------------------
     def _config(self, config: GenerationConfig | None, params: dict) -> GenerationConfig:
@@ -330,14 +332,15 @@ class Model:
         as long as it runs (waiting for one while all are busy), then the one decode loop."""
         from .batching import SlotStrategy
 
-        slot = self.engine.acquire(lambda: gen.cancelled)
-        if slot is None:  # cancelled while waiting
+        acquired = self.engine.acquire(ids, lambda: gen.cancelled)
+        if acquired is None:  # cancelled while waiting
             gen.result = GenerationResult(text="", tokens=[], prompt_tokens=len(ids), new_tokens=0,
                                           finish_reason="cancelled", ttft_s=0.0, decode_tok_s=0.0, total_s=0.0)
             return
+        slot, reused = acquired  # the slot's cache may hold a prefix of IDS already (an earlier prompt's)
         try:
-            yield from run_generation(gen, SlotStrategy(self.engine, slot, self.tokenizer.eos_token_ids),
-                                      self.tokenizer, ids, config, 0)
+            yield from run_generation(gen, SlotStrategy(self.engine, slot, self.tokenizer.eos_token_ids, ids, reused),
+                                      self.tokenizer, ids, config, reused)
         finally:
             self.engine.release(slot)
 

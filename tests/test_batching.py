@@ -14,6 +14,7 @@ import threading
 import pytest
 
 import edgeinfer
+from edgeinfer.decoders.base import PREFILL_TAIL
 from edgeinfer.errors import GenerationError, MemoryBudgetError
 from edgeinfer.memory import dense_needs
 
@@ -121,6 +122,51 @@ def test_a_slow_consumer_stop_strings_and_a_full_context_match_decoding_alone(ti
     assert (got_stop.text, got_stop.finish_reason) == (stopped.text, "stop")
     assert got_stop.tokens == stopped.tokens and LOOKAHEAD >= 1
     assert sorted(batched.engine.free) == [0, 1] and not batched.engine.runs
+
+
+def test_a_slot_keeps_its_prompt_for_the_next_request_that_starts_with_it(tiny_packages):
+    """A finished sequence's slot keeps the tokens its cache holds: the same prompt again (or a
+    longer one starting with it) prefills only the rest, and gives the tokens of a cold prompt.
+    Another prompt meanwhile takes another free slot, and the idle slot's kept tokens survive the
+    batched steps that run over its row."""
+    pkg = tiny_packages("llama", "int4")
+    solo, batched = edgeinfer.load(pkg), edgeinfer.load(pkg, parallel=2)
+    longer = PROMPTS[1] + " thirteen fourteen fifteen"
+    ref = {p: solo.complete(p, max_new_tokens=12, ignore_eos=True).tokens for p in (PROMPTS[1], PROMPTS[3], longer)}
+    first = batched.complete(PROMPTS[1], max_new_tokens=12, ignore_eos=True)
+    assert first.tokens == ref[PROMPTS[1]] and first.reused_prompt_tokens == 0
+    other = batched.complete(PROMPTS[3], max_new_tokens=12, ignore_eos=True)  # the never-used slot 1
+    assert other.tokens == ref[PROMPTS[3]] and other.reused_prompt_tokens == 0
+    assert other.stats["slot"] == 1
+    again = batched.complete(PROMPTS[1], max_new_tokens=12, ignore_eos=True)
+    assert again.stats["slot"] == 0 and again.reused_prompt_tokens == first.prompt_tokens - PREFILL_TAIL
+    assert again.tokens == ref[PROMPTS[1]]
+    grown = batched.complete(longer, max_new_tokens=12, ignore_eos=True)
+    assert grown.reused_prompt_tokens >= first.prompt_tokens - PREFILL_TAIL and grown.tokens == ref[longer]
+    # two requests together, each taking the slot that holds its prompt
+    got = _concurrently(lambda p: batched.complete(p, max_new_tokens=12, ignore_eos=True), [PROMPTS[3], longer])
+    assert [r.tokens for r in got] == [ref[PROMPTS[3]], ref[longer]]
+    assert all(r.reused_prompt_tokens > 0 for r in got)
+    batched.reset()  # forgets what the slots hold
+    assert batched.complete(longer, max_new_tokens=12, ignore_eos=True).reused_prompt_tokens == 0
+
+
+def test_a_prompt_another_slot_holds_is_copied_not_prefilled(tiny_packages):
+    """Requests that share a long start (a system prompt) prefill it once: a later one in another slot
+    gets a copy of those cache rows, and the tokens of a cold prompt."""
+    pkg = tiny_packages("llama", "int4")
+    solo, batched = edgeinfer.load(pkg), edgeinfer.load(pkg, parallel=3)
+    system = "You answer in one word. " + PROMPTS[1] + " " + PROMPTS[4] + ". "
+    prompts = [system + p for p in PROMPTS[:3]]
+    ref = [solo.complete(p, max_new_tokens=10, ignore_eos=True).tokens for p in prompts]
+    first = batched.generate(prompts[0], max_new_tokens=10, ignore_eos=True)
+    head = [next(first).token_id]  # running in slot 0: the others find the system prompt there
+    got = _concurrently(lambda p: batched.complete(p, max_new_tokens=10, ignore_eos=True), prompts[1:])
+    assert head + [ev.token_id for ev in first if ev.source != "flush"] == ref[0]
+    assert [r.tokens for r in got] == ref[1:]
+    shared = len(batched.encode(system)) - 1  # the last token may merge with what follows
+    assert all(r.stats["prompt_tokens_from_another_slot"] >= shared for r in got)
+    assert batched.engine.stats["copied_prompt_tokens"] >= 2 * shared
 
 
 def test_batching_refuses_what_it_cannot_do(tiny_packages):

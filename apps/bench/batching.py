@@ -65,10 +65,10 @@ def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
     raise SystemExit(f"the server at {url} did not come up in {seconds:.0f} s")
 
 
-def one_request(url: str, prompt: str, max_tokens: int) -> dict:
-    """One streaming completion on a connection of its own (llama-server closes its connection after a
-    stream, so a kept-alive client would reuse a dead one)."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+def one_request(url: str, prompt: str, max_tokens: int, prefix: str = "") -> dict:
+    """One streaming completion of PREFIX + PROMPT on a connection of its own (llama-server closes its
+    connection after a stream, so a kept-alive client would reuse a dead one)."""
+    body = {"prompt": prefix + prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = None
@@ -94,15 +94,16 @@ def one_request(url: str, prompt: str, max_tokens: int) -> dict:
             "decode_tok_s": (tokens - 1) / (end - first) if tokens > 1 and end > first else 0.0}
 
 
-def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
-    """CLIENTS threads, each REQUESTS streaming completions in a row; aggregate and per-client figures."""
+def load(url: str, clients: int, requests: int, max_tokens: int, prefix: str = "") -> dict:
+    """CLIENTS threads, each REQUESTS streaming completions in a row (its own prompt after the shared
+    PREFIX); aggregate and per-client figures."""
     results: list[list[dict]] = [[] for _ in range(clients)]
     errors: list[str] = []
 
     def run(i: int) -> None:
         for _ in range(requests):
             try:
-                results[i].append(one_request(url, PROMPTS[i % len(PROMPTS)], max_tokens))
+                results[i].append(one_request(url, PROMPTS[i % len(PROMPTS)], max_tokens, prefix))
             except Exception as e:  # noqa: BLE001 - counted and reported
                 errors.append(f"{type(e).__name__}: {e}")
 
@@ -119,6 +120,23 @@ def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "per_client_decode_tok_s": [sum(r["decode_tok_s"] for r in rs) / len(rs) if rs else 0.0 for rs in results],
             "ttft_s": sorted(r["ttft_s"] for r in flat), "errors": errors,
             "texts": {PROMPTS[i % len(PROMPTS)]: [r["text"] for r in rs] for i, rs in enumerate(results)}}
+
+
+def shared_prefix(package: str, tokens: int) -> str:
+    """Whole stories of the Lee corpus (apps/bench/quality.py's real text) until they reach TOKENS tokens
+    of PACKAGE's tokenizer, then a blank line."""
+    from tokenizers import Tokenizer
+
+    from edgeinfer.package_cache import resolve_model
+    from quality import evaluation_text
+
+    tok = Tokenizer.from_file(str(Path(resolve_model(package)) / "tokenizer.json"))
+    out: list[str] = []
+    for story in evaluation_text()[0].split("\n\n"):
+        out.append(story)
+        if len(tok.encode("\n\n".join(out)).ids) >= tokens:
+            break
+    return "\n\n".join(out) + "\n\n"
 
 
 def start_servers(args) -> dict:
@@ -152,7 +170,9 @@ def markdown(rep: dict) -> str:
     engines = list(rep["engines"])
     lines = [f"Aggregate decode tokens/s of streaming completions ({rep['max_tokens']} new tokens, greedy), "
              f"{rep['requests']} requests per client, `--parallel {rep['parallel']}` on both servers, "
-             f"{rep['threads']} threads, median of {rep['rounds']} interleaved rounds; same GGUF weights.",
+             f"{rep['threads']} threads, median of {rep['rounds']} interleaved rounds; same GGUF weights"
+             + (f"; every prompt after the same ~{rep['system_tokens']}-token prefix (news text)."
+                if rep.get("system_tokens") else "."),
              "", "| clients | " + " | ".join(f"{e} tok/s | {e} × its 1 client | {e} TTFT p50 ms" for e in engines)
              + (" | edgeinfer / llama.cpp |" if "llama.cpp" in engines else ""),
              "|---|" + "---|---|---|" * len(engines) + ("---|" if "llama.cpp" in engines else "")]
@@ -184,25 +204,30 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peer", action="store_true", help="edgeinfer only")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
+    ap.add_argument("--system-tokens", type=int, default=0,
+                    help="a shared prefix of about this many tokens (real news text) before every client's prompt, "
+                         "as a long system prompt: both servers reuse a slot's cached prefix")
     args = ap.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
     if args.gguf is None and not args.no_peer:
         out = subprocess.run([str(PY), "-c", "from edgeinfer.export.sources.aliases import resolve_alias;"
                               f"print(resolve_alias({args.package!r}))"], capture_output=True, text=True, check=True)
         args.gguf = out.stdout.strip()
+    prefix = shared_prefix(args.package, args.system_tokens) if args.system_tokens else ""
+    args.context = max(args.context, args.system_tokens + 256)  # llama.cpp's slots must hold the prefix
     servers = start_servers(args)
     runs: dict = {e: {c: [] for c in args.clients} for e in servers}
     alone: dict = {}
     try:
         order = list(servers)
         for e, (_, url) in servers.items():  # every prompt's greedy reply with no other request running
-            alone[e] = {p: one_request(url, p, args.max_tokens)["text"] for p in PROMPTS[:max(args.clients)]}
+            alone[e] = {p: one_request(url, p, args.max_tokens, prefix)["text"] for p in PROMPTS[:max(args.clients)]}
         for rnd in range(args.rounds):
             for e in (order if rnd % 2 == 0 else order[::-1]):
                 url = servers[e][1]
                 load(url, 1, 1, 8)  # warm-up
                 for c in args.clients:
-                    res = load(url, c, args.requests, args.max_tokens)
+                    res = load(url, c, args.requests, args.max_tokens, prefix)
                     runs[e][c].append(res)
                     print(f"round {rnd + 1} {e:10s} {c} clients: {res['aggregate_tok_s']:.1f} tok/s aggregate, "
                           f"{len(res['errors'])} errors", file=sys.stderr, flush=True)
@@ -214,7 +239,7 @@ def main(argv=None) -> int:
     def median(xs):
         return statistics.median(xs) if xs else 0.0
 
-    rep = {"clients": args.clients, "parallel": args.parallel, "requests": args.requests, "max_tokens": args.max_tokens,
+    rep = {"system_tokens": args.system_tokens, "clients": args.clients, "parallel": args.parallel, "requests": args.requests, "max_tokens": args.max_tokens,
            "threads": args.threads, "rounds": args.rounds, "package": args.package, "gguf": args.gguf, "engines": {}}
     for e, by_c in runs.items():
         base = median([r["aggregate_tok_s"] for r in by_c[args.clients[0]]])

@@ -72,14 +72,18 @@ class SlotStrategy(Strategy):
 
     name = "plain"
 
-    def __init__(self, engine: BatchEngine, slot: int, eos_token_ids: set[int]):
-        self.engine, self.slot, self.eos = engine, slot, set(eos_token_ids)
+    def __init__(self, engine: BatchEngine, slot: int, eos_token_ids: set[int], prompt: list[int], reused: int = 0):
+        self.engine, self.slot, self.eos, self.prompt = engine, slot, set(eos_token_ids), list(prompt)
         self.decoder = SlotView(engine)
+        self.decoder.length = reused  # prompt tokens the slot's cache holds already
         self.started = False
         self.stats: dict = {"strategy": self.name, "batched": True, "slot": slot}
 
     def prefill(self, ids: list[int]) -> np.ndarray:
-        logits = self.engine.prefill(self.slot, ids)
+        """IDS: the prompt past the tokens the slot holds; the engine may find more of it in another slot."""
+        logits, copied = self.engine.prefill(self.slot, self.prompt)
+        if copied:
+            self.stats["prompt_tokens_from_another_slot"] = copied
         self.decoder.length += len(ids)
         return logits
 
@@ -105,12 +109,15 @@ class BatchEngine:
         self.caches = SlotCaches(decoder, slots)
         self.prefill_chunk = PREFILL_CHUNK  # prompt tokens per prefill run, between batched steps
         self.free = list(range(slots))
+        self.releases = 0
+        self.left_at = [0] * slots  # when each slot was last released (0: never used)
         self.prefills: deque = deque()  # (slot, ids, future) in arrival order
         self.runs: dict[int, SlotRun] = {}  # slot -> the sequence the engine samples for
         self.stepping: set[int] = set()  # slots of the step (and sampling) in progress
         self.cond = threading.Condition()
         self.closed = False
-        self.stats = {"steps": 0, "rows": 0, "prefill_chunks": 0}  # rows: sequences advanced by those steps
+        # rows: sequences advanced by the steps; copied_prompt_tokens: prompt tokens copied from another slot
+        self.stats = {"steps": 0, "rows": 0, "prefill_chunks": 0, "copied_prompt_tokens": 0}
         self.thread = threading.Thread(target=self._loop, name="edgeinfer-batch", daemon=True)
         self.thread.start()
 
@@ -119,32 +126,46 @@ class BatchEngine:
         return self.caches.slots
 
     # -- the generations' side -------------------------------------------------------
-    def acquire(self, is_cancelled=lambda: False) -> int | None:
-        """A free slot (the lowest), waiting while all are busy; None if IS_CANCELLED() turns true first."""
+    def acquire(self, ids: list[int], is_cancelled=lambda: False) -> tuple[int, int] | None:
+        """A free slot for the prompt IDS and how many of its tokens the slot holds already, waiting
+        while all slots are busy; None if IS_CANCELLED() turns true first. The slot that holds the
+        longest prefix of IDS; else the one left longest ago (a never-used one first, the lowest)."""
         with self.cond:
             while not self.free:
                 if is_cancelled() or self.closed:
                     return None
                 self.cond.wait(0.05)
-            slot = min(self.free)
+            reuse = {s: self.caches.reusable(s, ids) for s in self.free}
+            slot = min(self.free, key=lambda s: (-reuse[s], self.left_at[s], s))
             self.free.remove(slot)
-            self.caches.reset(slot)
-            return slot
+            self.caches.keep(slot, reuse[slot])
+            return slot, reuse[slot]
 
     def release(self, slot: int) -> None:
+        """SLOT is free again; it keeps the tokens its cache holds for a later prompt that starts with them."""
         self.stop(slot)
         with self.cond:
             self.prefills = deque(p for p in self.prefills if p[0] != slot)
-            self.caches.reset(slot)
+            self.caches.park(slot)
+            self.releases += 1
+            self.left_at[slot] = self.releases
             if slot not in self.free:
                 self.free.append(slot)
             self.cond.notify_all()
 
-    def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
+    def forget(self) -> None:
+        """Free slots drop the tokens they hold (the next prompts are computed from scratch)."""
+        with self.cond:
+            for slot in self.free:
+                self.caches.reset(slot)
+
+    def prefill(self, slot: int, ids: list[int]) -> tuple[np.ndarray, int]:
+        """SLOT's cache holds the prompt IDS once this returns: the logits of its last token, and how many of
+        its tokens came from another slot's cache (copied rows instead of a prefill)."""
         fut: Future = Future()
         with self.cond:
             self._check_open()
-            self.prefills.append([slot, list(ids), fut])
+            self.prefills.append([slot, list(ids), fut, None])
             self.cond.notify_all()
         return fut.result()
 
@@ -196,7 +217,7 @@ class BatchEngine:
         except BaseException as e:  # noqa: BLE001 - a bug here must not leave generations waiting forever
             with self.cond:
                 self.closed = True
-                waiting = [f for _, _, f in self.prefills]
+                waiting = [job[2] for job in self.prefills]
                 self.prefills.clear()
                 for run in self.runs.values():
                     run.out.append(e)
@@ -230,20 +251,36 @@ class BatchEngine:
                 self.cond.notify_all()
 
     def _prefill_chunk(self, job: list) -> None:
-        slot, ids, fut = job
-        chunk, rest = ids[:self.prefill_chunk], ids[self.prefill_chunk:]
+        """The next chunk of JOB = [slot, prompt, future, copied]; before the first, the longest start of the
+        prompt that another slot's cache holds is copied in (when it is more than the slot holds)."""
+        slot, ids, fut, copied = job
         try:
-            logits = self.caches.prefill_chunk(slot, chunk)
+            if copied is None:
+                job[3] = copied = self._adopt_prefix(slot, ids)
+            start = int(self.caches.lengths[slot])
+            logits = self.caches.prefill_chunk(slot, ids[start:start + self.prefill_chunk])
         except BaseException as e:  # noqa: BLE001 - handed to the waiting generation
             self._drop_prefill(job)
             fut.set_exception(e)
             return
         self.stats["prefill_chunks"] += 1
-        if rest:
-            job[1] = rest
+        if self.caches.lengths[slot] < len(ids):
             return
         self._drop_prefill(job)
-        fut.set_result(np.array(logits, np.float32))
+        fut.set_result((np.array(logits, np.float32), copied))
+
+    def _adopt_prefix(self, slot: int, ids: list[int]) -> int:
+        """Copy into SLOT the longest start of IDS another slot's cache holds, if longer than SLOT's own;
+        the number of tokens copied. (Only this thread writes the caches, so rows a slot holds stay
+        valid while it is read; acquire may shorten a free slot's record meanwhile, hence the lock.)"""
+        with self.cond:
+            own = self.caches.reusable(slot, ids)
+            best, src = max((self.caches.reusable(s, ids), s) for s in range(self.slots))
+        if best <= own or src == slot:
+            return 0
+        self.caches.copy_prefix(src, slot, best)
+        self.stats["copied_prompt_tokens"] += best
+        return best
 
     def _drop_prefill(self, job: list) -> None:
         with self.cond:

@@ -7,10 +7,16 @@ key/value in place at that row's position, so one run of the graphs advances eve
 by one token however long each context is. A prompt is prefilled into its slot alone, as a
 batch-1 view of that row.
 
+Each slot records the token ids its cache holds (``held``), and keeps them after its sequence
+ends: a later prompt that starts with the same tokens (a client's system prompt, the previous
+turn of a chat) reuses them and prefills only the rest (``reusable``, as llama.cpp's server
+reuses a slot's prompt); a prompt whose start another slot holds gets a copy of those rows
+(``copy_prefix``: a shared system prompt is prefilled once, not once per slot).
+
 A batched step runs rows ``[0, n)``, ``n`` one past the highest slot that steps; rows in
 between that do not step (a free slot, or one still prefilling) get a dummy token at their
-next position, which their own next write overwrites. Slots are handed out lowest first to
-keep ``n`` small.
+next position, which their own next write overwrites (a free slot's is past the tokens it
+holds). Slots are handed out lowest first to keep ``n`` small.
 
 Measured on SmolLM2-135M int4 (``apps/bench/batching.py``): each row's logits are
 bit-identical to the same sequence decoded alone.
@@ -21,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from edgeinfer.decoders.base import PREFILL_TAIL
 from edgeinfer.decoders.kv_cache import kv_buffer_dtype
 from edgeinfer.decoders.staged import StagedDecoder, bind_step
 from edgeinfer.errors import ContextLengthError
@@ -46,10 +53,38 @@ class SlotCaches:
         self.keys = {i: np.zeros(shape, dtype) for i in layers}
         self.values = {i: np.zeros(shape, dtype) for i in layers}
         self.lengths = np.zeros(self.slots, np.int64)
+        self.held: list[list[int]] = [[] for _ in range(self.slots)]  # the tokens in each slot's cache, in order
         self._plans: dict[int, tuple] = {}  # rows -> the bindings of a batched step over rows [0, rows)
 
     def reset(self, slot: int) -> None:
-        self.lengths[slot] = 0
+        self.keep(slot, 0)
+
+    def keep(self, slot: int, n: int) -> None:
+        """Keep the first N tokens of SLOT's cache (the rest is overwritten by what comes next)."""
+        del self.held[slot][n:]
+        self.lengths[slot] = len(self.held[slot])
+
+    def reusable(self, slot: int, ids: list[int]) -> int:
+        """How many leading tokens of IDS SLOT's cache holds already, leaving at least PREFILL_TAIL of
+        IDS to prefill (so the output is that of a cold prompt, edgeinfer/decoders/base.py)."""
+        held, n = self.held[slot], 0
+        limit = min(len(held), len(ids) - PREFILL_TAIL, self.capacity - 1)
+        while n < limit and held[n] == ids[n]:
+            n += 1
+        return n
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """DST's cache holds the first N tokens of SRC's from now on (a copy of those rows, every layer)."""
+        for buffers in (self.keys, self.values):
+            for buf in buffers.values():
+                buf[dst, :, :n] = buf[src, :, :n]
+        self.held[dst] = self.held[src][:n]
+        self.lengths[dst] = n
+
+    def park(self, slot: int) -> None:
+        """SLOT stops being stepped and keeps what it holds; the dummy token a batched step writes for
+        an idle row goes to its next position, so at least that one stays free."""
+        self.keep(slot, min(len(self.held[slot]), self.capacity - 1))
 
     # -- running -------------------------------------------------------------------
     def _run(self, stage, x: np.ndarray, rows: slice, seqlens: np.ndarray, total: int) -> np.ndarray:
@@ -79,6 +114,7 @@ class SlotCaches:
         seqlens = np.array([start + n - 1], np.int32)
         for stage in self.decoder.stages:
             x = self._run(stage, x, rows, seqlens, start + n)
+        self.held[slot].extend(ids)
         self.lengths[slot] = start + n
         return x[0, -1]
 
@@ -117,6 +153,7 @@ class SlotCaches:
         total[...] = int(seqlens.max()) + 1
         for session, b in bindings:
             session.run_with_iobinding(b)
-        for s in tokens:
+        for s, t in tokens.items():
+            self.held[s].append(t)
             self.lengths[s] += 1
         return {s: out[s, -1] for s in tokens}
