@@ -218,7 +218,7 @@ async def _complete(request: Request, state: ServerState, chat: bool):
         return StreamingResponse(_stream(gen, state, rid, created, chat, request, plan, include_usage),
                                  media_type="text/event-stream")
     try:
-        async for _ in gen:
+        async for _ in gen.async_batches():
             if await request.is_disconnected():
                 gen.cancel()
         res = gen.result
@@ -282,8 +282,8 @@ async def _stream(gen, state: ServerState, rid: str, created: int, chat: bool, r
     first = [True]
     calls = CallStream() if plan is not None and plan.parse_calls else None  # holds back a tool call
     try:
-        async for ev in gen:
-            text = calls.feed(ev.text) if calls is not None and ev.text else ev.text
+        async for batch in gen.async_batches():  # the tokens ready since the last chunk: one chunk
+            text = "".join((calls.feed(ev.text) if calls is not None else ev.text) for ev in batch if ev.text)
             if text:
                 yield chunk(text, None)
         res = gen.result

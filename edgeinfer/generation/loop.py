@@ -8,7 +8,9 @@ models and caches; speculative ones return several tokens per call.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -96,25 +98,65 @@ class Generation:
         return self._async_events()
 
     async def _async_events(self):
-        """``async for event in generation``: each step runs on one worker thread of its own,
-        so the event loop never blocks on the model."""
+        """``async for event in generation``."""
+        async for batch in self.async_batches():
+            for ev in batch:
+                yield ev
+
+    async def async_batches(self, ahead: int = 16):
+        """``async for events in generation.async_batches()``: the events ready since the last batch (at
+        least one), in order. One worker thread runs the generation, at most AHEAD events ahead of the
+        consumer, and wakes the event loop once per batch (so the loop never blocks on the model, and a
+        consumer that falls behind takes several events at once)."""
         import asyncio
-        from concurrent.futures import ThreadPoolExecutor
 
         loop = asyncio.get_running_loop()
-        done = object()
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeinfer-gen")
+        ready: deque = deque()
+        lock, room, wake, end = threading.Lock(), threading.Semaphore(ahead), asyncio.Event(), object()
+
+        def push(item) -> None:
+            with lock:
+                was_empty = not ready
+                ready.append(item)
+            if was_empty:
+                loop.call_soon_threadsafe(wake.set)
+
+        def produce() -> None:
+            try:
+                for ev in self:
+                    room.acquire()
+                    push(ev)
+                push(end)
+            except BaseException as e:  # noqa: BLE001 - raised in the consumer
+                push(e)
+
+        worker = threading.Thread(target=produce, name="edgeinfer-gen", daemon=True)
+        worker.start()
         try:
             while True:
-                ev = await loop.run_in_executor(pool, next, self, done)
-                if ev is done:
-                    return
-                yield ev
+                await wake.wait()
+                wake.clear()  # before taking: an event pushed from now on sets it again
+                with lock:
+                    items = list(ready)
+                    ready.clear()
+                batch = []
+                for item in items:
+                    if item is end:
+                        if batch:
+                            yield batch
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    room.release()
+                    batch.append(item)
+                yield batch
         finally:
-            # Also on cancellation (a client gone): let the step in flight finish (one token),
-            # then close, which releases the model. No await here: it must run even when cancelled.
+            # Also on cancellation (a client gone): the step in flight finishes (one token), then the
+            # generation is closed, which releases the model. No await here: it must run even when cancelled.
             self.cancel()
-            pool.shutdown(wait=True)
+            for _ in range(ahead):
+                room.release()  # a worker waiting for room goes on, and sees the cancel
+            worker.join()
             self.close()
 
 
