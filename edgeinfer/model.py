@@ -332,15 +332,16 @@ class Model:
         as long as it runs (waiting for one while all are busy), then the one decode loop."""
         from .batching import SlotStrategy
 
-        acquired = self.engine.acquire(ids, lambda: gen.cancelled)
-        if acquired is None:  # cancelled while waiting
+        slot = self.engine.acquire(lambda: gen.cancelled)
+        if slot is None:  # cancelled while waiting
             gen.result = GenerationResult(text="", tokens=[], prompt_tokens=len(ids), new_tokens=0,
                                           finish_reason="cancelled", ttft_s=0.0, decode_tok_s=0.0, total_s=0.0)
             return
-        slot, reused = acquired  # the slot's cache may hold a prefix of IDS already (an earlier prompt's)
+        strategy = SlotStrategy(self.engine, slot, self.tokenizer.eos_token_ids, ids)
         try:
-            yield from run_generation(gen, SlotStrategy(self.engine, slot, self.tokenizer.eos_token_ids, ids, reused),
-                                      self.tokenizer, ids, config, reused)
+            yield from run_generation(gen, strategy, self.tokenizer, ids, config, 0)
+            if gen.result is not None:  # the prompt tokens a slot's cache held (not prefilled)
+                gen.result.reused_prompt_tokens = strategy.reused
         finally:
             self.engine.release(slot)
 

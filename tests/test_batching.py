@@ -126,34 +126,35 @@ def test_a_slow_consumer_stop_strings_and_a_full_context_match_decoding_alone(ti
 
 def test_a_slot_keeps_its_prompt_for_the_next_request_that_starts_with_it(tiny_packages):
     """A finished sequence's slot keeps the tokens its cache holds: the same prompt again (or a
-    longer one starting with it) prefills only the rest, and gives the tokens of a cold prompt.
-    Another prompt meanwhile takes another free slot, and the idle slot's kept tokens survive the
-    batched steps that run over its row."""
+    longer one starting with it) prefills only the rest, and gives the tokens of a cold prompt. A
+    request always takes the lowest free slot (batched steps run the rows up to the highest busy
+    one): what that slot held moves to the free slot left longest ago, and comes back when asked
+    for, and the kept tokens survive the batched steps that run over idle rows."""
     pkg = tiny_packages("llama", "int4")
-    solo, batched = edgeinfer.load(pkg), edgeinfer.load(pkg, parallel=2)
+    solo, batched = edgeinfer.load(pkg), edgeinfer.load(pkg, parallel=3)
     longer = PROMPTS[1] + " thirteen fourteen fifteen"
     ref = {p: solo.complete(p, max_new_tokens=12, ignore_eos=True).tokens for p in (PROMPTS[1], PROMPTS[3], longer)}
     first = batched.complete(PROMPTS[1], max_new_tokens=12, ignore_eos=True)
-    assert first.tokens == ref[PROMPTS[1]] and first.reused_prompt_tokens == 0
-    other = batched.complete(PROMPTS[3], max_new_tokens=12, ignore_eos=True)  # the never-used slot 1
-    assert other.tokens == ref[PROMPTS[3]] and other.reused_prompt_tokens == 0
-    assert other.stats["slot"] == 1
+    assert first.tokens == ref[PROMPTS[1]] and first.reused_prompt_tokens <= 1  # at most a shared BOS
+    other = batched.complete(PROMPTS[3], max_new_tokens=12, ignore_eos=True)
+    assert other.tokens == ref[PROMPTS[3]] and other.reused_prompt_tokens <= 1 and other.stats["slot"] == 0
     again = batched.complete(PROMPTS[1], max_new_tokens=12, ignore_eos=True)
     assert again.stats["slot"] == 0 and again.reused_prompt_tokens == first.prompt_tokens - PREFILL_TAIL
     assert again.tokens == ref[PROMPTS[1]]
     grown = batched.complete(longer, max_new_tokens=12, ignore_eos=True)
     assert grown.reused_prompt_tokens >= first.prompt_tokens - PREFILL_TAIL and grown.tokens == ref[longer]
-    # two requests together, each taking the slot that holds its prompt
+    # two together: each finds its prompt (one in a free slot, swapped in; the other copied from a busy one)
     got = _concurrently(lambda p: batched.complete(p, max_new_tokens=12, ignore_eos=True), [PROMPTS[3], longer])
     assert [r.tokens for r in got] == [ref[PROMPTS[3]], ref[longer]]
-    assert all(r.reused_prompt_tokens > 0 for r in got)
+    assert got[0].reused_prompt_tokens == other.prompt_tokens - PREFILL_TAIL
+    assert got[1].reused_prompt_tokens == grown.prompt_tokens - PREFILL_TAIL
     batched.reset()  # forgets what the slots hold
-    assert batched.complete(longer, max_new_tokens=12, ignore_eos=True).reused_prompt_tokens == 0
+    assert batched.complete(longer, max_new_tokens=12, ignore_eos=True).reused_prompt_tokens <= 1
 
 
 def test_a_prompt_another_slot_holds_is_copied_not_prefilled(tiny_packages):
     """Requests that share a long start (a system prompt) prefill it once: a later one in another slot
-    gets a copy of those cache rows, and the tokens of a cold prompt."""
+    gets a copy of those cache rows (the slot that holds them is busy), and the tokens of a cold prompt."""
     pkg = tiny_packages("llama", "int4")
     solo, batched = edgeinfer.load(pkg), edgeinfer.load(pkg, parallel=3)
     system = "You answer in one word. " + PROMPTS[1] + " " + PROMPTS[4] + ". "
@@ -165,8 +166,8 @@ def test_a_prompt_another_slot_holds_is_copied_not_prefilled(tiny_packages):
     assert head + [ev.token_id for ev in first if ev.source != "flush"] == ref[0]
     assert [r.tokens for r in got] == ref[1:]
     shared = len(batched.encode(system)) - 1  # the last token may merge with what follows
-    assert all(r.stats["prompt_tokens_from_another_slot"] >= shared for r in got)
-    assert batched.engine.stats["copied_prompt_tokens"] >= 2 * shared
+    assert all(r.reused_prompt_tokens >= shared for r in got)
+    assert batched.engine.stats["reused_prompt_tokens"] >= 2 * shared
 
 
 def test_batching_refuses_what_it_cannot_do(tiny_packages):

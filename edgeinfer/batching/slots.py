@@ -10,8 +10,9 @@ batch-1 view of that row.
 Each slot records the token ids its cache holds (``held``), and keeps them after its sequence
 ends: a later prompt that starts with the same tokens (a client's system prompt, the previous
 turn of a chat) reuses them and prefills only the rest (``reusable``, as llama.cpp's server
-reuses a slot's prompt); a prompt whose start another slot holds gets a copy of those rows
-(``copy_prefix``: a shared system prompt is prefilled once, not once per slot).
+reuses a slot's prompt), whichever slot holds them: rows move between slots (``swap``,
+``copy_prefix``), so a shared system prompt is prefilled once, not once per slot, and a
+sequence can always take the lowest free slot.
 
 A batched step runs rows ``[0, n)``, ``n`` one past the highest slot that steps; rows in
 between that do not step (a free slot, or one still prefilling) get a dummy token at their
@@ -79,7 +80,18 @@ class SlotCaches:
             for buf in buffers.values():
                 buf[dst, :, :n] = buf[src, :, :n]
         self.held[dst] = self.held[src][:n]
-        self.lengths[dst] = n
+        self.lengths[dst] = min(n, self.capacity - 1)
+
+    def swap(self, a: int, b: int) -> None:
+        """Slots A and B exchange what their caches hold."""
+        na, nb = len(self.held[a]), len(self.held[b])
+        for buffers in (self.keys, self.values):
+            for buf in buffers.values():
+                rows_a = buf[a, :, :na].copy()
+                buf[a, :, :nb] = buf[b, :, :nb]
+                buf[b, :, :na] = rows_a
+        self.held[a], self.held[b] = self.held[b], self.held[a]
+        self.lengths[a], self.lengths[b] = nb, na
 
     def park(self, slot: int) -> None:
         """SLOT stops being stepped and keeps what it holds; the dummy token a batched step writes for
