@@ -97,8 +97,8 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
         import logging
 
         logging.getLogger("edgeinfer").warning(
-            "edgeinfer: warning: the prompt cache is off for '%s': loaded with parallel=%d, each generation "
-            "prefills its own KV slot (docs/batching.md).", model.name, parallel)
+            "edgeinfer: warning: the prompt cache on disk is off for '%s': loaded with parallel=%d, prompt "
+            "prefixes are reused between the KV slots instead (docs/batching.md).", model.name, parallel)
     elif prompt_cache:
         model.use_prompt_cache(prompt_cache)
     return model

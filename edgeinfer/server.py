@@ -227,8 +227,7 @@ async def _complete(request: Request, state: ServerState, chat: bool):
     finally:
         _finish(state, gen)
     text = res.text
-    usage = {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.new_tokens,
-             "total_tokens": res.prompt_tokens + res.new_tokens}
+    usage = _usage(res)
     finish = "length" if res.finish_reason == "length" else "stop"
     if chat:
         message = {"role": "assistant", "content": text}
@@ -241,6 +240,14 @@ async def _complete(request: Request, state: ServerState, chat: bool):
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
     return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                          "model": state.model.name, "choices": [choice], "usage": usage})
+
+
+def _usage(res) -> dict:
+    """OpenAI's usage record; cached_tokens: prompt tokens whose KV was reused (a previous turn, a slot's
+    prefix, the prompt cache), not computed."""
+    return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.new_tokens,
+            "total_tokens": res.prompt_tokens + res.new_tokens,
+            "prompt_tokens_details": {"cached_tokens": res.reused_prompt_tokens}}
 
 
 def _finish(state: ServerState, gen) -> None:
@@ -300,8 +307,7 @@ async def _stream(gen, state: ServerState, rid: str, created: int, chat: bool, r
                 yield chunk(calls.buffer, None)
         yield chunk(None, finish)
         if include_usage:  # OpenAI's usage chunk: no choices
-            usage = {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.new_tokens,
-                     "total_tokens": res.prompt_tokens + res.new_tokens}
+            usage = _usage(res)
             yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                                           "created": created, "model": state.model.name, "choices": [],
                                           "usage": usage}) + "\n\n"
@@ -316,8 +322,8 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8080, api_key: str 
           parallel: int = 1, prompt_cache: bool = True, prompt_cache_dir: str | None = None,
           prompt_cache_bytes=None, kv_dtype: str | None = None) -> None:
     """Serve PACKAGE; long prompts' KV is saved to the prompt cache and restored after a restart unless
-    PROMPT_CACHE is False (docs/prompt-cache.md) or PARALLEL > 1 (each request then prefills its own KV
-    slot: docs/batching.md)."""
+    PROMPT_CACHE is False (docs/prompt-cache.md) or PARALLEL > 1 (prompt prefixes are then reused
+    between the KV slots: docs/batching.md)."""
     import uvicorn
 
     from . import load

@@ -187,7 +187,7 @@ def test_batching_refuses_what_it_cannot_do(tiny_packages):
 @pytest.mark.slow
 def test_real_smollm2_batched_equals_alone(tmp_path_factory):
     """The default SmolLM2-135M int4 package: four chat requests decoded together give each one's
-    own greedy reply."""
+    own greedy reply, and again when their prompts are found in the slots (swapped or copied there)."""
     from edgeinfer.package_cache import resolve_model
 
     path = resolve_model("smollm2-135m")
@@ -196,6 +196,9 @@ def test_real_smollm2_batched_equals_alone(tmp_path_factory):
                  ("What is the opposite of hot?", "Name a planet.", "What color is the sky?", "Say hello.")]
     ref = [solo.complete(q, max_new_tokens=24).tokens for q in questions]
     assert _concurrently(lambda q: batched.complete(q, max_new_tokens=24).tokens, questions) == ref
+    again = _concurrently(lambda q: batched.complete(q, max_new_tokens=24), questions)  # prompts held in the slots
+    assert [r.tokens for r in again] == ref
+    assert all(r.reused_prompt_tokens == r.prompt_tokens - PREFILL_TAIL for r in again)
 
 
 def test_server_with_parallel_slots_serves_requests_together(tiny_packages):

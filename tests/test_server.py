@@ -10,6 +10,7 @@ import pytest
 import uvicorn
 
 import edgeinfer
+from edgeinfer.decoders.base import PREFILL_TAIL
 from edgeinfer.server import create_app
 
 openai = pytest.importorskip("openai")
@@ -57,6 +58,8 @@ def test_chat_completion_with_openai_client(server, model):
     r = client(srv).chat.completions.create(model="x", messages=msgs, max_tokens=12, temperature=0)
     assert r.choices[0].message.content == ref.text
     assert r.usage.completion_tokens == ref.new_tokens and r.usage.prompt_tokens == ref.prompt_tokens
+    # the model's cache held this prompt already (the call above): all but the last two tokens reused
+    assert r.usage.prompt_tokens_details.cached_tokens == ref.prompt_tokens - PREFILL_TAIL
 
 
 def test_streaming_chat_and_completions(server, model):

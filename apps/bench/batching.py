@@ -243,7 +243,12 @@ def main(argv=None) -> int:
            "threads": args.threads, "rounds": args.rounds, "package": args.package, "gguf": args.gguf, "engines": {}}
     for e, by_c in runs.items():
         base = median([r["aggregate_tok_s"] for r in by_c[args.clients[0]]])
-        same = all(t == alone[e][p] for rs in by_c.values() for r in rs for p, ts in r["texts"].items() for t in ts)
+        differ = [(c, p, t) for c, rs in by_c.items() for r in rs for p, ts in r["texts"].items() for t in ts
+                  if t != alone[e][p]]
+        same = not differ
+        for c, p, t in differ:
+            print(f"{e}, {c} clients: the reply to {p[:40]!r} differs from the one alone: {t!r} against "
+                  f"{alone[e][p]!r}", file=sys.stderr)
         rep["engines"][e] = {"same_as_alone": same, "errors": sum(len(r["errors"]) for rs in by_c.values() for r in rs)}
         for c, rs in by_c.items():
             agg = median([r["aggregate_tok_s"] for r in rs])

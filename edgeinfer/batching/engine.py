@@ -116,6 +116,7 @@ class BatchEngine:
         self.free = list(range(slots))
         self.releases = 0
         self.left_at = [0] * slots  # when each slot was last released (0: never used)
+        self.placed: set[int] = set()  # taken slots whose prompt has been placed (see _place)
         self.prefills: deque = deque()  # (slot, ids, future) in arrival order
         self.runs: dict[int, SlotRun] = {}  # slot -> the sequence the engine samples for
         self.stepping: set[int] = set()  # slots of the step (and sampling) in progress
@@ -149,6 +150,7 @@ class BatchEngine:
         with self.cond:
             self.prefills = deque(p for p in self.prefills if p[0] != slot)
             self.caches.park(slot)
+            self.placed.discard(slot)
             self.releases += 1
             self.left_at[slot] = self.releases
             if slot not in self.free:
@@ -273,28 +275,34 @@ class BatchEngine:
 
     def _place(self, slot: int, ids: list[int]) -> int:
         """Make SLOT's cache hold the longest start of IDS that any slot holds, and return its length.
-        A free slot's tokens are swapped in (SLOT's go there); a busy slot's are copied. Tokens SLOT
-        holds that IDS does not start with are not simply overwritten: they first go to the free slot
-        left longest ago (a copy of rows costs ~1/100 of prefilling them again). Only this thread writes
-        the caches, so what a slot holds stays valid while it is read; the lock keeps the free list and
-        the records still while slots change places."""
+        The tokens of a slot no sequence uses yet (free, or taken by a request whose prefill has not
+        begun: it looks for its own prompt when it does) are swapped in, SLOT's going there; a busy
+        slot's are copied. Tokens SLOT holds that IDS does not start with are not simply overwritten:
+        they first go to the free slot left longest ago, if they are more than it holds (a copy of rows
+        costs ~1/100 of prefilling them again). Only this thread writes the caches, so what a slot holds stays valid while it is read;
+        the lock keeps the free list and the records still while slots change places."""
         caches, left = self.caches, self.left_at
         with self.cond:
             own = caches.reusable(slot, ids)
             best, src = max(((caches.reusable(s, ids), s) for s in range(self.slots) if s != slot), default=(0, slot))
-            spare = min(self.free, key=lambda s: (left[s], s)) if self.free else None
-            if src in self.free and _copy_pays(best - own, len(caches.held[slot]) + len(caches.held[src])):
+            unused = src not in self.placed  # free, or taken by a request whose prefill has not begun
+            if unused and _copy_pays(best - own, len(caches.held[slot]) + len(caches.held[src])):
                 caches.swap(slot, src)
                 left[slot], left[src] = left[src], left[slot]
                 own = best
             else:
-                if spare is not None and len(caches.held[slot]) > own:  # keep SLOT's tokens for later
+                copy = _copy_pays(best - own, best)
+                spares = [s for s in self.free if not (copy and s == src)]  # not the slot copied from
+                spare = min(spares, key=lambda s: (left[s], s)) if spares else None
+                # keep SLOT's tokens for later, where they are worth more than what the spare holds
+                if spare is not None and len(caches.held[slot]) - own > len(caches.held[spare]):
                     caches.copy_prefix(slot, spare, len(caches.held[slot]))
                     left[spare] = left[slot]
-                if _copy_pays(best - own, best):
+                if copy:
                     caches.copy_prefix(src, slot, best)
                     own = best
             caches.keep(slot, own)
+            self.placed.add(slot)
         self.stats["reused_prompt_tokens"] += own
         return own
 
