@@ -237,6 +237,7 @@ class BatchEngine:
                 if r.next_token is not None and not r.done and len(r.out) < LOOKAHEAD}
 
     def _run_loop(self) -> None:
+        self.caches.commit()  # before the first request, in the thread that writes the caches
         while True:
             with self.cond:
                 while not self.closed and not self.prefills and not self._ready():
