@@ -125,10 +125,10 @@ def load(url: str, clients: int, requests: int, max_tokens: int, prefix: str = "
 def shared_prefix(package: str, tokens: int) -> str:
     """Whole stories of the Lee corpus (apps/bench/quality.py's real text) until they reach TOKENS tokens
     of PACKAGE's tokenizer, then a blank line."""
+    from quality import evaluation_text
     from tokenizers import Tokenizer
 
     from edgeinfer.package_cache import resolve_model
-    from quality import evaluation_text
 
     tok = Tokenizer.from_file(str(Path(resolve_model(package)) / "tokenizer.json"))
     out: list[str] = []
@@ -239,7 +239,8 @@ def main(argv=None) -> int:
     def median(xs):
         return statistics.median(xs) if xs else 0.0
 
-    rep = {"system_tokens": args.system_tokens, "clients": args.clients, "parallel": args.parallel, "requests": args.requests, "max_tokens": args.max_tokens,
+    rep = {"system_tokens": args.system_tokens,
+           "clients": args.clients, "parallel": args.parallel, "requests": args.requests, "max_tokens": args.max_tokens,
            "threads": args.threads, "rounds": args.rounds, "package": args.package, "gguf": args.gguf, "engines": {}}
     for e, by_c in runs.items():
         base = median([r["aggregate_tok_s"] for r in by_c[args.clients[0]]])

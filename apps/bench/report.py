@@ -26,6 +26,8 @@ llama.cpp; install_whisper_peer.sh: faster-whisper; optimum's venv comes with
      restart, restored from disk vs cold, fresh processes — apps/bench/prompt_cache.py
  11. KV cache precision: decode after 512 / 2048-token prompts with fp32 / fp16 / int8 KV, against
      onnxruntime-genai, and int8's quality against fp32 KV — apps/bench/kv_dtype.py
+ 12. many clients: aggregate tokens/s at 1, 2, 4, 8 clients of `serve --parallel 4` against llama.cpp's
+     llama-server on the same GGUF, one load script — apps/bench/batching.py
 
 and then one table of every engine and strategy, the targets with the distance
 to each, and plots (apps/bench/summary.py).
@@ -85,6 +87,9 @@ def steps(quick: bool, out: Path) -> list[tuple[str, list[str], Path | None]]:
             ("KV cache precision (quick)", [PY, BENCH / "kv_dtype.py", "--quick", "--markdown",
                                             out / "kv-cache-bench.md", "--json", out / "kv-dtype.json"],
              out / "kv-cache-bench.md"),
+            ("Many clients: continuous batching (quick)",
+             [PY, BENCH / "batching.py", "--clients", "1,4", "--requests", "2", "--rounds", "1", "--markdown",
+              out / "batching.md", "--json", b / "batching.json"], out / "batching.md"),
         ]
     docs = ROOT / "docs"
     return [
@@ -108,11 +113,14 @@ def steps(quick: bool, out: Path) -> list[tuple[str, list[str], Path | None]]:
         ("Prompt cache after a restart", [PY, BENCH / "prompt_cache.py", "--rounds", "5", "--markdown",
                                           out / "prompt-cache.md"], out / "prompt-cache.md"),
         ("KV cache precision", [PY, BENCH / "kv_dtype.py"], docs / "kv-cache-bench.md"),
+        ("Many clients: continuous batching", [PY, BENCH / "batching.py", "--clients", "1,2,4,8", "--rounds", "2",
+                                               "--markdown", out / "batching.md", "--json", b / "batching.json"],
+         out / "batching.md"),
     ]
 
 
 def install_peers() -> None:
-    for script in ("install_peers.sh", "install_whisper_peer.sh"):
+    for script in ("install_peers.sh", "install_whisper_peer.sh", "install_llama_server.sh"):
         path = BENCH / "peers" / script
         if path.exists():
             subprocess.run(["bash", str(path)], cwd=ROOT, check=False)

@@ -280,8 +280,9 @@ class BatchEngine:
         begun: it looks for its own prompt when it does) are swapped in, SLOT's going there; a busy
         slot's are copied. Tokens SLOT holds that IDS does not start with are not simply overwritten:
         they first go to the free slot left longest ago, if they are more than it holds (a copy of rows
-        costs ~1/100 of prefilling them again). Only this thread writes the caches, so what a slot holds stays valid while it is read;
-        the lock keeps the free list and the records still while slots change places."""
+        costs ~1/100 of prefilling them again). Only this thread writes the caches, so what a slot
+        holds stays valid while it is read; the lock keeps the free list and the records still while
+        slots change places."""
         caches, left = self.caches, self.left_at
         with self.cond:
             own = caches.reusable(slot, ids)
