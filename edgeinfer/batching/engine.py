@@ -13,10 +13,12 @@ running sequence; right after the step it samples each sequence's next token wit
 sequence's own sampler and history, queues it for the generation's thread, and feeds it to
 the next step. So a step never waits for the threads that detokenize and stream the tokens
 (they run while the next step computes); a sequence may be at most LOOKAHEAD tokens ahead of
-its consumer. A sequence stops stepping at its end of sequence, at its token budget, when
-its cache is full, or when its generation finishes. A generation takes a slot when it starts
-(waiting while all slots are busy: the queue) and frees it when it ends, is cancelled or is
-abandoned.
+its consumer. Before a prompt's first chunk its slot is given the longest start of the prompt
+that any slot's cache holds (``_place``: slots keep their tokens after their sequence ends,
+and rows move between slots), so only the rest is prefilled. A sequence stops stepping at its
+end of sequence, at its token budget, when its cache is full, or when its generation
+finishes. A generation takes the lowest free slot when it starts (waiting while all slots are
+busy: the queue) and frees it when it ends, is cancelled or is abandoned.
 
 Greedy outputs are those of the same request decoded alone, and seeded sampling draws the same
 tokens: the rows of a batched step are bit-identical to one-sequence steps (tested; measured in
@@ -120,7 +122,12 @@ class BatchEngine:
         self.prefills: deque = deque()  # (slot, ids, future) in arrival order
         self.runs: dict[int, SlotRun] = {}  # slot -> the sequence the engine samples for
         self.stepping: set[int] = set()  # slots of the step (and sampling) in progress
-        self.cond = threading.Condition()
+        # one lock; whom each change concerns is woken, not every thread (a step ends with 4 wake-ups, not ~30)
+        lock = threading.Lock()
+        self.cond = threading.Condition(lock)  # slots freed (acquire), steps ended (stop)
+        self.engine_wake = threading.Condition(lock)  # work for the engine's thread
+        self.slot_wake = [threading.Condition(lock) for _ in range(slots)]  # a token for a slot
+        self.stop_waiters = 0
         self.closed = False
         # rows: sequences advanced by the steps; reused_prompt_tokens: prompt tokens found in a slot's cache
         self.stats = {"steps": 0, "rows": 0, "prefill_chunks": 0, "reused_prompt_tokens": 0}
@@ -158,10 +165,11 @@ class BatchEngine:
             self.cond.notify_all()
 
     def forget(self) -> None:
-        """Free slots drop the tokens they hold (the next prompts are computed from scratch)."""
+        """Slots no sequence uses drop the tokens they hold (the next prompts are computed from scratch)."""
         with self.cond:
-            for slot in self.free:
-                self.caches.reset(slot)
+            for slot in range(self.slots):
+                if slot not in self.placed:
+                    self.caches.reset(slot)
 
     def prefill(self, slot: int, ids: list[int]) -> tuple[np.ndarray, int]:
         """SLOT's cache holds the prompt IDS once this returns: the logits of its last token, and how many of
@@ -170,7 +178,7 @@ class BatchEngine:
         with self.cond:
             self._check_open()
             self.prefills.append([slot, list(ids), fut, None])
-            self.cond.notify_all()
+            self.engine_wake.notify()
         return fut.result()
 
     def start(self, slot: int, run: SlotRun) -> None:
@@ -180,19 +188,20 @@ class BatchEngine:
             if run.budget <= 0:
                 run.done = True
             self.runs[slot] = run
-            self.cond.notify_all()
+            self.engine_wake.notify()
 
     def next_token(self, slot: int) -> tuple[int, float | None]:
         """The next token the engine sampled for SLOT (waiting for the step that makes it)."""
         with self.cond:
             run = self.runs.get(slot)
             while run is not None and not run.out and not run.done and not self.closed:
-                self.cond.wait()
+                self.slot_wake[slot].wait()
             if run is None or not run.out:
                 raise GenerationError("this model's batching engine has stopped (closed, or an error above): load "
                                       "the model again.")
+            if len(run.out) == LOOKAHEAD:
+                self.engine_wake.notify()  # the engine may be waiting for room in the lookahead
             item = run.out.popleft()
-            self.cond.notify_all()  # room in the lookahead
         if isinstance(item, BaseException):
             raise item
         return item
@@ -201,8 +210,10 @@ class BatchEngine:
         """SLOT is no longer stepped; returns once no step in progress uses its sampler."""
         with self.cond:
             self.runs.pop(slot, None)
+            self.stop_waiters += 1
             while slot in self.stepping:
                 self.cond.wait()
+            self.stop_waiters -= 1
 
     def _check_open(self) -> None:
         if self.closed:
@@ -212,7 +223,13 @@ class BatchEngine:
     def close(self) -> None:
         with self.cond:
             self.closed = True
-            self.cond.notify_all()
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        self.cond.notify_all()
+        self.engine_wake.notify_all()
+        for wake in self.slot_wake:
+            wake.notify_all()
 
     # -- the engine's thread ---------------------------------------------------------
     def _loop(self) -> None:
@@ -226,7 +243,7 @@ class BatchEngine:
                 for run in self.runs.values():
                     run.out.append(e)
                 self.stepping.clear()
-                self.cond.notify_all()
+                self._wake_all()
             for fut in waiting:
                 if not fut.done():
                     fut.set_exception(e)
@@ -241,7 +258,7 @@ class BatchEngine:
         while True:
             with self.cond:
                 while not self.closed and not self.prefills and not self._ready():
-                    self.cond.wait()
+                    self.engine_wake.wait()
                 if self.closed:
                     return
                 batch = self._ready()
@@ -253,7 +270,8 @@ class BatchEngine:
                 self._step(batch)
             with self.cond:
                 self.stepping = set()
-                self.cond.notify_all()
+                if self.stop_waiters:
+                    self.cond.notify_all()
 
     def _prefill_chunk(self, job: list) -> None:
         """The next chunk of JOB = [slot, prompt, future, reused]; before the first, the slot is given the
@@ -324,10 +342,10 @@ class BatchEngine:
                 sampled[s] = (tok, lp)
         except BaseException as e:  # noqa: BLE001 - handed to every generation of the step
             with self.cond:
-                for r in batch.values():
+                for s, r in batch.items():
                     r.out.append(e)
                     r.done = True
-                self.cond.notify_all()
+                    self.slot_wake[s].notify()
             return
         self.stats["steps"] += 1
         self.stats["rows"] += len(batch)
@@ -340,4 +358,4 @@ class BatchEngine:
                 r.next_token = tok
                 # the end of the sequence, its budget, or a full cache (TOK could not be fed): no more steps
                 r.done = tok in r.eos or r.budget <= 0 or self.caches.lengths[s] >= room
-            self.cond.notify_all()
+                self.slot_wake[s].notify()
