@@ -222,8 +222,9 @@ def main() -> int:
     if not args.no_questions:
         questions = {"big alone": ask(big, {}, chat), "little alone (0.5B)": ask(littles["source"], {}, chat)}
         big.attach_little(littles["source"])
-        for label in ("ead, calibrated tau", "bild, calibrated", "speculative, 0.5B drafts"):
-            questions[label] = ask(big, dict(next(o for lb, _, o in cfgs if lb == label)), chat)
+        for label, _, opts in cfgs:  # the configurations of the questions table that ran
+            if label in ("ead, calibrated tau", "bild, calibrated", "speculative, 0.5B drafts"):
+                questions[label] = ask(big, dict(opts), chat)
         print("questions right: " + ", ".join(f"{k} {sum(a['right'] for a in v)}/{len(v)}"
                                                for k, v in questions.items()), flush=True)
     report = {"date": datetime.datetime.now().isoformat(timespec="minutes"),

@@ -122,12 +122,7 @@ class BatchEngine:
         self.prefills: deque = deque()  # (slot, ids, future) in arrival order
         self.runs: dict[int, SlotRun] = {}  # slot -> the sequence the engine samples for
         self.stepping: set[int] = set()  # slots of the step (and sampling) in progress
-        # one lock; whom each change concerns is woken, not every thread (a step ends with 4 wake-ups, not ~30)
-        lock = threading.Lock()
-        self.cond = threading.Condition(lock)  # slots freed (acquire), steps ended (stop)
-        self.engine_wake = threading.Condition(lock)  # work for the engine's thread
-        self.slot_wake = [threading.Condition(lock) for _ in range(slots)]  # a token for a slot
-        self.stop_waiters = 0
+        self.cond = threading.Condition()
         self.closed = False
         # rows: sequences advanced by the steps; reused_prompt_tokens: prompt tokens found in a slot's cache
         self.stats = {"steps": 0, "rows": 0, "prefill_chunks": 0, "reused_prompt_tokens": 0}
@@ -178,7 +173,7 @@ class BatchEngine:
         with self.cond:
             self._check_open()
             self.prefills.append([slot, list(ids), fut, None])
-            self.engine_wake.notify()
+            self.cond.notify_all()
         return fut.result()
 
     def start(self, slot: int, run: SlotRun) -> None:
@@ -188,20 +183,19 @@ class BatchEngine:
             if run.budget <= 0:
                 run.done = True
             self.runs[slot] = run
-            self.engine_wake.notify()
+            self.cond.notify_all()
 
     def next_token(self, slot: int) -> tuple[int, float | None]:
         """The next token the engine sampled for SLOT (waiting for the step that makes it)."""
         with self.cond:
             run = self.runs.get(slot)
             while run is not None and not run.out and not run.done and not self.closed:
-                self.slot_wake[slot].wait()
+                self.cond.wait()
             if run is None or not run.out:
                 raise GenerationError("this model's batching engine has stopped (closed, or an error above): load "
                                       "the model again.")
-            if len(run.out) == LOOKAHEAD:
-                self.engine_wake.notify()  # the engine may be waiting for room in the lookahead
             item = run.out.popleft()
+            self.cond.notify_all()  # room in the lookahead
         if isinstance(item, BaseException):
             raise item
         return item
@@ -210,10 +204,8 @@ class BatchEngine:
         """SLOT is no longer stepped; returns once no step in progress uses its sampler."""
         with self.cond:
             self.runs.pop(slot, None)
-            self.stop_waiters += 1
             while slot in self.stepping:
                 self.cond.wait()
-            self.stop_waiters -= 1
 
     def _check_open(self) -> None:
         if self.closed:
@@ -223,13 +215,7 @@ class BatchEngine:
     def close(self) -> None:
         with self.cond:
             self.closed = True
-            self._wake_all()
-
-    def _wake_all(self) -> None:
-        self.cond.notify_all()
-        self.engine_wake.notify_all()
-        for wake in self.slot_wake:
-            wake.notify_all()
+            self.cond.notify_all()
 
     # -- the engine's thread ---------------------------------------------------------
     def _loop(self) -> None:
@@ -243,7 +229,7 @@ class BatchEngine:
                 for run in self.runs.values():
                     run.out.append(e)
                 self.stepping.clear()
-                self._wake_all()
+                self.cond.notify_all()
             for fut in waiting:
                 if not fut.done():
                     fut.set_exception(e)
@@ -258,7 +244,7 @@ class BatchEngine:
         while True:
             with self.cond:
                 while not self.closed and not self.prefills and not self._ready():
-                    self.engine_wake.wait()
+                    self.cond.wait()
                 if self.closed:
                     return
                 batch = self._ready()
@@ -270,8 +256,7 @@ class BatchEngine:
                 self._step(batch)
             with self.cond:
                 self.stepping = set()
-                if self.stop_waiters:
-                    self.cond.notify_all()
+                self.cond.notify_all()
 
     def _prefill_chunk(self, job: list) -> None:
         """The next chunk of JOB = [slot, prompt, future, reused]; before the first, the slot is given the
@@ -342,10 +327,10 @@ class BatchEngine:
                 sampled[s] = (tok, lp)
         except BaseException as e:  # noqa: BLE001 - handed to every generation of the step
             with self.cond:
-                for s, r in batch.items():
+                for r in batch.values():
                     r.out.append(e)
                     r.done = True
-                    self.slot_wake[s].notify()
+                self.cond.notify_all()
             return
         self.stats["steps"] += 1
         self.stats["rows"] += len(batch)
@@ -358,4 +343,4 @@ class BatchEngine:
                 r.next_token = tok
                 # the end of the sequence, its budget, or a full cache (TOK could not be fed): no more steps
                 r.done = tok in r.eos or r.budget <= 0 or self.caches.lengths[s] >= room
-                self.slot_wake[s].notify()
+            self.cond.notify_all()
