@@ -170,6 +170,50 @@ def test_a_prompt_another_slot_holds_is_copied_not_prefilled(tiny_packages):
     assert batched.engine.stats["reused_prompt_tokens"] >= 2 * shared
 
 
+def test_many_requests_with_shared_prefixes_give_the_tokens_of_cold_prompts(tiny_packages):
+    """Slots swapping and copying prefixes under load (random prompts that share starts, more threads than
+    slots, budgets that differ): every reply is the one the prompt gets alone from a cold cache."""
+    import random
+
+    pkg = tiny_packages("llama", "int4")
+    solo, batched = edgeinfer.load(pkg), edgeinfer.load(pkg, parallel=3)
+    starts = ["", "You answer in one word. " + PROMPTS[1] + ". ", PROMPTS[3] + " "]
+    prompts = [a + b for a in starts for b in PROMPTS[:3]] + [starts[1] + PROMPTS[0] + " and then"]
+    ref = {}
+    for p in prompts:
+        solo.reset()
+        ref[p] = solo.complete(p, max_new_tokens=12, ignore_eos=True).tokens
+
+    def client(seed):
+        rng, got = random.Random(seed), []
+        for _ in range(8):
+            p, n = rng.choice(prompts), rng.choice([3, 7, 12])
+            got.append((p, n, batched.complete(p, max_new_tokens=n, ignore_eos=True)))
+        return got
+
+    runs = [r for got in _concurrently(client, list(range(5))) for r in got]
+    assert all(res.tokens == ref[p][:n] for p, n, res in runs)
+    assert sum(res.reused_prompt_tokens for _, _, res in runs) > 0 and sorted(batched.engine.free) == [0, 1, 2]
+
+
+def test_a_start_in_a_free_slot_is_copied_when_a_swap_would_move_more_than_it_saves(tiny_packages):
+    """The prompt's longest start sits in the only other (free) slot, only a few tokens longer than what
+    its own slot holds: swapping both slots' rows would cost more than prefilling those tokens, copying
+    the start less. The copy gives the tokens of a cold prompt."""
+    pkg = tiny_packages("llama", "int4")
+    solo, batched = edgeinfer.load(pkg), edgeinfer.load(pkg, parallel=2)
+    base = PROMPTS[1] + " " + PROMPTS[3]
+    prompt = base + " apple banana cherry"
+    ref = solo.complete(prompt, max_new_tokens=12, ignore_eos=True).tokens
+    first = batched.generate(base + " zebra", max_new_tokens=12, ignore_eos=True)
+    next(first)  # slot 0 busy: the next request takes slot 1
+    batched.complete(base + " ap", max_new_tokens=12, ignore_eos=True)
+    list(first)
+    got = batched.complete(prompt, max_new_tokens=12, ignore_eos=True)  # slot 0; its start is in slot 1
+    assert got.stats["slot"] == 0 and got.tokens == ref
+    assert got.reused_prompt_tokens >= len(batched.encode(base + " ap"))  # copied from slot 1
+
+
 def test_batching_refuses_what_it_cannot_do(tiny_packages):
     pkg = tiny_packages("llama", "int4")
     model = edgeinfer.load(pkg, parallel=2)
