@@ -337,7 +337,7 @@ class Model:
             gen.result = GenerationResult(text="", tokens=[], prompt_tokens=len(ids), new_tokens=0,
                                           finish_reason="cancelled", ttft_s=0.0, decode_tok_s=0.0, total_s=0.0)
             return
-        strategy = SlotStrategy(self.engine, slot, self.tokenizer.eos_token_ids, ids)
+        strategy = SlotStrategy(self.engine, slot, self.tokenizer.eos_token_ids)
         try:
             yield from run_generation(gen, strategy, self.tokenizer, ids, config, 0)
             if gen.result is not None:  # the prompt tokens a slot's cache held (not prefilled)

@@ -125,18 +125,13 @@ def load(url: str, clients: int, requests: int, max_tokens: int, prefix: str = "
 def shared_prefix(package: str, tokens: int) -> str:
     """Whole stories of the Lee corpus (apps/bench/quality.py's real text) until they reach TOKENS tokens
     of PACKAGE's tokenizer, then a blank line."""
-    from quality import evaluation_text
+    from quality import leading_stories
     from tokenizers import Tokenizer
 
     from edgeinfer.package_cache import resolve_model
 
     tok = Tokenizer.from_file(str(Path(resolve_model(package)) / "tokenizer.json"))
-    out: list[str] = []
-    for story in evaluation_text()[0].split("\n\n"):
-        out.append(story)
-        if len(tok.encode("\n\n".join(out)).ids) >= tokens:
-            break
-    return "\n\n".join(out) + "\n\n"
+    return leading_stories(tokens, lambda text: len(tok.encode(text).ids))[0] + "\n\n"
 
 
 def start_servers(args) -> dict:

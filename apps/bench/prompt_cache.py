@@ -50,15 +50,9 @@ TARGET = 5.0
 def system_prompt(model, tokens: int) -> tuple[str, dict]:
     """Whole stories of the Lee corpus until the chat prompt reaches TOKENS tokens."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from quality import evaluation_text  # the same real text as the quality bench
+    from quality import leading_stories  # the same real text as the quality bench
 
-    text, source = evaluation_text()
-    stories, out = text.split("\n\n"), []
-    for story in stories:
-        out.append(story)
-        if len(model.encode(messages("\n\n".join(out), SAVE_QUESTION))) >= tokens:
-            break
-    return "\n\n".join(out), source
+    return leading_stories(tokens, lambda text: len(model.encode(messages(text, SAVE_QUESTION))))
 
 
 def messages(system: str, question: str) -> list[dict]:

@@ -61,6 +61,18 @@ NEW_TOKENS = 40
 
 
 # -- the text ------------------------------------------------------------------------------------------
+def leading_stories(tokens: int, count) -> tuple[str, dict]:
+    """Whole stories of the evaluation text, in order, until COUNT(text) reaches TOKENS (a long system prompt
+    or shared document of real text), and where they came from."""
+    text, source = evaluation_text()
+    out: list[str] = []
+    for story in text.split("\n\n"):
+        out.append(story)
+        if count("\n\n".join(out)) >= tokens:
+            break
+    return "\n\n".join(out), source
+
+
 def evaluation_text(install: bool = True) -> tuple[str, dict]:
     """The Lee corpus from gensim's wheel (one news story per line), and where it came from."""
     try:

@@ -81,8 +81,8 @@ class SlotStrategy(Strategy):
 
     name = "plain"
 
-    def __init__(self, engine: BatchEngine, slot: int, eos_token_ids: set[int], prompt: list[int]):
-        self.engine, self.slot, self.eos, self.prompt = engine, slot, set(eos_token_ids), list(prompt)
+    def __init__(self, engine: BatchEngine, slot: int, eos_token_ids: set[int]):
+        self.engine, self.slot, self.eos = engine, slot, set(eos_token_ids)
         self.decoder = SlotView(engine)
         self.reused = 0  # prompt tokens found in a slot's cache (not prefilled)
         self.started = False

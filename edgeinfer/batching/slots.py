@@ -52,7 +52,7 @@ class SlotCaches:
         layers = [i for st in decoder.stages for i in range(st.first, st.last)]
         self.keys = {i: np.zeros(shape, dtype) for i in layers}  # paged in by commit() or as used
         self.values = {i: np.zeros(shape, dtype) for i in layers}
-        self.lengths = np.zeros(self.slots, np.int64)
+        self.lengths = np.zeros(self.slots, np.int64)  # len(held[s]), as the array a step's seqlens come from
         self.held: list[list[int]] = [[] for _ in range(self.slots)]  # the tokens in each slot's cache, in order
         self._plans: dict[int, tuple] = {}  # rows -> the bindings of a batched step over rows [0, rows)
 
@@ -87,7 +87,7 @@ class SlotCaches:
             for buf in buffers.values():
                 buf[dst, :, :n] = buf[src, :, :n]
         self.held[dst] = self.held[src][:n]
-        self.lengths[dst] = min(n, self.capacity - 1)
+        self.lengths[dst] = n
 
     def swap(self, a: int, b: int) -> None:
         """Slots A and B exchange what their caches hold."""
