@@ -93,13 +93,7 @@ def load(path: str | os.PathLike, provider: str = "auto", threads: int | None = 
                                    "big/little decoding needs a decoder package of the same tokenizer.")
             little = Model(little_pkg, provider=provider, threads=threads, max_context=max_context)
         model.attach_little(little)
-    if prompt_cache and model.engine is not None:
-        import logging
-
-        logging.getLogger("edgeinfer").warning(
-            "edgeinfer: warning: the prompt cache on disk is off for '%s': loaded with parallel=%d, prompt "
-            "prefixes are reused between the KV slots instead (docs/batching.md).", model.name, parallel)
-    elif prompt_cache:
+    if prompt_cache:
         model.use_prompt_cache(prompt_cache)
     return model
 
@@ -180,6 +174,8 @@ class Model:
         cache = as_prompt_cache(cache)
         with self._lock:
             self.prompt_cache = cache.bind(self) if cache is not None else None
+            if self.engine is not None:  # a batched model: the engine restores and saves its slots' prompts
+                self.engine.prompt_cache = self.prompt_cache
 
     def encode(self, prompt: str | Messages) -> list[int]:
         if isinstance(prompt, str):

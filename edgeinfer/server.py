@@ -322,8 +322,8 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8080, api_key: str 
           parallel: int = 1, prompt_cache: bool = True, prompt_cache_dir: str | None = None,
           prompt_cache_bytes=None, kv_dtype: str | None = None) -> None:
     """Serve PACKAGE; long prompts' KV is saved to the prompt cache and restored after a restart unless
-    PROMPT_CACHE is False (docs/prompt-cache.md) or PARALLEL > 1 (prompt prefixes are then reused
-    between the KV slots: docs/batching.md)."""
+    PROMPT_CACHE is False (docs/prompt-cache.md); with PARALLEL > 1 into and from the KV slots, which
+    also reuse prefixes among themselves (docs/batching.md)."""
     import uvicorn
 
     from . import load
@@ -339,12 +339,10 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8080, api_key: str 
         print(f"WARNING: serving on {host} without --api-key: anyone who can reach this address can use the "
               "model. Bind to 127.0.0.1 or set --api-key.", file=sys.stderr)
     cache = serve_option(prompt_cache, prompt_cache_dir, prompt_cache_bytes)  # before loading: bad options fail fast
-    if parallel > 1 and cache is not None and prompt_cache_dir is None and prompt_cache_bytes is None:
-        cache = None  # on by default, but batched requests prefill their own slots: off, and said below
     model = load(package, provider=provider, threads=threads, max_context=max_context, little=little,
                  parallel=parallel, prompt_cache=cache, kv_dtype=kv_dtype)
     app = create_app(model, api_key=api_key, max_queue=max_queue, strategy=strategy,
                      strategy_options=strategy_options)
-    together = f", {parallel} requests decoded together (no prompt cache)" if parallel > 1 else ""
+    together = f", {parallel} requests decoded together" if parallel > 1 else ""
     print(f"edgeinfer: serving {model.name} on http://{host}:{port}/v1{together}", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -152,6 +152,32 @@ def test_a_slot_keeps_its_prompt_for_the_next_request_that_starts_with_it(tiny_p
     assert batched.complete(longer, max_new_tokens=12, ignore_eos=True).reused_prompt_tokens <= 1
 
 
+def test_paging_a_slot_in_keeps_what_it_holds(tiny_packages):
+    """The engine pages the slots' buffers in while idle (lowest first, and a slot before its first use):
+    zeros past the tokens a slot holds, never over them."""
+    import time
+
+    import numpy as np
+
+    pkg = tiny_packages("llama", "int4")
+    solo, batched = edgeinfer.load(pkg), edgeinfer.load(pkg, parallel=3)
+    ref = solo.complete(PROMPTS[1], max_new_tokens=12, ignore_eos=True).tokens
+    first = batched.complete(PROMPTS[1], max_new_tokens=12, ignore_eos=True)
+    deadline = time.monotonic() + 30
+    while batched.engine.committed < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batched.engine.committed == 3
+    caches = batched.engine.caches
+    layer, n = next(iter(caches.keys)), len(caches.held[0])
+    kept = caches.keys[layer][0, :, :n].copy()
+    assert n > 0 and kept.any()
+    caches.keys[layer][0, :, n:] = 7  # what a dummy row or an earlier sequence left past the held tokens
+    caches.commit(0)
+    assert np.array_equal(caches.keys[layer][0, :, :n], kept) and not caches.keys[layer][0, :, n:].any()
+    again = batched.complete(PROMPTS[1], max_new_tokens=12, ignore_eos=True)
+    assert again.reused_prompt_tokens == first.prompt_tokens - PREFILL_TAIL and again.tokens == ref
+
+
 def test_a_prompt_another_slot_holds_is_copied_not_prefilled(tiny_packages):
     """Requests that share a long start (a system prompt) prefill it once: a later one in another slot
     gets a copy of those cache rows (the slot that holds them is busy), and the tokens of a cold prompt."""

@@ -111,6 +111,39 @@ def test_restored_prefix_gives_the_cold_tokens_and_logprobs(smollm2, cold, saved
 
 
 @pytest.mark.slow  # exports the real SmolLM2 package
+def test_a_batched_model_restores_into_and_saves_from_its_slots(smollm2, cold, saved_entry, tmp_path):
+    """With parallel > 1 the engine restores a prompt's saved start into the prompt's KV slot and saves a
+    new long prompt from it, in the entry format and key of the one-sequence model: entries go both ways."""
+    data, name = saved_entry  # saved by a one-sequence model
+    (tmp_path / name).write_bytes(data)
+    batched = edgeinfer.load(smollm2, parallel=2, prompt_cache=cache_at(tmp_path))
+    tokens, lps, res = run(batched, chat(ASK_B))
+    assert res.reused_prompt_tokens > 400  # the system prompt came from disk into the slot
+    assert batched.engine.stats["restored_prompt_tokens"] == res.reused_prompt_tokens
+    assert tokens == cold[ASK_B][0]
+    np.testing.assert_allclose(lps, cold[ASK_B][1], atol=1e-4)
+    assert sorted(p.name for p in tmp_path.glob("*.kv")) == [name]  # nothing new worth saving
+    batched.engine.close()
+
+    fresh = tmp_path / "fresh"
+    batched = edgeinfer.load(smollm2, parallel=2, prompt_cache=cache_at(fresh))
+    run(batched, chat(ASK_A))
+    batched.engine.close()
+    saved = list(fresh.glob("*.kv"))
+    assert [p.name for p in saved] == [name]  # the same key and token ids as the one-sequence model's entry
+    def payload(entry: bytes) -> bytes:
+        _, _, jlen, ntok, _ = HEAD.unpack_from(entry)
+        return entry[HEAD.size + jlen + 4 * ntok:]
+
+    assert payload(saved[0].read_bytes()) == payload(data)  # the slot's prefill wrote the very same KV
+    single = edgeinfer.load(smollm2, prompt_cache=cache_at(fresh))
+    tokens, lps, res = run(single, chat(ASK_B))
+    assert res.stats["prompt_cache"]["restored_tokens"] > 400
+    assert tokens == cold[ASK_B][0]
+    np.testing.assert_allclose(lps, cold[ASK_B][1], atol=1e-4)
+
+
+@pytest.mark.slow  # exports the real SmolLM2 package
 def test_the_logprob_check_sees_a_wrong_restore(smollm2, cold, saved_entry, tmp_path):
     """Control: another text's KV restored under chat(ASK_B)'s token ids changes the log-probabilities far
     beyond the tolerance above, so that comparison would catch a restore that loads the wrong KV."""
@@ -289,6 +322,10 @@ def test_server_saves_and_restores_and_serve_turns_it_on(smollm2, tmp_path, monk
     assert main(["serve", str(smollm2), "--prompt-cache-bytes", "64MB"]) == 0
     pc = apps[-1].state.edgeinfer.model.prompt_cache
     assert pc is not None and pc.cache.root == tmp_path / "home" / "prompts" and pc.cache.max_bytes == 64_000_000
+    assert main(["serve", str(smollm2), "--parallel", "2"]) == 0  # batched: restored into the slots
+    model = apps[-1].state.edgeinfer.model
+    assert model.prompt_cache is not None and model.engine.prompt_cache is model.prompt_cache
+    model.engine.close()
     assert main(["serve", str(smollm2), "--no-prompt-cache"]) == 0
     assert apps[-1].state.edgeinfer.model.prompt_cache is None
     assert main(["serve", str(smollm2), "--no-prompt-cache", "--prompt-cache-bytes", "1MB"]) == 2

@@ -40,7 +40,7 @@ from edgeinfer.errors import GenerationError
 from edgeinfer.generation import Sampler
 from edgeinfer.strategies.base import Strategy
 
-from .slots import PREFILL_CHUNK, SlotCaches
+from .slots import PREFILL_CHUNK, SlotCaches, SlotKV
 
 LOOKAHEAD = 4  # tokens the engine may sample ahead of the thread that consumes them
 
@@ -124,8 +124,12 @@ class BatchEngine:
         self.stepping: set[int] = set()  # slots of the step (and sampling) in progress
         self.cond = threading.Condition()
         self.closed = False
+        self.committed = 0  # slots [0, committed) have their buffers paged in (_commit_through)
+        self.prompt_cache = None  # a BoundPromptCache: prompt prefixes on disk (edgeinfer/prompt_cache/)
         # rows: sequences advanced by the steps; reused_prompt_tokens: prompt tokens found in a slot's cache
-        self.stats = {"steps": 0, "rows": 0, "prefill_chunks": 0, "reused_prompt_tokens": 0}
+        # or (restored_prompt_tokens of them) in the prompt cache on disk
+        self.stats = {"steps": 0, "rows": 0, "prefill_chunks": 0, "reused_prompt_tokens": 0,
+                      "restored_prompt_tokens": 0}
         self.thread = threading.Thread(target=self._loop, name="edgeinfer-batch", daemon=True)
         self.thread.start()
 
@@ -239,20 +243,32 @@ class BatchEngine:
         return {s: r for s, r in self.runs.items()
                 if r.next_token is not None and not r.done and len(r.out) < LOOKAHEAD}
 
+    def _commit_through(self, slot: int) -> None:
+        """Slots up to SLOT have their buffers paged in (SlotCaches.commit), lowest first."""
+        while self.committed <= min(slot, self.slots - 1):
+            self.caches.commit(self.committed)
+            self.committed += 1
+
     def _run_loop(self) -> None:
-        self.caches.commit()  # before the first request, in the thread that writes the caches
         while True:
             with self.cond:
                 while not self.closed and not self.prefills and not self._ready():
+                    if self.committed < self.slots:
+                        break  # idle: page in the next slot's buffers (a request then waits for one slot at most)
                     self.cond.wait()
                 if self.closed:
                     return
                 batch = self._ready()
                 self.stepping = set(batch)
                 job = self.prefills[0] if self.prefills else None
+            if job is None and not batch:
+                self._commit_through(self.committed)
+                continue
             if job is not None:
+                self._commit_through(job[0])
                 self._prefill_chunk(job)
             if batch:
+                self._commit_through(max(batch))
                 self._step(batch)
             with self.cond:
                 self.stepping = set()
@@ -265,14 +281,22 @@ class BatchEngine:
         try:
             if reused is None:
                 job[3] = reused = self._place(slot, ids)
+                if self.prompt_cache is not None:  # a longer start saved on disk (read outside the lock:
+                    restored = self.prompt_cache.restore(ids, reused, SlotKV(self.caches, slot))  # only
+                    self.stats["restored_prompt_tokens"] += restored - reused  # this thread writes the
+                    self.stats["reused_prompt_tokens"] += restored - reused  # caches, and SLOT is ours)
+                    job[3] = reused = restored
             start = int(self.caches.lengths[slot])
             logits = self.caches.prefill_chunk(slot, ids[start:start + self.prefill_chunk])
+            done = self.caches.lengths[slot] >= len(ids)
+            if done and self.prompt_cache is not None:  # a long new prefix: its KV to disk (written in
+                self.prompt_cache.save(ids, SlotKV(self.caches, slot))  # the cache's own thread)
         except BaseException as e:  # noqa: BLE001 - handed to the waiting generation
             self._drop_prefill(job)
             fut.set_exception(e)
             return
         self.stats["prefill_chunks"] += 1
-        if self.caches.lengths[slot] < len(ids):
+        if not done:
             return
         self._drop_prefill(job)
         fut.set_result((np.array(logits, np.float32), reused))

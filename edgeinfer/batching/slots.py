@@ -56,13 +56,16 @@ class SlotCaches:
         self.held: list[list[int]] = [[] for _ in range(self.slots)]  # the tokens in each slot's cache, in order
         self._plans: dict[int, tuple] = {}  # rows -> the bindings of a batched step over rows [0, rows)
 
-    def commit(self) -> None:
-        """Page in every buffer (write its zeros). GroupQueryAttention touches a slot's whole buffer the
-        first time it runs on it; left to then, the page faults cost ~0.3 s per slot of a SmolLM2 cache
-        at 4,096 tokens (measured) inside the first requests. llama.cpp clears its KV cache at load too."""
+    def commit(self, slot: int) -> None:
+        """Page in SLOT's rows of every buffer by writing zeros past the tokens it holds (so it is safe
+        whatever the slot holds). GroupQueryAttention touches a slot's whole buffer the first time it
+        runs on it; left to then, the page faults cost ~0.3 s per slot of a SmolLM2 cache at 4,096 tokens
+        (measured; 0.04-0.5 s on this VM, whose fresh memory is slow to fault in) inside the first
+        requests. llama.cpp clears its KV cache at load too."""
+        n = len(self.held[slot])
         for buffers in (self.keys, self.values):
             for buf in buffers.values():
-                buf.fill(0)
+                buf[slot, :, n:].fill(0)
 
     def reset(self, slot: int) -> None:
         self.keep(slot, 0)
@@ -176,3 +179,26 @@ class SlotCaches:
             self.held[s].append(t)
             self.lengths[s] += 1
         return {s: out[s, -1] for s in tokens}
+
+
+class SlotKV:
+    """Row SLOT of the slot caches in the layout of the decoder's one-sequence caches: what the prompt
+    cache on disk restores into and saves from (edgeinfer/prompt_cache/), so entries are shared between
+    batched and unbatched loads of a package."""
+
+    def __init__(self, caches: SlotCaches, slot: int):
+        self.slots, self.slot = caches, slot
+        self.capacity = caches.capacity
+
+    def arrays(self, cache) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """CACHE's (one of the decoder's kv_caches) layer -> (keys, values) of this row, (1, heads, capacity, dim) views."""
+        s = self.slot
+        return {i: (self.slots.keys[i][s:s + 1], self.slots.values[i][s:s + 1]) for i in cache.layers}
+
+    def length(self) -> int:
+        return int(self.slots.lengths[self.slot])
+
+    def loaded(self, ids: list[int], k: int) -> None:
+        """Positions [0, K) of the row now hold the KV of IDS[:K]."""
+        self.slots.held[self.slot] = list(ids[:k])
+        self.slots.lengths[self.slot] = k

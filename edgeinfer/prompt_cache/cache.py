@@ -320,14 +320,38 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if len(diff) else m
 
 
+class DecoderKV:
+    """Where the prompt cache reads and writes a prefix's KV: the one-sequence decoder's caches. (A
+    batched model's slot is another such target: edgeinfer/batching/slots.py's SlotKV.)"""
+
+    def __init__(self, decoder, caches: list):
+        self.decoder, self.caches = decoder, caches
+        self.capacity = decoder.capacity
+
+    def arrays(self, cache) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """CACHE's (one of the decoder's kv_caches) layer -> (keys, values), each (1, kv heads, capacity, head dim)."""
+        return cache.host_arrays()
+
+    def length(self) -> int:
+        """Positions the caches hold."""
+        return min(c.length for c in self.caches)
+
+    def loaded(self, ids: list[int], k: int) -> None:
+        """Positions [0, K) now hold the KV of IDS[:K]."""
+        self.decoder.reset()
+        for c in self.caches:
+            c.length = k
+
+
 class BoundPromptCache:
-    """A PromptCache as one model uses it: the model's key, its decoder's KV caches."""
+    """A PromptCache as one model uses it: the model's key and the layout of its decoder's KV caches.
+    restore and save act on the decoder's caches, or on another KV target of the same layout (a slot)."""
 
     def __init__(self, cache: PromptCache, key: dict, caches: list, decoder, model_name: str):
         self.cache = cache
         self.key = key
         self.caches = caches
-        self.decoder = decoder
+        self.kv = DecoderKV(decoder, caches)
         self.model_name = model_name
         self.prefix = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.token_bytes = sum(2 * c.kv_heads * c.head_dim * np.dtype(c.dtype).itemsize * len(c.layers)
@@ -354,10 +378,10 @@ class BoundPromptCache:
             out.append((_common_prefix(h.tokens, ids), p, h))
         return sorted(out, key=lambda r: (-r[0], r[1].name))
 
-    def restore(self, ids: list[int], reuse: int) -> int:
+    def restore(self, ids: list[int], reuse: int, kv=None) -> int:
         """Before a prefill: load the longest cached prefix of IDS that beats the REUSE tokens already in the
-        decoder's cache (at most all but the last two tokens). Returns the number of prompt tokens the
-        decoder's cache now holds."""
+        decoder's cache, or KV's (at most all but the last two tokens). Returns the number of prompt tokens
+        that cache now holds."""
         self._covered = None
         self.last = {"restored_tokens": 0, "saved_tokens": 0}
         if len(ids) < self.cache.min_tokens:
@@ -366,14 +390,14 @@ class BoundPromptCache:
         candidates = self._candidates(arr)
         unusable: set[Path] = set()
         try:
-            return self._restore(ids, reuse, candidates, unusable)
+            return self._restore(ids, reuse, candidates, unusable, kv or self.kv)
         finally:  # what save() needs: how much of IDS the usable entries hold, and which are prefixes of it
             usable = [(common, p, h) for common, p, h in candidates if p not in unusable]
             self._covered = (list(ids), usable[0][0] if usable else 0,
                              [p for common, p, h in usable if common == len(h.tokens)])
 
-    def _restore(self, ids: list[int], reuse: int, candidates: list, unusable: set) -> int:
-        limit = min(len(ids), self.decoder.capacity) - PREFILL_TAIL  # reproduces a cold prompt's output
+    def _restore(self, ids: list[int], reuse: int, candidates: list, unusable: set, kv) -> int:
+        limit = min(len(ids), kv.capacity) - PREFILL_TAIL  # reproduces a cold prompt's output
         for common, path, h in candidates:
             k = min(common, limit)
             if k <= reuse or k < self.cache.min_tokens:
@@ -387,7 +411,8 @@ class BoundPromptCache:
             except OSError:
                 unusable.add(path)
                 continue
-            self._load(payload, len(h.tokens), k)
+            self._load(payload, len(h.tokens), k, kv)
+            kv.loaded(ids, k)
             try:
                 os.utime(path)  # least recently used: this one was just used
             except OSError:
@@ -399,12 +424,11 @@ class BoundPromptCache:
         self.cache.stats["misses"] += 1
         return reuse
 
-    def _load(self, payload: np.ndarray, n: int, k: int) -> None:
-        """Write positions [0, K) of a payload of N positions into the decoder's caches."""
-        self.decoder.reset()
+    def _load(self, payload: np.ndarray, n: int, k: int, kv) -> None:
+        """Write positions [0, K) of a payload of N positions into KV's caches."""
         offset = 0
         for c in self.caches:
-            arrays = c.host_arrays()
+            arrays = kv.arrays(c)
             dtype = np.dtype(c.dtype)
             count = c.kv_heads * n * c.head_dim
             for i in c.layers:
@@ -412,14 +436,14 @@ class BoundPromptCache:
                     block = payload[offset: offset + count * dtype.itemsize].view(dtype)
                     target[0, :, :k, :] = block.reshape(c.kv_heads, n, c.head_dim)[:, :k, :]
                     offset += count * dtype.itemsize
-        for c in self.caches:
-            c.length = k
 
-    def save(self, ids: list[int]) -> None:
-        """After a generation: save the prompt's KV if it adds at least min_tokens to what the cache holds."""
+    def save(self, ids: list[int], kv=None) -> None:
+        """After a prefill (or a generation): save the prompt's KV, from the decoder's caches or KV's, if it
+        adds at least min_tokens to what the cache holds."""
+        kv = kv or self.kv
         covered = self._covered if self._covered is not None and self._covered[0] == list(ids) else None
         self._covered = None
-        n = min(len(ids), *(c.length for c in self.caches))
+        n = min(len(ids), kv.length())
         if covered is None or n - covered[1] < self.cache.min_tokens:
             return  # too short to be looked up, or the cache already holds all but a few of its tokens
         payload = np.empty(n * self.token_bytes, np.uint8)
@@ -428,7 +452,7 @@ class BoundPromptCache:
             dtype = np.dtype(c.dtype)
             size = c.kv_heads * n * c.head_dim * dtype.itemsize
             for i in c.layers:
-                for source in c.host_arrays()[i]:  # one copy, straight into the payload
+                for source in kv.arrays(c)[i]:  # one copy, straight into the payload
                     payload[offset: offset + size].view(dtype).reshape(c.kv_heads, n, c.head_dim)[...] = \
                         source[0, :, :n, :]
                     offset += size
