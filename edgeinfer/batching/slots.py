@@ -191,7 +191,8 @@ class SlotKV:
         self.capacity = caches.capacity
 
     def arrays(self, cache) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """CACHE's (one of the decoder's kv_caches) layer -> (keys, values) of this row, (1, heads, capacity, dim) views."""
+        """CACHE's (one of the decoder's kv_caches) layer -> (keys, values) of this row: (1, heads, capacity,
+        dim) views."""
         s = self.slot
         return {i: (self.slots.keys[i][s:s + 1], self.slots.values[i][s:s + 1]) for i in cache.layers}
 
