@@ -416,3 +416,27 @@ def test_an_entry_that_extends_another_replaces_it(tiny_packages, tmp_path):
     _, _, res = run(edgeinfer.load(pkg, prompt_cache=cache_at(folder, min_tokens=16)), longer[:60] + [5, 6, 7])
     assert res.stats["prompt_cache"] == {"restored_tokens": 60, "saved_tokens": 0}
     assert list(folder.glob("*.kv")) == [replacement]
+
+
+def test_a_batched_model_keeps_its_answer_when_a_save_fails_and_restores_on_the_tiny_llama(tiny_packages, tmp_path,
+                                                                                          monkeypatch, caplog):
+    pkg = tiny_packages("llama", "int4")
+    prompt = "one two three four five six seven eight nine ten eleven twelve"
+    ref = edgeinfer.load(pkg).complete(prompt, max_new_tokens=8, ignore_eos=True).tokens
+    batched = edgeinfer.load(pkg, parallel=2, prompt_cache=cache_at(tmp_path, min_tokens=4))
+
+    def broken(*args, **kw):
+        raise MemoryError("no room for the copy")
+
+    monkeypatch.setattr(batched.prompt_cache, "save", broken)
+    with caplog.at_level(logging.WARNING):
+        res = batched.complete(prompt, max_new_tokens=8, ignore_eos=True)
+    assert res.tokens == ref and "could not save a prompt" in caplog.text and not list(tmp_path.glob("*.kv"))
+    monkeypatch.undo()
+    assert batched.complete(prompt, max_new_tokens=8, ignore_eos=True).tokens == ref  # now saved
+    assert len(list(tmp_path.glob("*.kv"))) == 1
+    batched.engine.close()
+    fresh = edgeinfer.load(pkg, parallel=2, prompt_cache=cache_at(tmp_path, min_tokens=4))
+    res = fresh.complete(prompt, max_new_tokens=8, ignore_eos=True)
+    assert res.tokens == ref and res.reused_prompt_tokens == res.prompt_tokens - 2  # restored into its slot
+    assert fresh.engine.stats["restored_prompt_tokens"] == res.reused_prompt_tokens

@@ -28,6 +28,7 @@ same order.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from concurrent.futures import Future
@@ -41,6 +42,8 @@ from edgeinfer.generation import Sampler
 from edgeinfer.strategies.base import Strategy
 
 from .slots import PREFILL_CHUNK, SlotCaches, SlotKV
+
+log = logging.getLogger("edgeinfer.batching")
 
 LOOKAHEAD = 4  # tokens the engine may sample ahead of the thread that consumes them
 
@@ -288,16 +291,19 @@ class BatchEngine:
                     job[3] = reused = restored
             start = int(self.caches.lengths[slot])
             logits = self.caches.prefill_chunk(slot, ids[start:start + self.prefill_chunk])
-            done = self.caches.lengths[slot] >= len(ids)
-            if done and self.prompt_cache is not None:  # a long new prefix: its KV to disk (written in
-                self.prompt_cache.save(ids, SlotKV(self.caches, slot))  # the cache's own thread)
         except BaseException as e:  # noqa: BLE001 - handed to the waiting generation
             self._drop_prefill(job)
             fut.set_exception(e)
             return
         self.stats["prefill_chunks"] += 1
-        if not done:
+        if self.caches.lengths[slot] < len(ids):
             return
+        if self.prompt_cache is not None:  # a long new prompt: its KV to disk (written on the cache's thread)
+            try:
+                self.prompt_cache.save(ids, SlotKV(self.caches, slot))
+            except Exception as e:  # noqa: BLE001 - the answer must not be lost for a cache entry
+                log.warning("edgeinfer: warning: the prompt cache could not save a prompt (%s: %s).",
+                            type(e).__name__, e)
         self._drop_prefill(job)
         fut.set_result((np.array(logits, np.float32), reused))
 
