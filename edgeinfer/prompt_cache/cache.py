@@ -411,6 +411,7 @@ class BoundPromptCache:
             except OSError:
                 unusable.add(path)
                 continue
+            kv.loaded(ids, 0)  # holds nothing while it is overwritten (a failure midway leaves it empty, not wrong)
             self._load(payload, len(h.tokens), k, kv)
             kv.loaded(ids, k)
             try:
