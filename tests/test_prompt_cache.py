@@ -120,6 +120,7 @@ def test_a_batched_model_restores_into_and_saves_from_its_slots(smollm2, cold, s
     tokens, lps, res = run(batched, chat(ASK_B))
     assert res.reused_prompt_tokens > 400  # the system prompt came from disk into the slot
     assert batched.engine.stats["restored_prompt_tokens"] == res.reused_prompt_tokens
+    assert res.stats["prompt_cache"] == {"restored_tokens": res.reused_prompt_tokens, "saved_tokens": 0}
     assert tokens == cold[ASK_B][0]
     np.testing.assert_allclose(lps, cold[ASK_B][1], atol=1e-4)
     assert sorted(p.name for p in tmp_path.glob("*.kv")) == [name]  # nothing new worth saving
@@ -127,7 +128,8 @@ def test_a_batched_model_restores_into_and_saves_from_its_slots(smollm2, cold, s
 
     fresh = tmp_path / "fresh"
     batched = edgeinfer.load(smollm2, parallel=2, prompt_cache=cache_at(fresh))
-    run(batched, chat(ASK_A))
+    *_, res = run(batched, chat(ASK_A))
+    assert res.stats["prompt_cache"] == {"restored_tokens": 0, "saved_tokens": res.prompt_tokens}
     batched.engine.close()
     saved = list(fresh.glob("*.kv"))
     assert [p.name for p in saved] == [name]  # the same key and token ids as the one-sequence model's entry

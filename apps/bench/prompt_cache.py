@@ -87,8 +87,7 @@ def child(spec: dict) -> dict:
         cache.wait()
     t_written = time.perf_counter()
     res = gen.result
-    # the last restore and save (a batched model's are not in its results' stats; one request here)
-    pc = res.stats.get("prompt_cache") or (model.prompt_cache.report() if model.prompt_cache else {})
+    pc = res.stats.get("prompt_cache", {})
     return {"ttft_s": ttft, "load_s": load_s, "tokens": tokens, "prompt_tokens": res.prompt_tokens,
             "restored_tokens": pc.get("restored_tokens", 0), "saved_tokens": pc.get("saved_tokens", 0),
             "save_copy_s": t_end - t_last, "save_write_s": t_written - t_end,

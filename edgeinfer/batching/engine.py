@@ -93,7 +93,9 @@ class SlotStrategy(Strategy):
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         """IDS: the prompt (the engine prefills what no slot's cache holds of it)."""
-        logits, self.reused = self.engine.prefill(self.slot, ids)
+        logits, self.reused, cache_report = self.engine.prefill(self.slot, ids)
+        if cache_report is not None:  # the prompt cache on disk: tokens restored, saved (as unbatched results)
+            self.stats["prompt_cache"] = cache_report
         self.decoder.length += len(ids)
         return logits
 
@@ -173,9 +175,10 @@ class BatchEngine:
                 if slot not in self.placed:
                     self.caches.reset(slot)
 
-    def prefill(self, slot: int, ids: list[int]) -> tuple[np.ndarray, int]:
-        """SLOT's cache holds the prompt IDS once this returns: the logits of its last token, and how many of
-        its tokens were found in a slot's cache (not prefilled)."""
+    def prefill(self, slot: int, ids: list[int]) -> tuple[np.ndarray, int, dict | None]:
+        """SLOT's cache holds the prompt IDS once this returns: the logits of its last token, how many of its
+        tokens were found in a slot's cache or the prompt cache on disk (not prefilled), and the prompt
+        cache's report of this prompt (None without one)."""
         fut: Future = Future()
         with self.cond:
             self._check_open()
@@ -298,14 +301,16 @@ class BatchEngine:
         self.stats["prefill_chunks"] += 1
         if self.caches.lengths[slot] < len(ids):
             return
+        report = None
         if self.prompt_cache is not None:  # a long new prompt: its KV to disk (written on the cache's thread)
             try:
                 self.prompt_cache.save(ids, SlotKV(self.caches, slot))
             except Exception as e:  # noqa: BLE001 - the answer must not be lost for a cache entry
                 log.warning("edgeinfer: warning: the prompt cache could not save a prompt (%s: %s).",
                             type(e).__name__, e)
+            report = self.prompt_cache.report()  # this prompt's (only this thread restores and saves)
         self._drop_prefill(job)
-        fut.set_result((np.array(logits, np.float32), reused))
+        fut.set_result((np.array(logits, np.float32), reused, report))
 
     def _place(self, slot: int, ids: list[int]) -> int:
         """Make SLOT's cache hold the longest start of IDS that any slot holds, and return its length.
