@@ -226,9 +226,11 @@ def markdown(rep: dict) -> str:
         f"({m['ratio_with_load']:.2f}×). Identical output in every round: {'yes' if rep['identical'] else 'NO'}.",
         "",
         f"Saving it (the first process): {s['saved_tokens']} tokens, {s['cache_bytes'] / 1e6:.1f} MB on disk; the "
-        + (f"KV copy took {s['save_copy_s'] * 1000:.0f} ms after the last token, " if rep.get("parallel", 1) == 1 else
-           "KV copy is made by the batching engine when the prompt's prefill ends (part of that request's TTFT), ")
-        + f"the write {s['save_write_s'] * 1000:.0f} ms on a background thread.", "",
+        + (f"KV copy took {s['save_copy_s'] * 1000:.0f} ms after the last token, the write "
+           f"{s['save_write_s'] * 1000:.0f} ms on a background thread." if rep.get("parallel", 1) == 1 else
+           "KV copy is made by the batching engine when the prompt's prefill ends (part of that request's TTFT) "
+           f"and written on the cache's thread during the generation ({s['save_write_s'] * 1000:.0f} ms left "
+           "to wait after the last token)."), "",
     ]
     if rep.get("parallel", 1) > 1:
         lines.insert(3, f"Loaded with `parallel={rep['parallel']}` (continuous batching): the prompt is restored into "
