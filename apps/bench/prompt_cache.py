@@ -205,6 +205,8 @@ def markdown(rep: dict) -> str:
     lines = [
         "# Prompt cache: time to first token after a restart", "",
         f"`{rep['command']}`, {rep['date']}, {rep['machine']['cpus']} CPUs, package `{rep['package']}`.", "",
+        *([f"Loaded with `parallel={rep['parallel']}` (continuous batching): the prompt is restored into and saved "
+           "from the request's KV slot.", ""] if rep.get("parallel", 1) > 1 else []),
         f"System prompt: {rep['prompt_tokens']} tokens with the chat template and the question (news stories of "
         f"the Lee corpus, {t['file']} in {t['package']} {t['version']}, sha256 {t['sha256'][:12]}…). Each round: "
         f"two fresh processes answer the same new question ({rep['new_tokens']} tokens, greedy), one cold, one "
@@ -232,10 +234,6 @@ def markdown(rep: dict) -> str:
            f"and written on the cache's thread during the generation ({s['save_write_s'] * 1000:.0f} ms left "
            "to wait after the last token)."), "",
     ]
-    if rep.get("parallel", 1) > 1:
-        lines.insert(3, f"Loaded with `parallel={rep['parallel']}` (continuous batching): the prompt is restored into "
-                        "and saved from the request's KV slot.")
-        lines.insert(4, "")
     return "\n".join(lines)
 
 

@@ -287,10 +287,12 @@ class BatchEngine:
         try:
             if reused is None:
                 job[3] = reused = self._place(slot, ids)
-                if self.prompt_cache is not None:  # a longer start saved on disk (read outside the lock:
-                    restored = self.prompt_cache.restore(ids, reused, SlotKV(self.caches, slot))  # only
-                    self.stats["restored_prompt_tokens"] += restored - reused  # this thread writes the
-                    self.stats["reused_prompt_tokens"] += restored - reused  # caches, and SLOT is ours)
+                # A longer start saved on disk, read outside the lock: only this thread writes the caches,
+                # and SLOT is this prompt's.
+                if self.prompt_cache is not None:
+                    restored = self.prompt_cache.restore(ids, reused, SlotKV(self.caches, slot))
+                    self.stats["restored_prompt_tokens"] += restored - reused
+                    self.stats["reused_prompt_tokens"] += restored - reused
                     job[3] = reused = restored
             start = int(self.caches.lengths[slot])
             logits = self.caches.prefill_chunk(slot, ids[start:start + self.prefill_chunk])
