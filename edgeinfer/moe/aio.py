@@ -39,9 +39,14 @@ class AsyncReader:
         self._libc, self._ctx, self.depth = libc, ctx, depth
         self._setup, self._destroy, self._getevents, self._submit = nums
         self._next = 1
-        self._pending: dict[int, tuple] = {}  # tag -> (iocb, expected length) while in flight
+        self._pending: dict[int, int] = {}  # tag -> expected length while in flight
         self.done: dict[int, int] = {}  # tag -> bytes read (negative: -errno), completed but not yet claimed
         self._events = (_Event * depth)()
+        # The kernel copies an iocb when it is submitted: one preallocated batch serves every submit.
+        self._iocbs = (_Iocb * depth)()
+        self._iocb_ptrs = (ctypes.POINTER(_Iocb) * depth)(*[ctypes.pointer(cb) for cb in self._iocbs])
+        for cb in self._iocbs:
+            cb.aio_lio_opcode = _IOCB_CMD_PREAD
 
     @classmethod
     def open(cls, depth: int = 128) -> AsyncReader | None:
@@ -64,19 +69,23 @@ class AsyncReader:
     def submit(self, fd: int, reads: list[tuple[int, int, int]]) -> list[int]:
         """READS: (offset, length, buffer address); returns their tags. Raises OSError if the kernel
         refuses them."""
-        iocbs, tags = [], []
-        for offset, length, address in reads:
+        tags = []
+        for start in range(0, len(reads), self.depth):
+            tags += self._submit_batch(fd, reads[start:start + self.depth])
+        return tags
+
+    def _submit_batch(self, fd: int, reads: list[tuple[int, int, int]]) -> list[int]:
+        tags = []
+        for cb, (offset, length, address) in zip(self._iocbs, reads):
             tag = self._next
             self._next += 1
-            cb = _Iocb(aio_data=tag, aio_lio_opcode=_IOCB_CMD_PREAD, aio_fildes=fd, aio_buf=address,
-                       aio_nbytes=length, aio_offset=offset)
-            iocbs.append(cb)
+            cb.aio_data, cb.aio_fildes, cb.aio_buf, cb.aio_nbytes, cb.aio_offset = tag, fd, address, length, offset
             tags.append(tag)
-            self._pending[tag] = (cb, length)
-        array = (ctypes.POINTER(_Iocb) * len(iocbs))(*[ctypes.pointer(cb) for cb in iocbs])
+            self._pending[tag] = length
+        array = self._iocb_ptrs
         sent = 0
-        while sent < len(iocbs):
-            n = self._libc.syscall(self._submit, self._ctx, len(iocbs) - sent,
+        while sent < len(reads):
+            n = self._libc.syscall(self._submit, self._ctx, len(reads) - sent,
                                    ctypes.byref(array, sent * ctypes.sizeof(ctypes.c_void_p)))
             if n <= 0:
                 err = ctypes.get_errno()

@@ -29,6 +29,7 @@ Correctness never depends on prediction: an expert that is neither cached nor in
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -169,10 +170,11 @@ class ExpertCache:
             ranked = sorted((i for i in self.layers if len(self.layers[i]) + self._reserved[i] >= self.quota[i]),
                             key=lambda i: (order.index(i) - at) % len(order), reverse=True)
             candidates = ((i, self._evictable(i, keep if i == layer else frozenset())) for i in ranked)
-        else:
-            ranked = sorted(self.layers, key=lambda i: len(self.layers[i]) + self._reserved[i] - self.quota[i],
-                            reverse=True)
-            candidates = ((i, self._evictable(i, frozenset())) for i in ranked)
+        else:  # the layer furthest above its share first (usually the only one tried: no sort)
+            over = {i: len(v) + self._reserved[i] - self.quota[i] for i, v in self.layers.items()}
+            first = max(over, key=over.__getitem__)
+            rest = (i for i in sorted(over, key=over.__getitem__, reverse=True) if i != first)  # sorted if needed
+            candidates = ((i, self._evictable(i, frozenset())) for i in itertools.chain([first], rest))
         victim = next(((i, e) for i, e in candidates if e is not None), None)
         if victim is None:
             return False

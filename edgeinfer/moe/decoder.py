@@ -138,6 +138,7 @@ class MoEDecoder(Decoder):
         self._overhead = 0.0
         self._step = 0
         self._plan: _StepPlan | None = None
+        self._slot_bindings: dict = {}  # arena slot -> its expert binding over the plan's buffers
 
     # -- state -----------------------------------------------------------------
     @property
@@ -287,18 +288,29 @@ class MoEDecoder(Decoder):
         entries = self.cache.acquire(i, chosen)
         try:
             for entry, w in zip(entries, weights):
-                if entry.binding is None:  # made once per cached expert, over the plan's buffers
-                    b = entry.session.io_binding()
-                    b.bind_ortvalue_input(self.io["expert_in"], _ov(plan.h))
-                    b.bind_ortvalue_output(self.io["expert_out"], _ov(plan.expert_out))
-                    for name, value in (entry.weights or {}).items():  # weights as inputs: the shared graph
-                        b.bind_ortvalue_input(name, value)
-                    entry.binding = b
+                if entry.binding is None:
+                    entry.binding = self._binding(entry, plan)
                 entry.session.run_with_iobinding(entry.binding)
                 y += w * plan.expert_out[0]
         finally:
             self.cache.release(i, chosen)
         return y
+
+    def _binding(self, entry, plan: _StepPlan):
+        """The one-token binding of a cached expert over the plan's buffers: made once per arena slot when its
+        weights are inputs of the shared graph (a slot's OrtValues never change, only the bytes in them), else
+        once per loaded expert."""
+        shared = entry.weights is not None and entry.slot is not None
+        b = self._slot_bindings.get(entry.slot) if shared else None
+        if b is None:
+            b = entry.session.io_binding()
+            b.bind_ortvalue_input(self.io["expert_in"], _ov(plan.h))
+            b.bind_ortvalue_output(self.io["expert_out"], _ov(plan.expert_out))
+            for name, value in (entry.weights or {}).items():
+                b.bind_ortvalue_input(name, value)
+            if shared:
+                self._slot_bindings[entry.slot] = b
+        return b
 
     def _layer(self, i: int, x: np.ndarray, start: int, n: int) -> np.ndarray:
         """Layer I on N positions (the prompt path; one token goes through ``step``)."""

@@ -7,7 +7,9 @@
   every expert, its weights bound as inputs. Cached experts live in the slots of one arena
   allocated for the budget (page-aligned, committed as it fills, never freed and reallocated):
   an int8-channel record is read straight into its slot, an int4-channel one into a scratch
-  buffer and widened into its slot (formats.py). Loading costs no session and no allocation.
+  buffer and widened into its slot (formats.py). A slot's arrays and OrtValues are made once and
+  serve every expert it ever holds (the decoder binds them once per slot too): loading costs no
+  session, no allocation and no bindings.
 
 Sessions get their provider and options from the package's execution target, like the dense
 decoder's graphs (runtimes/): the expert graphs are small and already fused, so they skip graph
@@ -134,10 +136,12 @@ class SharedGraphExperts:
         self.shared_session = expert_session(graph, target)
         self.expert_bytes = expert_memory(store.index)  # the slot stride
         self.layout = slot_layout(store.index)
+        self._layout_bytes = [(n, off, int(np.prod(shape)) * dt.itemsize, dt, shape) for n, off, dt, shape in self.layout]
         record_layout = [(t["name"], int(t["offset"])) for t in store.tensors]
         # int8-channel records are laid out as the slots are: read them in place.
         self.in_place = store.precision == CHANNEL_INT8 and record_layout == [(n, o) for n, o, _, _ in self.layout]
         self.arena: mmap.mmap | None = None
+        self._slot_tensors: dict[int, tuple[dict, dict]] = {}  # slot -> (arrays, OrtValues), made once
         self.timer = _Timer()
         names = {i.name for i in self.shared_session.get_inputs()}
         missing = [n for n, *_ in self.layout if n not in names]
@@ -156,8 +160,18 @@ class SharedGraphExperts:
 
     def _arrays(self, buf) -> dict[str, np.ndarray]:
         raw = np.frombuffer(buf, np.uint8)
-        return {name: raw[off:off + int(np.prod(shape)) * dt.itemsize].view(dt).reshape(shape)
-                for name, off, dt, shape in self.layout}
+        return {name: raw[off:off + n].view(dt).reshape(shape) for name, off, n, dt, shape in self._layout_bytes}
+
+    def _tensors(self, slot: int | None, buf) -> tuple[dict, dict]:
+        """(arrays, OrtValues) of the graph inputs in BUF, the buffer of SLOT: made once per slot (the
+        arena never moves), fresh for a buffer outside the arena."""
+        got = self._slot_tensors.get(slot) if slot is not None else None
+        if got is None:
+            arrays = self._arrays(buf)
+            got = (arrays, {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()})
+            if slot is not None:
+                self._slot_tensors[slot] = got
+        return got
 
     def load(self, keys: list[tuple[int, int]], slots: list[int | None]) -> list[CachedExpert]:
         """Read KEYS' records into their slots and make them runnable (reader threads, or reads on the
@@ -180,15 +194,14 @@ class SharedGraphExperts:
         """Make read RECORDS (buffers) runnable in SLOTS: widen (int4-channel) or copy into the slot."""
         t1 = time.perf_counter()
         targets = targets or [self._slot_buffer(s) for s in slots]
-        for buf, target in zip(records, targets):
-            fill_slot(self.store.index, self.store.views(buf), self._arrays(target))
+        for buf, slot, target in zip(records, slots, targets):
+            fill_slot(self.store.index, self.store.views(buf), self._tensors(slot, target)[0])
         return self._entries(slots, targets, t1)
 
     def _entries(self, slots: list[int | None], targets: list, t1: float) -> list[CachedExpert]:
         out = []
         for slot, target in zip(slots, targets):
-            arrays = self._arrays(target)
-            weights = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
+            arrays, weights = self._tensors(slot, target)
             out.append(CachedExpert(self.shared_session, tensors=arrays, weights=weights, slot=slot))
         self.timer.add(0.0, time.perf_counter() - t1)
         return out

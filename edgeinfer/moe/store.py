@@ -62,6 +62,9 @@ class ExpertStore:
             if int(t["offset"]) < 0 or end > self.record_size:
                 raise PackageError(f"expert tensor '{t['name']}' does not fit its record: the package index is "
                                    "corrupt, re-export it.")
+        # (name, offset, bytes, dtype, shape) of each tensor in a record: ``views`` runs per record read
+        self._view_layout = [(t["name"], int(t["offset"]), int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize,
+                              np.dtype(t["dtype"]), tuple(t["shape"])) for t in self.tensors]
         self.checksums = self._checked_sums(index.get("checksums"))
         self._verified: set[tuple[int, int]] = set()
         self.direct_io = direct_io
@@ -185,12 +188,7 @@ class ExpertStore:
     def views(self, buf) -> dict[str, np.ndarray]:
         """The record tensors inside BUF (views, no copy)."""
         raw = np.frombuffer(buf, np.uint8, count=self.record_size)
-        out = {}
-        for t in self.tensors:
-            dt = np.dtype(t["dtype"])
-            n = int(np.prod(t["shape"])) * dt.itemsize
-            out[t["name"]] = raw[t["offset"]:t["offset"] + n].view(dt).reshape(t["shape"])
-        return out
+        return {name: raw[off:off + n].view(dt).reshape(shape) for name, off, n, dt, shape in self._view_layout}
 
     def read(self, layer: int, expert: int) -> dict[str, np.ndarray]:
         """One expert's tensors (views of one freshly allocated copy of its record)."""
