@@ -182,3 +182,43 @@ def test_reads_fall_back_when_the_kernel_refuses_aio(moe_models):  # noqa: F811
     res = model.complete(PROMPT, max_new_tokens=8, ignore_eos=True)
     assert res.tokens == plain and reads.mode in ("kernel", "sync") and res.stats["experts"]["misses"] > 0
     model.decoder.close()
+
+
+def test_acquire_each_gives_the_cached_first_and_cleans_up_when_closed_early(moe_models):  # noqa: F811
+    _, _, pkg = moe_models("qwen3_moe")
+    dec = _loaded(pkg, 6, prefetch=False, resident_fraction=0)
+    cache = dec.cache
+    cache.acquire(0, [3])
+    cache.release(0, [3])
+    order = [i for i, _ in cache.acquire_each(0, [1, 3, 2])]
+    assert order[0] == 1 and sorted(order) == [0, 1, 2]  # expert 3 (index 1) was cached: it comes first
+    cache.release(0, [1, 3, 2])
+    assert not cache.pinned
+    count = cache.count
+    each = cache.acquire_each(1, [4, 5])
+    next(each)  # both are being read; the caller stops after the first (say its expert failed)
+    each.close()
+    assert not cache.pinned and not cache.reads.pending  # pins released, the other read dropped
+    assert cache.count - count == len(cache.layers[1]) == 1 and cache.free_slots() + cache.count == cache.capacity
+    n = cache.reads.buffers()
+    assert n["free"] + n["pending"] + n["dropped"] == n["all"]
+    dec.close()
+
+
+def test_read_ahead_is_on_for_the_tokens_where_it_measures_faster():
+    from edgeinfer.moe.prefetch import _EXPLORE, _WARMUP, ReadAhead
+
+    def run(on_s, off_s, tokens=64):
+        ra = ReadAhead(cache=None, pool=None, top_k=2)
+        modes = []
+        for _ in range(tokens):
+            modes.append(ra.start_token())
+            ra.observe_token(on_s if ra.on else off_s)
+        return modes
+
+    faster_on = run(0.010, 0.012)
+    assert faster_on[:_WARMUP] == [True, False] * (_WARMUP // 2)  # the first tokens alternate
+    later = faster_on[_WARMUP:]
+    assert later.count(False) == len(later) // _EXPLORE  # then the slower mode once in _EXPLORE, to keep measuring
+    faster_off = run(0.012, 0.010)[_WARMUP:]
+    assert faster_off.count(True) == len(faster_off) // _EXPLORE

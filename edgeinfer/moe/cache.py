@@ -13,13 +13,15 @@ residency.py says how the budget is split. The rules:
   layer at or above its share -- the one whose next use is furthest away first, its own layer
   last -- never a pinned expert (the running layer's chosen ones), a resident one, or one of its
   own layer's other guesses; if there is no such victim it is skipped.
-- Evicted keys are remembered for a while: a demand miss on one of them is a *regret*, the
-  measured cost of an eviction that read-ahead weighs (prefetch.py).
+- Evicted keys are remembered for a while: a demand miss on one of them is a *regret* (counted:
+  what evictions cost).
 - A layer's misses are read together. Without reader threads (the default) their reads are all
-  started at once (reads.py: native AIO, one system call) before the next layer's guesses, and the
-  decode thread makes each record runnable as its read completes; with reader threads, one job per
-  run of records adjacent on disk, all but one handed to the threads, the last read by the decode
-  thread, which then waits for all.
+  started at once (reads.py: native AIO, one system call) before the next layer's guesses; the
+  decoder computes with the cached experts while they are read, and each record is made runnable
+  as its read completes (``acquire_each``) -- on a helper thread while the decode thread computes
+  when that costs more than the hand-over (large int4-channel records), else on the decode thread.
+  With reader threads, one job per run of records adjacent on disk, all but one handed to the
+  threads, the last read by the decode thread, which then waits for all.
 - Read-ahead without threads: a guess's read is started into a scratch buffer (``advise_ahead``): it
   takes no slot and evicts nothing; a right guess is made runnable when its layer needs it, a wrong
   one is dropped.
@@ -29,10 +31,11 @@ Correctness never depends on prediction: an expert that is neither cached nor in
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 from .budget import cache_budget
@@ -40,6 +43,9 @@ from .experts import CachedExpert
 from .residency import ResidencyPlan
 
 _TRIM_EVERY = 64 << 20
+# A record is handed to the helper thread when making it runnable costs more than this: three times a
+# hand-over's round trip through a one-thread executor (~45 us measured on the 2-core benchmark machine).
+_HAND_OVER_S = 150e-6
 
 
 def _find_malloc_trim():
@@ -88,21 +94,6 @@ class CacheStats:
         return CacheStats(**{k: getattr(self, k) - getattr(other, k) for k in self.__dict__})
 
 
-class ReadTimes:
-    """Seconds per record the decode thread spent reading records asked ahead and cold ones (smoothed)."""
-
-    def __init__(self):
-        self.ahead = self.cold = None
-
-    def observe(self, ahead: bool, seconds: float) -> None:
-        prev = self.ahead if ahead else self.cold
-        value = seconds if prev is None else 0.9 * prev + 0.1 * seconds
-        if ahead:
-            self.ahead = value
-        else:
-            self.cold = value
-
-
 @dataclass
 class _InFlight:
     slot: int | None
@@ -141,7 +132,8 @@ class ExpertCache:
         self.reader = None  # reader.ReaderPool, when reads run on other threads
         self.reads = None  # reads.ReadQueue: reads started ahead on the decode thread (no reader threads)
         self._freed = 0  # bytes of evicted sessions since memory was last handed back
-        self.read_times = ReadTimes()
+        self.fill_s: float | None = None  # seconds to make one read record runnable (smoothed)
+        self._helper = None  # _filler's thread
 
     @property
     def resident_bytes(self) -> int:
@@ -210,12 +202,10 @@ class ExpertCache:
         """Read and make runnable each job's keys (one run of adjacent records per job) into their reserved
         slots, then publish them (any thread)."""
         for keys, flights in jobs:
-            t0 = time.perf_counter()
             try:
                 entries, error = self.loader.load(keys, [f.slot for f in flights]), None
             except BaseException as err:  # the decode thread reports it
                 entries, error = [None] * len(keys), err
-            dt = time.perf_counter() - t0
             with self.lock:
                 self.stats.reads += 1
                 self.stats.bytes_read += len(keys) * self.store.record_size
@@ -226,8 +216,6 @@ class ExpertCache:
                     self._finish(key, flight, entry, error)
             for flight in flights:
                 flight.done.set()
-            if self.reader is not None:
-                self.reader.observe_read(dt / len(keys))
 
     def _runs(self, layer: int, experts: list[int]) -> list[list[int]]:
         """EXPERTS of LAYER grouped into runs of records adjacent on disk (in disk order)."""
@@ -343,11 +331,41 @@ class ExpertCache:
                 jobs.append(([(layer, e) for e in run], [self.inflight[(layer, e)] for e in run]))
             return jobs
 
+    def acquire_each(self, layer: int, experts: list[int]):
+        """``acquire`` one expert at a time: yields (index into EXPERTS, entry) as each becomes runnable, the
+        cached ones first, then (with the reads queue) the misses as their reads complete, so the caller
+        computes with the first while the others are still being read. EXPERTS are pinned; once this is
+        exhausted the caller ``release``s them; if it fails or is closed early it releases them itself."""
+        if self.reads is None:
+            entries = self.acquire(layer, experts)  # releases them itself if it fails
+            try:
+                yield from enumerate(entries)
+            except BaseException:
+                self.release(layer, experts)
+                raise
+            return
+        try:
+            yield from self._each_started(layer, experts)
+        except BaseException:
+            self.release(layer, experts)
+            raise
+
     def _acquire_started(self, layer: int, experts: list[int]) -> list[CachedExpert]:
-        """``acquire`` with the reads queue: hits; misses whose reads were started ahead (guesses, or this
-        layer's own reads started before the next layer's guesses) or start now, all finished together,
-        then made runnable in their slots. Wrong guesses for this layer are dropped."""
+        """``acquire`` with the reads queue (see ``_each_started``)."""
+        try:
+            got = dict(self._each_started(layer, experts))
+        except BaseException:
+            self.release(layer, experts)
+            raise
+        return [got[i] for i in range(len(experts))]
+
+    def _each_started(self, layer: int, experts: list[int]):
+        """With the reads queue: yields (index, entry) for the hits, then for the misses whose reads were
+        started ahead (guesses, or this layer's own reads started before the next layer's guesses) or start
+        now, each made runnable in its slot as its read completes. Wrong guesses for this layer are dropped.
+        The time spent in here (not in the caller between yields) is the decode thread's wait."""
         t0 = time.perf_counter()
+        wait = 0.0
         reads, size = self.reads, self.store.record_size
         with self.lock:
             found, _, misses = self._pin_and_look_up(layer, experts)  # nothing is in flight with the reads queue
@@ -366,31 +384,91 @@ class ExpertCache:
         reads.drop(wrong)
         keys = [(layer, e) for e in misses]
         slot_of = dict(zip(keys, slots))
+        index = {e: i for i, e in enumerate(experts)}
         done = set()
         read_s = 0.0
+        reads.start([k for k in keys if k not in reads.pending], speculative=False)  # read while the hits compute
+        helper = self._filler()
+        filling: deque = deque()  # (key, buffer, future or finished entry), in the order reads completed
+        left = list(keys)  # reads not yet taken from the queue
+
+        def take(block: bool) -> None:
+            nonlocal read_s
+            got, waited = reads.take_completed(left, block)
+            for key, buf in got:
+                left.remove(key)
+                read_s += waited / len(got)
+                if helper is not None:
+                    filling.append((key, buf, helper.submit(self._load_record, key, reads.view(buf), slot_of[key])))
+                else:  # not worth a hand-over: made runnable on this thread
+                    try:
+                        entry = self._load_record(key, reads.view(buf), slot_of[key])
+                    except BaseException:
+                        reads.give_back([buf])
+                        raise
+                    filling.append((key, buf, entry))
+
         try:
-            for key, buf, waited in reads.finish(keys):  # each made runnable while the others still read
-                read_s += waited
-                self.read_times.observe(key[1] in ahead, waited)
-                try:
-                    entry = self.loader.fill([key], [reads.view(buf)], [slot_of[key]])[0]
-                finally:
-                    reads.give_back([buf])
-                with self.lock:
-                    self._finish(key, _InFlight(slot_of[key]), entry, None)
-                done.add(key)
-                found[key[1]] = entry
+            if helper is not None:
+                take(block=False)  # records read ahead are made runnable on the helper while the hits compute
+            for e, entry in found.items():
+                wait += time.perf_counter() - t0
+                yield index[e], entry
+                t0 = time.perf_counter()
+            while left or filling:
+                if left:
+                    take(block=not filling)
+                if filling:
+                    key, buf, job = filling.popleft()
+                    try:
+                        entry = job.result() if helper is not None else job
+                    finally:
+                        reads.give_back([buf])
+                    with self.lock:
+                        self._finish(key, _InFlight(slot_of[key]), entry, None)
+                    done.add(key)
+                    wait += time.perf_counter() - t0
+                    yield index[key[1]], entry
+                    t0 = time.perf_counter()
+            wait += time.perf_counter() - t0
         except BaseException:
+            for _, buf, job in filling:  # the helper must be done with a slot before it is given back
+                if helper is not None:
+                    concurrent.futures.wait([job])
+                reads.give_back([buf])
+            reads.drop([k for k in left if k in reads.pending])  # their buffers come back once the disk is done
             with self.lock:
                 for key in keys:
                     if key not in done:
                         self._finish(key, _InFlight(slot_of[key]), None, None)
-            self.release(layer, experts)
             raise
-        self.loader.timer.add(read_s, 0.0)
-        with self.lock:
-            self.stats.wait_s += time.perf_counter() - t0
-        return [found[e] for e in experts]
+        finally:
+            self.loader.timer.add(read_s, 0.0)
+            with self.lock:
+                self.stats.wait_s += wait
+
+    def _load_record(self, key: tuple[int, int], view, slot: int | None) -> CachedExpert:
+        """A read record made runnable in its slot (its checksum checked the first time); any thread."""
+        t0 = time.perf_counter()
+        self.store.verify([key], [view])
+        entry = self.loader.fill([key], [view], [slot])[0]
+        dt = time.perf_counter() - t0
+        self.fill_s = dt if self.fill_s is None else 0.9 * self.fill_s + 0.1 * dt
+        return entry
+
+    def _filler(self):
+        """The helper thread that makes records runnable while the decode thread computes, when a record's
+        widening costs more than handing it over (large int4-channel records; not small ones)."""
+        if self.fill_s is None or self.fill_s < _HAND_OVER_S:
+            return None
+        if self._helper is None:
+            self._helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgeinfer-experts")
+        return self._helper
+
+    def close(self) -> None:
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
+            self._helper = None
 
     def end_token(self) -> None:
         """Between tokens: take back the buffers of finished dropped reads; give evicted sessions' memory back
@@ -433,11 +511,6 @@ class ExpertCache:
 
     def free_slots(self) -> int:
         return len(self._free)
-
-    def regret_rate(self) -> float:
-        """Demand misses on recently evicted experts, per eviction: what an eviction has cost."""
-        s = self.stats
-        return s.regrets / s.evictions if s.evictions else 0.0
 
     # -- warm start --------------------------------------------------------------
     def warm(self) -> int:

@@ -135,7 +135,6 @@ class MoEDecoder(Decoder):
         self._next_sparse = {i: next((j for j in range(i + 1, self.num_layers) if self.sparse[j]), None)
                              for i in range(self.num_layers)}
         self._predicted: dict[int, tuple] = {}  # layer -> (ranked guesses, those not cached)
-        self._overhead = 0.0
         self._step = 0
         self._plan: _StepPlan | None = None
         self._slot_bindings: dict = {}  # arena slot -> its expert binding over the plan's buffers
@@ -177,6 +176,7 @@ class MoEDecoder(Decoder):
             self.pool = None
             self.cache.reader = None
         if self.cache is not None:
+            self.cache.close()
             if self.cache.reads is not None:
                 self.cache.reads.close()
             self.cache.store.close()
@@ -214,14 +214,14 @@ class MoEDecoder(Decoder):
         self._check_room(1)
         plan = self._plan or self._make_plan()
         self._step += 1
-        wall0, cpu0 = time.perf_counter(), time.thread_time()
+        wall0 = time.perf_counter()
         pos = self.length
         plan.seqlens[0] = pos
         plan.total[...] = pos + 1
         plan.token[0, 0] = token
         self.embed.run_with_iobinding(plan.embed)
         x = plan.x[0, 0]
-        ahead = self.readahead is not None
+        ahead = self.readahead is not None and self.readahead.start_token()
         for i in range(self.num_layers):
             if ahead and self.predict_from == "input" and self.sparse[i]:
                 self._predict_next(i, plan.x[0])
@@ -247,13 +247,13 @@ class MoEDecoder(Decoder):
             self.cache.stats.tokens += 1
             self.cache.end_token()
             if self.readahead is not None:
-                self.readahead.observe_token(time.perf_counter() - wall0, time.thread_time() - cpu0)
+                self.readahead.observe_token(time.perf_counter() - wall0)
         self.head.run_with_iobinding(plan.head)
         return plan.out[0, 0]
 
     def _make_plan(self) -> _StepPlan:
         io, hidden = self.io, self.hidden_size
-        plan = _StepPlan(hidden, self.vocab_size, self.routers.shape[1] if self.cache is not None else 1)
+        plan = _StepPlan(hidden, self.vocab_size, self.routers.shape[1] if self.cache is not None else 1, self.top_k)
         plan.embed = self.embed.io_binding()
         plan.embed.bind_ortvalue_input(io["input_ids"], _ov(plan.token))
         plan.embed.bind_ortvalue_output(io["hidden_out"], _ov(plan.x))
@@ -283,17 +283,28 @@ class MoEDecoder(Decoder):
         return plan
 
     def _experts_one_token(self, i: int, chosen: list[int], weights: np.ndarray, plan: _StepPlan) -> np.ndarray:
+        """The chosen experts on one token: each run as soon as it is runnable (the cached ones while the
+        others are still being read), their outputs summed in the router's order (the same sum whatever the
+        cache held)."""
         self.cache.position = (self._step, i)
-        y = np.zeros(self.hidden_size, np.float32)
-        entries = self.cache.acquire(i, chosen)
+        outs = plan.expert_outs
+        each = self.cache.acquire_each(i, chosen)
+        finished = False
         try:
-            for entry, w in zip(entries, weights):
+            for r, entry in each:
                 if entry.binding is None:
                     entry.binding = self._binding(entry, plan)
                 entry.session.run_with_iobinding(entry.binding)
-                y += w * plan.expert_out[0]
+                outs[r] = plan.expert_out[0]
+            finished = True
         finally:
-            self.cache.release(i, chosen)
+            if finished:
+                self.cache.release(i, chosen)
+            else:
+                each.close()  # releases them
+        y = np.zeros(self.hidden_size, np.float32)
+        for r, w in enumerate(weights):
+            y += w * outs[r]
         return y
 
     def _binding(self, entry, plan: _StepPlan):
@@ -352,24 +363,20 @@ class MoEDecoder(Decoder):
 
     def _predict_next(self, i: int, stream: np.ndarray) -> None:
         j = self._next_sparse[i]
-        if j is None or self.readahead is None or not self.readahead.wants(self._step, j):
+        if j is None or self.readahead is None or not self.readahead.wants(j):
             return
-        t0 = time.thread_time()  # CPU time: a preemption on a busy machine is not the policy's cost
         ranked = self.rank_experts(j, stream[-1])[: self.readahead.depth].tolist()
         self._predicted[j] = (ranked, self.readahead.request(self._step, j, ranked))
-        self._overhead = time.thread_time() - t0
 
     def _score_prediction(self, i: int, chosen: list[int]) -> None:
         guess = self._predicted.pop(i, None)
         if guess is not None and self.cache is not None:
             ranked, uncached = guess
-            t0 = time.thread_time()
             with self.cache.lock:
                 self.cache.stats.predicted += self.top_k
                 self.cache.stats.predicted_right += len(set(ranked[: self.top_k]) & set(chosen))
             if self.readahead is not None:
                 self.readahead.observe(i, ranked, chosen, uncached)
-                self.readahead.add_overhead(self._overhead + time.thread_time() - t0)
 
     def _experts_rows(self, i: int, h: np.ndarray, experts: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Prompt rows: each expert once over the rows that chose it, pinned one at a time (the
@@ -393,7 +400,7 @@ class MoEDecoder(Decoder):
 class _StepPlan:
     """Buffers and bindings of the one-token path (made on the first step)."""
 
-    def __init__(self, hidden: int, vocab: int, experts: int):
+    def __init__(self, hidden: int, vocab: int, experts: int, top_k: int):
         self.token = np.zeros((1, 1), np.int64)
         self.x = np.zeros((1, 1, hidden), np.float32)  # the residual stream entering each layer
         self.seqlens = np.zeros((1,), np.int32)
@@ -406,6 +413,7 @@ class _StepPlan:
         self.dense_out = np.zeros((1, 1, hidden), np.float32)
         self.h = np.zeros((1, hidden), np.float32)  # expert input
         self.expert_out = np.zeros((1, hidden), np.float32)
+        self.expert_outs = np.zeros((top_k, hidden), np.float32)  # each chosen expert's output, in router order
         self.out = np.zeros((1, 1, vocab), np.float32)
         self.embed = self.head = None
         self.layers: list = []

@@ -136,7 +136,8 @@ class SharedGraphExperts:
         self.shared_session = expert_session(graph, target)
         self.expert_bytes = expert_memory(store.index)  # the slot stride
         self.layout = slot_layout(store.index)
-        self._layout_bytes = [(n, off, int(np.prod(shape)) * dt.itemsize, dt, shape) for n, off, dt, shape in self.layout]
+        self._layout_bytes = [(n, off, int(np.prod(shape)) * dt.itemsize, dt, shape)
+                              for n, off, dt, shape in self.layout]
         record_layout = [(t["name"], int(t["offset"])) for t in store.tensors]
         # int8-channel records are laid out as the slots are: read them in place.
         self.in_place = store.precision == CHANNEL_INT8 and record_layout == [(n, o) for n, o, _, _ in self.layout]

@@ -8,9 +8,6 @@ records) takes jobs from one priority queue:
 - speculative requests (priority 1, by decode step, layer and guess rank): experts read ahead for
   a layer about to run; their slots are reserved only when a reader takes them (cache.py decides
   whether they may evict anything), and one the decoder has already passed is dropped unread.
-
-The pool also measures what read-ahead weighs: seconds per record read, and how busy the readers
-(the disk) are.
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
-import time
 
 
 class ReaderPool:
@@ -30,8 +26,6 @@ class ReaderPool:
         self.heap: list = []
         self.seq = itertools.count()
         self._stop = False
-        self.read_s_per_record = 0.0  # smoothed
-        self.busy_s = 0.0  # reader-seconds spent loading
         self.threads = [threading.Thread(target=self._run, name=f"edgeinfer-expert-reader-{i}", daemon=True)
                         for i in range(max(1, threads))]
         for t in self.threads:
@@ -52,11 +46,6 @@ class ReaderPool:
                 heapq.heappush(self.heap, ((1, step, layer, rank, next(self.seq)), "ahead", (step, layer, [e], keep)))
             self.cond.notify(len(experts))
 
-    def observe_read(self, seconds_per_record: float) -> None:
-        a = 0.2
-        prev = self.read_s_per_record
-        self.read_s_per_record = seconds_per_record if prev == 0 else (1 - a) * prev + a * seconds_per_record
-
     def _run(self) -> None:
         while True:
             with self.cond:
@@ -65,7 +54,6 @@ class ReaderPool:
                 if self._stop:
                     return
                 _, kind, job = heapq.heappop(self.heap)
-            t0 = time.perf_counter()
             if kind == "demand":
                 self.cache.run_loads([job])
             else:
@@ -73,8 +61,6 @@ class ReaderPool:
                 jobs = self.cache.start_speculative(step, layer, experts, keep)
                 if jobs:
                     self.cache.run_loads(jobs, prefetched=True)
-            with self.cond:
-                self.busy_s += time.perf_counter() - t0
 
     def close(self) -> None:
         with self.cond:

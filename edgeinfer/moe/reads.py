@@ -4,7 +4,8 @@
 finishes them when the decoder needs the records (cache.py then makes them runnable in a slot):
 
 - with Linux native AIO (aio.py, O_DIRECT): a batch of reads is one ``io_submit``; the disk
-  works while the decoder computes; finishing waits only for the records needed;
+  works while the decoder computes; ``take_completed`` hands over the reads that have completed,
+  without waiting or waiting for the first;
 - else, through the page cache: starting asks the kernel to read (POSIX_FADV_WILLNEED),
   finishing copies the record (``preadv``), and the store is dropped from the page cache
   after every token;
@@ -124,54 +125,45 @@ class ReadQueue:
         self._addresses.append(ctypes.addressof(ctypes.c_char.from_buffer(chunk)))
         return len(self._views) - 1
 
-    def finish(self, keys: list[tuple[int, int]]):
-        """Wait for (or do) the reads of KEYS; yields (key, buffer, seconds waited) as each completes, so the
-        caller can make one record runnable while the next is still being read. Checks lengths and checksums
-        (store.read_into's errors). The caller gives the buffers back."""
-        self.start([k for k in keys if k not in self.pending], speculative=False)
-        entries = {k: self.pending.pop(k) for k in keys}
-        left = sorted(keys, key=lambda k: self.store.records[k][0])
-        try:
-            while left:
-                t0 = time.perf_counter()
-                if self.aio is not None:
-                    tags = {entries[k][1]: k for k in left}
-                    done = [t for t in tags if t in self.aio.done]
-                    if not done:
-                        self.aio.wait_any(list(tags))
-                        done = [t for t in tags if t in self.aio.done]
-                    ready = []
-                    for t in done:
-                        k = tags[t]
-                        got = self.aio.done.pop(t)
-                        if got < 0:  # the kernel refused this read (say EAGAIN): do it now
-                            self.store.read_into([k], [self._views[entries[k][0]]])
-                        elif got != self.size:
-                            self.store.short_read(k, got)
-                        ready.append(k)
-                else:
-                    k = left[0]
-                    self.store.read_into([k], [self._views[entries[k][0]]])
-                    ready = [k]
-                waited = (time.perf_counter() - t0) / len(ready)
-                for k in ready:
-                    left.remove(k)
-                    if self.aio is not None:
-                        self.store.verify([k], [self._views[entries[k][0]]])
-                    yield k, entries[k][0], waited
-        except BaseException:
-            self._settle([entries[k] for k in left])
-            raise
-
-    def _settle(self, entries: list[tuple]) -> None:
-        """Buffers of reads that will not be used (an error): back to the pool once the disk is done."""
-        for b, tag, _ in entries:
-            if tag is None or self.aio is None or tag in self.aio.done:
-                if tag is not None and self.aio is not None:
-                    self.aio.done.pop(tag)
+    def take_completed(self, keys: list[tuple[int, int]], block: bool) -> tuple[list, float]:
+        """Of KEYS (reads started and not yet taken), those whose reads have completed, taken out of the queue:
+        ([(key, buffer index)], seconds waited). Without BLOCK it does not wait (through the page cache nothing counts
+        as completed until asked with BLOCK); with BLOCK it waits for at least one. Checks lengths (a read the
+        kernel refused is done now); checksums are the caller's (``store.verify``), which gives the buffers back."""
+        t0 = time.perf_counter()
+        if not keys:
+            return [], 0.0
+        out = []
+        if self.aio is not None:
+            tags = {self.pending[k][1]: k for k in keys}
+            self.aio.poll()
+            done = [t for t in tags if t in self.aio.done]
+            if not done and block:
+                self.aio.wait_any(list(tags))
+                done = [t for t in tags if t in self.aio.done]
+            for t in done:
+                k = tags[t]
+                got = self.aio.done.pop(t)
+                b = self.pending.pop(k)[0]
+                try:
+                    if got < 0:  # the kernel refused this read (say EAGAIN): do it now
+                        self.store.read_into([k], [self._views[b]])
+                    elif got != self.size:
+                        self.store.short_read(k, got)
+                except BaseException:
+                    self._free.append(b)  # the disk is done with it
+                    raise
+                out.append((k, b))
+        elif block:
+            k = min(keys, key=lambda k: self.store.records[k][0])
+            b = self.pending.pop(k)[0]
+            try:
+                self.store.read_into([k], [self._views[b]])
+            except BaseException:
                 self._free.append(b)
-            else:
-                self._abandoned.append((b, tag))
+                raise
+            out.append((k, b))
+        return out, time.perf_counter() - t0
 
     def drop(self, keys: list[tuple[int, int]]) -> None:
         """Reads nobody needs any more (wrong guesses): their buffers come back once the disk is done."""
