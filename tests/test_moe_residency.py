@@ -206,19 +206,22 @@ def test_acquire_each_gives_the_cached_first_and_cleans_up_when_closed_early(moe
 
 
 def test_read_ahead_is_on_for_the_tokens_where_it_measures_faster():
-    from edgeinfer.moe.prefetch import _EXPLORE, _WARMUP, ReadAhead
+    from edgeinfer.moe.prefetch import _EXPLORE, _EXPLORE_CLEAR, _WARMUP, ReadAhead
 
-    def run(on_s, off_s, tokens=64):
+    def run(on_s, off_s, tokens=128, spikes=()):
         ra = ReadAhead(cache=None, pool=None, top_k=2)
         modes = []
-        for _ in range(tokens):
+        for n in range(tokens):
             modes.append(ra.start_token())
-            ra.observe_token(on_s if ra.on else off_s)
+            ra.observe_token((on_s if ra.on else off_s) * (5 if n in spikes else 1))
         return modes
 
-    faster_on = run(0.010, 0.012)
-    assert faster_on[:_WARMUP] == [True, False] * (_WARMUP // 2)  # the first tokens alternate
-    later = faster_on[_WARMUP:]
+    close = run(0.0100, 0.0105)
+    assert close[:_WARMUP] == [True, False] * (_WARMUP // 2)  # the first tokens alternate
+    later = close[_WARMUP:]
     assert later.count(False) == len(later) // _EXPLORE  # then the slower mode once in _EXPLORE, to keep measuring
-    faster_off = run(0.012, 0.010)[_WARMUP:]
-    assert faster_off.count(True) == len(faster_off) // _EXPLORE
+    clear = run(0.012, 0.010)[_WARMUP:]  # one mode clearly faster: explored less often
+    assert clear.count(True) == len(clear) // _EXPLORE_CLEAR
+    # a token slowed down by something else (say preempted) does not flip the choice
+    spiked = run(0.012, 0.010, spikes=(_WARMUP + 3, _WARMUP + 5))[_WARMUP:]
+    assert spiked.count(True) == len(spiked) // _EXPLORE_CLEAR

@@ -16,21 +16,27 @@ the current stream). Two decisions, both from measurements of this run:
   reads, another thread or the disk competing with the compute for a busy machine's cores) all end
   up in a token's wall time, and how they weigh depends on the disk, the record size, the budget
   and the machine's load. So the decoder times its tokens with and without read-ahead: the first
-  tokens alternate, then each token takes the mode whose smoothed time is lower, but one in
-  ``_EXPLORE`` the other, to keep measuring. Reading ahead or not changes nothing the cache holds
-  (guesses read without threads take no slot), so the two modes see the same cache. A token without
-  read-ahead does not even rank its layers' experts.
+  tokens alternate, then each token takes the mode whose recent tokens' median time is lower (a
+  median: one token preempted on a busy machine does not flip the choice), but one in
+  ``_EXPLORE`` the other, to keep measuring (one in ``_EXPLORE_CLEAR`` once one mode is clearly
+  faster: exploring then costs more and tells less). Reading ahead or not changes nothing the cache
+  holds (guesses read without threads take no slot), so the two modes see the same cache. A token
+  without read-ahead does not even rank its layers' experts.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 from .cache import ExpertCache
 from .reader import ReaderPool
 
 _ALPHA = 0.05  # smoothing of the per-rank hit probabilities (~20 tokens)
-_TOKEN_ALPHA = 0.25  # smoothing of the per-mode token times (~4 tokens of that mode)
-_WARMUP = 8  # the first tokens alternate between reading ahead and not
-_EXPLORE = 8  # then one token in this many takes the mode that measured slower
+_SAMPLES = 5  # token times kept per mode (their median is the mode's time)
+_WARMUP = 2 * _SAMPLES  # the first tokens alternate between reading ahead and not
+_EXPLORE = 8  # then one token in this many takes the mode that measured slower ...
+_EXPLORE_CLEAR = 32  # ... or one in this many when it is slower by more than _CLEAR
+_CLEAR = 0.15
 
 
 class ReadAhead:
@@ -44,7 +50,7 @@ class ReadAhead:
         self.depth = depth or top_k + 2  # guesses considered per layer
         self.p: dict[int, list[float]] = {}
         self.q: dict[int, list[float]] = {}
-        self.token_s: dict[bool, float | None] = {True: None, False: None}  # smoothed seconds per token, by mode
+        self.token_s: dict[bool, deque] = {True: deque(maxlen=_SAMPLES), False: deque(maxlen=_SAMPLES)}
         self.tokens = 0
         self.on = True  # this token's mode
 
@@ -63,18 +69,23 @@ class ReadAhead:
         """Whether the token about to be decoded reads ahead (called once per token, before its layers)."""
         n = self.tokens
         self.tokens += 1
-        on_s, off_s = self.token_s[True], self.token_s[False]
+        on_s, off_s = self.seconds(True), self.seconds(False)
         if n < _WARMUP or on_s is None or off_s is None:
             self.on = n % 2 == 0
         else:
             faster = on_s <= off_s
-            self.on = (not faster) if n % _EXPLORE == 0 else faster
+            every = _EXPLORE_CLEAR if abs(on_s - off_s) > _CLEAR * min(on_s, off_s) else _EXPLORE
+            self.on = (not faster) if n % every == 0 else faster
         return self.on
+
+    def seconds(self, on: bool) -> float | None:
+        """The median time of the last tokens decoded with read-ahead ON (or without), None before any."""
+        times = sorted(self.token_s[on])
+        return (times[(len(times) - 1) // 2] + times[len(times) // 2]) / 2 if times else None
 
     def observe_token(self, seconds: float) -> None:
         """The token begun with ``start_token`` took SECONDS (wall time)."""
-        prev = self.token_s[self.on]
-        self.token_s[self.on] = seconds if prev is None else prev + _TOKEN_ALPHA * (seconds - prev)
+        self.token_s[self.on].append(seconds)
 
     def wants(self, layer: int) -> bool:
         """Whether to rank LAYER's experts for reading ahead now."""
