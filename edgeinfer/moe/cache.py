@@ -185,17 +185,21 @@ class ExpertCache:
 
     def _finish(self, key: tuple[int, int], flight: _InFlight, entry: CachedExpert | None,
                 error: BaseException | None) -> None:
-        layer = key[0]
-        self._reserved[layer] -= 1
-        if entry is not None and flight.slot is not None:
-            entry.slot = flight.slot  # (a session per expert: the slot only counts the budget)
-            self.layers[layer][key[1]] = entry
-        elif flight.slot is not None:  # failed: give the slot back
-            self._free.append(flight.slot)
-            self.count -= 1
+        self._place(key, flight.slot, entry)
         if self.inflight.get(key) is flight:
             del self.inflight[key]
         flight.entry, flight.error = entry, error
+
+    def _place(self, key: tuple[int, int], slot: int | None, entry: CachedExpert | None) -> None:
+        """A load into SLOT (reserved for KEY) ended: ENTRY cached there, or (None: it failed) the slot given back."""
+        layer = key[0]
+        self._reserved[layer] -= 1
+        if entry is not None and slot is not None:
+            entry.slot = slot  # (a session per expert: the slot only counts the budget)
+            self.layers[layer][key[1]] = entry
+        elif slot is not None:
+            self._free.append(slot)
+            self.count -= 1
 
     # -- loading -----------------------------------------------------------------
     def run_loads(self, jobs: list[tuple[list[tuple[int, int]], list[_InFlight]]], prefetched: bool = False) -> None:
@@ -425,7 +429,7 @@ class ExpertCache:
                     finally:
                         reads.give_back([buf])
                     with self.lock:
-                        self._finish(key, _InFlight(slot_of[key]), entry, None)
+                        self._place(key, slot_of[key], entry)
                     done.add(key)
                     wait += time.perf_counter() - t0
                     yield index[key[1]], entry
@@ -440,7 +444,7 @@ class ExpertCache:
             with self.lock:
                 for key in keys:
                     if key not in done:
-                        self._finish(key, _InFlight(slot_of[key]), None, None)
+                        self._place(key, slot_of[key], None)
             raise
         finally:
             self.loader.timer.add(read_s, 0.0)

@@ -47,6 +47,14 @@ _ov = ort.OrtValue.ortvalue_from_numpy
 
 def top_experts(logits: np.ndarray, k: int, renormalize: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per row: the K experts of highest softmax probability (descending) and their weights."""
+    if logits.ndim == 1:  # one token (the decode path): the same arithmetic without the row machinery
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        idx = np.argsort(-probs, kind="stable")[:k]
+        w = probs[idx]
+        if renormalize:
+            w = w / w.sum()
+        return idx, w.astype(np.float32)
     z = logits - logits.max(axis=-1, keepdims=True)
     probs = np.exp(z)
     probs /= probs.sum(axis=-1, keepdims=True)
@@ -230,15 +238,15 @@ class MoEDecoder(Decoder):
                 x[:] = plan.dense_out[0, 0]
                 continue
             stream = plan.stream[0]
-            experts, weights = top_experts(plan.logits[0], self.top_k, self.renormalize)
-            chosen = experts[0].tolist()
+            experts, weights = top_experts(plan.logits[0, 0], self.top_k, self.renormalize)
+            chosen = experts.tolist()
             if ahead and self.predict_from == "stream":
                 if self.pool is None:
                     self.cache.advise_needed(i, chosen)  # this layer's reads first, the next layer's behind
                 self._predict_next(i, stream)
             self._score_prediction(i, chosen)
             plan.h[:] = plan.ffn_in[0]
-            y = self._experts_one_token(i, chosen, weights[0], plan)
+            y = self._experts_one_token(i, chosen, weights, plan)
             np.add(stream[0], y, out=x)
             if self.has_shared:
                 x += plan.shared[0, 0]
