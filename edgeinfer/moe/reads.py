@@ -141,19 +141,18 @@ class ReadQueue:
             if not done and block:
                 self.aio.wait_any(list(tags))
                 done = [t for t in tags if t in self.aio.done]
-            for t in done:
-                k = tags[t]
-                got = self.aio.done.pop(t)
-                b = self.pending.pop(k)[0]
-                try:
+            try:
+                for t in done:
+                    k = tags[t]
+                    got = self.aio.done.pop(t)
+                    out.append((k, self.pending.pop(k)[0]))
                     if got < 0:  # the kernel refused this read (say EAGAIN): do it now
-                        self.store.read_into([k], [self._views[b]])
+                        self.store.read_into([k], [self._views[out[-1][1]]])
                     elif got != self.size:
                         self.store.short_read(k, got)
-                except BaseException:
-                    self._free.append(b)  # the disk is done with it
-                    raise
-                out.append((k, b))
+            except BaseException:
+                self._free.extend(b for _, b in out)  # the disk is done with them
+                raise
         elif block:
             k = min(keys, key=lambda k: self.store.records[k][0])
             b = self.pending.pop(k)[0]
