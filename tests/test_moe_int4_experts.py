@@ -102,19 +102,19 @@ def test_records_made_runnable_on_the_helper_thread_change_nothing(int4_expert_p
     """Large records are widened on a helper thread while the decode thread computes the cached experts;
     forced on for these small ones, every step's logits equal those of all experts resident."""
     import edgeinfer
-    from edgeinfer.moe import cache as cache_mod
+    from edgeinfer.moe import experts as experts_mod
 
     _, pkg = int4_expert_packages("qwen3_moe")
     plain = edgeinfer.load(pkg).decoder
     plain.forward(PROMPT[:3])
     want = np.stack([plain.step(t).copy() for t in PROMPT[3:]])
-    monkeypatch.setattr(cache_mod, "_HAND_OVER_S", 0.0)
+    monkeypatch.setattr(experts_mod, "_HAND_OVER_S", 0.0)
     dec = edgeinfer.load(pkg, memory_budget=few_experts_budget(pkg)).decoder
     dec.forward(PROMPT[:3])
     got = np.stack([dec.step(t).copy() for t in PROMPT[3:]])
     stats = dec.expert_stats().as_dict()
-    assert dec.cache._helper is not None and stats["misses"] > 0
+    assert dec.cache.filler.helping and stats["misses"] > 0
     assert np.array_equal(got, want)
     assert not dec.cache.pinned and dec.cache.count <= dec.cache.capacity
     dec.close()
-    assert dec.cache._helper is None
+    assert not dec.cache.filler.helping

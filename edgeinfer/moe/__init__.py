@@ -4,11 +4,13 @@
   guesses of the next layer's experts (routing ahead);
 - ``store``: ``ExpertStore``, the expert records of ``experts.bin`` (index, format, checksums checked);
 - ``formats``: what a record holds and what a cached expert holds (int4/int8-channel, sessions);
-- ``experts``: making records runnable on the package's execution target (slots, shared graph);
-- ``cache``: ``ExpertCache``, the loaded experts within the budget, its eviction rules, ``CacheStats``;
+- ``experts``: making records runnable on the package's execution target (slots, shared graph; a
+  helper thread for large records);
+- ``cache``: ``ExpertCache``, the loaded experts within the budget, its eviction rules;
+- ``stats``: ``CacheStats``, its counters;
 - ``reads`` / ``aio``: reads started ahead and finished when needed, without threads (native AIO);
 - ``reader``: ``ReaderPool``, the reader-thread option (demand reads first);
-- ``prefetch``: ``ReadAhead``, which guesses are worth reading ahead, per layer, from measured costs;
+- ``prefetch``: ``ReadAhead``, which guesses to read ahead, on the tokens where that measures faster;
 - ``residency``: the budget split across layers by miss cost, and optional resident experts;
 - ``budget``: what a cached expert costs and the smallest budget the cache accepts.
 """

@@ -39,13 +39,11 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 from .budget import cache_budget
-from .experts import CachedExpert
+from .experts import CachedExpert, RecordFiller
 from .residency import ResidencyPlan
+from .stats import CacheStats
 
 _TRIM_EVERY = 64 << 20
-# A record is handed to the helper thread when making it runnable costs more than this: three times a
-# hand-over's round trip through a one-thread executor (~45 us measured on the 2-core benchmark machine).
-_HAND_OVER_S = 150e-6
 
 
 def _find_malloc_trim():
@@ -58,40 +56,6 @@ def _find_malloc_trim():
 
 
 _malloc_trim = _find_malloc_trim()
-
-
-@dataclass
-class CacheStats:
-    hits: int = 0  # needed and already cached (including read ahead in time)
-    late_prefetches: int = 0  # needed while its read was in flight: waited for it
-    misses: int = 0  # needed, neither cached nor in flight: read on demand
-    prefetched: int = 0  # experts read ahead
-    prefetch_used: int = 0  # ... of which were used before being evicted
-    prefetch_skipped: int = 0  # speculative reads dropped: stale, or no slot they may take
-    regrets: int = 0  # demand misses on an expert evicted not long before
-    evictions: int = 0
-    reads: int = 0  # read calls (a run of adjacent records is one)
-    bytes_read: int = 0
-    read_s: float = 0.0  # time spent reading expert records (all threads)
-    build_s: float = 0.0  # time spent making records runnable (sessions, or widening into slots)
-    wait_s: float = 0.0  # time the decode thread stood still for experts
-    predicted: int = 0  # experts predicted for the next layer
-    predicted_right: int = 0  # ... that the router then chose
-    tokens: int = 0
-
-    def as_dict(self) -> dict:
-        needed = self.hits + self.late_prefetches + self.misses
-        d = dict(self.__dict__)
-        d.update(needed=needed, hit_rate=round(self.hits / needed, 4) if needed else None,
-                 # needed experts that came from disk for this use: what a read bound counts
-                 needed_reads=self.misses + self.prefetch_used,
-                 prefetch_accuracy=round(self.predicted_right / self.predicted, 4) if self.predicted else None,
-                 bytes_read_per_token=round(self.bytes_read / self.tokens) if self.tokens else None,
-                 read_s=round(self.read_s, 4), build_s=round(self.build_s, 4), wait_s=round(self.wait_s, 4))
-        return d
-
-    def minus(self, other: CacheStats) -> CacheStats:
-        return CacheStats(**{k: getattr(self, k) - getattr(other, k) for k in self.__dict__})
 
 
 @dataclass
@@ -132,8 +96,7 @@ class ExpertCache:
         self.reader = None  # reader.ReaderPool, when reads run on other threads
         self.reads = None  # reads.ReadQueue: reads started ahead on the decode thread (no reader threads)
         self._freed = 0  # bytes of evicted sessions since memory was last handed back
-        self.fill_s: float | None = None  # seconds to make one read record runnable (smoothed)
-        self._helper = None  # _filler's thread
+        self.filler = RecordFiller(loader)  # makes read records runnable, on a helper thread when that pays
 
     @property
     def resident_bytes(self) -> int:
@@ -392,7 +355,7 @@ class ExpertCache:
         done = set()
         read_s = 0.0
         reads.start([k for k in keys if k not in reads.pending], speculative=False)  # read while the hits compute
-        helper = self._filler()
+        helper = self.filler.helper()
         filling: deque = deque()  # (key, buffer, future or finished entry), in the order reads completed
         left = list(keys)  # reads not yet taken from the queue
 
@@ -403,10 +366,10 @@ class ExpertCache:
                 left.remove(key)
                 read_s += waited / len(got)
                 if helper is not None:
-                    filling.append((key, buf, helper.submit(self._load_record, key, reads.view(buf), slot_of[key])))
+                    filling.append((key, buf, helper.submit(self.filler.load, key, reads.view(buf), slot_of[key])))
                 else:  # not worth a hand-over: made runnable on this thread
                     try:
-                        entry = self._load_record(key, reads.view(buf), slot_of[key])
+                        entry = self.filler.load(key, reads.view(buf), slot_of[key])
                     except BaseException:
                         reads.give_back([buf])
                         raise
@@ -451,28 +414,8 @@ class ExpertCache:
             with self.lock:
                 self.stats.wait_s += wait
 
-    def _load_record(self, key: tuple[int, int], view, slot: int | None) -> CachedExpert:
-        """A read record made runnable in its slot (its checksum checked the first time); any thread."""
-        t0 = time.perf_counter()
-        self.store.verify([key], [view])
-        entry = self.loader.fill([key], [view], [slot])[0]
-        dt = time.perf_counter() - t0
-        self.fill_s = dt if self.fill_s is None else 0.9 * self.fill_s + 0.1 * dt
-        return entry
-
-    def _filler(self):
-        """The helper thread that makes records runnable while the decode thread computes, when a record's
-        widening costs more than handing it over (large int4-channel records; not small ones)."""
-        if self.fill_s is None or self.fill_s < _HAND_OVER_S:
-            return None
-        if self._helper is None:
-            self._helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgeinfer-experts")
-        return self._helper
-
     def close(self) -> None:
-        if self._helper is not None:
-            self._helper.shutdown(wait=True)
-            self._helper = None
+        self.filler.close()
 
     def end_token(self) -> None:
         """Between tokens: take back the buffers of finished dropped reads; give evicted sessions' memory back

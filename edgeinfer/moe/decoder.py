@@ -32,12 +32,13 @@ from ..decoders.base import Decoder
 from ..decoders.kv_cache import KVCache
 from ..errors import ContextLengthError, PackageError
 from ..package import Package
-from .cache import CacheStats, ExpertCache
+from .cache import ExpertCache
 from .experts import expert_loader
 from .prefetch import ReadAhead
 from .reader import ReaderPool
 from .reads import ReadQueue
 from .residency import ResidencyPlan
+from .stats import CacheStats
 from .store import ExpertStore
 
 PREDICT_FROM = ("stream", "input")
