@@ -49,16 +49,9 @@ class ReadAhead:
         self.cache, self.pool, self.top_k = cache, pool, top_k
         self.depth = depth or top_k + 2  # guesses considered per layer
         self.p: dict[int, list[float]] = {}
-        self.q: dict[int, list[float]] = {}
         self.token_s: dict[bool, deque] = {True: deque(maxlen=_SAMPLES), False: deque(maxlen=_SAMPLES)}
         self.tokens = 0
         self.on = True  # this token's mode
-
-    def _uncached(self, layer: int) -> list[float]:
-        """Per guess rank: how often that guess was not cached (only those can save a read)."""
-        if layer not in self.q:
-            self.q[layer] = [0.5] * self.depth
-        return self.q[layer]
 
     def _probs(self, layer: int) -> list[float]:
         if layer not in self.p:  # prior: top-k guesses mostly right, the rest mostly wrong
@@ -108,8 +101,7 @@ class ReadAhead:
     def observe(self, layer: int, ranked: list[int], chosen: list[int], uncached: frozenset) -> None:
         """The router chose CHOSEN where RANKED was guessed: update the per-rank probabilities that an uncached
         guess is chosen."""
-        p, q = self._probs(layer), self._uncached(layer)
+        p = self._probs(layer)
         for r, e in enumerate(ranked[: self.depth]):
-            q[r] += _ALPHA * ((e in uncached) - q[r])
             if e in uncached:
                 p[r] += _ALPHA * ((e in chosen) - p[r])
