@@ -62,7 +62,11 @@ NOTES = [
     "MoEfied 1.02x / 1.02x / 1.06x, random 1.10x / 1.15x / 1.18x at 75 / 50 / 25%; 26 of 30 rounds at 1.0x "
     "or more, the others 0.94-0.96x). On MoEfied, whose 0.09 MB records read in ~0.15 ms while the layer's "
     "cached experts compute, reading ahead rarely pays and the per-token choice keeps it off but for its "
-    "exploration tokens; on the random model it is on.",
+    "exploration tokens; on the random model it is on. A confirmation run an hour later on the stop's final "
+    "code (`all --repeats 3 --tag=-final`, load ~0.5-0.9, `results-*-final.json`) gave MoEfied 0.98x / 0.97x / "
+    "0.97x (rounds 0.94-1.01) and random 0.99x / 1.12x / 1.10x: on MoEfied read-ahead and on demand are "
+    "within a few percent of each other (the exploration tokens cost about that), so 1.0x there is met in "
+    "one run and missed in the other -- not robustly.",
     "- **0.8x of the read bound: reached at 75% on MoEfied (0.92), missed elsewhere** (MoEfied 0.72 / 0.54 at "
     "50 / 25%; random 0.76 / 0.61 / 0.61 at 75 / 50 / 25%) -- up from 0.72 / 0.51 / 0.34 and 0.57 / 0.44 / "
     "0.30 the day before (same machine, load 2-4 then, ~1 now; read-ahead's medians then: MoEfied 40.7 / "
