@@ -319,11 +319,7 @@ class ExpertCache:
 
     def _acquire_started(self, layer: int, experts: list[int]) -> list[CachedExpert]:
         """``acquire`` with the reads queue (see ``_each_started``)."""
-        try:
-            got = dict(self._each_started(layer, experts))
-        except BaseException:
-            self.release(layer, experts)
-            raise
+        got = dict(self.acquire_each(layer, experts))  # releases them itself if it fails
         return [got[i] for i in range(len(experts))]
 
     def _each_started(self, layer: int, experts: list[int]):
@@ -354,7 +350,7 @@ class ExpertCache:
         index = {e: i for i, e in enumerate(experts)}
         done = set()
         read_s = 0.0
-        reads.start([k for k in keys if k not in reads.pending], speculative=False)  # read while the hits compute
+        reads.start(keys, speculative=False)  # (those not started yet) read while the hits compute
         helper = self.filler.helper()
         filling: deque = deque()  # (key, buffer, future or finished entry), in the order reads completed
         left = list(keys)  # reads not yet taken from the queue

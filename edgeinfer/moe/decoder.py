@@ -372,7 +372,7 @@ class MoEDecoder(Decoder):
 
     def _predict_next(self, i: int, stream: np.ndarray) -> None:
         j = self._next_sparse[i]
-        if j is None or self.readahead is None or not self.readahead.wants(j):
+        if j is None:  # (called only on tokens that read ahead)
             return
         ranked = self.rank_experts(j, stream[-1])[: self.readahead.depth].tolist()
         self._predicted[j] = (ranked, self.readahead.request(self._step, j, ranked))

@@ -31,7 +31,7 @@ from edgeinfer.runtimes import PROVIDERS, ExecutionTarget
 
 from ..errors import PackageError
 from .budget import expert_memory
-from .formats import CHANNEL_INT8, fill_slot, slot_layout
+from .formats import CHANNEL_INT8, fill_slot, slot_layout, tensor_views
 from .store import ExpertStore
 
 
@@ -137,11 +137,9 @@ class SharedGraphExperts:
         self.shared_session = expert_session(graph, target)
         self.expert_bytes = expert_memory(store.index)  # the slot stride
         self.layout = slot_layout(store.index)
-        self._layout_bytes = [(n, off, int(np.prod(shape)) * dt.itemsize, dt, shape)
-                              for n, off, dt, shape in self.layout]
-        record_layout = [(t["name"], int(t["offset"])) for t in store.tensors]
         # int8-channel records are laid out as the slots are: read them in place.
-        self.in_place = store.precision == CHANNEL_INT8 and record_layout == [(n, o) for n, o, _, _ in self.layout]
+        same = [t[:2] for t in store.layout] == [t[:2] for t in self.layout]  # names and offsets
+        self.in_place = store.precision == CHANNEL_INT8 and same
         self.arena: mmap.mmap | None = None
         self._slot_tensors: dict[int, tuple[dict, dict]] = {}  # slot -> (arrays, OrtValues), made once
         self.timer = _Timer()
@@ -160,16 +158,12 @@ class SharedGraphExperts:
             return memoryview(mmap.mmap(-1, self.expert_bytes))
         return memoryview(self.arena)[slot * self.expert_bytes:(slot + 1) * self.expert_bytes]
 
-    def _arrays(self, buf) -> dict[str, np.ndarray]:
-        raw = np.frombuffer(buf, np.uint8)
-        return {name: raw[off:off + n].view(dt).reshape(shape) for name, off, n, dt, shape in self._layout_bytes}
-
     def _tensors(self, slot: int | None, buf) -> tuple[dict, dict]:
         """(arrays, OrtValues) of the graph inputs in BUF, the buffer of SLOT: made once per slot (the
         arena never moves), fresh for a buffer outside the arena."""
         got = self._slot_tensors.get(slot) if slot is not None else None
         if got is None:
-            arrays = self._arrays(buf)
+            arrays = tensor_views(buf, self.layout)
             got = (arrays, {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()})
             if slot is not None:
                 self._slot_tensors[slot] = got

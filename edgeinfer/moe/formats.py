@@ -50,13 +50,27 @@ def resident_bytes(index: dict) -> int:
     return sum(_round_up(_nbytes(t), 64) for t in graph_inputs(index))
 
 
-def slot_layout(index: dict) -> list[tuple[str, int, np.dtype, tuple]]:
-    """(name, offset, dtype, shape) of each graph input inside one slot of ``resident_bytes``."""
+Layout = list[tuple[str, int, int, np.dtype, tuple]]  # (name, offset, bytes, dtype, shape) per tensor
+
+
+def slot_layout(index: dict) -> Layout:
+    """Where each graph input lies inside one slot of ``resident_bytes``."""
     out, pos = [], 0
     for t in graph_inputs(index):
-        out.append((t["name"], pos, np.dtype(t["dtype"]), tuple(t["shape"])))
+        out.append((t["name"], pos, _nbytes(t), np.dtype(t["dtype"]), tuple(t["shape"])))
         pos = _round_up(pos + _nbytes(t), 64)
     return out
+
+
+def record_layout(tensors: list[dict]) -> Layout:
+    """Where each tensor of a store record lies (the index's offsets)."""
+    return [(t["name"], int(t["offset"]), _nbytes(t), np.dtype(t["dtype"]), tuple(t["shape"])) for t in tensors]
+
+
+def tensor_views(buf, layout: Layout) -> dict[str, np.ndarray]:
+    """The tensors of LAYOUT inside BUF (views, no copy)."""
+    raw = np.frombuffer(buf, np.uint8)
+    return {name: raw[off:off + n].view(dt).reshape(shape) for name, off, n, dt, shape in layout}
 
 
 def widen_int4(q4: np.ndarray, mult: np.ndarray, out: np.ndarray) -> None:

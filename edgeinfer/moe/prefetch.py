@@ -80,10 +80,6 @@ class ReadAhead:
         """The token begun with ``start_token`` took SECONDS (wall time)."""
         self.token_s[self.on].append(seconds)
 
-    def wants(self, layer: int) -> bool:
-        """Whether to rank LAYER's experts for reading ahead now."""
-        return self.on
-
     def request(self, step: int, layer: int, ranked: list[int]) -> frozenset:
         """Read ahead the guesses of RANKED (best first) for LAYER that are more likely right than wrong and not
         cached; returns the guesses that were not cached (what ``observe`` learns from: a cached guess needs no

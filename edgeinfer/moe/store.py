@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import PackageError
 from ..package import Package
-from .formats import INPUT_FORMATS, resident_bytes
+from .formats import INPUT_FORMATS, record_layout, resident_bytes, tensor_views
 
 _KNOWN_DTYPES = {"uint8", "int8", "float32"}
 
@@ -62,9 +62,7 @@ class ExpertStore:
             if int(t["offset"]) < 0 or end > self.record_size:
                 raise PackageError(f"expert tensor '{t['name']}' does not fit its record: the package index is "
                                    "corrupt, re-export it.")
-        # (name, offset, bytes, dtype, shape) of each tensor in a record: ``views`` runs per record read
-        self._view_layout = [(t["name"], int(t["offset"]), int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize,
-                              np.dtype(t["dtype"]), tuple(t["shape"])) for t in self.tensors]
+        self.layout = record_layout(self.tensors)  # computed once: ``views`` runs per record read
         self.checksums = self._checked_sums(index.get("checksums"))
         self._verified: set[tuple[int, int]] = set()
         self.direct_io = direct_io
@@ -187,8 +185,7 @@ class ExpertStore:
 
     def views(self, buf) -> dict[str, np.ndarray]:
         """The record tensors inside BUF (views, no copy)."""
-        raw = np.frombuffer(buf, np.uint8, count=self.record_size)
-        return {name: raw[off:off + n].view(dt).reshape(shape) for name, off, n, dt, shape in self._view_layout}
+        return tensor_views(memoryview(buf)[: self.record_size], self.layout)
 
     def read(self, layer: int, expert: int) -> dict[str, np.ndarray]:
         """One expert's tensors (views of one freshly allocated copy of its record)."""
