@@ -206,22 +206,31 @@ def test_acquire_each_gives_the_cached_first_and_cleans_up_when_closed_early(moe
 
 
 def test_read_ahead_is_on_for_the_tokens_where_it_measures_faster():
-    from edgeinfer.moe.prefetch import _EXPLORE, _EXPLORE_CLEAR, _WARMUP, ReadAhead
+    from edgeinfer.moe.prefetch import _EXPLORE, _EXPLORE_MAX, _WARMUP, ReadAhead
 
-    def run(on_s, off_s, tokens=128, spikes=()):
+    def run(on_s, off_s, tokens=600, spikes=(), flip_at=None):
         ra = ReadAhead(cache=None, pool=None, top_k=2)
         modes = []
         for n in range(tokens):
+            if n == flip_at:
+                on_s, off_s = off_s, on_s
             modes.append(ra.start_token())
             ra.observe_token((on_s if ra.on else off_s) * (5 if n in spikes else 1))
         return modes
 
+    def explored(modes, slower):  # the positions of the tokens in the slower mode
+        return [n for n, m in enumerate(modes) if m == slower]
+
     close = run(0.0100, 0.0105)
     assert close[:_WARMUP] == [True, False] * (_WARMUP // 2)  # the first tokens alternate
-    later = close[_WARMUP:]
-    assert later.count(False) == len(later) // _EXPLORE  # then the slower mode once in _EXPLORE, to keep measuring
-    clear = run(0.012, 0.010)[_WARMUP:]  # one mode clearly faster: explored less often
-    assert clear.count(True) == len(clear) // _EXPLORE_CLEAR
+    later = explored(close[_WARMUP:], False)
+    # then the slower mode is explored, first after _EXPLORE tokens, each time it stays slower twice as late
+    gaps = [b - a for a, b in zip(later, later[1:])]
+    assert later[0] == _EXPLORE - 1 and gaps[:4] == [2 * _EXPLORE, 4 * _EXPLORE, 8 * _EXPLORE, _EXPLORE_MAX]
+    assert set(gaps[4:]) == {_EXPLORE_MAX}
     # a token slowed down by something else (say preempted) does not flip the choice
     spiked = run(0.012, 0.010, spikes=(_WARMUP + 3, _WARMUP + 5))[_WARMUP:]
-    assert spiked.count(True) == len(spiked) // _EXPLORE_CLEAR
+    assert explored(spiked, True) == explored(run(0.012, 0.010)[_WARMUP:], True)
+    # when the slower mode becomes the faster one, it is found at its next exploration and taken
+    flipped = run(0.012, 0.010, flip_at=300)
+    assert flipped[300 + _EXPLORE_MAX:].count(True) > 0.9 * len(flipped[300 + _EXPLORE_MAX:])

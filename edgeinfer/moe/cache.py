@@ -22,7 +22,7 @@ residency.py says how the budget is split. The rules:
   when that costs more than the hand-over (large int4-channel records), else on the decode thread.
   With reader threads, one job per run of records adjacent on disk, all but one handed to the
   threads, the last read by the decode thread, which then waits for all.
-- Read-ahead without threads: a guess's read is started into a scratch buffer (``advise_ahead``): it
+- Read-ahead without threads: a guess's read is started into a scratch buffer (``advise``): it
   takes no slot and evicts nothing; a right guess is made runnable when its layer needs it, a wrong
   one is dropped.
 
@@ -422,23 +422,26 @@ class ExpertCache:
             self._freed = 0
             _malloc_trim(0)
 
-    def advise_needed(self, layer: int, experts: list[int]) -> None:
-        """Start reading the experts of LAYER that are not cached (before guessing the next layer's, whose
-        reads then queue behind these)."""
+    def advise(self, layer: int, needed: list[int], ahead_layer: int | None = None,
+               guesses: list[int] = ()) -> list[int]:
+        """Start reading the NEEDED experts of LAYER that are not cached, then the GUESSES for AHEAD_LAYER (found
+        uncached by the caller), in one submit (the guesses queue behind the needed reads); returns the
+        guesses started. A guess takes no slot and evicts nothing: a wrong one costs disk time and a
+        scratch buffer until the disk is done with it."""
         with self.lock:
-            keys = [(layer, e) for e in experts if e not in self.layers[layer]]
-        started = self.reads.start(keys[: max(1, self.reads.buffers()["free"])], speculative=False)
+            keys = [(layer, e) for e in needed if e not in self.layers[layer]]
+        if not keys and not guesses:
+            return []
+        if len(keys) > 1:
+            keys = keys[: max(1, self.reads.free_buffers())]  # the rest start when the layer takes them
+        ahead = [(ahead_layer, e) for e in guesses]
+        started = self.reads.start(keys, guesses=ahead)
+        ahead_keys = set(ahead)
+        guessed = [k[1] for k in started if k in ahead_keys]
         with self.lock:
+            self.stats.prefetched += len(guessed)
             self.stats.bytes_read += len(started) * self.store.record_size
-
-    def advise_ahead(self, layer: int, experts: list[int]) -> list[int]:
-        """Start reading guessed experts of LAYER (no slot taken, nothing evicted: a wrong guess costs disk
-        time and a scratch buffer until the disk is done with it)."""
-        started = self.reads.start([(layer, e) for e in self.uncached(layer, experts)], speculative=True)
-        with self.lock:
-            self.stats.prefetched += len(started)
-            self.stats.bytes_read += len(started) * self.store.record_size
-        return [e for _, e in started]
+        return guessed
 
     def uncached(self, layer: int, experts: list[int]) -> list[int]:
         """EXPERTS of LAYER neither cached nor being read."""

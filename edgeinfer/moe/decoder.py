@@ -119,6 +119,7 @@ class MoEDecoder(Decoder):
                                                                 self.hidden_size))
             self.router_norms = _load_array(pkg, router["norms"], (self.num_layers, self.hidden_size))
             self.eps = float(router["eps"])
+            self._rank_weights = self.routers * self.router_norms[:, None, :]  # (rank_experts)
             if graphs["expert_ffn"] is None:
                 raise PackageError(f"package '{pkg.root}' has no expert_ffn graph: re-export it.")
             ffn_graph = pkg.path(graphs["expert_ffn"].path).read_bytes()
@@ -241,10 +242,8 @@ class MoEDecoder(Decoder):
             stream = plan.stream[0]
             experts, weights = top_experts(plan.logits[0, 0], self.top_k, self.renormalize)
             chosen = experts.tolist()
-            if ahead and self.predict_from == "stream":
-                if self.pool is None:
-                    self.cache.advise_needed(i, chosen)  # this layer's reads first, the next layer's behind
-                self._predict_next(i, stream)
+            if ahead and self.predict_from == "stream":  # this layer's reads first, the next layer's behind
+                self._predict_next(i, stream, needed=chosen if self.pool is None else None)
             self._score_prediction(i, chosen)
             plan.h[:] = plan.ffn_in[0]
             y = self._experts_one_token(i, chosen, weights, plan)
@@ -365,17 +364,22 @@ class MoEDecoder(Decoder):
         return out[None]
 
     def rank_experts(self, j: int, v: np.ndarray) -> np.ndarray:
-        """Layer J's experts ranked (best first) for the stream vector V: its router on V normalized
-        with its pre-feed-forward norm."""
-        normed = v / np.sqrt(np.mean(v * v) + self.eps) * self.router_norms[j]
-        return np.argsort(-(self.routers[j] @ normed), kind="stable")
+        """Layer J's experts ranked (best first) for the stream vector V: its router on V normalized with its
+        pre-feed-forward norm (the RMS scale is one positive factor for every expert, so it does not change
+        the order and is left out; the norm's weights are folded into the router once)."""
+        return np.argsort(-(self._rank_weights[j] @ v), kind="stable")
 
-    def _predict_next(self, i: int, stream: np.ndarray) -> None:
+    def _predict_next(self, i: int, stream: np.ndarray, needed: list[int] | None = None) -> None:
+        """Guess the next sparse layer's experts from STREAM and read ahead; NEEDED: layer I's experts, whose
+        misses are read first, in the same submit."""
         j = self._next_sparse[i]
         if j is None:  # (called only on tokens that read ahead)
+            if needed:
+                self.cache.advise(i, needed)
             return
         ranked = self.rank_experts(j, stream[-1])[: self.readahead.depth].tolist()
-        self._predicted[j] = (ranked, self.readahead.request(self._step, j, ranked))
+        self._predicted[j] = (ranked, self.readahead.request(self._step, j, ranked,
+                                                             (i, needed) if needed else None))
 
     def _score_prediction(self, i: int, chosen: list[int]) -> None:
         guess = self._predicted.pop(i, None)
@@ -394,7 +398,7 @@ class MoEDecoder(Decoder):
         y = np.zeros_like(h)
         unique = np.unique(experts).tolist()
         if self.cache.reads is not None:  # start the reads of the layer's experts at once
-            self.cache.advise_needed(i, unique)
+            self.cache.advise(i, unique)
         for e in unique:
             rows, slot = np.nonzero(experts == e)
             entry = self.cache.acquire(i, [e])[0]

@@ -17,9 +17,10 @@ the current stream). Two decisions, both from measurements of this run:
   up in a token's wall time, and how they weigh depends on the disk, the record size, the budget
   and the machine's load. So the decoder times its tokens with and without read-ahead: the first
   tokens alternate, then each token takes the mode whose recent tokens' median time is lower (a
-  median: one token preempted on a busy machine does not flip the choice), but one in
-  ``_EXPLORE`` the other, to keep measuring (one in ``_EXPLORE_CLEAR`` once one mode is clearly
-  faster: exploring then costs more and tells less). Reading ahead or not changes nothing the cache
+  median: one token preempted on a busy machine does not flip the choice), but now and then the
+  other, to keep measuring: first after ``_EXPLORE`` tokens, then twice as late each time it stays
+  the slower (up to one token in ``_EXPLORE_MAX``: where read-ahead cannot pay, exploring it is pure
+  cost), and often again as soon as the choice flips. Reading ahead or not changes nothing the cache
   holds (guesses read without threads take no slot), so the two modes see the same cache. A token
   without read-ahead does not even rank its layers' experts.
 """
@@ -35,8 +36,8 @@ _ALPHA = 0.05  # smoothing of the per-rank hit probabilities (~20 tokens)
 _SAMPLES = 5  # token times kept per mode (their median is the mode's time)
 _WARMUP = 2 * _SAMPLES  # the first tokens alternate between reading ahead and not
 _EXPLORE = 8  # then one token in this many takes the mode that measured slower ...
-_EXPLORE_CLEAR = 32  # ... or one in this many when it is slower by more than _CLEAR
-_CLEAR = 0.15
+_EXPLORE_MAX = 128  # ... and each exploration that leaves it slower doubles the interval, up to this
+_FETCH_P = 0.5  # a guess is read when it is more likely right than wrong
 
 
 class ReadAhead:
@@ -45,13 +46,17 @@ class ReadAhead:
 
     def __init__(self, cache: ExpertCache, pool: ReaderPool | None, top_k: int, depth: int | None = None):
         """POOL: reader threads that read guesses into slots; None: reads started by this thread
-        (cache.advise_ahead)."""
+        (cache.advise)."""
         self.cache, self.pool, self.top_k = cache, pool, top_k
         self.depth = depth or top_k + 2  # guesses considered per layer
         self.p: dict[int, list[float]] = {}
         self.token_s: dict[bool, deque] = {True: deque(maxlen=_SAMPLES), False: deque(maxlen=_SAMPLES)}
         self.tokens = 0
         self.on = True  # this token's mode
+        self.every = _EXPLORE  # tokens between explorations of the slower mode
+        self._countdown = _EXPLORE
+        self._exploring = False
+        self._faster: bool | None = None
 
     def _probs(self, layer: int) -> list[float]:
         if layer not in self.p:  # prior: top-k guesses mostly right, the rest mostly wrong
@@ -62,14 +67,24 @@ class ReadAhead:
         """Whether the token about to be decoded reads ahead (called once per token, before its layers)."""
         n = self.tokens
         self.tokens += 1
-        on_s, off_s = self.seconds(True), self.seconds(False)
-        if n < _WARMUP or on_s is None or off_s is None:
+        self._exploring = False
+        faster = self._faster_mode()
+        if n < _WARMUP or faster is None:
             self.on = n % 2 == 0
-        else:
-            faster = on_s <= off_s
-            every = _EXPLORE_CLEAR if abs(on_s - off_s) > _CLEAR * min(on_s, off_s) else _EXPLORE
-            self.on = (not faster) if n % every == 0 else faster
+            return self.on
+        if faster != self._faster:  # the choice flipped: explore often again
+            self.every = self._countdown = _EXPLORE
+        self._faster = faster
+        self._countdown -= 1
+        self._exploring = self._countdown <= 0
+        if self._exploring:
+            self._countdown = self.every
+        self.on = faster != self._exploring
         return self.on
+
+    def _faster_mode(self) -> bool | None:
+        on_s, off_s = self.seconds(True), self.seconds(False)
+        return None if on_s is None or off_s is None else on_s <= off_s
 
     def seconds(self, on: bool) -> float | None:
         """The median time of the last tokens decoded with read-ahead ON (or without), None before any."""
@@ -79,19 +94,23 @@ class ReadAhead:
     def observe_token(self, seconds: float) -> None:
         """The token begun with ``start_token`` took SECONDS (wall time)."""
         self.token_s[self.on].append(seconds)
+        if self._exploring and self._faster_mode() == self._faster:  # still slower: explore it less often
+            self.every = self._countdown = min(2 * self.every, _EXPLORE_MAX)
 
-    def request(self, step: int, layer: int, ranked: list[int]) -> frozenset:
+    def request(self, step: int, layer: int, ranked: list[int], needed: tuple[int, list[int]] | None = None) -> frozenset:
         """Read ahead the guesses of RANKED (best first) for LAYER that are more likely right than wrong and not
-        cached; returns the guesses that were not cached (what ``observe`` learns from: a cached guess needs no
-        read, right or wrong)."""
+        cached, behind NEEDED (the running layer and its experts, whose misses are read first, in the same
+        submit; without reader threads only); returns the guesses that were not cached (what ``observe``
+        learns from: a cached guess needs no read, right or wrong)."""
         p = self._probs(layer)
         guesses = ranked[: self.depth]
         uncached = self.cache.uncached(layer, guesses)
-        fetch = [e for r, e in enumerate(guesses) if p[r] > 0.5 and e in uncached]
-        if fetch and self.pool is not None:
-            self.pool.speculate(step, layer, fetch, frozenset(guesses[: self.top_k]) | frozenset(fetch))
-        elif fetch:
-            self.cache.advise_ahead(layer, fetch)
+        fetch = [e for r, e in enumerate(guesses) if p[r] > _FETCH_P and e in uncached]
+        if self.pool is not None:
+            if fetch:
+                self.pool.speculate(step, layer, fetch, frozenset(guesses[: self.top_k]) | frozenset(fetch))
+        elif fetch or needed:
+            self.cache.advise(*(needed or (layer, [])), layer, fetch)
         return frozenset(uncached)
 
     def observe(self, layer: int, ranked: list[int], chosen: list[int], uncached: frozenset) -> None:

@@ -66,6 +66,10 @@ class ReadQueue:
         return {"free": len(self._free), "pending": len(self.pending), "dropped": len(self._abandoned),
                 "all": len(self._views)}
 
+    def free_buffers(self) -> int:
+        """Scratch buffers free now, or still to be allocated within the bound."""
+        return len(self._free) + max(0, self.max_buffers - len(self._views))
+
     def give_back(self, buffers: list[int]) -> None:
         self._free.extend(buffers)
 
@@ -73,24 +77,33 @@ class ReadQueue:
         return self._views[buffer]
 
     # -- reads -----------------------------------------------------------------------
-    def start(self, keys: list[tuple[int, int]], speculative: bool) -> list[tuple[int, int]]:
-        """Start reading KEYS (not already pending); returns those started (a guess without a free buffer is
-        not; a demand read always is, into a temporary buffer if need be)."""
-        keys = [k for k in keys if k not in self.pending]
-        started, bufs = [], []
-        for k in keys:
-            b = self._take()
-            if b is None:
-                if speculative:
+    def start(self, keys: list[tuple[int, int]], speculative: bool = False,
+              guesses: list[tuple[int, int]] = ()) -> list[tuple[int, int]]:
+        """Start reading KEYS, then GUESSES (those not already pending), in one submit (the disk serves them in
+        that order); returns those started. A demand read (KEYS, unless SPECULATIVE) always starts, into a
+        temporary buffer if need be; a guess without a free buffer does not."""
+        if not keys and not guesses:
+            return []
+        started, bufs, spec = [], [], []
+        for group, is_guess in ((keys, speculative), (guesses, True)):
+            first = len(started)
+            for k in group:
+                if k in self.pending:
                     continue
-                b = self._extra()
-            started.append(k)
-            bufs.append(b)
+                b = self._take()
+                if b is None:
+                    if is_guess:
+                        continue
+                    b = self._extra()
+                started.append(k)
+                bufs.append(b)
+                spec.append(is_guess)
+            # within a group, in file order
+            order = sorted(range(first, len(started)), key=lambda i: self.store.records[started[i]][0])
+            started[first:] = [started[i] for i in order]
+            bufs[first:] = [bufs[i] for i in order]
         if not started:
             return []
-        order = sorted(range(len(started)), key=lambda i: self.store.records[started[i]][0])
-        started = [started[i] for i in order]
-        bufs = [bufs[i] for i in order]
         tags: list = [None] * len(started)
         if self.aio is not None:
             try:
@@ -100,8 +113,8 @@ class ReadQueue:
                 self._without_aio()
         if self.mode == "kernel":
             self.store.advise(started)
-        for k, b, t in zip(started, bufs, tags):
-            self.pending[k] = (b, t, speculative)
+        for k, b, t, g in zip(started, bufs, tags, spec):
+            self.pending[k] = (b, t, g)
         return started
 
     def _without_aio(self) -> None:
