@@ -206,7 +206,7 @@ def test_acquire_each_gives_the_cached_first_and_cleans_up_when_closed_early(moe
 
 
 def test_read_ahead_is_on_for_the_tokens_where_it_measures_faster():
-    from edgeinfer.moe.prefetch import _EXPLORE, _EXPLORE_MAX, _WARMUP, ReadAhead
+    from edgeinfer.moe.prefetch import _EXPLORE, _EXPLORE_MAX, _MARGIN, _WARMUP, ReadAhead
 
     def run(on_s, off_s, tokens=600, spikes=(), flip_at=None):
         ra = ReadAhead(cache=None, pool=None, top_k=2)
@@ -221,13 +221,17 @@ def test_read_ahead_is_on_for_the_tokens_where_it_measures_faster():
     def explored(modes, slower):  # the positions of the tokens in the slower mode
         return [n for n, m in enumerate(modes) if m == slower]
 
-    close = run(0.0100, 0.0105)
-    assert close[:_WARMUP] == [True, False] * (_WARMUP // 2)  # the first tokens alternate
-    later = explored(close[_WARMUP:], False)
-    # then the slower mode is explored, first after _EXPLORE tokens, each time it stays slower twice as late
+    clear = run(0.0100, 0.0120)
+    assert clear[:_WARMUP] == [True, False] * (_WARMUP // 2)  # the first tokens alternate
+    later = explored(clear[_WARMUP:], False)
+    # then read-ahead (faster by more than the margin); the other mode is explored, first after _EXPLORE
+    # tokens, then twice as late each time the choice stands
     gaps = [b - a for a, b in zip(later, later[1:])]
     assert later[0] == _EXPLORE - 1 and gaps[:4] == [2 * _EXPLORE, 4 * _EXPLORE, 8 * _EXPLORE, _EXPLORE_MAX]
     assert set(gaps[4:]) == {_EXPLORE_MAX}
+    # faster by less than the margin: a tie within noise, and no read-ahead but the explorations
+    tie = run(0.0100, 0.0100 * (1 + _MARGIN / 2))[_WARMUP:]
+    assert explored(tie, True) == later
     # a token slowed down by something else (say preempted) does not flip the choice
     spiked = run(0.012, 0.010, spikes=(_WARMUP + 3, _WARMUP + 5))[_WARMUP:]
     assert explored(spiked, True) == explored(run(0.012, 0.010)[_WARMUP:], True)

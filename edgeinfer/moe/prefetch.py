@@ -16,11 +16,14 @@ the current stream). Two decisions, both from measurements of this run:
   reads, another thread or the disk competing with the compute for a busy machine's cores) all end
   up in a token's wall time, and how they weigh depends on the disk, the record size, the budget
   and the machine's load. So the decoder times its tokens with and without read-ahead: the first
-  tokens alternate, then each token takes the mode whose recent tokens' median time is lower (a
-  median: one token preempted on a busy machine does not flip the choice), but now and then the
-  other, to keep measuring: first after ``_EXPLORE`` tokens, then twice as late each time it stays
-  the slower (up to one token in ``_EXPLORE_MAX``: where read-ahead cannot pay, exploring it is pure
-  cost), and often again as soon as the choice flips. Reading ahead or not changes nothing the cache
+  tokens alternate, then each token reads ahead only if the median time of its recent tokens with
+  read-ahead is lower than without by more than ``_MARGIN`` (a median: one token preempted on a busy
+  machine does not flip the choice; a margin: where the two tie within the noise of a few tokens'
+  times, the choice would otherwise follow the noise, and every token spent in the slower mode is
+  lost), but now and then takes the other mode, to keep measuring: first after ``_EXPLORE`` tokens,
+  then twice as late each time the choice stands (up to one token in ``_EXPLORE_MAX``: where
+  read-ahead cannot pay, exploring it is pure cost), at once again when an explored token alone
+  would flip it, and often again as soon as it flips. Reading ahead or not changes nothing the cache
   holds (guesses read without threads take no slot), so the two modes see the same cache. A token
   without read-ahead does not even rank its layers' experts.
 """
@@ -33,10 +36,11 @@ from .cache import ExpertCache
 from .reader import ReaderPool
 
 _ALPHA = 0.05  # smoothing of the per-rank hit probabilities (~20 tokens)
-_SAMPLES = 5  # token times kept per mode (their median is the mode's time)
-_WARMUP = 2 * _SAMPLES  # the first tokens alternate between reading ahead and not
-_EXPLORE = 8  # then one token in this many takes the mode that measured slower ...
-_EXPLORE_MAX = 128  # ... and each exploration that leaves it slower doubles the interval, up to this
+_SAMPLES = 7  # token times kept per mode (their median is the mode's time)
+_WARMUP = 10  # the first tokens alternate between reading ahead and not
+_MARGIN = 0.05  # read ahead only where its tokens measure this much faster than without (a tie is noise)
+_EXPLORE = 8  # then one token in this many takes the other mode ...
+_EXPLORE_MAX = 128  # ... and each exploration that leaves the choice as it was doubles the interval, up to this
 _FETCH_P = 0.5  # a guess is read when it is more likely right than wrong
 
 
@@ -53,10 +57,10 @@ class ReadAhead:
         self.token_s: dict[bool, deque] = {True: deque(maxlen=_SAMPLES), False: deque(maxlen=_SAMPLES)}
         self.tokens = 0
         self.on = True  # this token's mode
-        self.every = _EXPLORE  # tokens between explorations of the slower mode
+        self.every = _EXPLORE  # tokens between explorations of the mode not chosen
         self._countdown = _EXPLORE
         self._exploring = False
-        self._faster: bool | None = None
+        self._chosen: bool | None = None
 
     def _probs(self, layer: int) -> list[float]:
         if layer not in self.p:  # prior: top-k guesses mostly right, the rest mostly wrong
@@ -68,23 +72,24 @@ class ReadAhead:
         n = self.tokens
         self.tokens += 1
         self._exploring = False
-        faster = self._faster_mode()
-        if n < _WARMUP or faster is None:
+        chosen = self._choice()
+        if n < _WARMUP or chosen is None:
             self.on = n % 2 == 0
             return self.on
-        if faster != self._faster:  # the choice flipped: explore often again
+        if chosen != self._chosen:  # the choice flipped: explore often again
             self.every = self._countdown = _EXPLORE
-        self._faster = faster
+        self._chosen = chosen
         self._countdown -= 1
         self._exploring = self._countdown <= 0
         if self._exploring:
             self._countdown = self.every
-        self.on = faster != self._exploring
+        self.on = chosen != self._exploring
         return self.on
 
-    def _faster_mode(self) -> bool | None:
+    def _choice(self) -> bool | None:
+        """Read ahead when its tokens' median time is lower by more than the margin; None before both were timed."""
         on_s, off_s = self.seconds(True), self.seconds(False)
-        return None if on_s is None or off_s is None else on_s <= off_s
+        return None if on_s is None or off_s is None else on_s < (1 - _MARGIN) * off_s
 
     def seconds(self, on: bool) -> float | None:
         """The median time of the last tokens decoded with read-ahead ON (or without), None before any."""
@@ -94,7 +99,12 @@ class ReadAhead:
     def observe_token(self, seconds: float) -> None:
         """The token begun with ``start_token`` took SECONDS (wall time)."""
         self.token_s[self.on].append(seconds)
-        if self._exploring and self._faster_mode() == self._faster:  # still slower: explore it less often
+        if not self._exploring:
+            return
+        on_s, off_s = (seconds, self.seconds(False)) if self.on else (self.seconds(True), seconds)
+        if (on_s < (1 - _MARGIN) * off_s) != self._chosen:  # this token alone would flip it: look again now
+            self.every, self._countdown = _EXPLORE, 1
+        elif self._choice() == self._chosen:  # the choice stands: explore less often
             self.every = self._countdown = min(2 * self.every, _EXPLORE_MAX)
 
     def request(self, step: int, layer: int, ranked: list[int], needed: tuple[int, list[int]] | None = None) -> frozenset:
