@@ -350,7 +350,7 @@ class ExpertCache:
         index = {e: i for i, e in enumerate(experts)}
         done = set()
         read_s = 0.0
-        reads.start(keys, speculative=False)  # (those not started yet) read while the hits compute
+        reads.start(keys)  # (those not started yet) read while the hits compute
         helper = self.filler.helper()
         filling: deque = deque()  # (key, buffer, future or finished entry), in the order reads completed
         left = list(keys)  # reads not yet taken from the queue

@@ -107,7 +107,8 @@ class ReadAhead:
         elif self._choice() == self._chosen:  # the choice stands: explore less often
             self.every = self._countdown = min(2 * self.every, _EXPLORE_MAX)
 
-    def request(self, step: int, layer: int, ranked: list[int], needed: tuple[int, list[int]] | None = None) -> frozenset:
+    def request(self, step: int, layer: int, ranked: list[int],
+                needed: tuple[int, list[int]] | None = None) -> frozenset:
         """Read ahead the guesses of RANKED (best first) for LAYER that are more likely right than wrong and not
         cached, behind NEEDED (the running layer and its experts, whose misses are read first, in the same
         submit; without reader threads only); returns the guesses that were not cached (what ``observe``
@@ -120,7 +121,8 @@ class ReadAhead:
             if fetch:
                 self.pool.speculate(step, layer, fetch, frozenset(guesses[: self.top_k]) | frozenset(fetch))
         elif fetch or needed:
-            self.cache.advise(*(needed or (layer, [])), layer, fetch)
+            running, its_experts = needed or (layer, [])
+            self.cache.advise(running, its_experts, layer, fetch)
         return frozenset(uncached)
 
     def observe(self, layer: int, ranked: list[int], chosen: list[int], uncached: frozenset) -> None:

@@ -77,15 +77,14 @@ class ReadQueue:
         return self._views[buffer]
 
     # -- reads -----------------------------------------------------------------------
-    def start(self, keys: list[tuple[int, int]], speculative: bool = False,
-              guesses: list[tuple[int, int]] = ()) -> list[tuple[int, int]]:
-        """Start reading KEYS, then GUESSES (those not already pending), in one submit (the disk serves them in
-        that order); returns those started. A demand read (KEYS, unless SPECULATIVE) always starts, into a
-        temporary buffer if need be; a guess without a free buffer does not."""
+    def start(self, keys: list[tuple[int, int]], guesses: list[tuple[int, int]] = ()) -> list[tuple[int, int]]:
+        """Start reading KEYS (needed), then GUESSES, those not already pending, in one submit (the disk serves
+        them in that order); returns those started. A needed read always starts, into a temporary buffer if
+        need be; a guess without a free buffer does not."""
         if not keys and not guesses:
             return []
         started, bufs, spec = [], [], []
-        for group, is_guess in ((keys, speculative), (guesses, True)):
+        for group, is_guess in ((keys, False), (guesses, True)):
             first = len(started)
             for k in group:
                 if k in self.pending:
