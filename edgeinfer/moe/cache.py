@@ -432,8 +432,7 @@ class ExpertCache:
             keys = [(layer, e) for e in needed if e not in self.layers[layer]]
         if not keys and not guesses:
             return []
-        if len(keys) > 1:
-            keys = keys[: max(1, self.reads.free_buffers())]  # the rest start when the layer takes them
+        keys = keys[: max(1, self.reads.free_buffers())]  # the rest start when the layer takes them
         ahead = [(ahead_layer, e) for e in guesses]
         started = self.reads.start(keys, guesses=ahead)
         ahead_keys = set(ahead)

@@ -44,6 +44,11 @@ _EXPLORE_MAX = 128  # ... and each exploration that leaves the choice as it was 
 _FETCH_P = 0.5  # a guess is read when it is more likely right than wrong
 
 
+def _reads_ahead(on_s: float, off_s: float) -> bool:
+    """Read ahead when its tokens take less time than without by more than the margin (a tie is noise)."""
+    return on_s < (1 - _MARGIN) * off_s
+
+
 class ReadAhead:
     """Decides, per token, whether to read ahead and, per layer, which guesses; starts their reads (or asks
     the reader pool for them)."""
@@ -87,9 +92,9 @@ class ReadAhead:
         return self.on
 
     def _choice(self) -> bool | None:
-        """Read ahead when its tokens' median time is lower by more than the margin; None before both were timed."""
+        """Whether to read ahead by the two modes' median token times; None before both were timed."""
         on_s, off_s = self.seconds(True), self.seconds(False)
-        return None if on_s is None or off_s is None else on_s < (1 - _MARGIN) * off_s
+        return None if on_s is None or off_s is None else _reads_ahead(on_s, off_s)
 
     def seconds(self, on: bool) -> float | None:
         """The median time of the last tokens decoded with read-ahead ON (or without), None before any."""
@@ -102,7 +107,7 @@ class ReadAhead:
         if not self._exploring:
             return
         on_s, off_s = (seconds, self.seconds(False)) if self.on else (self.seconds(True), seconds)
-        if (on_s < (1 - _MARGIN) * off_s) != self._chosen:  # this token alone would flip it: look again now
+        if _reads_ahead(on_s, off_s) != self._chosen:  # this token alone would flip it: look again now
             self.every, self._countdown = _EXPLORE, 1
         elif self._choice() == self._chosen:  # the choice stands: explore less often
             self.every = self._countdown = min(2 * self.every, _EXPLORE_MAX)
