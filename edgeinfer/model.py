@@ -21,7 +21,7 @@ from .strategies import make_strategy
 from .tokenizer import TextTokenizer
 
 Messages = list[dict]
-STRATEGY_OPTIONS = ("threshold", "draft_len", "exit_layer", "confidence", "tau", "window", "min_hold",
+STRATEGY_OPTIONS = ("threshold", "draft_len", "exit_layer", "confidence", "tau", "window", "min_hold", "entropy_of",
                     "fallback_threshold", "rollback_threshold", "pair")
 
 
@@ -197,7 +197,7 @@ class Model:
         self-speculative, adaptive, lookup; their options are ``threshold``,
         ``draft_len``, ``exit_layer``, ``confidence`` (see edgeinfer.strategies).
         With a little model attached (``load(..., little=...)``): speculative
-        (lossless), ead (``tau``, ``window``, ``min_hold``) and bild
+        (lossless), ead (``tau``, ``window``, ``min_hold``, ``entropy_of``) and bild
         (``fallback_threshold``, ``rollback_threshold``, ``draft_len``).
         Constraints (one at most; docs/structured-output.md): ``json_schema`` (dict or JSON text),
         ``json_object=True``, ``regex``, ``grammar`` (Lark or GBNF), ``choices`` (list of strings).

@@ -141,6 +141,35 @@ def test_ead_hands_over_with_caches_caught_up(pair_packages, little):
         seq.append(ev.token_id)
 
 
+def test_ead_by_the_little_models_entropy(pair_packages, big_plain):
+    """entropy_of="little": the big model writes exactly the positions where the little model, given everything
+    before them, is unsure (window 1), each the writer's greedy choice; the extremes are each model alone."""
+    from edgeinfer.strategies.pair import entropy
+
+    model = edgeinfer.load(pair_packages["big"], little=pair_packages["other"])
+    little_alone = edgeinfer.load(pair_packages["other"])
+    p = PROMPTS[0]
+    opts = dict(max_new_tokens=N, ignore_eos=True, strategy="ead", entropy_of="little", window=1)
+    all_big = model.complete(p, **opts, tau=0.0)
+    assert all_big.tokens == big_plain[p] and all_big.stats["big_share"] == 1.0
+    all_little = model.complete(p, **opts, tau=1e9)
+    assert all_little.tokens == little_alone.complete(p, max_new_tokens=N, ignore_eos=True).tokens
+    assert all_little.stats["big_share"] == 0.0 and all_little.stats["big_model"]["calls"] == 0
+    ids = model.tokenizer.encode(PROMPTS[2])
+    probe = model.complete(ids, **opts, tau=1e9)
+    tau = float(np.median(_entropies(little_alone, ids, probe.tokens, False)))
+    events = list(model.generate(ids, **{**opts, "tau": tau}))
+    assert {"big", "little"} <= {ev.source for ev in events}
+    fresh_big, seq = edgeinfer.load(pair_packages["big"]), list(ids)
+    for ev in events:
+        little_alone.reset()
+        unsure = entropy(little_alone.decoder.forward(seq, logits_to_keep=1)[-1]) > tau
+        assert ev.source == ("big" if unsure else "little")
+        writer = fresh_big if unsure else little_alone
+        assert ev.token_id == greedy_next(writer, seq)
+        seq.append(ev.token_id)
+
+
 def _entropies(model, ids, tokens, exit_view):
     from edgeinfer.strategies.pair import entropy
 
@@ -179,10 +208,11 @@ def test_cli_runs_big_little_with_stats(pair_packages, capsys):
     from edgeinfer.cli import main
 
     rc = main(["run", str(pair_packages["big"]), PROMPTS[0], "--little", str(pair_packages["int4"]),
-               "--strategy", "ead", "--tau", "2.0", "--max-new-tokens", "12", "--json"])
+               "--strategy", "ead", "--tau", "2.0", "--entropy-of", "little", "--max-new-tokens", "12", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["new_tokens"] <= 12 and 0.0 <= out["stats"]["big_share"] <= 1.0
+    assert out["stats"]["entropy_of"] == "little"
     assert out["stats"]["compute_vs_big_alone"] > 0
 
 
@@ -212,6 +242,7 @@ def test_little_must_be_a_decoder(pair_packages, tmp_path):
     (dict(strategy="ead", tau=-1.0), "tau .* must be a number >= 0"),
     (dict(strategy="ead", tau=float("nan")), "tau .* must be a number >= 0"),
     (dict(strategy="ead", window=0), "window must be an integer >= 1"),
+    (dict(strategy="ead", entropy_of="big"), "entropy_of must be one of writer, little"),
     (dict(strategy="bild", fallback_threshold=1.5), r"fallback_threshold must be a probability in \[0, 1\]"),
     (dict(strategy="bild", rollback_threshold=-2.0), "rollback_threshold .* must be >= 0"),
     (dict(strategy="speculative", draft_len=0), "draft length must be an integer >= 1"),

@@ -68,7 +68,7 @@ def test_trace_replay_and_oracle():
 
 
 def test_ead_replay_and_window_choice():
-    from edgeinfer.strategies.calibration import choose_window, replay_ead
+    from edgeinfer.strategies.calibration import choose_rule, replay_ead
 
     # the little model is unsure exactly where it is wrong: a one-token window hands those tokens over alone
     trace = [{"agree": [True, False] * 10, "little_entropy": [0.1, 1.5] * 10, "big_entropy": [0.1] * 20,
@@ -77,7 +77,15 @@ def test_ead_replay_and_window_choice():
     share, quality = replay_ead(trace, 1.0, 1)
     assert share == 0.5 and quality == 1.0
     assert replay_ead(trace, 1.0, 5)[1] < 1.0  # a rolling mean lets some unsure (wrong) tokens through
-    assert choose_window(trace, 0.99) == 1
+    assert choose_rule(trace, 0.99) == ("writer", 1)
+    # the big model is unsure where the little one is wrong, never where it is right: with the writer's
+    # entropy deciding, a hand-over lasts until the big model is sure again; with the little model's, one token
+    trace = [{"agree": [True, True, False, True] * 5, "little_entropy": [0.1, 0.1, 1.5, 0.1] * 5,
+              "big_entropy": [0.1, 0.1, 2.0, 0.1] * 5, "big_logprob_of_little": [-0.01, -0.01, -4.0, -0.01] * 5}]
+    assert replay_ead(trace, 1.0, 1) == (0.5, 1.0)
+    assert replay_ead(trace, 1.0, 1, entropy_of="little") == (0.25, 1.0)
+    assert replay_ead(trace, 1.0, 1, min_hold=2, entropy_of="little") == (0.5, 1.0)
+    assert choose_rule(trace, 0.99) == ("little", 1)
 
 
 def test_per_step_rule_drafts_while_it_pays():
@@ -114,10 +122,12 @@ def test_calibrate_stores_the_pairs_defaults(pair, home, tmp_path, capsys):
     assert path.parent == home / "pairs" and path.is_file()
     stored = read_pair_file(path, model.package, model.little.package)
     ead = model.complete("hello", max_new_tokens=N, ignore_eos=True, strategy="ead")
-    assert stored.window in (1, 3, 5) and (ead.stats["tau"], ead.stats["window"]) == (stored.tau, stored.window)
-    assert ead.stats["calibration"] == {"file": str(path), "used": ["tau", "window"]}
+    assert stored.window in (1, 3, 5) and stored.entropy_of in ("writer", "little")
+    assert (ead.stats["tau"], ead.stats["window"], ead.stats["entropy_of"]) == (stored.tau, stored.window,
+                                                                                stored.entropy_of)
+    assert ead.stats["calibration"] == {"file": str(path), "used": ["entropy_of", "tau", "window"]}
     explicit = model.complete("hello", max_new_tokens=N, ignore_eos=True, strategy="ead", tau=0.0)
-    assert explicit.stats["tau"] == 0.0 and explicit.stats["calibration"]["used"] == ["window"]
+    assert explicit.stats["tau"] == 0.0 and explicit.stats["calibration"]["used"] == ["entropy_of", "window"]
     bild = model.complete("hello", max_new_tokens=N, ignore_eos=True, strategy="bild")
     assert (bild.stats["fallback_threshold"], bild.stats["rollback_threshold"]) == (stored.fallback_threshold,
                                                                                    stored.rollback_threshold)
@@ -153,11 +163,16 @@ def test_foreign_or_damaged_pair_files_are_refused(pair, home, tmp_path, capsys)
              (json.dumps({**data, "format": 99}), "has format 99"),
              (json.dumps({**data, "ead": {"tau": "high"}}), "is damaged"),
              (json.dumps({**data, "ead": {"tau": 1.0, "window": 0}}), "is damaged"),
+             (json.dumps({**data, "ead": {"tau": 1.0, "window": 1, "entropy_of": "big"}}), "is damaged"),
              (json.dumps({**data, "bild": {"fallback_threshold": 7, "rollback_threshold": 1}}), "out-of-range")]
     for text, match in cases:
         pair_file.write_text(text)
         with pytest.raises(PackageError, match=match):
             right.complete("hi", max_new_tokens=4, strategy="bild", pair=str(pair_file))
+    # a file written before EAD's rule was calibrated (no entropy_of): read, EAD keeps the paper's rule
+    pair_file.write_text(json.dumps({**data, "ead": {"tau": 1.0, "window": 1}}))
+    older = right.complete("hi", max_new_tokens=4, strategy="ead", pair=str(pair_file)).stats
+    assert older["entropy_of"] == "writer" and older["calibration"]["used"] == ["tau", "window"]
     with pytest.raises(PackageError, match="does not exist"):
         right.complete("hi", max_new_tokens=4, strategy="ead", pair=str(tmp_path / "nope.json"))
     with pytest.raises(GenerationError, match="pair file holds the settings of a big/little pair"):

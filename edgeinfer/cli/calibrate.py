@@ -67,7 +67,8 @@ def cmd_calibrate(args) -> int:
         print(json.dumps(settings.to_dict(), indent=1))
     else:
         ead, bild = m["ead"], m["bild"]
-        print(f"EAD: tau {settings.tau:g}, window {settings.window} (quality {ead['quality']:.3f}, big model on "
+        print(f"EAD: tau {settings.tau:g}, window {settings.window}, the {settings.entropy_of} model's entropy "
+              f"(quality {ead['quality']:.3f}, big model on "
               f"{100 * ead['big_share']:.0f}% "
               f"of tokens){'' if ead['meets_target'] else ' -- short of the target even at the lowest tau'}")
         print(f"BiLD: fallback {settings.fallback_threshold:g}, rollback {settings.rollback_threshold:g} (quality "

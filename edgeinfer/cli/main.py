@@ -226,6 +226,9 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, default=None, help="ead: rolling-entropy threshold in nats")
     p.add_argument("--window", type=int, default=None, help="ead: rolling-entropy window (tokens)")
     p.add_argument("--min-hold", type=int, default=None, help="ead: fewest tokens the big model writes per turn")
+    p.add_argument("--entropy-of", default=None, choices=["writer", "little"],
+                   help="ead: whose rolling entropy decides: the model writing (the paper's rule, default) or the "
+                        "little model at every position")
     p.add_argument("--fallback-threshold", type=float, default=None,
                    help="bild: the little model hands over below this top probability (default 0.6)")
     p.add_argument("--rollback-threshold", type=float, default=None,
@@ -306,7 +309,8 @@ def _cmd_run(args) -> int:
     params = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
                   threshold=args.threshold, draft_len=args.draft_len, exit_layer=args.exit_layer, tau=args.tau,
-                  window=args.window, min_hold=args.min_hold, fallback_threshold=args.fallback_threshold,
+                  window=args.window, min_hold=args.min_hold, entropy_of=args.entropy_of,
+                  fallback_threshold=args.fallback_threshold,
                   rollback_threshold=args.rollback_threshold, pair=args.pair)
     for name in ("num_beams", "length_penalty", "no_repeat_ngram_size"):  # the model refuses what it cannot do
         if getattr(args, name) is not None:

@@ -19,7 +19,7 @@ def run_seq2seq(model, prompt: str, args) -> int:
         raise GenerationError("--stop applies to decoder packages: an encoder-decoder model ends at its "
                               "end-of-sequence token or --max-new-tokens.")
     pair_flags = [flag for flag, value in (("--tau", args.tau), ("--window", args.window),
-                                           ("--min-hold", args.min_hold),
+                                           ("--min-hold", args.min_hold), ("--entropy-of", args.entropy_of),
                                            ("--fallback-threshold", args.fallback_threshold),
                                            ("--rollback-threshold", args.rollback_threshold)) if value is not None]
     if pair_flags:

@@ -6,9 +6,10 @@ On a short calibration text (a few prompts, shipped in ``calibration_prompts.txt
 - quality of a strategy's output = PPL_big(reference) / PPL_big(output), PPL_big the big model's perplexity
   of the generated tokens (the measure of the EAD and BiLD papers: how likely the big model finds the text;
   1.0 = as good as its own greedy text);
-- EAD's rolling window: the one of 1, 3, 5 tokens with the smallest big-model share at QUALITY when EAD's rule is
-  replayed along the reference (teacher-forced, seconds); then its ``tau``: the largest entropy threshold whose
-  output keeps QUALITY (a bisection over a grid, by real generation: quality falls as tau rises);
+- EAD's rule: whose entropy decides (the writing model's, as in the paper, or the little model's at every
+  position) and the rolling window (1, 3, 5 tokens), the pair with the smallest big-model share at QUALITY when
+  EAD's rule is replayed along the reference (teacher-forced, seconds); then its ``tau``: the largest entropy
+  threshold whose output keeps QUALITY (a bisection over a grid, by real generation: quality falls as tau rises);
 - BiLD's fallback threshold (at a fixed rollback threshold): the smallest whose output keeps QUALITY
   (quality rises with it: the big model takes over sooner);
 - speculative decoding's cost model: the measured cost of a draft and of a verifying pass per number of
@@ -23,12 +24,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .cost_model import CostModel, run_lengths
+from .ead import ENTROPY_OF
 from .pair import drafting_head
 from .pair_file import PairSettings, package_identity
 
@@ -37,6 +40,7 @@ TAU_GRID = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0)
 FALLBACK_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 ROLLBACK = 3.0  # nats: BiLD's rollback threshold while its fallback threshold is calibrated
 WINDOWS = (1, 3, 5)  # EAD's rolling-entropy windows tried (in a teacher-forced replay)
+RULES = tuple((who, w) for who in ENTROPY_OF for w in WINDOWS)  # EAD's (whose entropy decides, window) tried
 
 
 def calibration_prompts(path: str | Path | None = None) -> list[str]:
@@ -204,42 +208,66 @@ def acceptance_along(trace: list[dict], max_k: int = 8) -> list[float]:
     return (counts[:, 0] / np.maximum(counts[:, 1], 1)).tolist()
 
 
-def replay_ead(trace: list[dict], tau: float, window: int, min_hold: int = 1) -> tuple[float, float]:
+def replay_ead(trace: list[dict], tau: float, window: int, min_hold: int = 1,
+               entropy_of: str = "writer") -> tuple[float, float]:
     """EAD's switching rule replayed along the references (teacher-forced): (big share, quality), quality
-    approximated as exp(-mean extra NLL under the big model of the little model's differing tokens)."""
-    from collections import deque
-
+    approximated as exp(-mean extra NLL under the big model of the little model's differing tokens).
+    ENTROPY_OF: whose rolling entropy decides (edgeinfer/strategies/ead.py)."""
     big = n = 0
     extra = 0.0
     for t in trace:
-        ent: deque[float] = deque(maxlen=window)
-        active, held = "little", 0
-        for i, agree in enumerate(t["agree"]):
+        writers = (_writers_by_little if entropy_of == "little" else _writers_by_writer)(t, tau, window, min_hold)
+        for i, writer in enumerate(writers):
             n += 1
-            if active == "little":
-                ent.append(t["little_entropy"][i])
-                if sum(ent) / len(ent) <= tau:
-                    extra += 0.0 if agree else -t["big_logprob_of_little"][i]
-                    continue
-                active, held = "big", 0
-                ent.clear()
-            big += 1
-            held += 1
-            ent.append(t["big_entropy"][i])
-            if held >= min_hold and sum(ent) / len(ent) <= tau:
-                active = "little"
-                ent.clear()
+            if writer == "big":
+                big += 1
+            elif not t["agree"][i]:
+                extra -= t["big_logprob_of_little"][i]
     return big / max(1, n), math.exp(-extra / max(1, n))
 
 
-def choose_window(trace: list[dict], target: float, windows=WINDOWS) -> int:
-    """The rolling-entropy window with the smallest big-model share at TARGET quality in the replay (a cheap,
-    teacher-forced guide: the tau for it is then searched by real generation)."""
-    def share_at_target(w: int) -> float:
-        ok = [share for share, q in (replay_ead(trace, tau, w) for tau in np.linspace(0.05, 6.0, 120))
-              if q >= target]
+def _writers_by_writer(t: dict, tau: float, window: int, min_hold: int):
+    """Who writes each position under the paper's rule: the writing model's rolling entropy decides."""
+    ent: deque[float] = deque(maxlen=window)
+    active, held = "little", 0
+    for i in range(len(t["agree"])):
+        if active == "little":
+            ent.append(t["little_entropy"][i])
+            if sum(ent) / len(ent) <= tau:
+                yield "little"
+                continue
+            active, held = "big", 0
+            ent.clear()
+        yield "big"
+        held += 1
+        ent.append(t["big_entropy"][i])
+        if held >= min_hold and sum(ent) / len(ent) <= tau:
+            active = "little"
+            ent.clear()
+
+
+def _writers_by_little(t: dict, tau: float, window: int, min_hold: int):
+    """Who writes each position when the little model's rolling entropy alone decides."""
+    ent: deque[float] = deque(maxlen=window)
+    active, held = "little", 0
+    for i in range(len(t["agree"])):
+        ent.append(t["little_entropy"][i])
+        to = "big" if active == "big" and held < min_hold or sum(ent) / len(ent) > tau else "little"
+        if to != active:
+            active, held = to, 0
+        held += 1
+        yield active
+
+
+def choose_rule(trace: list[dict], target: float) -> tuple[str, int]:
+    """EAD's (whose entropy, rolling window) with the smallest big-model share at TARGET quality in the replay
+    (a cheap, teacher-forced guide: the tau for it is then searched by real generation)."""
+    def share_at_target(rule: tuple[str, int]) -> float:
+        entropy_of, w = rule
+        ok = [share for share, q in (replay_ead(trace, tau, w, entropy_of=entropy_of)
+                                     for tau in np.linspace(0.05, 6.0, 120)) if q >= target]
         return min(ok) if ok else 1.0
-    return min(windows, key=share_at_target)
+    return min(RULES, key=share_at_target)
 
 
 def calibrate_pair(big, little, quality: float = 0.95, prompts: list[str] | None = None, new_tokens: int = 32,
@@ -250,11 +278,11 @@ def calibrate_pair(big, little, quality: float = 0.95, prompts: list[str] | None
     cal.say(f"reference: {len(cal.prompts)} prompts x {new_tokens} tokens by the big model alone "
             f"({sum(map(len, cal.reference)) / cal.reference_s:.1f} tok/s)")
     trace = teacher_forced(cal)
-    window = choose_window(trace, quality)
-    cal.say(f"EAD: rolling window {window} (of {', '.join(map(str, WINDOWS))}: the smallest big-model share at the "
-            "target in a teacher-forced replay)")
+    entropy_of, window = choose_rule(trace, quality)
+    cal.say(f"EAD: the {entropy_of} model's entropy, rolling window {window} (of {', '.join(ENTROPY_OF)} x "
+            f"{', '.join(map(str, WINDOWS))}: the smallest big-model share at the target in a teacher-forced replay)")
     little_alone = cal.evaluate("ead", tau=1e9)  # tau never reached: the little model writes every token
-    tau, ead = cal.search("ead", "tau", TAU_GRID, quality, rising=False, window=window)
+    tau, ead = cal.search("ead", "tau", TAU_GRID, quality, rising=False, window=window, entropy_of=entropy_of)
     fallback, bild = cal.search("bild", "fallback_threshold", FALLBACK_GRID, quality, rising=True,
                                 rollback_threshold=rollback)
     draft_s, verify_s = measure_pair_costs(big.decoder, little.decoder, cal.ids[0] + cal.reference[0])
@@ -267,8 +295,8 @@ def calibrate_pair(big, little, quality: float = 0.95, prompts: list[str] | None
         "prompts": len(cal.prompts), "new_tokens": new_tokens,
         "reference_tok_s": sum(map(len, cal.reference)) / cal.reference_s,
         "little_alone": {"quality": little_alone.quality},
-        "ead": {"tau": tau, "window": window, "quality": ead.quality, "big_share": ead.big_share,
-                "meets_target": ead.quality >= quality},
+        "ead": {"tau": tau, "window": window, "entropy_of": entropy_of, "quality": ead.quality,
+                "big_share": ead.big_share, "meets_target": ead.quality >= quality},
         "bild": {"fallback_threshold": fallback, "rollback_threshold": rollback, "quality": bild.quality,
                  "big_share": bild.big_share, "meets_target": bild.quality >= quality},
         "speculative": {"best_fixed_draft_len": k, "modelled_speedup": speedup},
@@ -277,6 +305,6 @@ def calibrate_pair(big, little, quality: float = 0.95, prompts: list[str] | None
     }
     return PairSettings(big={"name": big.package.root.name, "identity": package_identity(big.package)},
                         little={"name": little.package.root.name, "identity": package_identity(little.package)},
-                        quality_target=quality, tau=tau, window=window, fallback_threshold=fallback,
-                        rollback_threshold=rollback,
+                        quality_target=quality, tau=tau, window=window, entropy_of=entropy_of,
+                        fallback_threshold=fallback, rollback_threshold=rollback,
                         cost_model=model, measured=measured)

@@ -53,6 +53,7 @@ class PairSettings:
     quality_target: float
     tau: float | None = None  # EAD
     window: int | None = None
+    entropy_of: str | None = None  # EAD: whose entropy decides (None in files written before it was calibrated)
     fallback_threshold: float | None = None  # BiLD
     rollback_threshold: float | None = None
     cost_model: CostModel | None = None  # speculative: seeds its online estimates
@@ -62,7 +63,8 @@ class PairSettings:
     def defaults(self, strategy: str) -> dict:
         """The options STRATEGY takes from this file."""
         if strategy == "ead" and self.tau is not None:
-            return {"tau": self.tau, **({"window": self.window} if self.window else {})}
+            return {"tau": self.tau, **({"window": self.window} if self.window else {}),
+                    **({"entropy_of": self.entropy_of} if self.entropy_of else {})}
         if strategy == "bild" and self.fallback_threshold is not None:
             return {"fallback_threshold": self.fallback_threshold, "rollback_threshold": self.rollback_threshold}
         if strategy == "speculative" and self.cost_model is not None:
@@ -71,7 +73,8 @@ class PairSettings:
 
     def to_dict(self) -> dict:
         return {"kind": KIND, "format": FORMAT, "big": self.big, "little": self.little,
-                "quality_target": self.quality_target, "ead": {"tau": self.tau, "window": self.window},
+                "quality_target": self.quality_target,
+                "ead": {"tau": self.tau, "window": self.window, "entropy_of": self.entropy_of},
                 "bild": {"fallback_threshold": self.fallback_threshold,
                          "rollback_threshold": self.rollback_threshold},
                 "speculative": {"cost_model": self.cost_model.to_dict() if self.cost_model else None},
@@ -111,6 +114,7 @@ def read_pair_file(path: str | os.PathLike, big_pkg, little_pkg) -> PairSettings
         settings = PairSettings(
             big=big, little=little, quality_target=float(data["quality_target"]),
             tau=_number(data["ead"].get("tau")), window=_window(data["ead"].get("window")),
+            entropy_of=_entropy_of(data["ead"].get("entropy_of")),
             fallback_threshold=_number(data["bild"].get("fallback_threshold")),
             rollback_threshold=_number(data["bild"].get("rollback_threshold")),
             cost_model=CostModel.from_dict(cm) if cm else None, measured=data.get("measured") or {}, path=path)
@@ -145,4 +149,12 @@ def _window(x) -> int | None:
         return None
     if isinstance(x, bool) or not isinstance(x, int) or x < 1:
         raise ValueError(f"window {x!r} is not an integer >= 1")
+    return x
+
+
+def _entropy_of(x) -> str | None:
+    from .ead import ENTROPY_OF
+
+    if x is not None and x not in ENTROPY_OF:
+        raise ValueError(f"entropy_of {x!r} is not one of {', '.join(ENTROPY_OF)}")
     return x
