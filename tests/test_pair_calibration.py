@@ -68,7 +68,7 @@ def test_trace_replay_and_oracle():
 
 
 def test_ead_replay_and_window_choice():
-    from edgeinfer.strategies.calibration import choose_rule, replay_ead
+    from edgeinfer.strategies.calibration import ead_by_replay, replay_ead, replay_tau
 
     # the little model is unsure exactly where it is wrong: a one-token window hands those tokens over alone
     trace = [{"agree": [True, False] * 10, "little_entropy": [0.1, 1.5] * 10, "big_entropy": [0.1] * 20,
@@ -77,7 +77,8 @@ def test_ead_replay_and_window_choice():
     share, quality = replay_ead(trace, 1.0, 1)
     assert share == 0.5 and quality == 1.0
     assert replay_ead(trace, 1.0, 5)[1] < 1.0  # a rolling mean lets some unsure (wrong) tokens through
-    assert choose_rule(trace, 0.99) == ("writer", 1)
+    assert replay_tau(trace, 0.99, "writer", 1) == 1.45  # the largest tau (0.05 grid) below the unsure 1.5
+    assert ead_by_replay(trace, 0.99) == ("writer", 1, 1.45)  # both rules hand over the same tokens: the first
     # the big model is unsure where the little one is wrong, never where it is right: with the writer's
     # entropy deciding, a hand-over lasts until the big model is sure again; with the little model's, one token
     trace = [{"agree": [True, True, False, True] * 5, "little_entropy": [0.1, 0.1, 1.5, 0.1] * 5,
@@ -85,7 +86,18 @@ def test_ead_replay_and_window_choice():
     assert replay_ead(trace, 1.0, 1) == (0.5, 1.0)
     assert replay_ead(trace, 1.0, 1, entropy_of="little") == (0.25, 1.0)
     assert replay_ead(trace, 1.0, 1, min_hold=2, entropy_of="little") == (0.5, 1.0)
-    assert choose_rule(trace, 0.99) == ("little", 1)
+    assert ead_by_replay(trace, 0.99) == ("little", 1, 1.45)
+
+
+def test_assured_quality_is_a_bound_over_prompts():
+    from edgeinfer.strategies.calibration import assured_quality
+
+    assert assured_quality([0.5, 0.5, 0.5], [10, 10, 10]) == pytest.approx(np.exp(-0.05))  # alike: the mean
+    extra, tokens = [0.0, 0.0, 0.0, 3.0], [10, 10, 10, 10]
+    mean = np.exp(-sum(extra) / sum(tokens))
+    bound = assured_quality(extra, tokens)
+    assert bound < mean and bound == assured_quality(extra, tokens)  # below the mean, and reproducible
+    assert assured_quality(extra, tokens, confidence=0.5) == pytest.approx(mean, abs=0.03)
 
 
 def test_per_step_rule_drafts_while_it_pays():

@@ -22,7 +22,7 @@ def add_calibrate_command(sub) -> None:
                         "on the calibration prompts (default 0.95)")
     c.add_argument("--prompts", default=None, metavar="FILE",
                    help="calibration prompts, one per line (default: 8 shipped prompts, prose and code)")
-    c.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
+    c.add_argument("--new-tokens", type=int, default=96, help="tokens generated per prompt (default 96)")
     c.add_argument("--rollback-threshold", type=float, default=None,
                    help="BiLD's rollback threshold (nats) kept while its fallback threshold is calibrated "
                         "(default 3.0)")
@@ -68,11 +68,12 @@ def cmd_calibrate(args) -> int:
     else:
         ead, bild = m["ead"], m["bild"]
         print(f"EAD: tau {settings.tau:g}, window {settings.window}, the {settings.entropy_of} model's entropy "
-              f"(quality {ead['quality']:.3f}, big model on "
+              f"(quality {ead['quality']:.3f}, {ead['assured_quality']:.3f} assured; big model on "
               f"{100 * ead['big_share']:.0f}% "
               f"of tokens){'' if ead['meets_target'] else ' -- short of the target even at the lowest tau'}")
         print(f"BiLD: fallback {settings.fallback_threshold:g}, rollback {settings.rollback_threshold:g} (quality "
-              f"{bild['quality']:.3f}, big model on {100 * bild['big_share']:.0f}% of tokens)"
+              f"{bild['quality']:.3f}, {bild['assured_quality']:.3f} assured; big model on "
+              f"{100 * bild['big_share']:.0f}% of tokens)"
               f"{'' if bild['meets_target'] else ' -- short of the target even at the highest fallback'}")
         print(f"speculative: cost model stored (best fixed draft length {m['speculative']['best_fixed_draft_len']}, "
               f"{m['speculative']['modelled_speedup']:.2f}x modelled); the draft length is chosen per step")

@@ -1,21 +1,25 @@
 """Calibrating a big/little pair (``edgeinfer calibrate``): the settings each strategy uses by default.
 
-On a short calibration text (a few prompts, shipped in ``calibration_prompts.txt``, or the user's):
+On a short calibration text (a few prompts, shipped in ``calibration_prompts.txt``, or the user's, each
+continued for NEW_TOKENS tokens):
 
 - the big model's own greedy continuations are the reference;
 - quality of a strategy's output = PPL_big(reference) / PPL_big(output), PPL_big the big model's perplexity
   of the generated tokens (the measure of the EAD and BiLD papers: how likely the big model finds the text;
-  1.0 = as good as its own greedy text);
-- EAD's rule: whose entropy decides (the writing model's, as in the paper, or the little model's at every
-  position) and the rolling window (1, 3, 5 tokens), the pair with the smallest big-model share at QUALITY when
-  EAD's rule is replayed along the reference (teacher-forced, seconds); then its ``tau``: the largest entropy
-  threshold whose output keeps QUALITY (a bisection over a grid, by real generation: quality falls as tau rises);
-- BiLD's fallback threshold (at a fixed rollback threshold): the smallest whose output keeps QUALITY
-  (quality rises with it: the big model takes over sooner);
+  1.0 = as good as its own greedy text); a setting *meets* the target QUALITY when it does at CONFIDENCE
+  (90%: a bootstrap over the prompts), not only on average: on a few prompts one or two confident errors of
+  the little model more or less move the mean by a percent or more;
+- EAD: whose entropy decides (the writing model's, as in the paper, or the little model's at every
+  position), the rolling window (1, 3, 5 tokens) and ``tau`` (a 0.05 grid), the combination with the
+  smallest big-model share that meets QUALITY when EAD's rule is replayed along the reference (teacher-forced,
+  seconds: it follows real generation closely); then one real generation at that setting, and a bisection
+  over a coarser grid below it should real generation fall short;
+- BiLD's fallback threshold (at a fixed rollback threshold): the smallest whose output meets QUALITY
+  (quality rises with it: the big model takes over sooner), by real generation;
 - speculative decoding's cost model: the measured cost of a draft and of a verifying pass per number of
   rows, and the acceptance per draft position along the reference (:mod:`.cost_model`).
 
-Every evaluation decodes the whole calibration text, so the search is a handful of runs of a few hundred
+Every evaluation decodes the whole calibration text, so the search is a handful of runs of under a thousand
 tokens: minutes on a laptop CPU for a 0.5B/1.5B pair.
 """
 
@@ -39,6 +43,9 @@ PROMPTS_FILE = Path(__file__).with_name("calibration_prompts.txt")
 TAU_GRID = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0)
 FALLBACK_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 ROLLBACK = 3.0  # nats: BiLD's rollback threshold while its fallback threshold is calibrated
+NEW_TOKENS = 96  # tokens per calibration prompt (cli/calibrate.py's default too): 8 x 32 held too few errors
+CONFIDENCE = 0.9  # a setting meets the target when it does at this confidence (a bootstrap over the prompts)
+TAU_STEP = 0.05  # EAD's tau is chosen on this grid by the replay
 WINDOWS = (1, 3, 5)  # EAD's rolling-entropy windows tried (in a teacher-forced replay)
 RULES = tuple((who, w) for who in ENTROPY_OF for w in WINDOWS)  # EAD's (whose entropy decides, window) tried
 
@@ -49,12 +56,24 @@ def calibration_prompts(path: str | Path | None = None) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def assured_quality(extra_nll, tokens, confidence: float = CONFIDENCE, draws: int = 1000) -> float:
+    """The quality exp(-sum(EXTRA_NLL) / sum(TOKENS)) of a text made of several prompts' outputs, as a lower
+    bound at CONFIDENCE: the (1 - CONFIDENCE) quantile over bootstrap resamples of the prompts (seeded, so the
+    same measurements give the same bound). A few prompts decide a mean: one or two confident errors more or
+    less move it by a percent or more."""
+    extra, n = np.asarray(extra_nll, np.float64), np.asarray(tokens, np.float64)
+    picks = np.random.default_rng(0).integers(0, len(extra), (draws, len(extra)))
+    return float(np.quantile(np.exp(-extra[picks].sum(1) / n[picks].sum(1)), 1 - confidence))
+
+
 @dataclass
 class Evaluation:
-    """One strategy setting run over the calibration prompts."""
+    """One strategy setting run over the calibration prompts: its quality (the mean over all tokens) and that
+    quality assured at CONFIDENCE (what the search compares with the target)."""
 
     setting: dict
     quality: float
+    assured: float
     big_share: float
     seconds: float
     tokens: int
@@ -65,11 +84,11 @@ class Calibration:
     big: object  # edgeinfer Model
     little: object
     prompts: list[str]
-    new_tokens: int = 32
+    new_tokens: int = NEW_TOKENS
     log: object = None  # callable(str) for progress lines
     ids: list[list[int]] = field(default_factory=list)
     reference: list[list[int]] = field(default_factory=list)
-    reference_nll: float = 0.0
+    reference_nlls: list[float] = field(default_factory=list)  # per prompt, of the big model's own greedy text
     reference_s: float = 0.0
     evaluations: list[Evaluation] = field(default_factory=list)
 
@@ -80,7 +99,7 @@ class Calibration:
         self.reference = [self.big.complete(i, max_new_tokens=self.new_tokens, ignore_eos=True).tokens
                           for i in self.ids]
         self.reference_s = time.perf_counter() - t0
-        self.reference_nll = sum(self.nll(i, r) for i, r in zip(self.ids, self.reference))
+        self.reference_nlls = [self.nll(i, r) for i, r in zip(self.ids, self.reference)]
 
     def _message(self, prompt: str):
         return [{"role": "user", "content": prompt}] if self.big.tokenizer.chat_template else prompt
@@ -101,26 +120,27 @@ class Calibration:
 
     def evaluate(self, strategy: str, **options) -> Evaluation:
         tokens = big = 0
-        nll = seconds = 0.0
-        for ids in self.ids:
+        seconds = 0.0
+        extra = []  # per prompt: NLL under the big model beyond its own greedy text's
+        for ids, ref_nll in zip(self.ids, self.reference_nlls):
             t0 = time.perf_counter()
             res = self.big.complete(ids, max_new_tokens=self.new_tokens, ignore_eos=True, strategy=strategy,
                                     **options)
             seconds += time.perf_counter() - t0
             tokens += res.new_tokens
             big += res.stats["tokens"]["big"]
-            nll += self.nll(ids, res.tokens)
-        total = sum(len(r) for r in self.reference)
-        ev = Evaluation(dict(options), math.exp((self.reference_nll - nll) / total), big / max(1, tokens),
-                        seconds, tokens)
+            extra.append(self.nll(ids, res.tokens) - ref_nll)
+        lengths = [len(r) for r in self.reference]
+        ev = Evaluation(dict(options), math.exp(-sum(extra) / sum(lengths)), assured_quality(extra, lengths),
+                        big / max(1, tokens), seconds, tokens)
         self.evaluations.append(ev)
-        self.say(f"  {strategy} {options}: quality {ev.quality:.3f}, big model on {100 * ev.big_share:.0f}% of "
-                 f"tokens, {ev.tokens / ev.seconds:.1f} tok/s")
+        self.say(f"  {strategy} {options}: quality {ev.quality:.3f} ({ev.assured:.3f} at {CONFIDENCE:.0%} "
+                 f"confidence), big model on {100 * ev.big_share:.0f}% of tokens, {ev.tokens / ev.seconds:.1f} tok/s")
         return ev
 
     def search(self, strategy: str, key: str, grid, target: float, rising: bool, **fixed) -> tuple[float, Evaluation]:
-        """The grid value furthest towards the little model whose quality still meets TARGET, by bisection.
-        RISING: quality rises along GRID (BiLD's fallback), else falls (EAD's tau)."""
+        """The grid value furthest towards the little model whose assured quality still meets TARGET, by
+        bisection. RISING: quality rises along GRID (BiLD's fallback), else falls (EAD's tau)."""
         grid = list(grid) if rising else list(grid)[::-1]  # now quality rises along grid: want the first ok
         lo, hi = -1, len(grid) - 1  # grid[lo] known to fail; grid[hi], the most careful, assumed ok (unmeasured:
         results: dict[int, Evaluation] = {}  # it is all but the big model alone)
@@ -128,7 +148,7 @@ class Calibration:
             mid = (lo + hi) // 2
             ev = self.evaluate(strategy, **fixed, **{key: grid[mid]})
             results[mid] = ev
-            if ev.quality >= target:
+            if ev.assured >= target:
                 hi = mid
             else:
                 lo = mid
@@ -213,17 +233,21 @@ def replay_ead(trace: list[dict], tau: float, window: int, min_hold: int = 1,
     """EAD's switching rule replayed along the references (teacher-forced): (big share, quality), quality
     approximated as exp(-mean extra NLL under the big model of the little model's differing tokens).
     ENTROPY_OF: whose rolling entropy decides (edgeinfer/strategies/ead.py)."""
-    big = n = 0
-    extra = 0.0
-    for t in trace:
-        writers = (_writers_by_little if entropy_of == "little" else _writers_by_writer)(t, tau, window, min_hold)
-        for i, writer in enumerate(writers):
-            n += 1
-            if writer == "big":
-                big += 1
-            elif not t["agree"][i]:
-                extra -= t["big_logprob_of_little"][i]
-    return big / max(1, n), math.exp(-extra / max(1, n))
+    per = [_replay_prompt(t, tau, window, min_hold, entropy_of) for t in trace]
+    n = max(1, sum(p[2] for p in per))
+    return sum(p[0] for p in per) / n, math.exp(-sum(p[1] for p in per) / n)
+
+
+def _replay_prompt(t: dict, tau: float, window: int, min_hold: int, entropy_of: str) -> tuple[int, float, int]:
+    """(tokens the big model writes, extra NLL of the little model's differing tokens, tokens) along one reference."""
+    big, extra = 0, 0.0
+    writers = (_writers_by_little if entropy_of == "little" else _writers_by_writer)(t, tau, window, min_hold)
+    for i, writer in enumerate(writers):
+        if writer == "big":
+            big += 1
+        elif not t["agree"][i]:
+            extra -= t["big_logprob_of_little"][i]
+    return big, extra, len(t["agree"])
 
 
 def _writers_by_writer(t: dict, tau: float, window: int, min_hold: int):
@@ -259,18 +283,30 @@ def _writers_by_little(t: dict, tau: float, window: int, min_hold: int):
         yield active
 
 
-def choose_rule(trace: list[dict], target: float) -> tuple[str, int]:
-    """EAD's (whose entropy, rolling window) with the smallest big-model share at TARGET quality in the replay
-    (a cheap, teacher-forced guide: the tau for it is then searched by real generation)."""
-    def share_at_target(rule: tuple[str, int]) -> float:
-        entropy_of, w = rule
-        ok = [share for share, q in (replay_ead(trace, tau, w, entropy_of=entropy_of)
-                                     for tau in np.linspace(0.05, 6.0, 120)) if q >= target]
-        return min(ok) if ok else 1.0
-    return min(RULES, key=share_at_target)
+def replay_tau(trace: list[dict], target: float, entropy_of: str, window: int) -> float | None:
+    """EAD's largest tau (on a TAU_STEP grid, scanned upwards until the first miss) whose replayed quality meets
+    TARGET at CONFIDENCE over the references; None when even the smallest misses it. The replay follows real
+    generation closely (docs/big-little.md: share equal, quality within 0.012 on 24 prompts)."""
+    best = None
+    for tau in np.arange(TAU_STEP, 6.0 + TAU_STEP / 2, TAU_STEP):
+        per = [_replay_prompt(t, float(tau), window, 1, entropy_of) for t in trace]
+        if assured_quality([p[1] for p in per], [p[2] for p in per]) < target:
+            break
+        best = round(float(tau), 2)
+    return best
 
 
-def calibrate_pair(big, little, quality: float = 0.95, prompts: list[str] | None = None, new_tokens: int = 32,
+def ead_by_replay(trace: list[dict], target: float) -> tuple[str, int, float | None]:
+    """EAD's (whose entropy decides, rolling window, tau) with the smallest big-model share among the RULES,
+    each at its replay_tau."""
+    def share(rule: tuple[str, int, float | None]) -> float:
+        entropy_of, window, tau = rule
+        return 1.0 if tau is None else replay_ead(trace, tau, window, entropy_of=entropy_of)[0]
+    return min(((e, w, replay_tau(trace, target, e, w)) for e, w in RULES), key=share)
+
+
+def calibrate_pair(big, little, quality: float = 0.95, prompts: list[str] | None = None,
+                   new_tokens: int = NEW_TOKENS,
                    rollback: float = ROLLBACK, log=None) -> PairSettings:
     """Measure the pair on the calibration prompts and choose EAD's tau, BiLD's thresholds and the
     speculative cost model (see the module's docstring). BIG and LITTLE are loaded edgeinfer models."""
@@ -278,11 +314,15 @@ def calibrate_pair(big, little, quality: float = 0.95, prompts: list[str] | None
     cal.say(f"reference: {len(cal.prompts)} prompts x {new_tokens} tokens by the big model alone "
             f"({sum(map(len, cal.reference)) / cal.reference_s:.1f} tok/s)")
     trace = teacher_forced(cal)
-    entropy_of, window = choose_rule(trace, quality)
-    cal.say(f"EAD: the {entropy_of} model's entropy, rolling window {window} (of {', '.join(ENTROPY_OF)} x "
-            f"{', '.join(map(str, WINDOWS))}: the smallest big-model share at the target in a teacher-forced replay)")
+    entropy_of, window, tau = ead_by_replay(trace, quality)
+    cal.say(f"EAD: the {entropy_of} model's entropy, rolling window {window}, tau {tau} (of {', '.join(ENTROPY_OF)} x "
+            f"{', '.join(map(str, WINDOWS))}: the smallest big-model share at the target, {CONFIDENCE:.0%} assured, "
+            "in a teacher-forced replay)")
     little_alone = cal.evaluate("ead", tau=1e9)  # tau never reached: the little model writes every token
-    tau, ead = cal.search("ead", "tau", TAU_GRID, quality, rising=False, window=window, entropy_of=entropy_of)
+    ead = None if tau is None else cal.evaluate("ead", tau=tau, window=window, entropy_of=entropy_of)
+    if ead is None or ead.assured < quality:  # real generation falls short of the replay: search below it
+        lower = [t for t in TAU_GRID if tau is None or t < tau] or [0.0]
+        tau, ead = cal.search("ead", "tau", lower, quality, rising=False, window=window, entropy_of=entropy_of)
     fallback, bild = cal.search("bild", "fallback_threshold", FALLBACK_GRID, quality, rising=True,
                                 rollback_threshold=rollback)
     draft_s, verify_s = measure_pair_costs(big.decoder, little.decoder, cal.ids[0] + cal.reference[0])
@@ -296,11 +336,12 @@ def calibrate_pair(big, little, quality: float = 0.95, prompts: list[str] | None
         "reference_tok_s": sum(map(len, cal.reference)) / cal.reference_s,
         "little_alone": {"quality": little_alone.quality},
         "ead": {"tau": tau, "window": window, "entropy_of": entropy_of, "quality": ead.quality,
-                "big_share": ead.big_share, "meets_target": ead.quality >= quality},
+                "assured_quality": ead.assured, "big_share": ead.big_share, "meets_target": ead.assured >= quality},
         "bild": {"fallback_threshold": fallback, "rollback_threshold": rollback, "quality": bild.quality,
-                 "big_share": bild.big_share, "meets_target": bild.quality >= quality},
+                 "assured_quality": bild.assured, "big_share": bild.big_share, "meets_target": bild.assured >= quality},
         "speculative": {"best_fixed_draft_len": k, "modelled_speedup": speedup},
-        "evaluations": [{"setting": e.setting, "quality": e.quality, "big_share": e.big_share,
+        "evaluations": [{"setting": e.setting, "quality": e.quality, "assured_quality": e.assured,
+                         "big_share": e.big_share,
                          "tok_s": e.tokens / e.seconds} for e in cal.evaluations],
     }
     return PairSettings(big={"name": big.package.root.name, "identity": package_identity(big.package)},
