@@ -141,32 +141,37 @@ def test_ead_hands_over_with_caches_caught_up(pair_packages, little):
         seq.append(ev.token_id)
 
 
-def test_ead_by_the_little_models_entropy(pair_packages, big_plain):
-    """entropy_of="little": the big model writes exactly the positions where the little model, given everything
-    before them, is unsure (window 1), each the writer's greedy choice; the extremes are each model alone."""
+@pytest.mark.parametrize("little", ["other", None])
+def test_ead_by_the_little_models_entropy(pair_packages, big_plain, little):
+    """entropy_of="little": the big model writes exactly the positions where the little model (another package,
+    or the big package's own exit), given everything before them, is unsure (window 1), each the writer's greedy
+    choice; the extremes are each model alone."""
     from edgeinfer.strategies.pair import entropy
 
-    model = edgeinfer.load(pair_packages["big"], little=pair_packages["other"])
-    little_alone = edgeinfer.load(pair_packages["other"])
+    model = edgeinfer.load(pair_packages["big"], little=pair_packages[little] if little else None)
+    fresh_big = edgeinfer.load(pair_packages["big"])
+    little_alone, stages = (edgeinfer.load(pair_packages[little]), None) if little else (fresh_big, None)
+    if little is None:
+        stages = fresh_big.decoder.exits[max(fresh_big.decoder.exits)]
     p = PROMPTS[0]
     opts = dict(max_new_tokens=N, ignore_eos=True, strategy="ead", entropy_of="little", window=1)
     all_big = model.complete(p, **opts, tau=0.0)
     assert all_big.tokens == big_plain[p] and all_big.stats["big_share"] == 1.0
     all_little = model.complete(p, **opts, tau=1e9)
-    assert all_little.tokens == little_alone.complete(p, max_new_tokens=N, ignore_eos=True).tokens
     assert all_little.stats["big_share"] == 0.0 and all_little.stats["big_model"]["calls"] == 0
+    if little:
+        assert all_little.tokens == little_alone.complete(p, max_new_tokens=N, ignore_eos=True).tokens
     ids = model.tokenizer.encode(PROMPTS[2])
     probe = model.complete(ids, **opts, tau=1e9)
-    tau = float(np.median(_entropies(little_alone, ids, probe.tokens, False)))
+    tau = float(np.median(_entropies(little_alone, ids, probe.tokens, little is None)))
     events = list(model.generate(ids, **{**opts, "tau": tau}))
     assert {"big", "little"} <= {ev.source for ev in events}
-    fresh_big, seq = edgeinfer.load(pair_packages["big"]), list(ids)
+    seq = list(ids)
     for ev in events:
         little_alone.reset()
-        unsure = entropy(little_alone.decoder.forward(seq, logits_to_keep=1)[-1]) > tau
+        unsure = entropy(little_alone.decoder.forward(seq, logits_to_keep=1, stages=stages)[-1]) > tau
         assert ev.source == ("big" if unsure else "little")
-        writer = fresh_big if unsure else little_alone
-        assert ev.token_id == greedy_next(writer, seq)
+        assert ev.token_id == (greedy_next(fresh_big, seq) if unsure else greedy_next(little_alone, seq, stages))
         seq.append(ev.token_id)
 
 
