@@ -254,8 +254,9 @@ def write_markdown(report: dict, out: Path) -> None:
         f"{report['loadavg_end']:.1f} at the end; {report['prompts']} chat prompts (apps/bench/prompts/"
         f"qwen_pair.json: 12 general, 12 code), {report['new_tokens']} new tokens each, greedy, from empty caches "
         f"(prefill included). Big alone: {report['big_plain_tok_s_median']:.2f} tok/s (median). Calibrated "
-        f"defaults from the pair file ({Path(pf['path']).name}): tau {pf['ead']['tau']} (window "
-        f"{pf['ead'].get('window') or 5}), BiLD fallback "
+        f"defaults from the pair file ({Path(pf['path']).name}): EAD tau {pf['ead']['tau']} (window "
+        f"{pf['ead'].get('window') or 5}, the {pf['ead'].get('entropy_of') or 'writer'} model's entropy; the "
+        f"sweep's rows too), BiLD fallback "
         f"{pf['bild']['fallback_threshold']} / rollback {pf['bild']['rollback_threshold']}.",
         "",
         "| configuration | prompts | big share | speed vs 1.5B alone (prefill included) | decode only | agreement | "
