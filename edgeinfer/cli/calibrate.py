@@ -22,7 +22,8 @@ def add_calibrate_command(sub) -> None:
                         "on the calibration prompts (default 0.95)")
     c.add_argument("--prompts", default=None, metavar="FILE",
                    help="calibration prompts, one per line (default: 8 shipped prompts, prose and code)")
-    c.add_argument("--new-tokens", type=int, default=96, help="tokens generated per prompt (default 96)")
+    c.add_argument("--new-tokens", type=int, default=None,
+                   help="tokens generated per prompt (default: calibration.NEW_TOKENS, 96)")
     c.add_argument("--rollback-threshold", type=float, default=None,
                    help="BiLD's rollback threshold (nats) kept while its fallback threshold is calibrated "
                         "(default 3.0)")
@@ -35,12 +36,12 @@ def add_calibrate_command(sub) -> None:
 
 def cmd_calibrate(args) -> int:
     from edgeinfer import load
-    from edgeinfer.strategies.calibration import ROLLBACK, calibrate_pair, calibration_prompts
+    from edgeinfer.strategies.calibration import NEW_TOKENS, ROLLBACK, calibrate_pair, calibration_prompts
     from edgeinfer.strategies.pair_file import pair_file_path, write_pair_file
 
     if not 0.0 < args.quality <= 1.0:
         raise EdgeInferError(f"--quality is a share of the big model's quality, in (0, 1], got {args.quality}.")
-    if args.new_tokens < 4:
+    if args.new_tokens is not None and args.new_tokens < 4:
         raise EdgeInferError(f"--new-tokens must be at least 4, got {args.new_tokens}.")
     rollback = ROLLBACK if args.rollback_threshold is None else args.rollback_threshold
     if rollback < 0:
@@ -58,8 +59,8 @@ def cmd_calibrate(args) -> int:
     if getattr(big, "kind", "decoder") != "decoder" or getattr(little, "kind", "decoder") != "decoder":
         raise EdgeInferError("calibrate takes two decoder packages of the same tokenizer.")
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    settings = calibrate_pair(big, little, quality=args.quality, prompts=prompts, new_tokens=args.new_tokens,
-                              rollback=rollback, log=log)
+    settings = calibrate_pair(big, little, quality=args.quality, prompts=prompts,
+                              new_tokens=args.new_tokens or NEW_TOKENS, rollback=rollback, log=log)
     path = Path(args.out) if args.out else pair_file_path(big.package, little.package)
     write_pair_file(settings, path)
     m = settings.measured

@@ -20,6 +20,7 @@ from pathlib import Path
 from edgeinfer.errors import PackageError
 
 from .cost_model import CostModel
+from .ead import ENTROPY_OF
 
 FORMAT = 1
 KIND = "edgeinfer-pair"
@@ -153,8 +154,6 @@ def _window(x) -> int | None:
 
 
 def _entropy_of(x) -> str | None:
-    from .ead import ENTROPY_OF
-
     if x is not None and x not in ENTROPY_OF:
         raise ValueError(f"entropy_of {x!r} is not one of {', '.join(ENTROPY_OF)}")
     return x
