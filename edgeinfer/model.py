@@ -137,6 +137,7 @@ class Model:
 
             self.engine = BatchEngine(self.decoder, parallel)
         self.little: Model | None = None  # the draft / little model of the big/little strategies
+        self._learned: dict = {}  # what strategies measured in earlier generations (Strategy.resume)
         self.cached_tokens: list[int] = []  # what the KV cache holds, for prefix reuse
         self.prompt_cache = None  # prompt prefixes on disk (edgeinfer/prompt_cache/): use_prompt_cache
         self._lock = threading.Lock()
@@ -289,6 +290,7 @@ class Model:
         little = self.little if strategy.little is not None and strategy.little.decoder is not self.decoder else None
         with self._lock, (little._lock if little else contextlib.nullcontext()):
             self._owner, self._open = threading.get_ident(), gen
+            strategy.resume(self._learned)
             try:
                 reuse = self._reusable_prefix(ids)
                 t_restore = time.perf_counter()

@@ -75,6 +75,23 @@ def test_speculative_keeps_prefix_reuse_right_across_turns(pair_packages, big_pl
     assert little.complete(PROMPTS[0], max_new_tokens=N, ignore_eos=True).tokens == alone.tokens
 
 
+def test_speculative_continues_from_what_earlier_generations_learned(pair_packages, big_plain):
+    """A model's later speculative generations start from the costs and acceptance its earlier ones measured (no
+    warm-up rounds), still lossless; another draft length or another little model starts afresh."""
+    model = edgeinfer.load(pair_packages["big"], little=pair_packages["int4"])
+    spec = dict(max_new_tokens=N, ignore_eos=True, strategy="speculative")
+    assert model.complete(PROMPTS[0], **spec).stats["cost_model"] == "measured online"
+    for p in PROMPTS:
+        res = model.complete(p, **spec)
+        assert res.tokens == big_plain[p]
+        assert res.stats["cost_model"] == "learned by earlier generations"
+    assert model.complete(PROMPTS[0], draft_len=3, **spec).stats["cost_model"] == "measured online"
+    model.attach_little(edgeinfer.load(pair_packages["other"]))
+    res = model.complete(PROMPTS[0], **spec)
+    assert res.stats["cost_model"] == "measured online" and res.tokens == big_plain[PROMPTS[0]]
+    assert model.complete(PROMPTS[0], **spec).stats["cost_model"] == "learned by earlier generations"
+
+
 def test_speculative_sampling_keeps_big_models_distribution(pair_packages):
     """Two sampled tokens, top-3 at temperature 1: the joint frequencies match the big model's exact
     p(t1) p(t2 | t1) (chi-square), though the little model (a different random model) proposes t2."""

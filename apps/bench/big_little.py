@@ -13,7 +13,11 @@ speed figure is a ratio to the mean of the two plain runs that bracket it, on th
 
 Per configuration: share of tokens the big model wrote, speed against the big model alone, agreement with
 the big model's greedy output (token by token), identical outputs, quality kept = PPL_big(big's own greedy
-text) / PPL_big(this text), and answers to questions with one right answer (general and code). Writes
+text) / PPL_big(this text), and answers to questions with one right answer (general and code).
+Speculative decoding is also held against the cost model with this run's own costs: the terms (a draft, a
+verifying pass over 1..9 rows) are measured every 8 prompts and at the end, and each drafter's agreement trace
+along the 1.5B's greedy text of these prompts is replayed (apps/bench/draft_costs.py's analysis): the closed
+form's best draft length, the best fixed length and the strategy's per-step rule replayed, and the oracle. Writes
 build/bench/big_little.json, docs/big-little-results.md (the tables) and docs/big-little.png.
 """
 
@@ -39,7 +43,13 @@ DOCS = ROOT / "docs"
 EDGEINFER = str(ROOT / ".venv" / "bin" / "edgeinfer")
 BIG, LITTLE = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from draft_costs import analyse  # noqa: E402
 from pair_questions import QUESTIONS, answer_is_right  # noqa: E402
+
+from edgeinfer.strategies.calibration import measure_pair_costs  # noqa: E402
+from edgeinfer.strategies.pair import drafting_head  # noqa: E402
+
+COST_EVERY = 8  # prompts between two measurements of the draft and verification costs
 
 
 def ensure_little(name: str, *args: str) -> Path:
@@ -91,6 +101,34 @@ def nll(scorer, ids: list[int], out: list[int]) -> tuple[float, np.ndarray]:
 def decode_seconds(res) -> float:
     """Seconds after the first token (the prefill, and for a pair the little model's too, excluded)."""
     return res.total_s - res.ttft_s
+
+
+def agreement(little, ids: list[int], tokens: list[int]) -> dict:
+    """The little model's greedy choice and top probability at each of the big model's TOKENS given the big
+    model's prefix (through its drafting head if it has one): what decides acceptance in greedy speculative
+    decoding."""
+    head = drafting_head(little.decoder)
+    little.reset()
+    little.decoder.set_exit_context(ids)
+    logits = little.decoder.forward(ids + tokens[:-1], logits_to_keep=len(tokens), stages=head).astype(np.float64)
+    little.reset()
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    return {"big": list(tokens), "little": logits.argmax(-1).tolist(), "little_top": (1.0 / z.sum(-1)).tolist()}
+
+
+def measure_costs(big, little, ids: list[int]) -> dict:
+    draft_s, verify_s = measure_pair_costs(big.decoder, little.decoder, ids, max_rows=9, repeats=5)
+    return {"draft_s": draft_s, "verify_s": verify_s}
+
+
+def ceilings(costs: list[dict], trace: list[dict]) -> dict:
+    """The cost model with the median of this run's measured costs, replayed on the run's agreement trace."""
+    median = {"draft_s": float(np.median([c["draft_s"] for c in costs])),
+              "verify_s": {str(r): float(np.median([c["verify_s"][r] for c in costs])) for r in costs[0]["verify_s"]}}
+    here = analyse(median, trace, 8, (2.0, 2.0))["here"]
+    return {"costs": median, "measurements": len(costs), "closed_form": here["model_best"],
+            "best_fixed": {"k": here["best_fixed_k"], "speedup": here["best_fixed"]},
+            "per_step_rule": here["per_step_rule"]["speedup"], "oracle": here["oracle"]}
 
 
 def timed(model, ids, n, **opts):
@@ -163,10 +201,17 @@ def main() -> int:
     sweep = {label for label, *_ in cfgs if label.startswith(("ead tau=", "bild fb="))}
     plain_rate = []
     chat = lambda text: big.encode([{"role": "user", "content": text}])  # noqa: E731
+    drafters = sorted({lit for _, lit, opts in cfgs if opts.get("strategy") == "speculative"})
+    costs: dict[str, list[dict]] = {lit: [] for lit in drafters}
+    traces: dict[str, list[dict]] = {lit: [] for lit in drafters}
     for i, text in enumerate(prompts):
         ids = chat(text)
         ref, ref_s = timed(big, ids, args.new_tokens)
         ref_nll, margins = nll(big, ids, ref.tokens)
+        for lit in drafters:
+            traces[lit].append(agreement(littles[lit], ids, ref.tokens))
+            if i % COST_EVERY == 0:
+                costs[lit].append(measure_costs(big, littles[lit], ids + ref.tokens[:32]))
         results = []
         for label, lit, opts in cfgs:
             if label in sweep and i >= args.sweep_prompts:
@@ -202,6 +247,8 @@ def main() -> int:
         print(f"[{i + 1}/{len(prompts)}] {text[:50]!r}: plain {plain_rate[-1]:.2f} tok/s (start "
               f"{ref.new_tokens / ref_s:.2f}, end {ref.new_tokens / end_s:.2f}), load {os.getloadavg()[0]:.1f}",
               flush=True)
+    for lit in drafters:  # and once more at the end
+        costs[lit].append(measure_costs(big, littles[lit], ids + ref.tokens[:32]))
     table = []
     for label, lit, opts in cfgs:
         r = rows[label]
@@ -217,6 +264,7 @@ def main() -> int:
             "quality_kept": math.exp((r["ref_nll"] - r["nll"]) / r["tokens"]),
             "ppl": math.exp(r["nll"] / r["tokens"]), "ppl_big": math.exp(r["ref_nll"] / r["tokens"]),
             "stats": r["stats"],
+            **({"cost_model": ceilings(costs[lit], traces[lit])} if lit in drafters else {}),
         })
     questions = None
     if not args.no_questions:
@@ -243,6 +291,11 @@ def main() -> int:
         print(f"{row['strategy']:32s} big {row['big_share']:.2f} speed {row['speed_vs_big']:.2f}x "
               f"(decode {row['decode_speed_vs_big']:.2f}x) "
               f"quality {row['quality_kept']:.3f} agree {row['agreement']:.2f} same {row['identical_outputs']:.2f}")
+        if "cost_model" in row:
+            c = row["cost_model"]
+            print(f"{'':32s} cost model, this run's costs: closed form {c['closed_form']['speedup']:.2f}x, best fixed "
+                  f"{c['best_fixed']['speedup']:.2f}x, per-step rule {c['per_step_rule']:.2f}x, oracle "
+                  f"{c['oracle']:.2f}x")
     return 0
 
 
@@ -270,6 +323,25 @@ def write_markdown(report: dict, out: Path) -> None:
     lines.append(f"| 1.5B alone | {report['prompts']} | 1.00 | 1.00× | 1.00× | 1.00 | 1.00 | 1.000 | "
                  f"{report['results'][0]['ppl_big']:.3f} |")
     spec = [r for r in report["results"] if r["options"]["strategy"] == "speculative"]
+    if any("cost_model" in r for r in spec):
+        lines += ["", "Speculative decoding against the cost model with this run's own costs (medians of "
+                  f"{spec[0]['cost_model']['measurements']} measurements, every {COST_EVERY} prompts and at the end) "
+                  "and acceptance (each drafter's greedy choice along the 1.5B's greedy text of these prompts), "
+                  "decode only:", "",
+                  "| drafter | draft / 1-row pass | pass over 2 / 4 rows | measured | closed form, best k | "
+                  "best fixed k, replayed | per-step rule, replayed | oracle | measured / rule | measured / oracle |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in spec:
+            c = r["cost_model"]
+            v = c["costs"]["verify_s"]
+            v1, v2, v4 = v["1"], v["2"], v["4"]
+            lines.append(f"| {r['strategy'].removeprefix('speculative, ')} | {1e3 * c['costs']['draft_s']:.1f} / "
+                         f"{1e3 * v1:.1f} ms | {v2 / v1:.2f} / {v4 / v1:.2f} × | "
+                         f"{r['decode_speed_vs_big']:.2f}× | k={c['closed_form']['k']}: "
+                         f"{c['closed_form']['speedup']:.2f}× | k={c['best_fixed']['k']}: "
+                         f"{c['best_fixed']['speedup']:.2f}× | {c['per_step_rule']:.2f}× | {c['oracle']:.2f}× | "
+                         f"{r['decode_speed_vs_big'] / c['per_step_rule']:.2f} | "
+                         f"{r['decode_speed_vs_big'] / c['oracle']:.2f} |")
     for r in spec:
         st = [x for x in r["stats"] if x.get("acceptance_rate") is not None]
         if st:

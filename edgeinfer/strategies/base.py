@@ -41,6 +41,11 @@ class Strategy:
     def finish(self, sources: dict[str, int]) -> None:
         """After the last token: the number of emitted tokens per producing model / exit."""
 
+    def resume(self, learned: dict) -> None:
+        """Before the prefill: LEARNED is the model's memory across its generations. A strategy that measures
+        something about its models on this machine (speculative: costs and acceptance) continues from its
+        entry there instead of measuring again, or leaves its own for the next generation."""
+
 
 def prefill_full(decoder: StagedDecoder, ids: list[int]) -> np.ndarray:
     """Feed a prompt at full depth in chunks; returns the last position's logits."""

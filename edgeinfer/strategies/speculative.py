@@ -8,7 +8,8 @@ How many tokens to draft is decided per step by the cost model (:mod:`.cost_mode
 token, one more is drafted only if it is expected to raise tokens per second, given the measured cost of
 a draft, the measured cost of a verifying pass as a function of its rows, and the acceptance expected of
 drafts as confident as the ones so far (all estimated online, seeded by ``cost_model`` when a calibration
-stored one). When no draft pays, the round is a plain step of the big model. ``adaptive=False`` drafts
+stored one; a model's later generations continue from what its earlier ones learned: :meth:`resume`). When
+no draft pays, the round is a plain step of the big model. ``adaptive=False`` drafts
 ``draft_len`` tokens every round; ``threshold`` stops drafting when the little model's top probability
 falls below it.
 """
@@ -16,6 +17,7 @@ falls below it.
 from __future__ import annotations
 
 import time
+import weakref
 
 import numpy as np
 
@@ -50,6 +52,17 @@ class Speculative(PairStrategy):
         self.idle = 0
         self.stats.update(rounds=0, drafted=0, accepted=0, draft_lengths={},
                           cost_model="stored" if cost_model is not None else "measured online")
+
+    def resume(self, learned: dict) -> None:
+        """Continue from the estimates an earlier generation of this pair left (no warm-up rounds, the acceptance
+        map already learned: short generations would otherwise spend a good part of their rounds measuring)."""
+        key = (self.name, id(self.little.decoder), self.little.stages, self.max_k)
+        drafter, earlier = learned.get(key, (None, None))
+        if drafter is not None and drafter() is self.little.decoder and earlier.ready:  # not a freed one's id
+            self.online, self.warmup = earlier, []
+            self.stats["cost_model"] = "learned by earlier generations"
+        else:
+            learned[key] = (weakref.ref(self.little.decoder), self.online)
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         self.count("big")
