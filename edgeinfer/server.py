@@ -59,7 +59,7 @@ def create_app(model, api_key: str | None = None, max_queue: int = 8, max_tokens
     state = ServerState(model, api_key, max_queue, max_tokens_limit or model.max_context)
     opts = {k: v for k, v in (strategy_options or {}).items() if v is not None}
     state.decoding = {"strategy": strategy, **opts}
-    if strategy != "plain":  # check the strategy and its options now, not on the first request
+    if strategy != "plain" or opts:  # check the strategy and its options now, not on the first request
         from .strategies import make_strategy
 
         little = getattr(model, "little", None)  # a stub model in tests may have none

@@ -297,3 +297,23 @@ def test_server_decodes_every_request_speculatively(pair_packages, big_plain):
     assert r.json()["choices"][0]["text"] == model.tokenizer.decode(big_plain[PROMPTS[0]])
     with pytest.raises(GenerationError, match="tau"):
         create_app(model, strategy="ead", strategy_options={"tau": -1.0})
+    with pytest.raises(GenerationError, match="pair file"):  # a strategy option with plain decoding: at start
+        create_app(model, strategy_options={"pair": "pair.json"})
+
+
+def test_serve_takes_every_strategy_option_run_does(pair_packages, monkeypatch, capsys):
+    """`serve` and `run` share the strategy flags: EAD's rule and window reach every request."""
+    import uvicorn
+
+    from edgeinfer.cli import main
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    args = ["serve", str(pair_packages["big"]), "--little", str(pair_packages["int4"]), "--no-prompt-cache",
+            "--strategy", "ead", "--entropy-of", "little", "--window", "1", "--tau", "0.5", "--min-hold", "2"]
+    assert main(args) == 0
+    decoding = apps[-1].state.edgeinfer.decoding
+    assert {k: v for k, v in decoding.items() if v is not None} == {
+        "strategy": "ead", "entropy_of": "little", "window": 1, "tau": 0.5, "min_hold": 2}
+    assert main(args[:-2] + ["--min-hold", "0"]) == 2  # refused at start, with the strategy's own message
+    assert "min_hold" in capsys.readouterr().err

@@ -43,11 +43,10 @@ DOCS = ROOT / "docs"
 EDGEINFER = str(ROOT / ".venv" / "bin" / "edgeinfer")
 BIG, LITTLE = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from draft_costs import analyse  # noqa: E402
+from draft_costs import analyse, little_logits, softmax_stats  # noqa: E402
 from pair_questions import QUESTIONS, answer_is_right  # noqa: E402
 
 from edgeinfer.strategies.calibration import measure_pair_costs  # noqa: E402
-from edgeinfer.strategies.pair import drafting_head  # noqa: E402
 
 COST_EVERY = 8  # prompts between two measurements of the draft and verification costs
 
@@ -107,13 +106,8 @@ def agreement(little, ids: list[int], tokens: list[int]) -> dict:
     """The little model's greedy choice and top probability at each of the big model's TOKENS given the big
     model's prefix (through its drafting head if it has one): what decides acceptance in greedy speculative
     decoding."""
-    head = drafting_head(little.decoder)
-    little.reset()
-    little.decoder.set_exit_context(ids)
-    logits = little.decoder.forward(ids + tokens[:-1], logits_to_keep=len(tokens), stages=head).astype(np.float64)
-    little.reset()
-    z = np.exp(logits - logits.max(-1, keepdims=True))
-    return {"big": list(tokens), "little": logits.argmax(-1).tolist(), "little_top": (1.0 / z.sum(-1)).tolist()}
+    choice, top, _ = softmax_stats(little_logits(little, ids, tokens))
+    return {"big": list(tokens), "little": choice.tolist(), "little_top": top.tolist()}
 
 
 def measure_costs(big, little, ids: list[int]) -> dict:

@@ -81,17 +81,23 @@ def big_continuations(big, prompts: list[str], new_tokens: int, earlier: dict | 
     return out
 
 
+def little_logits(little, ids: list[int], tokens: list[int]) -> np.ndarray:
+    """The little model's logits at each of the big model's TOKENS given the big model's prefix (after IDS),
+    through its drafting head if it has one."""
+    little.reset()
+    little.decoder.set_exit_context(ids)  # a VocabTrim head also scores the prompt's tokens
+    out = little.decoder.forward(ids + tokens[:-1], logits_to_keep=len(tokens), stages=drafting_head(little.decoder))
+    little.reset()
+    return out
+
+
 def agreement_trace(little, conts: list[dict]) -> list[dict]:
     """Per prompt: the little model's argmax, top probability and entropy at each of the big model's tokens
     given the big model's prefix (through its drafting head if it has one), and the big model's
     log-probability of the little model's token (what EAD/BiLD calibration replays)."""
-    head = drafting_head(little.decoder)
     out = []
     for c in conts:
-        little.reset()
-        little.decoder.set_exit_context(c["ids"])  # a VocabTrim head also scores the prompt's tokens
-        lo = little.decoder.forward(c["ids"] + c["big"][:-1], logits_to_keep=len(c["big"]), stages=head)
-        little.reset()
+        lo = little_logits(little, c["ids"], c["big"])
         l_arg, l_top, l_ent = softmax_stats(lo)
         x = c["logits"].astype(np.float64) - c["logits"].max(-1, keepdims=True)
         logz = np.log(np.exp(x).sum(-1))

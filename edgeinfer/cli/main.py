@@ -161,10 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--provider", default="auto")
     s.add_argument("--max-context", type=int, default=None)
-    s.add_argument("--strategy", default="plain", help="decoding strategy of every request (see run --help)")
-    s.add_argument("--little", default=None, metavar="PACKAGE", help="little model for speculative|ead|bild")
-    s.add_argument("--draft-len", type=int, default=None)
-    s.add_argument("--tau", type=float, default=None)
+    _strategy_args(s, "of every request")
     _kv_dtype_arg(s, "KV cache precision the package must have (an alias / .gguf / HF folder is exported so "
                      "into the cache); default: the package's own")
     add_serve_args(s)
@@ -217,7 +214,12 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None, help="KV capacity to reserve")
     _kv_dtype_arg(p, "KV cache precision the package must have (an alias / .gguf / HF folder is exported so "
                      "into the cache); default: the package's own")
-    p.add_argument("--strategy", default="plain",
+    _strategy_args(p)
+
+
+def _strategy_args(p: argparse.ArgumentParser, whose: str = "") -> None:
+    """The decoding strategy and its options (run, serve)."""
+    p.add_argument("--strategy", default="plain", help=f"decoding strategy {whose}".strip(),
                    choices=["plain", "early-exit", "self-speculative", "adaptive", "lookup", "speculative", "ead",
                             "bild"])
     p.add_argument("--little", default=None, metavar="PACKAGE",
@@ -238,6 +240,12 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-len", type=int, default=None, help="tokens drafted per verification")
     p.add_argument("--exit-layer", type=int, default=None, help="exit to draft from / exit at")
     add_pair_arg(p)
+
+
+def _strategy_options(args) -> dict:
+    """The strategy options given on the command line (None: the strategy's default or the pair file's)."""
+    return {name: getattr(args, name) for name in ("threshold", "draft_len", "exit_layer", "tau", "window", "min_hold",
+                                                   "entropy_of", "fallback_threshold", "rollback_threshold", "pair")}
 
 
 def _kv_dtype_arg(p: argparse.ArgumentParser, help_text: str) -> None:
@@ -308,10 +316,7 @@ def _cmd_run(args) -> int:
         return run_seq2seq(model, prompt, args)
     params = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
-                  threshold=args.threshold, draft_len=args.draft_len, exit_layer=args.exit_layer, tau=args.tau,
-                  window=args.window, min_hold=args.min_hold, entropy_of=args.entropy_of,
-                  fallback_threshold=args.fallback_threshold,
-                  rollback_threshold=args.rollback_threshold, pair=args.pair)
+                  **_strategy_options(args))
     for name in ("num_beams", "length_penalty", "no_repeat_ngram_size"):  # the model refuses what it cannot do
         if getattr(args, name) is not None:
             params[name] = getattr(args, name)
@@ -373,7 +378,7 @@ def _cmd_serve(args) -> int:
 
     serve(args.package, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
           provider=args.provider, threads=args.threads, max_context=args.max_context, little=args.little,
-          strategy=args.strategy, strategy_options={"draft_len": args.draft_len, "tau": args.tau},
+          strategy=args.strategy, strategy_options=_strategy_options(args),
           parallel=args.parallel, prompt_cache=args.prompt_cache, prompt_cache_dir=args.prompt_cache_dir,
           prompt_cache_bytes=args.prompt_cache_bytes, kv_dtype=args.kv_dtype)
     return 0
