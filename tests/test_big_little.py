@@ -92,6 +92,26 @@ def test_speculative_continues_from_what_earlier_generations_learned(pair_packag
     assert model.complete(PROMPTS[0], **spec).stats["cost_model"] == "learned by earlier generations"
 
 
+def test_a_catch_up_is_not_timed_as_a_draft(pair_packages, big_plain, tmp_path):
+    """Drafts cost almost a big step (a stored cost model): plain rounds, a one-draft probe every PROBE_EVERY
+    rounds. A probe's little model first catches up on the rounds it missed; that call is not the cost of a
+    draft (timed as one, it kept drafting off for good), so the estimate stays the stored one."""
+    from edgeinfer.strategies.cost_model import CostModel
+    from edgeinfer.strategies.pair_file import PairSettings, package_identity, write_pair_file
+    from edgeinfer.strategies.speculative import PROBE_EVERY
+
+    model = edgeinfer.load(pair_packages["big"], little=pair_packages["int4"])
+    ident = lambda m: {"name": m.name, "identity": package_identity(m.package)}  # noqa: E731
+    dear = CostModel(draft_s=0.9, verify_s={1: 1.0, 2: 1.8}, acceptance=[0.5])
+    pair = write_pair_file(PairSettings(ident(model), ident(model.little), 0.95, cost_model=dear),
+                           tmp_path / "pair.json")
+    res = model.complete(PROMPTS[0], max_new_tokens=N, ignore_eos=True, strategy="speculative", pair=str(pair))
+    st = res.stats
+    assert res.tokens == big_plain[PROMPTS[0]] and st["cost_model"] == "stored"
+    assert st["drafted"] >= 2 and set(st["draft_lengths"]) == {0, 1} and st["draft_lengths"][0] >= 2 * PROBE_EVERY
+    assert st["estimates"]["draft_ms"] == 900.0
+
+
 def test_speculative_sampling_keeps_big_models_distribution(pair_packages):
     """Two sampled tokens, top-3 at temperature 1: the joint frequencies match the big model's exact
     p(t1) p(t2 | t1) (chi-square), though the little model (a different random model) proposes t2."""

@@ -258,7 +258,7 @@ def main() -> int:
             "quality_kept": math.exp((r["ref_nll"] - r["nll"]) / r["tokens"]),
             "ppl": math.exp(r["nll"] / r["tokens"]), "ppl_big": math.exp(r["ref_nll"] / r["tokens"]),
             "stats": r["stats"],
-            **({"cost_model": ceilings(costs[lit], traces[lit])} if lit in drafters else {}),
+            **({"cost_model": ceilings(costs[lit], traces[lit])} if opts.get("strategy") == "speculative" else {}),
         })
     questions = None
     if not args.no_questions:

@@ -37,6 +37,7 @@ from edgeinfer.strategies.cost_model import (  # noqa: E402
     simulate,
 )
 from edgeinfer.strategies.pair import drafting_head  # noqa: E402
+from edgeinfer.strategies.speculative import PROBE_EVERY  # noqa: E402
 
 BUILD = ROOT / "build" / "bench"
 PROMPTS = ROOT / "apps" / "bench" / "prompts" / "qwen_pair.json"
@@ -157,7 +158,8 @@ def model_best(m: CostModel, max_k: int) -> dict:
 
 def replay_policy(trace: list[dict], m: CostModel, max_k: int) -> dict:
     """The speculative strategy's per-step rule (OnlineCosts.keep_drafting, learning its acceptance map as it
-    goes, timings from the model) replayed on the trace. Drafts past the first disagreement take the
+    goes, timings from the model, a one-draft probe after PROBE_EVERY rounds without drafts) replayed on the
+    trace. Drafts past the first disagreement take the
     little model's confidence at that position given the big prefix: an approximation (they are rejected
     anyway; only the decision to stop drafting depends on them)."""
     online = OnlineCosts(max_k=max_k, prior=m)
@@ -165,12 +167,14 @@ def replay_policy(trace: list[dict], m: CostModel, max_k: int) -> dict:
     for t in trace:
         agree = [a == b for a, b in zip(t["big"], t["little"])]
         conf = t["little_top"]
-        pos = 0
+        pos = idle = 0
         while pos < len(agree):
             confs: list[float] = []
-            while online.keep_drafting(confs) and pos + len(confs) < len(agree):
+            probe = idle >= PROBE_EVERY
+            while (online.keep_drafting(confs) or (probe and not confs)) and pos + len(confs) < len(agree):
                 confs.append(conf[pos + len(confs)])
             k = len(confs)
+            idle = 0 if k else idle + 1
             acc = 0
             while acc < k and agree[pos + acc]:
                 acc += 1

@@ -94,9 +94,11 @@ class Speculative(PairStrategy):
         drafts: list[int] = []
         confidences: list[float] = []
         dists: list[np.ndarray] = []
-        t0 = time.perf_counter()
+        timed = [0, 0.0]  # drafts whose call fed at most 2 rows, and their seconds
         while len(drafts) < k_max and self._wants_more(confidences):
             ctx = seq + drafts
+            t = time.perf_counter()
+            lag = len(ctx) - self.little.length  # rows this call feeds: more after plain rounds (catching up)
             logits = self.little.logits(ctx)[-1]
             if sampler.greedy:
                 d = int(np.argmax(sampler.penalized(logits, ctx)))
@@ -111,6 +113,9 @@ class Speculative(PairStrategy):
             confidences.append(conf)
             if not sampler.greedy:
                 dists.append(q)
+            if lag <= 2:  # a catch-up is not the cost of a draft: timed, it would stop drafting after plain rounds
+                timed[0] += 1
+                timed[1] += time.perf_counter() - t
         t1 = time.perf_counter()
         fed_before = self.big.length
         rows = self.big.logits(seq + drafts, keep=len(drafts) + 1)
@@ -120,13 +125,15 @@ class Speculative(PairStrategy):
         accepted = len(out) - 1
         self.big.truncate(len(seq) + accepted)
         self.little.truncate(len(seq) + accepted)
-        self._learn(drafts, confidences, accepted, t1 - t0, verify_rows, t2 - t1)
+        self._learn(drafts, confidences, accepted, timed, verify_rows, t2 - t1)
         self.count("little", accepted)
         self.count("big")
         return [(t, lp, "little" if i < accepted else "big") for i, (t, lp) in enumerate(out)]
 
-    def _learn(self, drafts: list[int], confidences: list[float], accepted: int, draft_s: float,
+    def _learn(self, drafts: list[int], confidences: list[float], accepted: int, timed_drafts: list,
                verify_rows: int, verify_s: float) -> None:
+        """Update the statistics and the online estimates after a round; TIMED_DRAFTS: [drafts, seconds] of the
+        drafts timed (those whose call was not a catch-up)."""
         st = self.stats
         k = len(drafts)
         if self.warmup:
@@ -138,7 +145,7 @@ class Speculative(PairStrategy):
         st["draft_lengths"][k] = st["draft_lengths"].get(k, 0) + 1
         st["acceptance_rate"] = st["accepted"] / st["drafted"] if st["drafted"] else None
         st["tokens_per_verify"] = (st["accepted"] + st["rounds"]) / st["rounds"]
-        self.online.record_timing(k, draft_s, max(1, verify_rows), verify_s)
+        self.online.record_timing(timed_drafts[0], timed_drafts[1], max(1, verify_rows), verify_s)
         if k:
             self.online.record_acceptance(confidences, accepted)
         on = self.online
