@@ -159,9 +159,9 @@ def model_best(m: CostModel, max_k: int) -> dict:
 def replay_policy(trace: list[dict], m: CostModel, max_k: int) -> dict:
     """The speculative strategy's per-step rule (OnlineCosts.keep_drafting, learning its acceptance map as it
     goes, timings from the model, a one-draft probe after PROBE_EVERY rounds without drafts) replayed on the
-    trace. Drafts past the first disagreement take the
-    little model's confidence at that position given the big prefix: an approximation (they are rejected
-    anyway; only the decision to stop drafting depends on them)."""
+    trace. Drafts past the first disagreement take the little model's confidence at that position given the
+    big prefix: an approximation (they are rejected anyway; only the decision to stop drafting depends on
+    them)."""
     online = OnlineCosts(max_k=max_k, prior=m)
     tokens = seconds = drafted = 0
     for t in trace:

@@ -97,7 +97,7 @@ class Speculative(PairStrategy):
         timed = [0, 0.0]  # drafts whose call fed at most 2 rows, and their seconds
         while len(drafts) < k_max and self._wants_more(confidences):
             ctx = seq + drafts
-            t = time.perf_counter()
+            started = time.perf_counter()
             lag = len(ctx) - self.little.length  # rows this call feeds: more after plain rounds (catching up)
             logits = self.little.logits(ctx)[-1]
             if sampler.greedy:
@@ -115,7 +115,7 @@ class Speculative(PairStrategy):
                 dists.append(q)
             if lag <= 2:  # a catch-up is not the cost of a draft: timed, it would stop drafting after plain rounds
                 timed[0] += 1
-                timed[1] += time.perf_counter() - t
+                timed[1] += time.perf_counter() - started
         t1 = time.perf_counter()
         fed_before = self.big.length
         rows = self.big.logits(seq + drafts, keep=len(drafts) + 1)
