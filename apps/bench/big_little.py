@@ -43,10 +43,8 @@ DOCS = ROOT / "docs"
 EDGEINFER = str(ROOT / ".venv" / "bin" / "edgeinfer")
 BIG, LITTLE = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from draft_costs import analyse, little_logits, softmax_stats  # noqa: E402
+from draft_costs import analyse, little_logits, measure_costs, softmax_stats  # noqa: E402
 from pair_questions import QUESTIONS, answer_is_right  # noqa: E402
-
-from edgeinfer.strategies.calibration import measure_pair_costs  # noqa: E402
 
 COST_EVERY = 8  # prompts between two measurements of the draft and verification costs
 
@@ -108,11 +106,6 @@ def agreement(little, ids: list[int], tokens: list[int]) -> dict:
     decoding."""
     choice, top, _ = softmax_stats(little_logits(little, ids, tokens))
     return {"big": list(tokens), "little": choice.tolist(), "little_top": top.tolist()}
-
-
-def measure_costs(big, little, ids: list[int]) -> dict:
-    draft_s, verify_s = measure_pair_costs(big.decoder, little.decoder, ids, max_rows=9, repeats=5)
-    return {"draft_s": draft_s, "verify_s": verify_s}
 
 
 def ceilings(costs: list[dict], trace: list[dict]) -> dict:
@@ -208,7 +201,7 @@ def main() -> int:
         for lit in drafters:
             traces[lit].append(agreement(littles[lit], ids, ref.tokens))
             if i % COST_EVERY == 0:
-                costs[lit].append(measure_costs(big, littles[lit], ids + ref.tokens[:32]))
+                costs[lit].append(measure_costs(big, littles[lit], ids + ref.tokens[:32], 9, 5))
         results = []
         for label, lit, opts in cfgs:
             if label in sweep and i >= args.sweep_prompts:
@@ -245,7 +238,7 @@ def main() -> int:
               f"{ref.new_tokens / ref_s:.2f}, end {ref.new_tokens / end_s:.2f}), load {os.getloadavg()[0]:.1f}",
               flush=True)
     for lit in drafters:  # and once more at the end
-        costs[lit].append(measure_costs(big, littles[lit], ids + ref.tokens[:32]))
+        costs[lit].append(measure_costs(big, littles[lit], ids + ref.tokens[:32], 9, 5))
     table = []
     for label, lit, opts in cfgs:
         r = rows[label]

@@ -244,8 +244,9 @@ def _strategy_args(p: argparse.ArgumentParser, whose: str = "") -> None:
 
 def _strategy_options(args) -> dict:
     """The strategy options given on the command line (None: the strategy's default or the pair file's)."""
-    return {name: getattr(args, name) for name in ("threshold", "draft_len", "exit_layer", "tau", "window", "min_hold",
-                                                   "entropy_of", "fallback_threshold", "rollback_threshold", "pair")}
+    from edgeinfer.model import STRATEGY_OPTIONS
+
+    return {name: getattr(args, name, None) for name in STRATEGY_OPTIONS}  # "confidence" has no flag: None
 
 
 def _kv_dtype_arg(p: argparse.ArgumentParser, help_text: str) -> None:

@@ -287,22 +287,27 @@ def replay_tau(trace: list[dict], target: float, entropy_of: str, window: int) -
     """EAD's largest tau (on a TAU_STEP grid, scanned upwards until the first miss) whose replayed quality meets
     TARGET at CONFIDENCE over the references; None when even the smallest misses it. The replay follows real
     generation closely (docs/big-little.md: share equal, quality within 0.012 on 24 prompts)."""
-    best = None
+    return _replay_tau_and_share(trace, target, entropy_of, window)[0]
+
+
+def _replay_tau_and_share(trace: list[dict], target: float, entropy_of: str, window: int) -> tuple[float | None, float]:
+    """replay_tau's tau and the big-model share the replay gives at it (1.0 when no tau meets TARGET)."""
+    best, share = None, 1.0
     for tau in np.arange(TAU_STEP, 6.0 + TAU_STEP / 2, TAU_STEP):
-        per = [_replay_prompt(t, float(tau), window, 1, entropy_of) for t in trace]
+        tau = round(float(tau), 2)
+        per = [_replay_prompt(t, tau, window, 1, entropy_of) for t in trace]
         if assured_quality([p[1] for p in per], [p[2] for p in per]) < target:
             break
-        best = round(float(tau), 2)
-    return best
+        best, share = tau, sum(p[0] for p in per) / max(1, sum(p[2] for p in per))
+    return best, share
 
 
 def ead_by_replay(trace: list[dict], target: float) -> tuple[str, int, float | None]:
     """EAD's (whose entropy decides, rolling window, tau) with the smallest big-model share among the RULES,
     each at its replay_tau."""
-    def share(rule: tuple[str, int, float | None]) -> float:
-        entropy_of, window, tau = rule
-        return 1.0 if tau is None else replay_ead(trace, tau, window, entropy_of=entropy_of)[0]
-    return min(((e, w, replay_tau(trace, target, e, w)) for e, w in RULES), key=share)
+    shares = {(e, w): _replay_tau_and_share(trace, target, e, w) for e, w in RULES}
+    (entropy_of, window), (tau, _) = min(shares.items(), key=lambda item: item[1][1])
+    return entropy_of, window, tau
 
 
 def calibrate_pair(big, little, quality: float = 0.95, prompts: list[str] | None = None,
