@@ -237,3 +237,29 @@ def test_kv_dtype_ratios_and_markdown():
     md = markdown(rep)
     assert "| int8 / fp32 | **1.45×** | 1.40, 1.50 |" in md and "edgeinfer, int8 KV x" in md
     assert "| int8 | 256 | 4 × 255 | 36.000 | 35.900 | +0.28% | 0.9500 |" in md
+
+
+def test_peer_speculative_ratios_are_against_each_engines_own_plain_run():
+    from types import SimpleNamespace
+
+    from apps.bench.peer_speculative import markdown, summarize
+
+    def run(tokens, decode_s, wall_s, **extra):
+        return {"tokens": tokens, "decode_s": decode_s, "wall_s": wall_s, "decode_tokens": 10, **extra}
+
+    runs = {"edgeinfer 1.5B alone": [run([1, 2, 3], 1.0, 1.5), run([4, 5], 1.0, 1.5)],
+            "edgeinfer speculative, 0.5B GGUF drafts": [run([1, 2, 3], 0.5, 1.0), run([4, 6], 0.5, 1.0)],
+            "llama.cpp 1.5B alone": [run([1, 2, 9], 0.8, 1.0), run([4, 5], 0.8, 1.0)],
+            "llama.cpp speculative, default draft settings": [run([1, 2, 9], 0.4, 0.8, draft_n=8, draft_accepted=6),
+                                                               run([4, 5], 0.8, 1.2, draft_n=8, draft_accepted=2)]}
+    rep = summarize(runs, SimpleNamespace(threads=2, new_tokens=3), 1.0)
+    mine, theirs = rep["rows"]["edgeinfer speculative, 0.5B GGUF drafts"], rep["rows"][
+        "llama.cpp speculative, default draft settings"]
+    assert mine["decode_vs_own_plain"] == 2.0 and mine["identical_to_own_plain"] == 1
+    assert abs(theirs["decode_vs_own_plain"] - 1.6 / 1.2) < 1e-9 and theirs["draft_acceptance"] == 0.5
+    assert abs(theirs["end_to_end_vs_own_plain"] - 1.0) < 1e-9 and theirs["identical_to_own_plain"] == 2
+    assert rep["plain_outputs_identical_across_engines"] == 1
+    assert abs(rep["plain_tokens_shared_across_engines"] - 0.8) < 1e-9
+    md = markdown(rep)
+    assert "| edgeinfer speculative, 0.5B GGUF drafts | 20.0 | 2.00x | 1.50x | 1/2 |  |" in md
+    assert "| llama.cpp speculative, default draft settings | 16.7 | 1.33x | 1.00x | 2/2 | 0.50 |" in md
