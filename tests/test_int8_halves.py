@@ -88,3 +88,22 @@ def test_tied_head_through_a_reshape_keeps_the_table_for_its_gather_and_level_4_
         want = xs.astype(np.float64) @ dense.T
         assert np.abs(got - want).max() <= (2e-6 if level == 0 else 2e-2) * np.abs(want).max()
         assert ("head.shape" in {t.name for t in model.graph.initializer}) == (level == 4)
+
+
+def test_two_matmuls_of_one_weight_share_its_halves():
+    """An exit head reading the final head's weights: one set of halves, both products right."""
+    q, scales, _, dense = _weights(5, False)
+    g = GraphBuilder("t")
+    x = g.input("x", "float32", [1, 1, K])
+    w, s = g.initializer("head.q", q), g.initializer("head.s", scales)
+    ys = [g.op1("MatMulNBits", [x, w, s], domain=MS_DOMAIN, name=name, K=K, N=N, bits=8, block_size=BLOCK,
+                accuracy_level=0) for name in ("head", "exit_head")]
+    for i, y in enumerate(ys):
+        g.output(g.op1("Identity", [y], outputs=[f"y{i}"]), "float32", [1, 1, N])
+    xs = np.random.default_rng(6).standard_normal((1, 1, K)).astype(np.float32)
+    outs, model = _run(g, {"x": xs})
+    want = xs.astype(np.float64) @ dense.T
+    for got in outs:
+        assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
+    assert _nbits(model) == [(4, 0)] * 4
+    assert len(model.graph.initializer) == 6  # hi and lo: weight, scales, zero points -- once

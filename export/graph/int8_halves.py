@@ -33,8 +33,9 @@ def split_int8_matmuls(nodes: list[onnx.NodeProto], initializers: list[onnx.Tens
     inits = {t.name: t for t in initializers}
     producers = {out: n for n in nodes for out in n.output}
     out_nodes, new_inits, replaced = [], [], set()
+    halves: dict[tuple, list[str]] = {}  # (weight, scales, zero points) -> its halves' initializers: made once
     for node in nodes:
-        parts = _split(node, inits, producers) if _is_slow_int8(node) else None
+        parts = _split(node, inits, producers, halves) if _is_slow_int8(node) else None
         if parts is None:
             out_nodes.append(node)
             continue
@@ -73,14 +74,18 @@ def _external(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
-def _split(node: onnx.NodeProto, inits: dict, producers: dict):
-    """(nodes, initializers) computing NODE as two 4-bit halves, or None when it cannot be split."""
+def _split(node: onnx.NodeProto, inits: dict, producers: dict, halves: dict):
+    """(nodes, new initializers) computing NODE as two 4-bit halves, or None when it cannot be split. HALVES:
+    the initializers made for weights split before (an exit head reading the final head's weights reuses them)."""
     a = _attrs(node)
     n, k, block = a["N"], a["K"], a["block_size"]
     blocks = -(-k // block)
     inputs = list(node.input) + [""] * (6 - len(node.input))
     if inputs[4]:  # g_idx: an act-order layout, not made by this exporter
         return None
+    key = tuple(inputs[1:4])
+    if key in halves:
+        return _halves_nodes(node, a, inputs, halves[key]), []
     q = _constant(inputs[1], inits, producers)
     scales = _constant(inputs[2], inits, producers)
     if q is None or scales is None:
@@ -94,25 +99,32 @@ def _split(node: onnx.NodeProto, inits: dict, producers: dict):
     else:
         zp = np.full((n, blocks), 128, np.uint8)  # the kernel's implicit 8-bit zero point
     scales = scales.reshape(n, blocks)
-    base = node.name or node.output[0]
-    hi_name, lo_name = f"{base}.hi", f"{base}.lo"
+    weight = node.name or node.output[0]
     tensors = [
-        numpy_helper.from_array(pack_bits(q >> 4, 4), hi_name + ".qweight"),
-        numpy_helper.from_array((scales * 16).astype(scales.dtype), hi_name + ".scales"),
-        numpy_helper.from_array(pack_bits(zp >> 4, 4), hi_name + ".zero_points"),
-        numpy_helper.from_array(pack_bits(q & 15, 4), lo_name + ".qweight"),
-        numpy_helper.from_array(scales, lo_name + ".scales"),
-        numpy_helper.from_array(pack_bits(zp & 15, 4), lo_name + ".zero_points"),
+        numpy_helper.from_array(pack_bits(q >> 4, 4), weight + ".hi.qweight"),
+        numpy_helper.from_array((scales * 16).astype(scales.dtype), weight + ".hi.scales"),
+        numpy_helper.from_array(pack_bits(zp >> 4, 4), weight + ".hi.zero_points"),
+        numpy_helper.from_array(pack_bits(q & 15, 4), weight + ".lo.qweight"),
+        numpy_helper.from_array(scales, weight + ".lo.scales"),
+        numpy_helper.from_array(pack_bits(zp & 15, 4), weight + ".lo.zero_points"),
     ]
-    attrs = {**a, "bits": 4}
-    hi = helper.make_node("MatMulNBits", [inputs[0], *(t.name for t in tensors[:3])], [hi_name + "/out"],
-                          name=hi_name, domain=node.domain, **attrs)
-    lo_inputs = [inputs[0], *(t.name for t in tensors[3:])]
+    halves[key] = [t.name for t in tensors]
+    return _halves_nodes(node, a, inputs, halves[key]), tensors
+
+
+def _halves_nodes(node: onnx.NodeProto, attrs: dict, inputs: list[str], names: list[str]) -> list[onnx.NodeProto]:
+    """The two 4-bit MatMulNBits over NAMES (hi's weight, scales, zero points, then lo's) and their Add,
+    which writes NODE's output."""
+    base = node.name or node.output[0]
+    attrs = {**attrs, "bits": 4}
+    hi = helper.make_node("MatMulNBits", [inputs[0], *names[:3]], [base + ".hi/out"], name=base + ".hi",
+                          domain=node.domain, **attrs)
+    lo_inputs = [inputs[0], *names[3:]]
     if inputs[5]:  # the bias, added once
         lo_inputs += ["", inputs[5]]
-    lo = helper.make_node("MatMulNBits", lo_inputs, [lo_name + "/out"], name=lo_name, domain=node.domain, **attrs)
-    add = helper.make_node("Add", [hi.output[0], lo.output[0]], list(node.output), name=base + ".halves")
-    return [hi, lo, add], tensors
+    lo = helper.make_node("MatMulNBits", lo_inputs, [base + ".lo/out"], name=base + ".lo", domain=node.domain,
+                          **attrs)
+    return [hi, lo, helper.make_node("Add", [hi.output[0], lo.output[0]], list(node.output), name=base + ".halves")]
 
 
 def _prune(nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], replaced: set[str]):
