@@ -263,3 +263,12 @@ def test_peer_speculative_ratios_are_against_each_engines_own_plain_run():
     md = markdown(rep)
     assert "| edgeinfer speculative, 0.5B GGUF drafts | 20.0 | 2.00x | 1.50x | 1/2 |  |" in md
     assert "| llama.cpp speculative, default draft settings | 16.7 | 1.33x | 1.00x | 2/2 | 0.50 |" in md
+
+
+def test_kv_profile_splits_the_prefill_from_the_steps(tiny_packages):
+    from apps.bench.kv_profile import OPS, profile
+
+    r = profile(str(tiny_packages("llama", "int4")), prompt=12, steps=3, threads=1)
+    assert r["prompt_tokens"] == 12 and r["steps"] == 3
+    assert all(r["prefill_ms"][op] > 0 and r["step_ms"][op] > 0 for op in OPS)
+    assert r["attention_us_per_layer"] > 0
