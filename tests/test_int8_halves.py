@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from edgeinfer.export.graph.onnx_graph import MS_DOMAIN, GraphBuilder
+from edgeinfer.runtimes.cpu import compatible_session_options
 from onnx import helper
 
 N, K, BLOCK = 40, 96, 32
@@ -26,9 +27,8 @@ def _weights(seed: int, zero_points: bool):
 def _run(g: GraphBuilder, feeds: dict):
     """(the graph's outputs, the model written)."""
     model = g.to_model()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), compatible_session_options(),
+                                providers=["CPUExecutionProvider"])
     return sess.run(None, feeds), model
 
 
