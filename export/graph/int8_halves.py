@@ -99,14 +99,14 @@ def _split(node: onnx.NodeProto, inits: dict, producers: dict, halves: dict):
     else:
         zp = np.full((n, blocks), 128, np.uint8)  # the kernel's implicit 8-bit zero point
     scales = scales.reshape(n, blocks)
-    weight = node.name or node.output[0]
+    first = node.name or node.output[0]  # the halves are named after the first matmul that reads the weight
     tensors = [
-        numpy_helper.from_array(pack_bits(q >> 4, 4), weight + ".hi.qweight"),
-        numpy_helper.from_array((scales * 16).astype(scales.dtype), weight + ".hi.scales"),
-        numpy_helper.from_array(pack_bits(zp >> 4, 4), weight + ".hi.zero_points"),
-        numpy_helper.from_array(pack_bits(q & 15, 4), weight + ".lo.qweight"),
-        numpy_helper.from_array(scales, weight + ".lo.scales"),
-        numpy_helper.from_array(pack_bits(zp & 15, 4), weight + ".lo.zero_points"),
+        numpy_helper.from_array(pack_bits(q >> 4, 4), first + ".hi.qweight"),
+        numpy_helper.from_array((scales * 16).astype(scales.dtype), first + ".hi.scales"),
+        numpy_helper.from_array(pack_bits(zp >> 4, 4), first + ".hi.zero_points"),
+        numpy_helper.from_array(pack_bits(q & 15, 4), first + ".lo.qweight"),
+        numpy_helper.from_array(scales, first + ".lo.scales"),
+        numpy_helper.from_array(pack_bits(zp & 15, 4), first + ".lo.zero_points"),
     ]
     halves[key] = [t.name for t in tensors]
     return _halves_nodes(node, a, inputs, halves[key]), tensors
