@@ -43,18 +43,16 @@ def profile(package: str, prompt: int, steps: int, threads: int) -> dict:
     model.decoder.forward(ids)
     for i in range(steps):
         model.decoder.step(ids[i % len(ids)])
-    runs: list[dict[str, list[int]]] = []  # per run of the first stage's session: op -> kernel microseconds
-    for stage in model.decoder.stages[:1]:
-        path = Path(stage.session.end_profiling())
-        events = json.loads(path.read_text())
-        path.unlink()
-        spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
-        runs = [{} for _ in spans]
-        for e in events:
-            op = e.get("args", {}).get("op_name")
-            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and op in OPS:
-                k = next(i for i, (a, b) in enumerate(spans) if a <= e["ts"] <= b)
-                runs[k].setdefault(op, []).append(int(e["dur"]))
+    path = Path(model.decoder.stages[0].session.end_profiling())  # the first graph's (the packages have one)
+    events = json.loads(path.read_text())
+    path.unlink()
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    runs: list[dict[str, list[int]]] = [{} for _ in spans]  # per session run: op -> kernel microseconds
+    for e in events:
+        op = e.get("args", {}).get("op_name")
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and op in OPS:
+            run = next(i for i, (start, end) in enumerate(spans) if start <= e["ts"] <= end)
+            runs[run].setdefault(op, []).append(int(e["dur"]))
     prefill, decode = runs[0], runs[1:]
     return {"package": package, "prompt_tokens": len(ids), "steps": len(decode),
             "prefill_ms": {op: sum(prefill.get(op, [])) / 1000 for op in OPS},
