@@ -144,7 +144,7 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
     bar = progress_bar(spec.layers, f"building {precision} graphs", progress)
     with PackageBuild(out, force) as build:
         tmp = build.folder
-        weights = {**src.state_dict, **src.blocks} if precision == "source" else src.state_dict
+        weights = {**src.state_dict, **_source_blocks(src, prec)} if precision == "source" else src.state_dict
         # int8 KV: fp32-KV graphs first, run over calibration text to fix the int8 scales, then rebuilt
         first_kv = KVPrecision("fp32" if kv_dtype == "int8" else kv_dtype)
         for stage in dg.build_stages(spec, weights, prec, ctx, cuts[1:-1], progress=bar.update, kv=first_kv):
@@ -340,6 +340,16 @@ def _int8_kv(tmp: Path, src: SourceModel, spec, prec: Precision, ctx: int, graph
     del decoder
     quant = kv_precision.QUANT_TYPE
     return KVPrecision("int8", kv_precision.scales_from_ranges(keys, values, quant), quant)
+
+
+def _source_blocks(src: SourceModel, prec: Precision) -> dict:
+    """The GGUF file's block weights as the graphs carry them: exactly, but for 5- and 6-bit ones re-blocked
+    for int8 activations (Precision.reblocks_narrow_types)."""
+    if not prec.reblocks_narrow_types:
+        return src.blocks
+    from edgeinfer.export.sources.gguf_tensors import reblocked_8bit
+
+    return {name: reblocked_8bit(w) for name, w in src.blocks.items()}
 
 
 def _source_types(src: SourceModel, prec: Precision) -> dict:

@@ -34,6 +34,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 PY = ROOT / ".venv" / "bin" / "python"
 LLAMA_SERVER = ROOT / ".venv-peers" / "llamacpp-server" / "bin" / "llama-server"
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+from runner_cli import llama_server_weight_args  # noqa: E402  (plain Python, shared with the peer runners)
+
 # prompts that SmolLM2 continues for a while (a public-domain opening line each)
 PROMPTS = ["It was the best of times, it was the worst of times, it was the age of wisdom,",
            "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money",
@@ -150,9 +153,7 @@ def start_servers(args) -> dict:
         port = free_port()
         cmd = [str(LLAMA_SERVER), "-m", args.gguf, "--port", str(port), "--parallel", str(args.parallel),
                "-c", str(args.context * args.parallel), "-t", str(args.threads), "-tb", str(args.threads),
-               # its AMX weight repacking dies of SIGILL on this VM (the CPU lists AMX, the kernel's tiles
-               # fault); the plain CPU kernels, as in the llama-cpp-python runner of compare.py
-               "--no-repack"]
+               *llama_server_weight_args()]
         servers["llama.cpp"] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                                  stderr=open(logs / "batching-llama.cpp.log", "w")),
                                 f"http://127.0.0.1:{port}")

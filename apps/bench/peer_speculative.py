@@ -40,14 +40,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 BUILD = ROOT / "build" / "bench"
 sys.path.insert(0, str(HERE))
-from batching import LLAMA_SERVER, free_port, wait_ready  # noqa: E402
+from batching import LLAMA_SERVER, free_port, llama_server_weight_args, wait_ready  # noqa: E402
 from big_little import BIG, LITTLE, decode_seconds, ensure_little, timed  # noqa: E402
 
 
 def start_llama(name: str, big: Path, threads: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [str(LLAMA_SERVER), "-m", str(big), "--port", str(port), "--parallel", "1", "-c", "4096",
-           "-t", str(threads), "-tb", str(threads), "--no-repack", *extra]
+           "-t", str(threads), "-tb", str(threads), *llama_server_weight_args(), *extra]
     log = open(BUILD / f"peer-speculative-{name}.log", "w")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     return proc, f"http://127.0.0.1:{port}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from edgeinfer.export.graph.onnx_graph import MS_DOMAIN, GraphBuilder
 from edgeinfer.export.quant.quantize import pack_bits, quantize_blockwise
-from edgeinfer.export.sources.gguf_tensors import BlockWeight, concat_rows
+from edgeinfer.export.sources.gguf_tensors import NARROW_TYPES, WIDE_BLOCK, BlockWeight, concat_rows
 
 # "source": a GGUF file's own quantized weights, carried over exactly (export/sources/gguf_tensors.py)
 PRECISIONS = ("source", "int4", "int8", "fp16", "fp32")
@@ -52,6 +52,12 @@ class Precision:
             raise ExportError("--quant-method hqq fits a zero point per block: it cannot be symmetric.")
 
     @property
+    def reblocks_narrow_types(self) -> bool:
+        """A GGUF's 5- and 6-bit tensors re-blocked into 8-bit blocks of 128 (``reblocked_8bit``): only with
+        int8 activations, whose rounding outweighs the re-blocking's; levels 0-3 keep every block exact."""
+        return self.name == "source" and self.accuracy_level == 4
+
+    @property
     def bits(self) -> int | None:
         return {"int4": 4, "int8": 8}.get(self.name)
 
@@ -72,6 +78,9 @@ class Precision:
         if self.name == "source":
             d.update(accuracy_level=self.accuracy_level,
                      scheme="the GGUF file's own blocks as MatMulNBits scale * (q - zp) + block offsets")
+            if self.reblocks_narrow_types:
+                d.update(narrow_types=f"{'/'.join(NARROW_TYPES)} re-quantized into symmetric 8-bit blocks of "
+                                      f"{WIDE_BLOCK}")
             if self.lm_head_bits:
                 d.update(lm_head_bits=self.lm_head_bits, lm_head_scheme="symmetric-rtn, re-quantized")
         if self.bits:

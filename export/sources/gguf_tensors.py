@@ -200,6 +200,33 @@ def block_weight(type_name: str, raw: np.ndarray, k: int) -> BlockWeight:
     return BlockWeight(q, scales, offsets, bits, block_size, type_name)
 
 
+#: symmetric ggml types whose 5- or 6-bit values travel in 8-bit MatMulNBits blocks (of 16 for Q6_K, 32 for Q5_0)
+#: (Q5_1/Q5_K keep their blocks: a block offset can be large against the block's range, so symmetric 8-bit
+#: blocks of 128 would not keep their steps)
+NARROW_TYPES = ("Q5_0", "Q6_K")
+#: the block those are re-blocked into for int8-activation kernels (``reblocked_8bit``)
+WIDE_BLOCK = 128
+
+
+def reblocked_8bit(weight: BlockWeight) -> BlockWeight:
+    """A 5- or 6-bit symmetric ggml weight (NARROW_TYPES) re-quantized into symmetric 8-bit blocks of
+    WIDE_BLOCK (64 or 32 where K is not a multiple); other weights are returned as they are.
+
+    Each new block's step is its largest |weight| / 127: at most 32/127 (Q6_K) or 16/127 (Q5_0) of the largest
+    source step in it, so no weight moves by more than 16/127 (about 1/8) of that step. Against the source's
+    16- or 32-weight blocks, onnxruntime's int8-activation kernel reads 8.5 bits a weight instead of 12 or 10
+    (a float scale and a block sum per block)."""
+    n, k = weight.shape
+    block = next((b for b in (WIDE_BLOCK, 64, 32) if k % b == 0 and b >= weight.block_size), None)
+    if weight.source_type not in NARROW_TYPES or block is None:
+        return weight
+    blocks = weight.dequantize().reshape(n, k // block, block)
+    scale = np.abs(blocks).max(axis=2) / 127.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    q = np.clip(np.round(blocks / scale[:, :, None]), -127, 127) + 128
+    return BlockWeight(q.reshape(n, k).astype(np.uint8), scale, None, 8, block, f"{weight.source_type}->8b{block}")
+
+
 def requantized_int8(weight: np.ndarray, type_name: str) -> BlockWeight:
     """An 8-bit symmetric block-32 weight from float values (for types with no exact form)."""
     n, k = weight.shape

@@ -20,10 +20,9 @@ import json
 import resource
 import sys
 import time
-from pathlib import Path
 
 import llama_cpp
-from runner_cli import parse_args, read_ids
+from runner_cli import amx_cpu, parse_args, read_ids
 
 
 def prompt_ids(llm: llama_cpp.Llama, args: argparse.Namespace) -> list[int]:
@@ -71,14 +70,6 @@ def generate(llm: llama_cpp.Llama, sampler, ids: list[int], n_new: int) -> tuple
     t2 = time.perf_counter()
     decode = (n_new - 1) / (t2 - t1) if n_new > 1 else 0.0
     return {"ttft_s": t1 - t0, "decode_tok_s": decode, "total_s": t2 - t0}, out
-
-
-def amx_cpu() -> bool:
-    """llama-cpp-python 0.3.36's AMX weight buffers crash (SIGSEGV in ggml_backend_amx_mul_mat) on AMX Xeons."""
-    try:
-        return "amx_tile" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 def load_llama(**kwargs) -> tuple[llama_cpp.Llama, str]:

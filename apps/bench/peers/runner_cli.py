@@ -29,3 +29,19 @@ def read_ids(path: Path) -> list[int]:
     if text.startswith("["):
         return [int(t) for t in json.loads(text)]
     return [int(t) for t in text.replace(",", " ").split()]
+
+
+def amx_cpu() -> bool:
+    """Whether this CPU has AMX tiles: there llama.cpp 0.3.36's AMX/repacked weight buffers crash (SIGSEGV in
+    ggml_backend_amx_mul_mat, SIGILL in llama-server), so the peers run on its plain CPU buffers; elsewhere
+    llama.cpp keeps its repacked weights, its fastest CPU kernels (e.g. 1.33x on Qwen2.5-Coder-1.5B Q4_K_M
+    on an AVX-512 EPYC)."""
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def llama_server_weight_args() -> list[str]:
+    """llama-server's weight-buffer flags for this CPU: ``--no-repack`` only where repacking crashes."""
+    return ["--no-repack"] if amx_cpu() else []
