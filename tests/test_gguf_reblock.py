@@ -1,4 +1,4 @@
-"""5- and 6-bit symmetric GGUF tensors re-blocked into 8-bit blocks of 128 for int8-activation packages
+"""5- and 6-bit symmetric GGUF tensors re-blocked into 8-bit blocks of 64 for int8-activation packages
 (export/sources/gguf_tensors.py ``reblocked_8bit``): within 16/127 of the largest source step, other types
 and float-activation packages untouched."""
 
@@ -23,14 +23,14 @@ def largest_source_step(w, block: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("type_name", NARROW_TYPES)
-@pytest.mark.parametrize("k", [768, 576])
+@pytest.mark.parametrize("k", [768, 544])
 def test_narrow_types_move_at_most_an_eighth_of_a_step(type_name, k):
     if k % 256 and type_name.endswith("_K"):
         pytest.skip("K-quant rows are whole super-blocks of 256")
     n = 12
     src = block_weight(type_name, random_blocks(type_name, n, k, seed=7), k)
     wide = reblocked_8bit(src)
-    block = 128 if k % 128 == 0 else 64
+    block = 64 if k % 64 == 0 else 32
     assert (wide.bits, wide.block_size, wide.offsets) == (8, block, None)
     assert wide.source_type == f"{type_name}->8b{block}" and wide.q.min() >= 1  # symmetric: codes 1..255
     moved = np.abs(wide.dequantize() - src.dequantize()).reshape(n, k // block, block).max(axis=2)
@@ -70,7 +70,7 @@ def test_only_int8_activation_source_packages_reblock():
               "b": block_weight("Q4_K", random_blocks("Q4_K", 4, k), k)}
     src = SourceModel("t", "gguf", "t.gguf", {"model_type": "qwen2"}, {}, "{}", None, blocks=blocks)
     level4 = _source_blocks(src, Precision("source", accuracy_level=4))
-    assert level4["a"].block_size == 128 and level4["b"] is blocks["b"]
+    assert level4["a"].block_size == 64 and level4["b"] is blocks["b"]
     assert "narrow_types" in Precision("source", accuracy_level=4).describe()
     for level in (0, 1):
         assert _source_blocks(src, Precision("source", accuracy_level=level)) is blocks

@@ -53,7 +53,7 @@ class Precision:
 
     @property
     def reblocks_narrow_types(self) -> bool:
-        """A GGUF's 5- and 6-bit tensors re-blocked into 8-bit blocks of 128 (``reblocked_8bit``): only with
+        """A GGUF's 5- and 6-bit tensors re-blocked into 8-bit blocks of 64 (``reblocked_8bit``): only with
         int8 activations, whose rounding outweighs the re-blocking's; levels 0-3 keep every block exact."""
         return self.name == "source" and self.accuracy_level == 4
 

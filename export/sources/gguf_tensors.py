@@ -202,22 +202,23 @@ def block_weight(type_name: str, raw: np.ndarray, k: int) -> BlockWeight:
 
 #: symmetric ggml types whose 5- or 6-bit values travel in 8-bit MatMulNBits blocks (of 16 for Q6_K, 32 for Q5_0)
 #: (Q5_1/Q5_K keep their blocks: a block offset can be large against the block's range, so symmetric 8-bit
-#: blocks of 128 would not keep their steps)
+#: blocks of 64 would not keep their steps)
 NARROW_TYPES = ("Q5_0", "Q6_K")
 #: the block those are re-blocked into for int8-activation kernels (``reblocked_8bit``)
-WIDE_BLOCK = 128
+WIDE_BLOCK = 64
 
 
 def reblocked_8bit(weight: BlockWeight) -> BlockWeight:
     """A 5- or 6-bit symmetric ggml weight (NARROW_TYPES) re-quantized into symmetric 8-bit blocks of
-    WIDE_BLOCK (64 or 32 where K is not a multiple); other weights are returned as they are.
+    WIDE_BLOCK (32 where K is not a multiple of it); other weights are returned as they are.
 
     Each new block's step is its largest |weight| / 127: at most 32/127 (Q6_K) or 16/127 (Q5_0) of the largest
     source step in it, so no weight moves by more than 16/127 (about 1/8) of that step. Against the source's
-    16- or 32-weight blocks, onnxruntime's int8-activation kernel reads 8.5 bits a weight instead of 12 or 10
-    (a float scale and a block sum per block)."""
+    16- or 32-weight blocks, onnxruntime's int8-activation kernel reads 9 bits a weight instead of 12 or 10
+    (a float scale and a block sum per block). Blocks of 128 read less still, but the kernel quantizes the
+    activations per block too, and its one-row and multi-row results then part further (docs/gguf.md)."""
     n, k = weight.shape
-    block = next((b for b in (WIDE_BLOCK, 64, 32) if k % b == 0 and b >= weight.block_size), None)
+    block = next((b for b in (WIDE_BLOCK, 32) if k % b == 0 and b >= weight.block_size), None)
     if weight.source_type not in NARROW_TYPES or block is None:
         return weight
     blocks = weight.dequantize().reshape(n, k // block, block)
