@@ -75,3 +75,12 @@ def test_only_int8_activation_source_packages_reblock():
     for level in (0, 1):
         assert _source_blocks(src, Precision("source", accuracy_level=level)) is blocks
         assert "narrow_types" not in Precision("source", accuracy_level=level).describe()
+
+
+def test_info_says_which_types_were_reblocked():
+    from edgeinfer.cli.package_info import describe_weights
+
+    described = Precision("source", accuracy_level=4).describe()
+    line = describe_weights({**described, "source_types": {"Q4_K": 2, "Q6_K": 1}})
+    assert "Q5_0/Q6_K re-quantized into symmetric 8-bit blocks of 64" in line and "Q6_K x1" in line
+    assert "re-quantized" not in describe_weights({**Precision("source", accuracy_level=0).describe()})

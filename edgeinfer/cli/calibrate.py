@@ -21,7 +21,7 @@ def add_calibrate_command(sub) -> None:
                    help="quality to keep: PPL_big(the big model's own greedy text) / PPL_big(the strategy's text) "
                         "on the calibration prompts (default 0.95)")
     c.add_argument("--prompts", default=None, metavar="FILE",
-                   help="calibration prompts, one per line (default: 8 shipped prompts, prose and code)")
+                   help="calibration prompts, one per line (default: 16 shipped prompts, prose and code)")
     c.add_argument("--new-tokens", type=int, default=None,
                    help="tokens generated per prompt (default: calibration.NEW_TOKENS, 96)")
     c.add_argument("--rollback-threshold", type=float, default=None,

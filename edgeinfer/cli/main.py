@@ -54,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("source", help="smollm2-135m | gemma3-270m | path/to/model.gguf | HF folder | hub id")
     e.add_argument("-o", "--output", required=True, help="package folder to create")
     e.add_argument("--precision", default=None, choices=["source", "int4", "int8", "fp16", "fp32"],
-                   help="weights (default: source -- a GGUF file's own quantized weights, carried over exactly -- "
-                        "for GGUF files on --target cpu; else int4 for cpu, fp16 for gpu, int8 for npu)")
+                   help="weights (default: source -- a GGUF file's own quantized weights, carried over exactly, "
+                        "but for Q5_0/Q6_K re-blocked into 8-bit blocks of 64 at --accuracy-level 4 -- for GGUF "
+                        "files on --target cpu; else int4 for cpu, fp16 for gpu, int8 for npu)")
     e.add_argument("--target", default="cpu", choices=["cpu", "gpu", "npu"],
                    help="cpu: fused contrib ops, dynamic KV cache; gpu: fp16 weights for CUDA/DirectML; npu: fixed "
                         "shapes and static QDQ int8 (QNN HTP, OpenVINO NPU; runs on the cpu too)")

@@ -84,6 +84,8 @@ def describe_weights(q: dict) -> str:
     line = f"source: the GGUF file's own weights, carried over exactly ({types})"
     if q.get("requantized"):
         line += "; re-quantized to int8 (no exact form): " + ", ".join(f"{t} x{n}" for t, n in q["requantized"].items())
+    if q.get("narrow_types"):
+        line += f"; {q['narrow_types']} (for int8 activations)"
     if q.get("lm_head_scheme"):
         line += f"; LM head re-quantized to {q.get('lm_head_bits')}-bit blocks (--lm-head-bits)"
     level = q.get("accuracy_level")
