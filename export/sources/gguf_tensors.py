@@ -217,25 +217,26 @@ def reblocked_8bit(weight: BlockWeight) -> BlockWeight:
     16- or 32-weight blocks, onnxruntime's int8-activation kernel reads 9 bits a weight instead of 12 or 10
     (a float scale and a block sum per block). Blocks of 128 read less still, but the kernel quantizes the
     activations per block too, and its one-row and multi-row results then part further (docs/gguf.md)."""
-    n, k = weight.shape
+    k = weight.shape[1]
     block = next((b for b in (WIDE_BLOCK, 32) if k % b == 0 and b >= weight.block_size), None)
     if weight.source_type not in NARROW_TYPES or block is None:
         return weight
-    blocks = weight.dequantize().reshape(n, k // block, block)
-    scale = np.abs(blocks).max(axis=2) / 127.0
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    q = np.clip(np.round(blocks / scale[:, :, None]), -127, 127) + 128
-    return BlockWeight(q.reshape(n, k).astype(np.uint8), scale, None, 8, block, f"{weight.source_type}->8b{block}")
+    return _symmetric_8bit(weight.dequantize(), block, f"{weight.source_type}->8b{block}")
 
 
 def requantized_int8(weight: np.ndarray, type_name: str) -> BlockWeight:
     """An 8-bit symmetric block-32 weight from float values (for types with no exact form)."""
+    return _symmetric_8bit(weight, 32, f"{type_name}->int8")
+
+
+def _symmetric_8bit(weight: np.ndarray, block: int, source_type: str) -> BlockWeight:
+    """Float WEIGHT (N, K) in symmetric 8-bit blocks of BLOCK, each scaled to its largest |value| / 127."""
     n, k = weight.shape
-    blocks = weight.reshape(n, k // 32, 32)
+    blocks = weight.reshape(n, k // block, block)
     scale = np.abs(blocks).max(axis=2) / 127.0
     scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
     q = np.clip(np.round(blocks / scale[:, :, None]), -127, 127) + 128
-    return BlockWeight(q.reshape(n, k).astype(np.uint8), scale, None, 8, 32, f"{type_name}->int8")
+    return BlockWeight(q.reshape(n, k).astype(np.uint8), scale, None, 8, block, source_type)
 
 
 # --- names and layout fixes ------------------------------------------------------------------------
