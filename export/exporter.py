@@ -349,7 +349,7 @@ def _source_blocks(src: SourceModel, prec: Precision) -> dict:
         return src.blocks
     from edgeinfer.export.sources.gguf_tensors import reblocked_8bit
 
-    return {name: reblocked_8bit(w) for name, w in src.blocks.items()}
+    return {name: reblocked_8bit(w, src.state_dict.get(name)) for name, w in src.blocks.items()}
 
 
 def _source_types(src: SourceModel, prec: Precision) -> dict:

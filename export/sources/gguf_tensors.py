@@ -208,7 +208,7 @@ NARROW_TYPES = ("Q5_0", "Q6_K")
 WIDE_BLOCK = 64
 
 
-def reblocked_8bit(weight: BlockWeight) -> BlockWeight:
+def reblocked_8bit(weight: BlockWeight, values: np.ndarray | None = None) -> BlockWeight:
     """A 5- or 6-bit symmetric ggml weight (NARROW_TYPES) re-quantized into symmetric 8-bit blocks of
     WIDE_BLOCK (32 where K is not a multiple of it); other weights are returned as they are.
 
@@ -216,12 +216,14 @@ def reblocked_8bit(weight: BlockWeight) -> BlockWeight:
     source step in it, so no weight moves by more than 16/127 (about 1/8) of that step. Against the source's
     16- or 32-weight blocks, onnxruntime's int8-activation kernel reads 9 bits a weight instead of 12 or 10
     (a float scale and a block sum per block). Blocks of 128 read less still, but the kernel quantizes the
-    activations per block too, and its one-row and multi-row results then part further (docs/gguf.md)."""
+    activations per block too, and its one-row and multi-row results then part further (docs/gguf.md).
+    VALUES: WEIGHT dequantized, when the caller holds it already (GGUFTensors.floats)."""
     k = weight.shape[1]
     block = next((b for b in (WIDE_BLOCK, 32) if k % b == 0 and b >= weight.block_size), None)
     if weight.source_type not in NARROW_TYPES or block is None:
         return weight
-    return _symmetric_8bit(weight.dequantize(), block, f"{weight.source_type}->8b{block}")
+    values = weight.dequantize() if values is None else values
+    return _symmetric_8bit(values, block, f"{weight.source_type}->8b{block}")
 
 
 def requantized_int8(weight: np.ndarray, type_name: str) -> BlockWeight:
