@@ -188,6 +188,16 @@ def test_moe_bench_entry_script_and_tables():
     (h,) = headline(result)
     assert h["ratio"] == 2.0 and h["ratios"] == [2.0]
     assert "| **2.00x** (2.00) | 10.0 | **0.80** |" in "\n".join(summary_table({"m": result}))
+    # neither mode always runs first: odd rounds swap each read-ahead run with the on-demand run after it
+    sys.path.insert(0, str(ROOT / "apps" / "bench"))
+    try:
+        from moe import bench_configs, round_order
+    finally:
+        sys.path.remove(str(ROOT / "apps" / "bench"))
+    configs = bench_configs("moefied-int4ch", "full")
+    assert round_order(configs, 0) == configs and sorted(round_order(configs, 1)) == sorted(configs)
+    swapped = [c[0] for c in round_order(configs, 1) if c[1] == 0.75]
+    assert swapped == ["naive", "prefetch"] and [c[0] for c in configs if c[1] == 0.75] == ["prefetch", "naive"]
 
 
 def test_prompt_cache_bench_page_and_target(tmp_path):

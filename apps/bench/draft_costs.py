@@ -11,7 +11,8 @@
 3. The model (edgeinfer/strategies/cost_model.py): acceptance per draft position, the speedup of every fixed
    draft length (replayed on the trace: exact for greedy decoding), the oracle ceiling (every round drafts
    exactly what will be accepted), the per-step rule of the speculative strategy replayed on the trace, and
-   the same on a phone-class 8-core CPU (memory and arithmetic speed ratios given by --phone-*).
+   the same on a phone-class 8-core CPU (memory and arithmetic speed ratios given by --phone-*; the memory
+   ratio by default from this machine's read bandwidth, measured, against a phone's ~55 GB/s).
 
 Writes build/bench/draft_costs-LABEL.json (the trace too, so --replay re-analyses without the models).
 """
@@ -40,6 +41,7 @@ from edgeinfer.strategies.pair import drafting_head  # noqa: E402
 from edgeinfer.strategies.speculative import PROBE_EVERY  # noqa: E402
 
 BUILD = ROOT / "build" / "bench"
+PHONE_READ_GBS = 55.0  # a phone-class SoC's LPDDR5X read bandwidth (8-core, 2024-25 flagship class)
 PROMPTS = ROOT / "apps" / "bench" / "prompts" / "qwen_pair.json"
 
 
@@ -106,6 +108,14 @@ def agreement_trace(little, conts: list[dict]) -> list[dict]:
                     "little": l_arg.tolist(), "little_top": l_top.tolist(), "little_entropy": l_ent.tolist(),
                     "big_logprob_of_little": (x[np.arange(len(l_arg)), l_arg] - logz).tolist()})
     return out
+
+
+def phone_memory_ratio() -> tuple[float, float]:
+    """(a phone's read bandwidth over this machine's, this machine's in GB/s), the latter measured now."""
+    from compare import memory_bandwidth_gbs
+
+    here = memory_bandwidth_gbs()
+    return PHONE_READ_GBS / here, here
 
 
 def analyse(costs: dict, trace: list[dict], max_k: int, phone: tuple[float, float]) -> dict:
@@ -198,8 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--max-k", type=int, default=8)
     ap.add_argument("--phone-memory", type=float, default=None,
-                    help="a phone's read bandwidth over this machine's (default 2.0: ~55 GB/s of LPDDR5X over the "
-                         "~27 GB/s measured here on a quiet machine)")
+                    help="a phone's read bandwidth over this machine's (default: ~55 GB/s of LPDDR5X over this "
+                         "machine's read bandwidth, measured at the start)")
     ap.add_argument("--phone-compute", type=float, default=2.0,
                     help="a phone's int8 arithmetic over this machine's 2 threads (default 2.0: 8 cores, 1+5 big "
                          "and mid with SDOT + 2 small, against 2 AVX-512 VNNI server cores)")
@@ -232,7 +242,9 @@ def main(argv=None) -> int:
                          "command": "apps/bench/draft_costs.py " + " ".join(argv if argv is not None else
                                                                              sys.argv[1:])})
     if args.phone_memory is None:
-        args.phone_memory = 2.0
+        args.phone_memory, read_gbs = phone_memory_ratio()
+        print(f"read bandwidth {read_gbs:.1f} GB/s: a phone's {PHONE_READ_GBS:.0f} GB/s is x{args.phone_memory:.2f}",
+              file=sys.stderr)
     for rep in reps:
         rep["analysis"] = analyse(rep["costs"], rep["trace"], args.max_k, (args.phone_memory, args.phone_compute))
         BUILD.mkdir(parents=True, exist_ok=True)

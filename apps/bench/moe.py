@@ -84,6 +84,18 @@ def bench_configs(model: str, mode: str) -> list[tuple[str, float, int | None, t
     return configs
 
 
+def round_order(configs: list[tuple], r: int) -> list[tuple]:
+    """CONFIGS in the order round R runs them: in odd rounds each read-ahead run and the on-demand run after
+    it swap places, so that neither mode always runs first (the ratio is taken per round)."""
+    out = list(configs)
+    if r % 2:
+        for i in range(len(out) - 1):
+            a, b = out[i], out[i + 1]
+            if a[0] == "prefetch" and b[0] == "naive" and a[1:] == b[1:]:
+                out[i], out[i + 1] = b, a
+    return out
+
+
 def measure_all(models: list[str], tokens: int, warmup: int, repeats: int, mode: str = "default",
                 tag: str = "") -> None:
     """Every configuration of every model once per round, rounds interleaved, each run its own
@@ -106,7 +118,7 @@ def measure_all(models: list[str], tokens: int, warmup: int, repeats: int, mode:
         print(f"round {r + 1}/{repeats}")
         for model in models:
             print(f"== {model}")
-            for exp_mode, frac, threads, extra in bench_configs(model, mode):
+            for exp_mode, frac, threads, extra in round_order(bench_configs(model, mode), r):
                 runs[model].append(_subprocess_run(model, exp_mode, frac, tokens, warmup, threads, extra))
             # kept if what follows fails
             (OUT / f"runs-{model}{tag}.json").write_text(json.dumps(runs[model], indent=1))
