@@ -33,7 +33,7 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
                  activation_bits: int = 16, exit_adapters: bool = False,
                  adapter_rank: int | None = None, expert_bits: int | None = None,
                  quant_method: str | None = None, kv_dtype: str | None = None,
-                 exit_vocab: int | None = None) -> ExportResult:
+                 exit_vocab: int | None = None, exact_blocks: bool = False) -> ExportResult:
     """Export SOURCE (alias, .gguf, HF folder, hub id, or a loaded SourceModel) to a package at OUT.
 
     PRECISION: ``source`` keeps a GGUF file's own quantized weights exactly (the default for GGUF sources
@@ -46,6 +46,8 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
     QUANT_METHOD, SYMMETRIC: how int4/int8 blocks are fitted (export/quant/methods.py; None = the default).
     KV_DTYPE: ``fp32`` (default), ``fp16`` or ``int8`` KV buffers, fixed in the graphs (cpu target, hand-built
     dense families; int8 scales are calibrated on CALIBRATION text: export/decoder/kv_precision.py).
+    EXACT_BLOCKS: with ``source`` at accuracy level 4, keep the file's Q5_0/Q6_K blocks exactly instead of
+    re-blocking them into 8-bit blocks of 64 (slower; docs/gguf.md).
     """
     given = {k: v for k, v in locals().items() if k in DEFAULTS}  # the caller's options, for refuse_unused
     from edgeinfer.export.decoder.kv_precision import checked_kv_dtype
@@ -55,6 +57,7 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
         raise ExportError(f"unknown target '{target}': choose one of {', '.join(TARGETS)}.")
     if precision is not None and precision not in PRECISIONS:
         raise ExportError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}.")
+    _check_exact_blocks(exact_blocks, precision)  # again below, once a default precision is chosen
     if lm_head_bits not in (None, 4, 8) or (lm_head_bits and precision not in (None, "source", "int4", "int8")):
         raise ExportError("--lm-head-bits takes 4 or 8 and applies to source/int4/int8 packages only.")
     out = refuse_existing(out, force)
@@ -83,6 +86,7 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
     precision = _checked_precision(src, precision, target, model_type)
     if lm_head_bits and precision not in ("source", "int4", "int8"):
         raise ExportError(f"--lm-head-bits applies to source/int4/int8 packages, not {precision}.")
+    _check_exact_blocks(exact_blocks, precision)
     if quant_method is not None and precision not in ("int4", "int8"):
         raise ExportError(f"--quant-method fits int4/int8 blocks; the {precision} precision has none: "
                           "drop --quant-method or choose --precision int4.")
@@ -129,7 +133,7 @@ def export_model(source: str | SourceModel, out: str | Path, precision: str | No
     ctx, prec = checked_context_and_precision(spec.max_position, spec.hidden, max_context, precision,
                                               block_size=block_size, lm_head_bits=lm_head_bits,
                                               accuracy_level=accuracy_level, symmetric=symmetric,
-                                              quant_method=quant_method)
+                                              quant_method=quant_method, exact_blocks=exact_blocks)
     exits = sorted(set(int(e) for e in exits or []))
     if exit_adapters and not exits:
         raise ExportError("--exit-adapters fits one adapter per exit: give the exits with --exits (e.g. 15,24).")
@@ -340,6 +344,12 @@ def _int8_kv(tmp: Path, src: SourceModel, spec, prec: Precision, ctx: int, graph
     del decoder
     quant = kv_precision.QUANT_TYPE
     return KVPrecision("int8", kv_precision.scales_from_ranges(keys, values, quant), quant)
+
+
+def _check_exact_blocks(exact_blocks: bool, precision: str | None) -> None:
+    if exact_blocks and precision not in (None, "source"):
+        raise ExportError(f"--exact-blocks keeps a GGUF file's own blocks, which only --precision source carries, "
+                          f"not {precision}: drop --exact-blocks or export with --precision source.")
 
 
 def _source_blocks(src: SourceModel, prec: Precision) -> dict:

@@ -11,7 +11,7 @@ from edgeinfer.errors import ExportError
 DEFAULTS = {"max_context": None, "stages": None, "exits": None, "lm_head_bits": None, "block_size": 32,
             "accuracy_level": 4, "symmetric": None, "prefill_chunk": None, "calibration": None,
             "activation_bits": 16, "exit_adapters": False, "adapter_rank": None, "expert_bits": None,
-            "quant_method": None, "exit_vocab": None}
+            "quant_method": None, "exit_vocab": None, "exact_blocks": False}
 
 # pipeline -> (what it builds, in a sentence's words; the options it takes or refuses itself with its own message)
 PIPELINES = {

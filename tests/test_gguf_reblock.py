@@ -84,3 +84,23 @@ def test_info_says_which_types_were_reblocked():
     line = describe_weights({**described, "source_types": {"Q4_K": 2, "Q6_K": 1}})
     assert "Q5_0/Q6_K re-quantized into symmetric 8-bit blocks of 64" in line and "Q6_K x1" in line
     assert "re-quantized" not in describe_weights({**Precision("source", accuracy_level=0).describe()})
+
+
+def test_exact_blocks_keeps_the_files_blocks_at_level_4(tmp_path):
+    """--exact-blocks: a source package at accuracy level 4 keeps Q5_0/Q6_K blocks exactly as the file has them
+    (and says nothing re-blocked); asked of a re-quantized precision it is refused, not ignored."""
+    from edgeinfer.export.exporter import _source_blocks, export_model
+    from edgeinfer.export.sources.load import SourceModel
+
+    from edgeinfer.errors import ExportError
+
+    k = 512
+    blocks = {"a": block_weight("Q6_K", random_blocks("Q6_K", 4, k), k),
+              "b": block_weight("Q5_0", random_blocks("Q5_0", 4, k), k)}
+    src = SourceModel("t", "gguf", "t.gguf", {"model_type": "qwen2"}, {}, "{}", None, blocks=blocks)
+    exact = Precision("source", accuracy_level=4, exact_blocks=True)
+    assert _source_blocks(src, exact) is blocks and not exact.reblocks_narrow_types
+    assert "narrow_types" not in exact.describe()
+    with pytest.raises(ExportError, match="--exact-blocks keeps a GGUF file's own blocks.*not int4"):
+        export_model(src, tmp_path / "out", "int4", exact_blocks=True)
+    assert not (tmp_path / "out").exists()

@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 4],
                    help="MatMulNBits compute: 4 = int8 activations (fastest), 0 = float activations (slower; "
                         "batched and one-token passes then agree bit for bit)")
+    e.add_argument("--exact-blocks", action="store_true",
+                   help="--precision source at --accuracy-level 4: keep the file's Q5_0/Q6_K blocks exactly as they "
+                        "are instead of re-blocking them into 8-bit blocks of 64 (slower: the Qwen2.5-Coder-1.5B's "
+                        "decode step 1.18x longer; docs/gguf.md)")
     _kv_dtype_arg(e, "KV cache precision, fixed in the graphs (cpu target; default fp32): int8 -- scales "
                   "calibrated on --calibration text -- reads 4x fewer bytes per token at long context; "
                   "docs/kv-cache.md")
@@ -271,7 +275,7 @@ def _cmd_export(args) -> int:
                        calibration=args.calibration, activation_bits=args.activation_bits,
                        exit_adapters=args.exit_adapters, adapter_rank=args.adapter_rank,
                        expert_bits=args.expert_bits, quant_method=args.quant_method, kv_dtype=args.kv_dtype,
-                       exit_vocab=args.exit_vocab)
+                       exit_vocab=args.exit_vocab, exact_blocks=args.exact_blocks)
     spec = res.spec
     precision = spec.weights if spec.weights != "?" else precision
     print(f"wrote {res.path} ({res.size_bytes / 1e6:.1f} MB, {precision}, target {args.target}, "

@@ -38,6 +38,8 @@ class Precision:
     # DEFAULT_INT4_METHOD for 4-bit weights (mse when symmetric blocks are asked for), rtn for
     # 8-bit ones (already near lossless).
     quant_method: str | None = None
+    # "source" at accuracy level 4: keep the file's 5- and 6-bit blocks exactly instead of re-blocking them
+    exact_blocks: bool = False
 
     def __post_init__(self):
         from edgeinfer.export.quant.methods import METHODS
@@ -54,8 +56,9 @@ class Precision:
     @property
     def reblocks_narrow_types(self) -> bool:
         """A GGUF's 5- and 6-bit tensors re-blocked into 8-bit blocks of 64 (``reblocked_8bit``): only with
-        int8 activations, whose rounding outweighs the re-blocking's; levels 0-3 keep every block exact."""
-        return self.name == "source" and self.accuracy_level == 4
+        int8 activations, whose rounding outweighs the re-blocking's; levels 0-3 keep every block exact, and
+        so does ``exact_blocks``."""
+        return self.name == "source" and self.accuracy_level == 4 and not self.exact_blocks
 
     @property
     def bits(self) -> int | None:
