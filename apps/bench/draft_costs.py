@@ -241,12 +241,13 @@ def main(argv=None) -> int:
                          "loadavg_end": os.getloadavg()[0], "costs": costs, "trace": agreement_trace(little, conts),
                          "command": "apps/bench/draft_costs.py " + " ".join(argv if argv is not None else
                                                                              sys.argv[1:])})
-    if args.phone_memory is None:
-        args.phone_memory, read_gbs = phone_memory_ratio()
+    if args.phone_memory is None and not all("phone_memory" in rep for rep in reps):
+        args.phone_memory, read_gbs = phone_memory_ratio()  # a replay keeps the ratio of the machine it measured
         print(f"read bandwidth {read_gbs:.1f} GB/s: a phone's {PHONE_READ_GBS:.0f} GB/s is x{args.phone_memory:.2f}",
               file=sys.stderr)
     for rep in reps:
-        rep["analysis"] = analyse(rep["costs"], rep["trace"], args.max_k, (args.phone_memory, args.phone_compute))
+        rep["phone_memory"] = args.phone_memory or rep["phone_memory"]
+        rep["analysis"] = analyse(rep["costs"], rep["trace"], args.max_k, (rep["phone_memory"], args.phone_compute))
         BUILD.mkdir(parents=True, exist_ok=True)
         out = args.replay or BUILD / f"draft_costs-{args.label}-{Path(rep['little']).name}.json"
         out.write_text(json.dumps(rep))
