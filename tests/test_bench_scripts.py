@@ -283,3 +283,14 @@ def test_kv_profile_splits_the_prefill_from_the_steps(tiny_packages):
     assert r["prompt_tokens"] == 12 and r["steps"] == 3
     assert all(r["prefill_ms"][op] > 0 and r["step_ms"][op] > 0 for op in OPS)
     assert r["attention_us_per_layer"] > 0
+
+
+def test_attention_probe_graphs_compute_groupqueryattention():
+    """apps/bench/attention_probe.py's plain-operator attentions give GroupQueryAttention's output (the timings
+    it prints compare the same computation)."""
+    from apps.bench.attention_probe import probe
+
+    r = probe(past=20, h=6, kv=2, d=16, capacity=64, threads=1, rounds=1, calls=1)
+    assert set(r["max_abs_diff"]) == {"blockdiag", "per-head", "attention23"}
+    assert max(r["max_abs_diff"].values()) < 1e-5, r["max_abs_diff"]
+    assert all(v > 0 for v in r["median_us"].values())
