@@ -33,9 +33,12 @@ F = TensorProto.FLOAT
 def _session(graph, opset: int, threads: int) -> ort.InferenceSession:
     imports = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=imports, ir_version=10)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from edgeinfer.runtimes.cpu import compatible_session_options
+
+    so = compatible_session_options()  # in a process whose models share onnxruntime's global pool: that pool
+    if so.use_per_session_threads:
+        so.intra_op_num_threads = threads
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
