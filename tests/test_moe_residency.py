@@ -73,6 +73,28 @@ def test_speculative_reads_never_evict_the_running_layer_or_their_own_guesses(mo
     dec.close()
 
 
+def test_a_miss_with_every_layer_at_its_share_evicts_from_its_own_layer(moe_models):  # noqa: F811
+    """On-demand eviction takes the layer furthest above its share; where every layer is at its share, the
+    asking layer's own least recently used expert (the other layers keep theirs: shares stay put)."""
+    _, _, pkg = moe_models("qwen3_moe")
+    dec = _loaded(pkg, 6, prefetch=False, resident_fraction=0)
+    cache = dec.cache
+    shares = {layer: int(q) for layer, q in cache.quota.items()}
+    assert sum(shares.values()) == cache.capacity and all(q == cache.quota[i] for i, q in shares.items())
+    for layer, q in shares.items():
+        for e in range(q):
+            cache.acquire(layer, [e])
+            cache.release(layer, [e])
+    before = {layer: list(cache.layers[layer]) for layer in shares}
+    last = max(layer for layer, q in shares.items() if q)
+    cache.acquire(last, [7])
+    cache.release(last, [7])
+    for layer in shares:
+        want = before[layer] if layer != last else before[layer][1:] + [7]
+        assert list(cache.layers[layer]) == want, (layer, list(cache.layers[layer]), want)
+    dec.close()
+
+
 def test_resident_experts_are_never_evicted(moe_models):  # noqa: F811
     _, _, pkg = moe_models("qwen3_moe")
     dec = _loaded(pkg, 9, prefetch=False, resident_fraction=0.4)

@@ -127,7 +127,8 @@ class ExpertCache:
             candidates = ((i, self._evictable(i, keep if i == layer else frozenset())) for i in ranked)
         else:  # the layer furthest above its share first (usually the only one tried: no sort)
             over = {i: len(v) + self._reserved[i] - self.quota[i] for i, v in self.layers.items()}
-            first = max(over, key=over.__getitem__)
+            # among layers as far above their share, the asking layer's own least recently used expert
+            first = max(over, key=lambda i: (over[i], i == layer))
             rest = (i for i in sorted(over, key=over.__getitem__, reverse=True) if i != first)  # sorted if needed
             candidates = ((i, self._evictable(i, frozenset())) for i in itertools.chain([first], rest))
         victim = next(((i, e) for i, e in candidates if e is not None), None)
