@@ -110,6 +110,7 @@ def test_resident_experts_are_never_evicted(moe_models):  # noqa: F811
                 assert cache.count <= cache.capacity
     for layer, r in resident.items():
         assert r <= set(cache.layers[layer])
+    assert_shares_counted(cache)
     dec.close()
 
 
@@ -168,7 +169,14 @@ def test_reads_started_ahead_without_threads(moe_models, mode):  # noqa: F811
     assert len({layer for layer, _ in pending}) <= 1 and len(pending) <= dec.readahead.depth
     n = dec.cache.reads.buffers()
     assert n["free"] + n["pending"] + n["dropped"] == n["all"]  # every scratch buffer accounted for
+    assert_shares_counted(dec.cache)
     dec.close()
+
+
+def assert_shares_counted(cache):
+    """How far each layer is above its share, kept as experts come and go, equals the count."""
+    for i in cache.layers:
+        assert cache._over[i] == len(cache.layers[i]) + cache._reserved[i] - cache.quota[i], i
 
 
 def test_expert_sessions_and_kv_follow_the_execution_target(moe_models):  # noqa: F811

@@ -32,7 +32,6 @@ Correctness never depends on prediction: an expert that is neither cached nor in
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -66,6 +65,15 @@ class _InFlight:
     error: BaseException | None = None
 
 
+def _furthest_above(over: dict[int, float], layer: int):
+    """Layers by how far above their share they are (OVER), furthest first; among the furthest, LAYER (the
+    asking one) first. Lazy: the rest are sorted only if the first has nothing to give."""
+    top = max(over.values())
+    first = layer if over.get(layer) == top else next(i for i, o in over.items() if o == top)
+    yield first
+    yield from (i for i in sorted(over, key=over.__getitem__, reverse=True) if i != first)
+
+
 class ExpertCache:
     """Loaded experts by (layer, expert), within ``budget`` bytes (None: all of them)."""
 
@@ -86,7 +94,9 @@ class ExpertCache:
         self.quota = self.plan.quotas
         self.resident = self.plan.resident
         self.count = 0  # slots taken: cached experts and reads in flight
-        self._reserved: Counter = Counter()  # per layer: slots taken by reads in flight
+        self._reserved = dict.fromkeys(sparse_layers, 0)  # per layer: slots taken by reads in flight
+        # per layer: how far above its share it is (cached + reserved - quota), kept as they change
+        self._over = {i: -self.quota[i] for i in sparse_layers}
         self.stats = CacheStats()
         self.lock = threading.Lock()
         self.pinned: Counter = Counter()
@@ -108,8 +118,12 @@ class ExpertCache:
         if not self._free and not self._evict(layer, speculative, keep):
             return False
         self.count += 1
-        self._reserved[layer] += 1
+        self._reserve(layer)
         return self._free.pop()
+
+    def _reserve(self, layer: int) -> None:
+        self._reserved[layer] += 1
+        self._over[layer] += 1
 
     def _evictable(self, layer: int, keep: frozenset):
         resident = self.resident.get(layer, ())
@@ -125,17 +139,14 @@ class ExpertCache:
             ranked = sorted((i for i in self.layers if len(self.layers[i]) + self._reserved[i] >= self.quota[i]),
                             key=lambda i: (order.index(i) - at) % len(order), reverse=True)
             candidates = ((i, self._evictable(i, keep if i == layer else frozenset())) for i in ranked)
-        else:  # the layer furthest above its share first (usually the only one tried: no sort)
-            over = {i: len(v) + self._reserved[i] - self.quota[i] for i, v in self.layers.items()}
-            # among layers as far above their share, the asking layer's own least recently used expert
-            first = max(over, key=lambda i: (over[i], i == layer))
-            rest = (i for i in sorted(over, key=over.__getitem__, reverse=True) if i != first)  # sorted if needed
-            candidates = ((i, self._evictable(i, frozenset())) for i in itertools.chain([first], rest))
+        else:  # the layer furthest above its share first (usually the only one tried: nothing sorted)
+            candidates = ((i, self._evictable(i, frozenset())) for i in _furthest_above(self._over, layer))
         victim = next(((i, e) for i, e in candidates if e is not None), None)
         if victim is None:
             return False
         i, e = victim
         entry = self.layers[i].pop(e)
+        self._over[i] -= 1
         self._free.append(entry.slot)
         if entry.weights is None:  # a session of its own: its memory goes back to the allocator
             self._freed += self.expert_bytes
@@ -161,9 +172,11 @@ class ExpertCache:
         if entry is not None and slot is not None:
             entry.slot = slot  # (a session per expert: the slot only counts the budget)
             self.layers[layer][key[1]] = entry
-        elif slot is not None:
-            self._free.append(slot)
-            self.count -= 1
+        else:
+            self._over[layer] -= 1
+            if slot is not None:
+                self._free.append(slot)
+                self.count -= 1
 
     # -- loading -----------------------------------------------------------------
     def run_loads(self, jobs: list[tuple[list[tuple[int, int]], list[_InFlight]]], prefetched: bool = False) -> None:
@@ -213,7 +226,7 @@ class ExpertCache:
                     slot = self._take_slot(layer, speculative=False)
                     flight = self.inflight[(layer, e)] = _InFlight(None if slot is False else slot)
                     if slot is False:  # everything else is pinned: used once, not cached
-                        self._reserved[layer] += 1
+                        self._reserve(layer)
                     flights.append(flight)
                     waits.append((e, flight))
                 jobs.append(([(layer, e) for e in run], flights))
@@ -342,7 +355,7 @@ class ExpertCache:
             for _ in misses:
                 slot = self._take_slot(layer, speculative=False)
                 if slot is False:  # everything else is pinned: used once, not cached
-                    self._reserved[layer] += 1
+                    self._reserve(layer)
                 slots.append(None if slot is False else slot)
         wrong = [k for k, v in reads.pending.items() if k[0] == layer and v[2] and k[1] not in experts]
         reads.drop(wrong)
@@ -363,10 +376,11 @@ class ExpertCache:
                 left.remove(key)
                 read_s += waited / len(got)
                 if helper is not None:
-                    filling.append((key, buf, helper.submit(self.filler.load, key, reads.view(buf), slot_of[key])))
+                    filling.append((key, buf, helper.submit(self.filler.load, key, reads.view(buf), slot_of[key],
+                                                              reads.tensors(buf))))
                 else:  # not worth a hand-over: made runnable on this thread
                     try:
-                        entry = self.filler.load(key, reads.view(buf), slot_of[key])
+                        entry = self.filler.load(key, reads.view(buf), slot_of[key], reads.tensors(buf))
                     except BaseException:
                         reads.give_back([buf])
                         raise

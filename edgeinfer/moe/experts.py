@@ -31,7 +31,7 @@ from edgeinfer.runtimes import PROVIDERS, ExecutionTarget
 
 from ..errors import PackageError
 from .budget import expert_memory
-from .formats import CHANNEL_INT8, fill_slot, slot_layout, tensor_views
+from .formats import CHANNEL_INT8, slot_filler, slot_layout, tensor_views
 from .store import ExpertStore
 
 
@@ -111,8 +111,10 @@ class SessionExperts:
         self.timer.add(time.perf_counter() - t0, 0.0)
         return self.fill(keys, bufs, slots)
 
-    def fill(self, keys: list[tuple[int, int]], records: list, slots: list[int | None]) -> list[CachedExpert]:
-        """Make read RECORDS (buffers) runnable: a session each."""
+    def fill(self, keys: list[tuple[int, int]], records: list, slots: list[int | None],
+             tensors: list | None = None) -> list[CachedExpert]:
+        """Make read RECORDS (buffers) runnable: a session each (over a copy: TENSORS, views of the buffers, are
+        not needed)."""
         t1 = time.perf_counter()
         # A copy into allocator memory: the session keeps referring to it.
         records = [self.store.views(np.frombuffer(b, np.uint8).copy()) for b in records]
@@ -137,6 +139,7 @@ class SharedGraphExperts:
         self.shared_session = expert_session(graph, target)
         self.expert_bytes = expert_memory(store.index)  # the slot stride
         self.layout = slot_layout(store.index)
+        self._fill = slot_filler(store.index)
         # int8-channel records are laid out as the slots are: read them in place.
         same = [t[:2] for t in store.layout] == [t[:2] for t in self.layout]  # names and offsets
         self.in_place = store.precision == CHANNEL_INT8 and same
@@ -158,12 +161,12 @@ class SharedGraphExperts:
             return memoryview(mmap.mmap(-1, self.expert_bytes))
         return memoryview(self.arena)[slot * self.expert_bytes:(slot + 1) * self.expert_bytes]
 
-    def _tensors(self, slot: int | None, buf) -> tuple[dict, dict]:
-        """(arrays, OrtValues) of the graph inputs in BUF, the buffer of SLOT: made once per slot (the
-        arena never moves), fresh for a buffer outside the arena."""
+    def _tensors(self, slot: int | None, buf=None) -> tuple[dict, dict]:
+        """(arrays, OrtValues) of the graph inputs in BUF (None: the slot's), the buffer of SLOT: made once per
+        slot (the arena never moves), fresh for a buffer outside the arena."""
         got = self._slot_tensors.get(slot) if slot is not None else None
         if got is None:
-            arrays = tensor_views(buf, self.layout)
+            arrays = tensor_views(buf if buf is not None else self._slot_buffer(slot), self.layout)
             got = (arrays, {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()})
             if slot is not None:
                 self._slot_tensors[slot] = got
@@ -186,12 +189,14 @@ class SharedGraphExperts:
         return self.fill(keys, bufs, slots, targets)
 
     def fill(self, keys: list[tuple[int, int]], records: list, slots: list[int | None],
-             targets: list | None = None) -> list[CachedExpert]:
-        """Make read RECORDS (buffers) runnable in SLOTS: widen (int4-channel) or copy into the slot."""
+             targets: list | None = None, tensors: list | None = None) -> list[CachedExpert]:
+        """Make read RECORDS (buffers; TENSORS: their views, when the caller keeps them) runnable in SLOTS: widen
+        (int4-channel) or copy into the slot."""
         t1 = time.perf_counter()
-        targets = targets or [self._slot_buffer(s) for s in slots]
-        for buf, slot, target in zip(records, slots, targets):
-            fill_slot(self.store.index, self.store.views(buf), self._tensors(slot, target)[0])
+        targets = targets or [self._slot_buffer(None) if s is None else None for s in slots]  # (past the budget)
+        tensors = tensors or [self.store.views(buf) for buf in records]
+        for record, slot, target in zip(tensors, slots, targets):
+            self._fill(record, self._tensors(slot, target)[0])
         return self._entries(slots, targets, t1)
 
     def _entries(self, slots: list[int | None], targets: list, t1: float) -> list[CachedExpert]:
@@ -218,11 +223,12 @@ class RecordFiller:
         self.fill_s: float | None = None  # seconds to make one record runnable (smoothed)
         self._helper: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def load(self, key: tuple[int, int], view, slot: int | None) -> CachedExpert:
-        """The record of KEY read into VIEW, made runnable in SLOT; any thread."""
+    def load(self, key: tuple[int, int], view, slot: int | None, tensors: dict | None = None) -> CachedExpert:
+        """The record of KEY read into VIEW (TENSORS: its views, when the caller keeps them), made runnable in
+        SLOT; any thread."""
         t0 = time.perf_counter()
         self.store.verify([key], [view])
-        entry = self.loader.fill([key], [view], [slot])[0]
+        entry = self.loader.fill([key], [view], [slot], tensors=[tensors] if tensors is not None else None)[0]
         dt = time.perf_counter() - t0
         self.fill_s = dt if self.fill_s is None else 0.9 * self.fill_s + 0.1 * dt
         return entry

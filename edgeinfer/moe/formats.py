@@ -86,19 +86,28 @@ def widen_int4(q4: np.ndarray, mult: np.ndarray, out: np.ndarray) -> None:
     np.multiply(blocks, mult[:, None, :], out=blocks)
 
 
-def fill_slot(index: dict, record: dict[str, np.ndarray], slot: dict[str, np.ndarray]) -> None:
-    """Make a slot's graph inputs from a read record (views into the read buffer): widen int4-channel
-    weights, copy the rest."""
+def slot_filler(index: dict):
+    """fill(record, slot): make a slot's graph inputs from a read record (views into the read buffer): widen
+    int4-channel weights, copy the rest. The tensor names are resolved once here: it runs per record read."""
+    names = [name for name, *_ in slot_layout(index)]
+    widened = []
     if index.get("precision") == CHANNEL_INT4:
-        for name, dst in slot.items():
-            if name.endswith(".qweight"):
-                base = name[: -len(".qweight")]
-                widen_int4(record[base + ".q4"], record[base + ".mult"], dst)
-            else:
-                dst[...] = record[name]
-        return
-    for name, dst in slot.items():
-        dst[...] = record[name]
+        widened = [(n[: -len(".qweight")] + ".q4", n[: -len(".qweight")] + ".mult", n)
+                   for n in names if n.endswith(".qweight")]
+    copied = [n for n in names if n not in {w for *_, w in widened}]
+
+    def fill(record: dict[str, np.ndarray], slot: dict[str, np.ndarray]) -> None:
+        for q4, mult, name in widened:
+            widen_int4(record[q4], record[mult], slot[name])
+        for name in copied:
+            np.copyto(slot[name], record[name])
+
+    return fill
+
+
+def fill_slot(index: dict, record: dict[str, np.ndarray], slot: dict[str, np.ndarray]) -> None:
+    """``slot_filler(index)(record, slot)``, once."""
+    slot_filler(index)(record, slot)
 
 
 def _nbytes(t: dict) -> int:

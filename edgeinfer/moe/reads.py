@@ -40,6 +40,7 @@ class ReadQueue:
         self._free: list[int] = []
         self._views: list[memoryview] = []
         self._addresses: list[int] = []
+        self._tensors: dict[int, dict] = {}
         self.pending: dict[tuple[int, int], tuple[int, int | None, bool]] = {}  # key -> (buffer, tag, speculative)
         self._abandoned: list[tuple[int, int | None]] = []  # (buffer, tag) of dropped reads still in flight
 
@@ -75,6 +76,13 @@ class ReadQueue:
 
     def view(self, buffer: int) -> memoryview:
         return self._views[buffer]
+
+    def tensors(self, buffer: int) -> dict:
+        """The record tensors inside BUFFER (views made once per buffer: the buffers never move)."""
+        got = self._tensors.get(buffer)
+        if got is None:
+            got = self._tensors[buffer] = self.store.views(self._views[buffer])
+        return got
 
     # -- reads -----------------------------------------------------------------------
     def start(self, keys: list[tuple[int, int]], guesses: list[tuple[int, int]] = ()) -> list[tuple[int, int]]:
