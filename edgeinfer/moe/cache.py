@@ -346,6 +346,12 @@ class ExpertCache:
         reads, size = self.reads, self.store.record_size
         with self.lock:
             found, _, misses = self._pin_and_look_up(layer, experts)  # nothing is in flight with the reads queue
+        if not misses:  # every expert cached (the usual layer): nothing to read, time or place
+            reads.drop_guesses(layer, experts)
+            for i, e in enumerate(experts):
+                yield i, found[e]
+            return
+        with self.lock:
             ahead = {e for e in misses if reads.pending.get((layer, e), (0, 0, False))[2]}
             self.stats.hits += len(ahead)  # read ahead: started before the layer asked
             self.stats.prefetch_used += len(ahead)
@@ -357,8 +363,7 @@ class ExpertCache:
                 if slot is False:  # everything else is pinned: used once, not cached
                     self._reserve(layer)
                 slots.append(None if slot is False else slot)
-        wrong = [k for k, v in reads.pending.items() if k[0] == layer and v[2] and k[1] not in experts]
-        reads.drop(wrong)
+        reads.drop_guesses(layer, experts)
         keys = [(layer, e) for e in misses]
         slot_of = dict(zip(keys, slots))
         index = {e: i for i, e in enumerate(experts)}

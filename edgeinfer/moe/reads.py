@@ -193,6 +193,11 @@ class ReadQueue:
             else:
                 self._abandoned.append((b, tag))
 
+    def drop_guesses(self, layer: int, chosen: list[int]) -> None:
+        """LAYER runs with CHOSEN experts: drop the reads of its other guesses."""
+        if self.pending:
+            self.drop([k for k, (_, _, g) in self.pending.items() if g and k[0] == layer and k[1] not in chosen])
+
     def _reap(self) -> None:
         if not self._abandoned:
             return
