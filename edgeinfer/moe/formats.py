@@ -105,11 +105,6 @@ def slot_filler(index: dict):
     return fill
 
 
-def fill_slot(index: dict, record: dict[str, np.ndarray], slot: dict[str, np.ndarray]) -> None:
-    """``slot_filler(index)(record, slot)``, once."""
-    slot_filler(index)(record, slot)
-
-
 def _nbytes(t: dict) -> int:
     return int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize
 
