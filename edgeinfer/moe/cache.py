@@ -19,7 +19,8 @@ residency.py says how the budget is split. The rules:
   started at once (reads.py: native AIO, one system call) before the next layer's guesses; the
   decoder computes with the cached experts while they are read, and each record is made runnable
   as its read completes (``acquire_each``) -- on a helper thread while the decode thread computes
-  when that costs more than the hand-over (large int4-channel records), else on the decode thread.
+  when that costs more than the hand-over (large int4-channel records), else on the decode thread;
+  where a widener process runs (widener.py), it reads and widens the misses, posted before the hits run.
   With reader threads, one job per run of records adjacent on disk, all but one handed to the
   threads, the last read by the decode thread, which then waits for all.
 - Read-ahead without threads: a guess's read is started into a scratch buffer (``advise``): it
@@ -31,30 +32,19 @@ Correctness never depends on prediction: an expert that is neither cached nor in
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import threading
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
-from .budget import cache_budget
+from ..errors import PackageError
+from .budget import cache_budget, malloc_trim
 from .experts import CachedExpert, RecordFiller
-from .residency import ResidencyPlan
+from .residency import ResidencyPlan, furthest_above
 from .stats import CacheStats
 
 _TRIM_EVERY = 64 << 20
-
-
-def _find_malloc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_malloc_trim = _find_malloc_trim()
 
 
 @dataclass
@@ -63,15 +53,6 @@ class _InFlight:
     done: threading.Event = field(default_factory=threading.Event)
     entry: CachedExpert | None = None
     error: BaseException | None = None
-
-
-def _furthest_above(over: dict[int, float], layer: int):
-    """Layers by how far above their share they are (OVER), furthest first; among the furthest, LAYER (the
-    asking one) first. Lazy: the rest are sorted only if the first has nothing to give."""
-    top = max(over.values())
-    first = layer if over.get(layer) == top else next(i for i, o in over.items() if o == top)
-    yield first
-    yield from (i for i in sorted(over, key=over.__getitem__, reverse=True) if i != first)
 
 
 class ExpertCache:
@@ -140,7 +121,7 @@ class ExpertCache:
                             key=lambda i: (order.index(i) - at) % len(order), reverse=True)
             candidates = ((i, self._evictable(i, keep if i == layer else frozenset())) for i in ranked)
         else:  # the layer furthest above its share first (usually the only one tried: nothing sorted)
-            candidates = ((i, self._evictable(i, frozenset())) for i in _furthest_above(self._over, layer))
+            candidates = ((i, self._evictable(i, frozenset())) for i in furthest_above(self._over, layer))
         victim = next(((i, e) for i, e in candidates if e is not None), None)
         if victim is None:
             return False
@@ -369,10 +350,18 @@ class ExpertCache:
         index = {e: i for i, e in enumerate(experts)}
         done = set()
         read_s = 0.0
-        reads.start(keys)  # (those not started yet) read while the hits compute
+        worker = self.filler.widener
+        loading = {}  # key -> sequence number: read and widened by the widener process (widener.py)
+        todo = [k for k in keys if k not in reads.pending and slot_of[k] is not None] if worker is not None else []
+        if todo:
+            store = self.store
+            loading = dict(zip(todo, worker.load([(store.records[k][0], slot_of[k], store.expected_crc(k))
+                                                  for k in todo])))
+        keys_left = [k for k in keys if k not in loading]
+        reads.start(keys_left)  # (those not started yet) read while the hits compute
         helper = self.filler.helper()
-        filling: deque = deque()  # (key, buffer, future or finished entry), in the order reads completed
-        left = list(keys)  # reads not yet taken from the queue
+        filling: deque = deque()  # (key, buffer, job making it runnable), in the order reads completed
+        left = list(keys_left)  # reads not yet taken from the queue
 
         def take(block: bool) -> None:
             nonlocal read_s
@@ -380,23 +369,29 @@ class ExpertCache:
             for key, buf in got:
                 left.remove(key)
                 read_s += waited / len(got)
-                if helper is not None:
-                    filling.append((key, buf, helper.submit(self.filler.load, key, reads.view(buf), slot_of[key],
-                                                              reads.tensors(buf))))
-                else:  # not worth a hand-over: made runnable on this thread
-                    try:
-                        entry = self.filler.load(key, reads.view(buf), slot_of[key], reads.tensors(buf))
-                    except BaseException:
-                        reads.give_back([buf])
-                        raise
-                    filling.append((key, buf, entry))
+                try:
+                    filling.append((key, buf, self.filler.start(key, reads, buf, slot_of[key], helper)))
+                except BaseException:
+                    reads.give_back([buf])
+                    raise
 
         try:
-            if helper is not None:
-                take(block=False)  # records read ahead are made runnable on the helper while the hits compute
+            if helper is not None or self.filler.widener is not None:
+                take(block=False)  # records read ahead are made runnable elsewhere while the hits compute
             for e, entry in found.items():
                 wait += time.perf_counter() - t0
                 yield index[e], entry
+                t0 = time.perf_counter()
+            for key, seq in list(loading.items()):
+                worker.wait_slot(slot_of[key], seq, key)
+                del loading[key]
+                self.store.mark_verified(key)
+                entry = self.loader.entry(slot_of[key])
+                with self.lock:
+                    self._place(key, slot_of[key], entry)
+                done.add(key)
+                wait += time.perf_counter() - t0
+                yield index[key[1]], entry
                 t0 = time.perf_counter()
             while left or filling:
                 if left:
@@ -404,8 +399,9 @@ class ExpertCache:
                 if filling:
                     key, buf, job = filling.popleft()
                     try:
-                        entry = job.result() if helper is not None else job
+                        entry = job.result()
                     finally:
+                        job.settle()
                         reads.give_back([buf])
                     with self.lock:
                         self._place(key, slot_of[key], entry)
@@ -415,9 +411,11 @@ class ExpertCache:
                     t0 = time.perf_counter()
             wait += time.perf_counter() - t0
         except BaseException:
+            for key, seq in loading.items():  # the widener must be done with a slot before it is given back
+                with contextlib.suppress(PackageError):
+                    worker.wait_slot(slot_of[key], seq, key)
             for _, buf, job in filling:  # the helper must be done with a slot before it is given back
-                if helper is not None:
-                    concurrent.futures.wait([job])
+                job.settle()
                 reads.give_back([buf])
             reads.drop([k for k in left if k in reads.pending])  # their buffers come back once the disk is done
             with self.lock:
@@ -438,9 +436,9 @@ class ExpertCache:
         to the system now and then (freed by the allocator, it otherwise stays resident in its arenas)."""
         if self.reads is not None:
             self.reads.end_token()
-        if self._freed >= _TRIM_EVERY and _malloc_trim is not None:
+        if self._freed >= _TRIM_EVERY:
             self._freed = 0
-            _malloc_trim(0)
+            malloc_trim()
 
     def advise(self, layer: int, needed: list[int], ahead_layer: int | None = None,
                guesses: list[int] = ()) -> list[int]:

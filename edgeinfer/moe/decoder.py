@@ -21,6 +21,7 @@ Sessions and the KV cache follow the package's execution target (provider, devic
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -34,12 +35,14 @@ from ..errors import ContextLengthError, PackageError
 from ..package import Package
 from .cache import ExpertCache
 from .experts import expert_loader
+from .formats import CHANNEL_INT4
 from .prefetch import ReadAhead
 from .reader import ReaderPool
 from .reads import ReadQueue
 from .residency import ResidencyPlan
 from .stats import CacheStats
 from .store import ExpertStore
+from .widener import Widener, worker_cpu
 
 PREDICT_FROM = ("stream", "input")
 
@@ -72,14 +75,16 @@ class MoEDecoder(Decoder):
     def __init__(self, pkg: Package, target: ExecutionTarget, max_context: int | None = None,
                  memory_budget: int | None = None, prefetch: bool = True, direct_io: bool = False,
                  readers: int = 0, predict_from: str = "stream", resident_fraction: float | None = None,
-                 budget_split: str = "miss-cost"):
+                 budget_split: str = "miss-cost", widener: bool | None = None):
         """READERS: reader threads that read and widen experts (guesses into slots, a layer's misses in
         parallel); 0: reads are started ahead without threads (native AIO, else the page cache: reads.py) and
         finished by the decode thread when it needs them -- no thread to schedule, nothing evicted for a
         guess. DIRECT_IO: synchronous reads bypass the page cache. PREDICT_FROM:
         where read-ahead's guesses come from (module docstring). RESIDENT_FRACTION: of each layer's
         share of the budget, the part kept for its most frequent experts (residency.py; None: default).
-        BUDGET_SPLIT: "miss-cost" (by the package's measured routing frequencies, residency.py) or "equal"."""
+        BUDGET_SPLIT: "miss-cost" (by the package's measured routing frequencies, residency.py) or "equal".
+        WIDENER: int4-channel records read and widened in a worker process (widener.py); None: where the compute
+        threads leave it a core of its own (Linux), True: wherever memfd exists (tests), False: never."""
         super().__init__()
         if predict_from not in PREDICT_FROM:
             raise ValueError(f"predict_from is one of {', '.join(PREDICT_FROM)}, not {predict_from!r}")
@@ -128,6 +133,11 @@ class MoEDecoder(Decoder):
             if missing:
                 raise PackageError(f"the expert store index has no experts for layer {missing[0]}: re-export it.")
             loader = expert_loader(store, ffn_graph, target)
+            # int4-channel records are widened in a worker process where a core is left for it (widener.py)
+            widen_cpu = None
+            if widener is not False and readers == 0 and store.precision == CHANNEL_INT4:
+                widen_cpu = worker_cpu(target.threads if widener is None else 0)
+            loader.share_arena = widen_cpu is not None
 
             def plan_for(capacity: int) -> ResidencyPlan:
                 if budget_split == "equal":
@@ -139,7 +149,14 @@ class MoEDecoder(Decoder):
             if readers > 0 and streaming:
                 self.pool = ReaderPool(self.cache, readers)
             elif streaming:
-                self.cache.reads = ReadQueue(store)
+                self.cache.reads = ReadQueue(store, shared=widen_cpu is not None)
+                if widen_cpu is not None:
+                    self.cache.filler.widener = Widener.start(
+                        store.index, str(store.path), loader.arena_fd, len(loader.arena), loader.expert_bytes,
+                        self.cache.reads.shared_fd, self.cache.reads.shared_buffers, widen_cpu)
+            if loader.share_arena:  # the worker has its own descriptor; the mapping stays
+                os.close(loader.arena_fd)
+                loader.arena_fd = None
             if prefetch and streaming:
                 self.readahead = ReadAhead(self.cache, self.pool, self.top_k)
         self._next_sparse = {i: next((j for j in range(i + 1, self.num_layers) if self.sparse[j]), None)
@@ -221,6 +238,13 @@ class MoEDecoder(Decoder):
         """Append one token; returns its logits (vocab,) — a view, valid until the next step.
 
         The hot path: every graph runs on bindings made once, over preallocated buffers."""
+        widener = self.cache.filler.widener if self.cache is not None else None
+        if widener is None:
+            return self._decode(token)
+        with widener.pinned():  # off the widener's core while it works for this token
+            return self._decode(token)
+
+    def _decode(self, token: int) -> np.ndarray:
         self._check_room(1)
         plan = self._plan or self._make_plan()
         self._step += 1

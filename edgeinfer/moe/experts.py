@@ -19,6 +19,7 @@ optimization.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import mmap
 import threading
 import time
@@ -33,6 +34,7 @@ from ..errors import PackageError
 from .budget import expert_memory
 from .formats import CHANNEL_INT8, slot_filler, slot_layout, tensor_views
 from .store import ExpertStore
+from .widener import shared_region
 
 
 @dataclass(eq=False)  # identity: it holds a session and arrays
@@ -144,6 +146,8 @@ class SharedGraphExperts:
         same = [t[:2] for t in store.layout] == [t[:2] for t in self.layout]  # names and offsets
         self.in_place = store.precision == CHANNEL_INT8 and same
         self.arena: mmap.mmap | None = None
+        self.share_arena = False  # set before ``allocate``: the arena in memory a widener process maps too
+        self.arena_fd: int | None = None
         self._slot_tensors: dict[int, tuple[dict, dict]] = {}  # slot -> (arrays, OrtValues), made once
         self.timer = _Timer()
         names = {i.name for i in self.shared_session.get_inputs()}
@@ -153,8 +157,18 @@ class SharedGraphExperts:
                                "store's layout does not match the package, re-export it.")
 
     def allocate(self, slots: int) -> None:
-        """Reserve the arena for SLOTS cached experts (anonymous memory: committed as slots are filled)."""
-        self.arena = mmap.mmap(-1, max(1, slots) * self.expert_bytes)
+        """Reserve the arena for SLOTS cached experts (anonymous memory: committed as slots are filled; shared
+        with the widener process, through ``arena_fd``, when ``share_arena`` was set before)."""
+        size = max(1, slots) * self.expert_bytes
+        if self.share_arena:
+            self.arena_fd, self.arena = shared_region("edgeinfer-experts", size)
+        else:
+            self.arena = mmap.mmap(-1, size)
+
+    def entry(self, slot: int) -> CachedExpert:
+        """The cached expert whose weights another process has just written into SLOT."""
+        arrays, weights = self._tensors(slot)
+        return CachedExpert(self.shared_session, tensors=arrays, weights=weights, slot=slot)
 
     def _slot_buffer(self, slot: int | None):
         if slot is None:  # past the budget: loaded once, not cached
@@ -222,6 +236,7 @@ class RecordFiller:
         self.loader, self.store = loader, loader.store
         self.fill_s: float | None = None  # seconds to make one record runnable (smoothed)
         self._helper: concurrent.futures.ThreadPoolExecutor | None = None
+        self.widener = None  # widener.Widener: records widened in another process (set by the decoder)
 
     def load(self, key: tuple[int, int], view, slot: int | None, tensors: dict | None = None) -> CachedExpert:
         """The record of KEY read into VIEW (TENSORS: its views, when the caller keeps them), made runnable in
@@ -232,6 +247,18 @@ class RecordFiller:
         dt = time.perf_counter() - t0
         self.fill_s = dt if self.fill_s is None else 0.9 * self.fill_s + 0.1 * dt
         return entry
+
+    def start(self, key: tuple[int, int], reads, buffer: int, slot: int | None, helper) -> _Job:
+        """Make the record of KEY, read into BUFFER of READS (reads.ReadQueue), runnable in SLOT: in the widener
+        process when there is one and both lie in memory it shares (the decode thread pays a post), else on the
+        HELPER thread (None: on this thread, now). The job's ``result()`` is the entry."""
+        view = reads.view(buffer)
+        if self.widener is not None and slot is not None and buffer < reads.shared_buffers:
+            self.store.verify([key], [view])
+            return _Posted(self, buffer, self.widener.widen(buffer, slot), slot)
+        if helper is not None:
+            return _Future(helper.submit(self.load, key, view, slot, reads.tensors(buffer)))
+        return _Done(self.load(key, view, slot, reads.tensors(buffer)))
 
     def helper(self) -> concurrent.futures.ThreadPoolExecutor | None:
         """The helper thread, when a record measures dearer than the hand-over; else None (fill here)."""
@@ -250,6 +277,54 @@ class RecordFiller:
         if self._helper is not None:
             self._helper.shutdown(wait=True)
             self._helper = None
+        if self.widener is not None:
+            self.widener.close()
+            self.widener = None
+
+
+class _Done:
+    """A record made runnable on the decode thread."""
+
+    def __init__(self, entry: CachedExpert):
+        self.entry = entry
+
+    def result(self) -> CachedExpert:
+        return self.entry
+
+    def settle(self) -> None:
+        pass
+
+
+class _Future(_Done):
+    """A record being made runnable on the helper thread."""
+
+    def __init__(self, future: concurrent.futures.Future):
+        self.future = future
+
+    def result(self) -> CachedExpert:
+        return self.future.result()
+
+    def settle(self) -> None:
+        """Until the helper is done with the record's buffer and slot (whatever came of it)."""
+        concurrent.futures.wait([self.future])
+
+
+class _Posted(_Done):
+    """A record being widened in the widener process."""
+
+    def __init__(self, filler: RecordFiller, buffer: int, seq: int, slot: int):
+        self.filler, self.buffer, self.seq, self.slot = filler, buffer, seq, slot
+
+    def result(self) -> CachedExpert:
+        self.filler.widener.wait(self.buffer, self.seq)
+        return self.filler.loader.entry(self.slot)
+
+    def settle(self) -> None:
+        with contextlib.suppress(PackageError):
+            self.filler.widener.wait(self.buffer, self.seq)
+
+
+_Job = _Done
 
 
 def expert_loader(store: ExpertStore, graph: bytes, target: ExecutionTarget):

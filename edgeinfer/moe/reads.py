@@ -19,16 +19,20 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import time
 
 from .aio import AsyncReader
 from .store import ExpertStore
+from .widener import shared_region
 
 _CHUNK = 16  # scratch buffers allocated at a time
 
 
 class ReadQueue:
-    def __init__(self, store: ExpertStore, max_buffers: int = 64):
+    def __init__(self, store: ExpertStore, max_buffers: int = 64, shared: bool = False):
+        """SHARED: the MAX_BUFFERS scratch buffers are allocated at once in memory another process maps through
+        ``shared_fd`` (the widener's); buffers beyond them (demand reads past the bound) are this process's."""
         self.store = store
         self.size = store.record_size
         self.aio = AsyncReader.open() if store.direct_fd is not None else None
@@ -43,6 +47,12 @@ class ReadQueue:
         self._tensors: dict[int, dict] = {}
         self.pending: dict[tuple[int, int], tuple[int, int | None, bool]] = {}  # key -> (buffer, tag, speculative)
         self._abandoned: list[tuple[int, int | None]] = []  # (buffer, tag) of dropped reads still in flight
+        self.shared_fd: int | None = None
+        self.shared_buffers = 0  # buffers 0 .. shared_buffers - 1 lie in the shared region
+        if shared:
+            self.shared_fd, chunk = shared_region("edgeinfer-reads", max_buffers * self.size)
+            self._add_chunk(chunk, max_buffers)
+            self.shared_buffers = max_buffers
 
     # -- scratch buffers -----------------------------------------------------------
     def _take(self) -> int | None:
@@ -52,15 +62,17 @@ class ReadQueue:
                 if not self._free:
                     return None
             else:
-                chunk = mmap.mmap(-1, _CHUNK * self.size)
-                base = ctypes.addressof(ctypes.c_char.from_buffer(chunk))
-                view = memoryview(chunk)
-                for i in range(_CHUNK):
-                    self._free.append(len(self._views))
-                    self._views.append(view[i * self.size:(i + 1) * self.size])
-                    self._addresses.append(base + i * self.size)
-                self._chunks.append(chunk)
+                self._add_chunk(mmap.mmap(-1, _CHUNK * self.size), _CHUNK)
         return self._free.pop()
+
+    def _add_chunk(self, chunk: mmap.mmap, n: int) -> None:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(chunk))
+        view = memoryview(chunk)
+        for i in range(n):
+            self._free.append(len(self._views))
+            self._views.append(view[i * self.size:(i + 1) * self.size])
+            self._addresses.append(base + i * self.size)
+        self._chunks.append(chunk)
 
     def buffers(self) -> dict[str, int]:
         """How many scratch buffers are free, pending, dropped but still being read, and in all."""
@@ -221,3 +233,6 @@ class ReadQueue:
     def close(self) -> None:
         if self.aio is not None:
             self.aio.close()
+        if self.shared_fd is not None:
+            os.close(self.shared_fd)
+            self.shared_fd = None

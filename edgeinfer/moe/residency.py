@@ -90,3 +90,12 @@ class ResidencyPlan:
                                "the package is corrupt, re-export it.")
         return cls.from_frequencies(by_layer, capacity, top_k,
                                     RESIDENT_FRACTION if resident_fraction is None else resident_fraction)
+
+
+def furthest_above(over: dict[int, float], layer: int):
+    """Layers by how far above their share they are (OVER), furthest first; among the furthest, LAYER (the
+    asking one) first. Lazy: the rest are sorted only if the first has nothing to give."""
+    top = max(over.values())
+    first = layer if over.get(layer) == top else next(i for i, o in over.items() if o == top)
+    yield first
+    yield from (i for i in sorted(over, key=over.__getitem__, reverse=True) if i != first)

@@ -183,6 +183,14 @@ class ExpertStore:
                                        "manifest: the expert store is corrupt, re-export the package.")
                 self._verified.add(key)
 
+    def expected_crc(self, key: tuple[int, int]) -> int | None:
+        """The CRC-32 the record of KEY must have when another process reads it for the first time (None: checked
+        already, or the store has no checksums); ``mark_verified`` once it matched."""
+        return None if self.checksums is None or key in self._verified else self.checksums[key]
+
+    def mark_verified(self, key: tuple[int, int]) -> None:
+        self._verified.add(key)
+
     def views(self, buf) -> dict[str, np.ndarray]:
         """The record tensors inside BUF (views, no copy)."""
         return tensor_views(memoryview(buf)[: self.record_size], self.layout)
