@@ -16,14 +16,14 @@ from test_moe_int4_experts import int4_expert_packages  # noqa: F401
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="the widener needs memfd (Linux)")
 
 
-def _decoder(pkg, budget_of=None, **kw):
+def _decoder(pkg, budget_of=None, widener=True, **kw):
     from edgeinfer.runtimes import resolve_provider
 
     from edgeinfer.moe.decoder import MoEDecoder
     from edgeinfer.package import open_package
 
     return MoEDecoder(open_package(pkg, verify=False), resolve_provider("cpu"), max_context=128,
-                      memory_budget=few_experts_budget(budget_of or pkg), widener=True, **kw)
+                      memory_budget=few_experts_budget(budget_of or pkg), widener=widener, **kw)
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
@@ -79,3 +79,24 @@ def test_a_widener_that_dies_is_a_clear_error(int4_expert_packages):  # noqa: F8
         for t in PROMPT[3:] * 4:
             dec.step(t)
     dec.close()
+
+
+def test_without_a_widener_process_the_decode_thread_widens(int4_expert_packages, monkeypatch, caplog):  # noqa: F811
+    """Where the worker cannot start (a frozen app's executable is no Python), decoding goes on without it, saying
+    so; asked for explicitly, its failure is the error."""
+    import sys
+
+    from edgeinfer.moe import decoder as decoder_mod
+
+    _, pkg = int4_expert_packages("qwen3_moe")
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    monkeypatch.setattr(decoder_mod, "worker_cpu", lambda threads: 0)
+    with caplog.at_level("WARNING", logger="edgeinfer.moe"):
+        dec = _decoder(pkg, prefetch=False, widener=None)
+    assert dec.cache.filler.widener is None and "decoding thread" in caplog.text
+    for t in PROMPT:
+        dec.step(t)
+    assert dec.expert_stats().misses > 0
+    dec.close()
+    with pytest.raises(OSError):
+        _decoder(pkg, prefetch=False)

@@ -21,6 +21,7 @@ Sessions and the KV cache follow the package's execution target (provider, devic
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -45,6 +46,7 @@ from .store import ExpertStore
 from .widener import Widener, worker_cpu
 
 PREDICT_FROM = ("stream", "input")
+log = logging.getLogger("edgeinfer.moe")
 
 _ov = ort.OrtValue.ortvalue_from_numpy
 
@@ -151,9 +153,14 @@ class MoEDecoder(Decoder):
             elif streaming:
                 self.cache.reads = ReadQueue(store, shared=widen_cpu is not None)
                 if widen_cpu is not None:
-                    self.cache.filler.widener = Widener.start(
-                        store.index, str(store.path), loader.arena_fd, len(loader.arena), loader.expert_bytes,
-                        self.cache.reads.shared_fd, self.cache.reads.shared_buffers, widen_cpu)
+                    try:
+                        self.cache.filler.widener = Widener.start(
+                            store.index, str(store.path), loader.arena_fd, len(loader.arena), loader.expert_bytes,
+                            self.cache.reads.shared_fd, self.cache.reads.shared_buffers, widen_cpu)
+                    except OSError as e:  # (a frozen app's executable is no Python): the decode thread widens
+                        if widener:
+                            raise
+                        log.warning("expert records are read and widened on the decoding thread: %s", e)
             if loader.share_arena:  # the worker has its own descriptor; the mapping stays
                 os.close(loader.arena_fd)
                 loader.arena_fd = None

@@ -50,6 +50,7 @@ _COMMAND = struct.Struct("qqiiIi")
 _WIDEN, _LOAD, _LOAD_CHECKED = 0, 1, 2
 _CHECK_S = 1e-3  # while waiting, how often the worker's liveness is checked
 _OWN_BUFFERS = 32  # the worker's own read buffers (loads beyond them wait for one)
+_READY_S = 30.0  # how long a starting worker may take to say it is ready (imports on a cold disk)
 
 
 def shared_region(name: str, size: int) -> tuple[int, mmap.mmap]:
@@ -89,13 +90,20 @@ class Widener:
         spec = {"index": index, "store": store_path, "arena_fd": arena_fd, "arena_bytes": arena_bytes,
                 "slot_bytes": slot_bytes, "buffers_fd": buffers_fd, "buffers": buffers, "done_fd": done_fd,
                 "command_fd": read_end, "cpu": cpu}
+        proc = None
         try:
             proc = subprocess.Popen([sys.executable, "-m", "edgeinfer.moe.widener"], stdin=subprocess.PIPE,
-                                    pass_fds=(read_end, arena_fd, buffers_fd, done_fd))
+                                    stdout=subprocess.PIPE, pass_fds=(read_end, arena_fd, buffers_fd, done_fd))
             proc.stdin.write(json.dumps(spec).encode())
             proc.stdin.close()
+            ready, _, _ = select.select([proc.stdout], [], [], _READY_S)
+            if not ready or proc.stdout.readline() != b"ready\n":
+                raise OSError(f"the expert widener did not start (exit code {proc.poll()})")
         except BaseException:
             os.close(write_end)
+            if proc is not None:
+                proc.kill()
+                proc.wait()
             raise
         finally:
             os.close(read_end)
@@ -270,6 +278,8 @@ def main() -> None:
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, {spec["cpu"]})
     worker = _Worker(spec)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
     command_fd = spec["command_fd"]
     os.set_blocking(command_fd, False)
     pending = b""
