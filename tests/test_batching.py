@@ -289,7 +289,7 @@ def test_server_with_parallel_slots_serves_requests_together(tiny_packages):
             return r.json()["choices"][0]["text"]
 
         alone = [solo.complete(p, max_new_tokens=32).text for p in PROMPTS[:3]]
-        for _ in range(3):  # whether HTTP requests overlap is up to the scheduler: one round of three must
+        for _ in range(10):  # whether HTTP requests overlap is up to the scheduler and the load: one round must
             assert _concurrently(ask, PROMPTS[:3]) == alone
             if batched.engine.stats["rows"] > batched.engine.stats["steps"]:
                 break
