@@ -32,13 +32,11 @@ Correctness never depends on prediction: an expert that is neither cached nor in
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
-from ..errors import PackageError
 from .budget import cache_budget, malloc_trim
 from .experts import CachedExpert, RecordFiller
 from .residency import ResidencyPlan, furthest_above
@@ -350,18 +348,16 @@ class ExpertCache:
         index = {e: i for i, e in enumerate(experts)}
         done = set()
         read_s = 0.0
-        worker = self.filler.widener
-        loading = {}  # key -> sequence number: read and widened by the widener process (widener.py)
-        todo = [k for k in keys if k not in reads.pending and slot_of[k] is not None] if worker is not None else []
+        filling: deque = deque()  # (key, read buffer or None, job making it runnable), in the order started
+        # where a widener process runs, it reads and widens the misses not already being read (widener.py)
+        todo = [k for k in keys if k not in reads.pending and slot_of[k] is not None
+                ] if self.filler.widener is not None else []
         if todo:
-            store = self.store
-            loading = dict(zip(todo, worker.load([(store.records[k][0], slot_of[k], store.expected_crc(k))
-                                                  for k in todo])))
-        keys_left = [k for k in keys if k not in loading]
-        reads.start(keys_left)  # (those not started yet) read while the hits compute
+            filling.extend((k, None, job) for k, job in zip(todo, self.filler.post_loads(todo, [slot_of[k]
+                                                                                                for k in todo])))
+        left = [k for k in keys if k not in todo]  # reads of this queue not yet taken from it
+        reads.start(left)  # (those not started yet) read while the hits compute
         helper = self.filler.helper()
-        filling: deque = deque()  # (key, buffer, job making it runnable), in the order reads completed
-        left = list(keys_left)  # reads not yet taken from the queue
 
         def take(block: bool) -> None:
             nonlocal read_s
@@ -382,17 +378,6 @@ class ExpertCache:
                 wait += time.perf_counter() - t0
                 yield index[e], entry
                 t0 = time.perf_counter()
-            for key, seq in list(loading.items()):
-                worker.wait_slot(slot_of[key], seq, key)
-                del loading[key]
-                self.store.mark_verified(key)
-                entry = self.loader.entry(slot_of[key])
-                with self.lock:
-                    self._place(key, slot_of[key], entry)
-                done.add(key)
-                wait += time.perf_counter() - t0
-                yield index[key[1]], entry
-                t0 = time.perf_counter()
             while left or filling:
                 if left:
                     take(block=not filling)
@@ -402,7 +387,8 @@ class ExpertCache:
                         entry = job.result()
                     finally:
                         job.settle()
-                        reads.give_back([buf])
+                        if buf is not None:
+                            reads.give_back([buf])
                     with self.lock:
                         self._place(key, slot_of[key], entry)
                     done.add(key)
@@ -411,12 +397,10 @@ class ExpertCache:
                     t0 = time.perf_counter()
             wait += time.perf_counter() - t0
         except BaseException:
-            for key, seq in loading.items():  # the widener must be done with a slot before it is given back
-                with contextlib.suppress(PackageError):
-                    worker.wait_slot(slot_of[key], seq, key)
-            for _, buf, job in filling:  # the helper must be done with a slot before it is given back
+            for _, buf, job in filling:  # the helper or widener must be done with a slot before it is given back
                 job.settle()
-                reads.give_back([buf])
+                if buf is not None:
+                    reads.give_back([buf])
             reads.drop([k for k in left if k in reads.pending])  # their buffers come back once the disk is done
             with self.lock:
                 for key in keys:

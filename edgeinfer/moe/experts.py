@@ -260,6 +260,12 @@ class RecordFiller:
             return _Future(helper.submit(self.load, key, view, slot, reads.tensors(buffer)))
         return _Done(self.load(key, view, slot, reads.tensors(buffer)))
 
+    def post_loads(self, keys: list[tuple[int, int]], slots: list[int]) -> list[_Done]:
+        """Have the widener process read KEYS' records and widen them into SLOTS (one post); their jobs."""
+        store = self.store
+        seqs = self.widener.load([(store.records[k][0], s, store.expected_crc(k)) for k, s in zip(keys, slots)])
+        return [_Loading(self, key, slot, seq) for key, slot, seq in zip(keys, slots, seqs)]
+
     def helper(self) -> concurrent.futures.ThreadPoolExecutor | None:
         """The helper thread, when a record measures dearer than the hand-over; else None (fill here)."""
         if self.fill_s is None or self.fill_s < _HAND_OVER_S:
@@ -322,6 +328,22 @@ class _Posted(_Done):
     def settle(self) -> None:
         with contextlib.suppress(PackageError):
             self.filler.widener.wait(self.buffer, self.seq)
+
+
+class _Loading(_Done):
+    """A record being read and widened by the widener process."""
+
+    def __init__(self, filler: RecordFiller, key: tuple[int, int], slot: int, seq: int):
+        self.filler, self.key, self.slot, self.seq = filler, key, slot, seq
+
+    def result(self) -> CachedExpert:
+        self.filler.widener.wait_slot(self.slot, self.seq, self.key)
+        self.filler.store.mark_verified(self.key)
+        return self.filler.loader.entry(self.slot)
+
+    def settle(self) -> None:
+        with contextlib.suppress(PackageError):
+            self.filler.widener.wait_slot(self.slot, self.seq, self.key)
 
 
 _Job = _Done
