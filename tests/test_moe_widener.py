@@ -100,3 +100,33 @@ def test_without_a_widener_process_the_decode_thread_widens(int4_expert_packages
     dec.close()
     with pytest.raises(OSError):
         _decoder(pkg, prefetch=False)
+
+
+def test_asking_for_a_widener_where_it_cannot_run_is_refused(moe_models):  # noqa: F811
+    from edgeinfer.runtimes import resolve_provider
+
+    from edgeinfer.moe.decoder import MoEDecoder
+    from edgeinfer.package import open_package
+
+    _, _, pkg = moe_models("qwen3_moe")  # int4 blocks with a session per expert: nothing to widen
+    with pytest.raises(ValueError, match="widener=True needs an int4-channel expert store"):
+        MoEDecoder(open_package(pkg), resolve_provider("cpu"), memory_budget=few_experts_budget(pkg), widener=True)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs a tmpfs (/dev/shm) to lack O_DIRECT")
+def test_the_widener_reads_synchronously_where_the_file_system_refuses_o_direct(int4_expert_packages):  # noqa: F811
+    import tempfile
+
+    import edgeinfer
+
+    _, src = int4_expert_packages("qwen3_moe")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
+        pkg = os.path.join(tmp, "pkg")
+        shutil.copytree(src, pkg)
+        plain = edgeinfer.load(pkg).decoder
+        want = np.stack([plain.step(t).copy() for t in PROMPT])
+        plain.close()
+        dec = _decoder(pkg, prefetch=False)
+        got = np.stack([dec.step(t).copy() for t in PROMPT])
+        assert np.array_equal(got, want) and dec.expert_stats().misses > 0
+        dec.close()

@@ -139,6 +139,9 @@ class MoEDecoder(Decoder):
             widen_cpu = None
             if widener is not False and readers == 0 and store.precision == CHANNEL_INT4:
                 widen_cpu = worker_cpu(target.threads if widener is None else 0)
+            if widener and widen_cpu is None:
+                raise ValueError("widener=True needs an int4-channel expert store, no reader threads and Linux "
+                                 "(memfd): leave it None to use the widener where it can run.")
             loader.share_arena = widen_cpu is not None
 
             def plan_for(capacity: int) -> ResidencyPlan:

@@ -165,9 +165,9 @@ class SharedGraphExperts:
         else:
             self.arena = mmap.mmap(-1, size)
 
-    def entry(self, slot: int) -> CachedExpert:
-        """The cached expert whose weights another process has just written into SLOT."""
-        arrays, weights = self._tensors(slot)
+    def entry(self, slot: int | None, target=None) -> CachedExpert:
+        """The expert whose weights were just written into SLOT (None: into TARGET, a buffer outside the arena)."""
+        arrays, weights = self._tensors(slot, target)
         return CachedExpert(self.shared_session, tensors=arrays, weights=weights, slot=slot)
 
     def _slot_buffer(self, slot: int | None):
@@ -214,10 +214,7 @@ class SharedGraphExperts:
         return self._entries(slots, targets, t1)
 
     def _entries(self, slots: list[int | None], targets: list, t1: float) -> list[CachedExpert]:
-        out = []
-        for slot, target in zip(slots, targets):
-            arrays, weights = self._tensors(slot, target)
-            out.append(CachedExpert(self.shared_session, tensors=arrays, weights=weights, slot=slot))
+        out = [self.entry(slot, target) for slot, target in zip(slots, targets)]
         self.timer.add(0.0, time.perf_counter() - t1)
         return out
 

@@ -199,6 +199,7 @@ class _Worker:
         self.shared = [self._record(shared, b) for b in range(self.nbuf)]
         self.slot_views: dict[int, dict] = {}
         self.aio = AsyncReader.open() if hasattr(os, "O_DIRECT") else None
+        self.sync = self.aio is None  # reads done here, synchronously
         try:
             self.fd = os.open(spec["store"], os.O_RDONLY | (os.O_DIRECT if self.aio is not None else 0))
         except OSError:  # a file system without O_DIRECT: synchronous reads through the page cache
@@ -212,7 +213,7 @@ class _Worker:
                     for b in range(_OWN_BUFFERS)]
         self.free = list(range(_OWN_BUFFERS))
         self.queue: deque = deque()  # loads waiting for an own buffer: (seq, offset, slot, kind, crc)
-        self.inflight: dict[int, tuple] = {}  # AIO tag -> (seq, slot, kind, crc, own buffer)
+        self.inflight: dict[int, tuple] = {}  # AIO tag -> (seq, offset, slot, kind, crc, own buffer)
 
     def _record(self, region: mmap.mmap, b: int) -> dict:
         return tensor_views(memoryview(region)[b * self.size:(b + 1) * self.size], self.records)
@@ -239,19 +240,24 @@ class _Worker:
             self.queue.append((seq, where, slot, kind, crc))
 
     def submit(self) -> None:
-        """Start the waiting loads that have a buffer (through the page cache, synchronously, without AIO)."""
+        """Start the waiting loads that have a buffer (read synchronously where AIO is missing or refused)."""
         batch = []
         while self.queue and self.free:
             batch.append((*self.queue.popleft(), self.free.pop()))
         if not batch:
             return
-        if self.aio is None:
-            for seq, offset, slot, kind, crc, b in batch:
-                self.land(seq, slot, kind, crc, b, os.preadv(self.fd, [self.own[b][1]], offset))
-            return
-        tags = self.aio.submit(self.fd, [(offset, self.size, self.own[b][0]) for _, offset, _, _, _, b in batch])
-        for tag, (seq, _, slot, kind, crc, b) in zip(tags, batch):
-            self.inflight[tag] = (seq, slot, kind, crc, b)
+        if not self.sync:
+            try:
+                tags = self.aio.submit(self.fd, [(offset, self.size, self.own[b][0])
+                                                 for _, offset, _, _, _, b in batch])
+            except OSError:  # the kernel refuses AIO on this file after all: synchronous reads from now on
+                self.sync = True
+            else:
+                for tag, (seq, offset, slot, kind, crc, b) in zip(tags, batch):
+                    self.inflight[tag] = (seq, offset, slot, kind, crc, b)
+                return
+        for seq, offset, slot, kind, crc, b in batch:
+            self.land(seq, offset, slot, kind, crc, b, -1)
 
     def reap(self) -> None:
         """Widen the loads whose reads have landed."""
@@ -259,9 +265,12 @@ class _Worker:
         for tag in [t for t in self.inflight if t in self.aio.done]:
             self.land(*self.inflight.pop(tag), self.aio.done.pop(tag))
 
-    def land(self, seq: int, slot: int, kind: int, crc: int, b: int, got: int) -> None:
+    def land(self, seq: int, offset: int, slot: int, kind: int, crc: int, b: int, got: int) -> None:
+        """The read of load SEQ ended with GOT bytes (negative: not done, say refused: read it here now)."""
         flag = self.nbuf + slot
         try:
+            if got < 0:
+                got = os.preadv(self.fd, [self.own[b][1]], offset)
             if got != self.size:
                 self.fail(flag, seq, f"read {got} of {self.size} bytes of a record")
             elif kind == _LOAD_CHECKED and zlib.crc32(self.own[b][1]) != crc:
